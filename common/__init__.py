@@ -1,0 +1,1 @@
+"""Shared library of SemiSeg-CSSN: I/O, preprocessing, networks, losses, CPS/UIF, metrics, training engine."""
