@@ -1,0 +1,63 @@
+"""Logging for the "semiseg" logger hierarchy: rank 0 to stdout (through tqdm, so bars stay intact), every rank
+to its own log file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT_LOGGER_NAME = "semiseg"
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+_HANDLER_FLAG = "_semiseg_setup_logging"
+
+
+class TqdmStdoutHandler(logging.Handler):
+    """Writes records with `tqdm.write` to the current `sys.stdout`, so running progress bars are redrawn below."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+            sys.stdout.flush()
+        except Exception:  # logging must never raise into the caller; report like logging.StreamHandler does
+            self.handleError(record)
+
+
+def setup_logging(log_file: str | os.PathLike | None, rank: int = 0, level: int = logging.INFO) -> logging.Logger:
+    """Configure the "semiseg" logger: rank 0 logs to stdout, every rank appends to `log_file` (if given).
+
+    Idempotent: handlers from an earlier call are closed and replaced, never duplicated. Records still
+    propagate to the root logger (so pytest's caplog sees them); nothing is installed on the root logger.
+    Returns the "semiseg" logger.
+    """
+    logger = logging.getLogger(ROOT_LOGGER_NAME)
+    for handler in list(logger.handlers):
+        if getattr(handler, _HANDLER_FLAG, False):
+            logger.removeHandler(handler)
+            handler.close()
+    logger.setLevel(level)
+    prefix = f"[rank {rank}] " if rank != 0 else ""
+    formatter = logging.Formatter(prefix + _FORMAT, datefmt=_DATE_FORMAT)
+    handlers: list[logging.Handler] = []
+    if rank == 0:
+        handlers.append(TqdmStdoutHandler())
+    if log_file is not None:
+        path = Path(log_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path, mode="a", encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        setattr(handler, _HANDLER_FLAG, True)
+        logger.addHandler(handler)
+    return logger
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A child of the "semiseg" logger (`get_logger(__name__)` -> "semiseg.<module>")."""
+    if name == ROOT_LOGGER_NAME or name.startswith(ROOT_LOGGER_NAME + "."):
+        return logging.getLogger(name)
+    return logging.getLogger(f"{ROOT_LOGGER_NAME}.{name}")

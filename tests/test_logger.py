@@ -1,0 +1,77 @@
+"""Tests for common.logger: stdout on rank 0, a file for every rank, no duplicate handlers."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from common.logger import get_logger, setup_logging
+
+
+@pytest.fixture(autouse=True)
+def _reset_semiseg_logger():
+    yield
+    logger = logging.getLogger("semiseg")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def test_file_and_stdout_rank0(tmp_path, capsys):
+    log_file = tmp_path / "run" / "train.log"
+    logger = setup_logging(log_file)
+    assert logger.name == "semiseg"
+    get_logger("stage.train").info("hello %d", 42)
+    for handler in logger.handlers:
+        handler.flush()
+    text = log_file.read_text()
+    assert "hello 42" in text and "semiseg.stage.train" in text and "INFO" in text
+    assert text[:4].isdigit()  # starts with a timestamp
+    assert "hello 42" in capsys.readouterr().out
+
+
+def test_idempotent_no_duplicate_handlers(tmp_path, capsys):
+    log_file = tmp_path / "train.log"
+    setup_logging(log_file)
+    logger = setup_logging(log_file)
+    assert len(logger.handlers) == 2
+    get_logger("x").info("once")
+    for handler in logger.handlers:
+        handler.flush()
+    assert log_file.read_text().count("once") == 1
+    assert capsys.readouterr().out.count("once") == 1
+
+
+def test_other_rank_file_only_and_append(tmp_path, capsys):
+    log_file = tmp_path / "rank1.log"
+    log_file.write_text("earlier\n")
+    logger = setup_logging(log_file, rank=1)
+    get_logger("semiseg.engine").warning("from rank one")
+    for handler in logger.handlers:
+        handler.flush()
+    text = log_file.read_text()
+    assert text.startswith("earlier\n") and "[rank 1]" in text and "from rank one" in text
+    assert "from rank one" not in capsys.readouterr().out
+
+
+def test_no_file_and_level(tmp_path, capsys):
+    logger = setup_logging(None, level=logging.WARNING)
+    assert len(logger.handlers) == 1
+    get_logger("y").info("hidden")
+    get_logger("y").warning("shown")
+    out = capsys.readouterr().out
+    assert "hidden" not in out and "shown" in out
+
+
+def test_get_logger_names():
+    assert get_logger("common.config").name == "semiseg.common.config"
+    assert get_logger("semiseg").name == "semiseg"
+    assert get_logger("semiseg.a").parent is logging.getLogger("semiseg")
+
+
+def test_records_reach_caplog(tmp_path, caplog):
+    setup_logging(tmp_path / "t.log")
+    with caplog.at_level(logging.INFO, logger="semiseg"):
+        get_logger("z").info("seen by caplog")
+    assert "seen by caplog" in caplog.text
