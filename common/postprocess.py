@@ -1,0 +1,142 @@
+"""Post-processing of network outputs: probabilities -> label map, largest component, coarse organ box.
+
+Arrays are (z, y, x); spacings in mm in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from common.labels import NUM_ORGANS
+
+logger = logging.getLogger(__name__)
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+# Inclusive (min, max) index per axis (z, y, x).
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+_STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def probs_to_labels(probs: ArrayLike, threshold: float = 0.5) -> ArrayLike:
+    """Label map from per-organ sigmoid probabilities: the organ with the highest probability wins.
+
+    probs: (13, D, H, W) torch tensor (any device, any float dtype) or numpy array; channel c = label c+1.
+    A voxel gets a label only where that highest probability is >= threshold (ties: the lower label).
+    Returns uint8 (D, H, W) of the same kind (tensor on the same device, or numpy).
+    """
+    if probs.ndim != 4:
+        raise ValueError(f"probs must be (C, D, H, W), got shape {tuple(probs.shape)}")
+    if isinstance(probs, torch.Tensor):
+        best, index = probs.max(dim=0)
+        labels = (index + 1).to(torch.uint8)
+        return torch.where(best >= threshold, labels, torch.zeros_like(labels))
+    probs = np.asarray(probs)
+    index = np.argmax(probs, axis=0)
+    best = np.take_along_axis(probs, index[None], axis=0)[0]
+    return np.where(best >= threshold, index + 1, 0).astype(np.uint8)
+
+
+def keep_largest_component(
+    labels: np.ndarray, spacing_zyx: Sequence[float], min_volume_mm3: float = 0.0
+) -> np.ndarray:
+    """Keep, per organ, only its largest 26-connected component, and only if that is >= min_volume_mm3.
+
+    labels: uint8 (D, H, W) label map; the volume threshold is in mm^3 of this grid (voxel volume =
+    product of spacing_zyx). Components are labelled inside each organ's bounding box only.
+    Returns a new uint8 array; removed voxels become 0.
+    """
+    labels = np.asarray(labels)
+    out = labels.astype(np.uint8, copy=True)
+    voxel_mm3 = float(np.prod([float(s) for s in spacing_zyx]))
+    boxes = ndimage.find_objects(out, max_label=max(NUM_ORGANS, int(out.max(initial=0))))
+    for index, box in enumerate(boxes):
+        if box is None:
+            continue
+        label = index + 1
+        view = out[box]
+        organ = view == label
+        components, count = ndimage.label(organ, structure=_STRUCTURE_26)
+        sizes = np.bincount(components.ravel(), minlength=count + 1)
+        sizes[0] = 0
+        largest = int(np.argmax(sizes))
+        if sizes[largest] * voxel_mm3 < min_volume_mm3:
+            view[organ] = 0
+            logger.debug("label %d dropped: largest component %.0f mm^3 < %.0f mm^3",
+                         label, sizes[largest] * voxel_mm3, min_volume_mm3)
+        elif count > 1:
+            view[organ & (components != largest)] = 0
+    return out
+
+
+def coarse_box(
+    labels_coarse: np.ndarray, spacing_coarse_zyx: Sequence[float], z_window_mm: float = 240.0
+) -> Box | None:
+    """Organ box from the coarse label map (reference 6.2 step 4), inclusive indices on the coarse grid.
+
+    The largest connected region of equal labels (26-connectivity; normally the liver) gives the centre
+    slice c = round(centroid z); the z-window [c - d, c + d] with d = round(z_window_mm / z spacing) is
+    intersected with the bounding box of all labelled voxels. None if nothing is labelled.
+    """
+    labels_coarse = np.asarray(labels_coarse)
+    boxes = ndimage.find_objects(labels_coarse, max_label=max(NUM_ORGANS, int(labels_coarse.max(initial=0))))
+    present = [(i + 1, box) for i, box in enumerate(boxes) if box is not None]
+    if not present:
+        return None
+    # Best region: most voxels; ties go to the region met first in raster order (as skimage's label order).
+    best: tuple[int, int, float] | None = None  # (size, -first flat index, centroid z)
+    shape = labels_coarse.shape
+    for label, box in present:
+        components, count = ndimage.label(labels_coarse[box] == label, structure=_STRUCTURE_26)
+        sizes = np.bincount(components.ravel(), minlength=count + 1)
+        sizes[0] = 0
+        top = int(sizes.max())
+        if best is not None and top < best[0]:
+            continue
+        for component in np.flatnonzero(sizes == top):
+            coords = np.nonzero(components == component)
+            first = tuple(int(c[0]) + b.start for c, b in zip(coords, box))
+            key = (top, -int(np.ravel_multi_index(first, shape)))
+            if best is None or key > best[:2]:
+                best = (key[0], key[1], float(coords[0].mean()) + box[0].start)
+    assert best is not None
+    centre_z = int(round(best[2]))
+    half_window = int(round(z_window_mm / float(spacing_coarse_zyx[0])))
+    z_lo = max(centre_z - half_window, 0)
+    z_hi = min(centre_z + half_window, shape[0] - 1)
+    all_box = ndimage.find_objects((labels_coarse > 0).astype(np.uint8))[0]
+    z0, z1 = max(z_lo, all_box[0].start), min(z_hi, all_box[0].stop - 1)
+    if z0 > z1:  # cannot happen for a centroid inside the labelled box; keep the labelled z-range then
+        z0, z1 = all_box[0].start, all_box[0].stop - 1
+    return ((z0, z1), (all_box[1].start, all_box[1].stop - 1), (all_box[2].start, all_box[2].stop - 1))
+
+
+def box_to_raw_crop(
+    box_coarse: Box,
+    coarse_shape: Sequence[int],
+    raw_shape: Sequence[int],
+    raw_spacing_zyx: Sequence[float],
+    margin_mm: float = 20.0,
+) -> tuple[slice, slice, slice]:
+    """Map an inclusive coarse-grid box to a raw-grid crop with a margin (reference 6.2 step 5).
+
+    Per axis: zoom = raw/coarse size; lo = int(min * zoom), hi = int(max * zoom); margin m = margin_mm /
+    spacing (float); crop = [max(0, int(lo - m)), min(size, int(hi + m))). A crop that would be empty
+    (margin below one voxel at the volume edge) is widened to one slice.
+    """
+    crop = []
+    for (lo_c, hi_c), n_coarse, n_raw, spacing in zip(box_coarse, coarse_shape, raw_shape, raw_spacing_zyx):
+        zoom = n_raw / n_coarse
+        lo, hi = int(lo_c * zoom), int(hi_c * zoom)
+        margin = margin_mm / float(spacing)
+        start = max(0, int(lo - margin))
+        stop = min(int(n_raw), int(hi + margin))
+        if stop <= start:
+            start, stop = min(start, int(n_raw) - 1), min(start, int(n_raw) - 1) + 1
+        crop.append(slice(start, stop))
+    return tuple(crop)  # type: ignore[return-value]

@@ -1,0 +1,113 @@
+"""The evaluation CLI and API: the official CSV byte for byte, grid checks, missing files."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from common.errors import InputError
+from common.evaluate import CSV_COLUMNS, evaluate_folder, format_csv, main
+
+
+def _write(path, array_zyx, spacing_xyz=(0.8, 0.9, 2.5), origin=(-10.0, 20.0, 5.0)):
+    image = sitk.GetImageFromArray(array_zyx.astype(np.uint8))
+    image.SetSpacing(spacing_xyz)
+    image.SetOrigin(origin)
+    sitk.WriteImage(image, str(path))
+
+
+def _mask(seed: int) -> np.ndarray:
+    mask = np.zeros((9, 17, 15), dtype=np.uint8)
+    mask[2:7, 3:12, 4:11] = 1
+    mask[3:6, 12:15, 2:6] = 3
+    mask[seed % 2 + 1:seed % 2 + 5, 5:8, 11:14] = 5
+    return mask
+
+
+@pytest.fixture()
+def official_folders(real_data_dir, tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    for case, gt_file, pred_file in (
+        ("case_0001", "case_0001_mask.nii.gz", "eval_check/case_0001_pred.nii.gz"),
+        ("case_0002", "case_0002_mask.nii.gz", "eval_check/case_0002_pred.nii.gz"),
+        ("case_0003", "case_0003_mask.nii.gz", "case_0003_mask_fast.nii.gz"),
+    ):
+        shutil.copy(real_data_dir / gt_file, gt / f"{case}.nii.gz")
+        shutil.copy(real_data_dir / pred_file, pred / f"{case}.nii.gz")
+    return pred, gt
+
+
+def test_cli_reproduces_official_csv_byte_for_byte(official_folders, real_data_dir, tmp_path, capsys):
+    pred, gt = official_folders
+    out = tmp_path / "results.csv"
+    assert main(["--pred", str(pred), "--gt", str(gt), "--out", str(out)]) == 0
+    official = (real_data_dir / "eval_check" / "official_DSC_NSD.csv").read_text()
+    assert out.read_text() == official
+    printed = capsys.readouterr().out
+    assert "Gallbladder" in printed and "mean" in printed
+
+
+def test_grid_mismatch_and_missing_gt_fail_only_their_case(tmp_path, capsys):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    _write(gt / "good.nii.gz", _mask(0))
+    _write(pred / "good.nii.gz", _mask(1))
+    _write(gt / "other_suffix.mha", _mask(0))  # GT with the same id but another image format is found
+    _write(pred / "other_suffix.nii.gz", _mask(0))
+    _write(gt / "spacing.nii.gz", _mask(0))
+    _write(pred / "spacing.nii.gz", _mask(0), spacing_xyz=(0.8, 0.9, 3.0))
+    _write(gt / "size.nii.gz", _mask(0))
+    _write(pred / "size.nii.gz", _mask(0)[:, :, :-1])
+    _write(gt / "origin.nii.gz", _mask(0))
+    _write(pred / "origin.nii.gz", _mask(0), origin=(-10.0, 20.0, 6.0))
+    _write(pred / "orphan.nii.gz", _mask(0))
+    (pred / "notes.txt").write_text("not an image")
+    out = tmp_path / "out.csv"
+    assert main(["--pred", str(pred), "--gt", str(gt), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "orphan.nii.gz" in err and "ground truth missing" in err
+    assert "spacing.nii.gz" in err and "spacing" in err
+    assert "size.nii.gz" in err and "size" in err
+    assert "origin.nii.gz" in err and "origin" in err
+    assert "4 of 6 case(s) failed" in err
+    lines = out.read_text().splitlines()
+    assert lines[0] == ",".join(CSV_COLUMNS)
+    assert [line.split(",")[0] for line in lines[1:]] == ["good.nii.gz", "other_suffix.nii.gz"]
+    # other_suffix is a perfect prediction: every organ 1 (present) or 1 (both empty)
+    assert {float(v) for v in lines[2].split(",")[1:]} == {1.0}
+
+
+def test_api_returns_rows_and_means_and_raises_on_failure_without_list(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    _write(gt / "a.nii.gz", _mask(0))
+    _write(pred / "a.nii.gz", _mask(1))
+    _write(pred / "b.nii.gz", _mask(1))
+    failures: list[tuple[str, str]] = []
+    rows, means = evaluate_folder(pred, gt, tmp_path / "r.csv", failures=failures)
+    assert [r["Name"] for r in rows] == ["a.nii.gz"] and failures[0][0] == "b.nii.gz"
+    assert means["Liver_DSC"] == 1.0 and means["Spleen_NSD"] == 1.0
+    assert 0 < means["Aorta_DSC"] < 1
+    assert means["mean_DSC"] == pytest.approx(np.mean([rows[0][f"{c}"] for c in CSV_COLUMNS[1:14]]))
+    with pytest.raises(InputError, match="b.nii.gz"):
+        evaluate_folder(pred, gt, tmp_path / "r2.csv")
+    assert (tmp_path / "r2.csv").is_file()  # the good cases are still written
+    with pytest.raises(InputError, match="no prediction files"):
+        evaluate_folder(tmp_path / "gt" / "..", gt)  # a folder holding only sub-folders
+
+
+def test_format_csv_column_types():
+    base = {c: 1 for c in CSV_COLUMNS[1:]}
+    rows = [dict(base, Name="x.nii.gz", Liver_DSC=0.914), dict(base, Name="y.nii.gz", RK_NSD=float("nan"))]
+    text = format_csv(rows).splitlines()
+    first, second = text[1].split(","), text[2].split(",")
+    assert first[1] == "0.914" and second[1] == "1.0"  # float column: ints written as floats
+    assert first[2] == "1" and second[2] == "1"  # all-int column stays int
+    assert second[CSV_COLUMNS.index("RK_NSD")] == ""  # NaN written empty (pandas default)
