@@ -21,3 +21,11 @@ def test_save_npy_atomic_roundtrip(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "a" / "x.npy"), arr)
     write_json_atomic(tmp_path / "j.json", {"b": 1})
     assert (tmp_path / "j.json").read_text().strip().startswith("{")
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    write_json_atomic(tmp_path / "p.json", {})
+    assert (tmp_path / "p.json").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -1,0 +1,1 @@
+"""Data preparation: reading the dataset tree, resampling, LMDB databases, and a synthetic phantom generator."""
