@@ -1,0 +1,461 @@
+"""Reading and writing CT volumes and label masks, with the checks that give one clear message per bad file.
+
+Arrays are (z, y, x) as SimpleITK returns them. Geometry travels in an `ImageMeta` (SimpleITK order: x, y, z).
+Supported inputs: `.nii.gz`, `.nii`, `.mha`, `.mhd`, `.nrrd` files and DICOM series folders.
+
+Canonical orientation (reference 1.2) is axis flips only, chosen from the signs of the direction matrix
+diagonal: flip z if D_zz < 0, y if D_yy > 0, x if D_xx > 0. A flip is its own inverse.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from common.errors import InputError
+from common.fileutil import atomic_path
+from common.logger import get_logger
+from common.labels import NUM_ORGANS
+
+logger = get_logger(__name__)
+
+# File name endings read as images (checked in this order: ".nii.gz" before ".nii" / ".gz").
+IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+# Image grids of image and mask must agree within these tolerances (spacing/origin relative+absolute, mm).
+GRID_ATOL = 1e-4
+GRID_RTOL = 1e-4
+# Off-diagonal direction entries above this make a direction "oblique" (warned about).
+OBLIQUE_TOL = 1e-3
+CASE_SUFFIX = "_0000"  # nnU-Net style channel suffix of image files: <id>_0000.nii.gz
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """Geometry of a 3D image in SimpleITK order.
+
+    size_xyz: voxels per axis (x, y, z); spacing_xyz: mm; origin_xyz: mm (LPS);
+    direction: 9 floats, row-major 3x3 as `SimpleITK.Image.GetDirection()` (column j = index axis j).
+    """
+
+    size_xyz: tuple[int, int, int]
+    spacing_xyz: tuple[float, float, float]
+    origin_xyz: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        """Array shape (z, y, x)."""
+        return (self.size_xyz[2], self.size_xyz[1], self.size_xyz[0])
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Voxel spacing in mm, (z, y, x)."""
+        return (self.spacing_xyz[2], self.spacing_xyz[1], self.spacing_xyz[0])
+
+    def to_dict(self) -> dict[str, list]:
+        """JSON-safe dict (lists of plain ints/floats)."""
+        return {
+            "size_xyz": [int(v) for v in self.size_xyz],
+            "spacing_xyz": [float(v) for v in self.spacing_xyz],
+            "origin_xyz": [float(v) for v in self.origin_xyz],
+            "direction": [float(v) for v in self.direction],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ImageMeta":
+        """Inverse of `to_dict`."""
+        return cls(
+            size_xyz=tuple(int(v) for v in d["size_xyz"]),  # type: ignore[arg-type]
+            spacing_xyz=tuple(float(v) for v in d["spacing_xyz"]),  # type: ignore[arg-type]
+            origin_xyz=tuple(float(v) for v in d["origin_xyz"]),  # type: ignore[arg-type]
+            direction=tuple(float(v) for v in d["direction"]),
+        )
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> "ImageMeta":
+        """Geometry of a 3D SimpleITK image."""
+        return cls(
+            size_xyz=tuple(int(v) for v in image.GetSize()),  # type: ignore[arg-type]
+            spacing_xyz=tuple(float(v) for v in image.GetSpacing()),  # type: ignore[arg-type]
+            origin_xyz=tuple(float(v) for v in image.GetOrigin()),  # type: ignore[arg-type]
+            direction=tuple(float(v) for v in image.GetDirection()),
+        )
+
+    def apply_to(self, image: sitk.Image) -> None:
+        """Copy spacing, origin and direction onto a SimpleITK image of the same size."""
+        image.SetSpacing(self.spacing_xyz)
+        image.SetOrigin(self.origin_xyz)
+        image.SetDirection(self.direction)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# file type helpers
+
+
+def image_suffix(path: str | os.PathLike) -> str | None:
+    """The supported image suffix that `path`'s name ends with (lower case match), or None."""
+    name = Path(path).name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    return None
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """True if the file starts with the DICOM preamble + 'DICM' magic, or is named *.dcm."""
+    if path.name.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    """True if some of the first files in `folder` are DICOM files."""
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError:
+        return False
+    return any(_looks_like_dicom(p) for p in files[:8])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NIfTI truncation check (SimpleITK reads a truncated NIfTI without any error, padding the missing voxels)
+
+
+def _nifti_expected_bytes(header: bytes, path: Path) -> int:
+    """Uncompressed byte count (vox_offset + voxel data) announced by a NIfTI-1/2 header."""
+    if len(header) < 348:
+        raise InputError(path, "file is truncated or not a NIfTI file (header shorter than 348 bytes)")
+    for endian in ("<", ">"):
+        sizeof_hdr = struct.unpack(endian + "i", header[:4])[0]
+        if sizeof_hdr == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if sizeof_hdr == 540:
+            if len(header) < 540:
+                raise InputError(path, "file is truncated (NIfTI-2 header shorter than 540 bytes)")
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            vox_offset = int(struct.unpack(endian + "q", header[168:176])[0])
+            break
+    else:
+        raise InputError(path, "not a valid NIfTI file (bad header size field)")
+    ndim = int(dims[0])
+    if not 1 <= ndim <= 7:
+        raise InputError(path, f"not a valid NIfTI file (dim[0] = {ndim})")
+    voxels = math.prod(max(int(d), 1) for d in dims[1 : ndim + 1])
+    return max(vox_offset, 352 if sizeof_hdr == 348 else 544) + voxels * max(int(bitpix), 8) // 8
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Raise InputError if a .nii/.nii.gz file holds fewer bytes than its header announces.
+
+    For .nii.gz the gzip trailer's ISIZE (uncompressed size mod 2^32) is compared with the header; only on a
+    mismatch (multi-member gzip, or truncation) is the whole stream decompressed to decide.
+    """
+    name = path.name.lower()
+    try:
+        if name.endswith(".nii"):
+            with open(path, "rb") as f:
+                header = f.read(544)
+            expected = _nifti_expected_bytes(header, path)
+            actual = path.stat().st_size
+            if actual < expected:
+                raise InputError(path, f"file is truncated ({actual} bytes, the header announces {expected})")
+            return
+        with gzip.open(path, "rb") as f:
+            header = f.read(544)
+        expected = _nifti_expected_bytes(header, path)
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            isize = struct.unpack("<I", f.read(4))[0]
+        if isize == expected % (1 << 32):
+            return
+        total = 0
+        decomp = zlib.decompressobj(wbits=47)  # 32 + 15: gzip/zlib auto-detect
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(1 << 22)
+                if not chunk:
+                    break
+                while chunk:
+                    total += len(decomp.decompress(chunk))
+                    chunk = decomp.unused_data
+                    if chunk:  # next gzip member
+                        decomp = zlib.decompressobj(wbits=47)
+        if not decomp.eof or total < expected:
+            raise InputError(
+                path, f"file is truncated (decompresses to {total} bytes, the header announces {expected})"
+            )
+    except InputError:
+        raise
+    except (OSError, EOFError, zlib.error, struct.error) as e:
+        raise InputError(path, f"file is truncated or corrupt ({type(e).__name__}: {e})") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _sitk_message(e: Exception) -> str:
+    """The useful last line of a SimpleITK exception text."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    useful = [line for line in lines if "ERROR" in line or "error" in line.lower()]
+    return (useful[-1] if useful else (lines[-1] if lines else type(e).__name__))[:300]
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    """Read the DICOM series in `folder` (the one with the most files if there are several)."""
+    try:
+        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as e:
+        raise InputError(folder, f"cannot scan DICOM folder: {_sitk_message(e)}") from None
+    if not series_ids:
+        raise InputError(folder, "no DICOM series found in the folder")
+    file_lists = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    series_id = max(series_ids, key=lambda sid: len(file_lists[sid]))
+    if len(series_ids) > 1:
+        logger.warning("%s: %d DICOM series found; reading %s (%d files)", folder, len(series_ids), series_id,
+                       len(file_lists[series_id]))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(file_lists[series_id])
+    try:
+        return reader.Execute()
+    except RuntimeError as e:
+        raise InputError(folder, f"cannot read DICOM series: {_sitk_message(e)}") from None
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    """Read a file or DICOM folder into a SimpleITK image, mapping every failure to InputError."""
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_dir():
+        if not _is_dicom_folder(path):
+            raise InputError(path, "folder holds no DICOM files (expected a DICOM series folder)")
+        return _read_dicom_series(path)
+    suffix = image_suffix(path)
+    if suffix is None:
+        if not _looks_like_dicom(path):
+            raise InputError(path, f"not an image file (supported: {', '.join(IMAGE_SUFFIXES)}, DICOM folders)")
+    elif suffix in (".nii.gz", ".nii"):
+        _check_nifti_complete(path)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise InputError(path, f"cannot read image: {_sitk_message(e)}") from None
+
+
+def _check_volume(image: sitk.Image, path: Path) -> sitk.Image:
+    """Reject anything but a scalar 3D volume (a 4D image with one time point is reduced to 3D)."""
+    dim = image.GetDimension()
+    size = image.GetSize()
+    if dim == 4 and size[3] == 1:
+        logger.warning("%s: 4D image with a single time point, reading it as 3D", path)
+        image = sitk.Extract(image, (size[0], size[1], size[2], 0), (0, 0, 0, 0))
+        dim, size = 3, image.GetSize()
+    if dim == 2:
+        raise InputError(path, f"is a 2D image (size {size[0]}x{size[1]}); expected a 3D CT volume")
+    if dim != 3:
+        raise InputError(path, f"is a {dim}D image (size {'x'.join(map(str, size))}); expected a 3D volume")
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise InputError(
+            path, f"is a vector image ({components} components per voxel, {image.GetPixelIDTypeAsString()}); "
+            "expected a scalar 3D volume"
+        )
+    if "complex" in image.GetPixelIDTypeAsString():
+        raise InputError(path, "has complex voxel values; expected a real-valued volume")
+    if min(size) < 2:
+        raise InputError(path, f"has a single slice along an axis (size x,y,z = {size}); expected a 3D volume")
+    return image
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
+    """Read a 3D scalar image: array (z, y, x) in the file's voxel type, and its geometry.
+
+    `path` is a `.nii.gz`/`.nii`/`.mha`/`.mhd`/`.nrrd` file or a DICOM series folder.
+    Raises InputError for missing, unreadable or truncated files, 2D, 4D and vector images.
+    """
+    path = Path(path)
+    image = _check_volume(_read_sitk(path), path)
+    array = np.array(sitk.GetArrayViewFromImage(image), copy=True)
+    return array, ImageMeta.from_sitk(image)
+
+
+def same_grid(a: ImageMeta, b: ImageMeta) -> str | None:
+    """None if both grids agree (size exactly; spacing, origin, direction within tolerance), else what differs."""
+    if tuple(a.size_xyz) != tuple(b.size_xyz):
+        return f"size (x,y,z) {tuple(a.size_xyz)} vs {tuple(b.size_xyz)}"
+    if not np.allclose(a.spacing_xyz, b.spacing_xyz, rtol=GRID_RTOL, atol=GRID_ATOL):
+        return f"spacing (x,y,z) {_fmt(a.spacing_xyz)} vs {_fmt(b.spacing_xyz)}"
+    if not np.allclose(a.origin_xyz, b.origin_xyz, rtol=GRID_RTOL, atol=GRID_ATOL):
+        return f"origin (x,y,z) {_fmt(a.origin_xyz)} vs {_fmt(b.origin_xyz)}"
+    if not np.allclose(a.direction, b.direction, rtol=0.0, atol=GRID_ATOL):
+        return f"direction {_fmt(a.direction)} vs {_fmt(b.direction)}"
+    return None
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+def read_mask(path: str | os.PathLike, image_meta: ImageMeta | None = None) -> tuple[np.ndarray, ImageMeta]:
+    """Read a label mask as uint8 (z, y, x), checking labels (integers in 0..13) and, if given, the image's grid.
+
+    Raises InputError naming the offending labels, non-integer values or the grid difference.
+    """
+    path = Path(path)
+    array, meta = read_image(path)
+    if image_meta is not None:
+        diff = same_grid(meta, image_meta)
+        if diff is not None:
+            raise InputError(path, f"mask is not on the image's grid: {diff} (mask vs image)")
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise InputError(path, "mask holds NaN or infinite values")
+        rounded = np.rint(array)
+        bad = array != rounded
+        if bad.any():
+            examples = np.unique(array[bad])[:5]
+            raise InputError(path, f"mask holds non-integer values (e.g. {', '.join(f'{v:g}' for v in examples)}); "
+                                   "expected integer labels 0..13")
+        array = rounded
+    elif array.dtype.kind not in "iub":
+        raise InputError(path, f"mask has voxel type {array.dtype}; expected integer labels 0..13")
+    if array.size and (array.min() < 0 or array.max() > NUM_ORGANS):
+        outside = np.unique(array[(array < 0) | (array > NUM_ORGANS)])
+        shown = ", ".join(str(int(v)) for v in outside[:10]) + (" ..." if outside.size > 10 else "")
+        raise InputError(path, f"mask holds labels outside 0..{NUM_ORGANS}: {shown}")
+    return array.astype(np.uint8, copy=False), meta
+
+
+# --------------------------------------------------------------------------------------------------------------
+# orientation
+
+
+def canonical_flips(meta: ImageMeta) -> tuple[bool, bool, bool]:
+    """Flips for axes (z, y, x) that bring the array to the canonical orientation (reference 1.2).
+
+    Flip z if D_zz < 0, y if D_yy > 0, x if D_xx > 0, where D_jj is the diagonal of the direction matrix.
+    For an oblique or permuted direction each index axis uses the sign of its dominant physical component,
+    with a warning.
+    """
+    d = np.asarray(meta.direction, dtype=np.float64).reshape(3, 3)
+    signs = []
+    oblique = False
+    for axis in range(3):  # index axes x, y, z = columns 0, 1, 2
+        column = d[:, axis]
+        dominant = int(np.argmax(np.abs(column)))
+        if dominant != axis or np.any(np.abs(np.delete(column, axis)) > OBLIQUE_TOL):
+            oblique = True
+        signs.append(float(np.sign(column[dominant])))
+    if oblique:
+        logger.warning("oblique or permuted direction %s: flipping by the dominant axis signs",
+                       _fmt(tuple(meta.direction)))
+    sign_x, sign_y, sign_z = signs
+    return (sign_z < 0, sign_y > 0, sign_x > 0)
+
+
+def to_canonical(array_zyx: np.ndarray, flips: tuple[bool, bool, bool]) -> np.ndarray:
+    """Apply axis flips (z, y, x) to the last three axes; returns a view (negative strides, not contiguous)."""
+    index = [slice(None)] * (array_zyx.ndim - 3)
+    index += [slice(None, None, -1) if f else slice(None) for f in flips]
+    return array_zyx[tuple(index)]
+
+
+def from_canonical(array_zyx: np.ndarray, flips: tuple[bool, bool, bool]) -> np.ndarray:
+    """Undo `to_canonical` (a flip is its own inverse); returns a view."""
+    return to_canonical(array_zyx, flips)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def write_image(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) -> None:
+    """Write a 3D array atomically with exactly `meta`'s spacing, origin and direction (compressed)."""
+    path = Path(path)
+    if tuple(array_zyx.shape) != tuple(meta.shape_zyx):
+        raise ValueError(f"{path}: array shape {array_zyx.shape} does not match the geometry {meta.shape_zyx}")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
+    meta.apply_to(image)
+    suffix = image_suffix(path) or "".join(path.suffixes)
+    with atomic_path(path, suffix=suffix) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+
+
+def write_mask(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) -> None:
+    """Write a label mask (z, y, x) as uint8, atomically, on exactly `meta`'s grid."""
+    write_image(np.asarray(array_zyx).astype(np.uint8, copy=False), meta, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# folders
+
+
+def case_id_from_name(path: str | os.PathLike) -> str | None:
+    """Case id of an image file name: `<id>_0000.nii.gz` -> id, other images -> name without extension."""
+    name = Path(path).name
+    suffix = image_suffix(name)
+    if suffix is None:
+        return None
+    stem = name[: -len(suffix)]
+    if stem.endswith(CASE_SUFFIX) and len(stem) > len(CASE_SUFFIX):
+        stem = stem[: -len(CASE_SUFFIX)]
+    return stem
+
+
+def list_images(folder: str | os.PathLike) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
+    """Images in `folder`: ({case id: path} sorted by id, [(skipped entry, reason)]).
+
+    Image files give `<id>_0000.nii.gz` -> id, other names -> the name without extension; DICOM series
+    sub-folders give the folder name. Raises InputError if `folder` is not a folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "image folder not found")
+    found: dict[str, Path] = {}
+    skipped: list[tuple[Path, str]] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            skipped.append((entry, "hidden file"))
+            continue
+        if entry.is_dir():
+            if _is_dicom_folder(entry):
+                case_id = entry.name
+            else:
+                skipped.append((entry, "folder without DICOM files"))
+                continue
+        else:
+            case_id = case_id_from_name(entry)
+            if case_id is None:
+                if entry.suffix.lower() in (".raw", ".zraw") and any(
+                    (folder / (entry.stem + ext)).exists() for ext in (".mhd", ".MHD")
+                ):
+                    continue  # voxel data of a .mhd header listed on its own
+                if _looks_like_dicom(entry):
+                    reason = "single DICOM file (put each DICOM series in its own sub-folder)"
+                else:
+                    reason = f"not an image file (supported: {', '.join(IMAGE_SUFFIXES)}, DICOM series folders)"
+                skipped.append((entry, reason))
+                continue
+        if case_id in found:
+            skipped.append((entry, f"duplicate case id '{case_id}' (already given by {found[case_id].name})"))
+            continue
+        found[case_id] = entry
+    return dict(sorted(found.items())), skipped

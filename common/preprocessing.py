@@ -1,0 +1,254 @@
+"""Volume preprocessing shared by data preparation, training and prediction (reference 1.3-1.5, 2.3).
+
+Resizing is to a fixed output *shape* with corner-aligned trilinear interpolation: output voxel o along an
+axis of n input / m output voxels samples input coordinate o * (n - 1) / (m - 1). This is scipy's
+`zoom(..., grid_mode=False)` and torch's `F.interpolate(..., align_corners=True)`; both paths here agree
+to float32 rounding. Masks are resized label by label (binary linear resize, > 0.5), later labels
+overwriting earlier ones where they overlap.
+
+Intensity normalisation: clip to the HU window, subtract the volume's mean and divide by (std + 1e-5),
+with the *population* std (numpy's default; `correction=0` in torch) on both paths so they match.
+The reference used torch's unbiased std at test time only; the difference is ~1/(2N) relative.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import scipy.ndimage as ndi
+import torch
+import torch.nn.functional as F
+
+from common.labels import NUM_ORGANS
+
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # inclusive (min, max) per axis (z, y, x)
+EPS_STD = 1e-5
+INT16_MIN, INT16_MAX = -32768, 32767
+
+
+# --------------------------------------------------------------------------------------------------------------
+# intensities
+
+
+def normalize_hu(array: np.ndarray, window_hu: Sequence[float] = (-325.0, 325.0)) -> np.ndarray:
+    """Clip to `window_hu` then z-score over the whole volume (population std + 1e-5); float32, same shape."""
+    x = np.clip(np.asarray(array, dtype=np.float32), float(window_hu[0]), float(window_hu[1]))
+    mean = x.mean(dtype=np.float64)
+    std = x.std(dtype=np.float64)
+    return ((x - np.float32(mean)) / np.float32(std + EPS_STD)).astype(np.float32, copy=False)
+
+
+def window_and_zscore_torch(t: torch.Tensor, window_hu: Sequence[float] = (-325.0, 325.0)) -> torch.Tensor:
+    """Clip to `window_hu` and z-score per volume (per sample of a batch), float32.
+
+    t: (D, H, W) -> one volume; (N, ...) with t.dim() >= 4 -> statistics per sample n.
+    """
+    x = t.float().clamp(float(window_hu[0]), float(window_hu[1]))
+    dims = tuple(range(x.dim())) if x.dim() <= 3 else tuple(range(1, x.dim()))
+    std, mean = torch.std_mean(x, dim=dims, correction=0, keepdim=True)
+    return (x - mean) / (std + EPS_STD)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# image resize
+
+
+def _check_shape(out_shape_zyx: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(v) for v in out_shape_zyx)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"output shape must be 3 positive ints (z, y, x), got {tuple(out_shape_zyx)}")
+    return shape  # type: ignore[return-value]
+
+
+def resize_volume(array: np.ndarray, out_shape_zyx: Sequence[int], order: int = 1) -> np.ndarray:
+    """Corner-aligned resize of a (z, y, x) volume to `out_shape_zyx` with scipy.ndimage.zoom; float32.
+
+    order 1 = trilinear (reference 1.3). The caller casts (e.g. rounds back to int16 HU).
+    """
+    shape = _check_shape(out_shape_zyx)
+    x = np.asarray(array, dtype=np.float32)
+    if x.ndim != 3:
+        raise ValueError(f"expected a 3D array (z, y, x), got shape {x.shape}")
+    if tuple(x.shape) == shape:
+        return x.copy()
+    factors = [o / i for o, i in zip(shape, x.shape)]
+    out = ndi.zoom(x, factors, order=order, mode="nearest", grid_mode=False, prefilter=False)
+    if tuple(out.shape) != shape:  # zoom derives the shape by rounding in*factor; guard against float surprises
+        raise RuntimeError(f"zoom produced {out.shape}, wanted {shape}")
+    return out
+
+
+def resize_volume_torch(t: torch.Tensor, out_shape_zyx: Sequence[int]) -> torch.Tensor:
+    """Corner-aligned trilinear resize (F.interpolate, align_corners=True) on the tensor's device.
+
+    t: (D, H, W) or (N, C, D, H, W), any dtype (integers are converted to float32, floats keep their dtype).
+    Returns the same layout with spatial size `out_shape_zyx`.
+    """
+    shape = _check_shape(out_shape_zyx)
+    if t.dim() not in (3, 5):
+        raise ValueError(f"expected (D,H,W) or (N,C,D,H,W), got shape {tuple(t.shape)}")
+    x = t if t.is_floating_point() else t.float()
+    x5 = x[None, None] if x.dim() == 3 else x
+    out = x5 if tuple(x5.shape[2:]) == shape else F.interpolate(x5, size=shape, mode="trilinear", align_corners=True)
+    return out[0, 0] if x.dim() == 3 else out
+
+
+def resize_hu_int16(array: np.ndarray | torch.Tensor, out_shape_zyx: Sequence[int]) -> np.ndarray:
+    """Resize a HU volume (z, y, x) and store it as int16 HU (rounded to nearest, clipped to int16).
+
+    `array`: numpy array (any layout) or CPU tensor; passing a float32 tensor lets a caller convert a volume
+    once for several resizes. Runs `resize_volume_torch` on the CPU (the fastest path; equal to
+    `resize_volume` up to float32 rounding). The reference truncated toward zero when casting back; we round
+    (at most 1 HU difference).
+    """
+    x = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+    if x.dtype != torch.float32:
+        x = x.float()  # torch's cast is several times faster than numpy's int16 -> float32
+    out = resize_volume_torch(x, out_shape_zyx)
+    out = torch.round(out).clamp_(INT16_MIN, INT16_MAX)
+    return out.to(torch.int16).numpy()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# mask resize
+
+
+def _axis_coords(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Corner-aligned sample positions along one axis, computed as torch's CPU kernel does (float32).
+
+    Returns (i0 int64 (n_out,), i1 int64 (n_out,), lambda float32 (n_out,)): value = (1-l)*x[i0] + l*x[i1].
+    """
+    scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0.0)
+    src = np.float32(scale) * np.arange(n_out, dtype=np.float32)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    lam = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, lam
+
+
+def _interp_axis(x: torch.Tensor, axis: int, i0: np.ndarray, i1: np.ndarray, lam: np.ndarray) -> torch.Tensor:
+    """Linear interpolation of `x` along `axis` at positions given by (i0, i1, lambda)."""
+    shape = [1] * x.dim()
+    shape[axis] = lam.shape[0]
+    w1 = torch.from_numpy(lam).to(x.device).view(shape)
+    w0 = 1.0 - w1
+    x0 = x.index_select(axis, torch.from_numpy(i0).to(x.device))
+    x1 = x.index_select(axis, torch.from_numpy(i1).to(x.device))
+    return x0 * w0 + x1 * w1
+
+
+def label_bboxes(mask: np.ndarray, num_labels: int = NUM_ORGANS) -> dict[int, Box]:
+    """Inclusive bounding box (z, y, x) of every label 1..num_labels present in `mask` (one pass)."""
+    m = np.asarray(mask)
+    if m.dtype.kind not in "iub":
+        raise ValueError(f"mask must hold integers, got {m.dtype}")
+    boxes: dict[int, Box] = {}
+    if m.dtype == np.bool_:
+        m = m.view(np.uint8)
+    for index, slices in enumerate(ndi.find_objects(m, max_label=num_labels)):
+        if slices is not None:
+            boxes[index + 1] = tuple((s.start, s.stop - 1) for s in slices)  # type: ignore[assignment]
+    return boxes
+
+
+def resize_mask(mask: np.ndarray, out_shape_zyx: Sequence[int], num_labels: int = NUM_ORGANS,
+                label_boxes: dict[int, Box] | None = None) -> np.ndarray:
+    """Resize a label mask (z, y, x) label by label: binary trilinear resize, > 0.5, later labels win; uint8.
+
+    Each label is interpolated only inside the output region its bounding box can reach (elsewhere the
+    binary resize is exactly 0), with the same arithmetic as `F.interpolate(align_corners=True)`.
+    `label_boxes`: the masks's `label_bboxes` if the caller has them already (saves a pass over the mask).
+    """
+    shape = _check_shape(out_shape_zyx)
+    m = np.asarray(mask)
+    if m.ndim != 3:
+        raise ValueError(f"expected a 3D mask (z, y, x), got shape {m.shape}")
+    out = np.zeros(shape, dtype=np.uint8)
+    coords = [_axis_coords(n, o) for n, o in zip(m.shape, shape)]
+    if label_boxes is None:
+        label_boxes = label_bboxes(m, num_labels)
+    for label, box in sorted(label_boxes.items()):
+        if not 1 <= label <= num_labels:
+            continue
+        src_slices, out_slices, local = [], [], []
+        for axis, (lo, hi) in enumerate(box):
+            n = m.shape[axis]
+            i0, i1, lam = coords[axis]
+            src = i0.astype(np.float64) + lam
+            # Outside (lo - 1, hi + 1) both neighbours are background: the binary resize is exactly 0 there.
+            o_lo = int(np.searchsorted(src, lo - 1, side="right"))
+            o_hi = int(np.searchsorted(src, hi + 1, side="left"))
+            if o_lo >= o_hi:
+                break
+            a0, a1 = max(lo - 1, 0), min(hi + 1, n - 1)
+            src_slices.append(slice(a0, a1 + 1))
+            out_slices.append(slice(o_lo, o_hi))
+            local.append((i0[o_lo:o_hi] - a0, i1[o_lo:o_hi] - a0, lam[o_lo:o_hi]))
+        else:
+            binary = (torch.from_numpy(np.ascontiguousarray(m[tuple(src_slices)])) == label).float()
+            # Outermost axis first: gathers along z and y copy whole contiguous rows, and the slow element
+            # gather along x runs on the already reduced block. (Same trilinear weights as torch; only the
+            # float32 rounding order differs, which never moves a value across 0.5 except at ~1e-7 ties.)
+            for axis in (0, 1, 2):
+                binary = _interp_axis(binary, axis, *local[axis])
+            region = out[tuple(out_slices)]
+            region[(binary > 0.5).numpy()] = label
+    return out
+
+
+def resize_mask_torch(mask_t: torch.Tensor, out_shape_zyx: Sequence[int], num_labels: int = NUM_ORGANS) -> torch.Tensor:
+    """`resize_mask` on the tensor's device: mask (D, H, W) integer -> uint8 (out D, H, W)."""
+    shape = _check_shape(out_shape_zyx)
+    if mask_t.dim() != 3:
+        raise ValueError(f"expected a 3D mask (D, H, W), got shape {tuple(mask_t.shape)}")
+    out = torch.zeros(shape, dtype=torch.uint8, device=mask_t.device)
+    present = torch.unique(mask_t).tolist()
+    for label in range(1, num_labels + 1):
+        if label not in present:
+            continue
+        binary = (mask_t == label).float()[None, None]
+        resized = F.interpolate(binary, size=shape, mode="trilinear", align_corners=True)[0, 0]
+        out[resized > 0.5] = label
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# boxes
+
+
+def organ_bbox(mask: np.ndarray) -> Box | None:
+    """Inclusive (min, max) per axis (z, y, x) of all voxels with mask > 0; None if the mask is empty."""
+    m = np.asarray(mask) != 0
+    zy = m.any(axis=2)
+    z_any = zy.any(axis=1)
+    if not z_any.any():
+        return None
+    y_any = zy.any(axis=0)
+    x_any = m.any(axis=(0, 1))
+    box = []
+    for profile in (z_any, y_any, x_any):
+        idx = np.flatnonzero(profile)
+        box.append((int(idx[0]), int(idx[-1])))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def margin_voxels(spacing_zyx: Sequence[float], margin_mm: float) -> tuple[int, int, int]:
+    """Margin per axis in voxels: int(margin_mm / spacing) (reference 1.5)."""
+    return tuple(int(float(margin_mm) / float(s)) for s in spacing_zyx)  # type: ignore[return-value]
+
+
+def crop_box_with_margin(
+    bbox: Box, spacing_zyx: Sequence[float], margin_mm: float, shape_zyx: Sequence[int]
+) -> tuple[slice, slice, slice]:
+    """Crop slices [max(0, min - m), min(shape, max + m)) per axis with m = int(margin_mm / spacing).
+
+    As in the reference the upper end is exclusive (the high side gets m - 1 voxels past the box); it is
+    never allowed to cut the box itself (when m = 0 the crop still ends at max + 1).
+    """
+    slices = []
+    for (lo, hi), m, n in zip(bbox, margin_voxels(spacing_zyx, margin_mm), shape_zyx):
+        start = max(0, int(lo) - m)
+        stop = min(int(n), max(int(hi) + m, int(hi) + 1))
+        slices.append(slice(start, stop))
+    return tuple(slices)  # type: ignore[return-value]
