@@ -1,0 +1,653 @@
+"""data_prepare stage: read, validate, canonicalise and resize the dataset; write npy arrays and LMDB records.
+
+`sh run.sh [key=value ...]` (or `python -m data_prepare.run`) with the keys of config.yaml. Per case
+(DESIGN 3-4, reference 1):
+- read the image (and the mask of a labeled case), check it (InputError -> the case fails with its message),
+  flip to the canonical orientation, store HU as int16;
+- coarse: the whole volume resized to coarse_size_zyx (image int16 HU, mask per-label uint8);
+- fine: labeled -> organ box + extend_size_mm resized to fine_size_zyx; unlabeled -> the whole volume;
+- region: a canonical int16 copy (and uint8 mask copy) the fine stage crops from at training time:
+  labeled -> organ box + max_extend_size_mm (every random box extension fits); unlabeled -> the whole volume.
+Then the deterministic train/val split (fold 1, and folds 2..5 when split_5fold).
+
+Outputs under data_base_dir (the original README's tree, plus region_image/ and region_mask/):
+  coarse_image/<Z>_<Y>_<X>/<id>.npy  coarse_mask/...  fine_image/<Z>_<Y>_<X>/<id>.npy  fine_mask/...
+  region_image/<id>.npy  region_mask/<id>.npy
+  db/seg_raw_train, db/seg_raw_trainu, db/seg_raw_test        {image_path, mask_path}
+  db/seg_pre-process_database (labeled), db/segu_pre-process_database (unlabeled)   full records
+  db/seg_train_fold_k, db/seg_val_fold_k (k = 1, or 1..5), db/seg_trainu   copies of the records
+  db/split.json (the split as lists of ids), db/failed_cases.txt (only when something failed),
+  db/data_prepare.log
+Record paths are absolute and keep the `.npy` suffix (the reference stored them without it). Unlabeled
+cases have `mask_path`, `coarse_mask_path`, `fine_mask_path`, `region_mask_path` and `organ_bbox` = null
+(the reference wrote the string 'None' and all-zero dummy masks).
+
+Record of a prepared case (UTF-8 JSON; canonical = after the flips; boxes in canonical raw voxels):
+  case_id, labeled (bool)
+  image_path, mask_path, smooth_mask_path (always null), coarse_image_path, coarse_mask_path,
+  fine_image_path, fine_mask_path                          the reference's seven keys
+  spacing_zyx (mm), shape_zyx (canonical raw shape), direction (9, SimpleITK row-major), origin (x, y, z mm),
+  flips ([z, y, x] bools; the same flips undo themselves)
+  organ_bbox      [[z0, z1], [y0, y1], [x0, x1]] inclusive union of all organs (null: unlabeled)
+  fine_crop_zyx   [[start, stop), ...] the crop resized into fine_image (organ_bbox + extend_size_mm; null: unlabeled)
+  region_path, region_mask_path      canonical int16 / uint8 copies of the region (mask null: unlabeled)
+  region_offset_zyx, region_shape_zyx  where the region lies in the canonical raw volume
+  region_margin_mm  max_extend_size_mm the labeled region was cut with (null: whole volume)
+  labels_present  sorted organ labels in the mask ([] unlabeled); hu_range [min, max] HU
+  source {image, mask: {size, mtime_ns}}, settings {sizes, margins, record_version}   (rerun bookkeeping)
+
+Split (reference 1.9, without sklearn): labeled ids in key order, numpy `default_rng(split_seed).permutation`;
+fold-1 validation = the first ceil(val_ratio * n) of the permutation (sklearn's count rule), the rest trains.
+Folds 2..5: the fold-1 training ids cut in quarters, as in the reference. The ids also go to db/split.json.
+
+Failures never vanish: each failed case is logged with the file and the reason, listed in
+db/failed_cases.txt, the other cases finish, and the exit code is 1 (2: bad config or no dataset folder).
+Files in the input folders that are not images are skipped with a warning (also listed in that file) but
+do not fail the run. A rerun skips finished cases (record present, same input files by size and mtime,
+same settings, every output file present) unless overwrite=true.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.config import ConfigError, PrepareConfig, config_to_dict, parse_cli
+from common.errors import InputError
+from common.fileutil import save_npy_atomic, write_json_atomic, write_text_atomic
+from common.image_io import canonical_flips, list_images, read_image, read_mask, to_canonical
+from common.lmdb_store import LmdbStore
+from common.logger import ROOT_LOGGER_NAME, get_logger, setup_logging
+from common.preprocessing import (
+    INT16_MAX,
+    INT16_MIN,
+    crop_box_with_margin,
+    label_bboxes,
+    margin_voxels,
+    resize_hu_int16,
+    resize_mask,
+)
+
+logger = get_logger("data_prepare.run")  # a fixed name also when run as __main__
+
+STAGE_DIR = Path(__file__).resolve().parent
+RECORD_VERSION = 1
+DB_RAW = {"labeled": "seg_raw_train", "unlabeled": "seg_raw_trainu", "test": "seg_raw_test"}
+DB_PRE = {"labeled": "seg_pre-process_database", "unlabeled": "segu_pre-process_database"}
+FILE_LISTS = {"labeled": "train_series_uids.txt", "unlabeled": "trainu_series_uids.txt", "test": "val_series_uids.txt"}
+FAILED_FILE = "failed_cases.txt"
+NPY_KEYS = ("coarse_image_path", "coarse_mask_path", "fine_image_path", "fine_mask_path", "region_path",
+            "region_mask_path")
+
+
+# ---------------------------------------------------------------------------------------------------- case work
+
+
+@dataclass(frozen=True)
+class CaseTask:
+    """One case to prepare (picklable: sent to worker processes)."""
+
+    case_id: str
+    kind: str  # "labeled" | "unlabeled"
+    image_path: str
+    mask_path: str | None
+    base_dir: str
+    coarse_size_zyx: tuple[int, int, int]
+    fine_size_zyx: tuple[int, int, int]
+    extend_size_mm: float
+    max_extend_size_mm: float
+
+    def settings(self) -> dict[str, Any]:
+        """What the outputs depend on besides the input files (a rerun with other settings redoes the case)."""
+        return {"coarse_size_zyx": list(self.coarse_size_zyx), "fine_size_zyx": list(self.fine_size_zyx),
+                "extend_size_mm": float(self.extend_size_mm), "max_extend_size_mm": float(self.max_extend_size_mm),
+                "record_version": RECORD_VERSION}
+
+    def out_path(self, kind: str) -> Path:
+        """Absolute output path of one array: kind in coarse_image, coarse_mask, fine_image, fine_mask,
+        region_image, region_mask."""
+        base = Path(self.base_dir)
+        if kind.startswith("coarse"):
+            return base / kind / _size_dir(self.coarse_size_zyx) / f"{self.case_id}.npy"
+        if kind.startswith("fine"):
+            return base / kind / _size_dir(self.fine_size_zyx) / f"{self.case_id}.npy"
+        return base / kind / f"{self.case_id}.npy"
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    kind: str
+    record: dict | None = None
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _size_dir(size_zyx: Sequence[int]) -> str:
+    return "_".join(str(int(v)) for v in size_zyx)
+
+
+def _source_stamp(path: str) -> dict[str, int]:
+    """Size and modification time of the input (a changed input file is prepared again)."""
+    st = os.stat(path)
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def _to_int16_hu(array: np.ndarray, path: str) -> np.ndarray:
+    """The image as int16 HU (rounded if stored as float, clipped to the int16 range with a warning)."""
+    if array.dtype == np.int16:
+        return array
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise InputError(path, "image holds NaN or infinite values")
+        array = np.rint(array)
+    elif array.dtype.kind not in "iub":
+        raise InputError(path, f"image has voxel type {array.dtype}; expected CT numbers (HU)")
+    lo, hi = array.min(), array.max()
+    if lo < INT16_MIN or hi > INT16_MAX:
+        logger.warning("%s: intensities %s..%s exceed int16; clipped to %d..%d", path, lo, hi, INT16_MIN, INT16_MAX)
+        array = np.clip(array, INT16_MIN, INT16_MAX)
+    return array.astype(np.int16)
+
+
+def _check_ct_intensities(image: np.ndarray, path: str) -> tuple[int, int]:
+    """(min, max) HU; warns when the values do not look like CT numbers (no air near -1000, e.g. MR or raw)."""
+    lo, hi = int(image.min()), int(image.max())
+    if lo > -500 or hi < 0:
+        logger.warning("%s: intensities %d..%d do not look like CT HU (air should be near -1000); "
+                       "is this a CT with its rescale applied?", path, lo, hi)
+    return lo, hi
+
+
+def _box_list(box) -> list[list[int]]:
+    return [[int(a), int(b)] for a, b in box]
+
+
+def _region_slices(bbox, spacing_zyx, margin_mm: float, shape_zyx) -> tuple[slice, slice, slice]:
+    """bbox +/- M voxels inclusive per axis, M = int(margin_mm / spacing): holds every random box extension
+    e < M of the fine stage and the extend_size_mm crop."""
+    slices = []
+    for (lo, hi), m, n in zip(bbox, margin_voxels(spacing_zyx, margin_mm), shape_zyx):
+        slices.append(slice(max(0, lo - m), min(n, hi + m + 1)))
+    return tuple(slices)  # type: ignore[return-value]
+
+
+def prepare_case(task: CaseTask) -> dict:
+    """Prepare one case and return its record (raises InputError for bad input).
+
+    All arrays are canonical (flipped) and (z, y, x); boxes are in canonical raw voxels.
+    """
+    image_raw, meta = read_image(task.image_path)
+    mask_raw = None
+    if task.kind == "labeled":
+        assert task.mask_path is not None
+        mask_raw, _ = read_mask(task.mask_path, meta)
+    flips = canonical_flips(meta)
+    image = torch.from_numpy(_to_int16_hu(image_raw, task.image_path))
+    flip_dims = [axis for axis, f in enumerate(flips) if f]
+    image = (image.flip(flip_dims) if flip_dims else image).numpy()  # a contiguous canonical copy (or the array)
+    del image_raw
+    hu_min, hu_max = _check_ct_intensities(image, task.image_path)
+    shape = tuple(int(v) for v in image.shape)
+    spacing = tuple(float(v) for v in meta.spacing_zyx)
+
+    image_f = torch.from_numpy(image).float()  # converted once for every resize of this case
+    arrays: dict[str, np.ndarray] = {"coarse_image": resize_hu_int16(image_f, task.coarse_size_zyx)}
+    organ_box = fine_crop = None
+    labels_present: list[int] = []
+    if mask_raw is not None:
+        mask = np.ascontiguousarray(to_canonical(mask_raw, flips))
+        del mask_raw
+        boxes = label_bboxes(mask)
+        if not boxes:
+            raise InputError(task.mask_path, "mask is empty (no organ labels 1..13)")
+        labels_present = sorted(boxes)
+        organ_box = tuple((min(b[a][0] for b in boxes.values()), max(b[a][1] for b in boxes.values()))
+                          for a in range(3))
+        fine_crop = crop_box_with_margin(organ_box, spacing, task.extend_size_mm, shape)
+        region = _region_slices(organ_box, spacing, task.max_extend_size_mm, shape)
+        # the fine crop holds every organ box: shift the boxes instead of searching the crop again
+        crop_boxes = {label: tuple((lo - s.start, hi - s.start) for (lo, hi), s in zip(box, fine_crop))
+                      for label, box in boxes.items()}
+        arrays["coarse_mask"] = resize_mask(mask, task.coarse_size_zyx, label_boxes=boxes)
+        arrays["fine_image"] = resize_hu_int16(image_f[fine_crop], task.fine_size_zyx)
+        arrays["fine_mask"] = resize_mask(mask[fine_crop], task.fine_size_zyx, label_boxes=crop_boxes)
+        arrays["region_image"] = image[region]
+        arrays["region_mask"] = mask[region]
+    else:
+        # reference 1.6: unlabeled fine arrays are the whole volume; the fine stage crops unlabeled cases
+        # from the whole-volume region with the coarse model's box (DESIGN 5.5)
+        region = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+        arrays["fine_image"] = resize_hu_int16(image_f, task.fine_size_zyx)
+        arrays["region_image"] = image
+    del image_f
+
+    paths: dict[str, str | None] = {}
+    for kind, array in arrays.items():
+        path = task.out_path(kind)
+        save_npy_atomic(path, np.ascontiguousarray(array))  # np.save of a strided view is very slow
+        paths[kind] = str(path)
+
+    return {
+        "case_id": task.case_id,
+        "labeled": task.kind == "labeled",
+        # the seven keys of the reference records
+        "image_path": task.image_path,
+        "mask_path": task.mask_path,
+        "smooth_mask_path": None,
+        "coarse_image_path": paths["coarse_image"],
+        "coarse_mask_path": paths.get("coarse_mask"),
+        "fine_image_path": paths["fine_image"],
+        "fine_mask_path": paths.get("fine_mask"),
+        # ours
+        "spacing_zyx": list(spacing),
+        "shape_zyx": list(shape),
+        "direction": [float(v) for v in meta.direction],
+        "origin": [float(v) for v in meta.origin_xyz],
+        "flips": [bool(f) for f in flips],
+        "organ_bbox": _box_list(organ_box) if organ_box is not None else None,
+        "fine_crop_zyx": [[s.start, s.stop] for s in fine_crop] if fine_crop is not None else None,
+        "region_path": paths["region_image"],
+        "region_mask_path": paths.get("region_mask"),
+        "region_offset_zyx": [int(s.start) for s in region],
+        "region_shape_zyx": [int(s.stop - s.start) for s in region],
+        "region_margin_mm": float(task.max_extend_size_mm) if task.kind == "labeled" else None,
+        "labels_present": labels_present,
+        "hu_range": [hu_min, hu_max],
+        "source": {"image": _source_stamp(task.image_path),
+                   "mask": _source_stamp(task.mask_path) if task.mask_path else None},
+        "settings": task.settings(),
+    }
+
+
+class _ListHandler(logging.Handler):
+    """Collects a worker's warnings so the main process logs them (worker processes have no log handlers)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+_WORKER_HANDLER: _ListHandler | None = None
+
+
+def _init_worker() -> None:
+    """Worker process setup: one torch thread per process (the pool is the parallelism), capture warnings."""
+    global _WORKER_HANDLER
+    torch.set_num_threads(1)
+    _WORKER_HANDLER = _ListHandler()
+    root = logging.getLogger(ROOT_LOGGER_NAME)
+    root.addHandler(_WORKER_HANDLER)
+    root.setLevel(logging.WARNING)
+    root.propagate = False
+
+
+def run_case(task: CaseTask) -> CaseResult:
+    """prepare_case with every failure turned into a message naming the file (never raises)."""
+    start = time.perf_counter()
+    result = CaseResult(task.case_id, task.kind)
+    try:
+        result.record = prepare_case(task)
+    except InputError as e:
+        result.error = str(e)
+    except Exception as e:  # noqa: BLE001 - a case must never take the run down or vanish silently
+        result.error = (f"{task.image_path}: unexpected error {type(e).__name__}: {e}\n"
+                        + traceback.format_exc())
+    if _WORKER_HANDLER is not None:
+        result.warnings, _WORKER_HANDLER.messages = _WORKER_HANDLER.messages, []
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _is_finished(task: CaseTask, record: dict | None) -> bool:
+    """True if `record` was made from the same input files with the same settings and its files exist."""
+    if not record or record.get("image_path") != task.image_path or record.get("mask_path") != task.mask_path:
+        return False
+    if record.get("settings") != task.settings():
+        return False
+    try:
+        stamps = {"image": _source_stamp(task.image_path),
+                  "mask": _source_stamp(task.mask_path) if task.mask_path else None}
+    except OSError:
+        return False
+    if record.get("source") != stamps:
+        return False
+    expected = {"coarse_image_path": task.out_path("coarse_image"), "fine_image_path": task.out_path("fine_image"),
+                "region_path": task.out_path("region_image")}
+    if any(record.get(k) != str(p) for k, p in expected.items()):
+        return False
+    return all(record.get(k) is None or Path(record[k]).is_file() for k in NPY_KEYS)
+
+
+def run_tasks(tasks: Sequence[CaseTask], num_workers: int,
+              on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+    """Run cases in `num_workers` spawned processes (<= 1: in this process), with a progress bar.
+
+    `on_result` is called in this process as each case finishes (so records are stored as they come).
+    """
+    results: list[CaseResult] = []
+    if not tasks:
+        return results
+
+    def finish(result: CaseResult) -> None:
+        for message in result.warnings:
+            logger.warning("%s", message)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+        bar.update()
+
+    bar = tqdm(total=len(tasks), desc="prepare", unit="case", file=sys.stdout, dynamic_ncols=True)
+    try:
+        if num_workers <= 1 or len(tasks) == 1:
+            for task in tasks:
+                finish(run_case(task))
+            return results
+        ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch threads or LMDB handles
+        workers = min(num_workers, len(tasks))
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+            futures = {pool.submit(run_case, task): task for task in tasks}
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    task = futures[future]
+                    try:
+                        result = future.result()
+                    except concurrent.futures.process.BrokenProcessPool:
+                        result = CaseResult(task.case_id, task.kind, error=(
+                            f"{task.image_path}: a worker process died while this case was pending "
+                            "(out of memory?); rerun to retry"))
+                    finish(result)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    finally:
+        bar.close()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- discovery
+
+
+@dataclass
+class Discovery:
+    """The cases of one run: tasks per kind, raw-DB entries, failures found before any case ran, skipped files."""
+
+    raw: dict[str, dict[str, dict]] = field(default_factory=lambda: {k: {} for k in DB_RAW})
+    cases: dict[str, dict[str, tuple[str, str | None]]] = field(default_factory=lambda: {"labeled": {},
+                                                                                           "unlabeled": {}})
+    failures: dict[str, str] = field(default_factory=dict)  # case id -> message
+    skipped: list[str] = field(default_factory=list)  # "path: reason"
+
+
+def _read_id_list(path: Path) -> list[str]:
+    ids = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            ids.append(line)
+    return list(dict.fromkeys(ids))
+
+
+def _images_of(folder: Path, kind: str, found: Discovery, required: bool) -> dict[str, Path] | None:
+    if not folder.is_dir():
+        if required:
+            raise InputError(folder, f"{kind} image folder not found")
+        logger.info("%s: no folder, no %s cases", folder, kind)
+        return None
+    images, skipped = list_images(folder)
+    for path, reason in skipped:
+        found.skipped.append(f"{path}: {reason}")
+        logger.warning("skipped %s: %s", path, reason)
+    return images
+
+
+def discover(cfg: PrepareConfig, base: Path) -> Discovery:
+    """List labeled, unlabeled and test cases (file lists if present, else every image of the folders)."""
+    found = Discovery()
+    folders = {"labeled": (cfg.train_image_dir, cfg.train_mask_dir), "unlabeled": (cfg.trainu_image_dir, None),
+               "test": (cfg.test_image_dir, cfg.test_mask_dir)}
+    for kind, (image_dir, mask_dir) in folders.items():
+        images = _images_of(base / image_dir, kind, found, required=(kind == "labeled"))
+        if images is None:
+            continue
+        masks: dict[str, Path] = {}
+        if mask_dir is not None:
+            masks = _images_of(base / mask_dir, f"{kind} mask", found, required=(kind == "labeled")) or {}
+        list_path = base / cfg.file_list_dir / FILE_LISTS[kind]
+        if list_path.is_file():
+            ids = _read_id_list(list_path)
+            unlisted = sorted(set(images) - set(ids))
+            if unlisted:
+                logger.info("%s: %d %s images not listed in %s are ignored", base / image_dir, len(unlisted), kind,
+                            list_path)
+        else:
+            ids = sorted(images)
+        for case_id in ids:
+            if case_id not in images:
+                found.failures[case_id] = (f"{base / image_dir}: no image for case {case_id!r} listed in "
+                                           f"{list_path} (expected {case_id}_0000.nii.gz or another image format)")
+                continue
+            image_path = os.path.abspath(images[case_id])
+            mask_path = None
+            if mask_dir is not None:
+                if case_id in masks:
+                    mask_path = os.path.abspath(masks[case_id])
+                elif kind == "labeled":
+                    found.failures[case_id] = (f"{base / mask_dir}: no mask for case {case_id!r} "
+                                               f"(expected {case_id}.nii.gz); image {image_path}")
+                    continue
+            found.raw[kind][case_id] = {"image_path": image_path, "mask_path": mask_path}
+            if kind == "test":
+                continue
+            if kind == "unlabeled" and case_id in found.cases["labeled"]:
+                found.failures[f"{case_id} (unlabeled)"] = (f"{image_path}: case id {case_id!r} is also a labeled "
+                                                            "case; rename one of them")
+                del found.raw[kind][case_id]
+                continue
+            found.cases[kind][case_id] = (image_path, mask_path)
+        if kind == "labeled":
+            orphans = sorted(set(masks) - set(images))
+            for case_id in orphans:
+                logger.warning("%s: mask without an image in %s", masks[case_id], base / image_dir)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------- split
+
+
+def split_fold1(ids: Sequence[str], val_ratio: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic train/val split of fold 1 (reference 1.9, without sklearn).
+
+    ids are taken in sorted (LMDB key) order; a numpy Generator(seed) permutation picks the validation cases:
+    the first ceil(val_ratio * n) of the permutation (sklearn's test-size rule), kept within 1..n-1 when n >= 2.
+    Same seed + same ids = same split. One labeled case: it is both the training and the validation case.
+    """
+    ids = sorted(ids)
+    n = len(ids)
+    if n == 0:
+        return [], []
+    if n == 1:
+        return list(ids), list(ids) if val_ratio > 0 else []
+    n_val = math.ceil(val_ratio * n - 1e-9) if val_ratio > 0 else 0
+    n_val = min(max(n_val, 1 if val_ratio > 0 else 0), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    val = sorted(ids[i] for i in perm[:n_val])
+    train = sorted(ids[i] for i in perm[n_val:])
+    return train, val
+
+
+def split_5fold(train1: Sequence[str], val1: Sequence[str]) -> dict[int, tuple[list[str], list[str]]]:
+    """Folds 2..5 (reference 1.9): fold-1 training ids in key order cut into quarters at int(0.25 m), int(0.5 m),
+    int(0.75 m); fold k validates on quarter k-2 and trains on the other quarters + fold-1 validation."""
+    train1 = sorted(train1)
+    m = len(train1)
+    cuts = [0, int(0.25 * m), int(0.5 * m), int(0.75 * m), m]
+    quarters = [train1[cuts[i] : cuts[i + 1]] for i in range(4)]
+    folds = {}
+    for k in range(2, 6):
+        val = quarters[k - 2]
+        train = sorted([c for i, q in enumerate(quarters) if i != k - 2 for c in q] + list(val1))
+        folds[k] = (train, list(val))
+    return folds
+
+
+def _replace_keeping_additions(path: Path, records: dict[str, dict]) -> None:
+    """Make the database at `path` hold exactly `records`; an existing record that holds the same values plus
+    keys added by a later stage (e.g. the fine stage's `coarse_box`) is kept as it is."""
+    store = LmdbStore(path, readonly=False)
+    existing = store.to_dict()
+    merged = {}
+    for case_id, record in records.items():
+        old = existing.get(case_id)
+        same = old is not None and all(old.get(k) == v for k, v in record.items())
+        merged[case_id] = old if same else record
+    store.replace_all(merged)
+
+
+def write_splits(db_dir: Path, cfg: PrepareConfig, labeled: dict[str, dict], unlabeled: dict[str, dict]) -> dict:
+    """Write the fold and seg_trainu databases (values copied from the pre-process records); returns the split."""
+    train1, val1 = split_fold1(list(labeled), cfg.val_ratio, cfg.split_seed)
+    if len(labeled) == 1:
+        logger.warning("only one labeled case: it is used for both training and validation")
+    elif not val1:
+        logger.warning("val_ratio=%s leaves the validation fold empty", cfg.val_ratio)
+    folds = {1: (train1, val1)}
+    if cfg.split_5fold:
+        folds.update(split_5fold(train1, val1))
+    for k in range(1, 6):
+        for part in ("train", "val"):
+            path = db_dir / f"seg_{part}_fold_{k}"
+            if k not in folds:
+                if path.exists():  # a stale fold from an earlier 5-fold run would silently train on old data
+                    logger.info("removing %s (split_5fold is off)", path)
+                    shutil.rmtree(path)
+                continue
+            ids = folds[k][0] if part == "train" else folds[k][1]
+            _replace_keeping_additions(path, {i: labeled[i] for i in ids})
+    _replace_keeping_additions(db_dir / "seg_trainu", unlabeled)
+    split = {"split_seed": cfg.split_seed, "val_ratio": cfg.val_ratio, "split_5fold": cfg.split_5fold,
+             "folds": {str(k): {"train": tr, "val": va} for k, (tr, va) in folds.items()},
+             "trainu": sorted(unlabeled)}
+    write_json_atomic(db_dir / "split.json", split)
+    return split
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(cfg: PrepareConfig) -> int:
+    """Prepare the dataset at cfg.data_base_dir; returns the exit code (0 all good, 1 something failed)."""
+    base = Path(cfg.data_base_dir).absolute()
+    if not base.is_dir():
+        setup_logging(None)
+        logger.error("%s: dataset folder not found (set data_base_dir in config.yaml or data_base_dir=PATH)", base)
+        return 2
+    db_dir = base / "db"
+    db_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(db_dir / "data_prepare.log")
+    start = time.perf_counter()
+    logger.info("data_prepare: %s (workers %d, overwrite %s)", base, cfg.num_workers, cfg.overwrite)
+    try:
+        found = discover(cfg, base)
+    except InputError as e:
+        logger.error("%s", e)
+        return 2
+
+    for kind, name in DB_RAW.items():
+        LmdbStore(db_dir / name, readonly=False).replace_all(found.raw[kind])
+
+    stores = {kind: LmdbStore(db_dir / DB_PRE[kind], readonly=False) for kind in DB_PRE}
+    tasks: list[CaseTask] = []
+    done = 0
+    for kind in ("labeled", "unlabeled"):
+        existing = stores[kind].to_dict()
+        for stale in sorted(set(existing) - set(found.cases[kind])):
+            logger.info("removing record %s from %s (no longer among the %s cases)", stale, DB_PRE[kind], kind)
+            stores[kind].delete(stale)
+        for case_id, (image_path, mask_path) in found.cases[kind].items():
+            task = CaseTask(case_id, kind, image_path, mask_path, str(base), tuple(cfg.coarse_size_zyx),
+                            tuple(cfg.fine_size_zyx), cfg.extend_size_mm, cfg.max_extend_size_mm)
+            if not cfg.overwrite and _is_finished(task, existing.get(case_id)):
+                done += 1
+                continue
+            tasks.append(task)
+    n_cases = done + len(tasks)
+    logger.info("%d cases (%d labeled, %d unlabeled): %d already prepared, %d to prepare; %d test images listed",
+                n_cases, len(found.cases["labeled"]), len(found.cases["unlabeled"]), done, len(tasks),
+                len(found.raw["test"]))
+
+    failures = dict(found.failures)
+
+    def store_result(result: CaseResult) -> None:
+        if result.record is not None:
+            stores[result.kind].put(result.case_id, result.record)
+        else:
+            failures[result.case_id] = result.error or "unknown error"
+            stores[result.kind].delete(result.case_id)  # an older record no longer matches the input
+            logger.error("FAILED %s", result.error)
+
+    work_start = time.perf_counter()
+    results = run_tasks(tasks, cfg.num_workers, store_result)
+    work_seconds = time.perf_counter() - work_start
+
+    labeled = stores["labeled"].to_dict()
+    unlabeled = stores["unlabeled"].to_dict()
+    split = write_splits(db_dir, cfg, labeled, unlabeled)
+    write_json_atomic(db_dir / "data_prepare_config.json", config_to_dict(cfg))
+
+    failed_path = db_dir / FAILED_FILE
+    if failures or found.skipped:
+        lines = [f"# data_prepare {time.strftime('%Y-%m-%d %H:%M:%S')}: {len(failures)} failed cases "
+                 "(fix the input and rerun: finished cases are skipped)"]
+        lines += [f"{case_id}\t{message.splitlines()[0]}" for case_id, message in sorted(failures.items())]
+        if found.skipped:
+            lines.append(f"# {len(found.skipped)} files skipped (not cases)")
+            lines += [f"# skipped\t{entry}" for entry in found.skipped]
+        write_text_atomic(failed_path, "\n".join(lines) + "\n")
+    elif failed_path.exists():
+        failed_path.unlink()
+
+    n_new = len(results) - sum(r.record is None for r in results)
+    rate = f" ({len(results) / work_seconds * 60.0:.1f} cases/min)" if results and work_seconds > 0 else ""
+    fold1 = split["folds"]["1"]
+    logger.info("prepared %d cases%s, %d already done, %d failed; fold 1: %d train / %d val, %d unlabeled; %.1f s",
+                n_new, rate, done, len(failures), len(fold1["train"]), len(fold1["val"]), len(unlabeled),
+                time.perf_counter() - start)
+    if failures:
+        logger.error("%d cases failed (listed in %s):", len(failures), failed_path)
+        for case_id, message in sorted(failures.items()):
+            logger.error("  %s: %s", case_id, message.splitlines()[0])
+        return 1
+    return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Command line: `python -m data_prepare.run [config=PATH] [key=value ...]`."""
+    try:
+        cfg = parse_cli(PrepareConfig, STAGE_DIR / "config.yaml", list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return main(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

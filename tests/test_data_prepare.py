@@ -1,0 +1,364 @@
+"""Tests of the data_prepare stage: end to end on tiny synthetic and real CTs, bad inputs, reruns, the split."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from common.config import PrepareConfig, load_config
+from common.image_io import canonical_flips, read_image, read_mask, to_canonical
+from common.lmdb_store import open_store
+from common.preprocessing import organ_bbox, resize_hu_int16, resize_mask
+from data_prepare.run import STAGE_DIR, main, split_5fold, split_fold1
+from data_prepare.synthetic import write_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["coarse_size_zyx=[32,32,32]", "fine_size_zyx=[48,48,48]"]
+ORIGINAL_KEYS = ("image_path", "mask_path", "smooth_mask_path", "coarse_image_path", "coarse_mask_path",
+                 "fine_image_path", "fine_mask_path")
+OUR_KEYS = ("spacing_zyx", "shape_zyx", "direction", "origin", "flips", "organ_bbox", "region_path",
+            "region_mask_path", "region_offset_zyx", "region_shape_zyx", "labels_present")
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "dataset"
+    write_dataset(out, labeled=4, unlabeled=2, val=1, seed=3, size="tiny")
+    return out
+
+
+@pytest.fixture()
+def dataset(tiny_dataset: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny dataset (tests add bad files and outputs to it)."""
+    return Path(shutil.copytree(tiny_dataset, tmp_path / "dataset"))
+
+
+def config(base: Path, *overrides: str) -> PrepareConfig:
+    return load_config(PrepareConfig, STAGE_DIR / "config.yaml",
+                       [f"data_base_dir={base}", "num_workers=1", *SMALL, *overrides])
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def canonical_case(record: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    image, meta = read_image(record["image_path"])
+    flips = canonical_flips(meta)
+    mask = None
+    if record["mask_path"]:
+        mask = np.ascontiguousarray(to_canonical(read_mask(record["mask_path"], meta)[0], flips))
+    return np.ascontiguousarray(to_canonical(image, flips)), mask
+
+
+def check_labeled_record(case_id: str, rec: dict, coarse=(32, 32, 32), fine=(48, 48, 48)) -> None:
+    for key in ORIGINAL_KEYS + OUR_KEYS:
+        assert key in rec, key
+    assert rec["smooth_mask_path"] is None and rec["labeled"] is True
+    for key in ("coarse_image_path", "coarse_mask_path", "fine_image_path", "fine_mask_path", "region_path",
+                "region_mask_path"):
+        assert os.path.isabs(rec[key]) and rec[key].endswith(f"{case_id}.npy"), rec[key]
+    image, mask = canonical_case(rec)
+    assert list(image.shape) == rec["shape_zyx"]
+    assert rec["organ_bbox"] == [list(p) for p in organ_bbox(mask)]
+    assert rec["labels_present"] == sorted(int(v) for v in np.unique(mask) if v)
+
+    coarse_image = np.load(rec["coarse_image_path"])
+    coarse_mask = np.load(rec["coarse_mask_path"])
+    assert coarse_image.dtype == np.int16 and coarse_image.shape == coarse
+    assert coarse_mask.dtype == np.uint8 and coarse_mask.shape == coarse
+    np.testing.assert_array_equal(coarse_image, resize_hu_int16(image, coarse))
+    np.testing.assert_array_equal(coarse_mask, resize_mask(mask, coarse))
+
+    crop = tuple(slice(a, b) for a, b in rec["fine_crop_zyx"])
+    for (lo, hi), s in zip(rec["organ_bbox"], crop):
+        assert s.start <= lo and hi < s.stop  # the fine crop holds the whole organ box
+    fine_image = np.load(rec["fine_image_path"])
+    fine_mask = np.load(rec["fine_mask_path"])
+    assert fine_image.dtype == np.int16 and fine_image.shape == fine and fine_mask.shape == fine
+    np.testing.assert_array_equal(fine_image, resize_hu_int16(image[crop], fine))
+    np.testing.assert_array_equal(fine_mask, resize_mask(mask[crop], fine))
+
+    region = tuple(slice(o, o + n) for o, n in zip(rec["region_offset_zyx"], rec["region_shape_zyx"]))
+    region_image = np.load(rec["region_path"], mmap_mode="r")
+    region_mask = np.load(rec["region_mask_path"], mmap_mode="r")
+    assert region_image.dtype == np.int16 and region_mask.dtype == np.uint8
+    np.testing.assert_array_equal(region_image, image[region])
+    np.testing.assert_array_equal(region_mask, mask[region])
+    for (lo, hi), s, sp, n in zip(rec["organ_bbox"], region, rec["spacing_zyx"], rec["shape_zyx"]):
+        m = int(40.0 / sp)
+        assert s.start == max(0, lo - m) and s.stop == min(n, hi + m + 1)
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_tiny_synthetic(dataset: Path) -> None:
+    inputs_before = digest(dataset)
+    assert main(config(dataset)) == 0
+    db = dataset / "db"
+
+    raw_train = open_store(db / "seg_raw_train").to_dict()
+    assert sorted(raw_train) == [f"train_{i:03d}" for i in range(4)]
+    assert raw_train["train_001"] == {"image_path": str(dataset / "train_images" / "train_001_0000.nii.gz"),
+                                      "mask_path": str(dataset / "train_mask" / "train_001.nii.gz")}
+    raw_u = open_store(db / "seg_raw_trainu").to_dict()
+    assert sorted(raw_u) == ["trainu_0000", "trainu_0001"] and raw_u["trainu_0000"]["mask_path"] is None
+    assert open_store(db / "seg_raw_test").to_dict() == {
+        "validation_000": {"image_path": str(dataset / "val_images" / "validation_000_0000.nii.gz"),
+                           "mask_path": None}}
+
+    labeled = open_store(db / "seg_pre-process_database").to_dict()
+    assert sorted(labeled) == sorted(raw_train)
+    for case_id, rec in labeled.items():
+        check_labeled_record(case_id, rec)
+
+    unlabeled = open_store(db / "segu_pre-process_database").to_dict()
+    assert sorted(unlabeled) == sorted(raw_u)
+    for case_id, rec in unlabeled.items():
+        assert rec["labeled"] is False
+        for key in ("mask_path", "coarse_mask_path", "fine_mask_path", "region_mask_path", "organ_bbox"):
+            assert rec[key] is None, key
+        image, _ = canonical_case(rec)
+        assert rec["region_offset_zyx"] == [0, 0, 0] and rec["region_shape_zyx"] == list(image.shape)
+        np.testing.assert_array_equal(np.load(rec["region_path"]), image)
+        np.testing.assert_array_equal(np.load(rec["coarse_image_path"]), resize_hu_int16(image, (32, 32, 32)))
+        np.testing.assert_array_equal(np.load(rec["fine_image_path"]), resize_hu_int16(image, (48, 48, 48)))
+
+    train = open_store(db / "seg_train_fold_1").to_dict()
+    val = open_store(db / "seg_val_fold_1").to_dict()
+    assert len(val) == 1 and len(train) == 3 and set(train) | set(val) == set(labeled)
+    assert all(train[k] == labeled[k] for k in train) and all(val[k] == labeled[k] for k in val)
+    assert open_store(db / "seg_trainu").to_dict() == unlabeled
+    assert not (db / "seg_train_fold_2").exists()
+    assert not (db / "failed_cases.txt").exists()
+    assert (db / "split.json").is_file() and (db / "data_prepare.log").is_file()
+
+    after = digest(dataset)
+    assert {k: v for k, v in after.items() if k in inputs_before} == inputs_before  # inputs never modified
+    assert not [p for p in dataset.rglob(".*tmp*")]  # no temporary files left behind
+
+    # 5-fold on the same prepared data: folds 2..5 appear, their validation sets partition the labeled cases
+    assert main(config(dataset, "split_5fold=true")) == 0
+    vals = [set(open_store(db / f"seg_val_fold_{k}").keys()) for k in range(1, 6)]
+    assert set().union(*vals) == set(labeled) and sum(len(v) for v in vals) == len(labeled)
+    assert main(config(dataset)) == 0
+    assert not (db / "seg_val_fold_3").exists()  # stale folds removed when 5-fold is off again
+
+
+def test_rerun_skips_and_overwrite_redoes(dataset: Path) -> None:
+    assert main(config(dataset)) == 0
+    labeled = open_store(dataset / "db" / "seg_pre-process_database").to_dict()
+    npy = sorted((dataset / "coarse_image").rglob("*.npy")) + sorted((dataset / "region_image").rglob("*.npy"))
+    stamps = {p: p.stat().st_mtime_ns for p in npy}
+
+    assert main(config(dataset)) == 0
+    assert {p: p.stat().st_mtime_ns for p in npy} == stamps  # nothing rewritten
+
+    # a changed input file is prepared again, the others are skipped
+    touched = Path(labeled["train_002"]["image_path"])
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    assert main(config(dataset)) == 0
+    changed = {p for p in npy if p.stat().st_mtime_ns != stamps[p]}
+    assert changed == {dataset / "coarse_image" / "32_32_32" / "train_002.npy",
+                       dataset / "region_image" / "train_002.npy"}
+
+    # a missing output file makes its case unfinished
+    (dataset / "region_image" / "train_001.npy").unlink()
+    assert main(config(dataset)) == 0
+    assert (dataset / "region_image" / "train_001.npy").is_file()
+
+    stamps = {p: p.stat().st_mtime_ns for p in npy}
+    assert main(config(dataset, "overwrite=true")) == 0
+    assert all(p.stat().st_mtime_ns != stamps[p] for p in npy)  # everything redone
+
+    # other sizes are other outputs: a new size redoes every case into its own folder
+    assert main(config(dataset, "coarse_size_zyx=[16,16,16]")) == 0
+    rec = open_store(dataset / "db" / "seg_pre-process_database").get("train_000")
+    assert rec["coarse_image_path"].endswith("coarse_image/16_16_16/train_000.npy")
+    assert np.load(rec["coarse_image_path"]).shape == (16, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------------- bad inputs
+
+
+def _write(array: np.ndarray, path: Path, like: sitk.Image | None = None, spacing=None) -> None:
+    image = sitk.GetImageFromArray(array)
+    if like is not None:
+        image.CopyInformation(like)
+    if spacing is not None:
+        image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+
+
+def test_bad_inputs_fail_with_messages_and_the_rest_finishes(dataset: Path) -> None:
+    images, masks = dataset / "train_images", dataset / "train_mask"
+    good_image = sitk.ReadImage(str(images / "train_000_0000.nii.gz"))
+    good_mask = sitk.ReadImage(str(masks / "train_000.nii.gz"))
+    image_array = sitk.GetArrayFromImage(good_image)
+    mask_array = sitk.GetArrayFromImage(good_mask)
+
+    data = (images / "train_001_0000.nii.gz").read_bytes()
+    (images / "bad_trunc_0000.nii.gz").write_bytes(data[: len(data) // 2])
+    shutil.copy(masks / "train_001.nii.gz", masks / "bad_trunc.nii.gz")
+
+    _write(image_array[5], images / "bad_2d_0000.nii.gz")
+    _write(mask_array[5], masks / "bad_2d.nii.gz")
+
+    sitk.WriteImage(sitk.JoinSeries([good_image, good_image]), str(images / "bad_4d_0000.nii.gz"))
+    shutil.copy(masks / "train_000.nii.gz", masks / "bad_4d.nii.gz")
+
+    shutil.copy(images / "train_000_0000.nii.gz", images / "bad_grid_0000.nii.gz")
+    spacing = good_mask.GetSpacing()
+    _write(mask_array, masks / "bad_grid.nii.gz", like=good_mask, spacing=(spacing[0], spacing[1], spacing[2] * 2))
+
+    shutil.copy(images / "train_000_0000.nii.gz", images / "bad_label_0000.nii.gz")
+    label20 = mask_array.copy()
+    label20[label20 == 3] = 20
+    _write(label20, masks / "bad_label.nii.gz", like=good_mask)
+
+    shutil.copy(images / "train_000_0000.nii.gz", images / "bad_empty_0000.nii.gz")
+    _write(np.zeros_like(mask_array), masks / "bad_empty.nii.gz", like=good_mask)
+
+    shutil.copy(images / "train_000_0000.nii.gz", images / "bad_nomask_0000.nii.gz")
+    (images / "notes.txt").write_text("a stray file")
+
+    bad = ["bad_trunc", "bad_2d", "bad_4d", "bad_grid", "bad_label", "bad_empty", "bad_nomask", "bad_missing"]
+    with open(dataset / "file_list" / "train_series_uids.txt", "a", encoding="utf-8") as f:
+        f.write("".join(f"{case_id}\n" for case_id in bad))
+
+    assert main(config(dataset, "num_workers=2")) == 1  # worker processes report failures too
+
+    report = (dataset / "db" / "failed_cases.txt").read_text(encoding="utf-8")
+    lines = {line.split("\t", 1)[0]: line.split("\t", 1)[1] for line in report.splitlines()
+             if not line.startswith("#")}
+    assert sorted(lines) == sorted(bad)
+    expected = {
+        "bad_trunc": ("bad_trunc_0000.nii.gz", "truncated"),
+        "bad_2d": ("bad_2d_0000.nii.gz", "2D image"),
+        "bad_4d": ("bad_4d_0000.nii.gz", "4D image"),
+        "bad_grid": ("bad_grid.nii.gz", "not on the image's grid: spacing"),
+        "bad_label": ("bad_label.nii.gz", "labels outside 0..13: 20"),
+        "bad_empty": ("bad_empty.nii.gz", "mask is empty"),
+        "bad_nomask": ("train_mask", "no mask for case 'bad_nomask'"),
+        "bad_missing": ("train_images", "no image for case 'bad_missing'"),
+    }
+    for case_id, (file_part, problem) in expected.items():
+        assert file_part in lines[case_id] and problem in lines[case_id], lines[case_id]
+    assert "notes.txt: not an image file" in report
+
+    labeled = open_store(dataset / "db" / "seg_pre-process_database")
+    assert labeled.keys() == [f"train_{i:03d}" for i in range(4)]
+    folds = set(open_store(dataset / "db" / "seg_train_fold_1").keys()) | set(
+        open_store(dataset / "db" / "seg_val_fold_1").keys())
+    assert folds == set(labeled.keys())
+    assert len(open_store(dataset / "db" / "segu_pre-process_database")) == 2
+
+    # fixing the inputs and rerunning prepares the rest and clears the report
+    for case_id in bad:
+        for p in list(images.glob(f"{case_id}_0000.nii.gz")) + list(masks.glob(f"{case_id}.nii.gz")):
+            p.unlink()
+    (images / "notes.txt").unlink()
+    (dataset / "file_list" / "train_series_uids.txt").write_text("".join(f"train_{i:03d}\n" for i in range(4)))
+    assert main(config(dataset)) == 0
+    assert not (dataset / "db" / "failed_cases.txt").exists()
+
+
+def test_stray_file_only_warns_and_id_clash_fails(dataset: Path) -> None:
+    shutil.rmtree(dataset / "file_list")  # without lists every image in the folders is a case
+    (dataset / "trainu_images" / "README.md").write_text("stray")
+    shutil.copy(dataset / "train_images" / "train_000_0000.nii.gz", dataset / "trainu_images" / "train_000.nii.gz")
+    assert main(config(dataset)) == 1
+    report = (dataset / "db" / "failed_cases.txt").read_text(encoding="utf-8")
+    assert "README.md: not an image file" in report
+    assert "also a labeled case" in report
+    assert sorted(open_store(dataset / "db" / "seg_trainu").keys()) == ["trainu_0000", "trainu_0001"]
+    (dataset / "trainu_images" / "train_000.nii.gz").unlink()
+    assert main(config(dataset)) == 0  # a stray file alone is a warning, not a failure
+
+
+def test_missing_dataset_and_config_errors(tmp_path: Path) -> None:
+    assert main(config(tmp_path / "nowhere")) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(config(tmp_path / "empty")) == 2  # no train_images folder
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run(["sh", str(REPO_ROOT / "data_prepare" / "run.sh"), "num_wrkers=3"], env=env,
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
+    assert proc.returncode == 2
+    assert "num_wrkers" in proc.stderr and "num_workers" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- split
+
+
+def test_split_is_deterministic_and_partitions() -> None:
+    ids = [f"case_{i:02d}" for i in range(50)]
+    train, val = split_fold1(ids, 0.2, 0)
+    assert len(train) == 40 and len(val) == 10 and sorted(train + val) == ids
+    assert split_fold1(list(reversed(ids)), 0.2, 0) == (train, val)  # order of the input does not matter
+    assert split_fold1(ids, 0.2, 1) != (train, val)
+    folds = split_5fold(train, val)
+    vals = [set(val)] + [set(folds[k][1]) for k in range(2, 6)]
+    assert sum(len(v) for v in vals) == 50 and set().union(*vals) == set(ids)
+    for k in range(2, 6):
+        assert len(folds[k][0]) == 40 and not set(folds[k][0]) & set(folds[k][1])
+    assert folds[2][1] == sorted(train)[:10]  # quarters of the fold-1 training ids in key order
+    assert split_fold1(ids[:15], 0.2, 0)[1].__len__() == 3  # ceil(0.2 * 15) = 3, despite 0.2 * 15 > 3.0
+    assert split_fold1(["a", "b"], 0.2, 0)[1].__len__() == 1
+    assert split_fold1(["a"], 0.2, 0) == (["a"], ["a"])
+    assert split_fold1([], 0.2, 0) == ([], [])
+    assert split_fold1(ids, 0.0, 0) == (ids, [])
+
+
+# ---------------------------------------------------------------------------------------------------- real CTs
+
+
+def test_real_cts_prepare(real_data_dir: Path, tmp_path: Path) -> None:
+    base = tmp_path / "dataset"
+    (base / "train_images").mkdir(parents=True)
+    (base / "train_mask").mkdir()
+    for case in ("case_0001", "case_0002", "case_0003"):
+        shutil.copy(real_data_dir / f"{case}.nii.gz", base / "train_images" / f"{case}_0000.nii.gz")
+        shutil.copy(real_data_dir / f"{case}_mask.nii.gz", base / "train_mask" / f"{case}.nii.gz")
+    assert main(config(base)) == 0
+    labeled = open_store(base / "db" / "seg_pre-process_database").to_dict()
+    assert sorted(labeled) == ["case_0001", "case_0002", "case_0003"]
+    for case_id, rec in labeled.items():
+        check_labeled_record(case_id, rec)
+    assert labeled["case_0001"]["flips"] == [False, False, False]  # RAS-stored
+    assert labeled["case_0002"]["flips"] == [False, True, True]  # LPS-stored
+    assert labeled["case_0002"]["labels_present"] == [1, 3, 4, 5, 6, 7, 11]
+    assert labeled["case_0001"]["labels_present"] == [l for l in range(1, 14) if l != 10]
+    assert labeled["case_0002"]["shape_zyx"] == [20, 512, 512]
+    assert labeled["case_0002"]["spacing_zyx"] == pytest.approx([2.0, 0.9766, 0.9766], abs=1e-4)
+    assert labeled["case_0001"]["hu_range"][0] < -1000
+
+
+def test_later_stage_additions_survive_a_rerun(dataset: Path) -> None:
+    assert main(config(dataset)) == 0
+    trainu = open_store(dataset / "db" / "seg_trainu")
+    writer = type(trainu)(trainu.path, readonly=False)
+    record = writer.get("trainu_0000")
+    writer.put("trainu_0000", {**record, "coarse_box": [[1, 2], [3, 4], [5, 6]]})  # as the fine stage does
+    writer.close()
+    assert main(config(dataset)) == 0
+    assert open_store(dataset / "db" / "seg_trainu").get("trainu_0000")["coarse_box"] == [[1, 2], [3, 4], [5, 6]]
+    assert main(config(dataset, "overwrite=true")) == 0  # re-prepared: same values, the addition still stands
+    assert "coarse_box" in open_store(dataset / "db" / "seg_trainu").get("trainu_0000")
+
+
+def test_config_yaml_matches_the_schema_and_documents_every_key() -> None:
+    cfg = load_config(PrepareConfig, STAGE_DIR / "config.yaml")
+    assert cfg == PrepareConfig(data_base_dir=cfg.data_base_dir)
+    assert cfg.data_base_dir == str((STAGE_DIR / ".." / "dataset").resolve())
+    for line in (STAGE_DIR / "config.yaml").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            assert "#" in line, f"undocumented key: {line}"
