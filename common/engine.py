@@ -1,0 +1,713 @@
+"""CPS training engine shared by the coarse and fine stages: one loop, resumable, single process or DDP.
+
+How a stage uses it (see coarse_base_seg/train.py for a complete example):
+
+    from common.distributed import init_distributed
+    from common.engine import CPSJob, run_cps_training
+
+    dist_info = init_distributed(cfg.device)             # torchrun env -> process group; no-op for one process
+    job = CPSJob(
+        cfg=cfg,                                         # CoarseTrainConfig | FineTrainConfig (read, never changed)
+        out_dir=Path(cfg.output_dir),                    # fine: e.g. <output_dir>/round1
+        labeled_stream=lambda start: ...,                # start iteration -> endless iterator of (x, y)
+        unlabeled_stream=lambda start: ...,              # same, yields x only; None = labeled-only training
+        val_cases=lambda: ...,                           # -> iterable of (case_id, x (1,1,D,H,W), y (1,D,H,W))
+        iterations=cfg.schedule.iterations,
+        input_transform=None,                            # applied on the device to every x (e.g. window+z-score)
+        init_weights=None,                               # warm start (fine round 2), see below
+        dist=dist_info,
+        stage="fine",                                    # stored in checkpoints, shown in the log and the bar
+        model=None,                                      # {"name", "kwargs"}; default model_spec_from_config(cfg)
+        extra_checkpoint={},                             # extra plain-data keys stored in last.pt
+    )
+    summary = run_cps_training(job)                      # {"iteration", "best_a", "best_b", "out_dir", ...}
+
+Streams. `labeled_stream(k)` must yield, from iteration k on, this rank's batches: x (B, 1, D, H, W) (normalised,
+or raw HU with an `input_transform`) and y either a label map (B, D, H, W) of integers 0..13 or a one-hot float
+(B, 13, D, H, W). Tensors may live on the CPU (the engine moves them with non_blocking copies; pin them) or on the
+training device already. Sample n of a stream must depend only on (seed, stream name, n) -- e.g. items from
+`common.distributed.InfiniteSampler(start=k, batch_size=B)` and per-sample generators seeded with
+`derive_seed(seed, name, position)` -- so a resumed run sees the same data as an uninterrupted one without
+saving loader state. Validation cases are split over ranks (case i on rank i % world_size) and evaluated with
+the plain (unwrapped) networks in eval mode.
+
+What the engine does: seeds (torch.manual_seed(model.seed_a) before building net A, seed_b before B; the
+dropout RNG is reseeded every iteration from (seed, rank, iteration)), Adam per network, the step LR schedule of
+`cfg.schedule` (factor lr_drop_factor[i] from lr_drop_at[i] * iterations on), `common.cps.cps_step` with
+the configured loss, CPS weight ramp-up and AMP, optional torch.compile, DDP when world_size > 1, tqdm bar on
+rank 0, text log, TensorBoard scalars (train/<every named loss>, train/lr, train/cps_weight, time/iter_s,
+time/data_s, val/dice_{a,b}_<organ>, val/mean_dice_{a,b}) and one metrics.jsonl line per validation.
+
+Output folder `out_dir`:
+    config.yaml                     resolved config (rewritten at every start)
+    train.log (train.rank<r>.log)   text log of rank 0 (other ranks)
+    metrics.jsonl                   one JSON line per validation (iteration, lr, per-organ Dice of both nets,
+                                    mean training losses since the previous validation, best so far)
+    tb/                             TensorBoard event files
+    checkpoints/last.pt             every `schedule.checkpoint_interval` iterations, at the end and on SIGINT/SIGTERM
+    checkpoints/best_model_a.pt     on a strictly better validation mean Dice of net A (same for B)
+    DONE                            JSON {"iteration", "best"} once the schedule has finished
+Checkpoint contents are described in common/checkpoint.py.
+
+Resume and stop:
+- A run whose out_dir holds checkpoints/last.pt continues from it at the same iteration (weights, optimisers,
+  scalers, best scores, RNG states of every rank, running loss sums); metrics.jsonl lines and TensorBoard points
+  after that iteration (written before a kill) are dropped so the logs read as one uninterrupted run.
+- If out_dir holds DONE for >= `iterations`, the run logs that it has finished and returns at once
+  (summary["already_done"] is True). With a larger `iterations` it continues from last.pt.
+- SIGINT / SIGTERM: the current iteration finishes, last.pt is written, and `TrainingInterrupted` (a SystemExit
+  with code 130 for SIGINT and 143 for SIGTERM, the shell's 128 + signal convention) is raised after a one-line
+  log message, so an uncaught interruption exits the process with that code and no traceback. A second SIGINT
+  aborts at once (KeyboardInterrupt). SIGKILL cannot be caught: the rerun resumes from the last last.pt.
+  With DDP the ranks agree on stopping through a tiny all-reduce every iteration, so they all save at the same
+  iteration.
+- A NaN/inf loss raises `NonFiniteLossError` naming the iteration and the loss; last.pt is not overwritten,
+  so it keeps the last good weights.
+- Warm start: `init_weights` is a checkpoint path (last.pt: net_a/net_b; exported model.pt: networks a/b;
+  best_model_x.pt: its net into both) or a dict {"a": path, "b": path} (each file's matching or only network).
+  It only applies to a fresh run: an existing last.pt wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from common.amp import AmpSettings, amp_settings, autocast, make_grad_scaler
+from common.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    load_model_state,
+    model_state_dict,
+    restore_rng_state,
+    save_checkpoint,
+    unwrap_model,
+)
+from common.config import config_to_dict, save_config
+from common.cps import cps_step, cps_weight_at
+from common.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    derive_seed,
+    init_distributed,
+)
+from common.errors import InputError
+from common.fileutil import write_json_atomic, write_text_atomic
+from common.labels import NUM_ORGANS, ORGANS
+from common.logger import get_logger, setup_logging
+from common.losses import build_loss, one_hot_organs
+from common.metrics import hard_dice_per_organ
+from common.networks import build_network
+
+logger = get_logger(__name__)
+
+ORGAN_KEYS: tuple[str, ...] = tuple(ORGANS[label][0].replace(" ", "_") for label in range(1, NUM_ORGANS + 1))
+"""Organ names used in metric keys: liver, right_kidney, ..., left_kidney (channel order)."""
+
+LAST_CHECKPOINT = "last.pt"
+DONE_FILE = "DONE"
+METRICS_FILE = "metrics.jsonl"
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+ValCase = tuple[str, torch.Tensor, torch.Tensor]
+
+
+class TrainingInterrupted(SystemExit):
+    """Raised after SIGINT/SIGTERM once last.pt is saved; exit code 128 + signal number (130 / 143)."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint: Path) -> None:
+        self.signum = signum
+        self.iteration = iteration
+        self.checkpoint = checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(128 + signum)
+        self.message = (f"training interrupted by {name} after iteration {iteration}; saved {checkpoint}. "
+                        "Run the same command again to resume.")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class CPSJob:
+    """Everything one CPS training run needs (see the module docstring)."""
+
+    cfg: Any
+    out_dir: Path
+    labeled_stream: Callable[[int], Iterator[Batch]]
+    unlabeled_stream: Callable[[int], Iterator[torch.Tensor]] | None
+    val_cases: Callable[[], Iterable[ValCase]] | None
+    iterations: int
+    init_weights: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None
+    input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    model: Mapping[str, Any] | None = None
+    dist: DistInfo | None = None
+    stage: str = "train"
+    extra_checkpoint: dict[str, Any] = field(default_factory=dict)
+
+
+def model_spec_from_config(cfg: Any) -> dict[str, Any]:
+    """{"name", "kwargs"} of the network in `cfg.model` (EfficientSegNet also gets input_size_zyx = data.size_zyx)."""
+    kwargs: dict[str, Any] = {"channels": [int(c) for c in cfg.model.channels], "dropout": float(cfg.model.dropout)}
+    if cfg.model.name == "efficient_seg_net":
+        kwargs["input_size_zyx"] = [int(s) for s in cfg.data.size_zyx]
+    return {"name": cfg.model.name, "kwargs": kwargs}
+
+
+def lr_at(iteration: int, base_lr: float, iterations: int, drop_at: Iterable[float],
+          drop_factor: Iterable[float]) -> float:
+    """Step schedule: base_lr * drop_factor[i] for the last i with iteration >= drop_at[i] * iterations.
+
+    The factors are absolute, not cumulative (reference 4.2: x0.1 after 66 %, x0.05 after 86 %).
+    """
+    factor = 1.0
+    for fraction, f in zip(drop_at, drop_factor):
+        if iteration >= fraction * iterations:
+            factor = f
+    return base_lr * factor
+
+
+def build_cps_networks(spec: Mapping[str, Any], seed_a: int, seed_b: int) -> tuple[nn.Module, nn.Module]:
+    """The two CPS networks, each initialised right after torch.manual_seed of its own seed (DESIGN 5.2)."""
+    torch.manual_seed(seed_a)
+    net_a = build_network(spec["name"], **spec["kwargs"])
+    torch.manual_seed(seed_b)
+    net_b = build_network(spec["name"], **spec["kwargs"])
+    return net_a, net_b
+
+
+def read_init_weights(source: str | os.PathLike | Mapping[str, str | os.PathLike]) -> dict[str, dict]:
+    """State dicts {"a", "b"} for a warm start (see the module docstring for the accepted files)."""
+
+    def pick(payload: Mapping[str, Any], name: str, path: Path) -> dict:
+        if f"net_{name}" in payload:
+            return payload[f"net_{name}"]
+        if "networks" in payload:
+            nets = payload["networks"]
+            return nets[name] if name in nets else nets[payload.get("primary", next(iter(nets)))]
+        if "net" in payload:
+            return payload["net"]
+        raise InputError(path, "holds no network weights (expected net_a/net_b, networks or net)")
+
+    if isinstance(source, Mapping):
+        out = {}
+        for name in ("a", "b"):
+            path = Path(source[name])
+            out[name] = pick(load_checkpoint(_model_file(path)), name, path)
+        return out
+    path = _model_file(Path(source))
+    payload = load_checkpoint(path)
+    return {name: pick(payload, name, path) for name in ("a", "b")}
+
+
+def _model_file(path: Path) -> Path:
+    return path / "model.pt" if path.is_dir() else path
+
+
+# ------------------------------------------------------------------------------------------------ signals
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between iterations (only in the main thread)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        self.signum = signum
+        logger.warning("received %s: finishing the current iteration, then saving last.pt",
+                       signal.Signals(signum).name)
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.to(device, non_blocking=True)
+
+
+def _targets(y: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One-hot float (B, 13, D, H, W) on `device` from a label map (B, D, H, W) or an already one-hot tensor."""
+    y = _to_device(y, device)
+    if y.ndim == 5 and y.shape[1] == NUM_ORGANS and y.is_floating_point():
+        return y
+    return one_hot_organs(y.long())
+
+
+def _close(stream: Any) -> None:
+    close = getattr(stream, "close", None)
+    if callable(close):
+        with contextlib.suppress(Exception):
+            close()
+    shutdown = getattr(stream, "_shutdown_workers", None)  # DataLoader iterators
+    if callable(shutdown):
+        with contextlib.suppress(Exception):
+            shutdown()
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Keep only metrics.jsonl lines up to `iteration` (lines written after the checkpoint a run resumes from)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError, TypeError, KeyError):
+            if int(json.loads(line)["iteration"]) <= iteration:
+                kept.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
+def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(_config_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+@dataclass
+class _State:
+    iteration: int = 0
+    best: dict[str, float] = field(default_factory=lambda: {"a": -math.inf, "b": -math.inf})
+    best_iteration: dict[str, int] = field(default_factory=lambda: {"a": -1, "b": -1})
+    loss_sums: dict[str, float] = field(default_factory=dict)
+    loss_count: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ the engine
+
+
+class _Trainer:
+    def __init__(self, job: CPSJob) -> None:
+        self.job = job
+        self.cfg = job.cfg
+        self.info = job.dist or init_distributed(self.cfg.device)
+        self.device = self.info.device
+        self.main = self.info.is_main
+        self.out_dir = Path(job.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.last_path = self.ckpt_dir / LAST_CHECKPOINT
+        self.spec = dict(job.model) if job.model is not None else model_spec_from_config(self.cfg)
+        self.config_dict = config_to_dict(self.cfg)
+        self.state = _State()
+        self.writer: Any = None
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg = self.cfg
+        if cfg.model.seed_a == cfg.model.seed_b:
+            raise ValueError("model.seed_a and model.seed_b must differ")
+        random.seed(derive_seed(cfg.seed, "python", self.info.rank))
+        np.random.seed(derive_seed(cfg.seed, "numpy", self.info.rank) % 2**32)
+        self.net_a, self.net_b = build_cps_networks(self.spec, cfg.model.seed_a, cfg.model.seed_b)
+        self.net_a.to(self.device)
+        self.net_b.to(self.device)
+        betas = tuple(float(b) for b in cfg.optim.betas)
+        self.opt_a, self.opt_b = (
+            torch.optim.Adam(net.parameters(), lr=cfg.optim.lr, betas=betas, weight_decay=cfg.optim.weight_decay)
+            for net in (self.net_a, self.net_b))
+        self.amp: AmpSettings = amp_settings(cfg.amp.precision, self.device)
+        self.scaler_a = make_grad_scaler(self.amp)
+        self.scaler_b = make_grad_scaler(self.amp)
+        self.loss_fn = build_loss(cfg.loss.name)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+
+    def restore(self) -> None:
+        if self.last_path.is_file():
+            ckpt = load_checkpoint(self.last_path, map_location="cpu")
+            missing = [k for k in ("net_a", "net_b", "opt_a", "opt_b", "iteration") if k not in ckpt]
+            if missing:
+                raise InputError(self.last_path, f"not a training checkpoint: missing {', '.join(missing)}")
+            if ckpt.get("model") and dict(ckpt["model"]) != self.spec:
+                raise InputError(self.last_path, f"was trained with model {ckpt['model']}, but the config asks for "
+                                                 f"{self.spec}; use another output_dir or delete the old run")
+            load_model_state(self.net_a, ckpt["net_a"], self.last_path)
+            load_model_state(self.net_b, ckpt["net_b"], self.last_path)
+            try:
+                self.opt_a.load_state_dict(ckpt["opt_a"])
+                self.opt_b.load_state_dict(ckpt["opt_b"])
+            except (ValueError, KeyError) as exc:
+                raise InputError(self.last_path, f"optimizer state does not match: {exc}") from exc
+            if ckpt.get("scaler_a") and self.scaler_a.is_enabled():
+                self.scaler_a.load_state_dict(ckpt["scaler_a"])
+                self.scaler_b.load_state_dict(ckpt["scaler_b"])
+            self.state.iteration = int(ckpt["iteration"])
+            self.state.best = {k: float(v) for k, v in ckpt.get("best", self.state.best).items()}
+            self.state.best_iteration = {k: int(v) for k, v in ckpt.get("best_iteration",
+                                                                         self.state.best_iteration).items()}
+            accum = ckpt.get("train_accum", {})
+            self.state.loss_sums = {k: float(v) for k, v in accum.get("sums", {}).items()}
+            self.state.loss_count = int(accum.get("count", 0))
+            rng = ckpt.get("rng")
+            world = int(ckpt.get("world_size", 1))
+            if rng and len(rng) == self.info.world_size:
+                restore_rng_state(rng[self.info.rank])
+            if world != self.info.world_size:
+                logger.warning("%s was written by %d process(es), this run has %d: the data order after the resume "
+                               "differs from an uninterrupted run", self.last_path, world, self.info.world_size)
+            if self.main:
+                diffs = _config_differences(ckpt.get("config", {}), self.config_dict)
+                if diffs:
+                    logger.warning("config differs from the checkpoint's: %s", "; ".join(diffs))
+            logger.info("resuming from %s at iteration %d/%d", self.last_path, self.state.iteration,
+                        self.job.iterations)
+        elif self.job.init_weights is not None:
+            weights = read_init_weights(self.job.init_weights)
+            load_model_state(self.net_a, weights["a"], str(self.job.init_weights))
+            load_model_state(self.net_b, weights["b"], str(self.job.init_weights))
+            logger.info("warm start from %s", self.job.init_weights)
+
+    def wrap(self) -> None:
+        self.model_a: nn.Module = self.net_a
+        self.model_b: nn.Module = self.net_b
+        if self.info.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model_a = nn.parallel.DistributedDataParallel(self.net_a, device_ids=ids)
+            self.model_b = nn.parallel.DistributedDataParallel(self.net_b, device_ids=ids)
+        if self.cfg.amp.compile:
+            self.model_a = torch.compile(self.model_a)
+            self.model_b = torch.compile(self.model_b)
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def save_last(self, iteration: int) -> None:
+        rng = all_gather_object(capture_rng_state())
+        if not self.main:
+            return
+        state = {
+            "format_version": 1,
+            "stage": self.job.stage,
+            "net_a": model_state_dict(self.net_a),
+            "net_b": model_state_dict(self.net_b),
+            "opt_a": self.opt_a.state_dict(),
+            "opt_b": self.opt_b.state_dict(),
+            "scaler_a": self.scaler_a.state_dict(),
+            "scaler_b": self.scaler_b.state_dict(),
+            "iteration": iteration,
+            "rng": rng,
+            "world_size": self.info.world_size,
+            "best": dict(self.state.best),
+            "best_iteration": dict(self.state.best_iteration),
+            "train_accum": {"sums": dict(self.state.loss_sums), "count": self.state.loss_count},
+            "config": self.config_dict,
+            "model": self.spec,
+            **self.job.extra_checkpoint,
+        }
+        save_checkpoint(self.last_path, state)
+
+    def save_best(self, name: str, net: nn.Module, iteration: int, dice: float | None,
+                  per_organ: list[float] | None) -> None:
+        if not self.main:
+            return
+        save_checkpoint(self.ckpt_dir / f"best_model_{name}.pt", {
+            "format_version": 1,
+            "stage": self.job.stage,
+            "network": name,
+            "net": model_state_dict(net),
+            "iteration": iteration,
+            "dice": dice,
+            "dice_per_organ": per_organ,
+            "config": self.config_dict,
+            "model": self.spec,
+        })
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> tuple[dict[str, torch.Tensor], int]:
+        """Per-organ hard Dice (13,) of each network averaged over the validation cases of all ranks."""
+        nets = {"a": unwrap_model(self.net_a), "b": unwrap_model(self.net_b)}
+        for net in nets.values():
+            net.eval()
+        sums = {name: torch.zeros(NUM_ORGANS, dtype=torch.float64) for name in nets}
+        count = 0
+        try:
+            assert self.job.val_cases is not None
+            for index, (case_id, x, y) in enumerate(self.job.val_cases()):
+                if index % self.info.world_size != self.info.rank:
+                    continue
+                x = _to_device(x, self.device)
+                if self.job.input_transform is not None:
+                    x = self.job.input_transform(x)
+                target = _targets(y, self.device)
+                for name, net in nets.items():
+                    with autocast(self.amp):
+                        logits = net(x)
+                    sums[name] += hard_dice_per_organ(logits.float(), target).double().cpu()
+                count += 1
+        finally:
+            for net in nets.values():
+                net.train()
+        total = all_reduce_sum({"count": float(count), **{f"sum_{k}": v for k, v in sums.items()}})
+        n = int(round(total["count"]))
+        return {k: total[f"sum_{k}"] / max(n, 1) for k in nets}, n
+
+    def run_validation(self, iteration: int, lr: float) -> None:
+        dice, n_cases = self.validate()
+        if n_cases == 0:
+            logger.warning("no validation cases: skipping validation at iteration %d", iteration)
+            return
+        means = {k: float(v.mean()) for k, v in dice.items()}
+        improved = []
+        for name, net in (("a", self.net_a), ("b", self.net_b)):
+            if means[name] > self.state.best[name]:
+                self.state.best[name] = means[name]
+                self.state.best_iteration[name] = iteration
+                self.save_best(name, net, iteration, means[name], dice[name].tolist())
+                improved.append(name)
+        train_means = ({k: v / self.state.loss_count for k, v in self.state.loss_sums.items()}
+                       if self.state.loss_count else {})
+        if self.info.world_size > 1 and train_means:
+            train_means = all_reduce_mean(train_means)  # every rank ran the same number of iterations
+        self.state.loss_sums, self.state.loss_count = {}, 0
+        if not self.main:
+            return
+        record = {
+            "iteration": iteration,
+            "lr": lr,
+            "num_cases": n_cases,
+            "mean_dice_a": means["a"],
+            "mean_dice_b": means["b"],
+            "dice_a": dict(zip(ORGAN_KEYS, dice["a"].tolist())),
+            "dice_b": dict(zip(ORGAN_KEYS, dice["b"].tolist())),
+            "best_a": self.state.best["a"],
+            "best_b": self.state.best["b"],
+            "improved": improved,
+            "train": train_means,
+            "time": time.time(),
+        }
+        with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name in ("a", "b"):
+                self.writer.add_scalar(f"val/mean_dice_{name}", means[name], iteration)
+                for organ, value in zip(ORGAN_KEYS, dice[name].tolist()):
+                    self.writer.add_scalar(f"val/dice_{name}_{organ}", value, iteration)
+            self.writer.flush()
+        logger.info("validation at iteration %d on %d case(s): mean Dice A %.4f (best %.4f) B %.4f (best %.4f)%s",
+                    iteration, n_cases, means["a"], self.state.best["a"], means["b"], self.state.best["b"],
+                    f"; new best {'+'.join(improved)}" if improved else "")
+
+    # -- main loop ----------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        job, cfg, info = self.job, self.cfg, self.info
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log_name = "train.log" if info.is_main else f"train.rank{info.rank}.log"
+        setup_logging(self.out_dir / log_name, rank=info.rank)
+        if job.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {job.iterations}")
+
+        done_path = self.out_dir / DONE_FILE
+        if done_path.is_file():
+            with contextlib.suppress(json.JSONDecodeError, OSError, KeyError, TypeError, ValueError):
+                done = json.loads(done_path.read_text(encoding="utf-8"))
+                if int(done["iteration"]) >= job.iterations:
+                    logger.info("training in %s already finished at iteration %d (%s exists); nothing to do. "
+                                "Use another output_dir, or raise the number of iterations to continue.",
+                                self.out_dir, int(done["iteration"]), done_path)
+                    best = done.get("best", {})
+                    return {"iteration": int(done["iteration"]), "best_a": best.get("a"), "best_b": best.get("b"),
+                            "out_dir": str(self.out_dir), "already_done": True}
+                logger.warning("%s says the run finished at iteration %s; continuing to %d iterations",
+                               done_path, done["iteration"], job.iterations)
+            barrier()
+            if self.main:
+                with contextlib.suppress(FileNotFoundError):
+                    done_path.unlink()
+
+        self.build()
+        self.restore()
+        start = self.state.iteration
+        if self.main:
+            save_config(cfg, self.out_dir / "config.yaml")
+            if start > 0:
+                _truncate_metrics(self.out_dir / METRICS_FILE, start)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=start if start > 0 else None)
+            logger.info("CPS training (%s): %s %s on %s, world size %d, iterations %d..%d, out_dir %s",
+                        job.stage, self.spec["name"], self.spec["kwargs"], self.device, info.world_size, start,
+                        job.iterations, self.out_dir)
+        self.wrap()
+        barrier()
+
+        try:
+            if start >= job.iterations:
+                logger.info("checkpoint already at iteration %d of %d", start, job.iterations)
+            else:
+                self._loop(start)
+            barrier()
+            if self.main:
+                if not (self.ckpt_dir / "best_model_a.pt").is_file():
+                    # no validation ran (no cases): the final weights stand in as the "best" ones
+                    logger.warning("no validation result: saving the final weights as best_model_a/b.pt")
+                    self.save_best("a", self.net_a, job.iterations, None, None)
+                    self.save_best("b", self.net_b, job.iterations, None, None)
+                write_json_atomic(done_path, {"iteration": job.iterations, "best": self.state.best,
+                                              "best_iteration": self.state.best_iteration})
+                logger.info("training finished: %d iterations, best mean Dice A %.4f (iteration %d), "
+                            "B %.4f (iteration %d); outputs in %s", job.iterations, self.state.best["a"],
+                            self.state.best_iteration["a"], self.state.best["b"], self.state.best_iteration["b"],
+                            self.out_dir)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return {"iteration": job.iterations, "best_a": self.state.best["a"], "best_b": self.state.best["b"],
+                "best_iteration_a": self.state.best_iteration["a"],
+                "best_iteration_b": self.state.best_iteration["b"], "out_dir": str(self.out_dir),
+                "already_done": False}
+
+    def _loop(self, start: int) -> None:
+        job, cfg, info = self.job, self.cfg, self.info
+        sched = cfg.schedule
+        total = job.iterations
+        labeled = job.labeled_stream(start)
+        unlabeled = job.unlabeled_stream(start) if job.unlabeled_stream is not None else None
+        bar = tqdm(total=total, initial=start, disable=not self.main, dynamic_ncols=True, desc=f"{job.stage} CPS",
+                   unit="it")
+        window_start = time.perf_counter()
+        window_data_s = 0.0
+        window_iters = 0
+        lr = lr_at(start, cfg.optim.lr, total, sched.lr_drop_at, sched.lr_drop_factor)
+        try:
+            with _StopRequest() as stop:
+                for it in range(start, total):
+                    if stop.signum is not None and info.world_size == 1:
+                        self._interrupt(stop.signum, it)
+                    lr = lr_at(it, cfg.optim.lr, total, sched.lr_drop_at, sched.lr_drop_factor)
+                    for opt in (self.opt_a, self.opt_b):
+                        for group in opt.param_groups:
+                            group["lr"] = lr
+                    torch.manual_seed(derive_seed(cfg.seed, "iteration", info.rank, it))
+
+                    t0 = time.perf_counter()
+                    try:
+                        x_l, y_l = next(labeled)
+                        x_u = next(unlabeled) if unlabeled is not None else None
+                    except Exception:
+                        if stop.signum is not None:  # Ctrl-C also reaches DataLoader workers: stop, do not fail
+                            # With DDP the other ranks may be elsewhere: no collective save, the last periodic
+                            # last.pt stays the resume point.
+                            self._interrupt(stop.signum, it, collective=info.world_size == 1)
+                        raise
+                    x_l = _to_device(x_l, self.device)
+                    target = _targets(y_l, self.device)
+                    if x_u is not None:
+                        x_u = _to_device(x_u, self.device)
+                    if job.input_transform is not None:
+                        x_l = job.input_transform(x_l)
+                        x_u = job.input_transform(x_u) if x_u is not None else None
+                    window_data_s += time.perf_counter() - t0
+
+                    weight = cps_weight_at(it, cfg.cps.weight, cfg.cps.rampup_iterations)
+                    losses = cps_step(self.model_a, self.model_b, self.opt_a, self.opt_b, x_l, target, x_u,
+                                      self.loss_fn, weight, self.amp, self.scaler_a, self.scaler_b)
+                    done = it + 1
+                    bad = sorted(k for k, v in losses.items() if not math.isfinite(v))
+                    flags = {"stop": float(stop.signum is not None), "bad": float(bool(bad))}
+                    if info.world_size > 1:
+                        flags = all_reduce_max(flags)
+                    if flags["bad"]:
+                        which = ", ".join(f"{k}={losses[k]}" for k in bad) or "on another rank"
+                        raise NonFiniteLossError(
+                            f"non-finite loss at iteration {done} ({which}); stopping. {self.last_path} is kept as the "
+                            "last good checkpoint. Try a lower optim.lr or amp.precision=off.")
+                    for k, v in losses.items():
+                        self.state.loss_sums[k] = self.state.loss_sums.get(k, 0.0) + v
+                    self.state.loss_count += 1
+                    window_iters += 1
+
+                    if done % sched.log_interval == 0 or done == total:
+                        mean_losses = all_reduce_mean(losses)
+                        now = time.perf_counter()
+                        iter_s = (now - window_start) / window_iters
+                        data_s = window_data_s / window_iters
+                        window_start, window_data_s, window_iters = now, 0.0, 0
+                        if self.main:
+                            for k, v in mean_losses.items():
+                                self.writer.add_scalar(f"train/{k}", v, done)
+                            self.writer.add_scalar("train/lr", lr, done)
+                            self.writer.add_scalar("train/cps_weight", weight, done)
+                            self.writer.add_scalar("time/iter_s", iter_s, done)
+                            self.writer.add_scalar("time/data_s", data_s, done)
+                            bar.set_postfix(loss_a=f"{mean_losses['loss_a']:.4f}",
+                                            loss_b=f"{mean_losses['loss_b']:.4f}", lr=f"{lr:.1e}", refresh=False)
+                            logger.info("iteration %d/%d lr %.2e cps_weight %.3f %s | %.3f s/it (data %.3f s)",
+                                        done, total, lr, weight,
+                                        " ".join(f"{k} {v:.4f}" for k, v in mean_losses.items()), iter_s, data_s)
+                    bar.update(1)
+
+                    t_extra = time.perf_counter()
+                    if job.val_cases is not None and (done % sched.val_interval == 0 or done == total):
+                        self.run_validation(done, lr)
+                    if done % sched.checkpoint_interval == 0 or done == total:
+                        self.save_last(done)
+                    window_start += time.perf_counter() - t_extra  # time/iter_s measures training iterations only
+                    if flags["stop"]:
+                        self._interrupt(stop.signum or signal.SIGTERM, done, saved=done % sched.checkpoint_interval
+                                        == 0 or done == total)
+        finally:
+            bar.close()
+            _close(labeled)
+            if unlabeled is not None:
+                _close(unlabeled)
+
+    def _interrupt(self, signum: int, iteration: int, saved: bool = False, collective: bool = True) -> None:
+        if collective:
+            if not saved:
+                self.save_last(iteration)
+            barrier()
+        else:
+            ckpt = load_checkpoint(self.last_path) if self.last_path.is_file() else {}
+            iteration = int(ckpt.get("iteration", 0))
+        err = TrainingInterrupted(signum, iteration, self.last_path)
+        logger.warning("%s", err.message)
+        raise err
+
+
+def run_cps_training(job: CPSJob) -> dict[str, Any]:
+    """Train (or resume, or confirm finished) the CPS pair described by `job`; see the module docstring.
+
+    Returns {"iteration", "best_a", "best_b", "best_iteration_a", "best_iteration_b", "out_dir", "already_done"}.
+    Raises TrainingInterrupted (SystemExit 130/143) after SIGINT/SIGTERM, NonFiniteLossError on a NaN/inf loss,
+    InputError for an unreadable or mismatching checkpoint.
+    """
+    return _Trainer(job).run()

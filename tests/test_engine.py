@@ -1,0 +1,223 @@
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.config import CoarseTrainConfig, load_config
+from common.distributed import derive_seed
+from common.engine import (
+    ORGAN_KEYS,
+    CPSJob,
+    NonFiniteLossError,
+    TrainingInterrupted,
+    lr_at,
+    model_spec_from_config,
+    read_init_weights,
+    run_cps_training,
+)
+
+CONFIG = Path(__file__).resolve().parents[1] / "coarse_base_seg" / "config.yaml"
+SIZE = 32
+ITERATIONS = 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny networks on shared cores: one intra-op thread is much faster than two fighting for the CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(out_dir: Path, *overrides: str) -> CoarseTrainConfig:
+    return load_config(CoarseTrainConfig, CONFIG, [
+        f"output_dir={out_dir}", "device=cpu", "model.channels=[2,4,4,8,8]", f"data.size_zyx=[{SIZE},{SIZE},{SIZE}]",
+        f"schedule.iterations={ITERATIONS}", "schedule.val_interval=2", "schedule.checkpoint_interval=2",
+        "schedule.log_interval=1", "amp.precision=off", *overrides])
+
+
+def _sample(name: str, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample `position` of stream `name`: a noisy volume with a bright sphere (label 1) at a random place."""
+    g = torch.Generator().manual_seed(derive_seed(0, name, position))
+    center = torch.randint(10, SIZE - 10, (3,), generator=g).float()
+    grid = torch.stack(torch.meshgrid(*(torch.arange(SIZE, dtype=torch.float32),) * 3, indexing="ij"))
+    inside = ((grid - center.view(3, 1, 1, 1)) ** 2).sum(0) < 49
+    x = 0.3 * torch.randn(1, SIZE, SIZE, SIZE, generator=g) + inside.float()
+    return x, inside.long()
+
+
+def _stream(name: str, labeled: bool, fail_at: int | None = None, nan_at: int | None = None,
+            signal_at: int | None = None):
+    def stream(start: int):
+        iteration = start
+        while True:
+            if iteration == fail_at:
+                raise RuntimeError("injected crash")
+            if iteration == signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            x, y = _sample(name, iteration)
+            if iteration == nan_at:
+                x = torch.full_like(x, float("nan"))
+            yield (x[None], y[None]) if labeled else x[None]
+            iteration += 1
+    return stream
+
+
+def _val_cases():
+    for i in range(2):
+        x, y = _sample("val", i)
+        yield f"case{i}", x[None], y[None]
+
+
+def _job(cfg: CoarseTrainConfig, **kwargs) -> CPSJob:
+    args = dict(cfg=cfg, out_dir=Path(cfg.output_dir), labeled_stream=_stream("labeled", True),
+                unlabeled_stream=_stream("unlabeled", False), val_cases=_val_cases,
+                iterations=cfg.schedule.iterations, stage="test")
+    args.update(kwargs)
+    return CPSJob(**args)
+
+
+def _metrics(out_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.pop("time")
+    return lines
+
+
+def _assert_same_run(out_a: Path, out_b: Path) -> None:
+    ma, mb = _metrics(out_a), _metrics(out_b)
+    assert [m["iteration"] for m in ma] == [m["iteration"] for m in mb] == [2, 4]
+    for a, b in zip(ma, mb):
+        assert a["train"].keys() == b["train"].keys() == {"loss_a", "loss_b", "sup_a", "sup_b", "cps_a", "cps_b"}
+        for key in a["train"]:
+            assert a["train"][key] == pytest.approx(b["train"][key], rel=1e-5, abs=1e-7), key
+        for key in ("mean_dice_a", "mean_dice_b"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6)
+    la, lb = load_checkpoint(out_a / "checkpoints" / "last.pt"), load_checkpoint(out_b / "checkpoints" / "last.pt")
+    assert la["iteration"] == lb["iteration"] == ITERATIONS
+    for net in ("net_a", "net_b"):
+        for key, value in la[net].items():
+            torch.testing.assert_close(value, lb[net][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    torch.set_num_threads(1)
+    summary = run_cps_training(_job(_cfg(out)))
+    assert summary["iteration"] == ITERATIONS and not summary["already_done"]
+    return out
+
+
+def test_lr_schedule_and_model_spec():
+    lrs = [lr_at(i, 1e-2, 100, [0.66, 0.86], [0.1, 0.05]) for i in range(100)]
+    assert lrs[65] == 1e-2 and lrs[66] == pytest.approx(1e-3) and lrs[85] == pytest.approx(1e-3)
+    assert lrs[86] == pytest.approx(5e-4) and lrs[99] == pytest.approx(5e-4)
+    cfg = load_config(CoarseTrainConfig, CONFIG, ["model.name=efficient_seg_net", "data.size_zyx=[64,64,64]"])
+    assert model_spec_from_config(cfg) == {"name": "efficient_seg_net", "kwargs": {
+        "channels": [16, 32, 64, 128, 256], "dropout": 0.2, "input_size_zyx": [64, 64, 64]}}
+
+
+def test_run_writes_every_output_and_a_rerun_does_nothing(straight_run, caplog):
+    out = straight_run
+    for name in ("config.yaml", "train.log", "metrics.jsonl", "DONE", "checkpoints/last.pt",
+                 "checkpoints/best_model_a.pt", "checkpoints/best_model_b.pt"):
+        assert (out / name).is_file(), name
+    assert "validation at iteration 4" in (out / "train.log").read_text()
+    assert load_config(CoarseTrainConfig, out / "config.yaml").model.channels == [2, 4, 4, 8, 8]
+    metrics = _metrics(out)
+    assert [m["iteration"] for m in metrics] == [2, 4]
+    assert list(metrics[0]["dice_a"]) == list(ORGAN_KEYS) and metrics[0]["num_cases"] == 2
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert {"net_a", "net_b", "opt_a", "opt_b", "scaler_a", "scaler_b", "iteration", "rng", "best", "config",
+            "model"} <= set(last)
+    assert last["best"]["a"] == max(m["mean_dice_a"] for m in metrics)
+    best_b = load_checkpoint(out / "checkpoints" / "best_model_b.pt")
+    assert best_b["network"] == "b" and best_b["dice"] == last["best"]["b"] and len(best_b["dice_per_organ"]) == 13
+    assert json.loads((out / "DONE").read_text())["iteration"] == ITERATIONS
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss_a", "train/cps_b", "train/sup_a", "train/lr", "time/iter_s", "val/mean_dice_a",
+                "val/mean_dice_b", "val/dice_a_liver", "val/dice_b_left_kidney"):
+        assert tag in tags, tag
+    assert [e.step for e in events.Scalars("train/loss_a")] == [1, 2, 3, 4]
+
+    before = (out / "checkpoints" / "last.pt").stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        summary = run_cps_training(_job(_cfg(out)))
+    assert summary["already_done"] and summary["iteration"] == ITERATIONS
+    assert "already finished" in caplog.text
+    assert (out / "checkpoints" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_resume_after_a_crash_matches_the_uninterrupted_run(straight_run, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_cps_training(_job(_cfg(out), labeled_stream=_stream("labeled", True, fail_at=3)))
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 2
+    assert not (out / "DONE").exists()
+    summary = run_cps_training(_job(_cfg(out)))
+    assert summary["iteration"] == ITERATIONS
+    _assert_same_run(straight_run, out)
+    assert "resuming from" in (out / "train.log").read_text()
+
+
+def test_sigterm_saves_last_and_exits_143_then_resumes(straight_run, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as info:
+        run_cps_training(_job(_cfg(out, "schedule.checkpoint_interval=3"),
+                              labeled_stream=_stream("labeled", True, signal_at=1)))
+    assert info.value.code == 143 and info.value.iteration == 2 and "SIGTERM" in str(info.value)
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    run_cps_training(_job(_cfg(out)))
+    _assert_same_run(straight_run, out)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="iteration 3 "):
+        run_cps_training(_job(_cfg(out), labeled_stream=_stream("labeled", True, nan_at=2)))
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert last["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in last["net_a"].values())
+    assert not (out / "DONE").exists()
+
+
+def test_warm_start_from_a_checkpoint(straight_run, tmp_path):
+    source = straight_run / "checkpoints" / "last.pt"
+    weights = read_init_weights(source)
+    assert set(weights) == {"a", "b"}
+    best = read_init_weights({"a": straight_run / "checkpoints" / "best_model_a.pt",
+                              "b": straight_run / "checkpoints" / "best_model_b.pt"})
+    assert set(best["b"]) == set(weights["b"])
+    out = tmp_path / "warm"
+    # lr 1e-9: one Adam step moves every weight by ~1e-9, so the result must equal the warm-start weights
+    run_cps_training(_job(_cfg(out, "optim.lr=1.0e-9", "schedule.iterations=1"), iterations=1, init_weights=source,
+                          val_cases=None))
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    for key, value in weights["a"].items():
+        torch.testing.assert_close(last["net_a"][key], value, rtol=0, atol=1e-6)
+    # without validation the final weights stand in for the best ones
+    assert load_checkpoint(out / "checkpoints" / "best_model_a.pt")["dice"] is None
+    assert "warm start" in (out / "train.log").read_text()
+
+
+def test_mismatching_checkpoint_is_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    save_checkpoint(out / "checkpoints" / "last.pt", {"net_a": {}, "net_b": {}, "opt_a": {}, "opt_b": {},
+                                                      "iteration": 1, "model": {"name": "unet", "kwargs": {}}})
+    from common.errors import InputError
+
+    with pytest.raises(InputError, match="last.pt: was trained with model"):
+        run_cps_training(_job(_cfg(out)))
