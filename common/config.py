@@ -771,7 +771,7 @@ class FineTrainConfig:
     data: DataSection = section(DataSection, size_zyx=[192, 192, 192])
     model: ModelSection = section(ModelSection, name="efficient_seg_net")
     optim: OptimSection = section(OptimSection, lr=1.0e-3)
-    schedule: ScheduleSection = section(ScheduleSection)
+    schedule: ScheduleSection = section(ScheduleSection, iterations=40000)
     loss: LossSection = section(LossSection, name="dice_bce")
     cps: CPSSection = section(CPSSection)
     amp: AmpSection = section(AmpSection)

@@ -94,8 +94,10 @@ def test_fine_defaults_match_interfaces():
     assert cfg.boxes.coarse_model_dir == "../model_weights/base_coarse_model"
     assert (cfg.uif.score, cfg.uif.keep_count, cfg.uif.keep_ratio) == ("disagreement", None, 0.1)
     assert (cfg.round2.init, cfg.round2.iterations) == ("fresh", None)
-    # sections shared with the coarse stage keep the coarse defaults
-    assert cfg.schedule == CoarseTrainConfig().schedule and cfg.cps == CoarseTrainConfig().cps
+    # sections shared with the coarse stage keep the coarse defaults, except the fine stage's own iteration count
+    assert cfg.schedule.iterations == 40000
+    coarse_schedule = dataclasses.replace(CoarseTrainConfig().schedule, iterations=40000)
+    assert cfg.schedule == coarse_schedule and cfg.cps == CoarseTrainConfig().cps
 
 
 def test_prepare_defaults_match_interfaces():
