@@ -1,0 +1,294 @@
+"""Fine-stage data: organ-box crops of the memory-mapped canonical regions, made into samples on the device.
+
+Sources (LMDB records written by data_prepare, `coarse_box` added by the boxes step):
+- labeled cases: box = `organ_bbox` (ground truth), image and mask regions;
+- unlabeled cases: box = `coarse_box` (the coarse model's prediction, or the body box), image region only;
+- validation: the fixed 192^3 `fine_image_path` / `fine_mask_path` arrays (GT box + 20 mm, as data_prepare made
+  them), resized on the device when the network size differs.
+
+Only the int16 crop is read on the CPU (in background threads, so reading overlaps the training step); resize,
+HU shift, window and z-score run on the training device (common.augment). Sample n of a stream depends only on
+(seed, stream name, n), so a resumed run sees exactly the samples an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from common.augment import (
+    Box,
+    FineAugmentation,
+    FineAugmentSettings,
+    fine_crop_slices,
+    make_fine_sample,
+    resize_labels,
+    sample_fine_augmentation,
+    sample_rng,
+)
+from common.distributed import InfiniteSampler, derive_seed
+from common.errors import InputError
+from common.labels import NUM_ORGANS
+from common.logger import get_logger
+from common.lmdb_store import open_store
+from common.preprocessing import resize_volume_torch, window_and_zscore_torch
+
+logger = get_logger(__name__)
+
+COARSE_BOX_KEY = "coarse_box"
+
+
+@dataclass(frozen=True)
+class FineCase:
+    """What the fine stage needs of one case. Boxes and offsets are canonical raw voxels (z, y, x)."""
+
+    case_id: str
+    spacing_zyx: tuple[float, float, float]
+    shape_zyx: tuple[int, int, int]
+    box: Box | None                      # inclusive organ box (labeled: GT; unlabeled: coarse_box)
+    region_path: Path                    # int16 .npy of the region, memory-mappable
+    region_mask_path: Path | None        # uint8 .npy of the region's labels (labeled cases)
+    region_offset_zyx: tuple[int, int, int]
+    region_shape_zyx: tuple[int, int, int]
+
+    @property
+    def labeled(self) -> bool:
+        return self.region_mask_path is not None
+
+
+def resolve_data_path(value: str | os.PathLike, data_base_dir: str | os.PathLike) -> Path:
+    """A record path: absolute as stored, relative ones against the dataset folder."""
+    path = Path(value)
+    return path if path.is_absolute() else Path(data_base_dir) / path
+
+
+def db_path(cfg_value: str, data_base_dir: str | os.PathLike, fold: int) -> Path:
+    """A config database path (`{fold}` filled in) resolved against the dataset folder."""
+    return resolve_data_path(cfg_value.format(fold=fold), data_base_dir)
+
+
+def as_box(value: Any) -> Box | None:
+    """A record box ([[z0, z1], [y0, y1], [x0, x1]], inclusive) as a tuple of int pairs, or None."""
+    if value is None:
+        return None
+    box = tuple((int(lo), int(hi)) for lo, hi in value)
+    if len(box) != 3 or any(hi < lo for lo, hi in box):
+        raise ValueError(f"not an inclusive 3-D box: {value!r}")
+    return box  # type: ignore[return-value]
+
+
+def case_from_record(case_id: str, record: Mapping[str, Any], data_base_dir: str | os.PathLike, db: Path,
+                     labeled: bool) -> FineCase:
+    """Build a FineCase from a prepared LMDB record; InputError naming the database and case on missing keys."""
+    needed = ["spacing_zyx", "shape_zyx", "region_path", "region_offset_zyx", "region_shape_zyx"]
+    if labeled:
+        needed += ["organ_bbox", "region_mask_path"]
+    missing = [k for k in needed if record.get(k) is None]
+    if missing:
+        raise InputError(db, f"record {case_id!r} lacks {', '.join(missing)} (re-run data_prepare)")
+    box = as_box(record["organ_bbox"]) if labeled else as_box(record.get(COARSE_BOX_KEY))
+    return FineCase(
+        case_id=case_id,
+        spacing_zyx=tuple(float(s) for s in record["spacing_zyx"]),  # type: ignore[arg-type]
+        shape_zyx=tuple(int(s) for s in record["shape_zyx"]),  # type: ignore[arg-type]
+        box=box,
+        region_path=resolve_data_path(record["region_path"], data_base_dir),
+        region_mask_path=resolve_data_path(record["region_mask_path"], data_base_dir) if labeled else None,
+        region_offset_zyx=tuple(int(v) for v in record["region_offset_zyx"]),  # type: ignore[arg-type]
+        region_shape_zyx=tuple(int(v) for v in record["region_shape_zyx"]),  # type: ignore[arg-type]
+    )
+
+
+def load_cases(db: Path, data_base_dir: str | os.PathLike, labeled: bool, need_box: bool = True) -> list[FineCase]:
+    """All cases of a database, sorted by id. With `need_box`, an unlabeled case without `coarse_box` is an
+    InputError telling to run the boxes step."""
+    store = open_store(db, readonly=True)
+    try:
+        cases = [case_from_record(key, store.get(key), data_base_dir, db, labeled) for key in store.keys()]
+    finally:
+        store.close()
+    if need_box:
+        missing = [c.case_id for c in cases if c.box is None]
+        if missing:
+            raise InputError(db, f"{len(missing)} case(s) have no {COARSE_BOX_KEY} (first: {missing[0]}); "
+                                 "run the boxes step first (sh run.sh step=boxes)")
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------- CPU side
+
+
+def read_crop(case: FineCase, slices: Sequence[slice]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read the crop `slices` (canonical raw voxels) from the case's memory-mapped region files.
+
+    The crop is clipped to the stored region (data_prepare stores the organ box plus the largest random
+    extension, or the whole volume, so clipping only trims what lies outside the volume anyway).
+    Returns contiguous int16 image and uint8 labels (None for unlabeled cases).
+    """
+    local = []
+    for sl, off, size in zip(slices, case.region_offset_zyx, case.region_shape_zyx):
+        start = min(max(sl.start - off, 0), size - 1)
+        stop = max(min(sl.stop - off, size), start + 1)
+        local.append(slice(start, stop))
+    local_t = tuple(local)
+    try:
+        # np.array copies the crop out of the memory map (only these pages are read from disk)
+        image = np.array(np.load(case.region_path, mmap_mode="r")[local_t], copy=True)
+        labels = None
+        if case.region_mask_path is not None:
+            labels = np.array(np.load(case.region_mask_path, mmap_mode="r")[local_t], dtype=np.uint8, copy=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(case.region_path, f"cannot read the region of case {case.case_id}: {exc}") from exc
+    return image, labels
+
+
+@dataclass
+class _Pending:
+    """One sample whose crop is being read on the CPU."""
+
+    case: FineCase
+    aug: FineAugmentation
+    crop: Future
+
+
+def read_crop_tensors(case: FineCase, slices: Sequence[slice], pin: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`read_crop` as CPU tensors, page-locked when `pin` (for an asynchronous copy to the GPU)."""
+    image, labels = read_crop(case, slices)
+    image_t = torch.from_numpy(image)
+    labels_t = torch.from_numpy(labels) if labels is not None else None
+    if pin:
+        image_t = image_t.pin_memory()
+        labels_t = labels_t.pin_memory() if labels_t is not None else None
+    return image_t, labels_t
+
+
+class FineStream:
+    """Endless batches of fine training samples, built on `device`; `stream(start)` starts at iteration `start`.
+
+    Labeled: yields (x float (B, 1, D, H, W) normalized, labels int64 (B, D, H, W)).
+    Unlabeled: yields x only. Cases are visited in the order of an `InfiniteSampler` (seeded by `seed` and the
+    stream `name`), and each sample's augmentation is drawn from (seed, name, global position).
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[FineCase],
+        *,
+        name: str,
+        seed: int,
+        batch_size: int,
+        size_zyx: Sequence[int],
+        hu_window: Sequence[float],
+        settings: FineAugmentSettings,
+        device: torch.device | str,
+        labeled: bool,
+        read_threads: int = 2,
+        prefetch: int = 4,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if not cases:
+            raise ValueError(f"stream {name!r} has no cases")
+        if labeled and any(not c.labeled for c in cases):
+            raise ValueError(f"stream {name!r} is labeled but some cases have no mask")
+        if any(c.box is None for c in cases):
+            raise ValueError(f"stream {name!r}: every case needs a box")
+        self.cases = list(cases)
+        self.name = name
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.size_zyx = tuple(int(s) for s in size_zyx)
+        self.hu_window = tuple(float(v) for v in hu_window)
+        self.settings = settings
+        self.device = torch.device(device)
+        self.labeled = labeled
+        self.read_threads = max(1, int(read_threads))
+        self.prefetch = max(1, int(prefetch))
+        self.rank = rank
+        self.world_size = world_size
+
+    def sampler(self, start: int) -> InfiniteSampler:
+        sampler_seed = derive_seed(self.seed, self.name, "order")
+        return InfiniteSampler(len(self.cases), seed=sampler_seed, rank=self.rank, world_size=self.world_size,
+                               batch_size=self.batch_size, start=start)
+
+    def plan(self, position: int, item: int) -> tuple[FineCase, FineAugmentation, tuple[slice, slice, slice]]:
+        """The case, random decisions and crop of global stream position `position`."""
+        case = self.cases[item]
+        aug = sample_fine_augmentation(sample_rng(self.seed, self.name, position), case.spacing_zyx,
+                                       self.settings, self.labeled)
+        slices = fine_crop_slices(case.box, case.spacing_zyx, case.shape_zyx, aug, self.settings)  # type: ignore
+        return case, aug, slices
+
+    def build(self, pending: _Pending) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Device half of one sample: x (1, D, H, W), labels (D, H, W) or None."""
+        image, labels = pending.crop.result()
+        image_t = image.to(self.device, non_blocking=True)
+        labels_t = labels.to(self.device, non_blocking=True) if self.labeled and labels is not None else None
+        return make_fine_sample(image_t, labels_t, self.size_zyx, self.hu_window,
+                                pending.aug.hu_shift if self.labeled else None)
+
+    def __call__(self, start: int = 0) -> Iterator[Any]:
+        positions = self.sampler(start).positions()
+        pool = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix=f"fine-{self.name}")
+        queue: deque[_Pending] = deque()
+        try:
+            while True:
+                while len(queue) < self.prefetch + self.batch_size:
+                    position, item = next(positions)
+                    case, aug, slices = self.plan(position, item)
+                    crop = pool.submit(read_crop_tensors, case, slices, self.device.type == "cuda")
+                    queue.append(_Pending(case, aug, crop))
+                samples = [self.build(queue.popleft()) for _ in range(self.batch_size)]
+                x = torch.stack([s[0] for s in samples])
+                if self.labeled:
+                    yield x, torch.stack([s[1] for s in samples])  # type: ignore[misc]
+                else:
+                    yield x
+        finally:
+            for pending in queue:
+                pending.crop.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def fixed_crop_input(case: FineCase, size_zyx: Sequence[int], hu_window: Sequence[float], extend_size_mm: float,
+                     device: torch.device | str) -> torch.Tensor:
+    """The deterministic fine input of a case (box + `extend_size_mm`, as at test time): x (1, 1, D, H, W)."""
+    settings = FineAugmentSettings(extend_size_mm=extend_size_mm, random_extend_prob=0.0, hu_shift_prob=0.0)
+    aug = FineAugmentation(None, np.zeros(NUM_ORGANS + 1, dtype=np.int64))
+    slices = fine_crop_slices(case.box, case.spacing_zyx, case.shape_zyx, aug, settings)  # type: ignore[arg-type]
+    image, _ = read_crop(case, slices)
+    x, _ = make_fine_sample(torch.from_numpy(image).to(device), None, size_zyx, hu_window)
+    return x.unsqueeze(0)
+
+
+def validation_cases(db: Path, data_base_dir: str | os.PathLike, size_zyx: Sequence[int], hu_window: Sequence[float],
+                     device: torch.device | str) -> Iterable[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(case id, x (1, 1, D, H, W), labels int64 (1, D, H, W)) of the fixed 20 mm GT-box crops made by
+    data_prepare, resized on the device when `size_zyx` differs from the stored size."""
+    device = torch.device(device)
+    size = tuple(int(s) for s in size_zyx)
+    store = open_store(db, readonly=True)
+    try:
+        records = [(key, store.get(key)) for key in store.keys()]
+    finally:
+        store.close()
+    for case_id, record in records:
+        if record.get("fine_image_path") is None or record.get("fine_mask_path") is None:
+            raise InputError(db, f"record {case_id!r} lacks fine_image_path/fine_mask_path (re-run data_prepare)")
+        image = np.load(resolve_data_path(record["fine_image_path"], data_base_dir))
+        labels = np.load(resolve_data_path(record["fine_mask_path"], data_base_dir))
+        image_t = torch.from_numpy(image).to(device).float()
+        labels_t = torch.from_numpy(labels.astype(np.uint8)).to(device)
+        if tuple(image_t.shape) != size:
+            image_t = resize_volume_torch(image_t, size)
+            labels_t = resize_labels(labels_t, size)
+        x = window_and_zscore_torch(image_t, hu_window)
+        yield case_id, x.reshape(1, 1, *size), labels_t.long().reshape(1, *size)

@@ -1,0 +1,99 @@
+"""The export step: the best fine networks + config into `export.dir` (default ../model_weights/efficient_fine_model).
+
+Source: the best checkpoints of round 2 when that round has any, else those of round 1. Both networks are
+stored (A and B, for `--ensemble` prediction); `export.network` is the primary. The model folder's preprocess
+entry tells prediction how to build the fine input: {"size_zyx", "hu_window", "extend_size_mm"}.
+`<output_dir>/export.json` records what was exported, so the step is skipped while it is current.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from common.checkpoint import EXPORT_FILE, export_model, load_checkpoint
+from common.config import FineTrainConfig
+from common.errors import InputError
+from common.fileutil import write_json_atomic
+from common.logger import get_logger
+
+logger = get_logger(__name__)
+
+EXPORT_MARKER = "export.json"
+ROUNDS = ("round2", "round1")
+
+
+def best_round_dir(cfg: FineTrainConfig) -> Path:
+    """The round whose best checkpoints are exported: round 2 if it has any, else round 1."""
+    for name in ROUNDS:
+        round_dir = Path(cfg.output_dir) / name
+        if (round_dir / "checkpoints" / f"best_model_{cfg.export.network}.pt").is_file():
+            return round_dir
+    raise InputError(Path(cfg.output_dir) / "round1" / "checkpoints",
+                     "no best checkpoint in round2/ or round1/: train first (sh run.sh)")
+
+
+def _sources(round_dir: Path) -> dict[str, Path]:
+    return {name: round_dir / "checkpoints" / f"best_model_{name}.pt" for name in ("a", "b")}
+
+
+def _fingerprint(round_dir: Path, export_dir: Path, primary: str) -> dict[str, Any]:
+    files = {name: path for name, path in _sources(round_dir).items() if path.is_file()}
+    return {
+        "round_dir": str(round_dir),
+        "export_dir": str(export_dir),
+        "primary": primary,
+        "sources": {name: {"path": str(p), "mtime_ns": p.stat().st_mtime_ns} for name, p in files.items()},
+    }
+
+
+def export_is_current(cfg: FineTrainConfig) -> bool:
+    """True when export.dir holds a model written from the current best checkpoints (per export.json)."""
+    marker = Path(cfg.output_dir) / EXPORT_MARKER
+    export_dir = Path(cfg.export.dir)
+    if not marker.is_file() or not (export_dir / EXPORT_FILE).is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8"))
+        current = _fingerprint(best_round_dir(cfg), export_dir, cfg.export.network)
+    except (OSError, ValueError, InputError):
+        return False
+    return recorded == current
+
+
+def export(cfg: FineTrainConfig) -> Path:
+    """Write model.pt + config.yaml into cfg.export.dir; returns the model.pt path."""
+    round_dir = best_round_dir(cfg)
+    primary = cfg.export.network
+    payloads = {}
+    for name, path in _sources(round_dir).items():
+        if path.is_file():
+            payloads[name] = load_checkpoint(path)
+        else:
+            logger.warning("%s not found: exporting network %s only", path, primary)
+    spec = payloads[primary]["model"]
+    for name, payload in payloads.items():
+        if payload.get("model") != spec:
+            raise InputError(_sources(round_dir)[name], f"model {payload.get('model')} differs from network "
+                                                        f"{primary}'s {spec}")
+    config = payloads[primary]["config"]
+    preprocess = {
+        "size_zyx": [int(s) for s in config["data"]["size_zyx"]],
+        "hu_window": [float(v) for v in config["data"]["hu_window"]],
+        "extend_size_mm": float(config["crop"]["extend_size_mm"]),
+    }
+    path = export_model(
+        cfg.export.dir,
+        stage="fine",
+        model=spec,
+        networks={name: payload["net"] for name, payload in payloads.items()},
+        primary=primary,
+        preprocess=preprocess,
+        config=config,
+        best_dice={name: float("nan") if p.get("dice") is None else float(p["dice"]) for name, p in payloads.items()},
+    )
+    write_json_atomic(Path(cfg.output_dir) / EXPORT_MARKER, _fingerprint(round_dir, Path(cfg.export.dir), primary))
+    logger.info("exported fine network %s of %s (validation mean Dice %s, iteration %s) to %s", primary,
+                round_dir.name, payloads[primary].get("dice"), payloads[primary].get("iteration"), path.parent)
+    return path

@@ -1,0 +1,209 @@
+"""Fine stage entry point: `python -m fine_efficient_seg.train [config=PATH] [key=value ...]` (run.sh wraps it).
+
+Steps (`step=all` runs them in this order; each is skipped when its output is already there):
+  boxes   organ box of every unlabeled case from the exported coarse model, stored in the LMDB records
+  round1  CPS training of two EfficientSegNets on labeled + all unlabeled crops   -> <output_dir>/round1/
+  uif     uncertainty of every unlabeled case, keep the most certain              -> uif_scores.csv, db/<pool>_uif
+  round2  CPS training on labeled + the kept cases (fresh or warm from round 1)   -> <output_dir>/round2/
+  export  best networks (round 2, else round 1) + config                         -> export.dir
+The rounds use the shared engine (common.engine: checkpoints of both networks, resume, DDP, AMP, TensorBoard,
+metrics.jsonl); the crops are made on the training device by fine_efficient_seg.dataset. Tests call `main`.
+Under torchrun, boxes, uif and export run on rank 0 while the other ranks wait.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from common.augment import FineAugmentSettings
+from common.config import ConfigError, FineTrainConfig, parse_cli
+from common.distributed import DistInfo, barrier, destroy_distributed, init_distributed
+from common.engine import DONE_FILE, CPSJob, NonFiniteLossError, TrainingInterrupted, run_cps_training
+from common.errors import InputError
+from common.logger import get_logger, setup_logging
+from fine_efficient_seg.boxes import compute_boxes
+from fine_efficient_seg.dataset import FineStream, db_path, load_cases, validation_cases
+from fine_efficient_seg.export import export, export_is_current
+from fine_efficient_seg.uif import SCORES_FILE, filtered_db_path, run_uif
+
+logger = get_logger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
+STEPS = ("boxes", "round1", "uif", "round2", "export")
+STEPS_LOG = "steps.log"
+
+
+def augment_settings(cfg: FineTrainConfig) -> FineAugmentSettings:
+    """The crop section as the augmentation's settings."""
+    return FineAugmentSettings(
+        extend_size_mm=cfg.crop.extend_size_mm,
+        max_extend_size_mm=cfg.crop.max_extend_size_mm,
+        random_extend_prob=cfg.crop.random_extend_prob,
+        hu_shift_prob=cfg.crop.hu_shift_prob,
+        hu_shift_max=int(cfg.crop.hu_shift_max),
+    )
+
+
+def unlabeled_db(cfg: FineTrainConfig) -> Path | None:
+    """The round-1 unlabeled pool, or None when data.unlabeled_db is null (labeled-only training)."""
+    if cfg.data.unlabeled_db is None:
+        return None
+    return db_path(cfg.data.unlabeled_db, cfg.data_base_dir, cfg.fold)
+
+
+def _round_dir(cfg: FineTrainConfig, name: str) -> Path:
+    return Path(cfg.output_dir) / name
+
+
+def _round_done(cfg: FineTrainConfig, name: str) -> bool:
+    return (_round_dir(cfg, name) / DONE_FILE).is_file()
+
+
+# ----------------------------------------------------------------------------------------------------- steps
+
+
+def step_boxes(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
+    pool = unlabeled_db(cfg)
+    if pool is None:
+        logger.info("boxes: data.unlabeled_db is null; nothing to do")
+        return {"skipped": True}
+    return compute_boxes(pool, cfg.data_base_dir, cfg.boxes.coarse_model_dir, info.device, cfg.amp.precision)
+
+
+def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]:
+    """One CPS round through the engine (which resumes from last.pt and returns at once when DONE)."""
+    out_dir = _round_dir(cfg, name)
+    if name == "round1":
+        pool = unlabeled_db(cfg)
+        iterations = cfg.schedule.iterations
+        init_weights = None
+    else:
+        base = unlabeled_db(cfg)
+        pool = filtered_db_path(base) if base is not None else None
+        if pool is not None and not (Path(cfg.output_dir) / SCORES_FILE).is_file():
+            raise InputError(Path(cfg.output_dir) / SCORES_FILE, "not found: run the uif step first "
+                                                                 "(sh run.sh step=uif)")
+        iterations = cfg.round2.iterations or cfg.schedule.iterations
+        init_weights = None
+        if cfg.round2.init == "warm":
+            ckpts = _round_dir(cfg, "round1") / "checkpoints"
+            init_weights = {n: ckpts / f"best_model_{n}.pt" for n in ("a", "b")}
+            for path in init_weights.values():
+                if not path.is_file():
+                    raise InputError(path, "not found: round2.init=warm needs a finished round 1")
+    data_base = cfg.data_base_dir
+    size, window = cfg.data.size_zyx, cfg.data.hu_window
+    settings = augment_settings(cfg)
+    labeled_cases = load_cases(db_path(cfg.data.labeled_db, data_base, cfg.fold), data_base, labeled=True)
+    labeled_stream = FineStream(
+        labeled_cases, name="labeled", seed=cfg.seed, batch_size=cfg.data.labeled_batch_size, size_zyx=size,
+        hu_window=window, settings=settings, device=info.device, labeled=True, read_threads=cfg.data.num_workers,
+        rank=info.rank, world_size=info.world_size)
+    unlabeled_stream = None
+    if pool is not None:
+        unlabeled_cases = load_cases(pool, data_base, labeled=False)
+        unlabeled_stream = FineStream(
+            unlabeled_cases, name="unlabeled", seed=cfg.seed, batch_size=cfg.data.unlabeled_batch_size,
+            size_zyx=size, hu_window=window, settings=settings, device=info.device, labeled=False,
+            read_threads=cfg.data.num_workers, rank=info.rank, world_size=info.world_size)
+        logger.info("%s: %d labeled + %d unlabeled cases (%s)", name, len(labeled_cases), len(unlabeled_cases), pool)
+    else:
+        logger.info("%s: %d labeled cases, no unlabeled pool", name, len(labeled_cases))
+    val_db = db_path(cfg.data.val_db, data_base, cfg.fold)
+    job = CPSJob(
+        cfg=cfg,
+        out_dir=out_dir,
+        labeled_stream=labeled_stream,
+        unlabeled_stream=unlabeled_stream,
+        val_cases=lambda: validation_cases(val_db, data_base, size, window, info.device),
+        iterations=iterations,
+        init_weights=init_weights,
+        dist=info,
+        stage="fine",
+        extra_checkpoint={"round": name},
+    )
+    return run_cps_training(job)
+
+
+def step_uif(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
+    pool = unlabeled_db(cfg)
+    scores = Path(cfg.output_dir) / SCORES_FILE
+    if pool is None:
+        logger.info("uif: data.unlabeled_db is null; nothing to filter")
+        return {"skipped": True}
+    if scores.is_file() and (filtered_db_path(pool) / "data.mdb").is_file():
+        logger.info("uif: %s and %s exist; skipping (delete the CSV to score again)", scores, filtered_db_path(pool))
+        return {"skipped": True}
+    if not _round_done(cfg, "round1"):
+        raise InputError(_round_dir(cfg, "round1") / DONE_FILE, "not found: finish round 1 first "
+                                                                "(sh run.sh step=round1)")
+    rows = run_uif(
+        round_dir=_round_dir(cfg, "round1"), unlabeled_db=pool, data_base_dir=cfg.data_base_dir,
+        output_dir=Path(cfg.output_dir), method=cfg.uif.score, keep_count=cfg.uif.keep_count,
+        keep_ratio=cfg.uif.keep_ratio, size_zyx=cfg.data.size_zyx, hu_window=cfg.data.hu_window,
+        extend_size_mm=cfg.crop.extend_size_mm, device=info.device, precision=cfg.amp.precision)
+    return {"cases": len(rows), "kept": sum(r.kept for r in rows)}
+
+
+def step_round2(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
+    if unlabeled_db(cfg) is None:
+        logger.info("round2: data.unlabeled_db is null, so there is no filtered pool; round 1 is final")
+        return {"skipped": True}
+    return run_round(cfg, info, "round2")
+
+
+def step_export(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
+    if export_is_current(cfg):
+        logger.info("export: %s is current; skipping", cfg.export.dir)
+        return {"skipped": True, "export_dir": cfg.export.dir}
+    return {"export_dir": str(export(cfg).parent)}
+
+
+# Steps that run on rank 0 only (the others wait at a barrier); the rounds run on every rank.
+_RANK0_STEPS: dict[str, Callable[[FineTrainConfig, DistInfo], dict[str, Any]]] = {
+    "boxes": step_boxes, "uif": step_uif, "export": step_export}
+_ALL_RANK_STEPS: dict[str, Callable[[FineTrainConfig, DistInfo], dict[str, Any]]] = {
+    "round1": lambda cfg, info: run_round(cfg, info, "round1"), "round2": step_round2}
+
+
+def main(cfg: FineTrainConfig) -> dict[str, Any]:
+    """Run `cfg.step` ("all": every step in order); returns {step: its summary}."""
+    info = init_distributed(cfg.device)
+    steps = STEPS if cfg.step == "all" else (cfg.step,)
+    results: dict[str, Any] = {}
+    for step in steps:
+        setup_logging(Path(cfg.output_dir) / (STEPS_LOG if info.is_main else f"steps.rank{info.rank}.log"),
+                      rank=info.rank)
+        logger.info("fine stage: step %s", step)
+        if step in _ALL_RANK_STEPS:
+            results[step] = _ALL_RANK_STEPS[step](cfg, info)
+        else:
+            if info.is_main:
+                results[step] = _RANK0_STEPS[step](cfg, info)
+            barrier()
+    return results
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Command line: parse the config, run `main`, turn known failures into a one-line message and exit code."""
+    try:
+        cfg = parse_cli(FineTrainConfig, DEFAULT_CONFIG, argv)
+        main(cfg)
+    except (ConfigError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as exc:
+        print(exc.message, file=sys.stderr)
+        return int(exc.code)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,296 @@
+"""Fine stage (fine_efficient_seg): boxes, streams, the uif step, and `sh run.sh` end to end on a tiny dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from common.checkpoint import export_model, load_checkpoint, load_exported_model, model_state_dict
+from common.config import FineTrainConfig, PrepareConfig, load_config
+from common.lmdb_store import open_store
+from common.networks import build_network
+from data_prepare import run as prepare_run
+from data_prepare.synthetic import write_dataset
+from fine_efficient_seg import uif as fine_uif
+from fine_efficient_seg.boxes import body_box, box_to_raw, compute_boxes
+from fine_efficient_seg.dataset import FineStream, fixed_crop_input, load_cases, validation_cases
+from fine_efficient_seg.train import augment_settings, main
+from fine_efficient_seg.uif import read_scores_csv, run_uif
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE = REPO / "fine_efficient_seg"
+SIZE = 32
+TINY = "[2,4,4,8,8]"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Tiny synthetic dataset (3 labeled, 4 unlabeled), prepared at 32^3, plus a tiny exported coarse model."""
+    root = tmp_path_factory.mktemp("fine")
+    data = root / "dataset"
+    write_dataset(data, labeled=4, unlabeled=4, val=0, seed=3, size="tiny", hard_fraction=0.5)
+    cfg = load_config(PrepareConfig, REPO / "data_prepare" / "config.yaml",
+                      [f"data_base_dir={data}", f"coarse_size_zyx=[{SIZE},{SIZE},{SIZE}]",
+                       f"fine_size_zyx=[{SIZE},{SIZE},{SIZE}]", "num_workers=0"])
+    assert prepare_run.main(cfg) == 0
+    torch.manual_seed(0)
+    kwargs = {"channels": [2, 4, 4, 8, 8], "dropout": 0.0}
+    net = build_network("unet", **kwargs)
+    export_model(root / "coarse_model", stage="coarse", model={"name": "unet", "kwargs": kwargs},
+                 networks={"a": model_state_dict(net)}, primary="a",
+                 preprocess={"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0]}, config={})
+    return data
+
+
+def overrides(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"data_base_dir={data}", f"output_dir={out / 'output'}", "device=cpu", f"data.size_zyx=[{SIZE},{SIZE},{SIZE}]",
+        f"model.channels={TINY}", "amp.precision=off", "data.num_workers=1", "schedule.iterations=3",
+        "schedule.val_interval=100", "schedule.checkpoint_interval=1", "schedule.log_interval=1", "round2.iterations=1",
+        "uif.keep_count=2", f"boxes.coarse_model_dir={data.parent / 'coarse_model'}", f"export.dir={out / 'export'}",
+        *extra,
+    ]
+
+
+def fine_config(data: Path, out: Path, *extra: str) -> FineTrainConfig:
+    return load_config(FineTrainConfig, STAGE / "config.yaml", overrides(data, out, *extra))
+
+
+# ----------------------------------------------------------------------------------------------------- boxes
+
+
+def test_box_helpers():
+    image = np.full((8, 10, 12), -1000, dtype=np.int16)
+    image[2:6, 3:9, 1:11] = 40
+    assert body_box(image) == ((2, 5), (3, 8), (1, 10))
+    assert body_box(np.full((3, 3, 3), -1000)) is None
+    # coarse 16^3 -> raw (40, 80, 100): int(index * zoom), clipped
+    assert box_to_raw(((0, 15), (4, 8), (2, 2)), (16, 16, 16), (40, 80, 100)) == ((0, 37), (20, 40), (12, 12))
+
+
+def copy_pool_without_boxes(dataset: Path, target: Path) -> Path:
+    """A copy of the unlabeled database with any stored boxes removed (the arrays stay where they are)."""
+    src = open_store(dataset / "db" / "seg_trainu")
+    records = {k: {kk: vv for kk, vv in src.get(k).items() if not kk.startswith("coarse_box")} for k in src.keys()}
+    src.close()
+    open_store(target, readonly=False).put_many(records)
+    return target
+
+
+def test_boxes_step_model_and_body_fallback(dataset, tmp_path, caplog):
+    db = copy_pool_without_boxes(dataset, tmp_path / "with_model")
+    model_dir = str(dataset.parent / "coarse_model")
+    summary = compute_boxes(db, dataset, model_dir, torch.device("cpu"), "off")
+    assert summary["cases"] == 4 and summary["computed"] == 4 and summary["source"] == "coarse_model"
+    store = open_store(db)
+    for key in store.keys():
+        record = store.get(key)
+        assert record["coarse_box_source"] in ("coarse_model", "body_fallback")
+        for (lo, hi), n in zip(record["coarse_box"], record["shape_zyx"]):
+            assert 0 <= lo <= hi < n
+    store.close()
+    # Done: a second run computes nothing.
+    again = compute_boxes(db, dataset, model_dir, torch.device("cpu"), "off")
+    assert again["computed"] == 0 and again["skipped"] == 4
+    # No coarse model: body box with a warning.
+    db = copy_pool_without_boxes(dataset, tmp_path / "no_model")
+    caplog.set_level("WARNING")
+    body = compute_boxes(db, dataset, None, torch.device("cpu"), "off")
+    assert body["source"] == "body" and body["computed"] == 4
+    assert any("body box" in r.getMessage() for r in caplog.records)
+    store = open_store(db)
+    for key in store.keys():
+        record = store.get(key)
+        assert record["coarse_box_source"] == "body"
+        image = np.load(record["coarse_image_path"])
+        assert record["coarse_box"] == [list(p) for p in box_to_raw(body_box(image), image.shape, record["shape_zyx"])]
+    store.close()
+    # A folder without model.pt also falls back to the body box.
+    assert compute_boxes(copy_pool_without_boxes(dataset, tmp_path / "empty_dir"), dataset, str(tmp_path),
+                         torch.device("cpu"), "off")["source"] == "body"
+
+
+# ----------------------------------------------------------------------------------------------------- streams
+
+
+def test_streams_are_deterministic_and_resume_exactly(dataset, tmp_path):
+    cfg = fine_config(dataset, tmp_path)
+    labeled = load_cases(dataset / "db" / "seg_train_fold_1", dataset, labeled=True)
+    kwargs = dict(seed=5, batch_size=2, size_zyx=[SIZE] * 3, hu_window=[-325.0, 325.0],
+                  settings=augment_settings(cfg), device="cpu", rank=0, world_size=1)
+    stream = FineStream(labeled, name="labeled", labeled=True, **kwargs)
+    first = stream(0)
+    batches = [next(first) for _ in range(3)]
+    first.close()
+    x, y = batches[0]
+    assert x.shape == (2, 1, SIZE, SIZE, SIZE) and x.dtype == torch.float32
+    assert y.shape == (2, SIZE, SIZE, SIZE) and y.dtype == torch.int64
+    assert 0 <= int(y.min()) and int(y.max()) <= 13 and int(y.max()) > 0
+    assert torch.allclose(x.mean(dim=(1, 2, 3, 4)), torch.zeros(2), atol=1e-4)     # per-sample z-score
+    resumed = FineStream(labeled, name="labeled", labeled=True, **kwargs)(2)
+    x2, y2 = next(resumed)
+    resumed.close()
+    assert torch.equal(x2, batches[2][0]) and torch.equal(y2, batches[2][1])
+    assert not torch.equal(batches[0][0], batches[1][0])
+    unlabeled = [replace(c, box=tuple((0, n - 1) for n in c.shape_zyx))
+                 for c in load_cases(dataset / "db" / "seg_trainu", dataset, labeled=False, need_box=False)]
+    u_stream = FineStream(unlabeled, name="unlabeled", labeled=False, **kwargs)(0)
+    xu = next(u_stream)
+    u_stream.close()
+    assert isinstance(xu, torch.Tensor) and xu.shape == (2, 1, SIZE, SIZE, SIZE)
+
+
+def test_fixed_crop_matches_prepared_fine_array(dataset):
+    """The crop read from the region (with its offset) is the GT box + 20 mm crop data_prepare made."""
+    labeled = load_cases(dataset / "db" / "seg_train_fold_1", dataset, labeled=True)
+    val = {case_id: x for case_id, x, _ in validation_cases(dataset / "db" / "seg_train_fold_1", dataset,
+                                                                 [SIZE] * 3, [-325.0, 325.0], "cpu")}
+    assert any(case.region_offset_zyx != (0, 0, 0) for case in labeled)    # regions are sub-volumes
+    for case in labeled:
+        x = fixed_crop_input(case, [SIZE] * 3, [-325.0, 325.0], 20.0, "cpu")
+        # data_prepare rounds the resized HU to int16; our crop is resized in float: tiny differences only
+        assert torch.allclose(x, val[case.case_id], atol=0.02)
+
+
+# ----------------------------------------------------------------------------------------------------- uif
+
+
+class ThresholdNet(nn.Module):
+    """Predicts the liver (channel 0) where the normalised input exceeds `threshold`, nothing else."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((x.shape[0], 13, *x.shape[2:]), -10.0)
+        logits[:, 0] = 10.0 * (x[:, 0] - self.threshold)
+        return logits
+
+
+def make_pool(root: Path) -> Path:
+    """Unlabeled records over hand-made regions: two-valued images (both nets agree) and ramps (they disagree)."""
+    shape = (12, 14, 16)
+    records = {}
+    z = np.arange(shape[0], dtype=np.float32)[:, None, None] * np.ones(shape, dtype=np.float32)
+    images = {
+        "agree_b": np.where(z < 6, -100, 100),
+        "agree_a": np.where(z < 6, -100, 100),
+        "agree_c": np.where(z < 6, -200, 200),      # same normalised image as agree_a: a three-way tie
+        "disagree_a": -300 + 50 * z,
+        "disagree_b": -300 + 40 * z,
+    }
+    for case_id, image in images.items():
+        path = root / f"{case_id}.npy"
+        np.save(path, image.astype(np.int16))
+        records[case_id] = {
+            "spacing_zyx": [2.0, 2.0, 2.0], "shape_zyx": list(shape), "region_path": str(path),
+            "region_offset_zyx": [0, 0, 0], "region_shape_zyx": list(shape), "coarse_box": [[2, 9], [2, 11], [2, 13]],
+            "coarse_box_source": "coarse_model", "organ_bbox": None, "region_mask_path": None,
+        }
+    db = root / "db" / "seg_trainu"
+    open_store(db, readonly=False).put_many(records)
+    return db
+
+
+@pytest.mark.parametrize("method", ["disagreement", "entropy"])
+def test_uif_step_keeps_agreeing_cases(tmp_path, monkeypatch, method):
+    db = make_pool(tmp_path)
+    monkeypatch.setattr(fine_uif, "load_round_networks", lambda round_dir, device: (ThresholdNet(0.0),
+                                                                                    ThresholdNet(0.5)))
+    common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, data_base_dir=tmp_path, output_dir=tmp_path / "out",
+                  method=method, keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=[-325.0, 325.0], extend_size_mm=20.0,
+                  device=torch.device("cpu"), precision="off")
+    rows = run_uif(keep_count=3, **common)
+    kept = {r.case for r in rows if r.kept}
+    assert kept == {"agree_a", "agree_b", "agree_c"}
+    assert [r.rank for r in rows] == [1, 2, 3, 4, 5]
+    csv_rows = read_scores_csv(tmp_path / "out" / "uif_scores.csv")
+    assert [(r.case, r.kept, r.rank) for r in csv_rows] == [(r.case, r.kept, r.rank) for r in rows]
+    filtered = open_store(db.with_name("seg_trainu_uif"))
+    assert filtered.keys() == sorted(kept)
+    assert filtered.get("agree_a")["coarse_box"] == [[2, 9], [2, 11], [2, 13]]
+    filtered.close()
+    # The three agree_* tie: the lower ids win; the database shrinks to the new selection.
+    rows = run_uif(keep_count=1, **common)
+    assert [r.case for r in rows if r.kept] == ["agree_a"]
+    filtered = open_store(db.with_name("seg_trainu_uif"))
+    assert filtered.keys() == ["agree_a"]
+    filtered.close()
+    # keep_ratio 0.4 of 5 -> 2
+    rows = run_uif(keep_count=None, **{**common, "keep_ratio": 0.4})
+    assert [r.case for r in rows if r.kept] == ["agree_a", "agree_b"]
+
+
+# ----------------------------------------------------------------------------------------------------- end to end
+
+
+RUN_ENV = {**os.environ, "GPUS": "1", "OMP_NUM_THREADS": "2"}
+
+
+def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
+    """`sh run.sh` killed in round 1, then `sh run.sh` again: resumes round 1 and runs every later step."""
+    args = overrides(dataset, tmp_path)
+    out = tmp_path / "output"
+    last = out / "round1" / "checkpoints" / "last.pt"
+    proc = subprocess.Popen(["sh", str(STAGE / "run.sh"), *args], cwd=REPO, env=RUN_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert last.is_file(), "round 1 wrote no checkpoint"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = int(load_checkpoint(last)["iteration"])
+    assert not (out / "round1" / "DONE").exists(), "round 1 finished before the kill"
+
+    result = subprocess.run(["sh", str(STAGE / "run.sh"), *args], cwd=REPO, env=RUN_ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (out / "round1" / "train.log").read_text()
+    assert "resuming from" in log and f"at iteration {killed_at}/3" in log
+
+    store = open_store(dataset / "db" / "seg_trainu")
+    assert all(store.get(k).get("coarse_box") is not None for k in store.keys())
+    pool = store.keys()
+    store.close()
+    for name, iterations in (("round1", 3), ("round2", 1)):
+        round_dir = out / name
+        assert json.loads((round_dir / "DONE").read_text())["iteration"] == iterations
+        for ckpt in ("last.pt", "best_model_a.pt", "best_model_b.pt"):
+            assert (round_dir / "checkpoints" / ckpt).is_file()
+        assert (round_dir / "metrics.jsonl").read_text().strip()
+        assert any((round_dir / "tb").iterdir())
+        assert load_checkpoint(round_dir / "checkpoints" / "last.pt")["round"] == name
+    rows = read_scores_csv(out / "uif_scores.csv")
+    assert sorted(r.case for r in rows) == pool
+    assert sum(r.kept for r in rows) == 2
+    filtered = open_store(dataset / "db" / "seg_trainu_uif")
+    assert filtered.keys() == sorted(r.case for r in rows if r.kept)
+    filtered.close()
+    model = load_exported_model(tmp_path / "export", "cpu", stage="fine")
+    assert set(model.networks) == {"a", "b"} and model.primary == "a"
+    assert model.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0}
+    assert (tmp_path / "export" / "config.yaml").is_file()
+    with torch.no_grad():
+        assert model.net(torch.zeros(1, 1, SIZE, SIZE, SIZE)).shape == (1, 13, SIZE, SIZE, SIZE)
+    # Everything is done: a rerun skips every step and changes nothing.
+    stamp = (tmp_path / "export" / "model.pt").stat().st_mtime_ns
+    results = main(fine_config(dataset, tmp_path))
+    assert results["boxes"]["computed"] == 0
+    assert results["round1"]["already_done"] and results["round2"]["already_done"]
+    assert results["uif"]["skipped"] and results["export"]["skipped"]
+    assert (tmp_path / "export" / "model.pt").stat().st_mtime_ns == stamp

@@ -1,0 +1,144 @@
+"""UIF scores and selection (common/uif.py) on hand-made probability maps, and the fine stage's uif step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.uif import (
+    binary_entropy,
+    disagreement_score,
+    entropy_score,
+    hard_organ_masks,
+    keep_size,
+    per_organ_dice,
+    select_certain,
+    uncertainty_score,
+)
+
+SHAPE = (6, 7, 5)
+
+
+def organ_probs(boxes: dict[int, tuple[slice, slice, slice]], high: float = 0.9, low: float = 0.05) -> torch.Tensor:
+    """(13, *SHAPE) sigmoids: `high` inside each organ's box (label -> box), `low` elsewhere."""
+    probs = torch.full((13, *SHAPE), low)
+    for label, box in boxes.items():
+        probs[(label - 1, *box)] = high
+    return probs
+
+
+LIVER = (slice(0, 3), slice(0, 4), slice(0, 3))
+SPLEEN = (slice(3, 6), slice(4, 7), slice(2, 5))
+SHIFTED_LIVER = (slice(0, 3), slice(1, 4), slice(0, 3))   # 27 voxels, 27 shared with LIVER, clear of SPLEEN
+
+
+def test_hard_masks_follow_pseudo_label_rule():
+    probs = torch.zeros(13, 1, 1, 3)
+    probs[0, 0, 0, 0], probs[1, 0, 0, 0] = 0.6, 0.8   # both >= 0.5: the higher (label 2) wins
+    probs[0, 0, 0, 1] = 0.4                           # below threshold: background
+    probs[4, 0, 0, 2] = 0.5                           # exactly the threshold counts
+    masks = hard_organ_masks(probs)
+    assert masks.sum().item() == 2
+    assert masks[1, 0, 0, 0] and not masks[0, 0, 0, 0]
+    assert masks[4, 0, 0, 2]
+
+
+def test_dice_absent_organs_agree():
+    a = hard_organ_masks(organ_probs({1: LIVER}))
+    dice = per_organ_dice(a, a.clone())
+    assert dice.shape == (13,)
+    assert torch.all(dice == 1.0)
+    b = hard_organ_masks(organ_probs({1: LIVER, 3: SPLEEN}))
+    dice = per_organ_dice(a, b)
+    assert dice[0] == 1.0 and dice[2] == 0.0
+    assert torch.all(dice[[1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]] == 1.0)
+
+
+def test_disagreement_values():
+    agree = organ_probs({1: LIVER, 3: SPLEEN})
+    assert disagreement_score(agree, agree.clone()) == 0.0
+    # One organ missing in B: mean Dice = 12/13.
+    missing = organ_probs({1: LIVER})
+    assert disagreement_score(agree, missing) == pytest.approx(1.0 / 13.0)
+    # Partial overlap of the liver: Dice = 2 |A & B| / (|A| + |B|).
+    shifted = organ_probs({1: SHIFTED_LIVER, 3: SPLEEN})
+    expected = 1.0 - (12 + 2 * 27 / (36 + 27)) / 13
+    assert disagreement_score(agree, shifted) == pytest.approx(expected)
+    # Symmetric.
+    assert disagreement_score(shifted, agree) == pytest.approx(expected)
+
+
+def test_disagreement_all_empty_is_worst():
+    empty = torch.full((13, *SHAPE), 0.1)
+    assert disagreement_score(empty, empty) == 1.0
+
+
+def test_entropy_score():
+    confident = organ_probs({1: LIVER}, high=0.999, low=0.001)
+    unsure = organ_probs({1: LIVER}, high=0.6, low=0.3)
+    assert entropy_score(confident) < 0.02
+    assert entropy_score(unsure) > entropy_score(confident)
+    # Mean of the two networks' sigmoids is scored.
+    assert entropy_score(confident, unsure) > entropy_score(confident)
+    assert entropy_score(torch.full((13, *SHAPE), 0.2)) == 1.0   # nothing predicted: worst
+    assert binary_entropy(torch.tensor([0.5])).item() == pytest.approx(1.0)
+
+
+def test_uncertainty_score_dispatch_and_errors():
+    p = organ_probs({1: LIVER})
+    assert uncertainty_score("disagreement", p, p) == 0.0
+    assert uncertainty_score("entropy", p, p) == pytest.approx(entropy_score(p, p))
+    with pytest.raises(ValueError, match="unknown UIF score"):
+        uncertainty_score("variance", p, p)
+    with pytest.raises(ValueError, match="13 organ channels"):
+        uncertainty_score("disagreement", p[:3], p[:3])
+
+
+def test_keep_size():
+    assert keep_size(2000) == 200
+    assert keep_size(15, keep_ratio=0.1) == 2          # 1.5 rounds half up
+    assert keep_size(3, keep_ratio=0.1) == 1           # at least one
+    assert keep_size(10, keep_count=4) == 4
+    assert keep_size(10, keep_count=40) == 10          # capped at the pool
+    assert keep_size(0) == 0
+    with pytest.raises(ValueError):
+        keep_size(10, keep_count=0)
+    with pytest.raises(ValueError):
+        keep_size(10, keep_ratio=1.5)
+
+
+def constructed_pool() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Cases agree_* where the networks agree, and disagree_* where they do not (growing disagreement)."""
+    reference = organ_probs({1: LIVER, 3: SPLEEN})
+    pool = {f"agree_{i}": (reference, reference.clone()) for i in range(3)}
+    pool["disagree_small"] = (reference, organ_probs({1: SHIFTED_LIVER, 3: SPLEEN}))
+    pool["disagree_large"] = (reference, organ_probs({1: SHIFTED_LIVER}))
+    pool["disagree_total"] = (reference, organ_probs({2: SPLEEN, 4: LIVER}))
+    return pool
+
+
+def test_selection_keeps_agreeing_cases():
+    scores = {case: disagreement_score(a, b) for case, (a, b) in constructed_pool().items()}
+    rows = select_certain(scores, keep_count=3)
+    kept = {row.case for row in rows if row.kept}
+    assert kept == {"agree_0", "agree_1", "agree_2"}
+    # Ranks follow the disagreement, ties (the three agree_* at 0.0) by case id.
+    assert [row.case for row in rows] == [
+        "agree_0", "agree_1", "agree_2", "disagree_small", "disagree_large", "disagree_total"]
+    assert [row.rank for row in rows] == [1, 2, 3, 4, 5, 6]
+    # By ratio: 0.5 of 6 = 3.
+    assert {r.case for r in select_certain(scores, keep_ratio=0.5) if r.kept} == kept
+    assert sum(r.kept for r in select_certain(scores, keep_ratio=0.1)) == 1
+
+
+def test_selection_ties_and_nan_are_deterministic():
+    scores = {"c": 0.2, "a": 0.2, "b": 0.2, "z": float("nan"), "y": 0.1}
+    rows = select_certain(scores, keep_count=2)
+    assert [r.case for r in rows] == ["y", "a", "b", "c", "z"]
+    assert [r.kept for r in rows] == [True, True, False, False, False]
+    assert math.isnan(rows[-1].score)
+    # The input order does not matter.
+    shuffled = dict(reversed(list(scores.items())))
+    assert [r.case for r in select_certain(shuffled, keep_count=2)] == [r.case for r in rows]
