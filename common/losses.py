@@ -1,0 +1,124 @@
+"""Segmentation losses on 13 sigmoid channels (reference 3, DESIGN 5.3).
+
+All losses take raw logits (N, C, D, H, W) and a float target of the same shape (one-hot organs or CPS pseudo
+labels) and compute in float32, also under autocast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from common.labels import NUM_ORGANS
+
+DICE_EPS = 1e-8
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def one_hot_organs(label_map: torch.Tensor, num_organs: int = NUM_ORGANS,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Label map (N, D, H, W) with values 0..num_organs -> (N, num_organs, D, H, W); channel c = label c+1.
+
+    Background (0) is the all-zero vector.
+    """
+    labels = torch.arange(1, num_organs + 1, device=label_map.device).view(1, num_organs, *([1] * (label_map.ndim - 1)))
+    return (label_map.unsqueeze(1) == labels).to(dtype)
+
+
+def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """1 - mean over channels of (2 sum(p g) + eps) / (sum(p^2) + sum(g^2) + eps), p = sigmoid(logits).
+
+    Sums run over the spatial axes of each sample and channel; the per-sample losses are averaged
+    (`reduction="mean"`, training) or summed (`"sum"`, the reference's validation loss) over the batch.
+    """
+    _check(logits, target)
+    p = torch.sigmoid(logits.float())
+    g = target.float()
+    dims = tuple(range(2, p.ndim))
+    intersection = (p * g).sum(dims)
+    denominator = (p * p).sum(dims) + (g * g).sum(dims)
+    dice = (2.0 * intersection + DICE_EPS) / (denominator + DICE_EPS)  # (N, C)
+    per_sample = 1.0 - dice.mean(dim=1)
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    raise ValueError(f"unknown reduction {reduction!r}; choose 'mean' or 'sum'")
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of sigmoid(logits) vs target, averaged over every element (log-sum-exp stable)."""
+    _check(logits, target)
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.5, gamma: float = 2.0) -> torch.Tensor:
+    """Per-voxel sigmoid focal loss: mean of alpha_t (1 - p_t)^gamma BCE (DESIGN 5.3).
+
+    p_t = p where target is 1 and 1 - p where it is 0; alpha_t = alpha for positives, 1 - alpha for negatives
+    (soft targets interpolate linearly).
+    """
+    _check(logits, target)
+    x = logits.float()
+    t = target.float()
+    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p = torch.sigmoid(x)
+    p_t = p * t + (1.0 - p) * (1.0 - t)
+    alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
+    return (alpha_t * (1.0 - p_t).pow(gamma) * bce).mean()
+
+
+def reference_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.5,
+                         gamma: float = 2.0) -> torch.Tensor:
+    """The reference's "focal" loss, kept for ablations (reference 3 [QUIRK/BUG]).
+
+    p clamped to [1e-4, 1 - 1e-4]; w = alpha (1-p)^gamma on positives, alpha p^gamma elsewhere;
+    loss = mean(BCE) * sum(w) / max(#positive target elements, 1) -- a scalar BCE times summed weights,
+    not a per-voxel focal loss.
+    """
+    _check(logits, target)
+    p = torch.sigmoid(logits.float()).clamp(1e-4, 1.0 - 1e-4)
+    t = target.float()
+    positive = t == 1
+    weight = torch.where(positive, alpha * (1.0 - p).pow(gamma), alpha * p.pow(gamma))
+    mean_bce = F.binary_cross_entropy(p, t)
+    return mean_bce * weight.sum() / positive.sum().clamp(min=1)
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice + BCE, 1:1 (the fine stage's loss)."""
+    return soft_dice_loss(logits, target) + bce_loss(logits, target)
+
+
+def dice_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice + per-voxel focal loss (alpha 0.5, gamma 2), 1:1 (the coarse stage's loss)."""
+    return soft_dice_loss(logits, target) + focal_loss(logits, target)
+
+
+def dice_reference_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice + the reference's scalar-BCE "focal" loss (bug-compatible ablation)."""
+    return soft_dice_loss(logits, target) + reference_focal_loss(logits, target)
+
+
+LOSSES: dict[str, LossFn] = {
+    "dice": soft_dice_loss,
+    "dice_bce": dice_bce_loss,
+    "dice_focal": dice_focal_loss,
+    "dice_focal_reference": dice_reference_focal_loss,
+}
+
+
+def build_loss(name: str) -> LossFn:
+    """The loss function `name` (see LOSSES): callable(logits, target) -> scalar tensor."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
