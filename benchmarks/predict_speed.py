@@ -1,0 +1,308 @@
+"""Prediction speed and memory: our pipeline vs the straightforward path, on a full-size synthetic CT.
+
+    python -m benchmarks.predict_speed [--device auto|cpu|cuda] [--cases N] [--size Z,Y,X] [--quick]
+
+Makes a synthetic CT (data_prepare.synthetic, size "full", resampled to --size, default 200x512x512), exports
+randomly initialised FULL-size networks (default channels; coarse UNet at 160^3, fine EfficientSegNet at 192^3)
+through common.checkpoint.export_model, and measures in the same run:
+- the two networks' forward passes alone (the floor; DESIGN 6 CPU bar: total <= 1.2x their sum);
+- our pipeline (`predict_folder`: device-side resize, fp16 on CUDA, background read/write, chunked label
+  resizing, components per organ box) with the random networks (worst case: every organ channel fires all over
+  the volume) and with "empty" networks (head weights made negative: nothing fires, the coarse stage falls back
+  to the whole volume) -- realistic outputs lie between the two;
+- the straightforward path: scipy resize on the CPU, fp32, no background I/O, 13 full-size probability maps,
+  connected components on the full volume (run for the first case only, with the random networks);
+- the output-dependent step alone (fine labels at crop size + components) on organ-shaped scores made from the
+  phantom's ground truth, to show its cost for realistic outputs.
+Prints one table; `--json PATH` also writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from common.checkpoint import export_model
+from common.image_io import canonical_flips, read_image, write_mask
+from common.inference import (COARSE_DIR, FINE_DIR, Predictor, predict_folder, resolve_device, resolve_precision,
+                              upsample_labels)
+from common.networks import build_network
+from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
+from common.preprocessing import normalize_hu, resize_volume
+
+logger = logging.getLogger("predict_speed")
+HU_WINDOW = (-325.0, 325.0)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def make_ct(shape_zyx: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple, tuple, tuple]:
+    """Synthetic CT (int16 HU) and mask of `shape_zyx`, resampled from data_prepare.synthetic's "full" phantom."""
+    from data_prepare.synthetic import make_case
+
+    image, mask, spacing_zyx, origin_xyz, direction = make_case(np.random.default_rng(seed), "full")
+    if image.shape != shape_zyx:
+        factors = [o / i for o, i in zip(shape_zyx, image.shape)]
+        spacing_zyx = tuple(s * (i - 1) / max(o - 1, 1) for s, i, o in zip(spacing_zyx, image.shape, shape_zyx))
+        image = resize_volume(image, shape_zyx).round().astype(np.int16)
+        from scipy import ndimage
+        mask = ndimage.zoom(mask, factors, order=0, grid_mode=False)
+        assert image.shape == mask.shape == shape_zyx, (image.shape, mask.shape)
+    return image, mask, spacing_zyx, origin_xyz, direction
+
+
+def write_ct(path: Path, image: np.ndarray, spacing_zyx, origin_xyz, direction) -> None:
+    img = sitk.GetImageFromArray(image)
+    img.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
+    img.SetOrigin(tuple(float(o) for o in origin_xyz))
+    img.SetDirection(tuple(float(d) for d in direction))
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def export_random_models(weights_dir: Path, empty: bool = False) -> None:
+    """Full-size networks with random (seeded) weights; `empty` makes every head weight negative (no organ fires:
+    the last features are ReLU outputs >= 0)."""
+    stages = (("coarse", "unet", 160, COARSE_DIR), ("fine", "efficient_seg_net", 192, FINE_DIR))
+    for stage, name, size, folder in stages:
+        kwargs = {} if name == "unet" else {"input_size_zyx": [size] * 3}
+        nets = {}
+        for i, key in enumerate(("a", "b")):
+            torch.manual_seed(10 + i)
+            state = build_network(name, **kwargs).state_dict()
+            if empty:
+                state["head.weight"] = -state["head.weight"].abs() - 1e-3
+            nets[key] = state
+        preprocess = {"size_zyx": [size] * 3, "hu_window": list(HU_WINDOW), "extend_size_mm": 20.0}
+        export_model(weights_dir / folder, stage=stage, model={"name": name, "kwargs": kwargs}, networks=nets,
+                     primary="a", preprocess=preprocess, config={"benchmark": "random weights"})
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_times(predictor: Predictor, repeats: int) -> dict[str, float]:
+    """Seconds per forward pass of the primary coarse and fine networks alone (input already on the device)."""
+    from common.amp import autocast
+
+    out = {}
+    for key, stage in (("coarse_forward_s", predictor.coarse), ("fine_forward_s", predictor.fine)):
+        net = stage.networks[stage.primary]
+        x = torch.randn(1, 1, *stage.size_zyx, device=predictor.device)
+        with torch.inference_mode(), autocast(predictor.amp):
+            net(x)  # warm-up
+            _sync(predictor.device)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                net(x)
+            _sync(predictor.device)
+        out[key] = (time.perf_counter() - t0) / repeats
+    return out
+
+
+def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> dict[str, float]:
+    """The plain path: everything on the CPU in numpy/scipy except the networks (fp32), no overlap, full-size
+    probability maps resized with scipy, components on the full volume."""
+    device = predictor.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    raw, meta = read_image(path)
+    flips = canonical_flips(meta)
+    ct = np.ascontiguousarray(raw[tuple(slice(None, None, -1) if f else slice(None) for f in flips)])
+    spacing = np.asarray(meta.spacing_zyx)
+    t1 = time.perf_counter()
+    times["read_s"] = t1 - t0
+
+    coarse = predictor.coarse
+    x = normalize_hu(resize_volume(ct, coarse.size_zyx), coarse.hu_window)
+    with torch.inference_mode():
+        logits = coarse.networks[coarse.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu()
+    labels = probs_to_labels(torch.sigmoid(logits).numpy(), 0.5)
+    t2 = time.perf_counter()
+    times["coarse_s"] = t2 - t1
+    coarse_spacing = spacing * np.asarray(ct.shape) / np.asarray(coarse.size_zyx)
+    labels = keep_largest_component(labels, coarse_spacing, 1000.0)
+    box = coarse_box(labels, tuple(coarse_spacing), 240.0)
+    crop = (tuple(slice(0, n) for n in ct.shape) if box is None
+            else box_to_raw_crop(box, coarse.size_zyx, ct.shape, tuple(spacing), 20.0))
+    t3 = time.perf_counter()
+    times["post_s"] = t3 - t2
+
+    fine = predictor.fine
+    region = ct[crop]
+    x = normalize_hu(resize_volume(region, fine.size_zyx), fine.hu_window)
+    with torch.inference_mode():
+        logits = fine.networks[fine.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu().numpy()
+    probs = np.stack([1.0 / (1.0 + np.exp(-resize_volume(channel, region.shape))) for channel in logits])
+    labels = probs_to_labels(probs, 0.5)
+    del probs
+    t4 = time.perf_counter()
+    times["fine_s"] = t4 - t3
+    labels = keep_largest_component(labels, spacing, 2000.0)
+    mask = np.zeros(ct.shape, dtype=np.uint8)
+    mask[crop] = labels
+    mask = np.ascontiguousarray(mask[tuple(slice(None, None, -1) if f else slice(None) for f in flips)])
+    t5 = time.perf_counter()
+    times["post_s"] += t5 - t4
+    write_mask(mask, meta, out_path)
+    times["write_s"] = time.perf_counter() - t5
+    times["total_s"] = time.perf_counter() - t0
+    times["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    return times
+
+
+def phantom_postprocess(mask_zyx: np.ndarray, spacing_zyx, predictor: Predictor) -> dict[str, float]:
+    """Fine labels at full crop size + components, from organ-shaped logits at the fine network size (the ground
+    truth resized to 192^3, smoothed, scaled to +-6): the output-dependent work for realistic outputs."""
+    device = predictor.device
+    size = predictor.fine.size_zyx
+    onehot = torch.stack([torch.from_numpy(mask_zyx == label) for label in range(1, 14)]).float()[None]
+    grid = F.interpolate(onehot, size=size, mode="trilinear", align_corners=True)
+    grid = F.avg_pool3d(grid, 3, stride=1, padding=1)[0]
+    scores = ((grid - 0.5) * 12.0).to(device=device, dtype=predictor.score_dtype)
+    _sync(device)
+    t0 = time.perf_counter()
+    labels = upsample_labels(scores, mask_zyx.shape, 0.0, predictor.chunk_elements).cpu().numpy()
+    t1 = time.perf_counter()
+    keep_largest_component(labels, spacing_zyx, 2000.0)
+    t2 = time.perf_counter()
+    agree = float((labels == mask_zyx).mean())
+    return {"labels_s": t1 - t0, "components_s": t2 - t1, "voxel_agreement": agree}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
+    parser.add_argument("--cases", type=int, default=1, help="cases through our pipeline (copies of the CT)")
+    parser.add_argument("--size", default="200,512,512", help="CT shape z,y,x (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="small CT (100,256,256), for a fast check")
+    parser.add_argument("--repeats", type=int, default=None, help="forward passes timed (default 1 CPU, 10 GPU)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the straightforward path")
+    parser.add_argument("--no-empty", action="store_true", help="skip the run with empty-output networks")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = (100, 256, 256) if args.quick else tuple(int(v) for v in args.size.split(","))
+    device = resolve_device(args.device)
+    args.device = str(device)
+    precision = resolve_precision(args.precision, device)
+    repeats = args.repeats or (10 if device.type == "cuda" else 1)
+    work = Path(tempfile.mkdtemp(prefix="predict_speed_"))
+    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                     f"cpu ({torch.get_num_threads()} threads)", "precision": precision, "shape_zyx": shape,
+                     "cases": args.cases}
+    try:
+        t0 = time.perf_counter()
+        image, mask, spacing_zyx, origin_xyz, direction = make_ct(shape)
+        in_dir = work / "in"
+        in_dir.mkdir()
+        write_ct(in_dir / "bench000_0000.nii.gz", image, spacing_zyx, origin_xyz, direction)
+        for i in range(1, args.cases):
+            shutil.copy(in_dir / "bench000_0000.nii.gz", in_dir / f"bench{i:03d}_0000.nii.gz")
+        print(f"synthetic CT {shape} spacing {tuple(round(s, 3) for s in spacing_zyx)} mm "
+              f"({time.perf_counter() - t0:.1f} s to make)")
+        weights = work / "weights"
+        export_random_models(weights)
+
+        predictor = Predictor(weights, device, precision, uncertainty="off")
+        results["forward"] = forward_times(predictor, repeats)
+        fwd = results["forward"]["coarse_forward_s"] + results["forward"]["fine_forward_s"]
+        results["forward"]["sum_s"] = fwd
+        print(f"forward alone: coarse {results['forward']['coarse_forward_s']:.3f} s, fine "
+              f"{results['forward']['fine_forward_s']:.3f} s, sum {fwd:.3f} s")
+
+        if device.type == "cuda":  # warm-up pass of the whole pipeline (CUDA context, cuDNN autotuning)
+            warm = work / "warm_in"
+            warm.mkdir()
+            write_ct(warm / "warm_0000.nii.gz", image[: max(16, shape[0] // 4)], spacing_zyx, origin_xyz, direction)
+            predict_folder(warm, work / "warm_out", predictor=predictor, progress=False)
+
+        t0 = time.perf_counter()
+        summary = predict_folder(in_dir, work / "out_random", predictor=predictor, workers=args.workers,
+                                 progress=False)
+        wall = time.perf_counter() - t0
+        rows = [r for r in summary["rows"] if r["status"] == "ok"]
+        results["ours_random"] = {"wall_s": wall, "wall_per_case_s": wall / max(len(rows), 1), "rows": rows}
+        if not args.no_empty:
+            empty_weights = work / "weights_empty"
+            export_random_models(empty_weights, empty=True)
+            empty = Predictor(empty_weights, device, precision, uncertainty="off")
+            t0 = time.perf_counter()
+            summary = predict_folder(in_dir, work / "out_empty", predictor=empty, workers=args.workers,
+                                     progress=False)
+            wall = time.perf_counter() - t0
+            rows = [r for r in summary["rows"] if r["status"] == "ok"]
+            results["ours_empty"] = {"wall_s": wall, "wall_per_case_s": wall / max(len(rows), 1), "rows": rows}
+            del empty
+        results["phantom_postprocess"] = phantom_postprocess(mask, spacing_zyx, predictor)
+        if not args.no_baseline:
+            results["baseline"] = straightforward_case(in_dir / "bench000_0000.nii.gz", work / "baseline.nii.gz",
+                                                       predictor)
+        results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print_table(results, fwd)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
+def print_table(results: dict, forward_sum: float) -> None:
+    keys = ("read_s", "coarse_s", "fine_s", "post_s", "write_s", "total_s", "peak_gpu_mem_mb")
+    print(f"\ndevice: {results['device']}, precision {results['precision']}, CT {results['shape_zyx']}, "
+          f"{results['cases']} case(s)")
+    print(f"{'path':<34}" + "".join(f"{k.replace('_s', '').replace('peak_gpu_mem_mb', 'GPU MB'):>9}" for k in keys)
+          + f"{'wall/case':>10}")
+
+    def line(name: str, row: dict, wall: float | None) -> None:
+        cells = "".join(f"{float(row.get(k) or 0):>9.2f}" if k != "peak_gpu_mem_mb" else
+                        f"{float(row.get(k) or 0):>9.0f}" for k in keys)
+        print(f"{name:<34}{cells}{'' if wall is None else f'{wall:>10.2f}'}")
+
+    for key, label in (("ours_random", "ours, random nets"), ("ours_empty", "ours, empty-output nets")):
+        if key in results:
+            for i, row in enumerate(results[key]["rows"]):
+                line(f"{label} #{i}", row, results[key]["wall_per_case_s"] if i == 0 else None)
+    if "baseline" in results:
+        line("straightforward, random nets", results["baseline"], None)
+    p = results["phantom_postprocess"]
+    print(f"organ-shaped outputs: fine labels at crop size {p['labels_s']:.2f} s + components "
+          f"{p['components_s']:.2f} s (voxel agreement with the phantom {p['voxel_agreement']:.4f})")
+    print(f"forward alone (coarse + fine): {forward_sum:.2f} s")
+    for key in ("ours_random", "ours_empty"):
+        if key in results:
+            total = float(np.mean([r["total_s"] for r in results[key]["rows"]]))
+            print(f"{key}: total {total:.2f} s per case = {total / forward_sum:.2f}x the forward time "
+                  f"(wall {results[key]['wall_per_case_s']:.2f} s per case)")
+    if "baseline" in results:
+        print(f"straightforward: total {results['baseline']['total_s']:.2f} s = "
+              f"{results['baseline']['total_s'] / forward_sum:.2f}x the forward time")
+    print(f"max RSS {results['max_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

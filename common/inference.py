@@ -1,0 +1,686 @@
+"""Two-stage prediction of CT folders: coarse network on the whole volume -> organ box -> fine network on the crop.
+
+Pipeline per case (DESIGN 4, decisions 7-9; reference 6.2):
+1. read (background thread), check the volume looks like a CT;
+2. the raw HU volume goes to the device once, as it is stored (int16/int32); the coarse input is resized,
+   windowed and z-scored there (`prepare_input`) and flipped to the canonical orientation at 160^3;
+3. coarse labels (highest sigmoid >= 0.5 wins), largest 26-connected component per organ >= 1000 mm^3 of the
+   coarse grid (coarse spacing = raw spacing * raw shape / 160, as the reference), box (`coarse_box`: 240 mm
+   z-window around the largest region) -> raw crop with 20 mm margin (`box_to_raw_crop`); an empty coarse mask
+   falls back to the whole volume;
+4. the fine network runs on the crop resized to 192^3 (or 160^3); its scores are resized back to the crop size
+   on the device, chunk by chunk and only inside each organ's support, straight into a uint8 label map
+   (no full-resolution 13-channel float tensor ever exists);
+5. largest component per organ >= 2000 mm^3 of the crop grid (DESIGN 5.8), on each organ's bounding box;
+6. paste into a zero uint8 volume in the file's own orientation and write it (background thread) with the
+   input's exact size, spacing, origin and direction.
+
+All large arrays stay in the file's orientation: only network-grid tensors are flipped (a corner-aligned resize
+commutes with a flip), so no full-volume flip copy is made.
+
+`--ensemble` averages the sigmoid probabilities of networks A and B in both stages. The uncertainty score is the
+disagreement of A and B on the fine grid: 1 - mean per-organ Dice of their hard masks over the organs present in
+either (DESIGN 5.6).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import logging
+import math
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.amp import amp_settings, autocast
+from common.checkpoint import load_exported_model
+from common.errors import InputError
+from common.fileutil import write_text_atomic
+from common.image_io import ImageMeta, canonical_flips, list_images, read_image, write_mask
+from common.labels import NUM_ORGANS
+from common.networks.input_layer import prepare_input
+from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
+
+logger = logging.getLogger(__name__)
+
+COARSE_DIR = "base_coarse_model"
+FINE_DIR = "efficient_fine_model"
+COARSE_MIN_VOLUME_MM3 = 1000.0
+FINE_MIN_VOLUME_MM3 = 2000.0
+Z_WINDOW_MM = 240.0
+DEFAULT_EXTEND_SIZE_MM = 20.0
+DEFAULT_UNCERTAINTY_THRESHOLD = 0.2
+MAX_SPACING_MM = 50.0
+# Cost of resizing one channel at one boundary voxel (8 gathers) relative to one voxel of a separable resize of a
+# whole chunk (measured on CPU); decides per chunk which of the two `upsample_labels` uses.
+SPARSE_COST = 6.0
+# A CT in HU always holds air (about -1000 HU) somewhere: outside the body, in the lungs or the bowel.
+CT_MIN_HU_CEILING = -500.0
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+
+CSV_COLUMNS = (
+    "case_id", "input_path", "output_path", "status", "error", "read_s", "coarse_s", "fine_s", "post_s",
+    "write_s", "total_s", "peak_gpu_mem_mb", "device", "coarse_box", "fallback", "uncertainty", "flagged",
+)
+
+
+class WeightsError(Exception):
+    """Missing, corrupt or unusable model weights; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def check_ct(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) -> None:
+    """Raise InputError naming `path` if the volume cannot be a CT in HU (spacing, shape, intensities)."""
+    spacing = meta.spacing_zyx
+    if not all(math.isfinite(s) and 0.0 < s <= MAX_SPACING_MM for s in spacing):
+        raise InputError(path, f"absurd voxel spacing (z, y, x) = {tuple(round(s, 4) for s in spacing)} mm; "
+                               f"expected 0 < spacing <= {MAX_SPACING_MM:g} mm")
+    if array_zyx.ndim != 3 or min(array_zyx.shape) < 2:
+        raise InputError(path, f"array shape {array_zyx.shape} is not a 3D volume")
+    if array_zyx.dtype.kind not in "iuf":
+        raise InputError(path, f"voxel type {array_zyx.dtype} is not numeric")
+    lo, hi = float(array_zyx.min()), float(array_zyx.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InputError(path, "voxel values contain NaN or infinity")
+    if hi <= lo:
+        raise InputError(path, f"non-CT intensities: every voxel is {lo:g}")
+    if lo > CT_MIN_HU_CEILING:
+        raise InputError(path, f"non-CT intensities: minimum {lo:g} > {CT_MIN_HU_CEILING:g} (no air), range "
+                               f"{lo:g}..{hi:g}; expected a CT in Hounsfield units (rescale slope/intercept applied)")
+
+
+# ------------------------------------------------------------------------------------------------ small helpers
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA if available, else CPU; "cuda" without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA GPU is available (use --device cpu)")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> fp16 on CUDA, fp32 on CPU; fp16/bf16 on CPU fall back to fp32 (slower there)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    if device.type != "cuda":
+        if precision in ("fp16", "bf16"):
+            logger.info("precision %s is not used on the CPU; running fp32", precision)
+        return "fp32"
+    return "fp16" if precision == "auto" else precision
+
+
+def _flip(t: torch.Tensor, flips: Sequence[bool]) -> torch.Tensor:
+    """Flip the last three axes (z, y, x) of `t` where `flips` says so (no copy when nothing flips)."""
+    dims = [t.ndim - 3 + i for i, f in enumerate(flips) if f]
+    return torch.flip(t, dims) if dims else t
+
+
+def canonical_to_file_slices(box: Sequence[slice], flips: Sequence[bool],
+                             shape_zyx: Sequence[int]) -> tuple[slice, slice, slice]:
+    """Map a box given in canonical (flipped) coordinates to the same voxels in the file's array order."""
+    out = []
+    for sl, flip, n in zip(box, flips, shape_zyx):
+        start, stop = sl.start, sl.stop
+        out.append(slice(n - stop, n - start) if flip else slice(start, stop))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def format_box(box: Sequence[slice] | None) -> str:
+    """"z0:z1,y0:y1,x0:x1" (upper ends exclusive) or "" for no box."""
+    return "" if box is None else ",".join(f"{s.start}:{s.stop}" for s in box)
+
+
+def disagreement(labels_a: torch.Tensor, labels_b: torch.Tensor, num_organs: int = NUM_ORGANS) -> float:
+    """1 - mean per-organ Dice of two label maps over the organs present in either (0 if none is present)."""
+    n = num_organs + 1
+    joint = torch.bincount((labels_a.long() * n + labels_b.long()).flatten(), minlength=n * n).reshape(n, n)
+    joint = joint.double().cpu()
+    inter = joint.diagonal()[1:]
+    size_a, size_b = joint.sum(1)[1:], joint.sum(0)[1:]
+    present = (size_a + size_b) > 0
+    if not bool(present.any()):
+        return 0.0
+    dice = 2.0 * inter[present] / (size_a[present] + size_b[present])
+    return float(1.0 - dice.mean())
+
+
+# ------------------------------------------------------------------------------------------------ resizing
+
+
+def _axis_map(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Corner-aligned linear resampling n_in -> n_out: per output index the two source indices and the weight.
+
+    i0 <= n_in - 2, so (i0, i0 + 1) is always a source cell (n_in >= 2).
+    """
+    if n_out == 1:
+        src = np.zeros(1, dtype=np.float64)
+    else:
+        src = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 2)
+    return i0, i0 + 1, src - i0
+
+
+def _resize_channels_chunk(scores: torch.Tensor, wanted: Sequence[int], maps: Sequence[tuple[np.ndarray, ...]],
+                           out_yx: tuple[int, int], z0: int, z1: int, threshold: float,
+                           chunk_elements: int) -> torch.Tensor:
+    """Labels of output slices [z0, z1) from a resize of the `wanted` channels: linear in z, then F.interpolate
+    bilinear (align_corners=True) over the whole (y, x) plane, which gives the same sample positions."""
+    device, dtype = scores.device, scores.dtype
+    channel_index = torch.tensor(list(wanted), device=device)
+    out = torch.empty((z1 - z0, *out_yx), dtype=torch.uint8, device=device)
+    step = max(1, chunk_elements // max(len(wanted) * out_yx[0] * out_yx[1], 1))
+    for a0 in range(z0, z1, step):
+        a1 = min(a0 + step, z1)
+        i0, i1, w = (m[a0:a1] for m in maps[0])
+        src0, src1 = int(i0[0]), int(i1[-1]) + 1
+        t = scores[:, src0:src1].index_select(0, channel_index)  # (C', nz, h, w)
+        lo = t.index_select(1, torch.from_numpy(i0 - src0).to(device))
+        hi = t.index_select(1, torch.from_numpy(i1 - src0).to(device))
+        t = torch.lerp(lo, hi, torch.from_numpy(w).to(device=device, dtype=dtype)[None, :, None, None])
+        del lo, hi
+        t = F.interpolate(t.transpose(0, 1), size=out_yx, mode="bilinear", align_corners=True)  # (nz, C', Y, X)
+        values, index = t.max(dim=1)
+        del t
+        labels = channel_index.to(torch.uint8).add(1)[index]
+        out[a0 - z0:a1 - z0] = labels.masked_fill_(values < threshold, 0)
+    return out
+
+
+def upsample_labels(scores: torch.Tensor, out_shape_zyx: Sequence[int], threshold: float,
+                    chunk_elements: int = 1 << 22) -> torch.Tensor:
+    """Labels at `out_shape_zyx` of the trilinear resize (align_corners=True) of network-grid scores (C, d, h, w).
+
+    Equals `probs_to_labels(F.interpolate(scores, out_shape, trilinear, align_corners=True), threshold)` up to
+    float rounding, without ever holding the 13-channel resized scores. The resized value at an output voxel
+    is a convex combination of the 8 corners of its source cell, so:
+    - where all 8 corners carry the same label (background included), the voxel has that label: organ L wins
+      over every other channel at all corners and is >= threshold there, hence everywhere between them;
+    - elsewhere (cells on an organ boundary) only channels >= threshold at some corner can win; they are
+      interpolated exactly, voxel by voxel, for those voxels only -- or, where boundaries are everywhere
+      (untrained networks), by a separable resize of whole chunks of slices, whichever is cheaper (SPARSE_COST);
+    - only the output box of the cells with a labelled corner is touched at all.
+    Returns uint8 (Z, Y, X) on the scores' device.
+    """
+    out_shape = tuple(int(s) for s in out_shape_zyx)
+    for axis in range(1, 4):  # a 1-voxel axis has no cells: repeat it (resizing it is a copy anyway)
+        if scores.shape[axis] == 1:
+            scores = torch.cat([scores, scores], dim=axis)
+    channels, d, h, w = scores.shape
+    device, dtype = scores.device, scores.dtype
+    maps = [_axis_map(n_in, n_out) for n_in, n_out in zip((d, h, w), out_shape)]
+    i0 = [torch.from_numpy(m[0]).to(device) for m in maps]
+    wt = [torch.from_numpy(m[2]).to(device=device, dtype=dtype) for m in maps]
+
+    # Cell labels: the corners' common label, or 255 where the corners disagree (min/max over the 8 corners).
+    corner = probs_to_labels(scores, threshold)
+    cell_max, cell_min = corner, corner
+    for axis in range(3):
+        n = corner.shape[axis]
+        lo, hi = cell_max.narrow(axis, 0, n - 1), cell_max.narrow(axis, 1, n - 1)
+        cell_max = torch.maximum(lo, hi)
+        lo, hi = cell_min.narrow(axis, 0, n - 1), cell_min.narrow(axis, 1, n - 1)
+        cell_min = torch.minimum(lo, hi)
+    cell = cell_max.masked_fill_(cell_max != cell_min, 255)  # (d-1, h-1, w-1)
+    del cell_min
+    # Only cells with a labelled corner can hold labels: work inside the output box they map to.
+    positive = corner > 0
+    extents = [positive.any(2).any(1), positive.any(2).any(0), positive.any(1).any(0)]
+    del corner, positive
+    ranges = []
+    for axis, ext in enumerate(extents):
+        hits = np.flatnonzero(ext.cpu().numpy())
+        if hits.size == 0:
+            return torch.zeros(out_shape, dtype=torch.uint8, device=device)
+        ranges.append((int(np.searchsorted(maps[axis][0], hits[0] - 1, side="left")),
+                       int(np.searchsorted(maps[axis][0], hits[-1], side="right"))))
+    (zl, zh), (yl, yh), (xl, xh) = ranges
+    # Bit c of `reach` = channel c is >= threshold at some corner of the cell: the only channels that can win
+    # inside it. Bits instead of a (C, cells) mask: one gather per boundary voxel instead of one per channel.
+    reach = torch.zeros((d, h, w), dtype=torch.int16, device=device)
+    for c in range(channels):
+        reach.bitwise_or_((scores[c] >= threshold).to(torch.int16) << c)
+    for axis in range(3):
+        n = reach.shape[axis]
+        reach = reach.narrow(axis, 0, n - 1) | reach.narrow(axis, 1, n - 1)
+    reach = reach.reshape(-1)
+    patterns = torch.arange(1 << channels, device=device)[:, None]
+    bit_table = ((patterns >> torch.arange(channels, device=device)[None, :]) & 1).double()  # (2^C, C)
+
+    # Expand cells to output voxels of the box (broadcast advanced indexing is the fast gather on CPU and GPU).
+    sub = cell[i0[0][zl:zh, None, None], i0[1][None, yl:yh, None], i0[2][None, None, xl:xh]]
+    del cell
+    flat_scores = scores.reshape(channels, -1)
+    nx = xh - xl
+    plane = (yh - yl) * nx
+    chunk_z = max(1, chunk_elements // max(plane, 1))
+    hw = h * w
+    corners = (0, 1, w, w + 1, hw, hw + 1, hw + w, hw + w + 1)  # (z, y, x) offsets 000, 001, 010, ..., 111
+    for z0 in range(0, zh - zl, chunk_z):
+        z1 = min(z0 + chunk_z, zh - zl)
+        block = sub[z0:z1].reshape(-1)
+        todo = (block == 255).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            continue
+        oz = todo // plane + (z0 + zl)
+        oy = (todo % plane) // nx + yl
+        ox = todo % nx + xl
+        cz, cy, cx = i0[0][oz], i0[1][oy], i0[2][ox]
+        bits = reach.index_select(0, (cz * (h - 1) + cy) * (w - 1) + cx)
+        # Voxels per channel to resize, from a histogram of the bit patterns (one pass instead of one per channel).
+        histogram = torch.bincount(bits.long(), minlength=1 << channels).double()
+        counts = (histogram[:, None] * bit_table).sum(0).tolist()
+        wanted = [c for c in range(channels) if counts[c]]
+        if SPARSE_COST * sum(counts) > len(wanted) * block.numel():
+            # Boundaries everywhere (e.g. an untrained network): a separable resize of the whole chunk, for
+            # the channels that reach a boundary cell in it, is cheaper than 8 gathers per voxel and channel.
+            dense = _resize_channels_chunk(scores, wanted, maps, out_shape[1:], z0 + zl, z1 + zl, threshold,
+                                           chunk_elements)
+            block[todo] = dense[:, yl:yh, xl:xh].reshape(-1).index_select(0, todo)
+            continue
+        wz, wy, wx = wt[0][oz], wt[1][oy], wt[2][ox]
+        base = (cz * h + cy) * w + cx
+        del oz, oy, ox, cz, cy, cx
+        best = torch.full(todo.shape, float("-inf"), dtype=dtype, device=device)
+        out = torch.zeros(todo.shape, dtype=torch.uint8, device=device)
+        for c in wanted:
+            sel = ((bits >> c) & 1).nonzero().squeeze(1)
+            b = base.index_select(0, sel)
+            f = flat_scores[c]
+            v = [f.index_select(0, b + off) for off in corners]
+            wx_s, wy_s, wz_s = wx.index_select(0, sel), wy.index_select(0, sel), wz.index_select(0, sel)
+            x00, x01 = torch.lerp(v[0], v[1], wx_s), torch.lerp(v[2], v[3], wx_s)
+            x10, x11 = torch.lerp(v[4], v[5], wx_s), torch.lerp(v[6], v[7], wx_s)
+            value = torch.lerp(torch.lerp(x00, x01, wy_s), torch.lerp(x10, x11, wy_s), wz_s)
+            current = best.index_select(0, sel)
+            win = (value >= threshold) & (value > current)
+            best.index_copy_(0, sel, torch.where(win, value, current))
+            out.index_copy_(0, sel, torch.where(win, c + 1, out.index_select(0, sel)).to(torch.uint8))
+        block[todo] = out
+    labels = torch.zeros(out_shape, dtype=torch.uint8, device=device)
+    labels[zl:zh, yl:yh, xl:xh] = sub
+    return labels
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class Stage:
+    """One exported stage ready for prediction."""
+
+    name: str
+    path: Path
+    networks: dict[str, nn.Module]
+    primary: str
+    size_zyx: tuple[int, int, int]
+    hu_window: tuple[float, float]
+    extend_size_mm: float
+
+
+def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequence[int] | None = None) -> Stage:
+    """Load an exported model folder (model.pt + config.yaml); WeightsError naming the file on any problem."""
+    try:
+        exported = load_exported_model(model_dir, device, stage=stage)
+    except InputError as e:
+        raise WeightsError(str(e)) from None
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
+        raise WeightsError(f"{model_dir / 'model.pt'}: cannot build the {stage} network: {e}") from None
+    pre = exported.preprocess
+    try:
+        size = tuple(int(s) for s in (size_zyx if size_zyx is not None else pre["size_zyx"]))
+        window = (float(pre["hu_window"][0]), float(pre["hu_window"][1]))
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise WeightsError(f"{model_dir / 'model.pt'}: preprocess settings incomplete ({e!r}); re-export") from None
+    if len(size) != 3 or any(s % 16 for s in size):
+        raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16")
+    return Stage(stage, Path(model_dir), dict(exported.networks), exported.primary,
+                 size, window, float(pre.get("extend_size_mm", DEFAULT_EXTEND_SIZE_MM)))  # type: ignore[arg-type]
+
+
+@dataclass
+class CaseResult:
+    """What `Predictor.predict` returns for one volume."""
+
+    mask: np.ndarray                       # (z, y, x) uint8 in the file's orientation
+    crop: tuple[slice, slice, slice]       # fine crop, canonical coordinates
+    fallback: bool                         # coarse mask was empty: the whole volume was used
+    uncertainty: float | None
+    times: dict[str, float] = field(default_factory=dict)  # coarse_s, fine_s, post_s
+    peak_gpu_mem_mb: float = 0.0
+    device: str = "cpu"
+
+
+class Predictor:
+    """Coarse + fine networks on one device with the options of `predict_folder`."""
+
+    def __init__(self, weights_dir: str | os.PathLike, device: str | torch.device = "auto", precision: str = "auto",
+                 fine_size: int | None = None, ensemble: bool = False, uncertainty: str = "auto",
+                 z_window_mm: float = Z_WINDOW_MM, coarse_min_volume_mm3: float = COARSE_MIN_VOLUME_MM3,
+                 fine_min_volume_mm3: float = FINE_MIN_VOLUME_MM3, chunk_elements: int | None = None) -> None:
+        self.weights_dir = Path(weights_dir)
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.precision = resolve_precision(precision, self.device)
+        self.amp = amp_settings("off" if self.precision == "fp32" else self.precision, self.device)
+        # Scores are resized in fp16 on the GPU (half the memory); bf16's 8-bit mantissa is too coarse for the
+        # channel comparisons at organ borders, so bf16 networks hand fp32 scores on.
+        self.score_dtype = torch.float16 if self.amp.dtype == torch.float16 else torch.float32
+        if fine_size is not None and (fine_size < 32 or fine_size % 16):
+            raise ValueError(f"fine size must be a multiple of 16 and >= 32 (192 trained, 160 faster), got {fine_size}")
+        self.fine_size = fine_size
+        self.ensemble = ensemble
+        self.z_window_mm = z_window_mm
+        self.coarse_min_volume_mm3 = coarse_min_volume_mm3
+        self.fine_min_volume_mm3 = fine_min_volume_mm3
+        self.chunk_elements = chunk_elements or (1 << 24 if self.device.type == "cuda" else 1 << 21)
+        self.coarse = load_stage(self.weights_dir / COARSE_DIR, "coarse", self.device)
+        self.fine = load_stage(self.weights_dir / FINE_DIR, "fine", self.device,
+                               None if fine_size is None else (fine_size,) * 3)
+        if ensemble:
+            for stage in (self.coarse, self.fine):
+                if len(stage.networks) < 2:
+                    logger.warning("--ensemble: %s holds only network %s; that stage uses it alone",
+                                   stage.path / "model.pt", stage.primary)
+        if uncertainty not in ("auto", "on", "off"):
+            raise ValueError(f"uncertainty must be auto, on or off, got {uncertainty!r}")
+        both = len(self.fine.networks) >= 2
+        if uncertainty == "on" and not both:
+            logger.warning("uncertainty needs networks a and b in %s; not computed", self.fine.path / "model.pt")
+        # auto: free with --ensemble; on a GPU one more fine forward (~0.1 s); on a CPU it would double the fine
+        # stage, so it is left to "on" there.
+        self.uncertainty = both and (uncertainty == "on" or (uncertainty == "auto" and (
+            ensemble or self.device.type == "cuda")))
+        self.options = {"precision": self.precision, "fine_size": fine_size, "ensemble": ensemble,
+                        "uncertainty": uncertainty, "z_window_mm": z_window_mm,
+                        "coarse_min_volume_mm3": coarse_min_volume_mm3, "fine_min_volume_mm3": fine_min_volume_mm3}
+
+    def on_cpu(self) -> "Predictor":
+        """The same predictor on the CPU (fp32), for cases that do not fit in GPU memory."""
+        return Predictor(self.weights_dir, "cpu", "fp32", self.fine_size, self.ensemble,
+                         "on" if self.uncertainty else "off", self.z_window_mm, self.coarse_min_volume_mm3,
+                         self.fine_min_volume_mm3)
+
+    # -------------------------------------------------------------------------------------------- stages
+
+    def _scores(self, stage: Stage, x: torch.Tensor, want_pair: bool
+                ) -> tuple[torch.Tensor, float, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Logit scores (C, D, H, W) for input x (1, 1, D, H, W), threshold 0; A/B label maps if asked."""
+        names = ["a", "b"] if "a" in stage.networks and "b" in stage.networks else [stage.primary]
+        use = names if self.ensemble else [stage.primary]
+        run = names if (want_pair and len(names) == 2) else use
+        outputs: dict[str, torch.Tensor] = {}
+        with autocast(self.amp):
+            for name in run:
+                outputs[name] = stage.networks[name](x)[0].to(self.score_dtype)
+        pair = None
+        if want_pair and len(names) == 2:
+            pair = (probs_to_labels(outputs["a"], 0.0), probs_to_labels(outputs["b"], 0.0))
+        if len(use) == 1:
+            return outputs[use[0]], 0.0, pair
+        # Average the probabilities (fp32), then back to logits: the ensemble's score map is resized as logits,
+        # like a single network's, and equals it when A and B agree.
+        probs = outputs.pop(use[0]).float().sigmoid_()
+        for name in use[1:]:
+            probs.add_(outputs.pop(name).float().sigmoid_())
+        probs.div_(len(use)).clamp_(1e-7, 1 - 1e-7)
+        return torch.logit(probs).to(self.score_dtype), 0.0, pair
+
+    @torch.inference_mode()
+    def predict(self, raw_zyx: np.ndarray, meta: ImageMeta, case: str = "") -> CaseResult:
+        """Segment one volume given in the file's array order; returns the uint8 mask in the same order."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        times: dict[str, float] = {}
+        shape = tuple(int(s) for s in raw_zyx.shape)
+        spacing = np.asarray(meta.spacing_zyx, dtype=np.float64)
+        flips = canonical_flips(meta)
+        t0 = time.perf_counter()
+
+        # ---- coarse: whole volume, resized on the device, flipped at network size
+        raw = torch.from_numpy(_torch_friendly(raw_zyx)).to(self.device)
+        x = _flip(prepare_input(raw[None, None], self.coarse.size_zyx, self.coarse.hu_window), flips)
+        scores, threshold, _ = self._scores(self.coarse, x, want_pair=False)
+        del x
+        coarse_labels = probs_to_labels(scores, threshold).cpu().numpy()
+        del scores
+        t1 = time.perf_counter()
+        times["coarse_s"] = t1 - t0
+
+        coarse_spacing = spacing * np.asarray(shape) / np.asarray(self.coarse.size_zyx)
+        coarse_labels = keep_largest_component(coarse_labels, coarse_spacing, self.coarse_min_volume_mm3)
+        box = coarse_box(coarse_labels, tuple(coarse_spacing), z_window_mm=self.z_window_mm)
+        fallback = box is None
+        if fallback:
+            logger.warning("%s: coarse mask is empty; the fine network runs on the whole volume", case or "case")
+            crop = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+        else:
+            crop = box_to_raw_crop(box, self.coarse.size_zyx, shape, tuple(spacing),
+                                   margin_mm=self.fine.extend_size_mm)
+        file_crop = canonical_to_file_slices(crop, flips, shape)
+        t2 = time.perf_counter()
+        times["post_s"] = t2 - t1
+
+        # ---- fine: crop (a view of the device volume), network at 192^3, labels resized back on the device
+        region = raw[file_crop]
+        crop_shape = tuple(region.shape)
+        x = _flip(prepare_input(region[None, None], self.fine.size_zyx, self.fine.hu_window), flips)
+        del raw, region
+        scores, threshold, pair = self._scores(self.fine, x, want_pair=self.uncertainty)
+        del x
+        uncertainty = disagreement(*pair) if pair is not None else None
+        del pair
+        crop_labels = upsample_labels(_flip(scores, flips), crop_shape, threshold, self.chunk_elements)
+        del scores
+        crop_labels = crop_labels.cpu().numpy()
+        t3 = time.perf_counter()
+        times["fine_s"] = t3 - t2
+
+        crop_labels = keep_largest_component(crop_labels, spacing, self.fine_min_volume_mm3)
+        mask = np.zeros(shape, dtype=np.uint8)
+        mask[file_crop] = crop_labels
+        times["post_s"] += time.perf_counter() - t3
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else 0.0
+        return CaseResult(mask, crop, fallback, uncertainty, times, peak, str(self.device))
+
+
+def _torch_friendly(array: np.ndarray) -> np.ndarray:
+    """The array in a dtype torch holds without a float copy (int16/int32 stay), C-contiguous and writable."""
+    if array.dtype in (np.int16, np.int32, np.float32, np.float64, np.uint8, np.int8):
+        out = array
+    elif array.dtype == np.uint16:
+        out = array.astype(np.int32)
+    else:
+        out = array.astype(np.float32)
+    if not out.flags.writeable:
+        return np.array(out, order="C")
+    return np.ascontiguousarray(out)
+
+
+# ------------------------------------------------------------------------------------------------ folders
+
+
+def _read_case(path: Path) -> tuple[np.ndarray, ImageMeta, float]:
+    t0 = time.perf_counter()
+    array, meta = read_image(path)
+    check_ct(array, meta, path)
+    return array, meta, time.perf_counter() - t0
+
+
+def _write_case(mask: np.ndarray, meta: ImageMeta, out_path: Path, overlay_path: Path | None,
+                raw: np.ndarray | None, case_id: str) -> float:
+    t0 = time.perf_counter()
+    write_mask(mask, meta, out_path)
+    if overlay_path is not None and raw is not None:
+        from common.overlay import write_overlay  # only needed with --overlays
+        write_overlay(overlay_path, raw, mask, meta.spacing_zyx, canonical_flips(meta), title=case_id)
+    return time.perf_counter() - t0
+
+
+def output_name(case_id: str) -> str:
+    """Output file name of a case: `<id>.nii.gz`."""
+    return f"{case_id}.nii.gz"
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, (InputError, WeightsError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}".strip()
+
+
+def write_report(path: Path, rows: list[dict[str, Any]]) -> None:
+    """predictions.csv (atomic): one row per case and per skipped entry, columns CSV_COLUMNS."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(row.get(k)) for k in CSV_COLUMNS})
+    write_text_atomic(path, buffer.getvalue())
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def predict_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                   weights_dir: str | os.PathLike = "model_weights", device: str = "auto", precision: str = "auto",
+                   fine_size: int | None = None, ensemble: bool = False, overwrite: bool = False,
+                   overlays: bool = False, workers: int = 2, uncertainty: str = "auto",
+                   uncertainty_threshold: float = DEFAULT_UNCERTAINTY_THRESHOLD, progress: bool = True,
+                   predictor: Predictor | None = None) -> dict[str, Any]:
+    """Segment every CT in `in_dir` into `out_dir/<id>.nii.gz`; write `out_dir/predictions.csv`.
+
+    Cases are read `workers` ahead in background threads and written by a background thread while the next
+    case computes. A bad case is named with its reason and the others go on. Raises InputError for a missing
+    input folder and WeightsError for missing/corrupt weights (nothing is predicted then).
+
+    Returns {"ok", "failed", "skipped", "flagged": counts, "rows": per-entry dicts (CSV_COLUMNS), "csv": path,
+    "wall_s": seconds}.
+    """
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    cases, skipped_entries = list_images(in_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "predictions.csv"
+    rows: list[dict[str, Any]] = []
+    for entry, reason in skipped_entries:
+        if entry.resolve() == out_dir.resolve():
+            continue
+        logger.info("skipping %s: %s", entry, reason)
+        rows.append({"case_id": entry.name, "input_path": str(entry), "status": "skipped", "error": reason})
+    todo: list[tuple[str, Path, Path]] = []
+    for case_id, path in cases.items():
+        out_path = out_dir / output_name(case_id)
+        if out_path.exists() and not overwrite:
+            logger.info("skipping %s: %s exists (use --overwrite to redo it)", case_id, out_path)
+            rows.append({"case_id": case_id, "input_path": str(path), "output_path": str(out_path),
+                         "status": "skipped", "error": "output exists (use --overwrite to redo it)"})
+        else:
+            todo.append((case_id, path, out_path))
+
+    if todo and predictor is None:
+        predictor = Predictor(weights_dir, device, precision, fine_size, ensemble, uncertainty)
+    cpu_predictor: Predictor | None = None
+    workers = max(1, int(workers))
+    reader = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict-read")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-write")
+    reads: collections.deque[Future] = collections.deque()
+    writes: collections.deque[tuple[dict[str, Any], Future]] = collections.deque()
+    next_read = 0
+
+    def finish_write(row: dict[str, Any], future: Future) -> None:
+        try:
+            row["write_s"] = future.result()
+            row["status"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - any failure is reported per case
+            row["status"], row["error"] = "failed", _error_text(exc)
+            logger.error("%s: writing failed: %s", row["case_id"], row["error"])
+        row["total_s"] = sum(row.get(k) or 0.0 for k in ("read_s", "coarse_s", "fine_s", "post_s", "write_s"))
+        write_report(csv_path, rows)
+
+    try:
+        bar = tqdm(todo, desc="predict", unit="case", disable=not progress)
+        for case_id, path, out_path in bar:
+            while next_read < len(todo) and len(reads) <= workers:
+                reads.append(reader.submit(_read_case, todo[next_read][1]))
+                next_read += 1
+            bar.set_postfix_str(case_id)
+            row: dict[str, Any] = {"case_id": case_id, "input_path": str(path), "output_path": str(out_path),
+                                   "status": "running"}
+            rows.append(row)
+            try:
+                raw, meta, row["read_s"] = reads.popleft().result()
+            except Exception as exc:  # noqa: BLE001
+                row["status"], row["error"] = "failed", _error_text(exc)
+                logger.error("%s failed: %s", case_id, row["error"])
+                write_report(csv_path, rows)
+                continue
+            try:
+                try:
+                    result = predictor.predict(raw, meta, case_id)
+                except torch.cuda.OutOfMemoryError:
+                    logger.warning("%s: CUDA out of memory; retrying this case on the CPU", case_id)
+                    torch.cuda.empty_cache()
+                    if cpu_predictor is None:
+                        cpu_predictor = predictor.on_cpu()
+                    result = cpu_predictor.predict(raw, meta, case_id)
+                    row["error"] = "CUDA out of memory; predicted on the CPU"
+            except Exception as exc:  # noqa: BLE001
+                row["status"], row["error"] = "failed", _error_text(exc)
+                logger.exception("%s failed: %s", case_id, row["error"])
+                write_report(csv_path, rows)
+                continue
+            row.update(result.times)
+            row.update({"peak_gpu_mem_mb": result.peak_gpu_mem_mb, "device": result.device,
+                        "coarse_box": format_box(result.crop), "fallback": result.fallback,
+                        "uncertainty": result.uncertainty,
+                        "flagged": (result.uncertainty is not None and result.uncertainty > uncertainty_threshold)})
+            if result.fallback:
+                row["error"] = (row.get("error", "") + "; " if row.get("error") else "") + \
+                    "coarse mask empty: whole-volume fallback"
+            overlay_path = out_dir / f"{case_id}_overlay.png" if overlays else None
+            writes.append((row, writer.submit(_write_case, result.mask, meta, out_path, overlay_path,
+                                              raw if overlays else None, case_id)))
+            del raw, result
+            while len(writes) > 1:  # bounded queue: at most one finished mask waits besides the one writing
+                finish_write(*writes.popleft())
+        while writes:
+            finish_write(*writes.popleft())
+    finally:
+        for future in reads:
+            future.cancel()
+        reader.shutdown(wait=True)
+        writer.shutdown(wait=True)
+    write_report(csv_path, rows)
+    counts = collections.Counter(r["status"] for r in rows)
+    summary = {
+        "ok": counts.get("ok", 0), "failed": counts.get("failed", 0), "skipped": counts.get("skipped", 0),
+        "flagged": sum(1 for r in rows if r.get("flagged")), "rows": rows, "csv": str(csv_path),
+        "wall_s": time.perf_counter() - t_start,
+    }
+    logger.info("predicted %d case(s), %d failed, %d skipped in %.1f s; report %s", summary["ok"],
+                summary["failed"], summary["skipped"], summary["wall_s"], csv_path)
+    return summary

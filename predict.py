@@ -1,0 +1,91 @@
+"""Segment every CT volume in a folder with the coarse and fine models: `python predict.py -i IN -o OUT`.
+
+Writes `OUT/<id>.nii.gz` (uint8 labels 0..13 on the input's exact grid) per case and `OUT/predictions.csv`
+(status, per-phase times, peak GPU memory, coarse box, fallback, uncertainty and flag per case).
+Exit code: 0 all fine, 1 some case failed, 2 setup error (missing/corrupt weights, missing input folder, bad option).
+Usually run as `sh predict.sh IN OUT [options]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from common.errors import InputError
+from common.inference import DEFAULT_UNCERTAINTY_THRESHOLD, WeightsError, predict_folder
+
+REPO_ROOT = Path(__file__).resolve().parent
+logger = logging.getLogger("predict")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Coarse-to-fine 13-organ segmentation of every CT in a folder "
+                    "(.nii.gz, .nii, .mha, .mhd, .nrrd, DICOM series sub-folders).")
+    parser.add_argument("-i", "--input", required=True, help="folder of CT volumes (<id>_0000.nii.gz -> <id>.nii.gz)")
+    parser.add_argument("-o", "--output", required=True, help="folder for <id>.nii.gz masks and predictions.csv")
+    parser.add_argument("--weights-dir", default=str(REPO_ROOT / "model_weights"),
+                        help="folder with base_coarse_model/ and efficient_fine_model/ (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                        help="auto = cuda if available (default: %(default)s)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
+                        help="network precision on CUDA; auto = fp16 on CUDA, fp32 on CPU (default: %(default)s)")
+    parser.add_argument("--fine-size", type=int, default=None,
+                        help="fine network input size per axis: 192 (trained, default from the model) or 160 "
+                             "(faster); any multiple of 16")
+    parser.add_argument("--ensemble", action="store_true", help="average networks A and B (both stages)")
+    parser.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
+    parser.add_argument("--overlays", action="store_true", help="also write <id>_overlay.png (axial + coronal)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="background reader threads = cases read ahead (default: %(default)s)")
+    parser.add_argument("--uncertainty", default="auto", choices=("auto", "on", "off"),
+                        help="A/B disagreement score: auto = with --ensemble or on CUDA (on the CPU it costs a "
+                             "second fine forward pass) (default: %(default)s)")
+    parser.add_argument("--uncertainty-threshold", type=float, default=DEFAULT_UNCERTAINTY_THRESHOLD,
+                        help="flag cases whose uncertainty is above this (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    return parser.parse_args(argv)
+
+
+def print_summary(summary: dict) -> None:
+    """Table of the cases that ran, then the failures and the flagged cases."""
+    rows = [r for r in summary["rows"] if r["status"] in ("ok", "failed")]
+    if rows:
+        print(f"{'case':<24} {'status':<7} {'read':>6} {'coarse':>7} {'fine':>6} {'post':>6} {'write':>6} "
+              f"{'total':>6} {'gpu MB':>7} {'unc.':>6}")
+        for r in rows:
+            def sec(key: str) -> str:
+                return f"{r[key]:.2f}" if isinstance(r.get(key), float) else "-"
+            unc = f"{r['uncertainty']:.3f}" if isinstance(r.get("uncertainty"), float) else "-"
+            gpu = f"{r['peak_gpu_mem_mb']:.0f}" if isinstance(r.get("peak_gpu_mem_mb"), float) else "-"
+            print(f"{r['case_id'][:24]:<24} {r['status']:<7} {sec('read_s'):>6} {sec('coarse_s'):>7} "
+                  f"{sec('fine_s'):>6} {sec('post_s'):>6} {sec('write_s'):>6} {sec('total_s'):>6} {gpu:>7} "
+                  f"{unc:>6}{'  FLAGGED' if r.get('flagged') else ''}")
+    for r in summary["rows"]:
+        if r["status"] == "failed":
+            print(f"FAILED {r['case_id']}: {r.get('error', '')}")
+    print(f"{summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} skipped, "
+          f"{summary['flagged']} flagged for review; {summary['wall_s']:.1f} s; report: {summary['csv']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        summary = predict_folder(
+            args.input, args.output, weights_dir=args.weights_dir, device=args.device, precision=args.precision,
+            fine_size=args.fine_size, ensemble=args.ensemble, overwrite=args.overwrite, overlays=args.overlays,
+            workers=args.workers, uncertainty=args.uncertainty, uncertainty_threshold=args.uncertainty_threshold,
+            progress=not args.quiet)
+    except (WeightsError, InputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""predict.py / common.inference: geometry, fallback, bad inputs, skip/overwrite, ensemble, overlays, weights errors.
+
+Tiny networks (channels 2,4,4,8,8; 32^3 inputs) exported through the real `export_model`, CPU only.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import predict
+from common import inference
+from common.checkpoint import export_model
+from common.errors import InputError
+from common.image_io import ImageMeta, read_image
+from common.inference import (Predictor, check_ct, disagreement, predict_folder, upsample_labels)
+from common.networks import build_network
+from common.postprocess import keep_largest_component, probs_to_labels
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = [2, 4, 4, 8, 8]
+REAL_CASES = ("case_0001", "case_0002", "case_0003")
+
+
+def _export(weights_dir: Path, stage: str, name: str, size: int, seed: int) -> None:
+    kwargs: dict = {"channels": TINY, "dropout": 0.0}
+    if name == "efficient_seg_net":
+        kwargs["input_size_zyx"] = [size] * 3
+    nets = {}
+    for i, key in enumerate(("a", "b")):
+        torch.manual_seed(seed + i)
+        nets[key] = build_network(name, **kwargs).state_dict()
+    preprocess = {"size_zyx": [size] * 3, "hu_window": [-325.0, 325.0]}
+    if stage == "fine":
+        preprocess["extend_size_mm"] = 20.0
+    folder = inference.COARSE_DIR if stage == "coarse" else inference.FINE_DIR
+    export_model(weights_dir / folder, stage=stage, model={"name": name, "kwargs": kwargs}, networks=nets,
+                 primary="a", preprocess=preprocess, config={"model": {"name": name}})
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("weights")
+    _export(root, "coarse", "unet", 32, seed=1)
+    _export(root, "fine", "efficient_seg_net", 32, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def predictor(weights_dir) -> Predictor:
+    return Predictor(weights_dir, device="cpu")
+
+
+def _ct_volume(shape_zyx, seed=0) -> np.ndarray:
+    """Body-like int16 volume: air around a soft-tissue ellipsoid with a brighter 'organ' inside."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape_zyx], indexing="ij")
+    vol = np.full(shape_zyx, -1000.0)
+    vol[(y / 0.8) ** 2 + (x / 0.9) ** 2 < 1] = 40.0
+    vol[((z - 0.1) / 0.5) ** 2 + ((y - 0.1) / 0.3) ** 2 + ((x + 0.2) / 0.3) ** 2 < 1] = 120.0
+    return (vol + rng.normal(0, 10, shape_zyx)).astype(np.int16)
+
+
+def _write_ct(path: Path, array_zyx: np.ndarray, spacing_xyz=(0.8, 0.9, 2.5), origin=(-12.5, 30.0, 101.0),
+              direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> Path:
+    image = sitk.GetImageFromArray(array_zyx)
+    image.SetSpacing(spacing_xyz)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    sitk.WriteImage(image, str(path), useCompression=True)
+    return path
+
+
+def _rows(out_dir: Path) -> dict[str, dict[str, str]]:
+    with open(out_dir / "predictions.csv", newline="") as f:
+        return {row["case_id"]: row for row in csv.DictReader(f)}
+
+
+def _assert_same_geometry(a: Path, b: Path) -> None:
+    ia, ib = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))
+    assert ia.GetSize() == ib.GetSize()
+    assert ia.GetSpacing() == pytest.approx(ib.GetSpacing(), abs=1e-6)
+    assert ia.GetOrigin() == pytest.approx(ib.GetOrigin(), abs=1e-4)
+    assert ia.GetDirection() == pytest.approx(ib.GetDirection(), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+
+def test_real_cts_keep_their_exact_geometry(tmp_path, real_data_dir, predictor):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    for case in REAL_CASES:  # <id>_0000.nii.gz naming, as in FLARE folders
+        os.symlink(real_data_dir / f"{case}.nii.gz", in_dir / f"{case}_0000.nii.gz")
+    out_dir = tmp_path / "out"
+    summary = predict_folder(in_dir, out_dir, predictor=predictor, progress=False)
+    assert (summary["ok"], summary["failed"]) == (3, 0)
+    rows = _rows(out_dir)
+    for case in REAL_CASES:
+        out = out_dir / f"{case}.nii.gz"
+        _assert_same_geometry(out, real_data_dir / f"{case}.nii.gz")
+        mask = sitk.ReadImage(str(out))
+        assert mask.GetPixelID() == sitk.sitkUInt8
+        assert sitk.GetArrayViewFromImage(mask).max() <= 13
+        row = rows[case]
+        assert row["status"] == "ok" and row["peak_gpu_mem_mb"] == "0.0000"
+        for key in ("read_s", "coarse_s", "fine_s", "post_s", "write_s", "total_s"):
+            assert float(row[key]) >= 0
+        assert row["coarse_box"].count(":") == 3  # z0:z1,y0:y1,x0:x1
+
+
+def test_oblique_direction_keeps_geometry(tmp_path, predictor, caplog):
+    angle = np.deg2rad(20)
+    c, s = np.cos(angle), np.sin(angle)
+    direction = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, -1.0)  # rotated in-plane, z stored feet-first
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    src = _write_ct(in_dir / "oblique_0000.nii.gz", _ct_volume((33, 47, 45)), direction=direction)
+    out_dir = tmp_path / "out"
+    summary = predict_folder(in_dir, out_dir, predictor=predictor, progress=False)
+    assert summary["ok"] == 1
+    _assert_same_geometry(out_dir / "oblique.nii.gz", src)
+    assert "oblique" in caplog.text
+
+
+def test_mask_is_pasted_in_file_orientation(predictor):
+    """Flipping the stored array (and the direction) must give the flipped mask: the pipeline is orientation-exact."""
+    vol = _ct_volume((33, 47, 45), seed=2)
+    meta = ImageMeta((45, 47, 33), (0.8, 0.9, 2.5), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    flipped_meta = ImageMeta((45, 47, 33), (0.8, 0.9, 2.5), (0.0, 0.0, 0.0), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, -1.0))
+    a = predictor.predict(vol, meta).mask
+    b = predictor.predict(np.ascontiguousarray(vol[::-1, ::-1, ::-1]), flipped_meta).mask
+    assert np.array_equal(a, b[::-1, ::-1, ::-1])
+
+
+# ------------------------------------------------------------------------------------------------ pipeline pieces
+
+
+class _Constant(nn.Module):
+    """A stand-in network with constant logits (not exported: used only to drive the pipeline)."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 13, *x.shape[2:]), self.value)
+
+
+def test_empty_coarse_mask_falls_back_to_whole_volume(tmp_path, weights_dir, caplog):
+    predictor = Predictor(weights_dir, device="cpu")
+    predictor.coarse.networks = {"a": _Constant(-5.0)}
+    predictor.coarse.primary = "a"
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    vol = _ct_volume((33, 47, 45))
+    _write_ct(in_dir / "c1_0000.nii.gz", vol)
+    out_dir = tmp_path / "out"
+    assert predict_folder(in_dir, out_dir, predictor=predictor, progress=False)["ok"] == 1
+    row = _rows(out_dir)["c1"]
+    assert row["fallback"] == "1" and "fallback" in row["error"]
+    assert row["coarse_box"] == "0:33,0:47,0:45"
+    assert "coarse mask is empty" in caplog.text
+
+
+def test_upsample_labels_equals_full_resize():
+    torch.manual_seed(0)
+    for in_shape, out_shape in [((16, 20, 24), (33, 47, 45)), ((32, 32, 32), (20, 70, 1)), ((16, 16, 16), (5, 9, 40))]:
+        coarse = torch.randn(1, 13, *[max(2, n // 4) for n in in_shape])
+        scores = F.interpolate(coarse, size=in_shape, mode="trilinear", align_corners=True)[0] * 3 - 1
+        full = F.interpolate(scores[None], size=out_shape, mode="trilinear", align_corners=True)[0]
+        for threshold, s in ((0.0, scores), (0.5, scores.sigmoid())):
+            expected = probs_to_labels(full if threshold == 0.0 else full.sigmoid(), threshold)
+            got = upsample_labels(s, out_shape, threshold, chunk_elements=700)
+            # probabilities are resized before the sigmoid in the full path: compare logit path exactly only
+            if threshold == 0.0:
+                assert (got != expected).sum() <= 1
+            assert got.dtype == torch.uint8 and tuple(got.shape) == out_shape
+
+
+def test_upsample_labels_empty_and_single_organ():
+    scores = torch.full((13, 8, 8, 8), -3.0)
+    assert upsample_labels(scores, (10, 11, 12), 0.0).sum() == 0
+    scores[4, 2:5, 2:5, 2:5] = 3.0
+    labels = upsample_labels(scores, (15, 15, 15), 0.0)
+    assert set(labels.unique().tolist()) == {0, 5}
+
+
+def test_disagreement():
+    a = torch.zeros(4, 4, 4, dtype=torch.uint8)
+    assert disagreement(a, a) == 0.0  # nothing present: the networks agree
+    a[0, :2] = 1
+    assert disagreement(a, a) == 0.0
+    b = a.clone()
+    b[0, :2] = 2  # organ 1 only in A, organ 2 only in B: both Dice 0
+    assert disagreement(a, b) == pytest.approx(1.0)
+    c = a.clone()
+    c[0, 0] = 0  # organ 1: |A| = 8, |B| = 4, overlap 4 -> Dice 2/3
+    assert disagreement(a, c) == pytest.approx(1 / 3)
+
+
+def test_keep_largest_component_is_used_per_grid(predictor):
+    labels = np.zeros((20, 20, 20), dtype=np.uint8)
+    labels[2:6, 2:6, 2:6] = 3
+    labels[10:12, 10:12, 10:12] = 3  # smaller component dropped
+    out = keep_largest_component(labels, (1.0, 1.0, 1.0), 10.0)
+    assert (out == 3).sum() == 64
+
+
+def test_check_ct_rejects_bad_volumes(tmp_path):
+    vol = _ct_volume((8, 9, 10))
+    good = ImageMeta((10, 9, 8), (0.8, 0.8, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    check_ct(vol, good, "ok.nii.gz")
+    with pytest.raises(InputError, match="absurd voxel spacing"):
+        check_ct(vol, ImageMeta((10, 9, 8), (0.8, 0.8, 0.0), (0, 0, 0), good.direction), "zero.nii.gz")
+    with pytest.raises(InputError, match="absurd voxel spacing"):
+        check_ct(vol, ImageMeta((10, 9, 8), (0.8, 0.8, 80.0), (0, 0, 0), good.direction), "huge.nii.gz")
+    with pytest.raises(InputError, match="non-CT intensities"):
+        check_ct(np.clip(vol, 0, 255).astype(np.uint8), good, "photo.nii.gz")
+    with pytest.raises(InputError, match="non-CT intensities"):
+        check_ct(np.zeros((8, 9, 10), np.int16), good, "blank.nii.gz")
+
+
+# ------------------------------------------------------------------------------------------------ folders
+
+
+def test_bad_files_are_named_and_the_rest_goes_on(tmp_path, real_data_dir, predictor):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "good_0000.nii.gz", _ct_volume((33, 47, 45)))
+    data = (real_data_dir / "case_0003.nii.gz").read_bytes()
+    (in_dir / "truncated_0000.nii.gz").write_bytes(data[: len(data) // 2])
+    flat = sitk.GetImageFromArray(np.zeros((20, 30), np.int16))
+    sitk.WriteImage(flat, str(in_dir / "flat_0000.nii.gz"))
+    _write_ct(in_dir / "spacing_0000.nii.gz", _ct_volume((9, 10, 11)), spacing_xyz=(0.8, 0.8, 75.0))
+    (in_dir / "notes.txt").write_text("not an image")
+    out_dir = tmp_path / "out"
+    summary = predict_folder(in_dir, out_dir, predictor=predictor, progress=False)
+    assert (summary["ok"], summary["failed"]) == (1, 3)
+    rows = _rows(out_dir)
+    assert rows["good"]["status"] == "ok" and (out_dir / "good.nii.gz").is_file()
+    assert rows["truncated"]["status"] == "failed" and "truncated" in rows["truncated"]["error"]
+    assert "truncated_0000.nii.gz" in rows["truncated"]["error"]
+    assert rows["flat"]["status"] == "failed" and "2D" in rows["flat"]["error"]
+    assert rows["spacing"]["status"] == "failed" and "spacing" in rows["spacing"]["error"]
+    assert rows["notes.txt"]["status"] == "skipped" and "not an image" in rows["notes.txt"]["error"]
+    assert not (out_dir / "truncated.nii.gz").exists()
+
+
+def test_cli_exit_codes(tmp_path, weights_dir, capsys):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "good_0000.nii.gz", _ct_volume((33, 47, 45)))
+    (in_dir / "bad_0000.nii.gz").write_bytes(b"garbage")
+    out_dir = tmp_path / "out"
+    code = predict.main(["-i", str(in_dir), "-o", str(out_dir), "--weights-dir", str(weights_dir),
+                         "--device", "cpu", "--quiet"])
+    assert code == 1
+    text = capsys.readouterr().out
+    assert "FAILED bad" in text and "bad_0000.nii.gz" in text
+    assert (out_dir / "good.nii.gz").is_file()
+    # everything done: rerun skips and succeeds
+    assert predict.main(["-i", str(in_dir), "-o", str(out_dir), "--weights-dir", str(weights_dir), "--device",
+                         "cpu", "--quiet"]) == 1  # the bad file still fails
+
+
+def test_skip_existing_and_overwrite(tmp_path, predictor):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c3.nii.gz", _ct_volume((33, 47, 45)))  # plain name: id = name without extension
+    out_dir = tmp_path / "out"
+    assert predict_folder(in_dir, out_dir, predictor=predictor, progress=False)["ok"] == 1
+    out = out_dir / "c3.nii.gz"
+    out.write_bytes(b"sentinel")  # a rerun must not touch it
+    summary = predict_folder(in_dir, out_dir, predictor=predictor, progress=False)
+    assert (summary["ok"], summary["skipped"]) == (0, 1)
+    assert out.read_bytes() == b"sentinel" and _rows(out_dir)["c3"]["status"] == "skipped"
+    summary = predict_folder(in_dir, out_dir, predictor=predictor, overwrite=True, progress=False)
+    assert summary["ok"] == 1
+    read_image(out)  # a real image again
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_ensemble_and_uncertainty(tmp_path, weights_dir):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c3_0000.nii.gz", _ct_volume((33, 47, 45), seed=5), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    single = Predictor(weights_dir, device="cpu")
+    assert not single.uncertainty  # auto: not on the CPU without --ensemble
+    ensemble = Predictor(weights_dir, device="cpu", ensemble=True)
+    assert ensemble.uncertainty
+    summary = predict_folder(in_dir, tmp_path / "out", predictor=ensemble, uncertainty_threshold=-1.0,
+                             progress=False)
+    row = summary["rows"][0]
+    assert row["status"] == "ok" and 0.0 <= row["uncertainty"] <= 1.0 and row["flagged"]
+    vol, meta = read_image(in_dir / "c3_0000.nii.gz")
+    # the ensemble averages probabilities: with B's networks replaced by A's it must equal network A alone
+    ensemble.coarse.networks["b"] = ensemble.coarse.networks["a"]
+    ensemble.fine.networks["b"] = ensemble.fine.networks["a"]
+    same = ensemble.predict(vol, meta)
+    assert same.uncertainty == 0.0
+    differ = np.count_nonzero(same.mask != single.predict(vol, meta).mask)
+    assert differ <= same.mask.size * 1e-4  # float rounding of the sigmoid -> logit round trip only
+
+
+def test_overlays_are_valid_pngs(tmp_path, predictor):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c3_0000.nii.gz", _ct_volume((33, 47, 45), seed=5), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    out_dir = tmp_path / "out"
+    assert predict_folder(in_dir, out_dir, predictor=predictor, overlays=True, progress=False)["ok"] == 1
+    data = (out_dir / "c3_overlay.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    idat = data.index(b"IDAT")
+    length = int.from_bytes(data[idat - 4:idat], "big")
+    raw = zlib.decompress(data[idat + 4:idat + 4 + length])
+    assert len(raw) == height * (1 + 3 * width)
+
+
+def test_cuda_oom_retries_on_cpu(tmp_path, predictor, monkeypatch):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c3_0000.nii.gz", _ct_volume((33, 47, 45), seed=5), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
+
+    class Flaky:
+        uncertainty = False
+
+        def predict(self, *args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+        def on_cpu(self):
+            return predictor
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    summary = predict_folder(in_dir, tmp_path / "out", predictor=Flaky(), progress=False)
+    row = summary["rows"][0]
+    assert row["status"] == "ok" and "predicted on the CPU" in row["error"]
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def test_missing_and_corrupt_weights_exit_2(tmp_path, weights_dir, capsys):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c3_0000.nii.gz", _ct_volume((33, 47, 45), seed=5), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    code = predict.main(["-i", str(in_dir), "-o", str(tmp_path / "out"), "--weights-dir", str(empty), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "base_coarse_model/model.pt" in err and "not found" in err
+
+    broken = tmp_path / "broken"
+    shutil.copytree(weights_dir, broken)
+    model = broken / inference.FINE_DIR / "model.pt"
+    model.write_bytes(model.read_bytes()[:1000])
+    code = predict.main(["-i", str(in_dir), "-o", str(tmp_path / "out"), "--weights-dir", str(broken), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "efficient_fine_model/model.pt" in err
+
+
+def test_predict_sh_runs_the_cli(tmp_path):
+    """predict.sh is POSIX sh: usage error without arguments, missing input folder -> exit 2 naming it."""
+    script = REPO_ROOT / "predict.sh"
+    result = subprocess.run(["sh", str(script)], capture_output=True, text=True)
+    assert result.returncode == 2 and "usage" in result.stderr
+    result = subprocess.run(["sh", str(script), str(tmp_path / "nowhere"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "nowhere" in result.stderr
