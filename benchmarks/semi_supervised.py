@@ -62,7 +62,7 @@ SETTINGS_FILE = "settings.json"
 # Keys of the settings that change the trained models (a rerun with other values would mix results).
 _RESULT_KEYS = ("labeled", "labeled_val", "unlabeled", "val", "hard_fraction", "keep_ratio", "size",
                 "coarse_size", "fine_size", "coarse_iters", "fine_iters", "round2_iters", "channels",
-                "ensemble", "coarse_lr", "fine_lr")
+                "ensemble", "coarse_lr", "fine_lr", "dropout", "rampup_fraction")
 
 
 @dataclass
@@ -72,20 +72,24 @@ class Settings:
     seeds: list[int]
     labeled: int = 4
     labeled_val: int = 1
-    unlabeled: int = 12
+    unlabeled: int = 20
     val: int = 4
     hard_fraction: float = 0.3
     keep_ratio: float = 0.5
     size: str = "demo"
     coarse_size: int = 32
-    fine_size: int = 48
-    coarse_iters: int = 300
-    fine_iters: int = 200
+    fine_size: int = 32
+    coarse_iters: int = 500
+    fine_iters: int = 500
     round2_iters: int | None = None
-    channels: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     ensemble: bool = True
     coarse_lr: float | None = None
-    fine_lr: float | None = None
+    fine_lr: float | None = 1.0e-2
+    # Small networks trained for a few hundred steps learn far faster without dropout and with the CPS weight
+    # ramped up over the first part of training (pseudo labels of untrained networks are noise).
+    dropout: float = 0.0
+    rampup_fraction: float = 0.4
     device: str = "cpu"
     workers: int = 2
     jobs: int = 3
@@ -130,7 +134,7 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
     coarse_w = sd / "weights_coarse" / "base_coarse_model"
     n_lab = settings.labeled + settings.labeled_val
     val_ratio = settings.labeled_val / n_lab
-    small = [f"model.channels={_list(settings.channels)}", "data.num_workers=0",
+    small = [f"model.channels={_list(settings.channels)}", "data.num_workers=0", f"model.dropout={settings.dropout}",
              f"device={settings.device}", f"seed={seed}",
              f"model.seed_a={100 * seed + 1}", f"model.seed_b={100 * seed + 2}"]
     steps = [
@@ -146,6 +150,7 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
     coarse_common = [f"data_base_dir={ds}", f"output_dir={sd / 'coarse'}",
                      f"data.size_zyx={_cube(settings.coarse_size)}", *small,
                      f"schedule.iterations={settings.coarse_iters}",
+                     f"cps.rampup_iterations={int(settings.rampup_fraction * settings.coarse_iters)}",
                      f"schedule.val_interval={max(1, settings.coarse_iters // 4)}",
                      "schedule.checkpoint_interval=50", f"export.dir={coarse_w}"]
     if settings.coarse_lr is not None:
@@ -157,6 +162,7 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
     fine_sh = ["sh", str(ROOT / "fine_efficient_seg" / "run.sh")]
     fine_common = [f"data_base_dir={ds}", f"data.size_zyx={_cube(settings.fine_size)}", *small,
                    f"schedule.iterations={settings.fine_iters}",
+                   f"cps.rampup_iterations={int(settings.rampup_fraction * settings.fine_iters)}",
                    f"schedule.val_interval={max(1, settings.fine_iters // 4)}",
                    "schedule.checkpoint_interval=50", f"boxes.coarse_model_dir={coarse_w}",
                    f"uif.keep_ratio={settings.keep_ratio}", "uif.keep_count=null", "round2.init=fresh",
@@ -464,26 +470,30 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p = argparse.ArgumentParser(prog="python -m benchmarks.semi_supervised",
                                 description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed (data + networks)")
-    p.add_argument("--labeled", type=int, default=4, help="L: labeled cases that train the networks")
-    p.add_argument("--labeled-val", type=int, default=1, help="extra labeled cases validating (best checkpoint)")
-    p.add_argument("--unlabeled", type=int, default=12, help="U: unlabeled pool")
-    p.add_argument("--val", type=int, default=4, help="held-out evaluation cases (val_images + val_mask)")
-    p.add_argument("--hard-fraction", type=float, default=0.3, help="share of hard unlabeled cases")
-    p.add_argument("--keep-ratio", type=float, default=0.5, help="share of the pool UIF keeps (K)")
-    p.add_argument("--size", choices=("tiny", "demo", "full"), default="demo", help="synthetic case size")
-    p.add_argument("--coarse-size", type=int, default=32, help="coarse network cube edge (multiple of 16)")
-    p.add_argument("--fine-size", type=int, default=48, help="fine network cube edge (multiple of 16)")
-    p.add_argument("--coarse-iters", type=int, default=300, help="coarse CPS iterations")
-    p.add_argument("--fine-iters", type=int, default=200, help="fine iterations per round")
+    d = Settings(seeds=[0, 1, 2])  # the defaults live in Settings only
+    p.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help="one run per seed (data + networks)")
+    p.add_argument("--labeled", type=int, default=d.labeled, help="L: labeled cases that train the networks")
+    p.add_argument("--labeled-val", type=int, default=d.labeled_val, help="extra labeled cases validating (best checkpoint)")
+    p.add_argument("--unlabeled", type=int, default=d.unlabeled, help="U: unlabeled pool")
+    p.add_argument("--val", type=int, default=d.val, help="held-out evaluation cases (val_images + val_mask)")
+    p.add_argument("--hard-fraction", type=float, default=d.hard_fraction, help="share of hard unlabeled cases")
+    p.add_argument("--keep-ratio", type=float, default=d.keep_ratio, help="share of the pool UIF keeps (K)")
+    p.add_argument("--size", choices=("tiny", "demo", "full"), default=d.size, help="synthetic case size")
+    p.add_argument("--coarse-size", type=int, default=d.coarse_size, help="coarse network cube edge (multiple of 16)")
+    p.add_argument("--fine-size", type=int, default=d.fine_size, help="fine network cube edge (multiple of 16)")
+    p.add_argument("--coarse-iters", type=int, default=d.coarse_iters, help="coarse CPS iterations")
+    p.add_argument("--fine-iters", type=int, default=d.fine_iters, help="fine iterations per round")
     p.add_argument("--round2-iters", type=int, default=None, help="round-2 iterations (default: --fine-iters)")
-    p.add_argument("--channels", type=str, default="4,8,16,32,64", help="channels of both networks")
-    p.add_argument("--coarse-lr", type=float, default=None, help="coarse Adam lr (default: config.yaml's)")
-    p.add_argument("--fine-lr", type=float, default=None, help="fine Adam lr (default: config.yaml's)")
+    p.add_argument("--channels", type=str, default=",".join(map(str, d.channels)), help="channels of both networks")
+    p.add_argument("--coarse-lr", type=float, default=d.coarse_lr, help="coarse Adam lr (default: config.yaml's)")
+    p.add_argument("--fine-lr", type=float, default=d.fine_lr, help="fine Adam lr (None: config.yaml's)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout of both stages' networks")
+    p.add_argument("--rampup-fraction", type=float, default=d.rampup_fraction,
+                   help="CPS weight ramp-up over this share of each training's iterations (0: none)")
     p.add_argument("--no-ensemble", action="store_true", help="predict with network A only (default: A+B mean)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--workers", type=int, default=2, help="processes for synthesis and preparation")
-    p.add_argument("--jobs", type=int, default=3, help="seeds run in parallel (each a chain of subprocesses)")
+    p.add_argument("--jobs", type=int, default=d.jobs, help="seeds run in parallel (each a chain of subprocesses)")
     p.add_argument("--threads", type=int, default=1,
                    help="OMP/MKL threads per subprocess (0: torch's default). One thread per process and several seeds "
                         "in parallel use a small CPU best (several multi-threaded processes on 2 cores spin-wait)")
@@ -502,7 +512,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                  unlabeled=a.unlabeled, val=a.val, hard_fraction=a.hard_fraction, keep_ratio=a.keep_ratio,
                  size=a.size, coarse_size=a.coarse_size, fine_size=a.fine_size, coarse_iters=a.coarse_iters,
                  fine_iters=a.fine_iters, round2_iters=a.round2_iters, channels=channels,
-                 ensemble=not a.no_ensemble, coarse_lr=a.coarse_lr, fine_lr=a.fine_lr, device=a.device,
+                 ensemble=not a.no_ensemble, coarse_lr=a.coarse_lr, fine_lr=a.fine_lr, dropout=a.dropout,
+                 rampup_fraction=a.rampup_fraction, device=a.device,
                  workers=a.workers, jobs=a.jobs, threads=a.threads or None, dry_run=a.dry_run, out=str(Path(a.out).resolve()))
     return s
 
