@@ -578,7 +578,7 @@ def _extend_problems(extend_mm: float, max_extend_mm: float) -> Iterable[tuple[s
 
 
 MODEL_NAMES = ("unet", "efficient_seg_net")
-LOSS_NAMES = ("dice_bce", "dice_focal", "dice")
+LOSS_NAMES = ("dice_bce", "dice_focal", "dice", "dice_focal_reference")
 PRECISIONS = ("bf16", "fp16", "off")
 
 
@@ -683,6 +683,7 @@ class CPSSection:
 
     weight: float = cfg_field(1.0, ge=0)
     rampup_iterations: int = cfg_field(0, ge=0)
+    legacy_shift: bool = False  # ablation: the original release's shifted pseudo labels (see common/cps.py)
 
 
 @dataclass

@@ -639,7 +639,8 @@ class _Trainer:
 
                     weight = cps_weight_at(it, cfg.cps.weight, cfg.cps.rampup_iterations)
                     losses = cps_step(self.model_a, self.model_b, self.opt_a, self.opt_b, x_l, target, x_u,
-                                      self.loss_fn, weight, self.amp, self.scaler_a, self.scaler_b)
+                                      self.loss_fn, weight, self.amp, self.scaler_a, self.scaler_b,
+                                      legacy_shift=self.cfg.cps.legacy_shift)
                     done = it + 1
                     bad = sorted(k for k, v in losses.items() if not math.isfinite(v))
                     flags = {"stop": float(stop.signum is not None), "bad": float(bool(bad))}

@@ -221,3 +221,21 @@ def test_mismatching_checkpoint_is_a_clear_error(tmp_path):
 
     with pytest.raises(InputError, match="last.pt: was trained with model"):
         run_cps_training(_job(_cfg(out)))
+
+
+def test_legacy_cps_shift_reaches_the_step(monkeypatch, tmp_path):
+    """`cps.legacy_shift=true` (an ablation of the original's pseudo labels) is passed to every CPS step."""
+    import common.engine as engine_mod
+
+    seen = []
+    real_step = engine_mod.cps_step
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("legacy_shift"))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "cps_step", spy)
+    assert _cfg(tmp_path / "default").cps.legacy_shift is False
+    cfg = _cfg(tmp_path / "legacy", "cps.legacy_shift=true", "schedule.iterations=2")
+    run_cps_training(_job(cfg))
+    assert seen == [True, True]
