@@ -22,7 +22,7 @@ import random
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -263,3 +263,42 @@ def load_exported_model(
         model=dict(spec),
         best_dice=dict(payload.get("best_dice", {})),
     )
+
+
+def best_checkpoint_paths(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """The best-checkpoint files of networks a and b that the engine writes under `run_dir/checkpoints/`."""
+    return {name: Path(run_dir) / "checkpoints" / f"best_model_{name}.pt" for name in ("a", "b")}
+
+
+def export_best_networks(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, stage: str, primary: str,
+                         preprocess: Callable[[dict], dict]) -> tuple[Path, dict]:
+    """Export a training run's best networks (the primary one required, the other kept for ensembles).
+
+    `preprocess(config_dict)` builds the model's preprocessing record from the run's resolved config. Returns the
+    path of the written model.pt and the primary network's best-checkpoint payload.
+    """
+    sources = best_checkpoint_paths(run_dir)
+    payloads = {}
+    for name, path in sources.items():
+        if path.is_file():
+            payloads[name] = load_checkpoint(path)
+        elif name == primary:
+            raise InputError(path, "not found: train first (sh run.sh), or point output_dir at a finished run")
+        else:
+            logger.warning("%s not found: exporting network %s only", path, primary)
+    spec = payloads[primary]["model"]
+    for name, payload in payloads.items():
+        if payload.get("model") != spec:
+            raise InputError(sources[name], f"model {payload.get('model')} differs from network {primary}'s {spec}")
+    config = payloads[primary]["config"]
+    path = export_model(
+        out_dir,
+        stage=stage,
+        model=spec,
+        networks={name: payload["net"] for name, payload in payloads.items()},
+        primary=primary,
+        preprocess=preprocess(config),
+        config=config,
+        best_dice={name: float("nan") if p.get("dice") is None else float(p["dice"]) for name, p in payloads.items()},
+    )
+    return path, payloads[primary]

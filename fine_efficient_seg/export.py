@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.checkpoint import EXPORT_FILE, export_model, load_checkpoint
+from common.checkpoint import EXPORT_FILE, best_checkpoint_paths, export_best_networks
 from common.config import FineTrainConfig
 from common.errors import InputError
 from common.fileutil import write_json_atomic
@@ -34,12 +34,8 @@ def best_round_dir(cfg: FineTrainConfig) -> Path:
                      "no best checkpoint in round2/ or round1/: train first (sh run.sh)")
 
 
-def _sources(round_dir: Path) -> dict[str, Path]:
-    return {name: round_dir / "checkpoints" / f"best_model_{name}.pt" for name in ("a", "b")}
-
-
 def _fingerprint(round_dir: Path, export_dir: Path, primary: str) -> dict[str, Any]:
-    files = {name: path for name, path in _sources(round_dir).items() if path.is_file()}
+    files = {name: path for name, path in best_checkpoint_paths(round_dir).items() if path.is_file()}
     return {
         "round_dir": str(round_dir),
         "export_dir": str(export_dir),
@@ -66,34 +62,12 @@ def export(cfg: FineTrainConfig) -> Path:
     """Write model.pt + config.yaml into cfg.export.dir; returns the model.pt path."""
     round_dir = best_round_dir(cfg)
     primary = cfg.export.network
-    payloads = {}
-    for name, path in _sources(round_dir).items():
-        if path.is_file():
-            payloads[name] = load_checkpoint(path)
-        else:
-            logger.warning("%s not found: exporting network %s only", path, primary)
-    spec = payloads[primary]["model"]
-    for name, payload in payloads.items():
-        if payload.get("model") != spec:
-            raise InputError(_sources(round_dir)[name], f"model {payload.get('model')} differs from network "
-                                                        f"{primary}'s {spec}")
-    config = payloads[primary]["config"]
-    preprocess = {
-        "size_zyx": [int(s) for s in config["data"]["size_zyx"]],
-        "hu_window": [float(v) for v in config["data"]["hu_window"]],
-        "extend_size_mm": float(config["crop"]["extend_size_mm"]),
-    }
-    path = export_model(
-        cfg.export.dir,
-        stage="fine",
-        model=spec,
-        networks={name: payload["net"] for name, payload in payloads.items()},
-        primary=primary,
-        preprocess=preprocess,
-        config=config,
-        best_dice={name: float("nan") if p.get("dice") is None else float(p["dice"]) for name, p in payloads.items()},
-    )
+    path, best = export_best_networks(
+        round_dir, cfg.export.dir, stage="fine", primary=primary,
+        preprocess=lambda config: {"size_zyx": [int(s) for s in config["data"]["size_zyx"]],
+                                   "hu_window": [float(v) for v in config["data"]["hu_window"]],
+                                   "extend_size_mm": float(config["crop"]["extend_size_mm"])})
     write_json_atomic(Path(cfg.output_dir) / EXPORT_MARKER, _fingerprint(round_dir, Path(cfg.export.dir), primary))
     logger.info("exported fine network %s of %s (validation mean Dice %s, iteration %s) to %s", primary,
-                round_dir.name, payloads[primary].get("dice"), payloads[primary].get("iteration"), path.parent)
+                round_dir.name, best.get("dice"), best.get("iteration"), path.parent)
     return path
