@@ -12,9 +12,5 @@ fi
 IN_DIR=$1
 OUT_DIR=$2
 shift 2
-PY=python3
-if [ -x "$ROOT/.venv/bin/python" ]; then
-    PY="$ROOT/.venv/bin/python"
-fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+. "$ROOT/scripts/python_env.sh"
 exec "$PY" "$ROOT/predict.py" -i "$IN_DIR" -o "$OUT_DIR" "$@"

@@ -12,12 +12,7 @@
 set -eu
 cd "$(dirname "$0")"
 ROOT=$(cd .. && pwd)
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-if [ -x "$ROOT/.venv/bin/python" ]; then
-    PY="$ROOT/.venv/bin/python"
-else
-    PY=python3
-fi
+. "$ROOT/scripts/python_env.sh"
 GPUS="${GPUS:-1}"
 if [ "$GPUS" = "1" ]; then
     # One process: no launcher in between, so Ctrl-C and `kill` reach the trainer directly.

@@ -8,10 +8,5 @@
 set -eu
 cd "$(dirname "$0")"
 ROOT=$(cd .. && pwd)
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-if [ -x "$ROOT/.venv/bin/python" ]; then
-    PY="$ROOT/.venv/bin/python"
-else
-    PY=python3
-fi
+. "$ROOT/scripts/python_env.sh"
 exec "$PY" -m data_prepare.run "$@"

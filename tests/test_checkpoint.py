@@ -20,15 +20,6 @@ from common.checkpoint import (
 from common.errors import InputError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny networks on shared cores: one intra-op thread is much faster than two fighting for the CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _draw() -> tuple:
     return (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), torch.randint(0, 1000, (2,)).tolist())
 

@@ -20,15 +20,6 @@ SIZE = 32
 ITERATIONS = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny networks on shared cores: one intra-op thread is much faster than two fighting for the CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """The synthetic "tiny" dataset run through data_prepare at 32^3: fold 1 = 2 train / 1 val, 2 unlabeled."""

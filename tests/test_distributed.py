@@ -21,15 +21,6 @@ from common.distributed import (
 )
 
 SIZE = 32
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny networks on shared cores: one intra-op thread is much faster than two fighting for the CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 SPEC = {"channels": [2, 4, 4, 8, 8], "dropout": 0.0}
 
 

@@ -25,15 +25,6 @@ SIZE = 32
 ITERATIONS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny networks on shared cores: one intra-op thread is much faster than two fighting for the CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg(out_dir: Path, *overrides: str) -> CoarseTrainConfig:
     return load_config(CoarseTrainConfig, CONFIG, [
         f"output_dir={out_dir}", "device=cpu", "model.channels=[2,4,4,8,8]", f"data.size_zyx=[{SIZE},{SIZE},{SIZE}]",
