@@ -24,13 +24,15 @@ from common import inference
 from common.checkpoint import export_model
 from common.errors import InputError
 from common.image_io import ImageMeta, read_image
-from common.inference import (Predictor, check_ct, disagreement, predict_folder, upsample_labels)
+from common.inference import (PredictOptions, Predictor, check_ct, disagreement, predict_folder,
+                              upsample_labels)
 from common.networks import build_network
 from common.postprocess import keep_largest_component, probs_to_labels
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = [2, 4, 4, 8, 8]
 REAL_CASES = ("case_0001", "case_0002", "case_0003")
+QUIET = PredictOptions(progress=False)
 
 
 def _export(weights_dir: Path, stage: str, name: str, size: int, seed: int) -> None:
@@ -59,7 +61,7 @@ def weights_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def predictor(weights_dir) -> Predictor:
-    return Predictor(weights_dir, device="cpu")
+    return Predictor(PredictOptions(weights_dir, device="cpu"))
 
 
 def _ct_volume(shape_zyx, seed=0) -> np.ndarray:
@@ -104,7 +106,7 @@ def test_real_cts_keep_their_exact_geometry(tmp_path, real_data_dir, predictor):
     for case in REAL_CASES:  # <id>_0000.nii.gz naming, as in FLARE folders
         os.symlink(real_data_dir / f"{case}.nii.gz", in_dir / f"{case}_0000.nii.gz")
     out_dir = tmp_path / "out"
-    summary = predict_folder(in_dir, out_dir, predictor=predictor, progress=False)
+    summary = predict_folder(in_dir, out_dir, QUIET, predictor=predictor)
     assert (summary["ok"], summary["failed"]) == (3, 0)
     rows = _rows(out_dir)
     for case in REAL_CASES:
@@ -128,7 +130,7 @@ def test_oblique_direction_keeps_geometry(tmp_path, predictor, caplog):
     in_dir.mkdir()
     src = _write_ct(in_dir / "oblique_0000.nii.gz", _ct_volume((33, 47, 45)), direction=direction)
     out_dir = tmp_path / "out"
-    summary = predict_folder(in_dir, out_dir, predictor=predictor, progress=False)
+    summary = predict_folder(in_dir, out_dir, QUIET, predictor=predictor)
     assert summary["ok"] == 1
     _assert_same_geometry(out_dir / "oblique.nii.gz", src)
     assert "oblique" in caplog.text
@@ -159,7 +161,7 @@ class _Constant(nn.Module):
 
 
 def test_empty_coarse_mask_falls_back_to_whole_volume(tmp_path, weights_dir, caplog):
-    predictor = Predictor(weights_dir, device="cpu")
+    predictor = Predictor(PredictOptions(weights_dir, device="cpu"))
     predictor.coarse.networks = {"a": _Constant(-5.0)}
     predictor.coarse.primary = "a"
     in_dir = tmp_path / "in"
@@ -167,7 +169,7 @@ def test_empty_coarse_mask_falls_back_to_whole_volume(tmp_path, weights_dir, cap
     vol = _ct_volume((33, 47, 45))
     _write_ct(in_dir / "c1_0000.nii.gz", vol)
     out_dir = tmp_path / "out"
-    assert predict_folder(in_dir, out_dir, predictor=predictor, progress=False)["ok"] == 1
+    assert predict_folder(in_dir, out_dir, QUIET, predictor=predictor)["ok"] == 1
     row = _rows(out_dir)["c1"]
     assert row["fallback"] == "1" and "fallback" in row["error"]
     assert row["coarse_box"] == "0:33,0:47,0:45"
@@ -246,7 +248,7 @@ def test_bad_files_are_named_and_the_rest_goes_on(tmp_path, real_data_dir, predi
     _write_ct(in_dir / "spacing_0000.nii.gz", _ct_volume((9, 10, 11)), spacing_xyz=(0.8, 0.8, 75.0))
     (in_dir / "notes.txt").write_text("not an image")
     out_dir = tmp_path / "out"
-    summary = predict_folder(in_dir, out_dir, predictor=predictor, progress=False)
+    summary = predict_folder(in_dir, out_dir, QUIET, predictor=predictor)
     assert (summary["ok"], summary["failed"]) == (1, 3)
     rows = _rows(out_dir)
     assert rows["good"]["status"] == "ok" and (out_dir / "good.nii.gz").is_file()
@@ -280,13 +282,13 @@ def test_skip_existing_and_overwrite(tmp_path, predictor):
     in_dir.mkdir()
     _write_ct(in_dir / "c3.nii.gz", _ct_volume((33, 47, 45)))  # plain name: id = name without extension
     out_dir = tmp_path / "out"
-    assert predict_folder(in_dir, out_dir, predictor=predictor, progress=False)["ok"] == 1
+    assert predict_folder(in_dir, out_dir, QUIET, predictor=predictor)["ok"] == 1
     out = out_dir / "c3.nii.gz"
     out.write_bytes(b"sentinel")  # a rerun must not touch it
-    summary = predict_folder(in_dir, out_dir, predictor=predictor, progress=False)
+    summary = predict_folder(in_dir, out_dir, QUIET, predictor=predictor)
     assert (summary["ok"], summary["skipped"]) == (0, 1)
     assert out.read_bytes() == b"sentinel" and _rows(out_dir)["c3"]["status"] == "skipped"
-    summary = predict_folder(in_dir, out_dir, predictor=predictor, overwrite=True, progress=False)
+    summary = predict_folder(in_dir, out_dir, PredictOptions(overwrite=True, progress=False), predictor=predictor)
     assert summary["ok"] == 1
     read_image(out)  # a real image again
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temporary files left
@@ -296,12 +298,12 @@ def test_ensemble_and_uncertainty(tmp_path, weights_dir):
     in_dir = tmp_path / "in"
     in_dir.mkdir()
     _write_ct(in_dir / "c3_0000.nii.gz", _ct_volume((33, 47, 45), seed=5), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
-    single = Predictor(weights_dir, device="cpu")
+    single = Predictor(PredictOptions(weights_dir, device="cpu"))
     assert not single.uncertainty  # auto: not on the CPU without --ensemble
-    ensemble = Predictor(weights_dir, device="cpu", ensemble=True)
+    ensemble = Predictor(PredictOptions(weights_dir, device="cpu", ensemble=True))
     assert ensemble.uncertainty
-    summary = predict_folder(in_dir, tmp_path / "out", predictor=ensemble, uncertainty_threshold=-1.0,
-                             progress=False)
+    summary = predict_folder(in_dir, tmp_path / "out", PredictOptions(uncertainty_threshold=-1.0, progress=False),
+                             predictor=ensemble)
     row = summary["rows"][0]
     assert row["status"] == "ok" and 0.0 <= row["uncertainty"] <= 1.0 and row["flagged"]
     vol, meta = read_image(in_dir / "c3_0000.nii.gz")
@@ -319,7 +321,8 @@ def test_overlays_are_valid_pngs(tmp_path, predictor):
     in_dir.mkdir()
     _write_ct(in_dir / "c3_0000.nii.gz", _ct_volume((33, 47, 45), seed=5), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
     out_dir = tmp_path / "out"
-    assert predict_folder(in_dir, out_dir, predictor=predictor, overlays=True, progress=False)["ok"] == 1
+    options = PredictOptions(overlays=True, progress=False)
+    assert predict_folder(in_dir, out_dir, options, predictor=predictor)["ok"] == 1
     data = (out_dir / "c3_overlay.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -344,7 +347,7 @@ def test_cuda_oom_retries_on_cpu(tmp_path, predictor, monkeypatch):
             return predictor
 
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    summary = predict_folder(in_dir, tmp_path / "out", predictor=Flaky(), progress=False)
+    summary = predict_folder(in_dir, tmp_path / "out", QUIET, predictor=Flaky())
     row = summary["rows"][0]
     assert row["status"] == "ok" and "predicted on the CPU" in row["error"]
 
