@@ -29,6 +29,7 @@ import collections
 import csv
 import dataclasses
 import io
+import json
 import logging
 import math
 import os
@@ -46,8 +47,8 @@ from torch import nn
 from common.amp import amp_settings, autocast
 from common.checkpoint import load_exported_model
 from common.errors import InputError
-from common.fileutil import write_text_atomic
-from common.image_io import ImageMeta, canonical_flips, list_images, read_image, write_mask
+from common.fileutil import check_writable, folder_lock, remove_stale_temps, write_json_atomic, write_text_atomic
+from common.image_io import ImageMeta, canonical_flips, check_spacing, list_images, read_image, write_mask
 from common.labels import NUM_ORGANS
 from common.networks.input_layer import prepare_input
 from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
@@ -61,7 +62,6 @@ FINE_MIN_VOLUME_MM3 = 2000.0
 Z_WINDOW_MM = 240.0
 DEFAULT_EXTEND_SIZE_MM = 20.0
 DEFAULT_UNCERTAINTY_THRESHOLD = 0.2
-MAX_SPACING_MM = 50.0
 # Cost of resizing one channel at one boundary voxel (8 gathers) relative to one voxel of a separable resize of a
 # whole chunk (measured on CPU); decides per chunk which of the two `upsample_labels` uses.
 SPARSE_COST = 6.0
@@ -84,10 +84,7 @@ class WeightsError(Exception):
 
 def check_ct(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) -> None:
     """Raise InputError naming `path` if the volume cannot be a CT in HU (spacing, shape, intensities)."""
-    spacing = meta.spacing_zyx
-    if not all(math.isfinite(s) and 0.0 < s <= MAX_SPACING_MM for s in spacing):
-        raise InputError(path, f"absurd voxel spacing (z, y, x) = {tuple(round(s, 4) for s in spacing)} mm; "
-                               f"expected 0 < spacing <= {MAX_SPACING_MM:g} mm")
+    check_spacing(meta.spacing_zyx, path)
     if array_zyx.ndim != 3 or min(array_zyx.shape) < 2:
         raise InputError(path, f"array shape {array_zyx.shape} is not a 3D volume")
     if array_zyx.dtype.kind not in "iuf":
@@ -595,22 +592,70 @@ class FolderCase:
     output_path: Path
 
 
+ROWS_DIR = ".predictions"  # per-case report rows beside the masks: out_dir/.predictions/<id>.json
+
+
+def row_path(out_dir: Path, case_id: str) -> Path:
+    """Where a case's report row is kept (written atomically once its mask is written or it failed)."""
+    return out_dir / ROWS_DIR / f"{case_id}.json"
+
+
+def _stored_row(out_dir: Path, case_id: str) -> dict[str, Any] | None:
+    """The report row an earlier run kept for `case_id`, or None (missing or unreadable)."""
+    try:
+        row = json.loads(row_path(out_dir, case_id).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def check_folders(in_dir: Path, out_dir: Path) -> None:
+    """Setup errors (InputError) before any work: the output folder must not be the input folder (masks would
+    land among the CTs, and a CT named without _0000 would be overwritten) nor an existing file, and must be
+    writable."""
+    if not in_dir.is_dir():
+        raise InputError(in_dir, "image folder not found")
+    if out_dir.exists() and out_dir.resolve() == in_dir.resolve():
+        raise InputError(out_dir, "the output folder is the input folder: masks would be written beside (or over) "
+                                  "the CTs; give another output folder")
+    check_writable(out_dir, "output folder")
+
+
 def plan_cases(in_dir: Path, out_dir: Path, overwrite: bool) -> tuple[list[FolderCase], list[dict[str, Any]]]:
-    """The cases of `in_dir` to predict, and report rows for the entries skipped (not images, output exists)."""
-    cases, skipped_entries = list_images(in_dir)
+    """The cases of `in_dir` to predict, and report rows for the rest: entries that are not images (skipped),
+    ids given by two files and outputs that would overwrite an input (failed), cases done in an earlier run
+    (skipped, with the row that run kept: box, fallback, uncertainty and flag stay in the report)."""
+    cases, skipped_entries, conflicts = list_images(in_dir)
     rows: list[dict[str, Any]] = []
     for entry, reason in skipped_entries:
         if entry.resolve() == out_dir.resolve():
             continue
         logger.info("skipping %s: %s", entry, reason)
         rows.append({"case_id": entry.name, "input_path": str(entry), "status": "skipped", "error": reason})
+    for case_id, message in conflicts.items():
+        logger.error("%s failed: %s", case_id, message)
+        rows.append({"case_id": case_id, "input_path": str(in_dir), "status": "failed", "error": message})
+    inputs = {p.resolve() for p in cases.values()} | {e.resolve() for e, _ in skipped_entries}
     todo: list[FolderCase] = []
     for case_id, path in cases.items():
         out_path = out_dir / output_name(case_id)
-        if out_path.exists() and not overwrite:
-            logger.info("skipping %s: %s exists (use --overwrite to redo it)", case_id, out_path)
+        if out_path.resolve() in inputs:
+            message = f"{out_path}: the output would overwrite an input file; use another output folder"
+            logger.error("%s failed: %s", case_id, message)
             rows.append({"case_id": case_id, "input_path": str(path), "output_path": str(out_path),
-                         "status": "skipped", "error": "output exists (use --overwrite to redo it)"})
+                         "status": "failed", "error": message})
+            continue
+        exists = out_path.is_file() and out_path.stat().st_size > 0
+        if out_path.is_file() and not exists:
+            logger.warning("%s: %s is empty (an interrupted write?); predicting it again", case_id, out_path)
+        if exists and not overwrite:
+            logger.info("skipping %s: %s exists (use --overwrite to redo it)", case_id, out_path)
+            row = _stored_row(out_dir, case_id) or {}
+            earlier = row.get("error")
+            row.update({"case_id": case_id, "input_path": str(path), "output_path": str(out_path),
+                        "status": "skipped", "error": "output exists (use --overwrite to redo it)"
+                        + (f"; earlier run: {earlier}" if earlier else "")})
+            rows.append(row)
         else:
             todo.append(FolderCase(case_id, path, out_path))
     return todo, rows
@@ -644,7 +689,7 @@ class CaseRunner:
     background thread while the next case computes; fills each case's report row."""
 
     def __init__(self, predictor: Predictor, options: PredictOptions, out_dir: Path,
-                 on_row_done: Callable[[], None]) -> None:
+                 on_row_done: Callable[[dict[str, Any]], None]) -> None:
         self.predictor = predictor
         self.cpu_predictor: Predictor | None = None
         self.options = options
@@ -661,7 +706,7 @@ class CaseRunner:
         except Exception as exc:  # noqa: BLE001 - any failure is reported per case
             row["status"], row["error"] = "failed", _error_text(exc)
             logger.error("%s failed: %s", case_id, row["error"])
-            self.on_row_done()
+            self.on_row_done(row)
             return
         try:
             try:
@@ -676,7 +721,7 @@ class CaseRunner:
         except Exception as exc:  # noqa: BLE001
             row["status"], row["error"] = "failed", _error_text(exc)
             logger.exception("%s failed: %s", case_id, row["error"])
-            self.on_row_done()
+            self.on_row_done(row)
             return
         row.update(result.times)
         row.update({"peak_gpu_mem_mb": result.peak_gpu_mem_mb, "device": result.device,
@@ -711,7 +756,7 @@ class CaseRunner:
             row["status"], row["error"] = "failed", _error_text(exc)
             logger.error("%s: writing failed: %s", row["case_id"], row["error"])
         row["total_s"] = sum(row.get(k) or 0.0 for k in ("read_s", "coarse_s", "fine_s", "post_s", "write_s"))
-        self.on_row_done()
+        self.on_row_done(row)
 
 
 def summarize(rows: list[dict[str, Any]], csv_path: Path, wall_s: float) -> dict[str, Any]:
@@ -745,24 +790,32 @@ def predict_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, option
     options = options if options is not None else PredictOptions()
     t_start = time.perf_counter()
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    todo, rows = plan_cases(in_dir, out_dir, options.overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_folders(in_dir, out_dir)
     csv_path = out_dir / "predictions.csv"
-    if todo and predictor is None:
-        predictor = Predictor(options)
-    reads = ReadAhead(todo, options.workers)
-    runner = CaseRunner(predictor, options, out_dir, lambda: write_report(csv_path, rows))  # type: ignore[arg-type]
-    try:
-        bar = tqdm(todo, desc="predict", unit="case", disable=not options.progress)
-        for case in bar:
-            bar.set_postfix_str(case.case_id)
-            row: dict[str, Any] = {"case_id": case.case_id, "input_path": str(case.input_path),
-                                   "output_path": str(case.output_path), "status": "running"}
-            rows.append(row)
-            runner.run(case, reads.next(), row)
-        runner.drain()
-    finally:
-        reads.close()
-        runner.close()
-    write_report(csv_path, rows)
+    with folder_lock(out_dir, "predict run"):
+        for folder in (out_dir, out_dir / ROWS_DIR):
+            remove_stale_temps(folder)
+        todo, rows = plan_cases(in_dir, out_dir, options.overwrite)
+        if todo and predictor is None:
+            predictor = Predictor(options)
+
+        def row_done(row: dict[str, Any]) -> None:
+            write_json_atomic(row_path(out_dir, row["case_id"]), {k: row.get(k) for k in CSV_COLUMNS})
+            write_report(csv_path, rows)
+
+        reads = ReadAhead(todo, options.workers)
+        runner = CaseRunner(predictor, options, out_dir, row_done)  # type: ignore[arg-type]
+        try:
+            bar = tqdm(todo, desc="predict", unit="case", disable=not options.progress)
+            for case in bar:
+                bar.set_postfix_str(case.case_id)
+                row: dict[str, Any] = {"case_id": case.case_id, "input_path": str(case.input_path),
+                                       "output_path": str(case.output_path), "status": "running"}
+                rows.append(row)
+                runner.run(case, reads.next(), row)
+            runner.drain()
+        finally:
+            reads.close()
+            runner.close()
+        write_report(csv_path, rows)
     return summarize(rows, csv_path, time.perf_counter() - t_start)
