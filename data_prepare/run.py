@@ -56,6 +56,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -289,9 +290,27 @@ class _ListHandler(logging.Handler):
 _WORKER_HANDLER: _ListHandler | None = None
 
 
-def _init_worker() -> None:
-    """Worker process setup: one torch thread per process (the pool is the parallelism), capture warnings."""
+PARENT_CHECK_S = 0.5  # how often a worker checks that the process that started it is alive
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker side: exit as soon as the parent process is gone. A `kill -9` of the parent runs none of its
+    clean-up, so nothing else would stop the workers (they would finish every queued case, writing on)."""
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(PARENT_CHECK_S)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _init_worker(parent_pid: int | None = None) -> None:
+    """Worker process setup: exit with the parent, one torch thread per process (the pool is the parallelism),
+    capture warnings."""
     global _WORKER_HANDLER
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     torch.set_num_threads(1)
     _WORKER_HANDLER = _ListHandler()
     root = logging.getLogger(ROOT_LOGGER_NAME)
@@ -363,7 +382,8 @@ def run_tasks(tasks: Sequence[CaseTask], num_workers: int,
             return results
         ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch threads or LMDB handles
         workers = min(num_workers, len(tasks))
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                                    initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(run_case, task): task for task in tasks}
             try:
                 for future in concurrent.futures.as_completed(futures):
