@@ -430,3 +430,49 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_corrupt_database_is_a_setup_error(dataset: Path, caplog) -> None:
+    assert main(config(dataset)) == 0
+    data = dataset / "db" / "seg_pre-process_database" / "data.mdb"
+    data.write_bytes(np.random.default_rng(0).integers(0, 256, data.stat().st_size, dtype=np.uint8).tobytes())
+    caplog.clear()
+    assert main(config(dataset)) == 2
+    assert "seg_pre-process_database: database is damaged" in caplog.text
+    assert "delete this folder and run data_prepare again" in caplog.text
+
+
+def test_unwritable_output_folder_fails_before_any_case(dataset: Path, caplog, monkeypatch) -> None:
+    import data_prepare.run as run
+    import tempfile
+
+    region = dataset / "region_image"
+    region.mkdir()
+    region.chmod(0o555)
+    real = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):  # as the read-only folder would for a non-root user
+        if dir is not None and Path(dir) == region:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(run, "prepare_case", lambda task: pytest.fail("prepared a case into a read-only folder"))
+    try:
+        assert main(config(dataset)) == 2
+    finally:
+        region.chmod(0o755)
+    assert f"{region}: cannot write into the output folder" in caplog.text
+
+
+def test_rerun_removes_temporaries_of_a_killed_run(dataset: Path) -> None:
+    assert main(config(dataset)) == 0
+    leftovers = [dataset / "region_image" / ".case_0001.npy.a1b2c3d4.tmp.npy",
+                 dataset / "coarse_image" / "32_32_32" / ".x.npy.zzzzzzzz.tmp.npy",
+                 dataset / "db" / ".split.json.q1w2e3r4.tmp.json"]
+    for path in leftovers:
+        path.write_bytes(b"\\0" * 1000)
+    keep = dataset / "region_image" / ".notes"
+    keep.write_text("not ours")
+    assert main(config(dataset)) == 0
+    assert not [p for p in leftovers if p.exists()] and keep.exists()
