@@ -339,14 +339,21 @@ def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequ
         raise WeightsError(str(e)) from None
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise WeightsError(f"{model_dir / 'model.pt'}: cannot build the {stage} network: {e}") from None
+    for key, network in exported.networks.items():  # NaN weights would give empty masks marked "ok"
+        bad = [name for name, t in network.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise WeightsError(f"{model_dir / 'model.pt'}: network {key} holds NaN or infinite weights ({bad[0]}"
+                               f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); export a good checkpoint")
     pre = exported.preprocess
     try:
         size = tuple(int(s) for s in (size_zyx if size_zyx is not None else pre["size_zyx"]))
         window = (float(pre["hu_window"][0]), float(pre["hu_window"][1]))
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise WeightsError(f"{model_dir / 'model.pt'}: preprocess settings incomplete ({e!r}); re-export") from None
-    if len(size) != 3 or any(s % 16 for s in size):
-        raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16")
+    if len(size) != 3 or any(s % 16 or s < 32 for s in size):
+        raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16 and >= 32 "
+                           "(preprocess.size_zyx); re-export the model")
     return Stage(stage, Path(model_dir), dict(exported.networks), exported.primary,
                  size, window, float(pre.get("extend_size_mm", DEFAULT_EXTEND_SIZE_MM)))  # type: ignore[arg-type]
 
