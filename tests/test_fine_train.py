@@ -294,3 +294,21 @@ def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     assert results["round1"]["already_done"] and results["round2"]["already_done"]
     assert results["uif"]["skipped"] and results["export"]["skipped"]
     assert (tmp_path / "export" / "model.pt").stat().st_mtime_ns == stamp
+
+
+def test_run_sh_execs_the_trainer(tmp_path):
+    """One GPU: run.sh replaces itself by the trainer, so a signal to the shell's pid reaches the trainer."""
+    proc = subprocess.Popen(["sh", str(STAGE / "run.sh"), f"config={tmp_path / 'missing.yaml'}"], cwd=REPO,
+                            env=RUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = b""
+    while proc.poll() is None:
+        try:
+            seen = Path(f"/proc/{proc.pid}/cmdline").read_bytes() or seen
+        except OSError:
+            pass
+        if b"fine_efficient_seg.train" in seen:
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=300)
+    assert b"fine_efficient_seg.train" in seen, f"the shell's own process never became the trainer: {seen!r}"
+    assert proc.returncode == 2 and "missing.yaml" in err
