@@ -211,29 +211,30 @@ class RankFailedError(RuntimeError):
     """Another rank failed in a step run through `run_on_every_rank`; the message names that rank and its error."""
 
 
-def run_on_every_rank(fn: Callable[[], T], what: str) -> T:
-    """Run `fn` on this rank, then learn whether any rank failed: if so, every rank raises at once.
+def run_on_every_rank(fn: Callable[[], T], what: str) -> list[T]:
+    """Run `fn` on this rank; return every rank's result (indexed by rank), or, if any rank failed, raise on all.
 
-    The rank that failed re-raises its own exception (so its type, e.g. InputError, keeps its exit code); the others
-    raise RankFailedError with the failed rank's message. The exchange is one small all_gather_object after `fn`,
-    so no rank sits in a barrier while another has already died (without a group: just `fn()`).
+    One all_gather_object after `fn` carries each rank's result or error message, so no rank waits in a barrier
+    for one that has already died, and the error is known everywhere at once. The rank that failed re-raises its
+    own exception (its type, e.g. InputError, keeps its exit code); the others raise RankFailedError naming the
+    failed rank and its message. Results must be picklable. Without a group: [fn()].
     """
     if get_world_size() == 1:
-        return fn()
+        return [fn()]
     error: BaseException | None = None
     result: Any = None
     try:
         result = fn()
     except Exception as exc:  # noqa: BLE001 - reported to every rank below, then re-raised
         error = exc
-    messages = all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
-    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    outcomes = all_gather_object((None, result) if error is None else (f"{type(error).__name__}: {error}", None))
     if error is not None:
         raise error
+    failed = [(rank, message) for rank, (message, _) in enumerate(outcomes) if message is not None]
     if failed:
         rank, message = failed[0]
         raise RankFailedError(f"{what} failed on rank {rank}: {message}")
-    return result
+    return [value for _, value in outcomes]
 
 
 def derive_seed(*parts: int | str) -> int:
