@@ -27,7 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-i", "--input", required=True, help="folder of CT volumes (<id>_0000.nii.gz -> <id>.nii.gz)")
     parser.add_argument("-o", "--output", required=True, help="folder for <id>.nii.gz masks and predictions.csv")
     parser.add_argument("--weights-dir", default=str(REPO_ROOT / "model_weights"),
-                        help="folder with base_coarse_model/ and efficient_fine_model/ (default: %(default)s)")
+                        help="folder with base_coarse_model/ and efficient_fine_model/: exported model.pt folders, or "
+                             "the original release's best_model.pt folders (converted in memory) "
+                             "(default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                         help="auto = cuda if available (default: %(default)s)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
@@ -35,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fine-size", type=int, default=None,
                         help="fine network input size per axis: 192 (trained, default from the model) or 160 "
                              "(faster); any multiple of 16")
-    parser.add_argument("--ensemble", action="store_true", help="average networks A and B (both stages)")
+    parser.add_argument("--ensemble", action="store_true", help="average networks A and B (both stages; both must hold network B)")
     parser.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
     parser.add_argument("--overlays", action="store_true", help="also write <id>_overlay.png (axial + coronal)")
     parser.add_argument("--workers", type=int, default=2,

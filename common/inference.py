@@ -51,6 +51,7 @@ from common.fileutil import check_writable, folder_lock, remove_stale_temps, wri
 from common.image_io import ImageMeta, canonical_flips, check_spacing, list_images, read_image, write_mask
 from common.labels import NUM_ORGANS
 from common.networks.input_layer import prepare_input
+from common.original_weights import is_original_layout, load_original_stage
 from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
 
 logger = logging.getLogger(__name__)
@@ -332,9 +333,13 @@ class Stage:
 
 
 def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequence[int] | None = None) -> Stage:
-    """Load an exported model folder (model.pt + config.yaml); WeightsError naming the file on any problem."""
+    """Load an exported model folder (model.pt + config.yaml), or an original release stage folder (best_model.pt),
+    converted in memory; WeightsError naming the file on any problem."""
     try:
-        exported = load_exported_model(model_dir, device, stage=stage)
+        if is_original_layout(model_dir):  # the original release's best_model.pt files, converted in memory
+            exported = load_original_stage(model_dir, stage, device)
+        else:
+            exported = load_exported_model(model_dir, device, stage=stage)
     except InputError as e:
         raise WeightsError(str(e)) from None
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
@@ -425,8 +430,10 @@ class Predictor:
         if ensemble:
             for stage in (self.coarse, self.fine):
                 if len(stage.networks) < 2:
-                    logger.warning("--ensemble: %s holds only network %s; that stage uses it alone",
-                                   stage.path / "model.pt", stage.primary)
+                    raise WeightsError(
+                        f"{stage.path}: --ensemble needs networks a and b, this {stage.name} model holds "
+                        f"only network {stage.primary} (the original release's fine stage saved network A only); "
+                        "predict without --ensemble")
         if uncertainty not in ("auto", "on", "off"):
             raise ValueError(f"uncertainty must be auto, on or off, got {uncertainty!r}")
         both = len(self.fine.networks) >= 2
