@@ -422,6 +422,8 @@ def init_sources(path: str | os.PathLike) -> dict[str, Path] | None:
     if not is_original_layout(path):
         return None
     files = original_files(path)
+    if "b" not in files:
+        logger.info("%s: no %s, so network b starts from network a's weights too", path, CHECKPOINT_B)
     return {"a": files["a"], "b": files.get("b", files["a"])}
 
 

@@ -22,7 +22,7 @@ import predict
 from common import original_weights as ow
 from common.checkpoint import export_model, load_checkpoint, load_exported_model
 from common.errors import InputError
-from common.inference import COARSE_DIR, FINE_DIR, Predictor, WeightsError
+from common.inference import COARSE_DIR, FINE_DIR, PredictOptions, Predictor, WeightsError
 from common.networks import build_network
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, prot
     with pytest.raises(WeightsError):  # the same file met by the predictor's in-memory route
         (tmp_path / COARSE_DIR).mkdir()
         shutil.move(path, tmp_path / COARSE_DIR / "best_model.pt")
-        Predictor(tmp_path, device="cpu")
+        Predictor(PredictOptions(tmp_path, device="cpu"))
     assert not marker.exists()
 
 
