@@ -212,8 +212,9 @@ def test_cli_writes_model_folders_that_predict_sh_runs_on_a_real_ct(tmp_path, ti
     """CLI -> exported folders -> `sh predict.sh` on case_0003 (exact grid); the original layout read directly
     gives the same mask; --ensemble needs network b, which the original fine stage never saved."""
     out = tmp_path / "weights"
-    code = ow.main(["--coarse", str(tiny_release / COARSE_DIR), "--fine", str(tiny_release / FINE_DIR / "best_model.pt"),
-                    "--out", str(out), "--fine-size", str(SIZE)])
+    fine_file = tiny_release / FINE_DIR / "best_model.pt"
+    code = ow.main(["--coarse", str(tiny_release / COARSE_DIR), "--fine", str(fine_file), "--out", str(out),
+                    "--fine-size", str(SIZE)])
     assert code == 0, capsys.readouterr().err
     coarse = load_exported_model(out / COARSE_DIR, stage="coarse")
     fine = load_exported_model(out / FINE_DIR, stage="fine")
