@@ -562,9 +562,9 @@ def parse_cli(schema: type[T], default_yaml: str | os.PathLike, argv: Sequence[s
 
 # ------------------------------------------------------------------------------------------------- checks
 def _check_device(value: str) -> str | None:
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-        return None
-    return f"got {value!r}; expected one of 'auto', 'cpu', 'cuda', 'cuda:N'"
+    from common.device import device_problem  # the device rule lives there (it needs torch, which config does not)
+
+    return device_problem(value)
 
 
 def _window_problems(name: str, window: list[float]) -> Iterable[tuple[str, str]]:

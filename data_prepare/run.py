@@ -56,6 +56,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -68,7 +69,8 @@ from tqdm import tqdm
 
 from common.config import ConfigError, PrepareConfig, config_to_dict, parse_cli
 from common.errors import InputError
-from common.fileutil import save_npy_atomic, write_json_atomic, write_text_atomic
+from common.fileutil import (check_writable, folder_lock, remove_stale_temps, save_npy_atomic, write_json_atomic,
+                             write_text_atomic)
 from common.image_io import canonical_flips, list_images, read_image, read_mask, to_canonical
 from common.lmdb_store import LmdbStore
 from common.logger import ROOT_LOGGER_NAME, get_logger, setup_logging
@@ -289,9 +291,27 @@ class _ListHandler(logging.Handler):
 _WORKER_HANDLER: _ListHandler | None = None
 
 
-def _init_worker() -> None:
-    """Worker process setup: one torch thread per process (the pool is the parallelism), capture warnings."""
+PARENT_CHECK_S = 0.5  # how often a worker checks that the process that started it is alive
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker side: exit as soon as the parent process is gone. A `kill -9` of the parent runs none of its
+    clean-up, so nothing else would stop the workers (they would finish every queued case, writing on)."""
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(PARENT_CHECK_S)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _init_worker(parent_pid: int | None = None) -> None:
+    """Worker process setup: exit with the parent, one torch thread per process (the pool is the parallelism),
+    capture warnings."""
     global _WORKER_HANDLER
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     torch.set_num_threads(1)
     _WORKER_HANDLER = _ListHandler()
     root = logging.getLogger(ROOT_LOGGER_NAME)
@@ -363,7 +383,8 @@ def run_tasks(tasks: Sequence[CaseTask], num_workers: int,
             return results
         ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch threads or LMDB handles
         workers = min(num_workers, len(tasks))
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                                    initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(run_case, task): task for task in tasks}
             try:
                 for future in concurrent.futures.as_completed(futures):
@@ -560,23 +581,48 @@ def write_splits(db_dir: Path, cfg: PrepareConfig, labeled: dict[str, dict], unl
 # ---------------------------------------------------------------------------------------------------- main
 
 
+OUTPUT_KINDS = ("coarse_image", "coarse_mask", "fine_image", "fine_mask", "region_image", "region_mask")
+
+
+def _output_dirs(cfg: PrepareConfig, base: Path) -> list[Path]:
+    """The folders the case arrays are written into (as `CaseTask.out_path` names them)."""
+    task = CaseTask("x", "labeled", "", None, str(base), tuple(cfg.coarse_size_zyx), tuple(cfg.fine_size_zyx),
+                    cfg.extend_size_mm, cfg.max_extend_size_mm)
+    return [task.out_path(kind).parent for kind in OUTPUT_KINDS]
+
+
 def main(cfg: PrepareConfig) -> int:
-    """Prepare the dataset at cfg.data_base_dir; returns the exit code (0 all good, 1 something failed)."""
+    """Prepare the dataset at cfg.data_base_dir; returns the exit code (0 all good, 1 something failed,
+    2 setup error: no dataset folder, an unwritable one, a damaged database, another run on the same folder)."""
     base = Path(cfg.data_base_dir).absolute()
     if not base.is_dir():
         setup_logging(None)
         logger.error("%s: dataset folder not found (set data_base_dir in config.yaml or data_base_dir=PATH)", base)
         return 2
     db_dir = base / "db"
-    db_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(db_dir / "data_prepare.log")
-    start = time.perf_counter()
-    logger.info("data_prepare: %s (workers %d, overwrite %s)", base, cfg.num_workers, cfg.overwrite)
     try:
-        found = discover(cfg, base)
+        check_writable(db_dir, "dataset's db folder")
+    except InputError as e:
+        setup_logging(None)
+        logger.error("%s", e)
+        return 2
+    setup_logging(db_dir / "data_prepare.log")
+    try:
+        with folder_lock(db_dir, "data_prepare run"):
+            for folder in (*_output_dirs(cfg, base), db_dir):
+                if folder.exists():  # a read-only output folder fails now, not after a prepared case
+                    check_writable(folder, "output folder")
+                remove_stale_temps(folder)  # left by a killed run (full volumes in size)
+            return _prepare(cfg, base, db_dir)
     except InputError as e:
         logger.error("%s", e)
         return 2
+
+
+def _prepare(cfg: PrepareConfig, base: Path, db_dir: Path) -> int:
+    start = time.perf_counter()
+    logger.info("data_prepare: %s (workers %d, overwrite %s)", base, cfg.num_workers, cfg.overwrite)
+    found = discover(cfg, base)
 
     for kind, name in DB_RAW.items():
         LmdbStore(db_dir / name, readonly=False).replace_all(found.raw[kind])

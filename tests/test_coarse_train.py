@@ -146,7 +146,7 @@ def test_bad_config_and_missing_database_give_clear_messages(prepared, tmp_path,
 
     assert cli(_overrides(tmp_path / "no_dataset", tmp_path / "out")) == 2
     err = capsys.readouterr().err
-    assert "seg_train_fold_1: database not found; run data_prepare first" in err
+    assert f"database not found: the dataset folder {tmp_path / 'no_dataset'} is missing (check data_base_dir)" in err
 
     assert cli(_overrides(prepared, tmp_path / "out", "data.size_zyx=[48,48,48]")) == 2
     assert "differs from data.size_zyx [48, 48, 48]" in capsys.readouterr().err
