@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fine-size", type=int, default=None,
                         help="fine network input size per axis: 192 (trained, default from the model) or 160 "
                              "(faster); any multiple of 16")
-    parser.add_argument("--ensemble", action="store_true", help="average networks A and B (both stages; both must hold network B)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="average networks A and B (both stages; both must hold network B)")
     parser.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
     parser.add_argument("--overlays", action="store_true", help="also write <id>_overlay.png (axial + coronal)")
     parser.add_argument("--workers", type=int, default=2,
