@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.amp import amp_settings, autocast
+from common.backends import Forward, make_forwards, resolve_backend
 from common.checkpoint import load_exported_model
 from common.errors import InputError
 from common.fileutil import write_text_atomic
@@ -326,11 +327,12 @@ class Stage:
 
     name: str
     path: Path
-    networks: dict[str, nn.Module]
+    networks: dict[str, Forward]  # name -> x (1, 1, *size_zyx) -> logits (1, C, ...), on the predictor's backend
     primary: str
     size_zyx: tuple[int, int, int]
     hu_window: tuple[float, float]
     extend_size_mm: float
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # the torch networks behind `networks`
 
 
 def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequence[int] | None = None) -> Stage:
@@ -372,9 +374,11 @@ class Predictor:
     def __init__(self, weights_dir: str | os.PathLike, device: str | torch.device = "auto", precision: str = "auto",
                  fine_size: int | None = None, ensemble: bool = False, uncertainty: str = "auto",
                  z_window_mm: float = Z_WINDOW_MM, coarse_min_volume_mm3: float = COARSE_MIN_VOLUME_MM3,
-                 fine_min_volume_mm3: float = FINE_MIN_VOLUME_MM3, chunk_elements: int | None = None) -> None:
+                 fine_min_volume_mm3: float = FINE_MIN_VOLUME_MM3, chunk_elements: int | None = None,
+                 backend: str = "auto") -> None:
         self.weights_dir = Path(weights_dir)
         self.device = resolve_device(device) if isinstance(device, str) else device
+        self.backend = resolve_backend(backend, self.device)
         self.precision = resolve_precision(precision, self.device)
         self.amp = amp_settings("off" if self.precision == "fp32" else self.precision, self.device)
         # Scores are resized in fp16 on the GPU (half the memory); bf16's 8-bit mantissa is too coarse for the
@@ -391,6 +395,9 @@ class Predictor:
         self.coarse = load_stage(self.weights_dir / COARSE_DIR, "coarse", self.device)
         self.fine = load_stage(self.weights_dir / FINE_DIR, "fine", self.device,
                                None if fine_size is None else (fine_size,) * 3)
+        for stage in (self.coarse, self.fine):
+            stage.modules = dict(stage.networks)
+            stage.networks = make_forwards(self.backend, stage.modules, stage.path, stage.size_zyx)
         if ensemble:
             for stage in (self.coarse, self.fine):
                 if len(stage.networks) < 2:
@@ -406,14 +413,14 @@ class Predictor:
         self.uncertainty = both and (uncertainty == "on" or (uncertainty == "auto" and (
             ensemble or self.device.type == "cuda")))
         self.options = {"precision": self.precision, "fine_size": fine_size, "ensemble": ensemble,
-                        "uncertainty": uncertainty, "z_window_mm": z_window_mm,
+                        "uncertainty": uncertainty, "z_window_mm": z_window_mm, "backend": self.backend,
                         "coarse_min_volume_mm3": coarse_min_volume_mm3, "fine_min_volume_mm3": fine_min_volume_mm3}
 
     def on_cpu(self) -> "Predictor":
         """The same predictor on the CPU (fp32), for cases that do not fit in GPU memory."""
         return Predictor(self.weights_dir, "cpu", "fp32", self.fine_size, self.ensemble,
                          "on" if self.uncertainty else "off", self.z_window_mm, self.coarse_min_volume_mm3,
-                         self.fine_min_volume_mm3)
+                         self.fine_min_volume_mm3, backend="auto")
 
     # -------------------------------------------------------------------------------------------- stages
 
