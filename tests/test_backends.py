@@ -12,10 +12,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+import predict
 from common import backends
 from common.backends import cached_onnx, make_forwards, onnx_cache_path, resolve_backend
 from common.checkpoint import export_model
-from common.inference import COARSE_DIR, FINE_DIR, Predictor, disagreement, predict_folder
+from common.inference import COARSE_DIR, FINE_DIR, PredictOptions, Predictor, disagreement
 from common.networks import build_network
 from common.postprocess import probs_to_labels
 
@@ -68,7 +69,7 @@ def test_resolve_backend_without_onnxruntime(monkeypatch):
 
 @pytest.mark.parametrize("stage", [COARSE_DIR, FINE_DIR])
 def test_onnxruntime_labels_agree_with_torch(weights_dir, stage):
-    predictor = Predictor(weights_dir, device="cpu", backend="torch")
+    predictor = Predictor(PredictOptions(weights_dir, device="cpu", backend="torch"))
     st = predictor.coarse if stage == COARSE_DIR else predictor.fine
     x = _structured_input(32)
     forwards = make_forwards("onnxruntime", st.modules, st.path, st.size_zyx)
@@ -86,7 +87,7 @@ def test_onnxruntime_labels_agree_with_torch(weights_dir, stage):
 
 def test_onnx_cache_made_once_and_keyed_by_model(weights_dir):
     folder = weights_dir / COARSE_DIR
-    predictor = Predictor(weights_dir, device="cpu", backend="torch")
+    predictor = Predictor(PredictOptions(weights_dir, device="cpu", backend="torch"))
     net = predictor.coarse.modules["a"]
     path = cached_onnx(net, folder, "a", (32, 32, 32))
     assert path.parent == folder / "onnx" and path.is_file()
@@ -99,7 +100,7 @@ def test_onnx_cache_made_once_and_keyed_by_model(weights_dir):
     # A changed model re-exports, and the stale graph of that network and size is removed.
     _export(folder, "coarse", "unet", 32, seed=7)
     assert onnx_cache_path(folder, "a", (32, 32, 32)) != path
-    changed = Predictor(weights_dir, device="cpu", backend="onnxruntime")
+    changed = Predictor(PredictOptions(weights_dir, device="cpu", backend="onnxruntime"))
     new_path = changed.coarse.networks["a"].path
     assert new_path != path and new_path.is_file() and not path.exists()
     x = _structured_input(32)
@@ -112,7 +113,7 @@ def test_onnx_cache_falls_back_when_model_folder_unwritable(weights_dir, tmp_pat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = weights_dir / FINE_DIR
     (folder / "onnx").write_text("not a folder")  # the cache folder cannot be made
-    predictor = Predictor(weights_dir, device="cpu", backend="onnxruntime")
+    predictor = Predictor(PredictOptions(weights_dir, device="cpu", backend="onnxruntime"))
     path = predictor.fine.networks["a"].path
     assert path.is_file() and (tmp_path / "cache") in path.parents
     assert (folder / "onnx").read_text() == "not a folder"
@@ -128,15 +129,15 @@ def _write_ct(path: Path, shape_zyx=(37, 45, 41)) -> None:
     sitk.WriteImage(img, str(path))
 
 
-def test_predict_folder_onnxruntime_matches_torch(weights_dir, tmp_path):
+def test_predict_cli_onnxruntime_matches_torch(weights_dir, tmp_path):
     in_dir = tmp_path / "in"
     in_dir.mkdir()
     _write_ct(in_dir / "c1_0000.nii.gz")
     masks = {}
     for backend in ("torch", "onnxruntime"):
-        summary = predict_folder(in_dir, tmp_path / backend, predictor=Predictor(weights_dir, "cpu", backend=backend),
-                                 progress=False)
-        assert summary["ok"] == 1
+        argv = ["-i", str(in_dir), "-o", str(tmp_path / backend), "--weights-dir", str(weights_dir), "--device", "cpu",
+                "--backend", backend, "--quiet"]
+        assert predict.main(argv) == 0
         masks[backend] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / backend / "c1.nii.gz")))
     assert masks["torch"].any()
     assert float((masks["torch"] == masks["onnxruntime"]).mean()) >= 0.999
