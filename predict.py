@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from common.backends import BACKENDS
 from common.errors import InputError
 from common.inference import DEFAULT_UNCERTAINTY_THRESHOLD, PredictOptions, WeightsError, predict_folder
 
@@ -34,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto = cuda if available (default: %(default)s)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
                         help="network precision on CUDA; auto = fp16 on CUDA, fp32 on CPU (default: %(default)s)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="where the networks run: auto = onnxruntime on the CPU when installed (faster, see "
+                             "BENCHMARKS.md), torch otherwise and on CUDA (default: %(default)s)")
     parser.add_argument("--fine-size", type=int, default=None,
                         help="fine network input size per axis: 192 (trained, default from the model) or 160 "
                              "(faster); any multiple of 16")
@@ -81,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         options = PredictOptions(
             weights_dir=args.weights_dir, device=args.device, precision=args.precision, fine_size=args.fine_size,
             ensemble=args.ensemble, uncertainty=args.uncertainty, overwrite=args.overwrite, overlays=args.overlays,
-            workers=args.workers, uncertainty_threshold=args.uncertainty_threshold, progress=not args.quiet)
+            workers=args.workers, uncertainty_threshold=args.uncertainty_threshold, progress=not args.quiet,
+            backend=args.backend)
         summary = predict_folder(args.input, args.output, options)
     except (WeightsError, InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

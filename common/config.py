@@ -610,6 +610,10 @@ class PrepareConfig:
         yield from _extend_problems(self.extend_size_mm, self.max_extend_size_mm)
 
 
+# Both networks (U-Net and EfficientSegNet, 5 channel levels) halve the input 4 times: the bottleneck is size / 16.
+NETWORK_DOWNSAMPLING = 16
+
+
 @dataclass
 class DataSection:
     """Databases (relative to data_base_dir, `{fold}` filled in by the stage), input size and loaders."""
@@ -625,6 +629,11 @@ class DataSection:
 
     def _cross_check(self) -> Iterable[tuple[str, str]]:
         yield from _window_problems("hu_window", self.hu_window)
+        if any(s // NETWORK_DOWNSAMPLING < 2 for s in self.size_zyx):
+            bottleneck = [s // NETWORK_DOWNSAMPLING for s in self.size_zyx]
+            yield "size_zyx", (f"{self.size_zyx} leaves a bottleneck of {bottleneck} voxels after the networks' "
+                               f"x{NETWORK_DOWNSAMPLING} downsampling; instance norm needs at least 2 per axis: use "
+                               f"sizes >= {2 * NETWORK_DOWNSAMPLING}")
 
 
 @dataclass

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.amp import amp_settings, autocast
+from common.backends import Forward, make_forwards, resolve_backend
 from common.checkpoint import load_exported_model
 from common.errors import InputError
 from common.fileutil import check_writable, folder_lock, remove_stale_temps, write_json_atomic, write_text_atomic
@@ -325,11 +326,12 @@ class Stage:
 
     name: str
     path: Path
-    networks: dict[str, nn.Module]
+    networks: dict[str, Forward]  # name -> x (1, 1, *size_zyx) -> logits (1, C, ...), on the predictor's backend
     primary: str
     size_zyx: tuple[int, int, int]
     hu_window: tuple[float, float]
     extend_size_mm: float
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # the torch networks behind `networks`
 
 
 def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequence[int] | None = None) -> Stage:
@@ -344,14 +346,21 @@ def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequ
         raise WeightsError(str(e)) from None
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise WeightsError(f"{model_dir / 'model.pt'}: cannot build the {stage} network: {e}") from None
+    for key, network in exported.networks.items():  # NaN weights would give empty masks marked "ok"
+        bad = [name for name, t in network.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise WeightsError(f"{model_dir / 'model.pt'}: network {key} holds NaN or infinite weights ({bad[0]}"
+                               f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); export a good checkpoint")
     pre = exported.preprocess
     try:
         size = tuple(int(s) for s in (size_zyx if size_zyx is not None else pre["size_zyx"]))
         window = (float(pre["hu_window"][0]), float(pre["hu_window"][1]))
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise WeightsError(f"{model_dir / 'model.pt'}: preprocess settings incomplete ({e!r}); re-export") from None
-    if len(size) != 3 or any(s % 16 for s in size):
-        raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16")
+    if len(size) != 3 or any(s % 16 or s < 32 for s in size):
+        raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16 and >= 32 "
+                           "(preprocess.size_zyx); re-export the model")
     return Stage(stage, Path(model_dir), dict(exported.networks), exported.primary,
                  size, window, float(pre.get("extend_size_mm", DEFAULT_EXTEND_SIZE_MM)))  # type: ignore[arg-type]
 
@@ -387,6 +396,7 @@ class PredictOptions:
     coarse_min_volume_mm3: float = COARSE_MIN_VOLUME_MM3
     fine_min_volume_mm3: float = FINE_MIN_VOLUME_MM3
     chunk_elements: int | None = None                  # elements per resize chunk; None = by device
+    backend: str = "auto"                              # common.backends.BACKENDS; auto = fastest installed
     overwrite: bool = False                            # redo cases whose output exists
     overlays: bool = False                             # also write <id>_overlay.png
     workers: int = 2                                   # background reader threads = cases read ahead
@@ -404,6 +414,7 @@ class Predictor:
         device, fine_size, ensemble, uncertainty = (options.device, options.fine_size, options.ensemble,
                                                     options.uncertainty)
         self.device = resolve_device(device) if isinstance(device, str) else device
+        self.backend = resolve_backend(options.backend, self.device)
         self.precision = resolve_precision(options.precision, self.device)
         self.amp = amp_settings("off" if self.precision == "fp32" else self.precision, self.device)
         # Scores are resized in fp16 on the GPU (half the memory); bf16's 8-bit mantissa is too coarse for the
@@ -420,6 +431,9 @@ class Predictor:
         self.coarse = load_stage(self.weights_dir / COARSE_DIR, "coarse", self.device)
         self.fine = load_stage(self.weights_dir / FINE_DIR, "fine", self.device,
                                None if fine_size is None else (fine_size,) * 3)
+        for stage in (self.coarse, self.fine):
+            stage.modules = dict(stage.networks)
+            stage.networks = make_forwards(self.backend, stage.modules, stage.path, stage.size_zyx)
         if ensemble:
             for stage in (self.coarse, self.fine):
                 if len(stage.networks) < 2:

@@ -16,7 +16,7 @@ from common.config import PrepareConfig, load_config
 from common.image_io import canonical_flips, read_image, read_mask, to_canonical
 from common.lmdb_store import open_store
 from common.preprocessing import organ_bbox, resize_hu_int16, resize_mask
-from data_prepare.run import STAGE_DIR, main, split_5fold, split_fold1
+from data_prepare.run import STAGE_DIR, fold_draw, main, split_5fold, split_fold1
 from data_prepare.synthetic import write_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,8 @@ def test_end_to_end_tiny_synthetic(dataset: Path) -> None:
 
     train = open_store(db / "seg_train_fold_1").to_dict()
     val = open_store(db / "seg_val_fold_1").to_dict()
-    assert len(val) == 1 and len(train) == 3 and set(train) | set(val) == set(labeled)
+    assert sorted(val) == sorted(k for k in labeled if fold_draw(k, 0) < 0.2)  # each case by its own id
+    assert set(train) | set(val) == set(labeled) and not set(train) & set(val)
     assert all(train[k] == labeled[k] for k in train) and all(val[k] == labeled[k] for k in val)
     assert open_store(db / "seg_trainu").to_dict() == unlabeled
     assert not (db / "seg_train_fold_2").exists()
@@ -300,22 +301,33 @@ def test_missing_dataset_and_config_errors(tmp_path: Path) -> None:
 
 
 def test_split_is_deterministic_and_partitions() -> None:
-    ids = [f"case_{i:02d}" for i in range(50)]
+    ids = [f"case_{i:03d}" for i in range(200)]
     train, val = split_fold1(ids, 0.2, 0)
-    assert len(train) == 40 and len(val) == 10 and sorted(train + val) == ids
+    assert 25 <= len(val) <= 55 and sorted(train + val) == ids and not set(train) & set(val)
     assert split_fold1(list(reversed(ids)), 0.2, 0) == (train, val)  # order of the input does not matter
     assert split_fold1(ids, 0.2, 1) != (train, val)
-    folds = split_5fold(train, val)
+    folds = split_5fold(train, val, 0.2, 0)
     vals = [set(val)] + [set(folds[k][1]) for k in range(2, 6)]
-    assert sum(len(v) for v in vals) == 50 and set().union(*vals) == set(ids)
+    assert sum(len(v) for v in vals) == 200 and set().union(*vals) == set(ids)
     for k in range(2, 6):
-        assert len(folds[k][0]) == 40 and not set(folds[k][0]) & set(folds[k][1])
-    assert folds[2][1] == sorted(train)[:10]  # quarters of the fold-1 training ids in key order
-    assert split_fold1(ids[:15], 0.2, 0)[1].__len__() == 3  # ceil(0.2 * 15) = 3, despite 0.2 * 15 > 3.0
-    assert split_fold1(["a", "b"], 0.2, 0)[1].__len__() == 1
+        assert not set(folds[k][0]) & set(folds[k][1]) and set(folds[k][0]) | set(folds[k][1]) == set(ids)
+    assert split_fold1(["a", "b"], 0.2, 0)[1].__len__() == 1  # an empty side takes the case nearest the threshold
     assert split_fold1(["a"], 0.2, 0) == (["a"], ["a"])
     assert split_fold1([], 0.2, 0) == ([], [])
     assert split_fold1(ids, 0.0, 0) == (ids, [])
+
+
+def test_a_failing_or_fixed_case_moves_no_other_case() -> None:
+    ids = [f"case_{i:02d}" for i in range(40)]
+    train, val = split_fold1(ids, 0.2, 0)
+    folds = split_5fold(train, val, 0.2, 0)
+    for gone in (val[0], train[0], train[-1]):  # it fails (or is fixed: the same two splits the other way round)
+        rest = [i for i in ids if i != gone]
+        train2, val2 = split_fold1(rest, 0.2, 0)
+        assert val2 == [i for i in val if i != gone] and train2 == [i for i in train if i != gone]
+        folds2 = split_5fold(train2, val2, 0.2, 0)
+        for k in range(2, 6):
+            assert folds2[k][1] == [i for i in folds[k][1] if i != gone]
 
 
 # ---------------------------------------------------------------------------------------------------- real CTs
