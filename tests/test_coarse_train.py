@@ -221,6 +221,13 @@ def test_init_from_the_original_release_starts_both_networks_from_it(prepared, t
     assert not torch.allclose(ckpt["net_a"]["head.weight"], ckpt["net_b"]["head.weight"])
     assert f"warm start from {release}" in (out / "train.log").read_text()
 
+    # the folder's best_model.pt named alone: B still comes from best_model_1.pt beside it
+    from common.engine import read_init_weights
+
+    weights = read_init_weights(release / "best_model.pt", "unet")
+    for name, net in nets.items():
+        assert all(torch.equal(weights[name][k], v) for k, v in net.state_dict().items())
+
 
 def test_init_from_a_file_of_the_other_network_is_refused(prepared, tmp_path, write_original_checkpoint, capsys):
     from common.networks import build_network
