@@ -47,6 +47,7 @@ from torch import nn
 
 from common import gpu_memory
 from common.amp import amp_settings, autocast
+from common.backends import Forward, make_forwards, resolve_backend
 from common.checkpoint import load_exported_model
 from common.device import resolve_device, set_cudnn_benchmark
 from common.errors import InputError
@@ -54,6 +55,7 @@ from common.fileutil import check_writable, folder_lock, remove_stale_temps, wri
 from common.image_io import ImageMeta, canonical_flips, check_spacing, list_images, read_image, write_mask
 from common.labels import NUM_ORGANS
 from common.networks.input_layer import prepare_input
+from common.original_weights import is_original_layout, load_original_stage
 from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
 
 logger = logging.getLogger(__name__)
@@ -365,29 +367,41 @@ class Stage:
 
     name: str
     path: Path
-    networks: dict[str, nn.Module]
+    networks: dict[str, Forward]  # name -> x (1, 1, *size_zyx) -> logits (1, C, ...), on the predictor's backend
     primary: str
     size_zyx: tuple[int, int, int]
     hu_window: tuple[float, float]
     extend_size_mm: float
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # the torch networks behind `networks`
 
 
 def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequence[int] | None = None) -> Stage:
-    """Load an exported model folder (model.pt + config.yaml); WeightsError naming the file on any problem."""
+    """Load an exported model folder (model.pt + config.yaml), or an original release stage folder (best_model.pt),
+    converted in memory; WeightsError naming the file on any problem."""
     try:
-        exported = load_exported_model(model_dir, device, stage=stage)
+        if is_original_layout(model_dir):  # the original release's best_model.pt files, converted in memory
+            exported = load_original_stage(model_dir, stage, device)
+        else:
+            exported = load_exported_model(model_dir, device, stage=stage)
     except InputError as e:
         raise WeightsError(str(e)) from None
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise WeightsError(f"{model_dir / 'model.pt'}: cannot build the {stage} network: {e}") from None
+    for key, network in exported.networks.items():  # NaN weights would give empty masks marked "ok"
+        bad = [name for name, t in network.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise WeightsError(f"{model_dir / 'model.pt'}: network {key} holds NaN or infinite weights ({bad[0]}"
+                               f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); export a good checkpoint")
     pre = exported.preprocess
     try:
         size = tuple(int(s) for s in (size_zyx if size_zyx is not None else pre["size_zyx"]))
         window = (float(pre["hu_window"][0]), float(pre["hu_window"][1]))
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise WeightsError(f"{model_dir / 'model.pt'}: preprocess settings incomplete ({e!r}); re-export") from None
-    if len(size) != 3 or any(s % 16 for s in size):
-        raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16")
+    if len(size) != 3 or any(s % 16 or s < 32 for s in size):
+        raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16 and >= 32 "
+                           "(preprocess.size_zyx); re-export the model")
     return Stage(stage, Path(model_dir), dict(exported.networks), exported.primary,
                  size, window, float(pre.get("extend_size_mm", DEFAULT_EXTEND_SIZE_MM)))  # type: ignore[arg-type]
 
@@ -424,6 +438,7 @@ class PredictOptions:
     fine_min_volume_mm3: float = FINE_MIN_VOLUME_MM3
     chunk_elements: int | None = None                  # elements per resize chunk; None = by device
     cudnn_benchmark: bool = True                       # let cuDNN pick the fastest kernels (fixed input sizes)
+    backend: str = "auto"                              # common.backends.BACKENDS; auto = fastest installed
     overwrite: bool = False                            # redo cases whose output exists
     overlays: bool = False                             # also write <id>_overlay.png
     workers: int = 2                                   # background reader threads = cases read ahead
@@ -441,6 +456,7 @@ class Predictor:
         device, fine_size, ensemble, uncertainty = (options.device, options.fine_size, options.ensemble,
                                                     options.uncertainty)
         self.device = resolve_device(device)
+        self.backend = resolve_backend(options.backend, self.device)
         # Fixed network input sizes: cuDNN times its algorithms once per shape and keeps the fastest, as in
         # training. Its workspace counts in total - free; gpu_check measures gpu_used_mb with it on and off.
         set_cudnn_benchmark(self.device, options.cudnn_benchmark)
@@ -460,11 +476,16 @@ class Predictor:
         self.coarse = load_stage(self.weights_dir / COARSE_DIR, "coarse", self.device)
         self.fine = load_stage(self.weights_dir / FINE_DIR, "fine", self.device,
                                None if fine_size is None else (fine_size,) * 3)
+        for stage in (self.coarse, self.fine):
+            stage.modules = dict(stage.networks)
+            stage.networks = make_forwards(self.backend, stage.modules, stage.path, stage.size_zyx)
         if ensemble:
             for stage in (self.coarse, self.fine):
                 if len(stage.networks) < 2:
-                    logger.warning("--ensemble: %s holds only network %s; that stage uses it alone",
-                                   stage.path / "model.pt", stage.primary)
+                    raise WeightsError(
+                        f"{stage.path}: --ensemble needs networks a and b, this {stage.name} model holds "
+                        f"only network {stage.primary} (the original release's fine stage saved network A only); "
+                        "predict without --ensemble")
         if uncertainty not in ("auto", "on", "off"):
             raise ValueError(f"uncertainty must be auto, on or off, got {uncertainty!r}")
         both = len(self.fine.networks) >= 2

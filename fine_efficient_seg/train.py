@@ -80,7 +80,7 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
     if name == "round1":
         pool = unlabeled_db(cfg)
         iterations = cfg.schedule.iterations
-        init_weights = None
+        init_weights = cfg.model.init_from
     else:
         base = unlabeled_db(cfg)
         pool = filtered_db_path(base) if base is not None else None
@@ -88,7 +88,7 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
             raise InputError(Path(cfg.output_dir) / SCORES_FILE, "not found: run the uif step first "
                                                                  "(sh run.sh step=uif)")
         iterations = cfg.round2.iterations or cfg.schedule.iterations
-        init_weights = None
+        init_weights = cfg.model.init_from  # fresh: where round 1 started from
         if cfg.round2.init == "warm":
             ckpts = _round_dir(cfg, "round1") / "checkpoints"
             init_weights = {n: ckpts / f"best_model_{n}.pt" for n in ("a", "b")}

@@ -296,6 +296,24 @@ def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     assert (tmp_path / "export" / "model.pt").stat().st_mtime_ns == stamp
 
 
+def test_run_sh_execs_the_trainer(tmp_path):
+    """One GPU: run.sh replaces itself by the trainer, so a signal to the shell's pid reaches the trainer."""
+    proc = subprocess.Popen(["sh", str(STAGE / "run.sh"), f"config={tmp_path / 'missing.yaml'}"], cwd=REPO,
+                            env=RUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = b""
+    while proc.poll() is None:
+        try:
+            seen = Path(f"/proc/{proc.pid}/cmdline").read_bytes() or seen
+        except OSError:
+            pass
+        if b"fine_efficient_seg.train" in seen:
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=300)
+    assert b"fine_efficient_seg.train" in seen, f"the shell's own process never became the trainer: {seen!r}"
+    assert proc.returncode == 2 and "missing.yaml" in err
+
+
 def _boxes_worker(rank: int, world: int, init_file: str, dataset: str, db: str, out_dir: str) -> None:
     from common.distributed import RankFailedError
 
@@ -374,3 +392,24 @@ def test_uif_step_shared_by_two_ranks(tmp_path, monkeypatch):
     scored = [o["scored"] for o in outcomes]
     assert sorted(scored[0] + scored[1]) == sorted(r.case for r in single) and [len(s) for s in scored] == [3, 2]
     assert (tmp_path / "out" / "uif_scores.csv").read_text() == (tmp_path / "single" / "uif_scores.csv").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------- init_from
+
+
+def test_init_from_a_converted_release_starts_round1_from_it(dataset, tmp_path, write_original_checkpoint):
+    """model.init_from = the converter's model folder of an original fine file (network A only): A and B both
+    start from A's weights (vanishing learning rate: the first checkpoint still holds them)."""
+    from common.original_weights import main as convert
+
+    torch.manual_seed(21)
+    net = build_network("efficient_seg_net", channels=json.loads(TINY), input_size_zyx=[SIZE] * 3)
+    original = write_original_checkpoint(tmp_path / "release" / "best_model.pt", net, "efficient_seg_net")
+    assert convert(["--fine", str(original), "--out", str(tmp_path / "converted"), "--fine-size", str(SIZE)]) == 0
+    converted = tmp_path / "converted" / "efficient_fine_model"
+    main(fine_config(dataset, tmp_path, "step=round1", "data.unlabeled_db=null", "schedule.iterations=1",
+                     "optim.lr=1.0e-12", f"model.init_from={converted}"))
+    ckpt = load_checkpoint(tmp_path / "output" / "round1" / "checkpoints" / "last.pt")
+    for name in ("a", "b"):
+        for key, value in net.state_dict().items():
+            torch.testing.assert_close(ckpt[f"net_{name}"][key], value, atol=1e-6, rtol=0)
