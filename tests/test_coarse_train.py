@@ -193,3 +193,17 @@ def test_overfitting_one_case_raises_its_dice(tmp_path):
         assert last[f"dice_{net}"]["liver"] > first[f"dice_{net}"]["liver"] + 0.2
     assert summary["best_a"] >= last["mean_dice_a"]
     assert "no unlabeled" in (out / "train.log").read_text()  # the labeled-only path
+
+
+def test_empty_unlabeled_pool_points_to_unlabeled_db_null(tmp_path):
+    from common.errors import InputError
+    from common.lmdb_store import LmdbStore
+    from coarse_base_seg.dataset import read_cases
+    from fine_efficient_seg.dataset import load_cases
+
+    db = tmp_path / "db" / "seg_trainu"
+    LmdbStore(db, readonly=False).replace_all({})
+    with pytest.raises(InputError, match=r"seg_trainu: database is empty: no unlabeled case.*data\.unlabeled_db=null"):
+        read_cases(db, tmp_path, labeled=False)
+    with pytest.raises(InputError, match=r"data\.unlabeled_db=null"):
+        load_cases(db, tmp_path, labeled=False)
