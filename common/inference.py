@@ -726,6 +726,9 @@ def plan_cases(in_dir: Path, out_dir: Path, overwrite: bool) -> tuple[list[Folde
     ids given by two files and outputs that would overwrite an input (failed), cases done in an earlier run
     (skipped, with the row that run kept: box, fallback, uncertainty and flag stay in the report)."""
     cases, skipped_entries, conflicts = list_images(in_dir)
+    if not cases and not conflicts:
+        raise InputError(in_dir, f"no CT images in the folder ({len(skipped_entries)} other entries); expected "
+                                 "<id>_0000.nii.gz files (or .nii, .mha, .mhd, .nrrd, DICOM series sub-folders)")
     rows: list[dict[str, Any]] = []
     for entry, reason in skipped_entries:
         if entry.resolve() == out_dir.resolve():

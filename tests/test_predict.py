@@ -643,3 +643,15 @@ def test_unusable_weights_are_setup_errors(tmp_path, weights_dir, capsys):
         err = capsys.readouterr().err
         assert problem in err and "model.pt" in err and "Traceback" not in err and "weights_only" not in err
         assert not (tmp_path / f"out_{weights.name}" / "c3.nii.gz").exists()
+
+
+def test_empty_input_folder_or_folder_of_folders_is_a_setup_error(tmp_path, weights_dir, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nested = tmp_path / "nested"
+    (nested / "patient1").mkdir(parents=True)
+    _write_ct(nested / "patient1" / "c1_0000.nii.gz", _ct_volume((17, 20, 19)))
+    for folder in (empty, nested):
+        assert _cli(folder, tmp_path / "out", weights_dir) == 2
+        err = capsys.readouterr().err
+        assert "no CT images in the folder" in err and str(folder) in err
