@@ -10,7 +10,8 @@ and the hard flag (synthetic_meta.json). Printed per score:
   - mean true pseudo-label DSC of the K kept (lowest scores) vs the dropped vs K random (mean over many draws),
     and the oracle's K (the best true DSC, the ceiling of any filter).
 
-It works on the folders of benchmarks/semi_supervised.py, which runs `seed` below after round 1 of every seed
+`ranking` prints the uif step's ranking beside the truth (demo.sh). The rest works on the folders of
+benchmarks/semi_supervised.py, which runs `seed` below after round 1 of every seed
 (and uses its random and oracle selections as the control rows). Stand-alone:
     PYTHONPATH=. .venv/bin/python -m benchmarks.uif_quality report runs/semi_supervised   # table of a run
     PYTHONPATH=. .venv/bin/python -m benchmarks.semi_supervised --seeds 0 1 --stop-after quality  # round 1 only
@@ -218,6 +219,28 @@ def format_cases(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_ranking(scores_csv: Path, dataset: Path, pred_dir: Path) -> str:
+    """The uif step's ranking (uif_scores.csv) beside the truth: rank, case, score, true pseudo-label DSC of the
+    round-1 ensemble (predictions in `pred_dir` vs the hidden masks), hard flag, kept; then the Spearman line."""
+    from fine_efficient_seg.uif import read_scores_csv
+
+    rows = read_scores_csv(scores_csv)
+    dsc = pool_truth(pred_dir, dataset, pred_dir / "eval_hidden_truth.csv")
+    meta = json.loads((dataset / "synthetic_meta.json").read_text(encoding="utf-8"))
+    lines = [f"{'rank':>4} {'case':<12} {'score':>7} {'true DSC':>8} {'hard':<16} kept"]
+    for r in rows:
+        entry = meta.get(r.case, {})
+        hard = "+".join(entry.get("hard_kinds", [])) if entry.get("hard") else "-"
+        lines.append(f"{r.rank:>4} {r.case:<12} {r.score:7.4f} {dsc.get(r.case, float('nan')):8.4f} {hard:<16} "
+                     f"{'yes' if r.kept else ''}")
+    cases = [r.case for r in rows if r.case in dsc]
+    rho = spearman([next(x.score for x in rows if x.case == c) for c in cases], [1.0 - dsc[c] for c in cases])
+    kept = [dsc[r.case] for r in rows if r.kept and r.case in dsc]
+    lines.append(f"Spearman(score, true error) {rho:+.3f}; mean true DSC kept {statistics.fmean(kept):.4f} vs pool "
+                 f"{statistics.fmean(dsc[c] for c in cases):.4f}" if kept and cases else "no scored cases")
+    return "\n".join(lines)
+
+
 def load_results(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(run_dir.glob(f"seed*/{QUALITY_FILE}"))]
 
@@ -230,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--keep", type=int, required=True, help="K: cases kept")
     s.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     s.add_argument("--device", default="cpu")
+    k = sub.add_parser("ranking", help="print a uif_scores.csv beside the true pseudo-label DSC (demo.sh)")
+    k.add_argument("--scores", type=Path, required=True, help="uif_scores.csv of the uif step")
+    k.add_argument("--dataset", type=Path, required=True, help="synthetic dataset root (hidden truth, meta)")
+    k.add_argument("--pred", type=Path, required=True, help="round-1 ensemble predictions of the pool")
     r = sub.add_parser("report", help="print the quality table of a benchmarks/semi_supervised.py run folder")
     r.add_argument("run_dir", type=Path)
     r.add_argument("--cases", action="store_true", help="also print every case of every seed")
@@ -238,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = seed_main(a.seed_dir.resolve(), a.keep, a.seed, a.device)
         print(format_quality([result]))
         print(format_cases(result))
+        return 0
+    if a.command == "ranking":
+        print(format_ranking(a.scores, a.dataset, a.pred))
         return 0
     results = load_results(a.run_dir)
     if not results:
