@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from common.errors import InputError
-from common.inference import DEFAULT_UNCERTAINTY_THRESHOLD, WeightsError, predict_folder
+from common.inference import DEFAULT_UNCERTAINTY_THRESHOLD, PredictOptions, WeightsError, predict_folder
 
 REPO_ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("predict")
@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        summary = predict_folder(
-            args.input, args.output, weights_dir=args.weights_dir, device=args.device, precision=args.precision,
-            fine_size=args.fine_size, ensemble=args.ensemble, overwrite=args.overwrite, overlays=args.overlays,
-            workers=args.workers, uncertainty=args.uncertainty, uncertainty_threshold=args.uncertainty_threshold,
-            progress=not args.quiet)
+        options = PredictOptions(
+            weights_dir=args.weights_dir, device=args.device, precision=args.precision, fine_size=args.fine_size,
+            ensemble=args.ensemble, uncertainty=args.uncertainty, overwrite=args.overwrite, overlays=args.overlays,
+            workers=args.workers, uncertainty_threshold=args.uncertainty_threshold, progress=not args.quiet)
+        summary = predict_folder(args.input, args.output, options)
     except (WeightsError, InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from common.checkpoint import export_model
 from common.image_io import canonical_flips, read_image, write_mask
-from common.inference import (COARSE_DIR, FINE_DIR, Predictor, predict_folder, resolve_device, resolve_precision,
-                              upsample_labels)
+from common.inference import (COARSE_DIR, FINE_DIR, PredictOptions, Predictor, predict_folder, resolve_device,
+                              resolve_precision, upsample_labels)
 from common.networks import build_network
 from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
 from common.preprocessing import normalize_hu, resize_volume
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = work / "weights"
         export_random_models(weights)
 
-        predictor = Predictor(weights, device, precision, uncertainty="off")
+        predictor = Predictor(PredictOptions(weights, device, precision, uncertainty="off"))
         results["forward"] = forward_times(predictor, repeats)
         fwd = results["forward"]["coarse_forward_s"] + results["forward"]["fine_forward_s"]
         results["forward"]["sum_s"] = fwd
@@ -238,21 +238,21 @@ def main(argv: list[str] | None = None) -> int:
             warm = work / "warm_in"
             warm.mkdir()
             write_ct(warm / "warm_0000.nii.gz", image[: max(16, shape[0] // 4)], spacing_zyx, origin_xyz, direction)
-            predict_folder(warm, work / "warm_out", predictor=predictor, progress=False)
+            predict_folder(warm, work / "warm_out", PredictOptions(progress=False), predictor=predictor)
 
         t0 = time.perf_counter()
-        summary = predict_folder(in_dir, work / "out_random", predictor=predictor, workers=args.workers,
-                                 progress=False)
+        summary = predict_folder(in_dir, work / "out_random", PredictOptions(workers=args.workers, progress=False),
+                                 predictor=predictor)
         wall = time.perf_counter() - t0
         rows = [r for r in summary["rows"] if r["status"] == "ok"]
         results["ours_random"] = {"wall_s": wall, "wall_per_case_s": wall / max(len(rows), 1), "rows": rows}
         if not args.no_empty:
             empty_weights = work / "weights_empty"
             export_random_models(empty_weights, empty=True)
-            empty = Predictor(empty_weights, device, precision, uncertainty="off")
+            empty = Predictor(PredictOptions(empty_weights, device, precision, uncertainty="off"))
             t0 = time.perf_counter()
-            summary = predict_folder(in_dir, work / "out_empty", predictor=empty, workers=args.workers,
-                                     progress=False)
+            summary = predict_folder(in_dir, work / "out_empty", PredictOptions(workers=args.workers, progress=False),
+                                     predictor=empty)
             wall = time.perf_counter() - t0
             rows = [r for r in summary["rows"] if r["status"] == "ok"]
             results["ours_empty"] = {"wall_s": wall, "wall_per_case_s": wall / max(len(rows), 1), "rows": rows}

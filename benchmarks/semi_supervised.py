@@ -222,9 +222,10 @@ def predict_argv(settings: Settings, in_dir: Path, out_dir: Path, weights_dir: P
         flags.append("--ensemble")
     if (ROOT / "predict.sh").is_file():
         return ["sh", str(ROOT / "predict.sh"), str(in_dir), str(out_dir), *flags]
-    code = ("import sys; from common.inference import predict_folder; "
-            f"r = predict_folder({str(in_dir)!r}, {str(out_dir)!r}, weights_dir={str(weights_dir)!r}, "
-            f"device={settings.device!r}, fine_size={settings.fine_size}, ensemble={settings.ensemble}, workers=1); "
+    code = ("import sys; from common.inference import PredictOptions, predict_folder; "
+            f"r = predict_folder({str(in_dir)!r}, {str(out_dir)!r}, "
+            f"PredictOptions(weights_dir={str(weights_dir)!r}, device={settings.device!r}, "
+            f"fine_size={settings.fine_size}, ensemble={settings.ensemble}, workers=1)); "
             "sys.exit(1 if r['failed'] else 0)")
     return [sys.executable, "-c", code]
 

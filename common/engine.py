@@ -81,7 +81,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -128,6 +128,8 @@ DONE_FILE = "DONE"
 METRICS_FILE = "metrics.jsonl"
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+T = TypeVar("T")
+U = TypeVar("U")
 ValCase = tuple[str, torch.Tensor, torch.Tensor]
 
 
@@ -307,6 +309,23 @@ def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: 
     return out
 
 
+@dataclass(frozen=True)
+class Pair(Generic[T]):
+    """The two CPS networks' objects of one kind (networks, optimisers, scalers, ...), named "a" and "b"."""
+
+    a: T
+    b: T
+
+    def items(self) -> tuple[tuple[str, T], tuple[str, T]]:
+        return (("a", self.a), ("b", self.b))
+
+    def map(self, fn: Callable[[T], U]) -> "Pair[U]":
+        return Pair(fn(self.a), fn(self.b))
+
+    def __iter__(self) -> Iterator[T]:
+        return iter((self.a, self.b))
+
+
 @dataclass
 class _State:
     iteration: int = 0
@@ -314,6 +333,81 @@ class _State:
     best_iteration: dict[str, int] = field(default_factory=lambda: {"a": -1, "b": -1})
     loss_sums: dict[str, float] = field(default_factory=dict)
     loss_count: int = 0
+
+    def add_losses(self, losses: Mapping[str, float]) -> None:
+        for k, v in losses.items():
+            self.loss_sums[k] = self.loss_sums.get(k, 0.0) + v
+        self.loss_count += 1
+
+
+@dataclass
+class _Streams:
+    """The labeled and (optional) unlabeled iterators of one run; `close` stops their workers."""
+
+    labeled: Iterator[Batch]
+    unlabeled: Iterator[torch.Tensor] | None
+
+    def close(self) -> None:
+        _close(self.labeled)
+        if self.unlabeled is not None:
+            _close(self.unlabeled)
+
+
+class _Progress:
+    """tqdm bar, train/* and time/* scalars and the log line every `log_interval` iterations.
+
+    time/iter_s counts training iterations only: the time spent inside `paused()` (validation, checkpoints) is
+    left out; time/data_s is the time of `fetch` (reading, device copy, input transform) per iteration.
+    """
+
+    def __init__(self, trainer: "_Trainer", start: int) -> None:
+        self.trainer = trainer
+        self.total = trainer.job.iterations
+        self.interval = trainer.cfg.schedule.log_interval
+        self.bar = tqdm(total=self.total, initial=start, disable=not trainer.main, dynamic_ncols=True,
+                        desc=f"{trainer.job.stage} CPS", unit="it")
+        self.window_start = time.perf_counter()
+        self.window_data_s = 0.0
+        self.window_iters = 0
+
+    @contextlib.contextmanager
+    def timing_data(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.window_data_s += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.window_start += time.perf_counter() - t0
+
+    def log(self, done: int, losses: Mapping[str, float], lr: float, cps_weight: float) -> None:
+        """Count iteration `done`; every `log_interval` (and at the end) log the rank-mean losses (collective)."""
+        self.window_iters += 1
+        if done % self.interval == 0 or done == self.total:
+            mean_losses = all_reduce_mean(losses)
+            now = time.perf_counter()
+            iter_s = (now - self.window_start) / self.window_iters
+            data_s = self.window_data_s / self.window_iters
+            self.window_start, self.window_data_s, self.window_iters = now, 0.0, 0
+            if self.trainer.main:
+                writer = self.trainer.writer
+                for k, v in mean_losses.items():
+                    writer.add_scalar(f"train/{k}", v, done)
+                writer.add_scalar("train/lr", lr, done)
+                writer.add_scalar("train/cps_weight", cps_weight, done)
+                writer.add_scalar("time/iter_s", iter_s, done)
+                writer.add_scalar("time/data_s", data_s, done)
+                self.bar.set_postfix(loss_a=f"{mean_losses['loss_a']:.4f}", loss_b=f"{mean_losses['loss_b']:.4f}",
+                                     lr=f"{lr:.1e}", refresh=False)
+                logger.info("iteration %d/%d lr %.2e cps_weight %.3f %s | %.3f s/it (data %.3f s)", done,
+                            self.total, lr, cps_weight, " ".join(f"{k} {v:.4f}" for k, v in mean_losses.items()),
+                            iter_s, data_s)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 # ------------------------------------------------------------------------------------------------ the engine
@@ -341,16 +435,14 @@ class _Trainer:
             raise ValueError("model.seed_a and model.seed_b must differ")
         random.seed(derive_seed(cfg.seed, "python", self.info.rank))
         np.random.seed(derive_seed(cfg.seed, "numpy", self.info.rank) % 2**32)
-        self.net_a, self.net_b = build_cps_networks(self.spec, cfg.model.seed_a, cfg.model.seed_b)
-        self.net_a.to(self.device)
-        self.net_b.to(self.device)
+        self.nets: Pair[nn.Module] = Pair(*build_cps_networks(self.spec, cfg.model.seed_a, cfg.model.seed_b))
+        for net in self.nets:
+            net.to(self.device)
         betas = tuple(float(b) for b in cfg.optim.betas)
-        self.opt_a, self.opt_b = (
-            torch.optim.Adam(net.parameters(), lr=cfg.optim.lr, betas=betas, weight_decay=cfg.optim.weight_decay)
-            for net in (self.net_a, self.net_b))
+        self.opts: Pair[torch.optim.Optimizer] = self.nets.map(lambda net: torch.optim.Adam(
+            net.parameters(), lr=cfg.optim.lr, betas=betas, weight_decay=cfg.optim.weight_decay))
         self.amp: AmpSettings = amp_settings(cfg.amp.precision, self.device)
-        self.scaler_a = make_grad_scaler(self.amp)
-        self.scaler_b = make_grad_scaler(self.amp)
+        self.scalers: Pair[torch.amp.GradScaler] = self.nets.map(lambda _: make_grad_scaler(self.amp))
         self.loss_fn = build_loss(cfg.loss.name)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
@@ -364,16 +456,16 @@ class _Trainer:
             if ckpt.get("model") and dict(ckpt["model"]) != self.spec:
                 raise InputError(self.last_path, f"was trained with model {ckpt['model']}, but the config asks for "
                                                  f"{self.spec}; use another output_dir or delete the old run")
-            load_model_state(self.net_a, ckpt["net_a"], self.last_path)
-            load_model_state(self.net_b, ckpt["net_b"], self.last_path)
+            for name, net in self.nets.items():
+                load_model_state(net, ckpt[f"net_{name}"], self.last_path)
             try:
-                self.opt_a.load_state_dict(ckpt["opt_a"])
-                self.opt_b.load_state_dict(ckpt["opt_b"])
+                for name, opt in self.opts.items():
+                    opt.load_state_dict(ckpt[f"opt_{name}"])
             except (ValueError, KeyError) as exc:
                 raise InputError(self.last_path, f"optimizer state does not match: {exc}") from exc
-            if ckpt.get("scaler_a") and self.scaler_a.is_enabled():
-                self.scaler_a.load_state_dict(ckpt["scaler_a"])
-                self.scaler_b.load_state_dict(ckpt["scaler_b"])
+            if ckpt.get("scaler_a") and self.scalers.a.is_enabled():
+                for name, scaler in self.scalers.items():
+                    scaler.load_state_dict(ckpt[f"scaler_{name}"])
             self.state.iteration = int(ckpt["iteration"])
             self.state.best = {k: float(v) for k, v in ckpt.get("best", self.state.best).items()}
             self.state.best_iteration = {k: int(v) for k, v in ckpt.get("best_iteration",
@@ -396,20 +488,18 @@ class _Trainer:
                         self.job.iterations)
         elif self.job.init_weights is not None:
             weights = read_init_weights(self.job.init_weights)
-            load_model_state(self.net_a, weights["a"], str(self.job.init_weights))
-            load_model_state(self.net_b, weights["b"], str(self.job.init_weights))
+            for name, net in self.nets.items():
+                load_model_state(net, weights[name], str(self.job.init_weights))
             logger.info("warm start from %s", self.job.init_weights)
 
     def wrap(self) -> None:
-        self.model_a: nn.Module = self.net_a
-        self.model_b: nn.Module = self.net_b
+        """`self.models`: the networks as trained (DDP-wrapped with world_size > 1, compiled with amp.compile)."""
+        self.models: Pair[nn.Module] = self.nets
         if self.info.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model_a = nn.parallel.DistributedDataParallel(self.net_a, device_ids=ids)
-            self.model_b = nn.parallel.DistributedDataParallel(self.net_b, device_ids=ids)
+            self.models = self.models.map(lambda net: nn.parallel.DistributedDataParallel(net, device_ids=ids))
         if self.cfg.amp.compile:
-            self.model_a = torch.compile(self.model_a)
-            self.model_b = torch.compile(self.model_b)
+            self.models = self.models.map(torch.compile)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_last(self, iteration: int) -> None:
@@ -419,12 +509,9 @@ class _Trainer:
         state = {
             "format_version": 1,
             "stage": self.job.stage,
-            "net_a": model_state_dict(self.net_a),
-            "net_b": model_state_dict(self.net_b),
-            "opt_a": self.opt_a.state_dict(),
-            "opt_b": self.opt_b.state_dict(),
-            "scaler_a": self.scaler_a.state_dict(),
-            "scaler_b": self.scaler_b.state_dict(),
+            **{f"net_{k}": model_state_dict(net) for k, net in self.nets.items()},
+            **{f"opt_{k}": opt.state_dict() for k, opt in self.opts.items()},
+            **{f"scaler_{k}": scaler.state_dict() for k, scaler in self.scalers.items()},
             "iteration": iteration,
             "rng": rng,
             "world_size": self.info.world_size,
@@ -459,13 +546,13 @@ class _Trainer:
             return
         save_checkpoint(self.ckpt_dir / f"snapshot_{iteration}.pt", {
             "format_version": 1, "stage": self.job.stage, "iteration": iteration, "model": self.spec,
-            "net_a": model_state_dict(self.net_a), "net_b": model_state_dict(self.net_b)})
+            **{f"net_{k}": model_state_dict(net) for k, net in self.nets.items()}})
 
     # -- validation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> tuple[dict[str, torch.Tensor], int]:
         """Per-organ hard Dice (13,) of each network averaged over the validation cases of all ranks."""
-        nets = {"a": unwrap_model(self.net_a), "b": unwrap_model(self.net_b)}
+        nets = dict(self.nets.map(unwrap_model).items())
         for net in nets.values():
             net.eval()
         sums = {name: torch.zeros(NUM_ORGANS, dtype=torch.float64) for name in nets}
@@ -498,7 +585,7 @@ class _Trainer:
             return
         means = {k: float(v.mean()) for k, v in dice.items()}
         improved = []
-        for name, net in (("a", self.net_a), ("b", self.net_b)):
+        for name, net in self.nets.items():
             if means[name] > self.state.best[name]:
                 self.state.best[name] = means[name]
                 self.state.best_iteration[name] = iteration
@@ -590,8 +677,8 @@ class _Trainer:
                 if not (self.ckpt_dir / "best_model_a.pt").is_file():
                     # no validation ran (no cases): the final weights stand in as the "best" ones
                     logger.warning("no validation result: saving the final weights as best_model_a/b.pt")
-                    self.save_best("a", self.net_a, job.iterations, None, None)
-                    self.save_best("b", self.net_b, job.iterations, None, None)
+                    for name, net in self.nets.items():
+                        self.save_best(name, net, job.iterations, None, None)
                 write_json_atomic(done_path, {"iteration": job.iterations, "best": self.state.best,
                                               "best_iteration": self.state.best_iteration})
                 logger.info("training finished: %d iterations, best mean Dice A %.4f (iteration %d), "
@@ -607,104 +694,99 @@ class _Trainer:
                 "already_done": False}
 
     def _loop(self, start: int) -> None:
-        job, cfg, info = self.job, self.cfg, self.info
-        sched = cfg.schedule
-        total = job.iterations
-        labeled = job.labeled_stream(start)
-        unlabeled = job.unlabeled_stream(start) if job.unlabeled_stream is not None else None
-        bar = tqdm(total=total, initial=start, disable=not self.main, dynamic_ncols=True, desc=f"{job.stage} CPS",
-                   unit="it")
-        window_start = time.perf_counter()
-        window_data_s = 0.0
-        window_iters = 0
-        lr = lr_at(start, cfg.optim.lr, total, sched.lr_drop_at, sched.lr_drop_factor)
+        """Iterations start..iterations-1: fetch, step both networks, log, validate, checkpoint, maybe stop."""
+        job = self.job
+        data = _Streams(job.labeled_stream(start), job.unlabeled_stream(start) if job.unlabeled_stream else None)
+        progress = _Progress(self, start)
         try:
             with _StopRequest() as stop:
-                for it in range(start, total):
-                    if stop.signum is not None and info.world_size == 1:
-                        self._interrupt(stop.signum, it)
-                    lr = lr_at(it, cfg.optim.lr, total, sched.lr_drop_at, sched.lr_drop_factor)
-                    for opt in (self.opt_a, self.opt_b):
-                        for group in opt.param_groups:
-                            group["lr"] = lr
-                    torch.manual_seed(derive_seed(cfg.seed, "iteration", info.rank, it))
-
-                    t0 = time.perf_counter()
-                    try:
-                        x_l, y_l = next(labeled)
-                        x_u = next(unlabeled) if unlabeled is not None else None
-                    except Exception:
-                        if stop.signum is not None:  # Ctrl-C also reaches DataLoader workers: stop, do not fail
-                            # With DDP the other ranks may be elsewhere: no collective save, the last periodic
-                            # last.pt stays the resume point.
-                            self._interrupt(stop.signum, it, collective=info.world_size == 1)
-                        raise
-                    x_l = _to_device(x_l, self.device)
-                    target = _targets(y_l, self.device)
-                    if x_u is not None:
-                        x_u = _to_device(x_u, self.device)
-                    if job.input_transform is not None:
-                        x_l = job.input_transform(x_l)
-                        x_u = job.input_transform(x_u) if x_u is not None else None
-                    window_data_s += time.perf_counter() - t0
-
-                    weight = cps_weight_at(it, cfg.cps.weight, cfg.cps.rampup_iterations)
-                    losses = cps_step(self.model_a, self.model_b, self.opt_a, self.opt_b, x_l, target, x_u,
-                                      self.loss_fn, weight, self.amp, self.scaler_a, self.scaler_b,
+                for it in range(start, job.iterations):
+                    lr = self._begin_iteration(it)
+                    with progress.timing_data():
+                        x_l, target, x_u = self._fetch(data, stop, it)
+                    weight = cps_weight_at(it, self.cfg.cps.weight, self.cfg.cps.rampup_iterations)
+                    losses = cps_step(self.models.a, self.models.b, self.opts.a, self.opts.b, x_l, target, x_u,
+                                      self.loss_fn, weight, self.amp, self.scalers.a, self.scalers.b,
                                       legacy_shift=self.cfg.cps.legacy_shift)
                     done = it + 1
-                    bad = sorted(k for k, v in losses.items() if not math.isfinite(v))
-                    flags = {"stop": float(stop.signum is not None), "bad": float(bool(bad))}
-                    if info.world_size > 1:
-                        flags = all_reduce_max(flags)
-                    if flags["bad"]:
-                        which = ", ".join(f"{k}={losses[k]}" for k in bad) or "on another rank"
-                        raise NonFiniteLossError(
-                            f"non-finite loss at iteration {done} ({which}); stopping. {self.last_path} is kept as the "
-                            "last good checkpoint. Try a lower optim.lr or amp.precision=off.")
-                    for k, v in losses.items():
-                        self.state.loss_sums[k] = self.state.loss_sums.get(k, 0.0) + v
-                    self.state.loss_count += 1
-                    window_iters += 1
-
-                    if done % sched.log_interval == 0 or done == total:
-                        mean_losses = all_reduce_mean(losses)
-                        now = time.perf_counter()
-                        iter_s = (now - window_start) / window_iters
-                        data_s = window_data_s / window_iters
-                        window_start, window_data_s, window_iters = now, 0.0, 0
-                        if self.main:
-                            for k, v in mean_losses.items():
-                                self.writer.add_scalar(f"train/{k}", v, done)
-                            self.writer.add_scalar("train/lr", lr, done)
-                            self.writer.add_scalar("train/cps_weight", weight, done)
-                            self.writer.add_scalar("time/iter_s", iter_s, done)
-                            self.writer.add_scalar("time/data_s", data_s, done)
-                            bar.set_postfix(loss_a=f"{mean_losses['loss_a']:.4f}",
-                                            loss_b=f"{mean_losses['loss_b']:.4f}", lr=f"{lr:.1e}", refresh=False)
-                            logger.info("iteration %d/%d lr %.2e cps_weight %.3f %s | %.3f s/it (data %.3f s)",
-                                        done, total, lr, weight,
-                                        " ".join(f"{k} {v:.4f}" for k, v in mean_losses.items()), iter_s, data_s)
-                    bar.update(1)
-
-                    t_extra = time.perf_counter()
-                    if job.val_cases is not None and (done % sched.val_interval == 0 or done == total):
-                        self.run_validation(done, lr)
-                    if done % sched.checkpoint_interval == 0 or done == total:
-                        self.save_last(done)
-                    if done in job.snapshot_iterations:
-                        self.save_snapshot(done)
-                    window_start += time.perf_counter() - t_extra  # time/iter_s measures training iterations only
-                    if flags["stop"]:
-                        self._interrupt(stop.signum or signal.SIGTERM, done, saved=done % sched.checkpoint_interval
-                                        == 0 or done == total)
+                    stop_agreed = self._check_losses(losses, stop, done)
+                    self.state.add_losses(losses)
+                    progress.log(done, losses, lr, weight)
+                    with progress.paused():
+                        self._validate_and_checkpoint(done, lr)
+                    if stop_agreed or (self.info.world_size == 1 and stop.signum is not None):
+                        self._stop(stop.signum or signal.SIGTERM, done, saved=self._checkpoint_due(done))
         finally:
-            bar.close()
-            _close(labeled)
-            if unlabeled is not None:
-                _close(unlabeled)
+            progress.close()
+            data.close()
 
-    def _interrupt(self, signum: int, iteration: int, saved: bool = False, collective: bool = True) -> None:
+    # -- the steps of one iteration -----------------------------------------------------------------------------
+    def _begin_iteration(self, it: int) -> float:
+        """Set the scheduled LR of both optimisers and reseed the dropout RNG from (seed, rank, it); return the LR."""
+        sched = self.cfg.schedule
+        lr = lr_at(it, self.cfg.optim.lr, self.job.iterations, sched.lr_drop_at, sched.lr_drop_factor)
+        for opt in self.opts:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        torch.manual_seed(derive_seed(self.cfg.seed, "iteration", self.info.rank, it))
+        return lr
+
+    def _fetch(self, data: _Streams, stop: _StopRequest,
+               it: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Next x_l, one-hot target and x_u (or None) of this rank, on the device, after the input transform."""
+        try:
+            x_l, y_l = next(data.labeled)
+            x_u = next(data.unlabeled) if data.unlabeled is not None else None
+        except Exception:
+            if stop.signum is not None:  # Ctrl-C also reaches DataLoader workers: stop, do not fail
+                # With DDP the other ranks may be elsewhere: no collective save, the last periodic last.pt stays
+                # the resume point.
+                self._stop(stop.signum, it, collective=self.info.world_size == 1)
+            raise
+        x_l = _to_device(x_l, self.device)
+        target = _targets(y_l, self.device)
+        if x_u is not None:
+            x_u = _to_device(x_u, self.device)
+        transform = self.job.input_transform
+        if transform is not None:
+            x_l = transform(x_l)
+            x_u = transform(x_u) if x_u is not None else None
+        return x_l, target, x_u
+
+    def _check_losses(self, losses: Mapping[str, float], stop: _StopRequest, done: int) -> bool:
+        """Raise NonFiniteLossError if any rank's loss is NaN/inf; return whether any rank asked to stop.
+
+        With DDP both answers come from one all-reduce, so every rank decides the same at the same iteration.
+        """
+        bad = sorted(k for k, v in losses.items() if not math.isfinite(v))
+        flags = {"stop": float(stop.signum is not None), "bad": float(bool(bad))}
+        if self.info.world_size > 1:
+            flags = all_reduce_max(flags)
+        if flags["bad"]:
+            which = ", ".join(f"{k}={losses[k]}" for k in bad) or "on another rank"
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {done} ({which}); stopping. {self.last_path} is kept as the "
+                "last good checkpoint. Try a lower optim.lr or amp.precision=off.")
+        return bool(flags["stop"])
+
+    def _checkpoint_due(self, done: int) -> bool:
+        return done % self.cfg.schedule.checkpoint_interval == 0 or done == self.job.iterations
+
+    def _validate_and_checkpoint(self, done: int, lr: float) -> None:
+        if self.job.val_cases is not None and (done % self.cfg.schedule.val_interval == 0
+                                               or done == self.job.iterations):
+            self.run_validation(done, lr)
+        if self._checkpoint_due(done):
+            self.save_last(done)
+        if done in self.job.snapshot_iterations:
+            self.save_snapshot(done)
+
+    def _stop(self, signum: int, iteration: int, saved: bool = False, collective: bool = True) -> None:
+        """The one stop path: save last.pt at `iteration` (unless `saved`), then raise TrainingInterrupted.
+
+        `collective=False` (a DDP rank whose data stream failed after the signal): no collective save; the
+        iteration reported is that of the last periodic last.pt.
+        """
         if collective:
             if not saved:
                 self.save_last(iteration)

@@ -36,6 +36,8 @@ GRID_RTOL = 1e-4
 # Off-diagonal direction entries above this make a direction "oblique" (warned about).
 OBLIQUE_TOL = 1e-3
 CASE_SUFFIX = "_0000"  # nnU-Net style channel suffix of image files: <id>_0000.nii.gz
+# Plausible voxel spacing of a CT (mm, every axis): the one rule of data_prepare and predict.
+SPACING_RANGE_MM = (0.05, 50.0)
 
 
 @dataclass(frozen=True)
@@ -132,25 +134,45 @@ def _is_dicom_folder(folder: Path) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# NIfTI truncation check (SimpleITK reads a truncated NIfTI without any error, padding the missing voxels)
+# NIfTI checks (SimpleITK reads a truncated NIfTI without any error, padding the missing voxels; it reads NaN
+# voxels as 0 and a zero spacing as 1 mm)
 
 
-def _nifti_expected_bytes(header: bytes, path: Path) -> int:
-    """Uncompressed byte count (vox_offset + voxel data) announced by a NIfTI-1/2 header."""
+@dataclass(frozen=True)
+class _NiftiHeader:
+    """The fields of a NIfTI-1/2 header the checks need."""
+
+    endian: str              # "<" or ">"
+    datatype: int            # NIfTI datatype code (16 float32, 64 float64, ...)
+    bitpix: int
+    dims: tuple[int, ...]    # dim[1..ndim]
+    pixdim: tuple[float, ...]  # pixdim[1..ndim], mm for the spatial axes
+    vox_offset: int          # byte offset of the voxel data
+    expected_bytes: int      # vox_offset + voxel data, uncompressed
+
+
+# NIfTI datatype code -> numpy dtype character of the floating-point types (the only ones that hold NaN/inf)
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _nifti_header(header: bytes, path: Path) -> _NiftiHeader:
+    """Parse a NIfTI-1/2 header (the first 540+ uncompressed bytes)."""
     if len(header) < 348:
         raise InputError(path, "file is truncated or not a NIfTI file (header shorter than 348 bytes)")
     for endian in ("<", ">"):
         sizeof_hdr = struct.unpack(endian + "i", header[:4])[0]
         if sizeof_hdr == 348:
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            pixdim = struct.unpack(endian + "8f", header[76:108])
             vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
             break
         if sizeof_hdr == 540:
             if len(header) < 540:
                 raise InputError(path, "file is truncated (NIfTI-2 header shorter than 540 bytes)")
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
+            pixdim = struct.unpack(endian + "8d", header[104:168])
             vox_offset = int(struct.unpack(endian + "q", header[168:176])[0])
             break
     else:
@@ -159,11 +181,59 @@ def _nifti_expected_bytes(header: bytes, path: Path) -> int:
     if not 1 <= ndim <= 7:
         raise InputError(path, f"not a valid NIfTI file (dim[0] = {ndim})")
     voxels = math.prod(max(int(d), 1) for d in dims[1 : ndim + 1])
-    return max(vox_offset, 352 if sizeof_hdr == 348 else 544) + voxels * max(int(bitpix), 8) // 8
+    offset = max(vox_offset, 352 if sizeof_hdr == 348 else 544)
+    return _NiftiHeader(endian, int(datatype), int(bitpix), tuple(int(d) for d in dims[1 : ndim + 1]),
+                        tuple(float(p) for p in pixdim[1 : ndim + 1]), offset,
+                        offset + voxels * max(int(bitpix), 8) // 8)
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Raise InputError if a .nii/.nii.gz file holds fewer bytes than its header announces.
+def _check_nifti_spacing(header: _NiftiHeader, path: Path) -> None:
+    """A zero or NaN spacing in the header: SimpleITK silently reads it as 1 mm, so refuse it here."""
+    bad = [p for p in header.pixdim[:3] if not math.isfinite(p) or p == 0.0]
+    if bad:
+        raise InputError(path, f"voxel spacing in the NIfTI header (pixdim) is {header.pixdim[:3]} mm: zero or NaN "
+                               "spacing would be read as 1 mm; fix the header (e.g. re-export the scan)")
+
+
+def _count_nonfinite_nifti(path: Path, header: _NiftiHeader) -> int:
+    """Non-finite voxels in a floating-point NIfTI file, counted on the raw voxel data (SimpleITK's NIfTI reader
+    turns NaN/inf into 0). Streams the data in chunks: one extra decompression pass, no full-volume copy."""
+    dtype = np.dtype(header.endian + _NIFTI_FLOAT_TYPES[header.datatype])
+    remaining = header.expected_bytes - header.vox_offset
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    count, tail = 0, b""
+    with opener(path, "rb") as f:
+        f.seek(header.vox_offset)
+        while remaining > 0:
+            chunk = f.read(min(remaining, 1 << 24))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            data = tail + chunk
+            usable = len(data) - len(data) % dtype.itemsize
+            tail = data[usable:]
+            values = np.frombuffer(data, dtype=dtype, count=usable // dtype.itemsize)
+            count += int(values.size - np.count_nonzero(np.isfinite(values)))
+    return count
+
+
+def _check_nifti(path: Path) -> None:
+    """Raise InputError for what SimpleITK's NIfTI reader would pass silently: a truncated file (it pads the
+    missing voxels), a zero/NaN spacing (read as 1 mm), NaN/infinite voxels (read as 0)."""
+    header = _check_nifti_complete(path)
+    _check_nifti_spacing(header, path)
+    if header.datatype in _NIFTI_FLOAT_TYPES:
+        try:
+            bad = _count_nonfinite_nifti(path, header)
+        except (OSError, EOFError, zlib.error) as e:
+            raise InputError(path, f"file is truncated or corrupt ({type(e).__name__}: {e})") from None
+        if bad:
+            raise InputError(path, f"{bad} voxel values are NaN or infinite (SimpleITK would read them as 0); "
+                                   "fix or re-export the image")
+
+
+def _check_nifti_complete(path: Path) -> _NiftiHeader:
+    """Raise InputError if a .nii/.nii.gz file holds fewer bytes than its header announces; returns the header.
 
     For .nii.gz the gzip trailer's ISIZE (uncompressed size mod 2^32) is compared with the header; only on a
     mismatch (multi-member gzip, or truncation) is the whole stream decompressed to decide.
@@ -172,20 +242,20 @@ def _check_nifti_complete(path: Path) -> None:
     try:
         if name.endswith(".nii"):
             with open(path, "rb") as f:
-                header = f.read(544)
-            expected = _nifti_expected_bytes(header, path)
+                header = _nifti_header(f.read(544), path)
+            expected = header.expected_bytes
             actual = path.stat().st_size
             if actual < expected:
                 raise InputError(path, f"file is truncated ({actual} bytes, the header announces {expected})")
-            return
+            return header
         with gzip.open(path, "rb") as f:
-            header = f.read(544)
-        expected = _nifti_expected_bytes(header, path)
+            header = _nifti_header(f.read(544), path)
+        expected = header.expected_bytes
         with open(path, "rb") as f:
             f.seek(-4, os.SEEK_END)
             isize = struct.unpack("<I", f.read(4))[0]
         if isize == expected % (1 << 32):
-            return
+            return header
         total = 0
         decomp = zlib.decompressobj(wbits=47)  # 32 + 15: gzip/zlib auto-detect
         with open(path, "rb") as f:
@@ -202,6 +272,7 @@ def _check_nifti_complete(path: Path) -> None:
             raise InputError(
                 path, f"file is truncated (decompresses to {total} bytes, the header announces {expected})"
             )
+        return header
     except InputError:
         raise
     except (OSError, EOFError, zlib.error, struct.error) as e:
@@ -253,7 +324,7 @@ def _read_sitk(path: Path) -> sitk.Image:
         if not _looks_like_dicom(path):
             raise InputError(path, f"not an image file (supported: {', '.join(IMAGE_SUFFIXES)}, DICOM folders)")
     elif suffix in (".nii.gz", ".nii"):
-        _check_nifti_complete(path)
+        _check_nifti(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -285,16 +356,31 @@ def _check_volume(image: sitk.Image, path: Path) -> sitk.Image:
     return image
 
 
+def check_spacing(spacing_zyx: tuple[float, ...], path: str | os.PathLike) -> None:
+    """Raise InputError naming `path` unless every spacing lies in SPACING_RANGE_MM (the project's one rule)."""
+    lo, hi = SPACING_RANGE_MM
+    if not all(math.isfinite(s) and lo <= s <= hi for s in spacing_zyx):
+        raise InputError(path, f"implausible voxel spacing (z, y, x) = {tuple(float(f'{s:.6g}') for s in spacing_zyx)} "
+                               f"mm; expected {lo:g} to {hi:g} mm per axis (check the header's units)")
+
+
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
     """Read a 3D scalar image: array (z, y, x) in the file's voxel type, and its geometry.
 
     `path` is a `.nii.gz`/`.nii`/`.mha`/`.mhd`/`.nrrd` file or a DICOM series folder.
-    Raises InputError for missing, unreadable or truncated files, 2D, 4D and vector images.
+    Raises InputError for missing, unreadable or truncated files, 2D, 4D and vector images, an implausible
+    spacing (`check_spacing`) and NaN/infinite voxels (in NIfTI found in the raw data: SimpleITK reads them as 0).
     """
     path = Path(path)
     image = _check_volume(_read_sitk(path), path)
     array = np.array(sitk.GetArrayViewFromImage(image), copy=True)
-    return array, ImageMeta.from_sitk(image)
+    meta = ImageMeta.from_sitk(image)
+    check_spacing(meta.spacing_zyx, path)
+    if array.dtype.kind == "f":
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise InputError(path, f"{bad} voxel values are NaN or infinite; fix or re-export the image")
+    return array, meta
 
 
 def same_grid(a: ImageMeta, b: ImageMeta) -> str | None:
@@ -420,17 +506,20 @@ def case_id_from_name(path: str | os.PathLike) -> str | None:
     return stem
 
 
-def list_images(folder: str | os.PathLike) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
-    """Images in `folder`: ({case id: path} sorted by id, [(skipped entry, reason)]).
+def list_images(folder: str | os.PathLike) -> tuple[dict[str, Path], list[tuple[Path, str]], dict[str, str]]:
+    """Images in `folder`: ({case id: path} sorted by id, [(skipped entry, reason)], {case id: problem}).
 
     Image files give `<id>_0000.nii.gz` -> id, other names -> the name without extension; DICOM series
-    sub-folders give the folder name. Raises InputError if `folder` is not a folder.
+    sub-folders give the folder name. An id given by two entries (`a.nii` and `a.nii.gz`, `a.nii.gz` and
+    `a_0000.nii.gz`) is refused: it is in neither the images nor the skipped entries but in the third dict,
+    with a message naming both files. Raises InputError if `folder` is not a folder.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "image folder not found")
     found: dict[str, Path] = {}
     skipped: list[tuple[Path, str]] = []
+    duplicates: dict[str, list[Path]] = {}
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             skipped.append((entry, "hidden file"))
@@ -454,8 +543,10 @@ def list_images(folder: str | os.PathLike) -> tuple[dict[str, Path], list[tuple[
                     reason = f"not an image file (supported: {', '.join(IMAGE_SUFFIXES)}, DICOM series folders)"
                 skipped.append((entry, reason))
                 continue
-        if case_id in found:
-            skipped.append((entry, f"duplicate case id '{case_id}' (already given by {found[case_id].name})"))
+        if case_id in found or case_id in duplicates:
+            duplicates.setdefault(case_id, [found.pop(case_id)] if case_id in found else []).append(entry)
             continue
         found[case_id] = entry
-    return dict(sorted(found.items())), skipped
+    conflicts = {case_id: (f"duplicate case id '{case_id}': given by " + " and ".join(str(p) for p in paths)
+                           + "; remove or rename all but one") for case_id, paths in sorted(duplicates.items())}
+    return dict(sorted(found.items())), skipped, conflicts

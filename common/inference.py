@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import io
+import json
 import logging
 import math
 import os
@@ -35,7 +37,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,8 +47,8 @@ from torch import nn
 from common.amp import amp_settings, autocast
 from common.checkpoint import load_exported_model
 from common.errors import InputError
-from common.fileutil import write_text_atomic
-from common.image_io import ImageMeta, canonical_flips, list_images, read_image, write_mask
+from common.fileutil import check_writable, folder_lock, remove_stale_temps, write_json_atomic, write_text_atomic
+from common.image_io import ImageMeta, canonical_flips, check_spacing, list_images, read_image, write_mask
 from common.labels import NUM_ORGANS
 from common.networks.input_layer import prepare_input
 from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
@@ -61,7 +63,6 @@ FINE_MIN_VOLUME_MM3 = 2000.0
 Z_WINDOW_MM = 240.0
 DEFAULT_EXTEND_SIZE_MM = 20.0
 DEFAULT_UNCERTAINTY_THRESHOLD = 0.2
-MAX_SPACING_MM = 50.0
 # Cost of resizing one channel at one boundary voxel (8 gathers) relative to one voxel of a separable resize of a
 # whole chunk (measured on CPU); decides per chunk which of the two `upsample_labels` uses.
 SPARSE_COST = 6.0
@@ -84,10 +85,7 @@ class WeightsError(Exception):
 
 def check_ct(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) -> None:
     """Raise InputError naming `path` if the volume cannot be a CT in HU (spacing, shape, intensities)."""
-    spacing = meta.spacing_zyx
-    if not all(math.isfinite(s) and 0.0 < s <= MAX_SPACING_MM for s in spacing):
-        raise InputError(path, f"absurd voxel spacing (z, y, x) = {tuple(round(s, 4) for s in spacing)} mm; "
-                               f"expected 0 < spacing <= {MAX_SPACING_MM:g} mm")
+    check_spacing(meta.spacing_zyx, path)
     if array_zyx.ndim != 3 or min(array_zyx.shape) < 2:
         raise InputError(path, f"array shape {array_zyx.shape} is not a 3D volume")
     if array_zyx.dtype.kind not in "iuf":
@@ -353,16 +351,42 @@ class CaseResult:
     device: str = "cpu"
 
 
-class Predictor:
-    """Coarse + fine networks on one device with the options of `predict_folder`."""
+@dataclass(frozen=True)
+class PredictOptions:
+    """Every option of a prediction run, in one place: predict.py fills it, `predict_folder` and `Predictor` read it.
 
-    def __init__(self, weights_dir: str | os.PathLike, device: str | torch.device = "auto", precision: str = "auto",
-                 fine_size: int | None = None, ensemble: bool = False, uncertainty: str = "auto",
-                 z_window_mm: float = Z_WINDOW_MM, coarse_min_volume_mm3: float = COARSE_MIN_VOLUME_MM3,
-                 fine_min_volume_mm3: float = FINE_MIN_VOLUME_MM3, chunk_elements: int | None = None) -> None:
-        self.weights_dir = Path(weights_dir)
+    Network options (weights_dir .. chunk_elements) are used by `Predictor`; folder options (overwrite ..
+    progress) by `predict_folder`.
+    """
+
+    weights_dir: str | os.PathLike = "model_weights"  # folder with base_coarse_model/ and efficient_fine_model/
+    device: str | torch.device = "auto"                # auto = cuda if available, else cpu
+    precision: str = "auto"                            # one of PRECISIONS; auto = fp16 on CUDA, fp32 on CPU
+    fine_size: int | None = None                       # fine input size per axis (multiple of 16); None = model's
+    ensemble: bool = False                             # average networks A and B in both stages
+    uncertainty: str = "auto"                          # auto / on / off: A/B disagreement score
+    z_window_mm: float = Z_WINDOW_MM
+    coarse_min_volume_mm3: float = COARSE_MIN_VOLUME_MM3
+    fine_min_volume_mm3: float = FINE_MIN_VOLUME_MM3
+    chunk_elements: int | None = None                  # elements per resize chunk; None = by device
+    overwrite: bool = False                            # redo cases whose output exists
+    overlays: bool = False                             # also write <id>_overlay.png
+    workers: int = 2                                   # background reader threads = cases read ahead
+    uncertainty_threshold: float = DEFAULT_UNCERTAINTY_THRESHOLD  # flag cases above it
+    progress: bool = True                              # tqdm progress bar
+
+
+class Predictor:
+    """Coarse + fine networks on one device, set up from the network fields of a `PredictOptions`."""
+
+    def __init__(self, options: PredictOptions | None = None) -> None:
+        options = options if options is not None else PredictOptions()
+        self.options = options
+        self.weights_dir = Path(options.weights_dir)
+        device, fine_size, ensemble, uncertainty = (options.device, options.fine_size, options.ensemble,
+                                                    options.uncertainty)
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(options.precision, self.device)
         self.amp = amp_settings("off" if self.precision == "fp32" else self.precision, self.device)
         # Scores are resized in fp16 on the GPU (half the memory); bf16's 8-bit mantissa is too coarse for the
         # channel comparisons at organ borders, so bf16 networks hand fp32 scores on.
@@ -371,10 +395,10 @@ class Predictor:
             raise ValueError(f"fine size must be a multiple of 16 and >= 32 (192 trained, 160 faster), got {fine_size}")
         self.fine_size = fine_size
         self.ensemble = ensemble
-        self.z_window_mm = z_window_mm
-        self.coarse_min_volume_mm3 = coarse_min_volume_mm3
-        self.fine_min_volume_mm3 = fine_min_volume_mm3
-        self.chunk_elements = chunk_elements or (1 << 24 if self.device.type == "cuda" else 1 << 21)
+        self.z_window_mm = options.z_window_mm
+        self.coarse_min_volume_mm3 = options.coarse_min_volume_mm3
+        self.fine_min_volume_mm3 = options.fine_min_volume_mm3
+        self.chunk_elements = options.chunk_elements or (1 << 24 if self.device.type == "cuda" else 1 << 21)
         self.coarse = load_stage(self.weights_dir / COARSE_DIR, "coarse", self.device)
         self.fine = load_stage(self.weights_dir / FINE_DIR, "fine", self.device,
                                None if fine_size is None else (fine_size,) * 3)
@@ -392,15 +416,11 @@ class Predictor:
         # stage, so it is left to "on" there.
         self.uncertainty = both and (uncertainty == "on" or (uncertainty == "auto" and (
             ensemble or self.device.type == "cuda")))
-        self.options = {"precision": self.precision, "fine_size": fine_size, "ensemble": ensemble,
-                        "uncertainty": uncertainty, "z_window_mm": z_window_mm,
-                        "coarse_min_volume_mm3": coarse_min_volume_mm3, "fine_min_volume_mm3": fine_min_volume_mm3}
 
     def on_cpu(self) -> "Predictor":
         """The same predictor on the CPU (fp32), for cases that do not fit in GPU memory."""
-        return Predictor(self.weights_dir, "cpu", "fp32", self.fine_size, self.ensemble,
-                         "on" if self.uncertainty else "off", self.z_window_mm, self.coarse_min_volume_mm3,
-                         self.fine_min_volume_mm3)
+        return Predictor(dataclasses.replace(self.options, device="cpu", precision="fp32",
+                                             uncertainty="on" if self.uncertainty else "off"))
 
     # -------------------------------------------------------------------------------------------- stages
 
@@ -550,55 +570,172 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
-def predict_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                   weights_dir: str | os.PathLike = "model_weights", device: str = "auto", precision: str = "auto",
-                   fine_size: int | None = None, ensemble: bool = False, overwrite: bool = False,
-                   overlays: bool = False, workers: int = 2, uncertainty: str = "auto",
-                   uncertainty_threshold: float = DEFAULT_UNCERTAINTY_THRESHOLD, progress: bool = True,
-                   predictor: Predictor | None = None) -> dict[str, Any]:
-    """Segment every CT in `in_dir` into `out_dir/<id>.nii.gz`; write `out_dir/predictions.csv`.
+@dataclass
+class FolderCase:
+    """One case of an input folder: its id, the CT it is read from and the mask it is written to."""
 
-    Cases are read `workers` ahead in background threads and written by a background thread while the next
-    case computes. A bad case is named with its reason and the others go on. Raises InputError for a missing
-    input folder and WeightsError for missing/corrupt weights (nothing is predicted then).
+    case_id: str
+    input_path: Path
+    output_path: Path
 
-    Returns {"ok", "failed", "skipped", "flagged": counts, "rows": per-entry dicts (CSV_COLUMNS), "csv": path,
-    "wall_s": seconds}.
-    """
-    from tqdm import tqdm
 
-    t_start = time.perf_counter()
-    in_dir, out_dir = Path(in_dir), Path(out_dir)
-    cases, skipped_entries = list_images(in_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / "predictions.csv"
+ROWS_DIR = ".predictions"  # per-case report rows beside the masks: out_dir/.predictions/<id>.json
+
+
+def row_path(out_dir: Path, case_id: str) -> Path:
+    """Where a case's report row is kept (written atomically once its mask is written or it failed)."""
+    return out_dir / ROWS_DIR / f"{case_id}.json"
+
+
+def _stored_row(out_dir: Path, case_id: str) -> dict[str, Any] | None:
+    """The report row an earlier run kept for `case_id`, or None (missing or unreadable)."""
+    try:
+        row = json.loads(row_path(out_dir, case_id).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def check_folders(in_dir: Path, out_dir: Path) -> None:
+    """Setup errors (InputError) before any work: the output folder must not be the input folder (masks would
+    land among the CTs, and a CT named without _0000 would be overwritten) nor an existing file, and must be
+    writable."""
+    if not in_dir.is_dir():
+        raise InputError(in_dir, "image folder not found")
+    if out_dir.exists() and out_dir.resolve() == in_dir.resolve():
+        raise InputError(out_dir, "the output folder is the input folder: masks would be written beside (or over) "
+                                  "the CTs; give another output folder")
+    check_writable(out_dir, "output folder")
+
+
+def plan_cases(in_dir: Path, out_dir: Path, overwrite: bool) -> tuple[list[FolderCase], list[dict[str, Any]]]:
+    """The cases of `in_dir` to predict, and report rows for the rest: entries that are not images (skipped),
+    ids given by two files and outputs that would overwrite an input (failed), cases done in an earlier run
+    (skipped, with the row that run kept: box, fallback, uncertainty and flag stay in the report)."""
+    cases, skipped_entries, conflicts = list_images(in_dir)
     rows: list[dict[str, Any]] = []
     for entry, reason in skipped_entries:
         if entry.resolve() == out_dir.resolve():
             continue
         logger.info("skipping %s: %s", entry, reason)
         rows.append({"case_id": entry.name, "input_path": str(entry), "status": "skipped", "error": reason})
-    todo: list[tuple[str, Path, Path]] = []
+    for case_id, message in conflicts.items():
+        logger.error("%s failed: %s", case_id, message)
+        rows.append({"case_id": case_id, "input_path": str(in_dir), "status": "failed", "error": message})
+    inputs = {p.resolve() for p in cases.values()} | {e.resolve() for e, _ in skipped_entries}
+    todo: list[FolderCase] = []
     for case_id, path in cases.items():
         out_path = out_dir / output_name(case_id)
-        if out_path.exists() and not overwrite:
-            logger.info("skipping %s: %s exists (use --overwrite to redo it)", case_id, out_path)
+        if out_path.resolve() in inputs:
+            message = f"{out_path}: the output would overwrite an input file; use another output folder"
+            logger.error("%s failed: %s", case_id, message)
             rows.append({"case_id": case_id, "input_path": str(path), "output_path": str(out_path),
-                         "status": "skipped", "error": "output exists (use --overwrite to redo it)"})
+                         "status": "failed", "error": message})
+            continue
+        exists = out_path.is_file() and out_path.stat().st_size > 0
+        if out_path.is_file() and not exists:
+            logger.warning("%s: %s is empty (an interrupted write?); predicting it again", case_id, out_path)
+        if exists and not overwrite:
+            logger.info("skipping %s: %s exists (use --overwrite to redo it)", case_id, out_path)
+            row = _stored_row(out_dir, case_id) or {}
+            earlier = row.get("error")
+            row.update({"case_id": case_id, "input_path": str(path), "output_path": str(out_path),
+                        "status": "skipped", "error": "output exists (use --overwrite to redo it)"
+                        + (f"; earlier run: {earlier}" if earlier else "")})
+            rows.append(row)
         else:
-            todo.append((case_id, path, out_path))
+            todo.append(FolderCase(case_id, path, out_path))
+    return todo, rows
 
-    if todo and predictor is None:
-        predictor = Predictor(weights_dir, device, precision, fine_size, ensemble, uncertainty)
-    cpu_predictor: Predictor | None = None
-    workers = max(1, int(workers))
-    reader = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict-read")
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-write")
-    reads: collections.deque[Future] = collections.deque()
-    writes: collections.deque[tuple[dict[str, Any], Future]] = collections.deque()
-    next_read = 0
 
-    def finish_write(row: dict[str, Any], future: Future) -> None:
+class ReadAhead:
+    """Reads and checks the CTs of `cases` in order, up to `workers` + 1 of them ahead, in background threads."""
+
+    def __init__(self, cases: Sequence[FolderCase], workers: int) -> None:
+        self.paths = [c.input_path for c in cases]
+        self.workers = max(1, int(workers))
+        self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="predict-read")
+        self.pending: collections.deque[Future] = collections.deque()
+        self.next_index = 0
+
+    def next(self) -> Future:
+        """The read of the next case: its result() is (array, meta, read_s) or raises the read/check error."""
+        while self.next_index < len(self.paths) and len(self.pending) <= self.workers:
+            self.pending.append(self.pool.submit(_read_case, self.paths[self.next_index]))
+            self.next_index += 1
+        return self.pending.popleft()
+
+    def close(self) -> None:
+        for future in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+
+class CaseRunner:
+    """Predicts one case at a time (a CUDA out-of-memory case is retried on the CPU) and writes its mask in a
+    background thread while the next case computes; fills each case's report row."""
+
+    def __init__(self, predictor: Predictor, options: PredictOptions, out_dir: Path,
+                 on_row_done: Callable[[dict[str, Any]], None]) -> None:
+        self.predictor = predictor
+        self.cpu_predictor: Predictor | None = None
+        self.options = options
+        self.out_dir = out_dir
+        self.on_row_done = on_row_done
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-write")
+        self.writes: collections.deque[tuple[dict[str, Any], Future]] = collections.deque()
+
+    def run(self, case: FolderCase, read: Future, row: dict[str, Any]) -> None:
+        """Predict `case` (read by `read`) into `row`; its mask is queued for writing, failures land in the row."""
+        case_id = case.case_id
+        try:
+            raw, meta, row["read_s"] = read.result()
+        except Exception as exc:  # noqa: BLE001 - any failure is reported per case
+            row["status"], row["error"] = "failed", _error_text(exc)
+            logger.error("%s failed: %s", case_id, row["error"])
+            self.on_row_done(row)
+            return
+        try:
+            try:
+                result = self.predictor.predict(raw, meta, case_id)
+            except torch.cuda.OutOfMemoryError:
+                logger.warning("%s: CUDA out of memory; retrying this case on the CPU", case_id)
+                torch.cuda.empty_cache()
+                if self.cpu_predictor is None:
+                    self.cpu_predictor = self.predictor.on_cpu()
+                result = self.cpu_predictor.predict(raw, meta, case_id)
+                row["error"] = "CUDA out of memory; predicted on the CPU"
+        except Exception as exc:  # noqa: BLE001
+            row["status"], row["error"] = "failed", _error_text(exc)
+            logger.exception("%s failed: %s", case_id, row["error"])
+            self.on_row_done(row)
+            return
+        row.update(result.times)
+        row.update({"peak_gpu_mem_mb": result.peak_gpu_mem_mb, "device": result.device,
+                    "coarse_box": format_box(result.crop), "fallback": result.fallback,
+                    "uncertainty": result.uncertainty,
+                    "flagged": (result.uncertainty is not None
+                                and result.uncertainty > self.options.uncertainty_threshold)})
+        if result.fallback:
+            row["error"] = (row.get("error", "") + "; " if row.get("error") else "") + \
+                "coarse mask empty: whole-volume fallback"
+        overlays = self.options.overlays
+        overlay_path = self.out_dir / f"{case_id}_overlay.png" if overlays else None
+        self.writes.append((row, self.writer.submit(_write_case, result.mask, meta, case.output_path, overlay_path,
+                                                    raw if overlays else None, case_id)))
+        del raw, result
+        while len(self.writes) > 1:  # bounded queue: at most one finished mask waits besides the one writing
+            self._finish_write(*self.writes.popleft())
+
+    def drain(self) -> None:
+        """Wait for the queued writes and complete their rows."""
+        while self.writes:
+            self._finish_write(*self.writes.popleft())
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)
+
+    def _finish_write(self, row: dict[str, Any], future: Future) -> None:
         try:
             row["write_s"] = future.result()
             row["status"] = "ok"
@@ -606,68 +743,66 @@ def predict_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike,
             row["status"], row["error"] = "failed", _error_text(exc)
             logger.error("%s: writing failed: %s", row["case_id"], row["error"])
         row["total_s"] = sum(row.get(k) or 0.0 for k in ("read_s", "coarse_s", "fine_s", "post_s", "write_s"))
-        write_report(csv_path, rows)
+        self.on_row_done(row)
 
-    try:
-        bar = tqdm(todo, desc="predict", unit="case", disable=not progress)
-        for case_id, path, out_path in bar:
-            while next_read < len(todo) and len(reads) <= workers:
-                reads.append(reader.submit(_read_case, todo[next_read][1]))
-                next_read += 1
-            bar.set_postfix_str(case_id)
-            row: dict[str, Any] = {"case_id": case_id, "input_path": str(path), "output_path": str(out_path),
-                                   "status": "running"}
-            rows.append(row)
-            try:
-                raw, meta, row["read_s"] = reads.popleft().result()
-            except Exception as exc:  # noqa: BLE001
-                row["status"], row["error"] = "failed", _error_text(exc)
-                logger.error("%s failed: %s", case_id, row["error"])
-                write_report(csv_path, rows)
-                continue
-            try:
-                try:
-                    result = predictor.predict(raw, meta, case_id)
-                except torch.cuda.OutOfMemoryError:
-                    logger.warning("%s: CUDA out of memory; retrying this case on the CPU", case_id)
-                    torch.cuda.empty_cache()
-                    if cpu_predictor is None:
-                        cpu_predictor = predictor.on_cpu()
-                    result = cpu_predictor.predict(raw, meta, case_id)
-                    row["error"] = "CUDA out of memory; predicted on the CPU"
-            except Exception as exc:  # noqa: BLE001
-                row["status"], row["error"] = "failed", _error_text(exc)
-                logger.exception("%s failed: %s", case_id, row["error"])
-                write_report(csv_path, rows)
-                continue
-            row.update(result.times)
-            row.update({"peak_gpu_mem_mb": result.peak_gpu_mem_mb, "device": result.device,
-                        "coarse_box": format_box(result.crop), "fallback": result.fallback,
-                        "uncertainty": result.uncertainty,
-                        "flagged": (result.uncertainty is not None and result.uncertainty > uncertainty_threshold)})
-            if result.fallback:
-                row["error"] = (row.get("error", "") + "; " if row.get("error") else "") + \
-                    "coarse mask empty: whole-volume fallback"
-            overlay_path = out_dir / f"{case_id}_overlay.png" if overlays else None
-            writes.append((row, writer.submit(_write_case, result.mask, meta, out_path, overlay_path,
-                                              raw if overlays else None, case_id)))
-            del raw, result
-            while len(writes) > 1:  # bounded queue: at most one finished mask waits besides the one writing
-                finish_write(*writes.popleft())
-        while writes:
-            finish_write(*writes.popleft())
-    finally:
-        for future in reads:
-            future.cancel()
-        reader.shutdown(wait=True)
-        writer.shutdown(wait=True)
-    write_report(csv_path, rows)
+
+def summarize(rows: list[dict[str, Any]], csv_path: Path, wall_s: float) -> dict[str, Any]:
+    """The run's summary (see `predict_folder`), logged in one line."""
     counts = collections.Counter(r["status"] for r in rows)
     summary = {
         "ok": counts.get("ok", 0), "failed": counts.get("failed", 0), "skipped": counts.get("skipped", 0),
         "flagged": sum(1 for r in rows if r.get("flagged")), "rows": rows, "csv": str(csv_path),
-        "wall_s": time.perf_counter() - t_start,
+        "wall_s": wall_s,
     }
     logger.info("predicted %d case(s), %d failed, %d skipped in %.1f s; report %s", summary["ok"],
                 summary["failed"], summary["skipped"], summary["wall_s"], csv_path)
     return summary
+
+
+def predict_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: PredictOptions | None = None,
+                   predictor: Predictor | None = None) -> dict[str, Any]:
+    """Segment every CT in `in_dir` into `out_dir/<id>.nii.gz`; write `out_dir/predictions.csv`.
+
+    `options` (default PredictOptions()) gives the folder options and, unless `predictor` is given, the
+    networks'. Cases are read `options.workers` ahead in background threads (`ReadAhead`) and written by a
+    background thread while the next case computes (`CaseRunner`). A bad case is named with its reason and the
+    others go on. Raises InputError for a missing input folder and WeightsError for missing/corrupt weights
+    (nothing is predicted then).
+
+    Returns {"ok", "failed", "skipped", "flagged": counts, "rows": per-entry dicts (CSV_COLUMNS), "csv": path,
+    "wall_s": seconds}.
+    """
+    from tqdm import tqdm
+
+    options = options if options is not None else PredictOptions()
+    t_start = time.perf_counter()
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    check_folders(in_dir, out_dir)
+    csv_path = out_dir / "predictions.csv"
+    with folder_lock(out_dir, "predict run"):
+        for folder in (out_dir, out_dir / ROWS_DIR):
+            remove_stale_temps(folder)
+        todo, rows = plan_cases(in_dir, out_dir, options.overwrite)
+        if todo and predictor is None:
+            predictor = Predictor(options)
+
+        def row_done(row: dict[str, Any]) -> None:
+            write_json_atomic(row_path(out_dir, row["case_id"]), {k: row.get(k) for k in CSV_COLUMNS})
+            write_report(csv_path, rows)
+
+        reads = ReadAhead(todo, options.workers)
+        runner = CaseRunner(predictor, options, out_dir, row_done)  # type: ignore[arg-type]
+        try:
+            bar = tqdm(todo, desc="predict", unit="case", disable=not options.progress)
+            for case in bar:
+                bar.set_postfix_str(case.case_id)
+                row: dict[str, Any] = {"case_id": case.case_id, "input_path": str(case.input_path),
+                                       "output_path": str(case.output_path), "status": "running"}
+                rows.append(row)
+                runner.run(case, reads.next(), row)
+            runner.drain()
+        finally:
+            reads.close()
+            runner.close()
+        write_report(csv_path, rows)
+    return summarize(rows, csv_path, time.perf_counter() - t_start)

@@ -394,6 +394,7 @@ class Discovery:
     cases: dict[str, dict[str, tuple[str, str | None]]] = field(default_factory=lambda: {"labeled": {},
                                                                                            "unlabeled": {}})
     failures: dict[str, str] = field(default_factory=dict)  # case id -> message
+    refused: set[str] = field(default_factory=set)  # ids given by two files (their failure is in `failures`)
     skipped: list[str] = field(default_factory=list)  # "path: reason"
 
 
@@ -412,10 +413,14 @@ def _images_of(folder: Path, kind: str, found: Discovery, required: bool) -> dic
             raise InputError(folder, f"{kind} image folder not found")
         logger.info("%s: no folder, no %s cases", folder, kind)
         return None
-    images, skipped = list_images(folder)
+    images, skipped, conflicts = list_images(folder)
     for path, reason in skipped:
         found.skipped.append(f"{path}: {reason}")
         logger.warning("skipped %s: %s", path, reason)
+    for case_id, message in conflicts.items():  # refused: the case fails, naming both files
+        key = case_id if kind in ("labeled", "unlabeled", "labeled mask") else f"{case_id} ({kind})"
+        found.failures.setdefault(key, message)
+        found.refused.add(key)
     return images
 
 
@@ -441,6 +446,8 @@ def discover(cfg: PrepareConfig, base: Path) -> Discovery:
         else:
             ids = sorted(images)
         for case_id in ids:
+            if case_id in found.refused and kind != "test":
+                continue
             if case_id not in images:
                 found.failures[case_id] = (f"{base / image_dir}: no image for case {case_id!r} listed in "
                                            f"{list_path} (expected {case_id}_0000.nii.gz or another image format)")

@@ -109,8 +109,8 @@ def test_dicom_series_folder(tmp_path: Path) -> None:
     assert meta.size_xyz == (17, 20, 6)
     assert meta.spacing_xyz == pytest.approx(SPACING_XYZ, abs=1e-4)
     assert meta.origin_xyz == pytest.approx(ORIGIN_XYZ, abs=1e-4)
-    found, skipped = list_images(tmp_path / "images")
-    assert found == {"patient_7": folder} and skipped == []
+    found, skipped, conflicts = list_images(tmp_path / "images")
+    assert found == {"patient_7": folder} and skipped == [] and conflicts == {}
 
 
 def test_meta_to_dict_round_trip(tmp_path: Path) -> None:
@@ -332,12 +332,13 @@ def test_list_images_ids_and_skips(tmp_path: Path) -> None:
     (folder / "README.txt").write_text("stray")
     (folder / ".hidden.nii.gz").write_text("x")
     (folder / "empty_dir").mkdir()
-    found, skipped = list_images(folder)
-    assert list(found) == ["c", "case_a", "case_b"]
+    found, skipped, conflicts = list_images(folder)
+    assert list(found) == ["c", "case_a"]  # case_b is refused: two files give it
     assert found["case_a"] == folder / "case_a_0000.nii.gz"
     reasons = {p.name: r for p, r in skipped}
     assert "not an image file" in reasons["README.txt"]
-    assert "duplicate case id 'case_b'" in reasons["case_b_0000.nii.gz"]
+    assert "duplicate case id 'case_b'" in conflicts["case_b"]
+    assert "case_b.mha" in conflicts["case_b"] and "case_b_0000.nii.gz" in conflicts["case_b"]
     assert "hidden" in reasons[".hidden.nii.gz"]
     assert "without DICOM" in reasons["empty_dir"]
     with pytest.raises(InputError, match="image folder not found"):
@@ -376,6 +377,56 @@ def test_real_cases_read_with_masks(real_data_dir: Path) -> None:
     _, meta = read_image(real_data_dir / "case_0002.nii.gz")
     assert meta.spacing_zyx == pytest.approx((2.0, 0.9766, 0.9766), abs=1e-4)
     # the real files live in a read-only folder: list_images works there and skips the README/licence
-    found, skipped = list_images(real_data_dir)
+    found, skipped, _ = list_images(real_data_dir)
     assert "case_0001" in found and "case_0001_mask" in found
     assert any(p.name == "README.md" for p, _ in skipped)
+
+
+# ---------------------------------------------------------------------------------------------------- issue 14
+
+
+@pytest.mark.parametrize("name", ["nan.nii.gz", "nan.nii", "nan.mha"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_and_inf_voxels_are_refused_in_every_format(tmp_path: Path, name: str, dtype) -> None:
+    # SimpleITK's NIfTI reader turns NaN into 0: the raw voxel data must be checked (here a 2-slice NaN slab + inf)
+    array = ct_array(shape=(6, 7, 8)).astype(dtype)
+    array[2:4] = np.nan
+    array[0, 0, 0] = np.inf
+    path = write_sitk(array, tmp_path / name)
+    with pytest.raises(InputError, match=r"113 voxel values are NaN or infinite") as info:
+        read_image(path)
+    assert name in str(info.value)
+    finite = write_sitk(ct_array(shape=(6, 7, 8)).astype(dtype), tmp_path / f"ok_{name}")
+    got, _ = read_image(finite)
+    np.testing.assert_array_equal(got, ct_array(shape=(6, 7, 8)).astype(dtype))
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan")])
+def test_zero_or_nan_spacing_in_a_nifti_header_is_refused(tmp_path: Path, bad: float) -> None:
+    import struct
+
+    path = write_sitk(ct_array(shape=(6, 7, 8)), tmp_path / "ct.nii")
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<f", data, 76 + 4 * 2, bad)  # pixdim[2] = y spacing (SimpleITK would read it as 1 mm)
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="pixdim"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("spacing", [(0.8, 0.8, 1e6), (1e-6, 0.8, 2.0), (0.8, 0.8, 75.0)])
+def test_implausible_spacing_is_refused_by_the_reader(tmp_path: Path, spacing) -> None:
+    for name in ("ct.mha", "ct.nii.gz"):
+        path = write_sitk(ct_array(shape=(6, 7, 8)), tmp_path / name, spacing=spacing)
+        with pytest.raises(InputError, match="implausible voxel spacing"):
+            read_image(path)
+
+
+def test_duplicate_ids_name_both_files(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.nii", "a.nii.gz", "b.nii.gz", "b_0000.nii.gz", "c_0000.nii.gz"):
+        write_sitk(ct_array(shape=(4, 5, 6)), folder / name)
+    found, skipped, conflicts = list_images(folder)
+    assert list(found) == ["c"] and skipped == []
+    assert "a.nii and" in conflicts["a"] and "a.nii.gz" in conflicts["a"]
+    assert "b.nii.gz" in conflicts["b"] and "b_0000.nii.gz" in conflicts["b"]

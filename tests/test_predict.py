@@ -9,6 +9,7 @@ import csv
 import os
 import shutil
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -23,15 +24,17 @@ import predict
 from common import inference
 from common.checkpoint import export_model
 from common.errors import InputError
+from common.fileutil import is_temp_name
 from common.image_io import ImageMeta, read_image
-from common.inference import Predictor, check_ct, predict_folder, upsample_labels
-from common.uif import labels_disagreement
+from common.inference import PredictOptions, Predictor, check_ct, predict_folder, upsample_labels
 from common.networks import build_network
 from common.postprocess import keep_largest_component, probs_to_labels
+from common.uif import labels_disagreement
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = [2, 4, 4, 8, 8]
 REAL_CASES = ("case_0001", "case_0002", "case_0003")
+QUIET = PredictOptions(progress=False)
 
 
 def _export(weights_dir: Path, stage: str, name: str, size: int, seed: int) -> None:
@@ -60,7 +63,7 @@ def weights_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def predictor(weights_dir) -> Predictor:
-    return Predictor(weights_dir, device="cpu")
+    return Predictor(PredictOptions(weights_dir, device="cpu"))
 
 
 def _ct_volume(shape_zyx, seed=0) -> np.ndarray:
@@ -105,7 +108,7 @@ def test_real_cts_keep_their_exact_geometry(tmp_path, real_data_dir, predictor):
     for case in REAL_CASES:  # <id>_0000.nii.gz naming, as in FLARE folders
         os.symlink(real_data_dir / f"{case}.nii.gz", in_dir / f"{case}_0000.nii.gz")
     out_dir = tmp_path / "out"
-    summary = predict_folder(in_dir, out_dir, predictor=predictor, progress=False)
+    summary = predict_folder(in_dir, out_dir, QUIET, predictor=predictor)
     assert (summary["ok"], summary["failed"]) == (3, 0)
     rows = _rows(out_dir)
     for case in REAL_CASES:
@@ -129,7 +132,7 @@ def test_oblique_direction_keeps_geometry(tmp_path, predictor, caplog):
     in_dir.mkdir()
     src = _write_ct(in_dir / "oblique_0000.nii.gz", _ct_volume((33, 47, 45)), direction=direction)
     out_dir = tmp_path / "out"
-    summary = predict_folder(in_dir, out_dir, predictor=predictor, progress=False)
+    summary = predict_folder(in_dir, out_dir, QUIET, predictor=predictor)
     assert summary["ok"] == 1
     _assert_same_geometry(out_dir / "oblique.nii.gz", src)
     assert "oblique" in caplog.text
@@ -160,7 +163,7 @@ class _Constant(nn.Module):
 
 
 def test_empty_coarse_mask_falls_back_to_whole_volume(tmp_path, weights_dir, caplog):
-    predictor = Predictor(weights_dir, device="cpu")
+    predictor = Predictor(PredictOptions(weights_dir, device="cpu"))
     predictor.coarse.networks = {"a": _Constant(-5.0)}
     predictor.coarse.primary = "a"
     in_dir = tmp_path / "in"
@@ -168,7 +171,7 @@ def test_empty_coarse_mask_falls_back_to_whole_volume(tmp_path, weights_dir, cap
     vol = _ct_volume((33, 47, 45))
     _write_ct(in_dir / "c1_0000.nii.gz", vol)
     out_dir = tmp_path / "out"
-    assert predict_folder(in_dir, out_dir, predictor=predictor, progress=False)["ok"] == 1
+    assert predict_folder(in_dir, out_dir, QUIET, predictor=predictor)["ok"] == 1
     row = _rows(out_dir)["c1"]
     assert row["fallback"] == "1" and "fallback" in row["error"]
     assert row["coarse_box"] == "0:33,0:47,0:45"
@@ -224,10 +227,9 @@ def test_check_ct_rejects_bad_volumes(tmp_path):
     vol = _ct_volume((8, 9, 10))
     good = ImageMeta((10, 9, 8), (0.8, 0.8, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     check_ct(vol, good, "ok.nii.gz")
-    with pytest.raises(InputError, match="absurd voxel spacing"):
-        check_ct(vol, ImageMeta((10, 9, 8), (0.8, 0.8, 0.0), (0, 0, 0), good.direction), "zero.nii.gz")
-    with pytest.raises(InputError, match="absurd voxel spacing"):
-        check_ct(vol, ImageMeta((10, 9, 8), (0.8, 0.8, 80.0), (0, 0, 0), good.direction), "huge.nii.gz")
+    for spacing in (0.0, 80.0, 1e-6, float("nan")):
+        with pytest.raises(InputError, match="implausible voxel spacing"):
+            check_ct(vol, ImageMeta((10, 9, 8), (0.8, 0.8, spacing), (0, 0, 0), good.direction), "bad.nii.gz")
     with pytest.raises(InputError, match="non-CT intensities"):
         check_ct(np.clip(vol, 0, 255).astype(np.uint8), good, "photo.nii.gz")
     with pytest.raises(InputError, match="non-CT intensities"):
@@ -248,7 +250,7 @@ def test_bad_files_are_named_and_the_rest_goes_on(tmp_path, real_data_dir, predi
     _write_ct(in_dir / "spacing_0000.nii.gz", _ct_volume((9, 10, 11)), spacing_xyz=(0.8, 0.8, 75.0))
     (in_dir / "notes.txt").write_text("not an image")
     out_dir = tmp_path / "out"
-    summary = predict_folder(in_dir, out_dir, predictor=predictor, progress=False)
+    summary = predict_folder(in_dir, out_dir, QUIET, predictor=predictor)
     assert (summary["ok"], summary["failed"]) == (1, 3)
     rows = _rows(out_dir)
     assert rows["good"]["status"] == "ok" and (out_dir / "good.nii.gz").is_file()
@@ -282,28 +284,28 @@ def test_skip_existing_and_overwrite(tmp_path, predictor):
     in_dir.mkdir()
     _write_ct(in_dir / "c3.nii.gz", _ct_volume((33, 47, 45)))  # plain name: id = name without extension
     out_dir = tmp_path / "out"
-    assert predict_folder(in_dir, out_dir, predictor=predictor, progress=False)["ok"] == 1
+    assert predict_folder(in_dir, out_dir, QUIET, predictor=predictor)["ok"] == 1
     out = out_dir / "c3.nii.gz"
     out.write_bytes(b"sentinel")  # a rerun must not touch it
-    summary = predict_folder(in_dir, out_dir, predictor=predictor, progress=False)
+    summary = predict_folder(in_dir, out_dir, QUIET, predictor=predictor)
     assert (summary["ok"], summary["skipped"]) == (0, 1)
     assert out.read_bytes() == b"sentinel" and _rows(out_dir)["c3"]["status"] == "skipped"
-    summary = predict_folder(in_dir, out_dir, predictor=predictor, overwrite=True, progress=False)
+    summary = predict_folder(in_dir, out_dir, PredictOptions(overwrite=True, progress=False), predictor=predictor)
     assert summary["ok"] == 1
     read_image(out)  # a real image again
-    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert not [p for p in out_dir.rglob("*") if is_temp_name(p.name)]  # no temporary files left
 
 
 def test_ensemble_and_uncertainty(tmp_path, weights_dir):
     in_dir = tmp_path / "in"
     in_dir.mkdir()
     _write_ct(in_dir / "c3_0000.nii.gz", _ct_volume((33, 47, 45), seed=5), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
-    single = Predictor(weights_dir, device="cpu")
+    single = Predictor(PredictOptions(weights_dir, device="cpu"))
     assert not single.uncertainty  # auto: not on the CPU without --ensemble
-    ensemble = Predictor(weights_dir, device="cpu", ensemble=True)
+    ensemble = Predictor(PredictOptions(weights_dir, device="cpu", ensemble=True))
     assert ensemble.uncertainty
-    summary = predict_folder(in_dir, tmp_path / "out", predictor=ensemble, uncertainty_threshold=-1.0,
-                             progress=False)
+    summary = predict_folder(in_dir, tmp_path / "out", PredictOptions(uncertainty_threshold=-1.0, progress=False),
+                             predictor=ensemble)
     row = summary["rows"][0]
     assert row["status"] == "ok" and 0.0 <= row["uncertainty"] <= 1.0 and row["flagged"]
     vol, meta = read_image(in_dir / "c3_0000.nii.gz")
@@ -321,7 +323,8 @@ def test_overlays_are_valid_pngs(tmp_path, predictor):
     in_dir.mkdir()
     _write_ct(in_dir / "c3_0000.nii.gz", _ct_volume((33, 47, 45), seed=5), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
     out_dir = tmp_path / "out"
-    assert predict_folder(in_dir, out_dir, predictor=predictor, overlays=True, progress=False)["ok"] == 1
+    options = PredictOptions(overlays=True, progress=False)
+    assert predict_folder(in_dir, out_dir, options, predictor=predictor)["ok"] == 1
     data = (out_dir / "c3_overlay.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -346,7 +349,7 @@ def test_cuda_oom_retries_on_cpu(tmp_path, predictor, monkeypatch):
             return predictor
 
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    summary = predict_folder(in_dir, tmp_path / "out", predictor=Flaky(), progress=False)
+    summary = predict_folder(in_dir, tmp_path / "out", QUIET, predictor=Flaky())
     row = summary["rows"][0]
     assert row["status"] == "ok" and "predicted on the CPU" in row["error"]
 
@@ -381,3 +384,137 @@ def test_predict_sh_runs_the_cli(tmp_path):
     result = subprocess.run(["sh", str(script), str(tmp_path / "nowhere"), str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "nowhere" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ issue 14
+
+
+def _cli(in_dir: Path, out_dir: Path, weights_dir: Path, *extra: str) -> int:
+    return predict.main(["-i", str(in_dir), "-o", str(out_dir), "--weights-dir", str(weights_dir), "--device", "cpu",
+                         "--quiet", *extra])
+
+
+def test_output_folder_equal_to_input_folder_is_refused(tmp_path, weights_dir, capsys):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    ct = _write_ct(in_dir / "c3.nii.gz", _ct_volume((17, 20, 19)))  # no _0000: its output name is its own name
+    before = ct.read_bytes()
+    for extra in ((), ("--overwrite",)):
+        assert _cli(in_dir, in_dir, weights_dir, *extra) == 2
+        assert "output folder is the input folder" in capsys.readouterr().err
+        assert ct.read_bytes() == before
+    assert sorted(p.name for p in in_dir.iterdir()) == ["c3.nii.gz"]
+    # the same folder by another spelling
+    assert _cli(in_dir, in_dir / ".." / "in", weights_dir, "--overwrite") == 2
+    assert ct.read_bytes() == before
+
+
+def test_output_that_would_overwrite_an_input_fails_the_case(tmp_path, predictor):
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    out_dir.mkdir()
+    ct = _write_ct(out_dir / "c3.nii.gz", _ct_volume((17, 20, 19)))
+    os.symlink(ct, in_dir / "c3.nii.gz")  # the input's real file lies where its output would go
+    before = ct.read_bytes()
+    summary = predict_folder(in_dir, out_dir, PredictOptions(overwrite=True, progress=False), predictor=predictor)
+    assert summary["failed"] == 1 and "would overwrite an input" in summary["rows"][0]["error"]
+    assert ct.read_bytes() == before
+
+
+def test_output_path_that_is_a_file_is_a_setup_error(tmp_path, weights_dir, capsys):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c1_0000.nii.gz", _ct_volume((17, 20, 19)))
+    out = tmp_path / "out"
+    out.write_text("a file")
+    assert _cli(in_dir, out, weights_dir) == 2
+    err = capsys.readouterr().err
+    assert "existing file" in err and str(out) in err and "Traceback" not in err
+    assert out.read_text() == "a file"
+
+
+def test_unwritable_output_fails_before_any_case(tmp_path, weights_dir, capsys, monkeypatch):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c1_0000.nii.gz", _ct_volume((17, 20, 19)))
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make creating a file in the folder fail as it would for a user
+        import tempfile
+        real = tempfile.mkstemp
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir) == out:
+                raise PermissionError(13, "Permission denied")
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(inference.Predictor, "predict",
+                        lambda *a, **k: pytest.fail("predicted into a read-only folder"))
+    try:
+        assert _cli(in_dir, out, weights_dir) == 2
+    finally:
+        out.chmod(0o755)
+    err = capsys.readouterr().err
+    assert "cannot write into the output folder" in err and "Traceback" not in err
+
+
+def test_duplicate_ids_fail_naming_both_files(tmp_path, predictor):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c1.nii.gz", _ct_volume((17, 20, 19)))
+    _write_ct(in_dir / "c1_0000.nii.gz", _ct_volume((17, 20, 19), seed=1))
+    _write_ct(in_dir / "c2_0000.nii.gz", _ct_volume((17, 20, 19)))
+    summary = predict_folder(in_dir, tmp_path / "out", QUIET, predictor=predictor)
+    assert (summary["ok"], summary["failed"]) == (1, 1)
+    row = _rows(tmp_path / "out")["c1"]
+    assert row["status"] == "failed" and "c1.nii.gz" in row["error"] and "c1_0000.nii.gz" in row["error"]
+    assert not (tmp_path / "out" / "c1.nii.gz").exists()
+
+
+def test_rerun_keeps_each_cases_row_and_cleans_temporaries(tmp_path, weights_dir):
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    for i in range(2):
+        _write_ct(in_dir / f"c{i}_0000.nii.gz", _ct_volume((17, 20, 19), seed=i))
+    ensemble = Predictor(PredictOptions(weights_dir, device="cpu", ensemble=True))
+    options = PredictOptions(uncertainty_threshold=-1.0, progress=False)
+    first = predict_folder(in_dir, out_dir, options, predictor=ensemble)
+    assert first["ok"] == 2 and first["flagged"] == 2
+    before = _rows(out_dir)
+    # a kill after c0: its mask and row stay, c1's mask is gone and a temporary file is left
+    (out_dir / "c1.nii.gz").unlink()
+    (out_dir / ".c1.nii.gz.abcd1234.tmp.nii.gz").write_bytes(b"partial")
+    second = predict_folder(in_dir, out_dir, options, predictor=ensemble)
+    assert (second["ok"], second["skipped"], second["flagged"]) == (1, 1, 2)
+    after = _rows(out_dir)
+    assert after["c0"]["status"] == "skipped"
+    for key in ("coarse_box", "fallback", "uncertainty", "flagged", "total_s"):
+        assert after["c0"][key] == before["c0"][key] != ""
+    assert after["c1"]["status"] == "ok" and after["c1"]["flagged"] == "1"
+    assert not (out_dir / ".c1.nii.gz.abcd1234.tmp.nii.gz").exists()
+    # an empty output (a write that never finished) is not taken as done
+    (out_dir / "c0.nii.gz").write_bytes(b"")
+    assert predict_folder(in_dir, out_dir, options, predictor=ensemble)["ok"] == 1
+    assert read_image(out_dir / "c0.nii.gz")[0].shape == (17, 20, 19)
+
+
+def test_concurrent_run_into_the_same_folder_is_refused(tmp_path, predictor):
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    out_dir.mkdir()
+    _write_ct(in_dir / "c1_0000.nii.gz", _ct_volume((17, 20, 19)))
+    holder = subprocess.Popen(  # another process holding the folder's lock, as a running predict would
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(out_dir / ".lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(InputError, match="another predict run is writing into this folder"):
+            predict_folder(in_dir, out_dir, QUIET, predictor=predictor)
+        assert not (out_dir / "c1.nii.gz").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert predict_folder(in_dir, out_dir, QUIET, predictor=predictor)["ok"] == 1  # the lock died with it
