@@ -82,10 +82,10 @@ class Settings:
     size: str = "demo"
     coarse_size: int = 32
     fine_size: int = 32
-    coarse_iters: int = 120
-    fine_iters: int = 150
+    coarse_iters: int = 100
+    fine_iters: int = 120
     round2_iters: int | None = None
-    channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    channels: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])
     ensemble: bool = True
     coarse_lr: float | None = None
     fine_lr: float | None = 1.0e-2
@@ -193,6 +193,11 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
         Step("fine_cps_round1", cps + ["step=round1"]),
         Step("fine_lu_export", cps + [f"export.dir={fine_w['lu']}", "step=export"],
              done_marker=fine_w["lu"] / "model.pt"),
+    ]
+    if settings.stop_after == "lu":
+        return steps + [Step(f"predict_{row}", predict_argv(settings, ds / "val_images", sd / f"pred_{row}",
+                                                            sd / f"weights_{row}")) for row in ("l0", "lu")]
+    steps += [
         # True pseudo-label quality: the round-1 ensemble on the pool, scored against the hidden truth.
         Step("predict_pool", predict_argv(settings, ds / "trainu_images", sd / "pred_pool", sd / "weights_lu")),
         Step("fine_cps_uif", cps + ["step=uif"]),
@@ -346,14 +351,15 @@ def run_seed(settings: Settings, seed: int, t0: float) -> dict[str, Any]:
         timings[step.name] = run_step(step, sd / "logs", t0, settings.threads, f"seed {seed}: ")
     from benchmarks.uif_quality import QUALITY_FILE
 
-    quality = json.loads((sd / QUALITY_FILE).read_text(encoding="utf-8"))
+    quality = json.loads((sd / QUALITY_FILE).read_text(encoding="utf-8")) if settings.stop_after != "lu" else None
     if settings.stop_after == "quality":
         return {"seed": seed, "rows": {}, "quality": quality, "timings_s": timings}
     rows = {}
-    for row in ROWS:
+    for row in active_rows(settings):
         rows[row] = evaluate_row(sd / f"pred_{row}", sd / "dataset" / "val_mask", sd / f"eval_{row}.csv")
         rows[row]["fine_val_dice"] = _exported_dice(sd / f"weights_{row}" / "efficient_fine_model")
-    uif = uif_hard_share(sd / "fine_cps" / "uif_scores.csv", sd / "dataset" / "synthetic_meta.json")
+    uif = (uif_hard_share(sd / "fine_cps" / "uif_scores.csv", sd / "dataset" / "synthetic_meta.json")
+           if quality is not None else None)
     coarse_dice = _exported_dice(coarse_w)
     # A rerun reuses finished steps (which then take seconds): keep the longest time seen per step, so the
     # record holds what each step cost when it really ran, whichever invocation that was.
@@ -400,10 +406,19 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(ok), (statistics.stdev(ok) if len(ok) > 1 else float("nan"))
 
 
+def active_rows(settings: Settings) -> tuple[str, ...]:
+    """The rows a run makes: all five, or L / 0 and L / U only (`--stop-after lu`, for probing CPS settings)."""
+    return ("l0", "lu") if settings.stop_after == "lu" else ROWS
+
+
+def _rows_of(results: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    return tuple(row for row in ROWS if all(row in r["rows"] for r in results))
+
+
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per row: mean, std and per-seed values of DSC and NSD, and the per-seed paired differences to row l0."""
     out: dict[str, dict[str, Any]] = {}
-    for row in ROWS:
+    for row in _rows_of(results):
         entry: dict[str, Any] = {"seeds": [r["seed"] for r in results]}
         for metric in ("DSC", "NSD"):
             values = [r["rows"][row][metric] for r in results]
@@ -426,7 +441,7 @@ def _fmt(mean: float, std: float) -> str:
 def format_table(summary: dict[str, dict[str, Any]], settings: Settings) -> str:
     lines = ["| L / U | DSC mean ± std | NSD mean ± std | n seeds | DSC per seed | NSD per seed |",
              "|---|---|---|---|---|---|"]
-    for row in ROWS:
+    for row in summary:
         e = summary[row]
         per_dsc = ", ".join(f"{v:.4f}" for v in e["DSC"]["per_seed"])
         per_nsd = ", ".join(f"{v:.4f}" for v in e["NSD"]["per_seed"])
@@ -445,7 +460,9 @@ def format_diffs(results: Sequence[dict[str, Any]], settings: Settings) -> str:
 
     lines = ["| paired difference (by seed) | ΔDSC mean [95 % t-interval] | ΔNSD mean [95 % t-interval] "
              "| ΔDSC per seed |", "|---|---|---|---|"]
-    pairs = [(row, "l0") for row in ROWS[1:]] + [("lk", "lr"), ("lo", "lr")]
+    rows = _rows_of(results)
+    pairs = [(row, base) for row, base in [(row, "l0") for row in ROWS[1:]] + [("lk", "lr"), ("lo", "lr")]
+             if row in rows and base in rows]
 
     def fmt(values: Sequence[float]) -> str:
         mean, low, high = t_interval(values)
@@ -491,13 +508,17 @@ def build_report(results: Sequence[dict[str, Any]], settings: Settings, command:
         f"random row keeps {k} random cases, the oracle row the {k} with the best true pseudo-label DSC; round 2 "
         f"from fresh networks ({settings.round2_iters or settings.fine_iters} iterations). Scan profiles "
         f"`{settings.scan_profiles}` (shift: labeled cases from one narrow profile, unlabeled and evaluation cases "
-        f"from all); CPS weight {settings.cps_weight}. Prediction: full "
+        f"from all); CPS weight {settings.cps_weight}, ramped up over the first {settings.rampup_fraction:.0%} of "
+        f"each training; fine lr {settings.fine_lr or 'of config.yaml'}. Prediction: full "
         f"two-stage predictor{' (ensemble of A and B)' if settings.ensemble else ''}; DSC/NSD by the FLARE22 rules, "
         "mean over the 13 organs and the evaluation cases; ± is the standard deviation over seeds.",
         "",
         format_table(summary, settings),
         "",
         format_diffs(results, settings),
+    ]
+    if all(r.get("uif") for r in results):
+        text += [
         "",
         "UIF: hard unlabeled cases (noise / metal / truncated field of view, from synthetic_meta.json) among the "
         "cases kept vs. dropped:",
@@ -510,6 +531,8 @@ def build_report(results: Sequence[dict[str, Any]], settings: Settings, command:
         f"dropped, {k} random (mean of many draws) and the oracle's {k}:",
         "",
         quality_table(results),
+        ]
+    text += [
         "",
         f"Wall time of this invocation: {wall_s:.0f} s on {platform.node()} ({os.cpu_count()} CPUs, device "
         f"{settings.device}, {settings.jobs} seed(s) in parallel, {settings.threads or 'default'} thread(s) per "
@@ -558,8 +581,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--scan-profiles", choices=("fixed", "shift"), default=d.scan_profiles,
                    help="shift: labeled cases from one narrow scan profile, unlabeled + evaluation from all")
     p.add_argument("--snapshots", type=int, default=d.snapshots, help="round-1 snapshots (UIF stability score)")
-    p.add_argument("--stop-after", choices=("all", "quality"), default="all",
-                   help="quality: stop after round 1 and the UIF quality step (no round 2, no rows)")
+    p.add_argument("--stop-after", choices=("all", "quality", "lu"), default="all",
+                   help="quality: stop after round 1 and the UIF quality step (no round 2, no rows); lu: rows "
+                        "L / 0 and L / U only (to probe CPS settings)")
     p.add_argument("--preset", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: full-size settings for one GPU (full cases, coarse 160^3, fine 192^3, channels "
                         "16..256, 4000 iterations, U=40); explicit options still win")
