@@ -58,8 +58,6 @@ from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ("l0", "lu", "lk", "lr", "lo")
-# Round-2 rows and their fine output folders: UIF's selection, the random control, the oracle (true DSC).
-ROUND2_DIRS = {"lk": "fine_cps", "lr": "fine_random", "lo": "fine_oracle"}
 SETTINGS_FILE = "settings.json"
 # Keys of the settings that change the trained models (a rerun with other values would mix results).
 _RESULT_KEYS = ("labeled", "labeled_val", "unlabeled", "val", "hard_fraction", "keep_ratio", "size",

@@ -49,7 +49,6 @@ from common.checkpoint import load_exported_model
 from common.errors import InputError
 from common.fileutil import check_writable, folder_lock, remove_stale_temps, write_json_atomic, write_text_atomic
 from common.image_io import ImageMeta, canonical_flips, check_spacing, list_images, read_image, write_mask
-from common.labels import NUM_ORGANS
 from common.networks.input_layer import prepare_input
 from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
 from common.uif import labels_disagreement

@@ -881,7 +881,8 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
     `<out>/synthetic_meta.json`: {case_id: {"hard", "hard_kinds", "spacing_zyx", "lps", "split", ...}}.
 
     Labeled cases `train_%03d` (train_images + train_mask), unlabeled `trainu_%04d` (trainu_images, truth in
-    trainu_mask_hidden/; a fraction `hard_fraction` of them hard), validation `validation_%03d` (val_images + val_mask), and
+    trainu_mask_hidden/; a fraction `hard_fraction` of them hard), validation `validation_%03d` (val_images +
+    val_mask), and
     file_list/{train,trainu,val}_series_uids.txt. Existing cases are skipped unless `overwrite`.
     """
     if size not in _SIZE_SPECS:

@@ -263,7 +263,8 @@ def test_scan_profiles_shift(tmp_path: Path) -> None:
         split_dir = {"train": "train_images", "trainu": "trainu_images", "val": "val_images"}[entry["split"]]
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "fixed" / split_dir / f"{case}_0000.nii.gz")))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "shift" / split_dir / f"{case}_0000.nii.gz")))
-        assert entry["shape_zyx"] == fixed[case]["shape_zyx"] and entry["organs_present"] == fixed[case]["organs_present"]
+        assert entry["shape_zyx"] == fixed[case]["shape_zyx"]
+        assert entry["organs_present"] == fixed[case]["organs_present"]
         assert np.array_equal(a, b) == (entry["profile"] == narrow), case
     with pytest.raises(ValueError, match="scan profiles"):
         write_dataset(tmp_path / "bad", labeled=1, unlabeled=0, val=0, profiles="wide")
