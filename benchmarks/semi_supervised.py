@@ -1,40 +1,47 @@
-"""The original README's semi-supervised table, reproduced in structure on synthetic data anyone can regenerate.
+"""The original README's semi-supervised table, with the controls that let it answer "does UIF help?".
 
 Rows (fine stage; DSC and NSD by the official FLARE22 rules on held-out synthetic validation cases, predicted by
 the full two-stage predictor):
-  1. L labeled / 0 unlabeled        fine round 1 with data.unlabeled_db=null (the two networks see labeled crops only)
-  2. L labeled / U unlabeled        fine round 1: CPS with the whole unlabeled pool (hard cases included)
-  3. L labeled / U -> K by UIF      fine round 2 (fresh networks) on the K unlabeled cases UIF keeps after round 1
-Each seed is a different synthetic dataset (`data_prepare.synthetic --seed S`) and different network, data-order
-and augmentation seeds; the table gives the mean and the standard deviation (ddof=1) over seeds plus every
-per-seed value. To isolate the fine stage, ONE coarse model per seed (CPS on labeled + all unlabeled) is trained
-and shared by the three rows: the rows differ only in the fine model.
+  1. L / 0             fine round 1 with data.unlabeled_db=null (the two networks see labeled crops only)
+  2. L / U             fine round 1: CPS with the whole unlabeled pool (hard cases included)
+  3. L / U -> K UIF    fine round 2 (fresh networks) on the K unlabeled cases UIF keeps after round 1
+  4. L / U -> K random the control: round 2 on K random cases (same K, same network seeds)
+  5. L / U -> K oracle round 2 on the K cases with the best TRUE pseudo-label DSC (the ceiling of any filter)
+The distribution shift of FLARE22 (labeled scans from few centres, unlabeled and test scans from many) is modelled
+by `data_prepare.synthetic --scan-profiles shift`: labeled cases from one narrow scan profile, unlabeled and
+evaluation cases from all (contrast phase, noise, slice thickness, HU offset). After round 1 the pool is
+predicted by round 1's ensemble and scored against the hidden truth (trainu_mask_hidden/) by
+benchmarks/uif_quality.py, which also ranks the pool by the three UIF scores and writes the random and oracle
+selections. Each seed is a different synthetic dataset and different network, data-order and augmentation seeds;
+the report gives per row the mean and standard deviation over seeds, and paired deltas (each row minus L / 0, UIF
+minus random, oracle minus random) with 95 % Student-t intervals over seeds. ONE coarse model per seed (CPS on
+labeled + all unlabeled) is shared by all rows: the rows differ only in the fine model.
 
 The labeled cases: `--labeled` L train the networks; `--labeled-val` more labeled cases form the fold-1
 validation set that picks the best checkpoint (as the original's 5-fold split does); the held-out `--val` cases
 (val_images + val_mask) are used for nothing but the final evaluation. A fraction `--hard-fraction` of the
-unlabeled pool is "hard" (heavy noise, metal streaks, truncated field of view; recorded in synthetic_meta.json),
-so UIF has something to filter; the report also gives the share of hard cases among those UIF keeps and drops.
+unlabeled pool is "hard" (heavy noise, metal streaks, truncated field of view; recorded in synthetic_meta.json).
 
 Every stage runs through its real entry point as a subprocess (`sh <stage>/run.sh key=value ...`, `sh predict.sh`),
 exactly as demo.sh does. Everything goes to `--out` (default runs/semi_supervised, git-ignored):
   seed<S>/dataset/  seed<S>/coarse/  seed<S>/fine_l0/  seed<S>/fine_cps/ (round1, uif_scores.csv, round2)
+  seed<S>/fine_random/ seed<S>/fine_oracle/ (the control selections and their round 2)
+  seed<S>/pred_pool/ + eval_pool.csv + uif_quality.json (true pseudo-label quality and the three UIF scores)
   seed<S>/weights_<row>/{base_coarse_model -> ../weights_coarse/..., efficient_fine_model}
   seed<S>/pred_<row>/ + eval_<row>.csv   seed<S>/logs/<step>.log   seed<S>/settings.json, timings.json
-  semi_supervised.md (the table) and semi_supervised.json (every number, the settings, the command, timings).
+  semi_supervised.md (the tables) and semi_supervised.json (every number, the settings, the command, timings).
 A rerun with the same settings reuses everything finished (each stage skips what is done); a rerun with
 different settings into the same folder is refused (pick another --out).
 
-Cost: every subprocess runs with `--threads` (default 1) OMP/MKL threads and `--jobs` (default 3) seeds run in
-parallel; on a small shared CPU several multi-threaded torch processes spin-wait each other and a training step gets
-10-20x slower. The defaults (3 seeds, coarse 32^3 x 300 and fine 48^3 x 200 iterations a round) need about
-900 CPU-seconds a seed (single-thread CPS steps: coarse 32^3 ~0.45 s, fine 48^3 ~1.05 s), i.e. ~20-25 min on two
-free cores. At that size the networks are far from converged; see BENCHMARKS.md for what the table shows.
+Cost: every subprocess runs with `--threads` (default 1) OMP/MKL threads and `--jobs` (default 2) seeds run in
+parallel. The CPU defaults (5 seeds; channels 8..128; coarse 32^3 x 300, fine 32^3 x 250 iterations per training;
+six trainings a seed) are estimated at ~40 min on two idle cores from the single-thread step times (coarse CPS
+32^3 ~0.45 s, fine ~0.4 s); that was not measured on an idle machine. Below about 150 iterations of channels
+4..64 the networks learn nothing (validation Dice < 0.1) and the table says nothing (BENCHMARKS.md).
 
-    python -m benchmarks.semi_supervised                      # defaults: 3 seeds, L=4, U=12, sized for 2 CPU cores
-    python -m benchmarks.semi_supervised --seeds 0 1 --fine-iters 150 --out /tmp/ssl
-    python -m benchmarks.semi_supervised --device cuda --size full --coarse-size 160 --fine-size 192 \
-        --channels 16,32,64,128,256 --coarse-iters 4000 --fine-iters 4000 --unlabeled 40 --jobs 1 --threads 0
+    python -m benchmarks.semi_supervised                      # CPU defaults: 5 seeds, L=4, U=12 -> K=6
+    python -m benchmarks.semi_supervised --stop-after lu --seeds 0 1 --cps-weight 0.5   # probe L/U vs L/0 only
+    python -m benchmarks.semi_supervised --preset cuda        # full size on one GPU (160^3 / 192^3, 16..256)
     python -m benchmarks.semi_supervised --dry-run            # print the commands only
 """
 
@@ -80,10 +87,10 @@ class Settings:
     size: str = "demo"
     coarse_size: int = 32
     fine_size: int = 32
-    coarse_iters: int = 100
-    fine_iters: int = 120
+    coarse_iters: int = 300
+    fine_iters: int = 250
     round2_iters: int | None = None
-    channels: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     ensemble: bool = True
     coarse_lr: float | None = None
     fine_lr: float | None = 1.0e-2
