@@ -46,6 +46,7 @@ Output folder `out_dir`:
     tb/                             TensorBoard event files
     checkpoints/last.pt             every `schedule.checkpoint_interval` iterations, at the end and on SIGINT/SIGTERM
     checkpoints/best_model_a.pt     on a strictly better validation mean Dice of net A (same for B)
+    checkpoints/snapshot_<it>.pt    both networks after each iteration in `job.snapshot_iterations` (UIF stability)
     DONE                            JSON {"iteration", "best"} once the schedule has finished
 Checkpoint contents are described in common/checkpoint.py.
 
@@ -171,6 +172,8 @@ class CPSJob:
     dist: DistInfo | None = None
     stage: str = "train"
     extra_checkpoint: dict[str, Any] = field(default_factory=dict)
+    # Iterations after which both networks are also kept as checkpoints/snapshot_<iteration>.pt (UIF stability).
+    snapshot_iterations: tuple[int, ...] = ()
 
 
 def model_spec_from_config(cfg: Any) -> dict[str, Any]:
@@ -546,6 +549,14 @@ class _Trainer:
             "model": self.spec,
         })
 
+    def save_snapshot(self, iteration: int) -> None:
+        """Both networks at `iteration`, kept for UIF's stability score (common.checkpoint's layout)."""
+        if not self.main:
+            return
+        save_checkpoint(self.ckpt_dir / f"snapshot_{iteration}.pt", {
+            "format_version": 1, "stage": self.job.stage, "iteration": iteration, "model": self.spec,
+            **{f"net_{k}": model_state_dict(net) for k, net in self.nets.items()}})
+
     # -- validation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> tuple[dict[str, torch.Tensor], int]:
@@ -787,6 +798,8 @@ class _Trainer:
             self.run_validation(done, lr)
         if self._checkpoint_due(done):
             self.save_last(done)
+        if done in self.job.snapshot_iterations:
+            self.save_snapshot(done)
 
     def _stop(self, signum: int, iteration: int, saved: bool = False, collective: bool = True) -> None:
         """The one stop path: save last.pt at `iteration` (unless `saved`), then raise TrainingInterrupted.
