@@ -66,6 +66,14 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _weights_digest(model_dir: Path) -> str:
+    """Digest of model.pt, or of the original release's best_model*.pt files in a folder of that layout (read by
+    common.original_weights, converted in memory)."""
+    if (model_dir / MODEL_FILE).is_file() or not (model_dir / "best_model.pt").is_file():
+        return _file_digest(model_dir / MODEL_FILE)
+    return "+".join(_file_digest(p) for p in sorted(model_dir.glob("best_model*.pt")))
+
+
 def onnx_cache_path(model_dir: Path, network: str, size_zyx: Sequence[int], cache_root: Path | None = None) -> Path:
     """Where the ONNX graph of `network` ("a"/"b") of `model_dir/model.pt` at `size_zyx` is cached.
 
@@ -74,7 +82,7 @@ def onnx_cache_path(model_dir: Path, network: str, size_zyx: Sequence[int], cach
     model_dir = Path(model_dir)
     size = "x".join(str(int(s)) for s in size_zyx)
     key = hashlib.sha256(
-        f"{_file_digest(model_dir / MODEL_FILE)}|{network}|{size}|{ONNX_OPSET}|{torch.__version__}".encode()
+        f"{_weights_digest(model_dir)}|{network}|{size}|{ONNX_OPSET}|{torch.__version__}".encode()
     ).hexdigest()[:16]
     root = model_dir / ONNX_DIR if cache_root is None else cache_root
     return root / f"{network}_{size}_{key}.onnx"
