@@ -239,3 +239,17 @@ def test_init_from_a_file_of_the_other_network_is_refused(prepared, tmp_path, wr
     err = capsys.readouterr().err
     assert code == 2 and str(fine_file) in err and "looks like the original fine EfficientSegNet" in err
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_empty_unlabeled_pool_points_to_unlabeled_db_null(tmp_path):
+    from common.errors import InputError
+    from common.lmdb_store import LmdbStore
+    from coarse_base_seg.dataset import read_cases
+    from fine_efficient_seg.dataset import load_cases
+
+    db = tmp_path / "db" / "seg_trainu"
+    LmdbStore(db, readonly=False).replace_all({})
+    with pytest.raises(InputError, match=r"seg_trainu: database is empty: no unlabeled case.*data\.unlabeled_db=null"):
+        read_cases(db, tmp_path, labeled=False)
+    with pytest.raises(InputError, match=r"data\.unlabeled_db=null"):
+        load_cases(db, tmp_path, labeled=False)

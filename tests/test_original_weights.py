@@ -278,7 +278,7 @@ def test_predictor_reads_the_original_layout_directly(tmp_path, tiny_release):
     assert direct.coarse.size_zyx == (160, 160, 160) and direct.fine.size_zyx == (192, 192, 192)
     assert Predictor(PredictOptions(tiny_release, device="cpu", backend="torch", fine_size=160)).fine.size_zyx == (
         160, 160, 160)
-    # ONNX Runtime (the CPU default; in requirements-test.txt) keys its graph cache on the original files
+    # ONNX Runtime (the CPU default; in requirements-test.txt) also runs the in-memory converted networks
     forwards = make_forwards("onnxruntime", direct.fine.modules, tiny_release / FINE_DIR, (SIZE,) * 3)
     x = torch.randn(1, 1, SIZE, SIZE, SIZE)
     with torch.no_grad():
