@@ -121,7 +121,7 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
         out_dir=out_dir,
         labeled_stream=labeled_stream,
         unlabeled_stream=unlabeled_stream,
-        val_cases=lambda: validation_cases(val_db, data_base, size, window, info.device),
+        val_cases=lambda rank, world: validation_cases(val_db, data_base, size, window, info.device, rank, world),
         iterations=iterations,
         init_weights=init_weights,
         dist=info,

@@ -163,6 +163,21 @@ def test_fixed_crop_matches_prepared_fine_array(dataset):
         assert torch.allclose(x, val[case.case_id], atol=0.02)
 
 
+def test_validation_cases_load_only_this_ranks_share(dataset, monkeypatch):
+    import fine_efficient_seg.dataset as fine_dataset
+
+    db = dataset / "db" / "seg_pre-process_database"  # the 4 labeled cases with their fixed fine arrays
+    every = [case_id for case_id, _, _ in validation_cases(db, dataset, [SIZE] * 3, [-325.0, 325.0], "cpu")]
+    assert len(every) == 4
+    loaded: list[str] = []
+    real_load = np.load
+    monkeypatch.setattr(fine_dataset.np, "load", lambda path, *a, **k: loaded.append(str(path)) or real_load(path, *a,
+                                                                                                              **k))
+    mine = [case_id for case_id, _, _ in validation_cases(db, dataset, [SIZE] * 3, [-325.0, 325.0], "cpu", 1, 2)]
+    assert mine == every[1::2]
+    assert len(loaded) == 2 * len(mine)  # image + mask of its own cases only
+
+
 # ----------------------------------------------------------------------------------------------------- uif
 
 
