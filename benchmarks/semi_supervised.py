@@ -103,6 +103,7 @@ class Settings:
     scan_profiles: str = "shift"
     snapshots: int = 3  # round-1 checkpoints for UIF's stability score
     stop_after: str = "all"  # "quality": stop after round 1 and the UIF quality step
+    report_only: bool = False  # build the report from finished seed folders, run nothing
     device: str = "cpu"
     workers: int = 2
     jobs: int = 2
@@ -339,10 +340,12 @@ def uif_hard_share(scores_csv: Path, meta_json: Path) -> dict[str, Any]:
 
 def run_seed(settings: Settings, seed: int, t0: float) -> dict[str, Any]:
     sd = seed_dir(settings, seed)
+    if settings.report_only and not (sd / SETTINGS_FILE).is_file():
+        raise StepFailed(f"{sd} holds no finished run (no {SETTINGS_FILE}); --report-only runs nothing")
     check_settings(settings, seed)
     coarse_w = sd / "weights_coarse" / "base_coarse_model"
     timings: dict[str, float] = {}
-    for step in seed_steps(settings, seed):
+    for step in [] if settings.report_only else seed_steps(settings, seed):
         if step.name.startswith("fine_lk_export") or step.name == "fine_cps_round2":
             if not (sd / "weights_lu" / "efficient_fine_model" / "model.pt").is_file():
                 raise StepFailed(f"{sd / 'weights_lu'} has no round-1 export; delete {sd / 'fine_cps' / 'round2'} "
@@ -370,7 +373,7 @@ def run_seed(settings: Settings, seed: int, t0: float) -> dict[str, Any]:
     # record holds what each step cost when it really ran, whichever invocation that was.
     timings_path = sd / "timings.json"
     recorded = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.is_file() else {}
-    steps_s = {name: max(t, recorded.get(name, 0.0)) for name, t in timings.items()}
+    steps_s = {**recorded, **{name: max(t, recorded.get(name, 0.0)) for name, t in timings.items()}}
     timings_path.write_text(json.dumps(steps_s, indent=1) + "\n", encoding="utf-8")
     return {"seed": seed, "rows": rows, "uif": uif, "timings_s": timings, "steps_s_all_runs": steps_s,
             "coarse_val_dice": coarse_dice, "quality": quality}
@@ -601,6 +604,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                         "in parallel use a small CPU best (several multi-threaded processes on 2 cores spin-wait)")
     p.add_argument("--out", default=str(ROOT / "runs" / "semi_supervised"), help="output folder")
     p.add_argument("--dry-run", action="store_true", help="print the commands of every seed and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild the report from the finished seed folders (e.g. seeds run by several "
+                        "invocations)")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--preset" in argv and argv[argv.index("--preset") + 1:argv.index("--preset") + 2] == ["cuda"]:
         p.set_defaults(**CUDA_PRESET)
@@ -620,6 +626,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                  ensemble=not a.no_ensemble, coarse_lr=a.coarse_lr, fine_lr=a.fine_lr, dropout=a.dropout,
                  rampup_fraction=a.rampup_fraction, device=a.device, cps_weight=a.cps_weight,
                  scan_profiles=a.scan_profiles, snapshots=a.snapshots, stop_after=a.stop_after,
+                 report_only=a.report_only,
                  workers=a.workers, jobs=a.jobs, threads=a.threads or None, dry_run=a.dry_run, out=str(Path(a.out).resolve()))
     return s
 
