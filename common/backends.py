@@ -19,8 +19,8 @@ import importlib.util
 import logging
 import os
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
