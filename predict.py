@@ -66,7 +66,7 @@ def print_summary(summary: dict) -> None:
             def sec(key: str) -> str:
                 return f"{r[key]:.2f}" if isinstance(r.get(key), float) else "-"
             unc = f"{r['uncertainty']:.3f}" if isinstance(r.get("uncertainty"), float) else "-"
-            gpu = f"{r['peak_gpu_mem_mb']:.0f}" if isinstance(r.get("peak_gpu_mem_mb"), float) else "-"
+            gpu = f"{r['gpu_used_mb']:.0f}" if isinstance(r.get("gpu_used_mb"), float) else "-"  # total - free
             print(f"{r['case_id'][:24]:<24} {r['status']:<7} {sec('read_s'):>6} {sec('coarse_s'):>7} "
                   f"{sec('fine_s'):>6} {sec('post_s'):>6} {sec('write_s'):>6} {sec('total_s'):>6} {gpu:>7} "
                   f"{unc:>6}{'  FLAGGED' if r.get('flagged') else ''}")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.distributed import DistInfo, InfiniteSampler, derive_seed
 from common.errors import InputError
-from common.lmdb_store import open_store
+from common.lmdb_store import EMPTY_UNLABELED_PROBLEM, open_store
 from common.logger import get_logger
 from common.preprocessing import window_and_zscore_torch
 
@@ -70,6 +70,8 @@ def read_cases(db: Path, data_base_dir: str | os.PathLike, labeled: bool,
     finally:
         store.close()
     if not items:
+        if not labeled:
+            raise InputError(db, EMPTY_UNLABELED_PROBLEM)
         raise InputError(db, "database is empty; run data_prepare first (or check the fold and the database names)")
     cases = []
     for case_id, record in items:

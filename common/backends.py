@@ -6,7 +6,7 @@ measured by `benchmarks/cpu_backends.py` (BENCHMARKS.md "CPU backends"): ONNX Ru
 installed, torch eager otherwise and on CUDA (autocast fp16/bf16 there).
 
 The ONNX graph of each network is exported on first use into `<model folder>/onnx/`, written atomically and keyed
-by a hash of model.pt, the network, the input size, the opset and the torch version, so a changed model (or a
+by a hash of the network's weights, its name, the input size, the opset and the torch version, so a changed model (or a
 changed `--fine-size`) exports anew and older graphs of that network are removed. A read-only model folder
 falls back to a per-user cache folder.
 """
@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "onnxruntime")
 ONNX_OPSET = 17
 ONNX_DIR = "onnx"
-MODEL_FILE = "model.pt"
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -58,23 +57,30 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _file_digest(path: Path) -> str:
+def _weights_digest(net: nn.Module) -> str:
+    """Hash of the network's parameters and buffers (names, shapes, dtypes, bytes): the graph's identity.
+
+    Keyed by the weights rather than by model.pt's bytes, so models converted in memory (an original-release
+    folder read directly) are cached the same way.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for name, tensor in net.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
-def onnx_cache_path(model_dir: Path, network: str, size_zyx: Sequence[int], cache_root: Path | None = None) -> Path:
-    """Where the ONNX graph of `network` ("a"/"b") of `model_dir/model.pt` at `size_zyx` is cached.
+def onnx_cache_path(net: nn.Module, model_dir: Path, network: str, size_zyx: Sequence[int],
+                    cache_root: Path | None = None) -> Path:
+    """Where the ONNX graph of `network` ("a"/"b") of the model in `model_dir` at `size_zyx` is cached.
 
-    The name holds a key over model.pt's bytes, the network, the size, the opset and the torch version.
+    The name holds a key over the network's weights, its name, the size, the opset and the torch version.
     """
     model_dir = Path(model_dir)
     size = "x".join(str(int(s)) for s in size_zyx)
     key = hashlib.sha256(
-        f"{_file_digest(model_dir / MODEL_FILE)}|{network}|{size}|{ONNX_OPSET}|{torch.__version__}".encode()
+        f"{_weights_digest(net)}|{network}|{size}|{ONNX_OPSET}|{torch.__version__}".encode()
     ).hexdigest()[:16]
     root = model_dir / ONNX_DIR if cache_root is None else cache_root
     return root / f"{network}_{size}_{key}.onnx"
@@ -105,13 +111,13 @@ def export_onnx(net: nn.Module, size_zyx: Sequence[int], path: Path) -> Path:
 
 def cached_onnx(net: nn.Module, model_dir: Path, network: str, size_zyx: Sequence[int]) -> Path:
     """The cached ONNX graph of `network`, exported now if missing (model folder, else the user cache)."""
-    path = onnx_cache_path(model_dir, network, size_zyx)
+    path = onnx_cache_path(net, model_dir, network, size_zyx)
     if path.is_file():
         return path
     try:
         return export_onnx(net, size_zyx, path)
     except OSError as e:
-        fallback = onnx_cache_path(model_dir, network, size_zyx, _user_cache_root(model_dir))
+        fallback = onnx_cache_path(net, model_dir, network, size_zyx, _user_cache_root(model_dir))
         logger.warning("cannot write the ONNX graph into %s (%s); using %s", path.parent, e, fallback.parent)
         if fallback.is_file():
             return fallback

@@ -112,7 +112,7 @@ from common.distributed import (
     init_distributed,
 )
 from common.errors import InputError
-from common.fileutil import write_json_atomic, write_text_atomic
+from common.fileutil import remove_stale_temps, write_json_atomic, write_text_atomic
 from common.labels import NUM_ORGANS, ORGANS
 from common.logger import get_logger, setup_logging
 from common.losses import build_loss, one_hot_organs
@@ -649,6 +649,8 @@ class _Trainer:
                 with contextlib.suppress(FileNotFoundError):
                     done_path.unlink()
 
+        if self.main:  # partial checkpoints (full size) a kill left between write and rename
+            remove_stale_temps(self.ckpt_dir)
         self.build()
         self.restore()
         start = self.state.iteration
@@ -665,8 +667,13 @@ class _Trainer:
         self.wrap()
         barrier()
 
+        final = max(start, job.iterations)  # a last.pt beyond a lowered `iterations` stays where it is
         try:
-            if start >= job.iterations:
+            if start > job.iterations:
+                logger.warning("%s is at iteration %d, beyond iterations=%d: nothing to train; the run stands at "
+                               "iteration %d (DONE says so). Use another output_dir to train %d iterations.",
+                               self.last_path, start, job.iterations, start, job.iterations)
+            elif start == job.iterations:
                 logger.info("checkpoint already at iteration %d of %d", start, job.iterations)
             else:
                 self._loop(start)
@@ -677,16 +684,16 @@ class _Trainer:
                     logger.warning("no validation result: saving the final weights as best_model_a/b.pt")
                     for name, net in self.nets.items():
                         self.save_best(name, net, job.iterations, None, None)
-                write_json_atomic(done_path, {"iteration": job.iterations, "best": self.state.best,
+                write_json_atomic(done_path, {"iteration": final, "best": self.state.best,
                                               "best_iteration": self.state.best_iteration})
                 logger.info("training finished: %d iterations, best mean Dice A %.4f (iteration %d), "
-                            "B %.4f (iteration %d); outputs in %s", job.iterations, self.state.best["a"],
+                            "B %.4f (iteration %d); outputs in %s", final, self.state.best["a"],
                             self.state.best_iteration["a"], self.state.best["b"], self.state.best_iteration["b"],
                             self.out_dir)
         finally:
             if self.writer is not None:
                 self.writer.close()
-        return {"iteration": job.iterations, "best_a": self.state.best["a"], "best_b": self.state.best["b"],
+        return {"iteration": final, "best_a": self.state.best["a"], "best_b": self.state.best["b"],
                 "best_iteration_a": self.state.best_iteration["a"],
                 "best_iteration_b": self.state.best_iteration["b"], "out_dir": str(self.out_dir),
                 "already_done": False}
@@ -762,9 +769,13 @@ class _Trainer:
             flags = all_reduce_max(flags)
         if flags["bad"]:
             which = ", ".join(f"{k}={losses[k]}" for k in bad) or "on another rank"
+            if self.last_path.is_file():
+                kept = f"{self.last_path} is kept as the last good checkpoint"
+            else:
+                kept = f"no checkpoint was saved yet ({self.last_path} does not exist): a rerun starts from scratch"
             raise NonFiniteLossError(
-                f"non-finite loss at iteration {done} ({which}); stopping. {self.last_path} is kept as the "
-                "last good checkpoint. Try a lower optim.lr or amp.precision=off.")
+                f"non-finite loss at iteration {done} ({which}); stopping. {kept}. Try a lower optim.lr or "
+                "amp.precision=off.")
         return bool(flags["stop"])
 
     def _checkpoint_due(self, done: int) -> bool:

@@ -22,6 +22,8 @@ logger = get_logger(__name__)
 
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; grown automatically when full
 MISSING_DB_PROBLEM = "database not found; run data_prepare first"
+EMPTY_UNLABELED_PROBLEM = ("database is empty: no unlabeled case was prepared; add scans to the unlabeled folder and "
+                           "rerun data_prepare, or train on the labeled cases alone with data.unlabeled_db=null")
 
 
 def _json_default(obj: Any) -> Any:

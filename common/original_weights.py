@@ -400,9 +400,10 @@ def original_state_dict(payload: Mapping[str, Any], path: str | os.PathLike, net
 
 
 def init_sources(path: str | os.PathLike) -> dict[str, Path] | None:
-    """For `model.init_from`: {"a", "b"} files of an original stage folder (B = A when there is no
-    best_model_1.pt, as for the fine stage), or None when `path` is not one."""
-    if not is_original_layout(path):
+    """For `model.init_from`: {"a", "b"} files of an original stage folder or its best_model.pt (B from
+    best_model_1.pt beside it; B = A when there is none, as for the fine stage), or None for any other path."""
+    path = Path(path)
+    if not (is_original_layout(path) or (path.is_file() and path.name == CHECKPOINT_A)):
         return None
     files = original_files(path)
     if "b" not in files:

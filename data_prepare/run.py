@@ -73,6 +73,7 @@ from common.errors import InputError
 from common.fileutil import (check_writable, folder_lock, remove_stale_temps, save_npy_atomic, write_json_atomic,
                              write_text_atomic)
 from common.image_io import canonical_flips, list_images, read_image, read_mask, to_canonical
+from common.inference import check_ct
 from common.lmdb_store import LmdbStore
 from common.logger import ROOT_LOGGER_NAME, get_logger, setup_logging
 from common.preprocessing import (
@@ -168,15 +169,6 @@ def _to_int16_hu(array: np.ndarray, path: str) -> np.ndarray:
     return array.astype(np.int16)
 
 
-def _check_ct_intensities(image: np.ndarray, path: str) -> tuple[int, int]:
-    """(min, max) HU; warns when the values do not look like CT numbers (no air near -1000, e.g. MR or raw)."""
-    lo, hi = int(image.min()), int(image.max())
-    if lo > -500 or hi < 0:
-        logger.warning("%s: intensities %d..%d do not look like CT HU (air should be near -1000); "
-                       "is this a CT with its rescale applied?", path, lo, hi)
-    return lo, hi
-
-
 def _box_list(box) -> list[list[int]]:
     return [[int(a), int(b)] for a, b in box]
 
@@ -196,6 +188,7 @@ def prepare_case(task: CaseTask) -> dict:
     All arrays are canonical (flipped) and (z, y, x); boxes are in canonical raw voxels.
     """
     image_raw, meta = read_image(task.image_path)
+    check_ct(image_raw, meta, task.image_path)  # the one CT rule, the same as predict's
     mask_raw = None
     if task.kind == "labeled":
         assert task.mask_path is not None
@@ -205,7 +198,7 @@ def prepare_case(task: CaseTask) -> dict:
     flip_dims = [axis for axis, f in enumerate(flips) if f]
     image = (image.flip(flip_dims) if flip_dims else image).numpy()  # a contiguous canonical copy (or the array)
     del image_raw
-    hu_min, hu_max = _check_ct_intensities(image, task.image_path)
+    hu_min, hu_max = int(image.min()), int(image.max())
     shape = tuple(int(v) for v in image.shape)
     spacing = tuple(float(v) for v in meta.spacing_zyx)
 

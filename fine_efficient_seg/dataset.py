@@ -37,7 +37,7 @@ from common.distributed import InfiniteSampler, derive_seed
 from common.errors import InputError
 from common.labels import NUM_ORGANS
 from common.logger import get_logger
-from common.lmdb_store import open_store
+from common.lmdb_store import EMPTY_UNLABELED_PROBLEM, open_store
 from common.preprocessing import resize_volume_torch, window_and_zscore_torch
 
 logger = get_logger(__name__)
@@ -114,6 +114,8 @@ def load_cases(db: Path, data_base_dir: str | os.PathLike, labeled: bool, need_b
         cases = [case_from_record(key, store.get(key), data_base_dir, db, labeled) for key in store.keys()]
     finally:
         store.close()
+    if not cases and not labeled:
+        raise InputError(db, EMPTY_UNLABELED_PROBLEM)
     if need_box:
         missing = [c.case_id for c in cases if c.box is None]
         if missing:

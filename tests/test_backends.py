@@ -99,8 +99,8 @@ def test_onnx_cache_made_once_and_keyed_by_model(weights_dir):
     assert other != path and path.is_file()
     # A changed model re-exports, and the stale graph of that network and size is removed.
     _export(folder, "coarse", "unet", 32, seed=7)
-    assert onnx_cache_path(folder, "a", (32, 32, 32)) != path
     changed = Predictor(PredictOptions(weights_dir, device="cpu", backend="onnxruntime"))
+    assert onnx_cache_path(changed.coarse.modules["a"], folder, "a", (32, 32, 32)) != path
     new_path = changed.coarse.networks["a"].path
     assert new_path != path and new_path.is_file() and not path.exists()
     x = _structured_input(32)

@@ -221,6 +221,13 @@ def test_init_from_the_original_release_starts_both_networks_from_it(prepared, t
     assert not torch.allclose(ckpt["net_a"]["head.weight"], ckpt["net_b"]["head.weight"])
     assert f"warm start from {release}" in (out / "train.log").read_text()
 
+    # the folder's best_model.pt named alone: B still comes from best_model_1.pt beside it
+    from common.engine import read_init_weights
+
+    weights = read_init_weights(release / "best_model.pt", "unet")
+    for name, net in nets.items():
+        assert all(torch.equal(weights[name][k], v) for k, v in net.state_dict().items())
+
 
 def test_init_from_a_file_of_the_other_network_is_refused(prepared, tmp_path, write_original_checkpoint, capsys):
     from common.networks import build_network
@@ -232,3 +239,17 @@ def test_init_from_a_file_of_the_other_network_is_refused(prepared, tmp_path, wr
     err = capsys.readouterr().err
     assert code == 2 and str(fine_file) in err and "looks like the original fine EfficientSegNet" in err
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_empty_unlabeled_pool_points_to_unlabeled_db_null(tmp_path):
+    from common.errors import InputError
+    from common.lmdb_store import LmdbStore
+    from coarse_base_seg.dataset import read_cases
+    from fine_efficient_seg.dataset import load_cases
+
+    db = tmp_path / "db" / "seg_trainu"
+    LmdbStore(db, readonly=False).replace_all({})
+    with pytest.raises(InputError, match=r"seg_trainu: database is empty: no unlabeled case.*data\.unlabeled_db=null"):
+        read_cases(db, tmp_path, labeled=False)
+    with pytest.raises(InputError, match=r"data\.unlabeled_db=null"):
+        load_cases(db, tmp_path, labeled=False)

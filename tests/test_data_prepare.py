@@ -488,3 +488,46 @@ def test_rerun_removes_temporaries_of_a_killed_run(dataset: Path) -> None:
     keep.write_text("not ours")
     assert main(config(dataset)) == 0
     assert not [p for p in leftovers if p.exists()] and keep.exists()
+
+
+def test_nan_slab_absurd_spacing_and_duplicate_ids_fail_their_case(dataset: Path) -> None:
+    shutil.rmtree(dataset / "file_list")  # every image of the folders is a case
+    images, masks = dataset / "train_images", dataset / "train_mask"
+    good_image = sitk.ReadImage(str(images / "train_000_0000.nii.gz"))
+    good_mask = sitk.ReadImage(str(masks / "train_000.nii.gz"))
+    slab = sitk.GetArrayFromImage(good_image).astype(np.float32)
+    slab[2:12] = np.nan  # a 10-slice NaN slab: SimpleITK's NIfTI reader would make it 0 HU
+    _write(slab, images / "nan_slab_0000.nii.gz", like=good_image)
+    shutil.copy(masks / "train_000.nii.gz", masks / "nan_slab.nii.gz")
+    for name, spacing in (("huge", 1e6), ("tiny", 1e-6)):
+        _write(sitk.GetArrayFromImage(good_image), images / f"{name}.mha", like=good_image,
+               spacing=(spacing, 0.8, 2.0))
+        _write(sitk.GetArrayFromImage(good_mask), masks / f"{name}.mha", like=good_mask, spacing=(spacing, 0.8, 2.0))
+    shutil.copy(images / "train_001_0000.nii.gz", images / "train_001.nii.gz")  # same id as train_001_0000
+    before = digest(dataset)
+    assert main(config(dataset)) == 1
+    report = (dataset / "db" / "failed_cases.txt").read_text(encoding="utf-8")
+    lines = {line.split("\t", 1)[0]: line.split("\t", 1)[1] for line in report.splitlines()
+             if not line.startswith("#")}
+    assert sorted(lines) == ["huge", "nan_slab", "tiny", "train_001"]
+    assert "nan_slab_0000.nii.gz" in lines["nan_slab"] and "NaN or infinite" in lines["nan_slab"]
+    for name in ("huge", "tiny"):
+        assert f"{name}.mha" in lines[name] and "implausible voxel spacing" in lines[name]
+    assert "train_001.nii.gz" in lines["train_001"] and "train_001_0000.nii.gz" in lines["train_001"]
+    labeled = open_store(dataset / "db" / "seg_pre-process_database").keys()
+    assert labeled == ["train_000", "train_002", "train_003"]
+    after = digest(dataset)
+    assert all(after[k] == v for k, v in before.items())  # no input changed
+
+
+def test_a_constant_image_fails_by_the_same_rule_as_predict(dataset: Path) -> None:
+    images, masks = dataset / "train_images", dataset / "train_mask"
+    good_image = sitk.ReadImage(str(images / "train_000_0000.nii.gz"))
+    _write(np.full(sitk.GetArrayFromImage(good_image).shape, -1024, np.int16), images / "air_0000.nii.gz",
+           like=good_image)
+    shutil.copy(masks / "train_000.nii.gz", masks / "air.nii.gz")
+    with open(dataset / "file_list" / "train_series_uids.txt", "a", encoding="utf-8") as f:
+        f.write("air\n")
+    assert main(config(dataset)) == 1
+    report = (dataset / "db" / "failed_cases.txt").read_text(encoding="utf-8")
+    assert "air_0000.nii.gz: non-CT intensities: every voxel is -1024" in report

@@ -1,4 +1,5 @@
 import json
+import shutil
 import os
 import signal
 from pathlib import Path
@@ -230,3 +231,28 @@ def test_legacy_cps_shift_reaches_the_step(monkeypatch, tmp_path):
     cfg = _cfg(tmp_path / "legacy", "cps.legacy_shift=true", "schedule.iterations=2")
     run_cps_training(_job(cfg))
     assert seen == [True, True]
+
+
+# ------------------------------------------------------------------------------------------------ issue 14
+
+
+def test_nan_before_any_checkpoint_claims_none(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was saved yet") as info:
+        run_cps_training(_job(_cfg(out), labeled_stream=_stream("labeled", True, nan_at=0)))
+    assert "kept as the last good" not in str(info.value)
+    assert not (out / "checkpoints" / "last.pt").exists()
+
+
+def test_resume_removes_partial_checkpoints_and_a_lowered_schedule_keeps_its_iteration(straight_run, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    (out / "DONE").unlink()
+    partial = out / "checkpoints" / ".last.pt.k1ll3d00.tmp.pt"
+    partial.write_bytes(b"\0" * 4096)  # a kill between write and rename
+    summary = run_cps_training(_job(_cfg(out, "schedule.iterations=3"), iterations=3))
+    assert not partial.exists()
+    assert summary["iteration"] == ITERATIONS  # last.pt is at 4: the run stands at 4, not at the lowered 3
+    assert json.loads((out / "DONE").read_text())["iteration"] == ITERATIONS
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == ITERATIONS
+    assert "beyond iterations=3" in caplog.text

@@ -270,9 +270,9 @@ def test_predictor_reads_the_original_layout_directly(tmp_path, tiny_release):
     for ours, theirs in ((direct.coarse, converted.coarse), (direct.fine, converted.fine)):
         assert (ours.size_zyx, ours.hu_window, ours.extend_size_mm, ours.primary) == (
             theirs.size_zyx, theirs.hu_window, theirs.extend_size_mm, theirs.primary)
-        assert ours.networks.keys() == theirs.networks.keys()
-        for name, net in ours.networks.items():
-            mine, other = net.state_dict(), theirs.networks[name].state_dict()
+        assert ours.modules.keys() == theirs.modules.keys()
+        for name, net in ours.modules.items():
+            mine, other = net.state_dict(), theirs.modules[name].state_dict()
             assert mine.keys() == other.keys() and all(torch.equal(mine[k], other[k]) for k in mine)
     assert direct.coarse.size_zyx == (160, 160, 160) and direct.fine.size_zyx == (192, 192, 192)
     assert Predictor(PredictOptions(tiny_release, device="cpu", fine_size=160)).fine.size_zyx == (160, 160, 160)
