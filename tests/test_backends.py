@@ -141,3 +141,14 @@ def test_predict_cli_onnxruntime_matches_torch(weights_dir, tmp_path):
         masks[backend] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / backend / "c1.nii.gz")))
     assert masks["torch"].any()
     assert float((masks["torch"] == masks["onnxruntime"]).mean()) >= 0.999
+
+
+def test_only_the_networks_used_are_exported(weights_dir, tmp_path):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c1_0000.nii.gz")
+    argv = ["-i", str(in_dir), "-o", str(tmp_path / "out"), "--weights-dir", str(weights_dir), "--device", "cpu",
+            "--backend", "onnxruntime", "--uncertainty", "off", "--quiet"]
+    assert predict.main(argv) == 0
+    for folder in (COARSE_DIR, FINE_DIR):  # network b is neither ensembled nor compared: never exported
+        assert [p.name.split("_")[0] for p in (weights_dir / folder / "onnx").glob("*.onnx")] == ["a"]
