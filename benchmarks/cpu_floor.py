@@ -21,8 +21,8 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -124,7 +124,7 @@ def cpu_peak(fma_units: int = 2, cores: int | None = None) -> CpuPeak:
     else:
         try:
             with open("/proc/cpuinfo") as f:
-                found = re.findall(r"^cpu MHz\s*:\s*([\d.]+)", f.read(), flags=re.M)
+                found = re.findall(r"^cpu MHz\s*:\s*([\d.]+)", f.read(), flags=re.MULTILINE)
             mhz = max(float(v) for v in found) if found else 0.0
         except OSError:
             pass

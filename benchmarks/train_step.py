@@ -22,6 +22,7 @@ import gc
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,9 +81,10 @@ def reset_between_variants(device: torch.device) -> None:
 
 
 def time_variant(stage: Stage, variant: str, device: torch.device, warmup: int, steps: int,
-                 channels: tuple[int, ...] | None = None) -> dict[str, float]:
+                 channels: Sequence[int] | None = None, compile_backend: str = "inductor") -> dict[str, float]:
     """Seconds per CPS step (median of `steps`) after `warmup` steps, the first step's time and the GPU memory
-    figures (MiB, common.gpu_memory) of the run. `channels` overrides the networks' widths (smoke runs)."""
+    figures (MiB, common.gpu_memory) of the run. `channels` overrides the networks' widths and `compile_backend`
+    torch.compile's backend ("eager": dynamo only, for smoke runs)."""
     reset_between_variants(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the engine sets it for training (fixed input sizes)
@@ -100,7 +102,7 @@ def time_variant(stage: Stage, variant: str, device: torch.device, warmup: int, 
     opts = [torch.optim.Adam(n.parameters(), lr=stage.lr, betas=(0.9, 0.99), weight_decay=5.0e-5) for n in nets]
     loss_fn = build_loss(stage.loss)
     if mode == "compile":
-        nets = [torch.compile(n) for n in nets]  # the networks only: the losses are a small part of a step
+        nets = [torch.compile(n, backend=compile_backend) for n in nets]  # the networks only: the losses are a small part of a step
     generator = torch.Generator().manual_seed(0)
     shape = (1, 1) + (stage.size,) * 3
     x_l = torch.randn(shape, generator=generator).to(device, memory_format=memory_format)

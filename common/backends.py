@@ -19,8 +19,8 @@ import importlib.util
 import logging
 import os
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -145,12 +145,34 @@ class OnnxRuntimeForward:
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
 
 
+class LazyOnnxRuntimeForward:
+    """OnnxRuntimeForward made on first use: a network the predictor never calls (network b without --ensemble or
+    uncertainty) is never exported; the export traces one full-size forward, as long as a prediction's."""
+
+    def __init__(self, net: nn.Module, model_dir: Path, network: str, size_zyx: Sequence[int]) -> None:
+        self.net, self.model_dir, self.network, self.size_zyx = net, Path(model_dir), network, tuple(size_zyx)
+        self._path: Path | None = None
+        self._forward: OnnxRuntimeForward | None = None
+
+    @property
+    def path(self) -> Path:
+        """The cached graph (exported now if it is not there yet)."""
+        if self._path is None:
+            self._path = cached_onnx(self.net, self.model_dir, self.network, self.size_zyx)
+        return self._path
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._forward is None:
+            self._forward = OnnxRuntimeForward(self.path)
+        return self._forward(x)
+
+
 def make_forwards(backend: str, networks: Mapping[str, nn.Module], model_dir: Path,
                   size_zyx: Sequence[int]) -> dict[str, Forward]:
-    """Forward callables per network name for a resolved backend ("torch" or "onnxruntime")."""
+    """Forward callables per network name for a resolved backend ("torch" or "onnxruntime"); ONNX graphs are
+    exported and loaded on each network's first call."""
     if backend == "torch":
         return dict(networks)
     if backend == "onnxruntime":
-        return {name: OnnxRuntimeForward(cached_onnx(net, Path(model_dir), name, size_zyx))
-                for name, net in networks.items()}
+        return {name: LazyOnnxRuntimeForward(net, Path(model_dir), name, size_zyx) for name, net in networks.items()}
     raise ValueError(f"backend {backend!r} is not resolved; call resolve_backend first")

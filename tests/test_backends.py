@@ -16,9 +16,10 @@ import predict
 from common import backends
 from common.backends import cached_onnx, make_forwards, onnx_cache_path, resolve_backend
 from common.checkpoint import export_model
-from common.inference import COARSE_DIR, FINE_DIR, PredictOptions, Predictor, disagreement
+from common.inference import COARSE_DIR, FINE_DIR, PredictOptions, Predictor
 from common.networks import build_network
 from common.postprocess import probs_to_labels
+from common.uif import labels_disagreement
 
 TINY = [2, 4, 4, 8, 8]
 
@@ -81,7 +82,7 @@ def test_onnxruntime_labels_agree_with_torch(weights_dir, stage):
         a, b = probs_to_labels(ref, 0.0), probs_to_labels(out, 0.0)
         assert len(torch.unique(a)) > 1  # a non-trivial label map, so agreement means something
         assert float((a == b).float().mean()) >= 0.999
-        assert disagreement(a, b) < 0.01
+        assert labels_disagreement(a, b) < 0.01
         assert float((ref - out).abs().max()) < 1e-2  # fp32 reassociation (instance norm of few channels)
 
 
@@ -141,3 +142,14 @@ def test_predict_cli_onnxruntime_matches_torch(weights_dir, tmp_path):
         masks[backend] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / backend / "c1.nii.gz")))
     assert masks["torch"].any()
     assert float((masks["torch"] == masks["onnxruntime"]).mean()) >= 0.999
+
+
+def test_only_the_networks_used_are_exported(weights_dir, tmp_path):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c1_0000.nii.gz")
+    argv = ["-i", str(in_dir), "-o", str(tmp_path / "out"), "--weights-dir", str(weights_dir), "--device", "cpu",
+            "--backend", "onnxruntime", "--uncertainty", "off", "--quiet"]
+    assert predict.main(argv) == 0
+    for folder in (COARSE_DIR, FINE_DIR):  # network b is neither ensembled nor compared: never exported
+        assert [p.name.split("_")[0] for p in (weights_dir / folder / "onnx").glob("*.onnx")] == ["a"]
