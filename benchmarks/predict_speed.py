@@ -33,6 +33,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from common import gpu_memory
 from common.checkpoint import export_model
 from common.image_io import canonical_flips, read_image, write_mask
 from common.inference import (COARSE_DIR, FINE_DIR, PredictOptions, Predictor, predict_folder, resolve_device,
@@ -120,8 +121,7 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     """The plain path: everything on the CPU in numpy/scipy except the networks (fp32), no overlap, full-size
     probability maps resized with scipy, components on the full volume."""
     device = predictor.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    gpu_memory.reset_peak(device)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     raw, meta = read_image(path)
@@ -134,7 +134,7 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     coarse = predictor.coarse
     x = normalize_hu(resize_volume(ct, coarse.size_zyx), coarse.hu_window)
     with torch.inference_mode():
-        logits = coarse.networks[coarse.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu()
+        logits = coarse.modules[coarse.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu()
     labels = probs_to_labels(torch.sigmoid(logits).numpy(), 0.5)
     t2 = time.perf_counter()
     times["coarse_s"] = t2 - t1
@@ -150,7 +150,7 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     region = ct[crop]
     x = normalize_hu(resize_volume(region, fine.size_zyx), fine.hu_window)
     with torch.inference_mode():
-        logits = fine.networks[fine.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu().numpy()
+        logits = fine.modules[fine.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu().numpy()
     probs = np.stack([1.0 / (1.0 + np.exp(-resize_volume(channel, region.shape))) for channel in logits])
     labels = probs_to_labels(probs, 0.5)
     del probs
@@ -165,7 +165,7 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     write_mask(mask, meta, out_path)
     times["write_s"] = time.perf_counter() - t5
     times["total_s"] = time.perf_counter() - t0
-    times["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    times.update(gpu_memory.snapshot(device).as_row())  # allocated / reserved peaks and total - free (FLARE)
     return times
 
 
@@ -272,14 +272,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict, forward_sum: float) -> None:
-    keys = ("read_s", "coarse_s", "fine_s", "post_s", "write_s", "total_s", "peak_gpu_mem_mb")
+    keys = ("read_s", "coarse_s", "fine_s", "post_s", "write_s", "total_s", *gpu_memory.MEMORY_FIELDS)
+    short = {"gpu_alloc_peak_mb": "alloc MB", "gpu_reserved_peak_mb": "resv MB", "gpu_used_mb": "used MB"}
     print(f"\ndevice: {results['device']}, precision {results['precision']}, CT {results['shape_zyx']}, "
           f"{results['cases']} case(s)")
-    print(f"{'path':<34}" + "".join(f"{k.replace('_s', '').replace('peak_gpu_mem_mb', 'GPU MB'):>9}" for k in keys)
+    print(f"{'path':<34}" + "".join(f"{short.get(k, k.replace('_s', '')):>9}" for k in keys)
           + f"{'wall/case':>10}")
 
     def line(name: str, row: dict, wall: float | None) -> None:
-        cells = "".join(f"{float(row.get(k) or 0):>9.2f}" if k != "peak_gpu_mem_mb" else
+        cells = "".join(f"{float(row.get(k) or 0):>9.2f}" if k not in short else
                         f"{float(row.get(k) or 0):>9.0f}" for k in keys)
         print(f"{name:<34}{cells}{'' if wall is None else f'{wall:>10.2f}'}")
 

@@ -645,6 +645,9 @@ class ModelSection:
     dropout: float = cfg_field(0.2, ge=0, lt=1)
     seed_a: int = 1
     seed_b: int = 2
+    # Weights networks A and B start from (a fresh run only): an exported model folder or model.pt, or the
+    # original release's stage folder or best_model.pt (common.engine.read_init_weights); null = random init.
+    init_from: str | None = path_field(None)
 
     def _cross_check(self) -> Iterable[tuple[str, str]]:
         if self.seed_a == self.seed_b:
@@ -736,9 +739,11 @@ class BoxesSection:
 class UIFSection:
     """Uncertainty-based image filtering: score, and how many unlabeled cases to keep (count wins over ratio)."""
 
-    score: str = choice_field("disagreement", ("disagreement", "entropy"))
+    score: str = choice_field("disagreement", ("disagreement", "entropy", "stability"))
     keep_count: int | None = cfg_field(None, ge=1)
     keep_ratio: float = cfg_field(0.1, gt=0, le=1)
+    weighting: str = choice_field("organ", ("organ", "volume"))
+    snapshots: int = cfg_field(3, ge=0)
 
 
 @dataclass

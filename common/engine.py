@@ -11,7 +11,7 @@ How a stage uses it (see coarse_base_seg/train.py for a complete example):
         out_dir=Path(cfg.output_dir),                    # fine: e.g. <output_dir>/round1
         labeled_stream=lambda start: ...,                # start iteration -> endless iterator of (x, y)
         unlabeled_stream=lambda start: ...,              # same, yields x only; None = labeled-only training
-        val_cases=lambda: ...,                           # -> iterable of (case_id, x (1,1,D,H,W), y (1,D,H,W))
+        val_cases=lambda rank, world_size: ...,          # -> this rank's (case_id, x (1,1,D,H,W), y (1,D,H,W))
         iterations=cfg.schedule.iterations,
         input_transform=None,                            # applied on the device to every x (e.g. window+z-score)
         init_weights=None,                               # warm start (fine round 2), see below
@@ -28,8 +28,9 @@ or raw HU with an `input_transform`) and y either a label map (B, D, H, W) of in
 training device already. Sample n of a stream must depend only on (seed, stream name, n) -- e.g. items from
 `common.distributed.InfiniteSampler(start=k, batch_size=B)` and per-sample generators seeded with
 `derive_seed(seed, name, position)` -- so a resumed run sees the same data as an uninterrupted one without
-saving loader state. Validation cases are split over ranks (case i on rank i % world_size) and evaluated with
-the plain (unwrapped) networks in eval mode.
+saving loader state. `val_cases(rank, world_size)` yields only that rank's validation cases, chosen before
+anything is loaded (`common.distributed.shard`: case i on rank i % world_size); they are evaluated with the plain
+(unwrapped) networks in eval mode and the Dice sums are added over ranks.
 
 What the engine does: seeds (torch.manual_seed(model.seed_a) before building net A, seed_b before B; the
 dropout RNG is reseeded every iteration from (seed, rank, iteration)), Adam per network, the step LR schedule of
@@ -46,6 +47,7 @@ Output folder `out_dir`:
     tb/                             TensorBoard event files
     checkpoints/last.pt             every `schedule.checkpoint_interval` iterations, at the end and on SIGINT/SIGTERM
     checkpoints/best_model_a.pt     on a strictly better validation mean Dice of net A (same for B)
+    checkpoints/snapshot_<it>.pt    both networks after each iteration in `job.snapshot_iterations` (UIF stability)
     DONE                            JSON {"iteration", "best"} once the schedule has finished
 Checkpoint contents are described in common/checkpoint.py.
 
@@ -64,7 +66,9 @@ Resume and stop:
 - A NaN/inf loss raises `NonFiniteLossError` naming the iteration and the loss; last.pt is not overwritten,
   so it keeps the last good weights.
 - Warm start: `init_weights` is a checkpoint path (last.pt: net_a/net_b; exported model.pt: networks a/b;
-  best_model_x.pt: its net into both) or a dict {"a": path, "b": path} (each file's matching or only network).
+  best_model_x.pt: its net into both; the original release's best_model.pt or stage folder, converted by
+  common.original_weights: best_model.pt into A, best_model_1.pt (if there) into B, else A's into both) or a dict
+  {"a": path, "b": path} (each file's matching or only network). The stages pass `model.init_from` here.
   It only applies to a fresh run: an existing last.pt wins.
 """
 
@@ -99,6 +103,7 @@ from common.checkpoint import (
 )
 from common.config import config_to_dict, save_config
 from common.cps import cps_step, cps_weight_at
+from common.device import set_cudnn_benchmark
 from common.distributed import (
     DistInfo,
     all_gather_object,
@@ -116,6 +121,7 @@ from common.logger import get_logger, setup_logging
 from common.losses import build_loss, one_hot_organs
 from common.metrics import hard_dice_per_organ
 from common.networks import build_network
+from common.original_weights import init_sources, original_state_dict
 
 logger = get_logger(__name__)
 
@@ -160,7 +166,7 @@ class CPSJob:
     out_dir: Path
     labeled_stream: Callable[[int], Iterator[Batch]]
     unlabeled_stream: Callable[[int], Iterator[torch.Tensor]] | None
-    val_cases: Callable[[], Iterable[ValCase]] | None
+    val_cases: Callable[[int, int], Iterable[ValCase]] | None
     iterations: int
     init_weights: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None
     input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -168,6 +174,8 @@ class CPSJob:
     dist: DistInfo | None = None
     stage: str = "train"
     extra_checkpoint: dict[str, Any] = field(default_factory=dict)
+    # Iterations after which both networks are also kept as checkpoints/snapshot_<iteration>.pt (UIF stability).
+    snapshot_iterations: tuple[int, ...] = ()
 
 
 def model_spec_from_config(cfg: Any) -> dict[str, Any]:
@@ -200,10 +208,14 @@ def build_cps_networks(spec: Mapping[str, Any], seed_a: int, seed_b: int) -> tup
     return net_a, net_b
 
 
-def read_init_weights(source: str | os.PathLike | Mapping[str, str | os.PathLike]) -> dict[str, dict]:
-    """State dicts {"a", "b"} for a warm start (see the module docstring for the accepted files)."""
+def read_init_weights(source: str | os.PathLike | Mapping[str, str | os.PathLike],
+                      network: str | None = None) -> dict[str, dict]:
+    """State dicts {"a", "b"} for a warm start (see the module docstring for the accepted files); `network` is the
+    configured network's name, which an original release file must be (None: the one it looks like)."""
 
     def pick(payload: Mapping[str, Any], name: str, path: Path) -> dict:
+        if "state_dict" in payload:  # the original release's best_model.pt
+            return original_state_dict(payload, path, network)
         if f"net_{name}" in payload:
             return payload[f"net_{name}"]
         if "networks" in payload:
@@ -213,6 +225,8 @@ def read_init_weights(source: str | os.PathLike | Mapping[str, str | os.PathLike
             return payload["net"]
         raise InputError(path, "holds no network weights (expected net_a/net_b, networks or net)")
 
+    if not isinstance(source, Mapping):
+        source = init_sources(source) or source  # an original release stage folder: its A and B files
     if isinstance(source, Mapping):
         out = {}
         for name in ("a", "b"):
@@ -441,8 +455,7 @@ class _Trainer:
         self.amp: AmpSettings = amp_settings(cfg.amp.precision, self.device)
         self.scalers: Pair[torch.amp.GradScaler] = self.nets.map(lambda _: make_grad_scaler(self.amp))
         self.loss_fn = build_loss(cfg.loss.name)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        set_cudnn_benchmark(self.device)  # fixed input sizes: cuDNN picks the fastest kernels, as the predictor
 
     def restore(self) -> None:
         if self.last_path.is_file():
@@ -484,7 +497,7 @@ class _Trainer:
             logger.info("resuming from %s at iteration %d/%d", self.last_path, self.state.iteration,
                         self.job.iterations)
         elif self.job.init_weights is not None:
-            weights = read_init_weights(self.job.init_weights)
+            weights = read_init_weights(self.job.init_weights, self.spec["name"])
             for name, net in self.nets.items():
                 load_model_state(net, weights[name], str(self.job.init_weights))
             logger.info("warm start from %s", self.job.init_weights)
@@ -537,6 +550,14 @@ class _Trainer:
             "model": self.spec,
         })
 
+    def save_snapshot(self, iteration: int) -> None:
+        """Both networks at `iteration`, kept for UIF's stability score (common.checkpoint's layout)."""
+        if not self.main:
+            return
+        save_checkpoint(self.ckpt_dir / f"snapshot_{iteration}.pt", {
+            "format_version": 1, "stage": self.job.stage, "iteration": iteration, "model": self.spec,
+            **{f"net_{k}": model_state_dict(net) for k, net in self.nets.items()}})
+
     # -- validation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> tuple[dict[str, torch.Tensor], int]:
@@ -548,9 +569,8 @@ class _Trainer:
         count = 0
         try:
             assert self.job.val_cases is not None
-            for index, (case_id, x, y) in enumerate(self.job.val_cases()):
-                if index % self.info.world_size != self.info.rank:
-                    continue
+            # val_cases shards before loading (common.distributed.shard), so no rank reads another's cases
+            for case_id, x, y in self.job.val_cases(self.info.rank, self.info.world_size):
                 x = _to_device(x, self.device)
                 if self.job.input_transform is not None:
                     x = self.job.input_transform(x)
@@ -778,6 +798,8 @@ class _Trainer:
             self.run_validation(done, lr)
         if self._checkpoint_due(done):
             self.save_last(done)
+        if done in self.job.snapshot_iterations:
+            self.save_snapshot(done)
 
     def _stop(self, signum: int, iteration: int, saved: bool = False, collective: bool = True) -> None:
         """The one stop path: save last.pt at `iteration` (unless `saved`), then raise TrainingInterrupted.

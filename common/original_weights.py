@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pickle
-import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -164,7 +162,6 @@ _LEVEL_KEYS = {
     "efficient_seg_net": tuple(f"conv{i}_0.0.residual_unit.0.conv.weight" for i in range(5)),
 }
 _HEAD_KEY = "final.weight"
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -177,21 +174,7 @@ def read_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     unpickled (refused before anything runs), or has no `state_dict` of tensors.
     """
     path = Path(path)
-    try:
-        payload = load_checkpoint(path)
-    except InputError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, pickle.UnpicklingError):
-            found = _GLOBAL_RE.search(str(cause))
-            if found:
-                raise InputError(path, f"refused: unpickling it would import and call {found.group(1)!r}, which a "
-                                       "weights-only load never does; nothing from the file was run. The original "
-                                       "release's best_model.pt holds only tensors, numbers and dicts: get the "
-                                       "file again from the release") from None
-            raise InputError(path, "cannot read: not a PyTorch checkpoint of plain tensors and dicts (random bytes, "
-                                   "a plain pickle, objects a weights-only load refuses, or a damaged download); "
-                                   "nothing from it was run") from None
-        raise
+    payload = load_checkpoint(path)  # weights_only: refuses pickled code with a message naming the file
     return {**payload, "state_dict": checked_state_dict(payload, path)}
 
 
@@ -417,11 +400,14 @@ def original_state_dict(payload: Mapping[str, Any], path: str | os.PathLike, net
 
 
 def init_sources(path: str | os.PathLike) -> dict[str, Path] | None:
-    """For `model.init_from`: {"a", "b"} files of an original stage folder (B = A when there is no
-    best_model_1.pt, as for the fine stage), or None when `path` is not one."""
-    if not is_original_layout(path):
+    """For `model.init_from`: {"a", "b"} files of an original stage folder or its best_model.pt (B from
+    best_model_1.pt beside it; B = A when there is none, as for the fine stage), or None for any other path."""
+    path = Path(path)
+    if not (is_original_layout(path) or (path.is_file() and path.name == CHECKPOINT_A)):
         return None
     files = original_files(path)
+    if "b" not in files:
+        logger.info("%s: no %s, so network b starts from network a's weights too", path, CHECKPOINT_B)
     return {"a": files["a"], "b": files.get("b", files["a"])}
 
 
