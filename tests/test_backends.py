@@ -16,9 +16,10 @@ import predict
 from common import backends
 from common.backends import cached_onnx, make_forwards, onnx_cache_path, resolve_backend
 from common.checkpoint import export_model
-from common.inference import COARSE_DIR, FINE_DIR, PredictOptions, Predictor, disagreement
+from common.inference import COARSE_DIR, FINE_DIR, PredictOptions, Predictor
 from common.networks import build_network
 from common.postprocess import probs_to_labels
+from common.uif import labels_disagreement as disagreement
 
 TINY = [2, 4, 4, 8, 8]
 
