@@ -12,7 +12,10 @@ a FAILED row with its message, the other parts still run; exit code 1 then):
 3. pipeline: the fine data pipeline (FineStream: reader threads, resize on the GPU) in samples/s against the
    fine training step of part 1 -- does data starve the step;
 4. ddp: a 1-process `torchrun` run of each stage (NCCL on CUDA) for a few iterations, SIGKILLed after its first
-   checkpoint and rerun: it must resume from that checkpoint and finish.
+   checkpoint and rerun: it must resume from that checkpoint and finish;
+5. cuda: benchmarks/cuda_checks.py: no host sync in the fine sample (CUDA sync debug mode), and the predictor's
+   memory with cuDNN autotuning on and off against the 1.5 GB bar (decides whether autotuning stays on there);
+   CUDA only, so --smoke reports it as not run.
 
 `--smoke` runs the same code on the CPU at tiny sizes (32^3, channels 2,4,4,8,8, a 40 x 64 x 64 CT, gloo, the
 compile variant through dynamo's eager backend) in about a minute; it is part of the test suite so the script
@@ -37,11 +40,12 @@ from pathlib import Path
 
 import torch
 
+from common.gpu_memory import MEMORY_BAR_MB
+
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("train", "predict", "pipeline", "ddp")
+PARTS = ("train", "predict", "pipeline", "ddp", "cuda")
 TRAIN_VARIANTS = ("fp32_eager", "bf16_eager", "fp16_eager", "bf16_compile")
 TIME_BAR_S = 1.5
-MEMORY_BAR_MB = 1.5 * 1024
 TINY_CHANNELS = [2, 4, 4, 8, 8]
 
 
@@ -340,6 +344,28 @@ def part_ddp(setup: Setup, work: Path, state: dict) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ 5. cuda
+
+
+def part_cuda(setup: Setup, work: Path, state: dict) -> list[Row]:
+    """The GPU-only decisions of benchmarks/cuda_checks.py: host syncs in the fine sample (sync debug mode) and
+    the predictor's memory with cuDNN autotuning on and off. They need CUDA's sync debug mode, so --smoke says so."""
+    if setup.device.type != "cuda":
+        return [_row("cuda", "fine-sample syncs, cuDNN on/off memory", "not run: needs CUDA (sync debug mode)")]
+    from benchmarks.cuda_checks import run_checks
+
+    results = run_checks(setup.device, setup.ct_shape_zyx, cases=3)
+    syncs = results["fine_sample_syncs"]
+    rows = [_row("cuda", "fine sample without host syncs", "yes" if syncs["ok"] else f"FAILED: {syncs['error']}")]
+    for r in results["predictor"]:
+        used = r["gpu_used_mb"]
+        rows.append(_row("cuda", f"predictor, cudnn.benchmark={r['cudnn_benchmark']}",
+                         f"compute {r['compute_s']:.3f} s; GPU MB alloc {r['gpu_alloc_peak_mb']:.0f} / reserved "
+                         f"{r['gpu_reserved_peak_mb']:.0f} / used {used:.0f}",
+                         f"{'meets' if used <= MEMORY_BAR_MB else 'OVER'} {MEMORY_BAR_MB:.0f} MB (total - free)"))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -349,7 +375,7 @@ def _error(error: BaseException) -> str:
 
 
 PART_FUNCTIONS: dict[str, Callable[[Setup, Path, dict], list[Row]]] = {
-    "train": part_train, "predict": part_predict, "pipeline": part_pipeline, "ddp": part_ddp}
+    "train": part_train, "predict": part_predict, "pipeline": part_pipeline, "ddp": part_ddp, "cuda": part_cuda}
 
 
 def run_parts(setup: Setup, parts: list[str], work: Path) -> list[Row]:

@@ -110,8 +110,13 @@ def export_onnx(net: nn.Module, size_zyx: Sequence[int], path: Path) -> Path:
 
 
 def cached_onnx(net: nn.Module, model_dir: Path, network: str, size_zyx: Sequence[int]) -> Path:
-    """The cached ONNX graph of `network`, exported now if missing (model folder, else the user cache)."""
-    path = onnx_cache_path(net, model_dir, network, size_zyx)
+    """The cached ONNX graph of `network`, exported now if missing (model folder, else the user cache).
+
+    A folder without our model.pt (the original release's layout, converted in memory) is the user's download:
+    nothing is written into it, the graph goes to the user cache.
+    """
+    own_folder = (Path(model_dir) / "model.pt").is_file()
+    path = onnx_cache_path(net, model_dir, network, size_zyx, None if own_folder else _user_cache_root(model_dir))
     if path.is_file():
         return path
     try:

@@ -261,7 +261,7 @@ def test_cli_writes_model_folders_that_predict_sh_runs_on_a_real_ct(tmp_path, ti
     assert not (tmp_path / "ens" / "case_0003.nii.gz").exists()
 
 
-def test_predictor_reads_the_original_layout_directly(tmp_path, tiny_release):
+def test_predictor_reads_the_original_layout_directly(tmp_path, tiny_release, monkeypatch):
     """--weights-dir at the original folders: the same networks and settings as the converted folders (default
     sizes), so the prediction is the converter's. (The full-size run on case_0003 gave identical masks.)"""
     assert ow.main(["--coarse", str(tiny_release / COARSE_DIR), "--fine", str(tiny_release / FINE_DIR),
@@ -279,10 +279,15 @@ def test_predictor_reads_the_original_layout_directly(tmp_path, tiny_release):
     assert Predictor(PredictOptions(tiny_release, device="cpu", backend="torch", fine_size=160)).fine.size_zyx == (
         160, 160, 160)
     # ONNX Runtime (the CPU default; in requirements-test.txt) also runs the in-memory converted networks
+    # ... and writes its graph into the user cache, never into the downloaded release folder
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    before = sorted(p.relative_to(tiny_release) for p in tiny_release.rglob("*"))
     forwards = make_forwards("onnxruntime", direct.fine.modules, tiny_release / FINE_DIR, (SIZE,) * 3)
     x = torch.randn(1, 1, SIZE, SIZE, SIZE)
     with torch.no_grad():
         torch.testing.assert_close(forwards["a"](x), _tiny("efficient_seg_net", 3)(x), atol=1e-4, rtol=0)
+    assert sorted(p.relative_to(tiny_release) for p in tiny_release.rglob("*")) == before
+    assert list((tmp_path / "cache").rglob("*.onnx"))
 
 
 def test_cli_refuses_a_swapped_file_and_writes_nothing(tmp_path, tiny_release, capsys):
