@@ -30,7 +30,7 @@ from torch import nn
 
 from benchmarks.cpu_floor import count_macs, cpu_peak, full_network
 from common.backends import OnnxRuntimeForward, export_onnx, onnxruntime_available
-from common.inference import disagreement
+from common.uif import labels_disagreement as disagreement
 from common.postprocess import probs_to_labels
 from common.preprocessing import normalize_hu, resize_volume
 
