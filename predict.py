@@ -46,6 +46,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--uncertainty-threshold", type=float, default=DEFAULT_UNCERTAINTY_THRESHOLD,
                         help="flag cases whose uncertainty is above this (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    post = parser.add_argument_group("post-processing (default: the values each exported model carries)")
+    post.add_argument("--coarse-min-volume-mm3", type=float, default=None,
+                      help="smallest coarse component kept per organ, mm^3 of the coarse grid")
+    post.add_argument("--z-window-mm", type=float, default=None,
+                      help="half height of the organ box's z-window around the largest coarse region, mm")
+    post.add_argument("--extend-size-mm", type=float, default=None, help="margin around the organ box, mm")
+    post.add_argument("--fine-min-volume-mm3", type=float, default=None,
+                      help="smallest fine component kept per organ, mm^3")
     return parser.parse_args(argv)
 
 
@@ -78,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         options = PredictOptions(
             weights_dir=args.weights_dir, device=args.device, precision=args.precision, fine_size=args.fine_size,
             ensemble=args.ensemble, uncertainty=args.uncertainty, overwrite=args.overwrite, overlays=args.overlays,
-            workers=args.workers, uncertainty_threshold=args.uncertainty_threshold, progress=not args.quiet)
+            workers=args.workers, uncertainty_threshold=args.uncertainty_threshold, progress=not args.quiet,
+            coarse_min_volume_mm3=args.coarse_min_volume_mm3, z_window_mm=args.z_window_mm,
+            extend_size_mm=args.extend_size_mm, fine_min_volume_mm3=args.fine_min_volume_mm3)
         summary = predict_folder(args.input, args.output, options)
     except (WeightsError, InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -741,6 +741,23 @@ class Round2Section:
 
 
 @dataclass
+class CoarsePostprocessSection:
+    """Coarse prediction -> organ box (reference 6.2 steps 3-4); exported with the model, predict.py flags
+    --coarse-min-volume-mm3 / --z-window-mm override it. The fine stage's boxes step uses the same values."""
+
+    min_volume_mm3: float = cfg_field(1000.0, ge=0)
+    z_window_mm: float = cfg_field(240.0, gt=0)
+
+
+@dataclass
+class FinePostprocessSection:
+    """Fine prediction -> mask (reference 6.2 step 7): smallest component kept per organ (mm^3 of the crop grid);
+    exported with the model, predict.py --fine-min-volume-mm3 overrides it. The box margin is crop.extend_size_mm."""
+
+    min_volume_mm3: float = cfg_field(2000.0, ge=0)
+
+
+@dataclass
 class CoarseTrainConfig:
     """coarse_base_seg: CPS training of two residual U-Nets on 160^3 whole volumes, then export."""
 
@@ -756,6 +773,7 @@ class CoarseTrainConfig:
     loss: LossSection = section(LossSection)
     cps: CPSSection = section(CPSSection)
     amp: AmpSection = section(AmpSection)
+    postprocess: CoarsePostprocessSection = section(CoarsePostprocessSection)
     step: str = choice_field("train", ("train", "export"))
     export: ExportSection = section(ExportSection)
 
@@ -780,6 +798,7 @@ class FineTrainConfig:
     boxes: BoxesSection = section(BoxesSection)
     uif: UIFSection = section(UIFSection)
     round2: Round2Section = section(Round2Section)
+    postprocess: FinePostprocessSection = section(FinePostprocessSection)
     step: str = choice_field("all", ("all", "boxes", "round1", "uif", "round2", "export"))
     export: ExportSection = section(ExportSection, dir="../model_weights/efficient_fine_model")
 
@@ -789,5 +808,6 @@ __all__ = [
     "load_config", "config_from_dict", "config_to_dict", "config_to_yaml", "save_config", "validate_config",
     "parse_cli", "PrepareConfig", "CoarseTrainConfig", "FineTrainConfig", "DataSection", "ModelSection",
     "OptimSection", "ScheduleSection", "LossSection", "CPSSection", "AmpSection", "ExportSection", "CropSection",
-    "BoxesSection", "UIFSection", "Round2Section", "MODEL_NAMES", "LOSS_NAMES", "PRECISIONS",
+    "BoxesSection", "UIFSection", "Round2Section", "CoarsePostprocessSection", "FinePostprocessSection",
+    "MODEL_NAMES", "LOSS_NAMES", "PRECISIONS",
 ]

@@ -22,12 +22,12 @@ import SimpleITK as sitk
 
 from common.errors import InputError
 from common.fileutil import atomic_path
+from common.image_io import IMAGE_SUFFIXES
 from common.labels import ORGAN_LABELS, SHORT_NAMES
 from common.metrics import Score, flare_case_scores
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".nrrd")
 CSV_COLUMNS: tuple[str, ...] = (
     ("Name",) + tuple(f"{name}_DSC" for name in SHORT_NAMES) + tuple(f"{name}_NSD" for name in SHORT_NAMES)
 )
@@ -204,7 +204,8 @@ def format_means_table(means: dict[str, float], num_cases: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="FLARE22 DSC/NSD evaluation (official rules).")
-    parser.add_argument("--pred", required=True, help="folder of predicted label maps (<id>.nii.gz, .nii, .mha, .nrrd)")
+    parser.add_argument("--pred", required=True,
+                        help="folder of predicted label maps (<id>.nii.gz, .nii, .mha, .mhd, .nrrd)")
     parser.add_argument("--gt", required=True, help="folder of ground-truth label maps with the same file names")
     parser.add_argument("--out", required=True, help="CSV to write (official columns)")
     args = parser.parse_args(argv)

@@ -1,9 +1,9 @@
 """Fine stage entry point: `python -m fine_efficient_seg.train [config=PATH] [key=value ...]` (run.sh wraps it).
 
 Steps (`step=all` runs them in this order; each is skipped when its output is already there):
-  boxes   organ box of every unlabeled case from the exported coarse model, stored in the LMDB records
+  boxes   organ box of every unlabeled case from the exported coarse model     -> <output_dir>/db/unlabeled_boxes
   round1  CPS training of two EfficientSegNets on labeled + all unlabeled crops   -> <output_dir>/round1/
-  uif     uncertainty of every unlabeled case, keep the most certain              -> uif_scores.csv, db/<pool>_uif
+  uif     uncertainty of every unlabeled case, keep the most certain  -> uif_scores.csv, <output_dir>/db/uif_pool
   round2  CPS training on labeled + the kept cases (fresh or warm from round 1)   -> <output_dir>/round2/
   export  best networks (round 2, else round 1) + config                         -> export.dir
 The rounds use the shared engine (common.engine: checkpoints of both networks, resume, DDP, AMP, TensorBoard,
@@ -24,9 +24,17 @@ from common.engine import DONE_FILE, CPSJob, NonFiniteLossError, TrainingInterru
 from common.errors import InputError
 from common.logger import get_logger, setup_logging
 from fine_efficient_seg.boxes import compute_boxes
-from fine_efficient_seg.dataset import FineStream, db_path, load_cases, validation_cases
+from fine_efficient_seg.dataset import (
+    BOXES_DB,
+    UIF_POOL_DB,
+    FineStream,
+    db_path,
+    experiment_db,
+    load_cases,
+    validation_cases,
+)
 from fine_efficient_seg.export import export, export_is_current
-from fine_efficient_seg.uif import SCORES_FILE, filtered_db_path, run_uif
+from fine_efficient_seg.uif import SCORES_FILE, run_uif
 
 logger = get_logger(__name__)
 
@@ -69,7 +77,8 @@ def step_boxes(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
     if pool is None:
         logger.info("boxes: data.unlabeled_db is null; nothing to do")
         return {"skipped": True}
-    return compute_boxes(pool, cfg.data_base_dir, cfg.boxes.coarse_model_dir, info.device, cfg.amp.precision)
+    return compute_boxes(pool, experiment_db(cfg.output_dir, BOXES_DB), cfg.data_base_dir, cfg.boxes.coarse_model_dir,
+                         info.device, cfg.amp.precision)
 
 
 def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]:
@@ -77,11 +86,12 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
     out_dir = _round_dir(cfg, name)
     if name == "round1":
         pool = unlabeled_db(cfg)
+        boxes = experiment_db(cfg.output_dir, BOXES_DB)
         iterations = cfg.schedule.iterations
         init_weights = None
     else:
-        base = unlabeled_db(cfg)
-        pool = filtered_db_path(base) if base is not None else None
+        pool = experiment_db(cfg.output_dir, UIF_POOL_DB) if unlabeled_db(cfg) is not None else None
+        boxes = None  # the pool's records carry their boxes
         if pool is not None and not (Path(cfg.output_dir) / SCORES_FILE).is_file():
             raise InputError(Path(cfg.output_dir) / SCORES_FILE, "not found: run the uif step first "
                                                                  "(sh run.sh step=uif)")
@@ -103,7 +113,7 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
         rank=info.rank, world_size=info.world_size)
     unlabeled_stream = None
     if pool is not None:
-        unlabeled_cases = load_cases(pool, data_base, labeled=False)
+        unlabeled_cases = load_cases(pool, data_base, labeled=False, boxes_db=boxes)
         unlabeled_stream = FineStream(
             unlabeled_cases, name="unlabeled", seed=cfg.seed, batch_size=cfg.data.unlabeled_batch_size,
             size_zyx=size, hu_window=window, settings=settings, device=info.device, labeled=False,
@@ -133,14 +143,16 @@ def step_uif(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
     if pool is None:
         logger.info("uif: data.unlabeled_db is null; nothing to filter")
         return {"skipped": True}
-    if scores.is_file() and (filtered_db_path(pool) / "data.mdb").is_file():
-        logger.info("uif: %s and %s exist; skipping (delete the CSV to score again)", scores, filtered_db_path(pool))
+    pool_db = experiment_db(cfg.output_dir, UIF_POOL_DB)
+    if scores.is_file() and (pool_db / "data.mdb").is_file():
+        logger.info("uif: %s and %s exist; skipping (delete the CSV to score again)", scores, pool_db)
         return {"skipped": True}
     if not _round_done(cfg, "round1"):
         raise InputError(_round_dir(cfg, "round1") / DONE_FILE, "not found: finish round 1 first "
                                                                 "(sh run.sh step=round1)")
     rows = run_uif(
-        round_dir=_round_dir(cfg, "round1"), unlabeled_db=pool, data_base_dir=cfg.data_base_dir,
+        round_dir=_round_dir(cfg, "round1"), unlabeled_db=pool, boxes_db=experiment_db(cfg.output_dir, BOXES_DB),
+        pool_db=pool_db, data_base_dir=cfg.data_base_dir,
         output_dir=Path(cfg.output_dir), method=cfg.uif.score, keep_count=cfg.uif.keep_count,
         keep_ratio=cfg.uif.keep_ratio, size_zyx=cfg.data.size_zyx, hu_window=cfg.data.hu_window,
         extend_size_mm=cfg.crop.extend_size_mm, device=info.device, precision=cfg.amp.precision)

@@ -4,8 +4,9 @@ Each case is scored on the crop the fine stage trains and predicts on (its store
 resized to the network size) by `common.uif.uncertainty_score` (disagreement of networks A and B by default,
 entropy of their mean sigmoid as an option). Outputs:
 - `<output_dir>/uif_scores.csv`: case, score, kept, rank (rank 1 = most certain), in rank order;
-- `<data_base_dir>/db/seg_trainu_uif` (the unlabeled DB's name + `_uif`): the kept records, copied from the
-  unlabeled DB with `uif_score` and `uif_rank` added, written in one transaction.
+- `<output_dir>/db/uif_pool` (LMDB): the kept records, copied from the unlabeled DB with their box (from the
+  boxes step's database), `uif_score` and `uif_rank` added, written in one transaction. Like the boxes, the
+  pool belongs to the experiment, never to the dataset folder.
 The CSV is written last and marks the step as done.
 """
 
@@ -29,17 +30,12 @@ from common.lmdb_store import open_store
 from common.logger import get_logger
 from common.networks import build_network
 from common.uif import UifRow, select_certain, uncertainty_score
-from fine_efficient_seg.dataset import FineCase, fixed_crop_input, load_cases
+from fine_efficient_seg.dataset import FineCase, fixed_crop_input, load_cases, read_boxes
 
 logger = get_logger(__name__)
 
 SCORES_FILE = "uif_scores.csv"
 CSV_HEADER = ("case", "score", "kept", "rank")
-
-
-def filtered_db_path(unlabeled_db: Path) -> Path:
-    """`db/seg_trainu` -> `db/seg_trainu_uif`."""
-    return unlabeled_db.with_name(unlabeled_db.name + "_uif")
 
 
 def load_round_networks(round_dir: Path, device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -107,8 +103,11 @@ def read_scores_csv(path: Path) -> list[UifRow]:
         return [UifRow(r["case"], float(r["score"]), r["kept"] == "1", int(r["rank"])) for r in csv.DictReader(handle)]
 
 
-def write_filtered_db(unlabeled_db: Path, out_db: Path, rows: Sequence[UifRow]) -> int:
-    """Make `out_db` hold exactly the kept records of `unlabeled_db` (one transaction); returns their number."""
+def write_filtered_db(unlabeled_db: Path, out_db: Path, rows: Sequence[UifRow],
+                      boxes_db: Path | None = None) -> int:
+    """Make `out_db` hold exactly the kept records of `unlabeled_db` with their box from `boxes_db` (one
+    transaction); returns their number."""
+    boxes = read_boxes(boxes_db)
     source = open_store(unlabeled_db, readonly=True)
     try:
         kept = {}
@@ -118,6 +117,7 @@ def write_filtered_db(unlabeled_db: Path, out_db: Path, rows: Sequence[UifRow]) 
             record = source.get(row.case)
             if record is None:
                 raise InputError(unlabeled_db, f"case {row.case!r} vanished from the database during uif")
+            record.update(boxes.get(row.case, {}))
             record["uif_score"] = row.score
             record["uif_rank"] = row.rank
             kept[row.case] = record
@@ -135,6 +135,8 @@ def run_uif(
     *,
     round_dir: Path,
     unlabeled_db: Path,
+    boxes_db: Path | None,
+    pool_db: Path,
     data_base_dir: str | Path,
     output_dir: Path,
     method: str,
@@ -146,16 +148,17 @@ def run_uif(
     device: torch.device,
     precision: str = "bf16",
 ) -> list[UifRow]:
-    """Score the pool, write the filtered database and then `uif_scores.csv`; returns the rows in rank order."""
-    cases = load_cases(unlabeled_db, data_base_dir, labeled=False)
+    """Score the pool, write the filtered database `pool_db` and then `uif_scores.csv`; returns the rows in rank
+    order. Boxes come from `boxes_db` (None: from the unlabeled records themselves)."""
+    cases = load_cases(unlabeled_db, data_base_dir, labeled=False, boxes_db=boxes_db)
     if not cases:
         raise InputError(unlabeled_db, "no unlabeled cases to filter")
     net_a, net_b = load_round_networks(round_dir, device)
     scores = score_cases(cases, net_a, net_b, method=method, size_zyx=size_zyx, hu_window=hu_window,
                          extend_size_mm=extend_size_mm, device=device, precision=precision)
     rows = select_certain(scores, keep_count, keep_ratio)
-    out_db = filtered_db_path(unlabeled_db)
-    kept = write_filtered_db(unlabeled_db, out_db, rows)
+    out_db = pool_db
+    kept = write_filtered_db(unlabeled_db, out_db, rows, boxes_db)
     write_text_atomic(output_dir / SCORES_FILE, rows_to_csv(rows))
     kept_scores = [r.score for r in rows if r.kept]
     logger.info("uif (%s): kept %d of %d unlabeled cases in %s (scores %.4f..%.4f; pool median %.4f)",

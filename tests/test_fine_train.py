@@ -19,10 +19,12 @@ from common.checkpoint import export_model, load_checkpoint, load_exported_model
 from common.config import FineTrainConfig, PrepareConfig, load_config
 from common.lmdb_store import open_store
 from common.networks import build_network
+from common.postprocess import grid_box_to_raw
+from common.preprocessing import body_box
 from data_prepare import run as prepare_run
 from data_prepare.synthetic import write_dataset
 from fine_efficient_seg import uif as fine_uif
-from fine_efficient_seg.boxes import body_box, box_to_raw, compute_boxes
+from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import FineStream, fixed_crop_input, load_cases, validation_cases
 from fine_efficient_seg.train import augment_settings, main
 from fine_efficient_seg.uif import read_scores_csv, run_uif
@@ -75,49 +77,75 @@ def test_box_helpers():
     assert body_box(image) == ((2, 5), (3, 8), (1, 10))
     assert body_box(np.full((3, 3, 3), -1000)) is None
     # coarse 16^3 -> raw (40, 80, 100): int(index * zoom), clipped
-    assert box_to_raw(((0, 15), (4, 8), (2, 2)), (16, 16, 16), (40, 80, 100)) == ((0, 37), (20, 40), (12, 12))
+    assert grid_box_to_raw(((0, 15), (4, 8), (2, 2)), (16, 16, 16), (40, 80, 100)) == ((0, 37), (20, 40), (12, 12))
 
 
-def copy_pool_without_boxes(dataset: Path, target: Path) -> Path:
-    """A copy of the unlabeled database with any stored boxes removed (the arrays stay where they are)."""
-    src = open_store(dataset / "db" / "seg_trainu")
-    records = {k: {kk: vv for kk, vv in src.get(k).items() if not kk.startswith("coarse_box")} for k in src.keys()}
-    src.close()
-    open_store(target, readonly=False).put_many(records)
-    return target
+def _db_bytes(db: Path) -> bytes:
+    return (db / "data.mdb").read_bytes()
 
 
 def test_boxes_step_model_and_body_fallback(dataset, tmp_path, caplog):
-    db = copy_pool_without_boxes(dataset, tmp_path / "with_model")
+    db = dataset / "db" / "seg_trainu"
+    before = open_store(db).to_dict()
+    boxes_db = tmp_path / "with_model" / "db" / "unlabeled_boxes"
     model_dir = str(dataset.parent / "coarse_model")
-    summary = compute_boxes(db, dataset, model_dir, torch.device("cpu"), "off")
+    summary = compute_boxes(db, boxes_db, dataset, model_dir, torch.device("cpu"), "off")
     assert summary["cases"] == 4 and summary["computed"] == 4 and summary["source"] == "coarse_model"
-    store = open_store(db)
-    for key in store.keys():
-        record = store.get(key)
+    boxes = open_store(boxes_db).to_dict()
+    assert sorted(boxes) == sorted(before)
+    for key, record in boxes.items():
         assert record["coarse_box_source"] in ("coarse_model", "body_fallback")
-        for (lo, hi), n in zip(record["coarse_box"], record["shape_zyx"]):
+        for (lo, hi), n in zip(record["coarse_box"], before[key]["shape_zyx"]):
             assert 0 <= lo <= hi < n
-    store.close()
+    # the dataset's database is only read
+    assert open_store(db).to_dict() == before
     # Done: a second run computes nothing.
-    again = compute_boxes(db, dataset, model_dir, torch.device("cpu"), "off")
+    again = compute_boxes(db, boxes_db, dataset, model_dir, torch.device("cpu"), "off")
     assert again["computed"] == 0 and again["skipped"] == 4
     # No coarse model: body box with a warning.
-    db = copy_pool_without_boxes(dataset, tmp_path / "no_model")
+    body_db = tmp_path / "no_model" / "db" / "unlabeled_boxes"
     caplog.set_level("WARNING")
-    body = compute_boxes(db, dataset, None, torch.device("cpu"), "off")
+    body = compute_boxes(db, body_db, dataset, None, torch.device("cpu"), "off")
     assert body["source"] == "body" and body["computed"] == 4
     assert any("body box" in r.getMessage() for r in caplog.records)
-    store = open_store(db)
-    for key in store.keys():
-        record = store.get(key)
+    for key, record in open_store(body_db).to_dict().items():
         assert record["coarse_box_source"] == "body"
-        image = np.load(record["coarse_image_path"])
-        assert record["coarse_box"] == [list(p) for p in box_to_raw(body_box(image), image.shape, record["shape_zyx"])]
-    store.close()
+        image = np.load(before[key]["coarse_image_path"])
+        assert record["coarse_box"] == [list(p) for p in grid_box_to_raw(body_box(image), image.shape,
+                                                                             before[key]["shape_zyx"])]
     # A folder without model.pt also falls back to the body box.
-    assert compute_boxes(copy_pool_without_boxes(dataset, tmp_path / "empty_dir"), dataset, str(tmp_path),
+    assert compute_boxes(db, tmp_path / "empty_dir" / "boxes", dataset, str(tmp_path),
                          torch.device("cpu"), "off")["source"] == "body"
+
+
+def test_two_experiments_on_one_dataset_keep_their_own_boxes_and_uif_pool(dataset, tmp_path, monkeypatch):
+    """Boxes and UIF pool live under each run's output_dir: a second experiment on the same dataset (another
+    coarse model, another keep_count) leaves the first one's untouched, and the dataset's db/ is only read."""
+    seg_trainu = dataset / "db" / "seg_trainu"
+    dataset_before = open_store(seg_trainu).to_dict()
+    monkeypatch.setattr(fine_uif, "load_round_networks", lambda round_dir, device: (ThresholdNet(0.0),
+                                                                                    ThresholdNet(0.5)))
+    cfg_a = fine_config(dataset, tmp_path / "a", "uif.keep_count=1")
+    cfg_b = fine_config(dataset, tmp_path / "b", "uif.keep_count=3", "boxes.coarse_model_dir=null")
+    for cfg in (cfg_a, cfg_b):
+        (Path(cfg.output_dir) / "round1").mkdir(parents=True)
+        (Path(cfg.output_dir) / "round1" / "DONE").write_text('{"iteration": 3}')
+    main(replace(cfg_a, step="boxes"))
+    main(replace(cfg_a, step="uif"))
+    out_a = Path(cfg_a.output_dir)
+    boxes_a, pool_a = out_a / "db" / "unlabeled_boxes", out_a / "db" / "uif_pool"
+    snapshot = (_db_bytes(boxes_a), _db_bytes(pool_a))
+    main(replace(cfg_b, step="boxes"))
+    main(replace(cfg_b, step="uif"))
+    out_b = Path(cfg_b.output_dir)
+    assert (_db_bytes(boxes_a), _db_bytes(pool_a)) == snapshot
+    sources_a = {r["coarse_box_source"] for r in open_store(boxes_a).to_dict().values()}
+    sources_b = {r["coarse_box_source"] for r in open_store(out_b / "db" / "unlabeled_boxes").to_dict().values()}
+    assert sources_b == {"body"} and "body" not in sources_a
+    assert len(open_store(pool_a).keys()) == 1 and len(open_store(out_b / "db" / "uif_pool").keys()) == 3
+    assert all(r.get("coarse_box") for r in open_store(out_b / "db" / "uif_pool").to_dict().values())
+    assert open_store(seg_trainu).to_dict() == dataset_before
+    assert not (dataset / "db" / "seg_trainu_uif").exists()
 
 
 # ----------------------------------------------------------------------------------------------------- streams
@@ -208,7 +236,9 @@ def test_uif_step_keeps_agreeing_cases(tmp_path, monkeypatch, method):
     db = make_pool(tmp_path)
     monkeypatch.setattr(fine_uif, "load_round_networks", lambda round_dir, device: (ThresholdNet(0.0),
                                                                                     ThresholdNet(0.5)))
-    common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, data_base_dir=tmp_path, output_dir=tmp_path / "out",
+    pool_db = tmp_path / "out" / "db" / "uif_pool"
+    common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, boxes_db=None, pool_db=pool_db,
+                  data_base_dir=tmp_path, output_dir=tmp_path / "out",
                   method=method, keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=[-325.0, 325.0], extend_size_mm=20.0,
                   device=torch.device("cpu"), precision="off")
     rows = run_uif(keep_count=3, **common)
@@ -217,14 +247,14 @@ def test_uif_step_keeps_agreeing_cases(tmp_path, monkeypatch, method):
     assert [r.rank for r in rows] == [1, 2, 3, 4, 5]
     csv_rows = read_scores_csv(tmp_path / "out" / "uif_scores.csv")
     assert [(r.case, r.kept, r.rank) for r in csv_rows] == [(r.case, r.kept, r.rank) for r in rows]
-    filtered = open_store(db.with_name("seg_trainu_uif"))
+    filtered = open_store(pool_db)
     assert filtered.keys() == sorted(kept)
     assert filtered.get("agree_a")["coarse_box"] == [[2, 9], [2, 11], [2, 13]]
     filtered.close()
     # The three agree_* tie: the lower ids win; the database shrinks to the new selection.
     rows = run_uif(keep_count=1, **common)
     assert [r.case for r in rows if r.kept] == ["agree_a"]
-    filtered = open_store(db.with_name("seg_trainu_uif"))
+    filtered = open_store(pool_db)
     assert filtered.keys() == ["agree_a"]
     filtered.close()
     # keep_ratio 0.4 of 5 -> 2
@@ -263,10 +293,11 @@ def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     log = (out / "round1" / "train.log").read_text()
     assert "resuming from" in log and f"at iteration {killed_at}/3" in log
 
-    store = open_store(dataset / "db" / "seg_trainu")
-    assert all(store.get(k).get("coarse_box") is not None for k in store.keys())
-    pool = store.keys()
-    store.close()
+    boxes = open_store(out / "db" / "unlabeled_boxes")
+    assert all(boxes.get(k).get("coarse_box") is not None for k in boxes.keys())
+    pool = boxes.keys()
+    boxes.close()
+    assert not any("coarse_box" in r for r in open_store(dataset / "db" / "seg_trainu").to_dict().values())
     for name, iterations in (("round1", 3), ("round2", 1)):
         round_dir = out / name
         assert json.loads((round_dir / "DONE").read_text())["iteration"] == iterations
@@ -278,12 +309,13 @@ def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     rows = read_scores_csv(out / "uif_scores.csv")
     assert sorted(r.case for r in rows) == pool
     assert sum(r.kept for r in rows) == 2
-    filtered = open_store(dataset / "db" / "seg_trainu_uif")
+    filtered = open_store(out / "db" / "uif_pool")
     assert filtered.keys() == sorted(r.case for r in rows if r.kept)
     filtered.close()
     model = load_exported_model(tmp_path / "export", "cpu", stage="fine")
     assert set(model.networks) == {"a", "b"} and model.primary == "a"
-    assert model.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0}
+    assert model.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0,
+                                "min_volume_mm3": 2000.0}
     assert (tmp_path / "export" / "config.yaml").is_file()
     with torch.no_grad():
         assert model.net(torch.zeros(1, 1, SIZE, SIZE, SIZE)).shape == (1, 13, SIZE, SIZE, SIZE)
