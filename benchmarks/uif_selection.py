@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--keep-ratio", type=float, default=0.5, help="share of the pool UIF keeps")
     parser.add_argument("--coarse-model", default=None, help="exported coarse model folder (default: body boxes)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="bf16", help="bf16 | fp16 | off (CPU always runs fp32)")
+    parser.add_argument("--precision", default="bf16", help="bf16 | fp16 | fp32 (CPU always runs fp32)")
     args = parser.parse_args()
 
     tmp = None

@@ -755,7 +755,7 @@ class _Trainer:
             which = ", ".join(f"{k}={losses[k]}" for k in bad) or "on another rank"
             raise NonFiniteLossError(
                 f"non-finite loss at iteration {done} ({which}); stopping. {self.last_path} is kept as the "
-                "last good checkpoint. Try a lower optim.lr or amp.precision=off.")
+                "last good checkpoint. Try a lower optim.lr or amp.precision=fp32.")
         return bool(flags["stop"])
 
     def _checkpoint_due(self, done: int) -> bool:

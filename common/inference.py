@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.amp import PRECISIONS as TRAIN_PRECISIONS
 from common.amp import amp_settings, autocast
 from common.checkpoint import load_exported_model
 from common.errors import InputError
@@ -71,7 +72,7 @@ DEFAULT_UNCERTAINTY_THRESHOLD = 0.2
 # Cost of resizing one channel at one boundary voxel (8 gathers) relative to one voxel of a separable resize of a
 # whole chunk (measured on CPU); decides per chunk which of the two `upsample_labels` uses.
 SPARSE_COST = 6.0
-PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+PRECISIONS = ("auto",) + TRAIN_PRECISIONS  # the training vocabulary (common.amp) plus auto = by device
 
 CSV_COLUMNS = (
     "case_id", "input_path", "output_path", "status", "error", "read_s", "coarse_s", "fine_s", "post_s",
@@ -411,7 +412,7 @@ class Predictor:
                                                     options.uncertainty)
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.precision = resolve_precision(options.precision, self.device)
-        self.amp = amp_settings("off" if self.precision == "fp32" else self.precision, self.device)
+        self.amp = amp_settings(self.precision, self.device)
         # Scores are resized in fp16 on the GPU (half the memory); bf16's 8-bit mantissa is too coarse for the
         # channel comparisons at organ borders, so bf16 networks hand fp32 scores on.
         self.score_dtype = torch.float16 if self.amp.dtype == torch.float16 else torch.float32

@@ -57,7 +57,7 @@ def dataset(tmp_path_factory) -> Path:
 def overrides(data: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"data_base_dir={data}", f"output_dir={out / 'output'}", "device=cpu", f"data.size_zyx=[{SIZE},{SIZE},{SIZE}]",
-        f"model.channels={TINY}", "amp.precision=off", "data.num_workers=1", "schedule.iterations=3",
+        f"model.channels={TINY}", "amp.precision=fp32", "data.num_workers=1", "schedule.iterations=3",
         "schedule.val_interval=100", "schedule.checkpoint_interval=1", "schedule.log_interval=1", "round2.iterations=1",
         "uif.keep_count=2", f"boxes.coarse_model_dir={data.parent / 'coarse_model'}", f"export.dir={out / 'export'}",
         *extra,
@@ -89,7 +89,7 @@ def test_boxes_step_model_and_body_fallback(dataset, tmp_path, caplog):
     before = open_store(db).to_dict()
     boxes_db = tmp_path / "with_model" / "db" / "unlabeled_boxes"
     model_dir = str(dataset.parent / "coarse_model")
-    summary = compute_boxes(db, boxes_db, dataset, model_dir, torch.device("cpu"), "off")
+    summary = compute_boxes(db, boxes_db, dataset, model_dir, torch.device("cpu"), "fp32")
     assert summary["cases"] == 4 and summary["computed"] == 4 and summary["source"] == "coarse_model"
     boxes = open_store(boxes_db).to_dict()
     assert sorted(boxes) == sorted(before)
@@ -100,12 +100,12 @@ def test_boxes_step_model_and_body_fallback(dataset, tmp_path, caplog):
     # the dataset's database is only read
     assert open_store(db).to_dict() == before
     # Done: a second run computes nothing.
-    again = compute_boxes(db, boxes_db, dataset, model_dir, torch.device("cpu"), "off")
+    again = compute_boxes(db, boxes_db, dataset, model_dir, torch.device("cpu"), "fp32")
     assert again["computed"] == 0 and again["skipped"] == 4
     # No coarse model: body box with a warning.
     body_db = tmp_path / "no_model" / "db" / "unlabeled_boxes"
     caplog.set_level("WARNING")
-    body = compute_boxes(db, body_db, dataset, None, torch.device("cpu"), "off")
+    body = compute_boxes(db, body_db, dataset, None, torch.device("cpu"), "fp32")
     assert body["source"] == "body" and body["computed"] == 4
     assert any("body box" in r.getMessage() for r in caplog.records)
     for key, record in open_store(body_db).to_dict().items():
@@ -115,7 +115,7 @@ def test_boxes_step_model_and_body_fallback(dataset, tmp_path, caplog):
                                                                              before[key]["shape_zyx"])]
     # A folder without model.pt also falls back to the body box.
     assert compute_boxes(db, tmp_path / "empty_dir" / "boxes", dataset, str(tmp_path),
-                         torch.device("cpu"), "off")["source"] == "body"
+                         torch.device("cpu"), "fp32")["source"] == "body"
 
 
 def test_two_experiments_on_one_dataset_keep_their_own_boxes_and_uif_pool(dataset, tmp_path, monkeypatch):
@@ -240,7 +240,7 @@ def test_uif_step_keeps_agreeing_cases(tmp_path, monkeypatch, method):
     common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, boxes_db=None, pool_db=pool_db,
                   data_base_dir=tmp_path, output_dir=tmp_path / "out",
                   method=method, keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=[-325.0, 325.0], extend_size_mm=20.0,
-                  device=torch.device("cpu"), precision="off")
+                  device=torch.device("cpu"), precision="fp32")
     rows = run_uif(keep_count=3, **common)
     kept = {r.case for r in rows if r.kept}
     assert kept == {"agree_a", "agree_b", "agree_c"}
