@@ -15,9 +15,10 @@ from pathlib import Path
 
 from common.errors import InputError
 from common.inference import DEFAULT_UNCERTAINTY_THRESHOLD, PredictOptions, WeightsError, predict_folder
+from common.logger import get_logger, setup_logging
 
 REPO_ROOT = Path(__file__).resolve().parent
-logger = logging.getLogger("predict")
+logger = get_logger("predict")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,8 +81,7 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(None, level=logging.WARNING if args.quiet else logging.INFO)
     try:
         options = PredictOptions(
             weights_dir=args.weights_dir, device=args.device, precision=args.precision, fine_size=args.fine_size,

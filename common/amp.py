@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-logger = logging.getLogger(__name__)
+from common.logger import get_logger
+
+logger = get_logger(__name__)
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 """The one precision vocabulary (training configs, the predictor, the boxes and uif steps): fp32 = no autocast."""

@@ -772,7 +772,8 @@ class FineTrainConfig(TrainConfigBase):
 __all__ = [
     "ConfigError", "cfg_field", "path_field", "choice_field", "section",
     "load_config", "config_from_dict", "config_to_dict", "config_to_yaml", "save_config",
-    "parse_cli", "PrepareConfig", "TrainConfigBase", "CoarseTrainConfig", "FineTrainConfig", "DataSection", "ModelSection",
+    "parse_cli", "PrepareConfig", "TrainConfigBase", "CoarseTrainConfig", "FineTrainConfig", "DataSection",
+    "ModelSection",
     "OptimSection", "ScheduleSection", "LossSection", "CPSSection", "AmpSection", "ExportSection", "CropSection",
     "BoxesSection", "UIFSection", "Round2Section", "CoarsePostprocessSection", "FinePostprocessSection",
     "MODEL_NAMES", "LOSS_NAMES", "PRECISIONS",

@@ -10,7 +10,6 @@ truth's grid, and a missing or unreadable file fails only that case (named, exit
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 import time
@@ -24,9 +23,10 @@ from common.errors import InputError
 from common.fileutil import atomic_path
 from common.image_io import IMAGE_SUFFIXES
 from common.labels import ORGAN_LABELS, SHORT_NAMES
+from common.logger import get_logger, setup_logging
 from common.metrics import Score, flare_case_scores
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 CSV_COLUMNS: tuple[str, ...] = (
     ("Name",) + tuple(f"{name}_DSC" for name in SHORT_NAMES) + tuple(f"{name}_NSD" for name in SHORT_NAMES)
@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gt", required=True, help="folder of ground-truth label maps with the same file names")
     parser.add_argument("--out", required=True, help="CSV to write (official columns)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    setup_logging(None)
     failures: list[tuple[str, str]] = []
     try:
         rows, means = evaluate_folder(args.pred, args.gt, args.out, failures=failures)

@@ -30,7 +30,6 @@ import csv
 import dataclasses
 import io
 import json
-import logging
 import math
 import os
 import time
@@ -51,6 +50,7 @@ from common.errors import InputError
 from common.fileutil import check_writable, folder_lock, remove_stale_temps, write_json_atomic, write_text_atomic
 from common.image_io import ImageMeta, canonical_flips, check_spacing, list_images, read_image, write_mask
 from common.labels import NUM_ORGANS
+from common.logger import get_logger
 from common.networks.input_layer import prepare_input
 from common.postprocess import (
     COARSE_MIN_VOLUME_MM3,
@@ -64,7 +64,7 @@ from common.postprocess import (
 )
 from common.preprocessing import AIR_HU, crop_box_with_margin
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 COARSE_DIR = "base_coarse_model"
 FINE_DIR = "efficient_fine_model"

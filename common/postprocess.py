@@ -5,7 +5,6 @@ Arrays are (z, y, x); spacings in mm in the same order.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Sequence, Union
 
@@ -14,8 +13,9 @@ import torch
 from scipy import ndimage
 
 from common.labels import NUM_ORGANS
+from common.logger import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 # Inclusive (min, max) index per axis (z, y, x).

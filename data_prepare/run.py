@@ -83,6 +83,7 @@ from common.preprocessing import (
     resize_hu_int16,
     resize_mask,
 )
+from common.step_marker import file_stamp
 
 logger = get_logger("data_prepare.run")  # a fixed name also when run as __main__
 
@@ -146,8 +147,7 @@ def _size_dir(size_zyx: Sequence[int]) -> str:
 
 def _source_stamp(path: str) -> dict[str, int]:
     """Size and modification time of the input (a changed input file is prepared again)."""
-    st = os.stat(path)
-    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+    return file_stamp(path)
 
 
 def _to_int16_hu(array: np.ndarray, path: str) -> np.ndarray:

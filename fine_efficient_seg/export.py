@@ -9,14 +9,13 @@ entry tells prediction how to build the fine input and post-process its output: 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from common.checkpoint import EXPORT_FILE, best_checkpoint_paths, export_best_networks
 from common.config import FineTrainConfig
 from common.errors import InputError
-from common.fileutil import write_json_atomic
+from common.step_marker import file_stamp, marker_matches, write_marker
 from common.logger import get_logger
 
 logger = get_logger(__name__)
@@ -42,22 +41,20 @@ def _fingerprint(round_dir: Path, export_dir: Path, primary: str, min_volume_mm3
         "export_dir": str(export_dir),
         "primary": primary,
         "min_volume_mm3": float(min_volume_mm3),
-        "sources": {name: {"path": str(p), "mtime_ns": p.stat().st_mtime_ns} for name, p in files.items()},
+        "sources": {name: {"path": str(p), **file_stamp(p)} for name, p in files.items()},
     }
 
 
 def export_is_current(cfg: FineTrainConfig) -> bool:
     """True when export.dir holds a model written from the current best checkpoints (per export.json)."""
-    marker = Path(cfg.output_dir) / EXPORT_MARKER
     export_dir = Path(cfg.export.dir)
-    if not marker.is_file() or not (export_dir / EXPORT_FILE).is_file():
+    if not (export_dir / EXPORT_FILE).is_file():
         return False
     try:
-        recorded = json.loads(marker.read_text(encoding="utf-8"))
         current = _fingerprint(best_round_dir(cfg), export_dir, cfg.export.network, cfg.postprocess.min_volume_mm3)
-    except (OSError, ValueError, InputError):
+    except (OSError, InputError):
         return False
-    return recorded == current
+    return marker_matches(Path(cfg.output_dir) / EXPORT_MARKER, current)
 
 
 def export(cfg: FineTrainConfig) -> Path:
@@ -71,8 +68,8 @@ def export(cfg: FineTrainConfig) -> Path:
                                    "extend_size_mm": float(config["crop"]["extend_size_mm"]),
                                    # a prediction setting: this config's, so changing it needs no retraining
                                    "min_volume_mm3": float(cfg.postprocess.min_volume_mm3)})
-    write_json_atomic(Path(cfg.output_dir) / EXPORT_MARKER, _fingerprint(round_dir, Path(cfg.export.dir), primary,
-                                                                   cfg.postprocess.min_volume_mm3))
+    write_marker(Path(cfg.output_dir) / EXPORT_MARKER, _fingerprint(round_dir, Path(cfg.export.dir), primary,
+                                                                    cfg.postprocess.min_volume_mm3))
     logger.info("exported fine network %s of %s (validation mean Dice %s, iteration %s) to %s", primary,
                 round_dir.name, best.get("dice"), best.get("iteration"), path.parent)
     return path

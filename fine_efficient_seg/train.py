@@ -13,6 +13,8 @@ Under torchrun, boxes, uif and export run on rank 0 while the other ranks wait.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,6 +25,7 @@ from common.distributed import DistInfo, barrier, destroy_distributed, init_dist
 from common.engine import DONE_FILE, CPSJob, NonFiniteLossError, TrainingInterrupted, run_cps_training
 from common.errors import InputError
 from common.logger import get_logger, setup_logging
+from common.step_marker import file_stamp, marker_matches, write_marker
 from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import (
     BOXES_DB,
@@ -31,6 +34,7 @@ from fine_efficient_seg.dataset import (
     db_path,
     experiment_db,
     load_cases,
+    read_boxes,
     validation_cases,
 )
 from fine_efficient_seg.export import export, export_is_current
@@ -41,6 +45,7 @@ logger = get_logger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 STEPS = ("boxes", "round1", "uif", "round2", "export")
 STEPS_LOG = "steps.log"
+UIF_MARKER = "uif.json"  # the uif step's marker (common.step_marker): what the pool was made from
 
 
 def augment_settings(cfg: FineTrainConfig) -> FineAugmentSettings:
@@ -137,25 +142,42 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
     return run_cps_training(job)
 
 
+def _uif_inputs(cfg: FineTrainConfig) -> dict[str, Any]:
+    """What the UIF pool depends on: the round-1 networks, the boxes and the UIF and crop settings."""
+    ckpts = _round_dir(cfg, "round1") / "checkpoints"
+    files = {name: ckpts / name for name in ("best_model_a.pt", "best_model_b.pt", "last.pt")}
+    # the boxes by content: opening an LMDB for writing may touch data.mdb without changing a record
+    boxes = read_boxes(experiment_db(cfg.output_dir, BOXES_DB))
+    return {
+        "round1": {name: file_stamp(p) for name, p in files.items() if p.is_file()},
+        "boxes": hashlib.sha256(json.dumps(boxes, sort_keys=True).encode()).hexdigest(),
+        "uif": {"score": cfg.uif.score, "keep_count": cfg.uif.keep_count, "keep_ratio": cfg.uif.keep_ratio},
+        "crop": {"extend_size_mm": cfg.crop.extend_size_mm, "size_zyx": list(cfg.data.size_zyx),
+                 "hu_window": list(cfg.data.hu_window)},
+    }
+
+
 def step_uif(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
     pool = unlabeled_db(cfg)
-    scores = Path(cfg.output_dir) / SCORES_FILE
     if pool is None:
         logger.info("uif: data.unlabeled_db is null; nothing to filter")
         return {"skipped": True}
     pool_db = experiment_db(cfg.output_dir, UIF_POOL_DB)
-    if scores.is_file() and (pool_db / "data.mdb").is_file():
-        logger.info("uif: %s and %s exist; skipping (delete the CSV to score again)", scores, pool_db)
-        return {"skipped": True}
     if not _round_done(cfg, "round1"):
         raise InputError(_round_dir(cfg, "round1") / DONE_FILE, "not found: finish round 1 first "
                                                                 "(sh run.sh step=round1)")
+    marker = Path(cfg.output_dir) / UIF_MARKER
+    inputs = _uif_inputs(cfg)
+    if marker_matches(marker, inputs) and (pool_db / "data.mdb").is_file():
+        logger.info("uif: %s is current (%s); skipping", pool_db, marker)
+        return {"skipped": True}
     rows = run_uif(
         round_dir=_round_dir(cfg, "round1"), unlabeled_db=pool, boxes_db=experiment_db(cfg.output_dir, BOXES_DB),
         pool_db=pool_db, data_base_dir=cfg.data_base_dir,
         output_dir=Path(cfg.output_dir), method=cfg.uif.score, keep_count=cfg.uif.keep_count,
         keep_ratio=cfg.uif.keep_ratio, size_zyx=cfg.data.size_zyx, hu_window=cfg.data.hu_window,
         extend_size_mm=cfg.crop.extend_size_mm, device=info.device, precision=cfg.amp.precision)
+    write_marker(marker, inputs)
     return {"cases": len(rows), "kept": sum(r.kept for r in rows)}
 
 
@@ -185,9 +207,9 @@ def main(cfg: FineTrainConfig) -> dict[str, Any]:
     info = init_distributed(cfg.device)
     steps = STEPS if cfg.step == "all" else (cfg.step,)
     results: dict[str, Any] = {}
+    setup_logging(Path(cfg.output_dir) / (STEPS_LOG if info.is_main else f"steps.rank{info.rank}.log"),
+                  rank=info.rank)
     for step in steps:
-        setup_logging(Path(cfg.output_dir) / (STEPS_LOG if info.is_main else f"steps.rank{info.rank}.log"),
-                      rank=info.rank)
         logger.info("fine stage: step %s", step)
         if step in _ALL_RANK_STEPS:
             results[step] = _ALL_RANK_STEPS[step](cfg, info)

@@ -146,6 +146,10 @@ def test_two_experiments_on_one_dataset_keep_their_own_boxes_and_uif_pool(datase
     assert all(r.get("coarse_box") for r in open_store(out_b / "db" / "uif_pool").to_dict().values())
     assert open_store(seg_trainu).to_dict() == dataset_before
     assert not (dataset / "db" / "seg_trainu_uif").exists()
+    # the uif step's marker: unchanged inputs skip it, another keep_count redoes it
+    assert main(replace(cfg_a, step="uif"))["uif"]["skipped"]
+    assert main(replace(cfg_a, step="uif", uif=replace(cfg_a.uif, keep_count=2)))["uif"]["kept"] == 2
+    assert len(open_store(pool_a).keys()) == 2
 
 
 # ----------------------------------------------------------------------------------------------------- streams
