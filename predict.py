@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from common.backends import BACKENDS
 from common.errors import InputError
 from common.inference import DEFAULT_UNCERTAINTY_THRESHOLD, PredictOptions, WeightsError, predict_folder
 from common.logger import get_logger, setup_logging
@@ -28,15 +29,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-i", "--input", required=True, help="folder of CT volumes (<id>_0000.nii.gz -> <id>.nii.gz)")
     parser.add_argument("-o", "--output", required=True, help="folder for <id>.nii.gz masks and predictions.csv")
     parser.add_argument("--weights-dir", default=str(REPO_ROOT / "model_weights"),
-                        help="folder with base_coarse_model/ and efficient_fine_model/ (default: %(default)s)")
+                        help="folder with base_coarse_model/ and efficient_fine_model/: exported model.pt folders, or "
+                             "the original release's best_model.pt folders (converted in memory) "
+                             "(default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                         help="auto = cuda if available (default: %(default)s)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
                         help="network precision on CUDA; auto = fp16 on CUDA, fp32 on CPU (default: %(default)s)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="where the networks run: auto = onnxruntime on the CPU when installed (faster, see "
+                             "BENCHMARKS.md), torch otherwise and on CUDA (default: %(default)s)")
     parser.add_argument("--fine-size", type=int, default=None,
                         help="fine network input size per axis: 192 (trained, default from the model) or 160 "
                              "(faster); any multiple of 16")
-    parser.add_argument("--ensemble", action="store_true", help="average networks A and B (both stages)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="average networks A and B (both stages; both must hold network B)")
     parser.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
     parser.add_argument("--overlays", action="store_true", help="also write <id>_overlay.png (axial + coronal)")
     parser.add_argument("--workers", type=int, default=2,
@@ -88,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             ensemble=args.ensemble, uncertainty=args.uncertainty, overwrite=args.overwrite, overlays=args.overlays,
             workers=args.workers, uncertainty_threshold=args.uncertainty_threshold, progress=not args.quiet,
             coarse_min_volume_mm3=args.coarse_min_volume_mm3, z_window_mm=args.z_window_mm,
-            extend_size_mm=args.extend_size_mm, fine_min_volume_mm3=args.fine_min_volume_mm3)
+            extend_size_mm=args.extend_size_mm, fine_min_volume_mm3=args.fine_min_volume_mm3,
+            backend=args.backend)
         summary = predict_folder(args.input, args.output, options)
     except (WeightsError, InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

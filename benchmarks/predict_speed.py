@@ -134,7 +134,7 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     coarse = predictor.coarse
     x = normalize_hu(resize_volume(ct, coarse.size_zyx), coarse.hu_window)
     with torch.inference_mode():
-        logits = coarse.networks[coarse.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu()
+        logits = coarse.modules[coarse.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu()
     labels = probs_to_labels(torch.sigmoid(logits).numpy(), 0.5)
     t2 = time.perf_counter()
     times["coarse_s"] = t2 - t1
@@ -148,7 +148,7 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     region = ct[crop]
     x = normalize_hu(resize_volume(region, fine.size_zyx), fine.hu_window)
     with torch.inference_mode():
-        logits = fine.networks[fine.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu().numpy()
+        logits = fine.modules[fine.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu().numpy()
     probs = np.stack([1.0 / (1.0 + np.exp(-resize_volume(channel, region.shape))) for channel in logits])
     labels = probs_to_labels(probs, 0.5)
     del probs

@@ -44,6 +44,7 @@ def _job(cfg: CoarseTrainConfig, info: DistInfo, out_dir: Path) -> CPSJob:
         val_cases=data.val_cases,
         iterations=cfg.schedule.iterations,
         input_transform=data.normalize,
+        init_weights=cfg.model.init_from,
         dist=info,
         stage="coarse",
     )

@@ -64,7 +64,9 @@ Resume and stop:
 - A NaN/inf loss raises `NonFiniteLossError` naming the iteration and the loss; last.pt is not overwritten,
   so it keeps the last good weights.
 - Warm start: `init_weights` is a checkpoint path (last.pt: net_a/net_b; exported model.pt: networks a/b;
-  best_model_x.pt: its net into both) or a dict {"a": path, "b": path} (each file's matching or only network).
+  best_model_x.pt: its net into both; the original release's best_model.pt or stage folder, converted by
+  common.original_weights: best_model.pt into A, best_model_1.pt (if there) into B, else A's into both) or a dict
+  {"a": path, "b": path} (each file's matching or only network). The stages pass `model.init_from` here.
   It only applies to a fresh run: an existing last.pt wins.
 """
 
@@ -116,6 +118,7 @@ from common.logger import get_logger, log_to_file
 from common.losses import build_loss, one_hot_organs
 from common.metrics import hard_dice_per_organ
 from common.networks import build_network
+from common.original_weights import init_sources, original_state_dict
 from common.step_marker import read_marker, write_marker
 
 logger = get_logger(__name__)
@@ -206,10 +209,14 @@ def build_cps_networks(spec: Mapping[str, Any], seed_a: int, seed_b: int) -> tup
     return net_a, net_b
 
 
-def read_init_weights(source: str | os.PathLike | Mapping[str, str | os.PathLike]) -> dict[str, dict]:
-    """State dicts {"a", "b"} for a warm start (see the module docstring for the accepted files)."""
+def read_init_weights(source: str | os.PathLike | Mapping[str, str | os.PathLike],
+                      network: str | None = None) -> dict[str, dict]:
+    """State dicts {"a", "b"} for a warm start (see the module docstring for the accepted files); `network` is the
+    configured network's name, which an original release file must be (None: the one it looks like)."""
 
     def pick(payload: Mapping[str, Any], name: str, path: Path) -> dict:
+        if "state_dict" in payload:  # the original release's best_model.pt
+            return original_state_dict(payload, path, network)
         if f"net_{name}" in payload:
             return payload[f"net_{name}"]
         if "networks" in payload:
@@ -219,6 +226,8 @@ def read_init_weights(source: str | os.PathLike | Mapping[str, str | os.PathLike
             return payload["net"]
         raise InputError(path, "holds no network weights (expected net_a/net_b, networks or net)")
 
+    if not isinstance(source, Mapping):
+        source = init_sources(source) or source  # an original release stage folder: its A and B files
     if isinstance(source, Mapping):
         out = {}
         for name in ("a", "b"):
@@ -490,7 +499,7 @@ class _Trainer:
             logger.info("resuming from %s at iteration %d/%d", self.last_path, self.state.iteration,
                         self.job.iterations)
         elif self.job.init_weights is not None:
-            weights = read_init_weights(self.job.init_weights)
+            weights = read_init_weights(self.job.init_weights, self.spec["name"])
             for name, net in self.nets.items():
                 load_model_state(net, weights[name], str(self.job.init_weights))
             logger.info("warm start from %s", self.job.init_weights)

@@ -45,6 +45,7 @@ from torch import nn
 
 from common.amp import PRECISIONS as TRAIN_PRECISIONS
 from common.amp import amp_settings, autocast
+from common.backends import Forward, make_forwards, resolve_backend
 from common.checkpoint import load_exported_model
 from common.errors import InputError
 from common.fileutil import check_writable, folder_lock, remove_stale_temps, write_json_atomic, write_text_atomic
@@ -52,6 +53,7 @@ from common.image_io import ImageMeta, canonical_flips, check_spacing, list_imag
 from common.labels import NUM_ORGANS
 from common.logger import get_logger
 from common.networks.input_layer import prepare_input
+from common.original_weights import is_original_layout, load_original_stage
 from common.postprocess import (
     COARSE_MIN_VOLUME_MM3,
     EXTEND_SIZE_MM,
@@ -329,31 +331,43 @@ class Stage:
 
     name: str
     path: Path
-    networks: dict[str, nn.Module]
+    networks: dict[str, Forward]  # name -> x (1, 1, *size_zyx) -> logits (1, C, ...), on the predictor's backend
     primary: str
     size_zyx: tuple[int, int, int]
     hu_window: tuple[float, float]
     min_volume_mm3: float  # smallest component kept after this stage, mm^3 of its output grid
     z_window_mm: float     # coarse: half height of the box's z-window
     extend_size_mm: float  # fine: margin around the organ box
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # the torch networks behind `networks`
 
 
 def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequence[int] | None = None) -> Stage:
-    """Load an exported model folder (model.pt + config.yaml); WeightsError naming the file on any problem."""
+    """Load an exported model folder (model.pt + config.yaml), or an original release stage folder (best_model.pt),
+    converted in memory; WeightsError naming the file on any problem."""
     try:
-        exported = load_exported_model(model_dir, device, stage=stage)
+        if is_original_layout(model_dir):  # the original release's best_model.pt files, converted in memory
+            exported = load_original_stage(model_dir, stage, device)
+        else:
+            exported = load_exported_model(model_dir, device, stage=stage)
     except InputError as e:
         raise WeightsError(str(e)) from None
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise WeightsError(f"{model_dir / 'model.pt'}: cannot build the {stage} network: {e}") from None
+    for key, network in exported.networks.items():  # NaN weights would give empty masks marked "ok"
+        bad = [name for name, t in network.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise WeightsError(f"{model_dir / 'model.pt'}: network {key} holds NaN or infinite weights ({bad[0]}"
+                               f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); export a good checkpoint")
     pre = exported.preprocess
     try:
         size = tuple(int(s) for s in (size_zyx if size_zyx is not None else pre["size_zyx"]))
         window = (float(pre["hu_window"][0]), float(pre["hu_window"][1]))
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise WeightsError(f"{model_dir / 'model.pt'}: preprocess settings incomplete ({e!r}); re-export") from None
-    if len(size) != 3 or any(s % 16 for s in size):
-        raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16")
+    if len(size) != 3 or any(s % 16 or s < 32 for s in size):
+        raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16 and >= 32 "
+                           "(preprocess.size_zyx); re-export the model")
     return Stage(stage, Path(model_dir), dict(exported.networks), exported.primary,
                  size, window,  # type: ignore[arg-type]
                  float(pre.get("min_volume_mm3", COARSE_MIN_VOLUME_MM3 if stage == "coarse" else FINE_MIN_VOLUME_MM3)),
@@ -394,6 +408,7 @@ class PredictOptions:
     extend_size_mm: float | None = None                # margin around the organ box (mm)
     fine_min_volume_mm3: float | None = None           # smallest fine component kept (mm^3, crop grid)
     chunk_elements: int | None = None                  # elements per resize chunk; None = by device
+    backend: str = "auto"                              # common.backends.BACKENDS; auto = fastest installed
     overwrite: bool = False                            # redo cases whose output exists
     overlays: bool = False                             # also write <id>_overlay.png
     workers: int = 2                                   # background reader threads = cases read ahead
@@ -411,6 +426,7 @@ class Predictor:
         device, fine_size, ensemble, uncertainty = (options.device, options.fine_size, options.ensemble,
                                                     options.uncertainty)
         self.device = resolve_device(device) if isinstance(device, str) else device
+        self.backend = resolve_backend(options.backend, self.device)
         self.precision = resolve_precision(options.precision, self.device)
         self.amp = amp_settings(self.precision, self.device)
         # Scores are resized in fp16 on the GPU (half the memory); bf16's 8-bit mantissa is too coarse for the
@@ -432,11 +448,16 @@ class Predictor:
         self.coarse_min_volume_mm3 = pick(options.coarse_min_volume_mm3, self.coarse.min_volume_mm3)
         self.extend_size_mm = pick(options.extend_size_mm, self.fine.extend_size_mm)
         self.fine_min_volume_mm3 = pick(options.fine_min_volume_mm3, self.fine.min_volume_mm3)
+        for stage in (self.coarse, self.fine):
+            stage.modules = dict(stage.networks)
+            stage.networks = make_forwards(self.backend, stage.modules, stage.path, stage.size_zyx)
         if ensemble:
             for stage in (self.coarse, self.fine):
                 if len(stage.networks) < 2:
-                    logger.warning("--ensemble: %s holds only network %s; that stage uses it alone",
-                                   stage.path / "model.pt", stage.primary)
+                    raise WeightsError(
+                        f"{stage.path}: --ensemble needs networks a and b, this {stage.name} model holds "
+                        f"only network {stage.primary} (the original release's fine stage saved network A only); "
+                        "predict without --ensemble")
         if uncertainty not in ("auto", "on", "off"):
             raise ValueError(f"uncertainty must be auto, on or off, got {uncertainty!r}")
         both = len(self.fine.networks) >= 2

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from common.amp import amp_settings, autocast
 from common.checkpoint import ExportedModel, load_exported_model
-from common.distributed import is_main_process
+from common.distributed import get_world_size, is_main_process, run_on_every_rank, shard
 from common.errors import InputError
 from common.lmdb_store import open_store
 from common.logger import get_logger
@@ -98,39 +98,64 @@ def compute_boxes(
     """Store a `coarse_box` in `boxes_db` (under the experiment's output_dir) for every case of `unlabeled_db`
     (read only) that lacks one of the wanted source.
 
-    Returns a summary {"cases", "computed", "skipped", "body_fallback", "source"}.
+    Under DDP the ranks share the work: each computes the boxes of its share (`shard`) of WRITE_BATCH cases per
+    rank at a time, and rank 0 writes them, so the step resumes where it stopped. A failure on any rank ends every
+    rank at once with its message (`run_on_every_rank`). Returns a summary {"cases", "computed", "skipped",
+    "body_fallback", "source"} (the same on every rank).
     """
-    model = load_coarse_model(coarse_model_dir, device)
-    wanted = "coarse_model" if model is not None else "body"
-    finder = CoarseBoxFinder(model, device, precision) if model is not None else None
-    source_store = open_store(unlabeled_db, readonly=True)
-    store = open_store(boxes_db, readonly=False)
-    summary = {"cases": 0, "computed": 0, "skipped": 0, "body_fallback": 0, "source": wanted}
+    planned: dict[str, Any] = {}
+
+    def plan() -> list[str] | None:  # every rank: the model, the (read-only) source; rank 0: the boxes store
+        model = load_coarse_model(coarse_model_dir, device)
+        planned["wanted"] = "coarse_model" if model is not None else "body"
+        planned["finder"] = CoarseBoxFinder(model, device, precision) if model is not None else None
+        planned["source"] = source = open_store(unlabeled_db, readonly=True)
+        planned["cases"] = len(source.keys())
+        if not is_main_process():
+            return None
+        planned["store"] = store = open_store(boxes_db, readonly=False)  # only rank 0 opens (and writes) it
+        return [k for k in source.keys() if not _has_box(store.get(k), planned["wanted"])]
+
     try:
-        keys = source_store.keys()
-        summary["cases"] = len(keys)
-        todo = [k for k in keys if not _has_box(store.get(k), wanted)]
-        summary["skipped"] = len(keys) - len(todo)
+        todo = run_on_every_rank(plan, "boxes")[0]  # rank 0's list: the boxes store is read there only
+        source = planned["source"]
+        finder, wanted = planned["finder"], planned["wanted"]
+        summary = {"cases": planned["cases"], "computed": 0, "skipped": planned["cases"] - len(todo),
+                   "body_fallback": 0, "source": wanted}
         if not todo:
-            logger.info("boxes: all %d unlabeled cases already have a %s box in %s", len(keys), wanted, boxes_db)
+            logger.info("boxes: all %d unlabeled cases already have a %s box in %s", summary["cases"], wanted,
+                        boxes_db)
             return summary
-        logger.info("boxes: %d of %d unlabeled cases need a box (source: %s) -> %s", len(todo), len(keys), wanted,
-                    boxes_db)
-        pending: dict[str, dict] = {}
-        for case_id in tqdm(todo, desc="boxes", unit="case", disable=not is_main_process()):
-            box, source = _case_box(case_id, source_store.get(case_id), data_base_dir, unlabeled_db, finder)
-            if source != wanted:
-                summary["body_fallback"] += 1
-            pending[case_id] = {COARSE_BOX_KEY: [list(pair) for pair in box], BOX_SOURCE_KEY: source}
-            summary["computed"] += 1
-            if len(pending) >= WRITE_BATCH:
-                store.put_many(pending)
-                pending = {}
-        if pending:
-            store.put_many(pending)
+        logger.info("boxes: %d of %d unlabeled cases need a box (source: %s) -> %s", len(todo), summary["cases"],
+                    wanted, boxes_db)
+        per_round = WRITE_BATCH * get_world_size()
+        bar = tqdm(total=len(todo), desc="boxes", unit="case", disable=not is_main_process())
+        for start in range(0, len(todo), per_round):
+            chunk = todo[start:start + per_round]
+
+            def boxes_here(chunk: list[str] = chunk) -> dict[str, tuple[list[list[int]], str]]:
+                out = {}
+                for case_id in shard(chunk):
+                    box, kind = _case_box(case_id, source.get(case_id), data_base_dir, unlabeled_db, finder)
+                    out[case_id] = ([list(pair) for pair in box], kind)
+                return out
+
+            results = {k: v for part in run_on_every_rank(boxes_here, "boxes") for k, v in part.items()}
+            pending: dict[str, dict] = {}
+            for case_id in chunk:
+                box, kind = results[case_id]
+                summary["computed"] += 1
+                summary["body_fallback"] += int(kind != wanted)
+                pending[case_id] = {COARSE_BOX_KEY: box, BOX_SOURCE_KEY: kind}
+            # The write runs through run_on_every_rank too, so a failing write on rank 0 stops every rank.
+            run_on_every_rank(lambda pending=pending: planned["store"].put_many(pending)
+                              if is_main_process() else None, "boxes")
+            bar.update(len(chunk))
+        bar.close()
     finally:
-        store.close()
-        source_store.close()
+        for name in ("store", "source"):
+            if name in planned:
+                planned[name].close()
     if summary["body_fallback"]:
         logger.warning("boxes: %d case(s) fell back to the body box (empty coarse prediction)",
                        summary["body_fallback"])

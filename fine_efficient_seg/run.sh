@@ -5,7 +5,7 @@
 #   sh run.sh step=uif              one step
 #   sh run.sh key=value ...         config overrides (e.g. schedule.iterations=20000 uif.keep_count=200)
 #   GPUS=4 sh run.sh                4 processes through torchrun: the rounds use DistributedDataParallel,
-#                                   boxes, uif and export run on rank 0 while the other ranks wait
+#                                   boxes and uif share their cases across the ranks, export runs on rank 0
 #   sh run.sh config=my.yaml ...    another config file
 # A killed run continues where it stopped when started again with the same arguments.
 # Exit codes: 0 done, 2 bad config or input, 1 other failure, 130/143 stopped by SIGINT/SIGTERM (last.pt saved).

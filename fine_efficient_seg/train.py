@@ -8,11 +8,13 @@ Steps (`step=all` runs them in this order; each is skipped when its output is al
   export  best networks (round 2, else round 1) + config                         -> export.dir
 The rounds use the shared engine (common.engine: checkpoints of both networks, resume, DDP, AMP, TensorBoard,
 metrics.jsonl); the crops are made on the training device by fine_efficient_seg.dataset. Tests call `main`.
-Under torchrun, boxes, uif and export run on rank 0 while the other ranks wait.
+Under torchrun, boxes and uif share their cases across the ranks (rank 0 writes) and export runs on rank 0; an
+error on any rank in these steps ends every rank at once with its message.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -21,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from common.augment import FineAugmentSettings
 from common.config import ConfigError, FineTrainConfig, parse_cli
-from common.distributed import DistInfo, barrier, destroy_distributed, init_distributed
+from common.distributed import DistInfo, RankFailedError, destroy_distributed, init_distributed, run_on_every_rank
 from common.engine import DONE_FILE, CPSJob, NonFiniteLossError, TrainingInterrupted, run_cps_training
 from common.errors import InputError
 from common.logger import get_logger, setup_logging
@@ -93,7 +95,7 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
         pool = unlabeled_db(cfg)
         boxes = experiment_db(cfg.output_dir, BOXES_DB)
         iterations = cfg.schedule.iterations
-        init_weights = None
+        init_weights = cfg.model.init_from
     else:
         pool = experiment_db(cfg.output_dir, UIF_POOL_DB) if unlabeled_db(cfg) is not None else None
         boxes = None  # the pool's records carry their boxes
@@ -101,7 +103,7 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
             raise InputError(Path(cfg.output_dir) / SCORES_FILE, "not found: run the uif step first "
                                                                  "(sh run.sh step=uif)")
         iterations = cfg.round2.iterations or cfg.schedule.iterations
-        init_weights = None
+        init_weights = cfg.model.init_from  # fresh: where round 1 started from
         if cfg.round2.init == "warm":
             ckpts = _round_dir(cfg, "round1") / "checkpoints"
             init_weights = {n: ckpts / f"best_model_{n}.pt" for n in ("a", "b")}
@@ -177,7 +179,8 @@ def step_uif(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
         output_dir=Path(cfg.output_dir), method=cfg.uif.score, keep_count=cfg.uif.keep_count,
         keep_ratio=cfg.uif.keep_ratio, size_zyx=cfg.data.size_zyx, hu_window=cfg.data.hu_window,
         extend_size_mm=cfg.crop.extend_size_mm, device=info.device, precision=cfg.amp.precision)
-    write_marker(marker, inputs)
+    if info.is_main:
+        write_marker(marker, inputs)
     return {"cases": len(rows), "kept": sum(r.kept for r in rows)}
 
 
@@ -195,9 +198,10 @@ def step_export(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
     return {"export_dir": str(export(cfg).parent)}
 
 
-# Steps that run on rank 0 only (the others wait at a barrier); the rounds run on every rank.
-_RANK0_STEPS: dict[str, Callable[[FineTrainConfig, DistInfo], dict[str, Any]]] = {
-    "boxes": step_boxes, "uif": step_uif, "export": step_export}
+# Steps whose work is shared across ranks (boxes, uif) or done by rank 0 (export), each ending in one exchange of
+# results and errors (run_on_every_rank); the rounds run on every rank through the engine.
+_SHARED_STEPS: dict[str, Callable[[FineTrainConfig, DistInfo], dict[str, Any]]] = {
+    "boxes": step_boxes, "uif": step_uif, "export": lambda cfg, info: step_export(cfg, info) if info.is_main else {}}
 _ALL_RANK_STEPS: dict[str, Callable[[FineTrainConfig, DistInfo], dict[str, Any]]] = {
     "round1": lambda cfg, info: run_round(cfg, info, "round1"), "round2": step_round2}
 
@@ -214,9 +218,7 @@ def main(cfg: FineTrainConfig) -> dict[str, Any]:
         if step in _ALL_RANK_STEPS:
             results[step] = _ALL_RANK_STEPS[step](cfg, info)
         else:
-            if info.is_main:
-                results[step] = _RANK0_STEPS[step](cfg, info)
-            barrier()
+            results[step] = run_on_every_rank(functools.partial(_SHARED_STEPS[step], cfg, info), f"step {step}")[0]
     return results
 
 
@@ -228,7 +230,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, RankFailedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except TrainingInterrupted as exc:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from common.amp import amp_settings, autocast
 from common.checkpoint import load_checkpoint, load_model_state
+from common.distributed import is_main_process, run_on_every_rank, shard
 from common.errors import InputError
 from common.fileutil import write_text_atomic
 from common.lmdb_store import open_store
@@ -75,7 +76,7 @@ def score_cases(
     """Uncertainty score of every case (lower = more certain), on its fixed fine crop."""
     amp = amp_settings(precision, device)
     scores: dict[str, float] = {}
-    for case in tqdm(cases, desc="uif", unit="case"):
+    for case in tqdm(cases, desc="uif", unit="case", disable=not is_main_process()):
         x = fixed_crop_input(case, size_zyx, hu_window, extend_size_mm, device)
         with autocast(amp):
             logits_a = net_a(x)
@@ -149,17 +150,31 @@ def run_uif(
     precision: str = "bf16",
 ) -> list[UifRow]:
     """Score the pool, write the filtered database `pool_db` and then `uif_scores.csv`; returns the rows in rank
-    order. Boxes come from `boxes_db` (None: from the unlabeled records themselves)."""
-    cases = load_cases(unlabeled_db, data_base_dir, labeled=False, boxes_db=boxes_db)
-    if not cases:
-        raise InputError(unlabeled_db, "no unlabeled cases to filter")
-    net_a, net_b = load_round_networks(round_dir, device)
-    scores = score_cases(cases, net_a, net_b, method=method, size_zyx=size_zyx, hu_window=hu_window,
-                         extend_size_mm=extend_size_mm, device=device, precision=precision)
+    order. Boxes come from `boxes_db` (None: from the unlabeled records themselves).
+
+    Under DDP every rank scores its share of the cases (`shard`) and rank 0 writes; a failure on any rank ends
+    every rank at once with its message (`run_on_every_rank`).
+    """
+    def score_here() -> dict[str, float]:
+        cases = load_cases(unlabeled_db, data_base_dir, labeled=False, boxes_db=boxes_db)
+        if not cases:
+            raise InputError(unlabeled_db, "no unlabeled cases to filter")
+        net_a, net_b = load_round_networks(round_dir, device)
+        return score_cases(shard(cases), net_a, net_b, method=method, size_zyx=size_zyx, hu_window=hu_window,
+                           extend_size_mm=extend_size_mm, device=device, precision=precision)
+
+    scores = {k: v for part in run_on_every_rank(score_here, "uif") for k, v in part.items()}
     rows = select_certain(scores, keep_count, keep_ratio)
     out_db = pool_db
-    kept = write_filtered_db(unlabeled_db, out_db, rows, boxes_db)
-    write_text_atomic(output_dir / SCORES_FILE, rows_to_csv(rows))
+
+    def write_here() -> int:
+        if not is_main_process():
+            return 0
+        kept = write_filtered_db(unlabeled_db, out_db, rows, boxes_db)
+        write_text_atomic(output_dir / SCORES_FILE, rows_to_csv(rows))
+        return kept
+
+    kept = run_on_every_rank(write_here, "uif")[0]
     kept_scores = [r.score for r in rows if r.kept]
     logger.info("uif (%s): kept %d of %d unlabeled cases in %s (scores %.4f..%.4f; pool median %.4f)",
                 method, kept, len(rows), out_db, min(kept_scores), max(kept_scores),

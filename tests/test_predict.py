@@ -517,3 +517,31 @@ def test_concurrent_run_into_the_same_folder_is_refused(tmp_path, predictor):
         holder.kill()
         holder.wait()
     assert predict_folder(in_dir, out_dir, QUIET, predictor=predictor)["ok"] == 1  # the lock died with it
+
+
+def test_unusable_weights_are_setup_errors(tmp_path, weights_dir, capsys):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c3_0000.nii.gz", _ct_volume((17, 20, 19)))
+    random_bytes = tmp_path / "random"
+    shutil.copytree(weights_dir, random_bytes)
+    (random_bytes / inference.FINE_DIR / "model.pt").write_bytes(np.random.default_rng(3).bytes(2000))
+    zero = tmp_path / "zero"
+    _export(zero, "coarse", "unet", 32, seed=1)
+    _export(zero, "fine", "efficient_seg_net", 32, seed=3)
+    payload = torch.load(zero / inference.FINE_DIR / "model.pt", weights_only=True)
+    payload["preprocess"]["size_zyx"] = [0, 0, 0]
+    torch.save(payload, zero / inference.FINE_DIR / "model.pt")
+    nan = tmp_path / "nan"
+    shutil.copytree(weights_dir, nan)
+    payload = torch.load(nan / inference.COARSE_DIR / "model.pt", weights_only=True)
+    networks = payload["networks"] if "networks" in payload else payload
+    first = next(iter(networks.values()))
+    next(v for v in first.values() if torch.is_tensor(v) and v.is_floating_point()).fill_(float("nan"))
+    torch.save(payload, nan / inference.COARSE_DIR / "model.pt")
+    for weights, problem in ((random_bytes, "cannot read checkpoint"), (zero, "must be 3 sizes divisible by 16"),
+                             (nan, "NaN or infinite weights")):
+        assert _cli(in_dir, tmp_path / f"out_{weights.name}", weights) == 2
+        err = capsys.readouterr().err
+        assert problem in err and "model.pt" in err and "Traceback" not in err and "weights_only" not in err
+        assert not (tmp_path / f"out_{weights.name}" / "c3.nii.gz").exists()
