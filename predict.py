@@ -16,9 +16,10 @@ from pathlib import Path
 from common.backends import BACKENDS
 from common.errors import InputError
 from common.inference import DEFAULT_UNCERTAINTY_THRESHOLD, PredictOptions, WeightsError, predict_folder
+from common.logger import get_logger, setup_logging
 
 REPO_ROOT = Path(__file__).resolve().parent
-logger = logging.getLogger("predict")
+logger = get_logger("predict")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +54,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--uncertainty-threshold", type=float, default=DEFAULT_UNCERTAINTY_THRESHOLD,
                         help="flag cases whose uncertainty is above this (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    post = parser.add_argument_group("post-processing (default: the values each exported model carries)")
+    post.add_argument("--coarse-min-volume-mm3", type=float, default=None,
+                      help="smallest coarse component kept per organ, mm^3 of the coarse grid")
+    post.add_argument("--z-window-mm", type=float, default=None,
+                      help="half height of the organ box's z-window around the largest coarse region, mm")
+    post.add_argument("--extend-size-mm", type=float, default=None, help="margin around the organ box, mm")
+    post.add_argument("--fine-min-volume-mm3", type=float, default=None,
+                      help="smallest fine component kept per organ, mm^3")
     return parser.parse_args(argv)
 
 
@@ -79,13 +88,14 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(None, level=logging.WARNING if args.quiet else logging.INFO)
     try:
         options = PredictOptions(
             weights_dir=args.weights_dir, device=args.device, precision=args.precision, fine_size=args.fine_size,
             ensemble=args.ensemble, uncertainty=args.uncertainty, overwrite=args.overwrite, overlays=args.overlays,
             workers=args.workers, uncertainty_threshold=args.uncertainty_threshold, progress=not args.quiet,
+            coarse_min_volume_mm3=args.coarse_min_volume_mm3, z_window_mm=args.z_window_mm,
+            extend_size_mm=args.extend_size_mm, fine_min_volume_mm3=args.fine_min_volume_mm3,
             backend=args.backend)
         summary = predict_folder(args.input, args.output, options)
     except (WeightsError, InputError, ValueError) as e:

@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--cases", type=int, default=8, help="labeled (and unlabeled) cases written")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per stream")
-    parser.add_argument("--precision", default="bf16", help="bf16 | fp16 | off (CPU: always fp32)")
+    parser.add_argument("--precision", default="bf16", help="bf16 | fp16 | fp32 (CPU: always fp32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-base-dir", default=None, help="a prepared dataset instead of written fake data")

@@ -56,8 +56,8 @@ from common.inference import (
     upsample_labels,
 )
 from common.networks import build_network
-from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
-from common.preprocessing import normalize_hu, resize_volume
+from common.postprocess import keep_largest_component, organ_box, probs_to_labels
+from common.preprocessing import crop_box_with_margin, normalize_hu, resize_volume
 
 logger = logging.getLogger("predict_speed")
 HU_WINDOW = (-325.0, 325.0)
@@ -158,11 +158,9 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     labels = probs_to_labels(torch.sigmoid(logits).numpy(), 0.5)
     t2 = time.perf_counter()
     times["coarse_s"] = t2 - t1
-    coarse_spacing = spacing * np.asarray(ct.shape) / np.asarray(coarse.size_zyx)
-    labels = keep_largest_component(labels, coarse_spacing, 1000.0)
-    box = coarse_box(labels, tuple(coarse_spacing), 240.0)
+    box = organ_box(labels, ct.shape, tuple(spacing), 1000.0, 240.0)
     crop = (tuple(slice(0, n) for n in ct.shape) if box is None
-            else box_to_raw_crop(box, coarse.size_zyx, ct.shape, tuple(spacing), 20.0))
+            else crop_box_with_margin(box, tuple(spacing), 20.0, ct.shape))
     t3 = time.perf_counter()
     times["post_s"] = t3 - t2
 

@@ -215,8 +215,8 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
         return steps
     steps += [Step("fine_cps_round2", cps + ["step=round2"]),
               Step("fine_lk_export", cps + [f"export.dir={fine_w['lk']}", "step=export"])]
-    for row, (out_name, db_name) in CONTROLS.items():
-        control = fine_sh + fine_common + [f"output_dir={sd / out_name}", f"data.unlabeled_db={db_name}"]
+    for row, out_name in CONTROLS.items():
+        control = fine_sh + fine_common + [f"output_dir={sd / out_name}"]
         steps += [Step(f"{out_name}_round2", control + ["step=round2"]),
                   Step(f"fine_{row}_export", control + [f"export.dir={fine_w[row]}", "step=export"])]
     for row in ROWS:

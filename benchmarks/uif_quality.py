@@ -33,7 +33,7 @@ SCORES = ("disagreement", "entropy", "stability")
 QUALITY_FILE = "uif_quality.json"
 RANDOM_DRAWS = 2000
 # Control selections written by `seed` for round 2: row name -> (output folder, unlabeled DB copy) of the seed.
-CONTROLS = {"lr": ("fine_random", "db/seg_trainu_random"), "lo": ("fine_oracle", "db/seg_trainu_oracle")}
+CONTROLS = {"lr": "fine_random", "lo": "fine_oracle"}  # row -> output_dir of its round 2 (beside fine_cps)
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -122,14 +122,14 @@ def round1_scores(fine_dir: Path, device: str = "cpu", methods: Sequence[str] = 
     import torch
 
     from common.config import FineTrainConfig, load_config
-    from fine_efficient_seg.dataset import db_path, load_cases
+    from fine_efficient_seg.dataset import BOXES_DB, db_path, experiment_db, load_cases
     from fine_efficient_seg.uif import load_round_networks, load_snapshots, score_pool
 
     round_dir = fine_dir / "round1"
     cfg = load_config(FineTrainConfig, round_dir / "config.yaml")
     dev = torch.device(device)
     pool = db_path(cfg.data.unlabeled_db, cfg.data_base_dir, cfg.fold)
-    cases = load_cases(pool, cfg.data_base_dir, labeled=False)
+    cases = load_cases(pool, cfg.data_base_dir, labeled=False, boxes_db=experiment_db(fine_dir, BOXES_DB))
     net_a, net_b = load_round_networks(round_dir, dev)
     snapshots = load_snapshots(round_dir, dev) if "stability" in methods else []
     return score_pool(cases, net_a, net_b, methods=methods, size_zyx=cfg.data.size_zyx, hu_window=cfg.data.hu_window,
@@ -138,27 +138,18 @@ def round1_scores(fine_dir: Path, device: str = "cpu", methods: Sequence[str] = 
 
 
 def write_control(seed_dir: Path, row: str, order: Mapping[str, float], keep: int) -> None:
-    """Store a control selection (the `keep` lowest values of `order`) for round 2 of row `row`: a copy of the
-    unlabeled DB (with its coarse boxes) and the selection written by fine_efficient_seg.uif.write_selection."""
-    from common.lmdb_store import open_store
+    """Store a control selection (the `keep` lowest values of `order`) as the round-2 pool of row `row`: the
+    experiment folder `seed_dir/<CONTROLS[row]>` gets the pool (with fine_cps's coarse boxes) and uif_scores.csv,
+    written by fine_efficient_seg.uif.write_selection, as the uif step writes its own."""
     from common.uif import select_certain
+    from fine_efficient_seg.dataset import BOXES_DB, UIF_POOL_DB, experiment_db
     from fine_efficient_seg.uif import write_selection
 
-    out_name, db_name = CONTROLS[row]
-    dataset = seed_dir / "dataset"
-    source = open_store(dataset / "db" / "seg_trainu", readonly=True)
-    try:
-        records = {k: source.get(k) for k in source.keys()}
-    finally:
-        source.close()
-    copy = dataset / db_name
-    target = open_store(copy, readonly=False)
-    try:
-        target.replace_all(records)
-    finally:
-        target.close()
-    (seed_dir / out_name).mkdir(parents=True, exist_ok=True)
-    write_selection(select_certain(order, keep_count=keep), unlabeled_db=copy, output_dir=seed_dir / out_name)
+    out_dir = seed_dir / CONTROLS[row]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_selection(select_certain(order, keep_count=keep), unlabeled_db=seed_dir / "dataset" / "db" / "seg_trainu",
+                    boxes_db=experiment_db(seed_dir / "fine_cps", BOXES_DB), pool_db=experiment_db(out_dir, UIF_POOL_DB),
+                    output_dir=out_dir)
 
 
 def seed_main(seed_dir: Path, keep: int, seed: int, device: str = "cpu") -> dict[str, Any]:

@@ -27,7 +27,10 @@ def export(cfg: CoarseTrainConfig) -> Path:
     path, best = export_best_networks(
         cfg.output_dir, cfg.export.dir, stage="coarse", primary=cfg.export.network,
         preprocess=lambda config: {"size_zyx": list(config["data"]["size_zyx"]),
-                                   "hu_window": list(config["data"]["hu_window"])})
+                                   "hu_window": list(config["data"]["hu_window"]),
+                                   # prediction settings: this config's, so changing them needs no retraining
+                                   "min_volume_mm3": float(cfg.postprocess.min_volume_mm3),
+                                   "z_window_mm": float(cfg.postprocess.z_window_mm)})
     logger.info("exported coarse network %s (validation mean Dice %s, iteration %s) to %s", cfg.export.network,
                 best.get("dice"), best.get("iteration"), path.parent)
     return path

@@ -13,10 +13,10 @@ from typing import Any, Sequence
 
 from coarse_base_seg.dataset import CoarseData
 from common.config import CoarseTrainConfig, ConfigError, parse_cli
-from common.distributed import destroy_distributed, init_distributed
-from common.engine import CPSJob, NonFiniteLossError, TrainingInterrupted, run_cps_training
+from common.distributed import DistInfo, destroy_distributed, init_distributed
+from common.engine import CPSJob, NonFiniteLossError, TrainingInterrupted, run_cps_training, run_log_path
 from common.errors import InputError
-from common.logger import setup_logging
+from common.logger import log_to_file, setup_logging
 
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 
@@ -29,9 +29,14 @@ def main(cfg: CoarseTrainConfig) -> dict[str, Any]:
         return {"export_dir": str(export(cfg).parent)}
     info = init_distributed(cfg.device)
     out_dir = Path(cfg.output_dir)
-    setup_logging(out_dir / ("train.log" if info.is_main else f"train.rank{info.rank}.log"), rank=info.rank)
+    setup_logging(None, rank=info.rank)  # console; train.log holds the data set-up and the engine's run
+    with log_to_file(run_log_path(out_dir, info), rank=info.rank):
+        return run_cps_training(_job(cfg, info, out_dir))
+
+
+def _job(cfg: CoarseTrainConfig, info: DistInfo, out_dir: Path) -> CPSJob:
     data = CoarseData(cfg, info)
-    job = CPSJob(
+    return CPSJob(
         cfg=cfg,
         out_dir=out_dir,
         labeled_stream=data.labeled_stream,
@@ -43,7 +48,6 @@ def main(cfg: CoarseTrainConfig) -> dict[str, Any]:
         dist=info,
         stage="coarse",
     )
-    return run_cps_training(job)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-logger = logging.getLogger(__name__)
+from common.logger import get_logger
 
-PRECISIONS = ("bf16", "fp16", "off")
+logger = get_logger(__name__)
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+"""The one precision vocabulary (training configs, the predictor, the boxes and uif steps): fp32 = no autocast."""
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -28,19 +30,20 @@ class AmpSettings:
 
 
 def amp_settings(precision: str, device: str | torch.device) -> AmpSettings:
-    """Settings for `precision` ("bf16" | "fp16" | "off") on `device`; always off on CPU.
+    """Settings for `precision` ("bf16" | "fp16" | "fp32") on `device`; always fp32 on CPU.
 
     CPU autocast is not used for training: bf16 convolutions are slower than fp32 on most CPUs.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+        hint = " (fp32 is plain float32, the former 'off')" if precision in ("off", False) else ""
+        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}{hint}")
     device_type = torch.device(device).type
-    if precision == "off" or device_type != "cuda":
-        if precision != "off":
+    if precision == "fp32" or device_type != "cuda":
+        if precision != "fp32":
             logger.info("mixed precision %s is not used on device %s; running fp32", precision, device_type)
         return AmpSettings(device_type, None)
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ValueError("precision bf16 is not supported by this GPU; set amp.precision=fp16 (or off)")
+        raise ValueError("precision bf16 is not supported by this GPU; set amp.precision=fp16 (or fp32)")
     return AmpSettings(device_type, _DTYPES[precision])
 
 

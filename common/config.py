@@ -6,16 +6,16 @@ section (a YAML mapping, dotted keys `optim.lr=...` on the command line). Suppor
 
 Field metadata (declare with `cfg_field`, `path_field`, `choice_field`, or `dataclasses.field(metadata=...)`):
 - `path=True`: a relative value resolves against the YAML file's folder (a value given as a command-line
-  override resolves against the current working directory). Also marked by the `PathStr` annotation or by
-  listing the field name in a `_path_fields` class variable.
+  override resolves against the current working directory). This is the only way to mark a path field.
 - `choices=(...)`: the value must be one of these.
 - `ge`, `gt`, `le`, `lt`, `multiple_of`: range checks (element-wise for lists); `length`: exact list length.
 - `check=callable(value) -> str | None`: returns a problem description, or None when the value is fine.
 A section may define `_cross_check(self) -> Iterable[tuple[str, str]]` yielding (field name, problem) pairs
 for checks that involve several fields.
 
-YAML is read with a safe loader that follows YAML 1.2 for scalars: only `true`/`false` are booleans (so
-`precision: off` is the string "off"), and `1e-3` is a float.
+YAML is read with PyYAML's safe loader (duplicate keys are an error). A float field also takes a number PyYAML
+leaves as a string, such as `1e-3` (YAML 1.1 wants `1.0e-3`); no config value needs quoting otherwise (the
+precision names are bf16 | fp16 | fp32, none of them a YAML 1.1 boolean).
 """
 
 from __future__ import annotations
@@ -31,17 +31,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Mapping, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar, Union
 
 import yaml
 
+from common.amp import PRECISIONS as AMP_PRECISIONS
 from common.fileutil import write_text_atomic
 
 T = TypeVar("T")
-
-_PATH_MARK = "semiseg-config-path"
-PathStr = Annotated[str, _PATH_MARK]
-"""Type of a path field: a plain `str` that config loading resolves against the YAML file's folder."""
 
 _NONE_STRINGS = ("none", "None", "NONE")
 
@@ -108,12 +105,8 @@ def section(cls: type[T], **defaults: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------- YAML
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-
-
 class _YamlLoader(yaml.SafeLoader):
-    """Safe loader with YAML 1.2 booleans/floats and an error on duplicate mapping keys."""
+    """PyYAML's safe loader with an error on duplicate mapping keys (no other change)."""
 
     def construct_mapping(self, node, deep=False):  # type: ignore[override]
         if isinstance(node, yaml.MappingNode):
@@ -127,22 +120,6 @@ class _YamlLoader(yaml.SafeLoader):
                 if isinstance(key, str):
                     seen.add(key)
         return super().construct_mapping(node, deep=deep)
-
-
-_YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL_TAG, _FLOAT_TAG)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_YamlLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_YamlLoader.add_implicit_resolver(
-    _FLOAT_TAG,
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
-                    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
 
 
 def _yaml_load(text: str) -> Any:
@@ -167,26 +144,20 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
 
 
-def _strip(tp: Any) -> tuple[Any, bool, bool]:
-    """(base type, optional, annotated-as-path) of a field annotation."""
-    is_path = False
+def _strip(tp: Any) -> tuple[Any, bool]:
+    """(base type, optional) of a field annotation."""
     optional = False
-    if typing.get_origin(tp) is Annotated:
-        base, *extras = typing.get_args(tp)
-        is_path = _PATH_MARK in extras
-        tp = base
     if typing.get_origin(tp) in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         optional = len(args) < len(typing.get_args(tp))
         if len(args) != 1:
             raise TypeError(f"unsupported config field type {tp!r}")
-        tp, _, sub_path = _strip(args[0])
-        is_path = is_path or sub_path
-    return tp, optional, is_path
+        tp = args[0]
+    return tp, optional
 
 
 def _type_name(tp: Any) -> str:
-    base, optional, _ = _strip(tp)
+    base, optional = _strip(tp)
     if typing.get_origin(base) is list:
         (elem,) = typing.get_args(base)
         name = f"list[{_type_name(elem)}]"
@@ -212,7 +183,7 @@ def _init_fields(cls: type) -> list[dataclasses.Field]:
 
 
 def _is_path_field(cls: type, f: dataclasses.Field) -> bool:
-    return bool(f.metadata.get("path")) or _strip(_hints(cls)[f.name])[2] or f.name in getattr(cls, "_path_fields", ())
+    return bool(f.metadata.get("path"))
 
 
 def _all_keys(schema: type, prefix: str = "") -> list[tuple[str, Any]]:
@@ -228,15 +199,15 @@ def _all_keys(schema: type, prefix: str = "") -> list[tuple[str, Any]]:
 
 def _suggest(name: str, candidates: Iterable[str], schema: type | None = None) -> str:
     candidates = list(candidates)
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean '{close[0]}'?"
-    if schema is not None:  # a leaf that lives in another section, e.g. top-level `lr` -> `optim.lr`
+    if schema is not None:  # a leaf that lives in a section, e.g. top-level `lr` -> `optim.lr`
         leaf = name.rsplit(".", 1)[-1]
-        elsewhere = [k for k, _ in _all_keys(schema) if k.rsplit(".", 1)[-1] == leaf]
+        elsewhere = [k for k, _ in _all_keys(schema) if k.rsplit(".", 1)[-1] == leaf and k != name]
         if elsewhere:
             return f"; did you mean '{elsewhere[0]}'?" if len(elsewhere) == 1 else \
                 f"; did you mean one of {', '.join(repr(k) for k in elsewhere)}?"
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
     return f" (valid keys: {', '.join(candidates)})" if candidates else ""
 
 
@@ -322,7 +293,7 @@ class _Builder:
         return value
 
     def convert(self, value: Any, tp: Any, key: str) -> Any:
-        base, optional, _ = _strip(tp)
+        base, optional = _strip(tp)
         if value is None:
             if optional:
                 return None
@@ -348,6 +319,11 @@ class _Builder:
         elif base is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif base is float:
+            if isinstance(value, str):  # `1e-3`: a float in YAML 1.2, a string to PyYAML's YAML 1.1
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if ok:
                 value = float(value)
@@ -392,18 +368,13 @@ _INVALID = object()
 
 
 def _resolve_override_key(schema: type, key: str) -> tuple[str | None, Any, str | None]:
-    """(full dotted key, annotation, problem) for an override key; a unique leaf name may drop its section."""
+    """(full dotted key, annotation, problem) for an override key. Keys are always written in full (`optim.lr`,
+    as in the YAML file): a bare leaf name is an unknown key whose message names the full key(s)."""
     all_keys = _all_keys(schema)
     by_key = dict(all_keys)
     if key in by_key:
         return key, by_key[key], None
-    if "." not in key:
-        matches = [k for k, _ in all_keys if k.rsplit(".", 1)[-1] == key]
-        if len(matches) == 1:
-            return matches[0], by_key[matches[0]], None
-        if len(matches) > 1:
-            return None, None, f"ambiguous key; write one of {', '.join(repr(m) for m in matches)}"
-    return None, None, "unknown key" + _suggest(key, [k for k, _ in all_keys])
+    return None, None, "unknown key" + _suggest(key, [k for k, _ in all_keys], schema)
 
 
 def _apply_overrides(schema: type, raw: dict, overrides: Sequence[str]) -> dict[str, str]:
@@ -435,7 +406,7 @@ def _apply_overrides(schema: type, raw: dict, overrides: Sequence[str]) -> dict[
                             f"'{text}')")
             keys.append(full)
             continue
-        base, _, _ = _strip(tp)
+        base, _ = _strip(tp)
         # Quoting is awkward on a shell: `output_dir=2024` means the string for a str field.
         if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = value_text
@@ -533,11 +504,6 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     write_text_atomic(path, config_to_yaml(cfg))
 
 
-def validate_config(cfg: T) -> T:
-    """Re-run all checks on an existing config instance (e.g. after a test changed a field); returns a copy."""
-    return config_from_dict(type(cfg), config_to_dict(cfg))
-
-
 def parse_cli(schema: type[T], default_yaml: str | os.PathLike, argv: Sequence[str] | None = None) -> T:
     """Config for a stage's command line: `config=PATH` picks another YAML file, other items are overrides.
 
@@ -579,7 +545,7 @@ def _extend_problems(extend_mm: float, max_extend_mm: float) -> Iterable[tuple[s
 
 MODEL_NAMES = ("unet", "efficient_seg_net")
 LOSS_NAMES = ("dice_bce", "dice_focal", "dice", "dice_focal_reference")
-PRECISIONS = ("bf16", "fp16", "off")
+PRECISIONS = AMP_PRECISIONS
 
 
 # ------------------------------------------------------------------------------------------------- schemas
@@ -755,8 +721,26 @@ class Round2Section:
 
 
 @dataclass
-class CoarseTrainConfig:
-    """coarse_base_seg: CPS training of two residual U-Nets on 160^3 whole volumes, then export."""
+class CoarsePostprocessSection:
+    """Coarse prediction -> organ box (reference 6.2 steps 3-4); exported with the model, predict.py flags
+    --coarse-min-volume-mm3 / --z-window-mm override it. The fine stage's boxes step uses the same values."""
+
+    min_volume_mm3: float = cfg_field(1000.0, ge=0)
+    z_window_mm: float = cfg_field(240.0, gt=0)
+
+
+@dataclass
+class FinePostprocessSection:
+    """Fine prediction -> mask (reference 6.2 step 7): smallest component kept per organ (mm^3 of the crop grid);
+    exported with the model, predict.py --fine-min-volume-mm3 overrides it. The box margin is crop.extend_size_mm."""
+
+    min_volume_mm3: float = cfg_field(2000.0, ge=0)
+
+
+@dataclass
+class TrainConfigBase:
+    """What both CPS training stages share (the shared engine reads these); each stage changes some defaults and
+    adds its own sections."""
 
     data_base_dir: str = path_field("../dataset")
     output_dir: str = path_field("output")
@@ -770,38 +754,41 @@ class CoarseTrainConfig:
     loss: LossSection = section(LossSection)
     cps: CPSSection = section(CPSSection)
     amp: AmpSection = section(AmpSection)
+
+
+@dataclass
+class CoarseTrainConfig(TrainConfigBase):
+    """coarse_base_seg: CPS training of two residual U-Nets on 160^3 whole volumes, then export."""
+
+    postprocess: CoarsePostprocessSection = section(CoarsePostprocessSection)
     step: str = choice_field("train", ("train", "export"))
     export: ExportSection = section(ExportSection)
 
 
 @dataclass
-class FineTrainConfig:
+class FineTrainConfig(TrainConfigBase):
     """fine_efficient_seg: boxes, CPS round 1, UIF, CPS round 2 and export of two EfficientSegNets on 192^3 crops."""
 
-    data_base_dir: str = path_field("../dataset")
-    output_dir: str = path_field("output")
-    fold: int = cfg_field(1, ge=1, le=5)
-    device: str = cfg_field("auto", check=_check_device)
-    seed: int = 0
     data: DataSection = section(DataSection, size_zyx=[192, 192, 192])
     model: ModelSection = section(ModelSection, name="efficient_seg_net")
     optim: OptimSection = section(OptimSection, lr=1.0e-3)
     schedule: ScheduleSection = section(ScheduleSection, iterations=40000)
     loss: LossSection = section(LossSection, name="dice_bce")
-    cps: CPSSection = section(CPSSection)
-    amp: AmpSection = section(AmpSection)
     crop: CropSection = section(CropSection)
     boxes: BoxesSection = section(BoxesSection)
     uif: UIFSection = section(UIFSection)
     round2: Round2Section = section(Round2Section)
+    postprocess: FinePostprocessSection = section(FinePostprocessSection)
     step: str = choice_field("all", ("all", "boxes", "round1", "uif", "round2", "export"))
     export: ExportSection = section(ExportSection, dir="../model_weights/efficient_fine_model")
 
 
 __all__ = [
-    "ConfigError", "PathStr", "cfg_field", "path_field", "choice_field", "section",
-    "load_config", "config_from_dict", "config_to_dict", "config_to_yaml", "save_config", "validate_config",
-    "parse_cli", "PrepareConfig", "CoarseTrainConfig", "FineTrainConfig", "DataSection", "ModelSection",
+    "ConfigError", "cfg_field", "path_field", "choice_field", "section",
+    "load_config", "config_from_dict", "config_to_dict", "config_to_yaml", "save_config",
+    "parse_cli", "PrepareConfig", "TrainConfigBase", "CoarseTrainConfig", "FineTrainConfig", "DataSection",
+    "ModelSection",
     "OptimSection", "ScheduleSection", "LossSection", "CPSSection", "AmpSection", "ExportSection", "CropSection",
-    "BoxesSection", "UIFSection", "Round2Section", "MODEL_NAMES", "LOSS_NAMES", "PRECISIONS",
+    "BoxesSection", "UIFSection", "Round2Section", "CoarsePostprocessSection", "FinePostprocessSection",
+    "MODEL_NAMES", "LOSS_NAMES", "PRECISIONS",
 ]

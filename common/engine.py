@@ -115,13 +115,14 @@ from common.distributed import (
     init_distributed,
 )
 from common.errors import InputError
-from common.fileutil import remove_stale_temps, write_json_atomic, write_text_atomic
+from common.fileutil import remove_stale_temps, write_text_atomic
 from common.labels import NUM_ORGANS, ORGANS
-from common.logger import get_logger, setup_logging
+from common.logger import get_logger, log_to_file
 from common.losses import build_loss, one_hot_organs
 from common.metrics import hard_dice_per_organ
 from common.networks import build_network
 from common.original_weights import init_sources, original_state_dict
+from common.step_marker import read_marker, write_marker
 
 logger = get_logger(__name__)
 
@@ -176,6 +177,11 @@ class CPSJob:
     extra_checkpoint: dict[str, Any] = field(default_factory=dict)
     # Iterations after which both networks are also kept as checkpoints/snapshot_<iteration>.pt (UIF stability).
     snapshot_iterations: tuple[int, ...] = ()
+
+
+def run_log_path(out_dir: Path, info: DistInfo) -> Path:
+    """The run's text log: train.log on rank 0, train.rank<r>.log on the others."""
+    return Path(out_dir) / ("train.log" if info.is_main else f"train.rank{info.rank}.log")
 
 
 def model_spec_from_config(cfg: Any) -> dict[str, Any]:
@@ -635,17 +641,19 @@ class _Trainer:
 
     # -- main loop ----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        job, cfg, info = self.job, self.cfg, self.info
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        log_name = "train.log" if info.is_main else f"train.rank{info.rank}.log"
-        setup_logging(self.out_dir / log_name, rank=info.rank)
+        with log_to_file(run_log_path(self.out_dir, self.info), rank=self.info.rank):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
+        job, cfg, info = self.job, self.cfg, self.info
         if job.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {job.iterations}")
 
         done_path = self.out_dir / DONE_FILE
         if done_path.is_file():
-            with contextlib.suppress(json.JSONDecodeError, OSError, KeyError, TypeError, ValueError):
-                done = json.loads(done_path.read_text(encoding="utf-8"))
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                done = read_marker(done_path) or {}
                 if int(done["iteration"]) >= job.iterations:
                     logger.info("training in %s already finished at iteration %d (%s exists); nothing to do. "
                                 "Use another output_dir, or raise the number of iterations to continue.",
@@ -695,8 +703,8 @@ class _Trainer:
                     logger.warning("no validation result: saving the final weights as best_model_a/b.pt")
                     for name, net in self.nets.items():
                         self.save_best(name, net, job.iterations, None, None)
-                write_json_atomic(done_path, {"iteration": final, "best": self.state.best,
-                                              "best_iteration": self.state.best_iteration})
+                write_marker(done_path, {"iteration": final, "best": self.state.best,
+                                         "best_iteration": self.state.best_iteration})
                 logger.info("training finished: %d iterations, best mean Dice A %.4f (iteration %d), "
                             "B %.4f (iteration %d); outputs in %s", final, self.state.best["a"],
                             self.state.best_iteration["a"], self.state.best["b"], self.state.best_iteration["b"],
@@ -786,7 +794,7 @@ class _Trainer:
                 kept = f"no checkpoint was saved yet ({self.last_path} does not exist): a rerun starts from scratch"
             raise NonFiniteLossError(
                 f"non-finite loss at iteration {done} ({which}); stopping. {kept}. Try a lower optim.lr or "
-                "amp.precision=off.")
+                "amp.precision=fp32.")
         return bool(flags["stop"])
 
     def _checkpoint_due(self, done: int) -> bool:

@@ -12,7 +12,6 @@ Exit code 2: setup error (a folder missing, no predictions, --out a folder or no
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 import time
@@ -23,13 +22,13 @@ import numpy as np
 
 from common.errors import InputError
 from common.fileutil import atomic_path, check_writable
-from common.image_io import read_mask, same_grid
+from common.image_io import IMAGE_SUFFIXES, read_mask, same_grid
 from common.labels import ORGAN_LABELS, SHORT_NAMES
+from common.logger import get_logger, setup_logging
 from common.metrics import Score, flare_case_scores
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".nrrd")
 CSV_COLUMNS: tuple[str, ...] = (
     ("Name",) + tuple(f"{name}_DSC" for name in SHORT_NAMES) + tuple(f"{name}_NSD" for name in SHORT_NAMES)
 )
@@ -187,11 +186,12 @@ def format_means_table(means: dict[str, float], num_cases: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="FLARE22 DSC/NSD evaluation (official rules).")
-    parser.add_argument("--pred", required=True, help="folder of predicted label maps (<id>.nii.gz, .nii, .mha, .nrrd)")
+    parser.add_argument("--pred", required=True,
+                        help="folder of predicted label maps (<id>.nii.gz, .nii, .mha, .mhd, .nrrd)")
     parser.add_argument("--gt", required=True, help="folder of ground-truth label maps with the same file names")
     parser.add_argument("--out", required=True, help="CSV to write (official columns)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    setup_logging(None)
     failures: list[tuple[str, str]] = []
     try:
         out = Path(args.out)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import tempfile
@@ -14,8 +13,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from common.errors import InputError
+from common.logger import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

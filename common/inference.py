@@ -4,9 +4,9 @@ Pipeline per case (DESIGN 4, decisions 7-9; reference 6.2):
 1. read (background thread), check the volume looks like a CT;
 2. the raw HU volume goes to the device once, as it is stored (int16/int32); the coarse input is resized,
    windowed and z-scored there (`prepare_input`) and flipped to the canonical orientation at 160^3;
-3. coarse labels (highest sigmoid >= 0.5 wins), largest 26-connected component per organ >= 1000 mm^3 of the
-   coarse grid (coarse spacing = raw spacing * raw shape / 160, as the reference), box (`coarse_box`: 240 mm
-   z-window around the largest region) -> raw crop with 20 mm margin (`box_to_raw_crop`); an empty coarse mask
+3. coarse labels (`probs_to_labels`: highest sigmoid >= 0.5 wins), organ box (`organ_box`: largest
+   26-connected component per organ >= 1000 mm^3 of the coarse grid, 240 mm z-window around the largest region)
+   -> raw crop with a 20 mm margin by the training crop rule (`crop_box_with_margin`); an empty coarse mask
    falls back to the whole volume;
 4. the fine network runs on the crop resized to 192^3 (or 160^3); its scores are resized back to the crop size
    on the device, chunk by chunk and only inside each organ's support, straight into a uint8 label map
@@ -31,7 +31,6 @@ import dataclasses
 import gc
 import io
 import json
-import logging
 import math
 import os
 import time
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import gpu_memory
+from common.amp import PRECISIONS as TRAIN_PRECISIONS
 from common.amp import amp_settings, autocast
 from common.backends import Forward, make_forwards, resolve_backend
 from common.checkpoint import load_exported_model
@@ -53,26 +53,31 @@ from common.device import resolve_device, set_cudnn_benchmark
 from common.errors import InputError
 from common.fileutil import check_writable, folder_lock, remove_stale_temps, write_json_atomic, write_text_atomic
 from common.image_io import ImageMeta, canonical_flips, check_spacing, list_images, read_image, write_mask
+from common.logger import get_logger
 from common.networks.input_layer import prepare_input
 from common.original_weights import is_original_layout, load_original_stage
-from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
+from common.postprocess import (
+    COARSE_MIN_VOLUME_MM3,
+    EXTEND_SIZE_MM,
+    FINE_MIN_VOLUME_MM3,
+    LOGIT_THRESHOLD,
+    Z_WINDOW_MM,
+    keep_largest_component,
+    organ_box,
+    probs_to_labels,
+)
+from common.preprocessing import AIR_HU, crop_box_with_margin
 from common.uif import labels_disagreement
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 COARSE_DIR = "base_coarse_model"
 FINE_DIR = "efficient_fine_model"
-COARSE_MIN_VOLUME_MM3 = 1000.0
-FINE_MIN_VOLUME_MM3 = 2000.0
-Z_WINDOW_MM = 240.0
-DEFAULT_EXTEND_SIZE_MM = 20.0
 DEFAULT_UNCERTAINTY_THRESHOLD = 0.2
 # Cost of resizing one channel at one boundary voxel (8 gathers) relative to one voxel of a separable resize of a
 # whole chunk (measured on CPU); decides per chunk which of the two `upsample_labels` uses.
 SPARSE_COST = 6.0
-# A CT in HU always holds air (about -1000 HU) somewhere: outside the body, in the lungs or the bowel.
-CT_MIN_HU_CEILING = -500.0
-PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+PRECISIONS = ("auto",) + TRAIN_PRECISIONS  # the training vocabulary (common.amp) plus auto = by device
 
 CSV_COLUMNS = (
     "case_id", "input_path", "output_path", "status", "error", "read_s", "coarse_s", "fine_s", "post_s",
@@ -99,8 +104,8 @@ def check_ct(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) ->
         raise InputError(path, "voxel values contain NaN or infinity")
     if hi <= lo:
         raise InputError(path, f"non-CT intensities: every voxel is {lo:g}")
-    if lo > CT_MIN_HU_CEILING:
-        raise InputError(path, f"non-CT intensities: minimum {lo:g} > {CT_MIN_HU_CEILING:g} (no air), range "
+    if lo > AIR_HU:
+        raise InputError(path, f"non-CT intensities: minimum {lo:g} > {AIR_HU:g} (no air), range "
                                f"{lo:g}..{hi:g}; expected a CT in Hounsfield units (rescale slope/intercept applied)")
 
 
@@ -357,7 +362,9 @@ class Stage:
     primary: str
     size_zyx: tuple[int, int, int]
     hu_window: tuple[float, float]
-    extend_size_mm: float
+    min_volume_mm3: float  # smallest component kept after this stage, mm^3 of its output grid
+    z_window_mm: float     # coarse: half height of the box's z-window
+    extend_size_mm: float  # fine: margin around the organ box
     modules: dict[str, nn.Module] = field(default_factory=dict)  # the torch networks behind `networks`
 
 
@@ -389,7 +396,9 @@ def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequ
         raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16 and >= 32 "
                            "(preprocess.size_zyx); re-export the model")
     return Stage(stage, Path(model_dir), dict(exported.networks), exported.primary,
-                 size, window, float(pre.get("extend_size_mm", DEFAULT_EXTEND_SIZE_MM)))  # type: ignore[arg-type]
+                 size, window,  # type: ignore[arg-type]
+                 float(pre.get("min_volume_mm3", COARSE_MIN_VOLUME_MM3 if stage == "coarse" else FINE_MIN_VOLUME_MM3)),
+                 float(pre.get("z_window_mm", Z_WINDOW_MM)), float(pre.get("extend_size_mm", EXTEND_SIZE_MM)))
 
 
 @dataclass
@@ -419,9 +428,12 @@ class PredictOptions:
     fine_size: int | None = None                       # fine input size per axis (multiple of 16); None = model's
     ensemble: bool = False                             # average networks A and B in both stages
     uncertainty: str = "auto"                          # auto / on / off: A/B disagreement score
-    z_window_mm: float = Z_WINDOW_MM
-    coarse_min_volume_mm3: float = COARSE_MIN_VOLUME_MM3
-    fine_min_volume_mm3: float = FINE_MIN_VOLUME_MM3
+    # Post-processing (reference 6.2 steps 3-7); None = the value the exported model carries (its training
+    # config's postprocess section), or common.postprocess's default for an older export.
+    z_window_mm: float | None = None                   # coarse box: half height of the z-window
+    coarse_min_volume_mm3: float | None = None         # smallest coarse component kept (mm^3, coarse grid)
+    extend_size_mm: float | None = None                # margin around the organ box (mm)
+    fine_min_volume_mm3: float | None = None           # smallest fine component kept (mm^3, crop grid)
     chunk_elements: int | None = None                  # elements per resize chunk; None = by device
     cudnn_benchmark: bool = True                       # let cuDNN pick the fastest kernels (fixed input sizes)
     backend: str = "auto"                              # common.backends.BACKENDS; auto = fastest installed
@@ -447,7 +459,7 @@ class Predictor:
         # training. Its workspace counts in total - free; gpu_check measures gpu_used_mb with it on and off.
         set_cudnn_benchmark(self.device, options.cudnn_benchmark)
         self.precision = resolve_precision(options.precision, self.device)
-        self.amp = amp_settings("off" if self.precision == "fp32" else self.precision, self.device)
+        self.amp = amp_settings(self.precision, self.device)
         # Scores are resized in fp16 on the GPU (half the memory); bf16's 8-bit mantissa is too coarse for the
         # channel comparisons at organ borders, so bf16 networks hand fp32 scores on.
         self.score_dtype = torch.float16 if self.amp.dtype == torch.float16 else torch.float32
@@ -455,13 +467,18 @@ class Predictor:
             raise ValueError(f"fine size must be a multiple of 16 and >= 32 (192 trained, 160 faster), got {fine_size}")
         self.fine_size = fine_size
         self.ensemble = ensemble
-        self.z_window_mm = options.z_window_mm
-        self.coarse_min_volume_mm3 = options.coarse_min_volume_mm3
-        self.fine_min_volume_mm3 = options.fine_min_volume_mm3
         self.chunk_elements = options.chunk_elements or default_chunk_elements(self.device)
         self.coarse = load_stage(self.weights_dir / COARSE_DIR, "coarse", self.device)
         self.fine = load_stage(self.weights_dir / FINE_DIR, "fine", self.device,
                                None if fine_size is None else (fine_size,) * 3)
+
+        def pick(flag: float | None, exported: float) -> float:
+            return float(exported if flag is None else flag)
+
+        self.z_window_mm = pick(options.z_window_mm, self.coarse.z_window_mm)
+        self.coarse_min_volume_mm3 = pick(options.coarse_min_volume_mm3, self.coarse.min_volume_mm3)
+        self.extend_size_mm = pick(options.extend_size_mm, self.fine.extend_size_mm)
+        self.fine_min_volume_mm3 = pick(options.fine_min_volume_mm3, self.fine.min_volume_mm3)
         for stage in (self.coarse, self.fine):
             stage.modules = dict(stage.networks)
             stage.networks = make_forwards(self.backend, stage.modules, stage.path, stage.size_zyx)
@@ -490,8 +507,9 @@ class Predictor:
     # -------------------------------------------------------------------------------------------- stages
 
     def _scores(self, stage: Stage, x: torch.Tensor, want_pair: bool
-                ) -> tuple[torch.Tensor, float, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Logit scores (C, D, H, W) for input x (1, 1, D, H, W), threshold 0; A/B label maps if asked."""
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Logit scores (C, D, H, W) for input x (1, 1, D, H, W) (labels: LOGIT_THRESHOLD); A/B label maps if
+        asked."""
         names = ["a", "b"] if "a" in stage.networks and "b" in stage.networks else [stage.primary]
         use = names if self.ensemble else [stage.primary]
         run = names if (want_pair and len(names) == 2) else use
@@ -501,16 +519,16 @@ class Predictor:
                 outputs[name] = stage.networks[name](x)[0].to(self.score_dtype)
         pair = None
         if want_pair and len(names) == 2:
-            pair = (probs_to_labels(outputs["a"], 0.0), probs_to_labels(outputs["b"], 0.0))
+            pair = (probs_to_labels(outputs["a"], LOGIT_THRESHOLD), probs_to_labels(outputs["b"], LOGIT_THRESHOLD))
         if len(use) == 1:
-            return outputs[use[0]], 0.0, pair
+            return outputs[use[0]], pair
         # Average the probabilities (fp32), then back to logits: the ensemble's score map is resized as logits,
         # like a single network's, and equals it when A and B agree.
         probs = outputs.pop(use[0]).float().sigmoid_()
         for name in use[1:]:
             probs.add_(outputs.pop(name).float().sigmoid_())
         probs.div_(len(use)).clamp_(1e-7, 1 - 1e-7)
-        return torch.logit(probs).to(self.score_dtype), 0.0, pair
+        return torch.logit(probs).to(self.score_dtype), pair
 
     @torch.inference_mode()
     def predict(self, raw_zyx: np.ndarray, meta: ImageMeta, case: str = "") -> CaseResult:
@@ -529,24 +547,21 @@ class Predictor:
         # ---- coarse: whole volume, resized on the device (slab by slab), flipped at network size
         raw = torch.from_numpy(_torch_friendly(raw_zyx)).to(self.device, non_blocking=True)
         x = _flip(prepare_input(raw[None, None], self.coarse.size_zyx, self.coarse.hu_window), flips)
-        scores, threshold, _ = self._scores(self.coarse, x, want_pair=False)
+        scores, _ = self._scores(self.coarse, x, want_pair=False)
         del x
-        coarse_labels = probs_to_labels(scores, threshold).cpu().numpy()
+        coarse_labels = probs_to_labels(scores, LOGIT_THRESHOLD).cpu().numpy()
         memory = gpu_memory.snapshot(self.device)
         del scores
         t1 = time.perf_counter()
         times["coarse_s"] = t1 - t0
 
-        coarse_spacing = spacing * np.asarray(shape) / np.asarray(self.coarse.size_zyx)
-        coarse_labels = keep_largest_component(coarse_labels, coarse_spacing, self.coarse_min_volume_mm3)
-        box = coarse_box(coarse_labels, tuple(coarse_spacing), z_window_mm=self.z_window_mm)
+        box = organ_box(coarse_labels, shape, tuple(spacing), self.coarse_min_volume_mm3, self.z_window_mm)
         fallback = box is None
         if fallback:
             logger.warning("%s: coarse mask is empty; the fine network runs on the whole volume", case or "case")
             crop = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
         else:
-            crop = box_to_raw_crop(box, self.coarse.size_zyx, shape, tuple(spacing),
-                                   margin_mm=self.fine.extend_size_mm)
+            crop = crop_box_with_margin(box, tuple(spacing), self.extend_size_mm, shape)
         file_crop = canonical_to_file_slices(crop, flips, shape)
         t2 = time.perf_counter()
         times["post_s"] = t2 - t1
@@ -556,12 +571,12 @@ class Predictor:
         crop_shape = tuple(region.shape)
         x = _flip(prepare_input(region[None, None], self.fine.size_zyx, self.fine.hu_window), flips)
         del raw, region
-        scores, threshold, pair = self._scores(self.fine, x, want_pair=self.uncertainty)
+        scores, pair = self._scores(self.fine, x, want_pair=self.uncertainty)
         del x
         uncertainty = labels_disagreement(*pair) if pair is not None else None
         del pair
         scores = _flip(scores, flips)  # the canonical-order scores are dropped here, not kept beside the copy
-        crop_labels = upsample_labels(scores, crop_shape, threshold, self.chunk_elements)
+        crop_labels = upsample_labels(scores, crop_shape, LOGIT_THRESHOLD, self.chunk_elements)
         memory = memory.max(gpu_memory.snapshot(self.device))
         del scores
         crop_labels = crop_labels.cpu().numpy()

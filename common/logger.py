@@ -1,11 +1,18 @@
 """Logging for the "semiseg" logger hierarchy: rank 0 to stdout (through tqdm, so bars stay intact), every rank
-to its own log file."""
+to its own log file.
+
+`setup_logging` is called by entry points only (a stage's main/cli, predict.py, the evaluate and synthetic
+command lines); library code logs through `get_logger(__name__)` and never configures handlers or levels. A run
+that writes its own log file next to its outputs (the training engine's train.log) adds it with `log_to_file`
+for the duration of the run."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -40,8 +47,7 @@ def setup_logging(log_file: str | os.PathLike | None, rank: int = 0, level: int 
             logger.removeHandler(handler)
             handler.close()
     logger.setLevel(level)
-    prefix = f"[rank {rank}] " if rank != 0 else ""
-    formatter = logging.Formatter(prefix + _FORMAT, datefmt=_DATE_FORMAT)
+    formatter = _formatter(rank)
     handlers: list[logging.Handler] = []
     if rank == 0:
         handlers.append(TqdmStdoutHandler())
@@ -54,6 +60,35 @@ def setup_logging(log_file: str | os.PathLike | None, rank: int = 0, level: int 
         setattr(handler, _HANDLER_FLAG, True)
         logger.addHandler(handler)
     return logger
+
+
+def _formatter(rank: int) -> logging.Formatter:
+    prefix = f"[rank {rank}] " if rank != 0 else ""
+    return logging.Formatter(prefix + _FORMAT, datefmt=_DATE_FORMAT)
+
+
+@contextlib.contextmanager
+def log_to_file(log_file: str | os.PathLike, rank: int = 0) -> Iterator[None]:
+    """Also append the "semiseg" records to `log_file` while the block runs (console and levels unchanged).
+
+    Nested blocks for the same file add nothing (a stage's main and the engine may both ask for train.log)."""
+    path = Path(log_file)
+    logger = logging.getLogger(ROOT_LOGGER_NAME)
+    target = os.path.abspath(path)
+    if any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in logger.handlers):
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(_formatter(rank))
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)  # no entry point set a level: the run's log file still gets its INFO lines
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -36,6 +36,7 @@ from common.checkpoint import ExportedModel, export_model, load_checkpoint, load
 from common.errors import InputError
 from common.labels import NUM_ORGANS
 from common.logger import get_logger
+from common.postprocess import EXTEND_SIZE_MM
 
 logger = get_logger("common.original_weights")  # also under `python -m`
 
@@ -45,7 +46,6 @@ HU_WINDOW = (-325.0, 325.0)         # the original's clip window before the per-
 COARSE_SIZE = 160                   # coarse network input size per axis (trained and predicted)
 FINE_SIZE = 192                     # fine network input size per axis the original was trained at
 ORIGINAL_PREDICTOR_FINE_SIZE = 160  # what the original predictor's predict_config.yaml ran the fine network at
-EXTEND_SIZE_MM = 20.0               # fine crop margin around the coarse box
 DROPOUT = 0.2                       # the original networks' Dropout3d probability (inactive at prediction)
 STAGE_NETWORK = {"coarse": "unet", "fine": "efficient_seg_net"}
 NETWORK_TITLE = {"unet": "coarse U-Net", "efficient_seg_net": "fine EfficientSegNet"}

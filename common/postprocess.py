@@ -1,11 +1,10 @@
-"""Post-processing of network outputs: probabilities -> label map, largest component, coarse organ box.
+"""Post-processing of network outputs: the label rule, largest component, the organ box of a coarse prediction.
 
 Arrays are (z, y, x); spacings in mm in the same order.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Sequence, Union
 
@@ -14,14 +13,22 @@ import torch
 from scipy import ndimage
 
 from common.labels import NUM_ORGANS
+from common.logger import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 # Inclusive (min, max) index per axis (z, y, x).
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+
+# Post-processing defaults (reference 6.2); an exported model carries its own values (its `preprocess` record),
+# and the predictor's flags override them.
+COARSE_MIN_VOLUME_MM3 = 1000.0   # step 3: smallest coarse component kept, mm^3 of the coarse grid
+Z_WINDOW_MM = 240.0              # step 4: half height of the z-window around the largest region
+EXTEND_SIZE_MM = 20.0            # step 5: margin around the organ box (crop_box_with_margin)
+FINE_MIN_VOLUME_MM3 = 2000.0     # step 7: smallest fine component kept, mm^3 of the crop grid (DESIGN 5.8)
 
 
 LABEL_THRESHOLD = 0.5
@@ -94,7 +101,7 @@ def keep_largest_component(
 
 
 def coarse_box(
-    labels_coarse: np.ndarray, spacing_coarse_zyx: Sequence[float], z_window_mm: float = 240.0
+    labels_coarse: np.ndarray, spacing_coarse_zyx: Sequence[float], z_window_mm: float = Z_WINDOW_MM
 ) -> Box | None:
     """Organ box from the coarse label map (reference 6.2 step 4), inclusive indices on the coarse grid.
 
@@ -135,27 +142,36 @@ def coarse_box(
     return ((z0, z1), (all_box[1].start, all_box[1].stop - 1), (all_box[2].start, all_box[2].stop - 1))
 
 
-def box_to_raw_crop(
-    box_coarse: Box,
-    coarse_shape: Sequence[int],
-    raw_shape: Sequence[int],
-    raw_spacing_zyx: Sequence[float],
-    margin_mm: float = 20.0,
-) -> tuple[slice, slice, slice]:
-    """Map an inclusive coarse-grid box to a raw-grid crop with a margin (reference 6.2 step 5).
+def grid_box_to_raw(box: Sequence[Sequence[int]], grid_shape_zyx: Sequence[int], raw_shape_zyx: Sequence[int]) -> Box:
+    """Map an inclusive box on a resized grid (e.g. the 160^3 coarse grid) to raw voxels (reference 6.2 step 5):
+    int(index * raw/grid) for each end, clipped to the volume. Returns an inclusive raw box."""
+    out = []
+    for (lo, hi), n_grid, n_raw in zip(box, grid_shape_zyx, raw_shape_zyx):
+        zoom = float(n_raw) / float(n_grid)
+        lo_raw = min(max(int(lo * zoom), 0), int(n_raw) - 1)
+        hi_raw = min(max(int(hi * zoom), lo_raw), int(n_raw) - 1)
+        out.append((lo_raw, hi_raw))
+    return tuple(out)  # type: ignore[return-value]
 
-    Per axis: zoom = raw/coarse size; lo = int(min * zoom), hi = int(max * zoom); margin m = margin_mm /
-    spacing (float); crop = [max(0, int(lo - m)), min(size, int(hi + m))). A crop that would be empty
-    (margin below one voxel at the volume edge) is widened to one slice.
+
+def organ_box(
+    labels_coarse: np.ndarray,
+    raw_shape_zyx: Sequence[int],
+    raw_spacing_zyx: Sequence[float],
+    min_volume_mm3: float = COARSE_MIN_VOLUME_MM3,
+    z_window_mm: float = Z_WINDOW_MM,
+) -> Box | None:
+    """The organ box of a coarse prediction in raw voxels (reference 6.2 steps 3-5): the one rule the predictor
+    and the fine stage's boxes step both use.
+
+    labels_coarse: uint8 (d, h, w) label map on the coarse grid of a raw volume of `raw_shape_zyx` voxels of
+    `raw_spacing_zyx` mm; coarse spacing = raw spacing * raw shape / coarse shape. Largest component per organ
+    >= `min_volume_mm3` (mm^3 of the coarse grid), then `coarse_box` with `z_window_mm`, then `grid_box_to_raw`.
+    Returns the inclusive raw box, or None when no organ survives. The crop around it is
+    `common.preprocessing.crop_box_with_margin` (the training crop rule).
     """
-    crop = []
-    for (lo_c, hi_c), n_coarse, n_raw, spacing in zip(box_coarse, coarse_shape, raw_shape, raw_spacing_zyx):
-        zoom = n_raw / n_coarse
-        lo, hi = int(lo_c * zoom), int(hi_c * zoom)
-        margin = margin_mm / float(spacing)
-        start = max(0, int(lo - margin))
-        stop = min(int(n_raw), int(hi + margin))
-        if stop <= start:
-            start, stop = min(start, int(n_raw) - 1), min(start, int(n_raw) - 1) + 1
-        crop.append(slice(start, stop))
-    return tuple(crop)  # type: ignore[return-value]
+    grid_shape = tuple(int(n) for n in labels_coarse.shape)
+    spacing = tuple(float(s) * float(n) / float(m) for s, n, m in zip(raw_spacing_zyx, raw_shape_zyx, grid_shape))
+    labels = keep_largest_component(labels_coarse, spacing, min_volume_mm3)
+    box = coarse_box(labels, spacing, z_window_mm)
+    return None if box is None else grid_box_to_raw(box, grid_shape, raw_shape_zyx)

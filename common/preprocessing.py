@@ -24,6 +24,9 @@ from common.labels import NUM_ORGANS
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # inclusive (min, max) per axis (z, y, x)
 EPS_STD = 1e-5
+AIR_HU = -500.0
+"""HU below which a voxel is air (outside the body, lungs, bowel gas): a CT holds some (the predictor's and
+data_prepare's sanity checks), and the body is what lies above it (`body_box`)."""
 INT16_MIN, INT16_MAX = -32768, 32767
 
 
@@ -251,3 +254,16 @@ def crop_box_with_margin(
         stop = min(int(n), max(int(hi) + m, int(hi) + 1))
         slices.append(slice(start, stop))
     return tuple(slices)  # type: ignore[return-value]
+
+
+def body_box(image_hu: np.ndarray, threshold_hu: float = AIR_HU) -> Box | None:
+    """Inclusive bbox of the voxels above `threshold_hu` (the body), or None if there are none."""
+    inside = np.asarray(image_hu) > threshold_hu
+    if not inside.any():
+        return None
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(inside.any(axis=other))
+        box.append((int(hits[0]), int(hits[-1])))
+    return tuple(box)  # type: ignore[return-value]

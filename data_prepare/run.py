@@ -19,8 +19,10 @@ Outputs under data_base_dir (the original README's tree, plus region_image/ and 
   db/split.json (the split as lists of ids), db/failed_cases.txt (only when something failed),
   db/data_prepare.log
 Record paths are absolute and keep the `.npy` suffix (the reference stored them without it). Unlabeled
-cases have `mask_path`, `coarse_mask_path`, `fine_mask_path`, `region_mask_path` and `organ_bbox` = null
-(the reference wrote the string 'None' and all-zero dummy masks).
+cases have `mask_path`, `coarse_mask_path`, `fine_image_path`, `fine_mask_path`, `region_mask_path` and
+`organ_bbox` = null (the reference wrote the string 'None' and all-zero dummy masks, and a resized whole-volume
+fine_image that nothing reads). The dataset's databases are written by this stage only: the fine stage keeps its
+boxes and UIF pool under its own output_dir.
 
 Record of a prepared case (UTF-8 JSON; canonical = after the flips; boxes in canonical raw voxels):
   case_id, labeled (bool)
@@ -85,6 +87,7 @@ from common.preprocessing import (
     resize_hu_int16,
     resize_mask,
 )
+from common.step_marker import file_stamp
 
 logger = get_logger("data_prepare.run")  # a fixed name also when run as __main__
 
@@ -148,8 +151,7 @@ def _size_dir(size_zyx: Sequence[int]) -> str:
 
 def _source_stamp(path: str) -> dict[str, int]:
     """Size and modification time of the input (a changed input file is prepared again)."""
-    st = os.stat(path)
-    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+    return file_stamp(path)
 
 
 def _to_int16_hu(array: np.ndarray, path: str) -> np.ndarray:
@@ -226,10 +228,9 @@ def prepare_case(task: CaseTask) -> dict:
         arrays["region_image"] = image[region]
         arrays["region_mask"] = mask[region]
     else:
-        # reference 1.6: unlabeled fine arrays are the whole volume; the fine stage crops unlabeled cases
-        # from the whole-volume region with the coarse model's box (DESIGN 5.5)
+        # The fine stage crops unlabeled cases from the whole-volume region with the coarse model's box
+        # (DESIGN 5.5). No unlabeled fine_image (the reference's resized whole volume): nothing reads it.
         region = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
-        arrays["fine_image"] = resize_hu_int16(image_f, task.fine_size_zyx)
         arrays["region_image"] = image
     del image_f
 
@@ -248,7 +249,7 @@ def prepare_case(task: CaseTask) -> dict:
         "smooth_mask_path": None,
         "coarse_image_path": paths["coarse_image"],
         "coarse_mask_path": paths.get("coarse_mask"),
-        "fine_image_path": paths["fine_image"],
+        "fine_image_path": paths.get("fine_image"),
         "fine_mask_path": paths.get("fine_mask"),
         # ours
         "spacing_zyx": list(spacing),
@@ -344,8 +345,9 @@ def _is_finished(task: CaseTask, record: dict | None) -> bool:
         return False
     if record.get("source") != stamps:
         return False
-    expected = {"coarse_image_path": task.out_path("coarse_image"), "fine_image_path": task.out_path("fine_image"),
-                "region_path": task.out_path("region_image")}
+    expected = {"coarse_image_path": task.out_path("coarse_image"), "region_path": task.out_path("region_image")}
+    if task.kind == "labeled":  # an unlabeled record of an earlier version may still name its unused fine_image
+        expected["fine_image_path"] = task.out_path("fine_image")
     if any(record.get(k) != str(p) for k, p in expected.items()):
         return False
     return all(record.get(k) is None or Path(record[k]).is_file() for k in NPY_KEYS)
@@ -552,17 +554,14 @@ def split_5fold(train1: Sequence[str], val1: Sequence[str], val_ratio: float = 0
     return folds
 
 
-def _replace_keeping_additions(path: Path, records: dict[str, dict]) -> None:
-    """Make the database at `path` hold exactly `records`; an existing record that holds the same values plus
-    keys added by a later stage (e.g. the fine stage's `coarse_box`) is kept as it is."""
+def _replace(path: Path, records: dict[str, dict]) -> None:
+    """Make the database at `path` hold exactly `records`. No other stage writes into the dataset's databases
+    (the fine stage's boxes and UIF pool live under its own output_dir), so there is nothing to keep."""
     store = LmdbStore(path, readonly=False)
-    existing = store.to_dict()
-    merged = {}
-    for case_id, record in records.items():
-        old = existing.get(case_id)
-        same = old is not None and all(old.get(k) == v for k, v in record.items())
-        merged[case_id] = old if same else record
-    store.replace_all(merged)
+    try:
+        store.replace_all(records)
+    finally:
+        store.close()
 
 
 def write_splits(db_dir: Path, cfg: PrepareConfig, labeled: dict[str, dict], unlabeled: dict[str, dict]) -> dict:
@@ -584,8 +583,8 @@ def write_splits(db_dir: Path, cfg: PrepareConfig, labeled: dict[str, dict], unl
                     shutil.rmtree(path)
                 continue
             ids = folds[k][0] if part == "train" else folds[k][1]
-            _replace_keeping_additions(path, {i: labeled[i] for i in ids})
-    _replace_keeping_additions(db_dir / "seg_trainu", unlabeled)
+            _replace(path, {i: labeled[i] for i in ids})
+    _replace(db_dir / "seg_trainu", unlabeled)
     split = {"split_seed": cfg.split_seed, "val_ratio": cfg.val_ratio, "split_5fold": cfg.split_5fold,
              "folds": {str(k): {"train": tr, "val": va} for k, (tr, va) in folds.items()},
              "trainu": sorted(unlabeled)}

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import logging
 import math
 import multiprocessing
 import time
@@ -51,8 +50,9 @@ from tqdm import tqdm
 
 from common.fileutil import atomic_path, write_json_atomic, write_text_atomic
 from common.labels import NUM_ORGANS
+from common.logger import get_logger, setup_logging
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 SIZES = ("full", "demo", "tiny")
 HARD_KINDS = ("noise", "metal", "truncated_xy", "truncated_z")
@@ -961,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="processes generating cases in parallel")
     parser.add_argument("--overwrite", action="store_true", help="regenerate cases that already exist")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(None)
     meta = write_dataset(args.out, args.labeled, args.unlabeled, args.val, seed=args.seed, size=args.size,
                          hard_fraction=args.hard_fraction, overwrite=args.overwrite, workers=args.workers,
                          profiles=args.scan_profiles)

@@ -1,16 +1,16 @@
-"""The boxes step: an organ box for every unlabeled case, stored in its LMDB record (DESIGN 5.5).
+"""The boxes step: an organ box for every unlabeled case, stored under the experiment's output_dir (DESIGN 5.5).
 
 The fine stage crops unlabeled cases where prediction will crop them: around the organs the coarse model finds
 (reference 6.2 steps 2-5). The exported coarse model runs on each case's prepared coarse array (160^3 npy),
 followed by sigmoid, largest component per organ, `coarse_box` (largest region's z-window intersected with the
 labelled bbox) and the mapping to raw canonical voxels (index x raw/coarse zoom, as prediction does). Without a
-coarse model (null or missing folder), or where the coarse prediction is empty, the body box (HU > -500 on the
+coarse model (null or missing folder), or where the coarse prediction is empty, the body box (HU > AIR_HU on the
 coarse array) is used and a warning says so.
 
-Stored in each record: `coarse_box` [[z0, z1], [y0, y1], [x0, x1]] (inclusive, canonical raw voxels) and
-`coarse_box_source` ("coarse_model"; "body": no model; "body_fallback": the model found no organ). Records that
-already hold a box of the wanted source are skipped, so the step resumes where it stopped; writes go in batches,
-one transaction each.
+Stored in `<output_dir>/db/unlabeled_boxes` (LMDB, key = case id; the dataset's databases are only read):
+`coarse_box` [[z0, z1], [y0, y1], [x0, x1]] (inclusive, canonical raw voxels) and `coarse_box_source`
+("coarse_model"; "body": no model; "body_fallback": the model found no organ). Cases that already have a box of
+the wanted source are skipped, so the step resumes where it stopped; writes go in batches, one transaction each.
 """
 
 from __future__ import annotations
@@ -30,43 +30,22 @@ from common.errors import InputError
 from common.lmdb_store import open_store
 from common.logger import get_logger
 from common.networks.input_layer import prepare_input
-from common.postprocess import coarse_box, keep_largest_component, probs_to_labels
+from common.postprocess import (
+    COARSE_MIN_VOLUME_MM3,
+    LOGIT_THRESHOLD,
+    Z_WINDOW_MM,
+    Box,
+    grid_box_to_raw,
+    organ_box,
+    probs_to_labels,
+)
+from common.preprocessing import AIR_HU, body_box
 from fine_efficient_seg.dataset import COARSE_BOX_KEY, resolve_data_path
 
 logger = get_logger(__name__)
 
 BOX_SOURCE_KEY = "coarse_box_source"
-BODY_THRESHOLD_HU = -500.0
-COARSE_MIN_VOLUME_MM3 = 1000.0   # reference 6.2 step 3
-COARSE_Z_WINDOW_MM = 240.0       # reference 6.2 step 4
 WRITE_BATCH = 32
-
-Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
-
-
-def box_to_raw(box: Sequence[Sequence[int]], grid_shape_zyx: Sequence[int], raw_shape_zyx: Sequence[int]) -> Box:
-    """Map an inclusive box on a resized grid to raw voxels: int(index * raw/grid) per end (reference 6.2
-    step 5), clipped to the volume. Returns an inclusive raw box."""
-    out = []
-    for (lo, hi), n_grid, n_raw in zip(box, grid_shape_zyx, raw_shape_zyx):
-        zoom = float(n_raw) / float(n_grid)
-        lo_raw = min(max(int(lo * zoom), 0), int(n_raw) - 1)
-        hi_raw = min(max(int(hi * zoom), lo_raw), int(n_raw) - 1)
-        out.append((lo_raw, hi_raw))
-    return tuple(out)  # type: ignore[return-value]
-
-
-def body_box(image_hu: np.ndarray, threshold_hu: float = BODY_THRESHOLD_HU) -> Box | None:
-    """Inclusive bbox of the voxels above `threshold_hu` (the body), or None if there are none."""
-    inside = image_hu > threshold_hu
-    if not inside.any():
-        return None
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(inside.any(axis=other))
-        box.append((int(hits[0]), int(hits[-1])))
-    return tuple(box)  # type: ignore[return-value]
 
 
 @dataclass
@@ -80,45 +59,44 @@ class CoarseBoxFinder:
     @torch.no_grad()
     def __call__(self, image_hu: np.ndarray, spacing_zyx: Sequence[float], raw_shape_zyx: Sequence[int]) -> Box | None:
         """image_hu: the case's coarse array (any size; resized to the model's size on the device).
-        Returns the inclusive box in raw canonical voxels, or None when the model finds no organ."""
-        size = tuple(int(s) for s in self.model.preprocess["size_zyx"])
-        window = tuple(float(v) for v in self.model.preprocess.get("hu_window", (-325.0, 325.0)))
+        Returns the inclusive box in raw canonical voxels (`common.postprocess.organ_box`, with the coarse
+        model's own post-processing settings), or None when the model finds no organ."""
+        pre = self.model.preprocess
+        size = tuple(int(s) for s in pre["size_zyx"])
+        window = tuple(float(v) for v in pre["hu_window"])
         x = torch.from_numpy(np.ascontiguousarray(image_hu)).to(self.device)[None, None]
         x = prepare_input(x, size, window)
         with autocast(amp_settings(self.precision, self.device)):
             logits = self.model.net(x)
-        probs = torch.sigmoid(logits.float())[0]
-        labels = probs_to_labels(probs)
-        labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-        grid_spacing = tuple(float(s) * float(n) / float(m) for s, n, m in zip(spacing_zyx, raw_shape_zyx, size))
-        labels = keep_largest_component(labels, grid_spacing, COARSE_MIN_VOLUME_MM3)
-        box = coarse_box(labels, grid_spacing, COARSE_Z_WINDOW_MM)
-        if box is None:
-            return None
-        return box_to_raw(box, size, raw_shape_zyx)
+        labels = probs_to_labels(logits[0].float(), LOGIT_THRESHOLD).cpu().numpy()
+        return organ_box(labels, raw_shape_zyx, spacing_zyx,
+                         float(pre.get("min_volume_mm3", COARSE_MIN_VOLUME_MM3)),
+                         float(pre.get("z_window_mm", Z_WINDOW_MM)))
 
 
 def load_coarse_model(model_dir: str | None, device: torch.device) -> ExportedModel | None:
     """The exported coarse model, or None (with a warning) when no folder is configured or it has no model."""
     if model_dir is None:
         logger.warning("boxes.coarse_model_dir is null: unlabeled cases are cropped around the body box "
-                       "(HU > %.0f), not around the organs as at prediction time", BODY_THRESHOLD_HU)
+                       "(HU > %.0f), not around the organs as at prediction time", AIR_HU)
         return None
     if not (Path(model_dir) / "model.pt").is_file():
         logger.warning("no coarse model in %s: unlabeled cases are cropped around the body box (HU > %.0f); "
-                       "train coarse_base_seg and export it for organ boxes", model_dir, BODY_THRESHOLD_HU)
+                       "train coarse_base_seg and export it for organ boxes", model_dir, AIR_HU)
         return None
     return load_exported_model(model_dir, device, stage="coarse", networks=None)
 
 
 def compute_boxes(
     unlabeled_db: Path,
+    boxes_db: Path,
     data_base_dir: str | Path,
     coarse_model_dir: str | None,
     device: torch.device,
     precision: str = "bf16",
 ) -> dict[str, Any]:
-    """Store a `coarse_box` in every record of `unlabeled_db` that lacks one of the wanted source.
+    """Store a `coarse_box` in `boxes_db` (under the experiment's output_dir) for every case of `unlabeled_db`
+    (read only) that lacks one of the wanted source.
 
     Under DDP the ranks share the work: each computes the boxes of its share (`shard`) of WRITE_BATCH cases per
     rank at a time, and rank 0 writes them, so the step resumes where it stopped. A failure on any rank ends every
@@ -127,26 +105,29 @@ def compute_boxes(
     """
     planned: dict[str, Any] = {}
 
-    def plan() -> None:  # on every rank: the coarse model on its device, the store, the cases that need a box
+    def plan() -> list[str] | None:  # every rank: the model, the (read-only) source; rank 0: the boxes store
         model = load_coarse_model(coarse_model_dir, device)
         planned["wanted"] = "coarse_model" if model is not None else "body"
         planned["finder"] = CoarseBoxFinder(model, device, precision) if model is not None else None
-        # Rank 0 reads and writes through one writable store (py-lmdb refuses a second open in one process).
-        planned["store"] = store = open_store(unlabeled_db, readonly=not is_main_process())
-        keys = store.keys()
-        planned["cases"] = len(keys)
-        planned["todo"] = [k for k in keys if not _has_box(store.get(k), planned["wanted"])]
+        planned["source"] = source = open_store(unlabeled_db, readonly=True)
+        planned["cases"] = len(source.keys())
+        if not is_main_process():
+            return None
+        planned["store"] = store = open_store(boxes_db, readonly=False)  # only rank 0 opens (and writes) it
+        return [k for k in source.keys() if not _has_box(store.get(k), planned["wanted"])]
 
     try:
-        run_on_every_rank(plan, "boxes")
-        store = planned["store"]
-        finder, wanted, todo = planned["finder"], planned["wanted"], planned["todo"]
+        todo = run_on_every_rank(plan, "boxes")[0]  # rank 0's list: the boxes store is read there only
+        source = planned["source"]
+        finder, wanted = planned["finder"], planned["wanted"]
         summary = {"cases": planned["cases"], "computed": 0, "skipped": planned["cases"] - len(todo),
                    "body_fallback": 0, "source": wanted}
         if not todo:
-            logger.info("boxes: all %d unlabeled cases already have a %s box", summary["cases"], wanted)
+            logger.info("boxes: all %d unlabeled cases already have a %s box in %s", summary["cases"], wanted,
+                        boxes_db)
             return summary
-        logger.info("boxes: %d of %d unlabeled cases need a box (source: %s)", len(todo), summary["cases"], wanted)
+        logger.info("boxes: %d of %d unlabeled cases need a box (source: %s) -> %s", len(todo), summary["cases"],
+                    wanted, boxes_db)
         per_round = WRITE_BATCH * get_world_size()
         bar = tqdm(total=len(todo), desc="boxes", unit="case", disable=not is_main_process())
         for start in range(0, len(todo), per_round):
@@ -155,28 +136,26 @@ def compute_boxes(
             def boxes_here(chunk: list[str] = chunk) -> dict[str, tuple[list[list[int]], str]]:
                 out = {}
                 for case_id in shard(chunk):
-                    box, source = _case_box(case_id, store.get(case_id), data_base_dir, unlabeled_db, finder)
-                    out[case_id] = ([list(pair) for pair in box], source)
+                    box, kind = _case_box(case_id, source.get(case_id), data_base_dir, unlabeled_db, finder)
+                    out[case_id] = ([list(pair) for pair in box], kind)
                 return out
 
             results = {k: v for part in run_on_every_rank(boxes_here, "boxes") for k, v in part.items()}
             pending: dict[str, dict] = {}
             for case_id in chunk:
-                box, source = results[case_id]
+                box, kind = results[case_id]
                 summary["computed"] += 1
-                summary["body_fallback"] += int(source != wanted)
-                if is_main_process():
-                    record = store.get(case_id)
-                    record[COARSE_BOX_KEY] = box
-                    record[BOX_SOURCE_KEY] = source
-                    pending[case_id] = record
+                summary["body_fallback"] += int(kind != wanted)
+                pending[case_id] = {COARSE_BOX_KEY: box, BOX_SOURCE_KEY: kind}
             # The write runs through run_on_every_rank too, so a failing write on rank 0 stops every rank.
-            run_on_every_rank(lambda pending=pending: store.put_many(pending) if pending else None, "boxes")
+            run_on_every_rank(lambda pending=pending: planned["store"].put_many(pending)
+                              if is_main_process() else None, "boxes")
             bar.update(len(chunk))
         bar.close()
     finally:
-        if "store" in planned:
-            planned["store"].close()
+        for name in ("store", "source"):
+            if name in planned:
+                planned[name].close()
     if summary["body_fallback"]:
         logger.warning("boxes: %d case(s) fell back to the body box (empty coarse prediction)",
                        summary["body_fallback"])
@@ -211,6 +190,6 @@ def _case_box(case_id: str, record: dict, data_base_dir: str | Path, db: Path,
     source = "body" if finder is None else "body_fallback"
     grid_box = body_box(image)
     if grid_box is None:
-        logger.warning("boxes: %s has no voxel above %.0f HU; using the whole volume", case_id, BODY_THRESHOLD_HU)
+        logger.warning("boxes: %s has no voxel above %.0f HU; using the whole volume", case_id, AIR_HU)
         return tuple((0, n - 1) for n in raw_shape), source  # type: ignore[return-value]
-    return box_to_raw(grid_box, image.shape, raw_shape), source
+    return grid_box_to_raw(grid_box, image.shape, raw_shape), source

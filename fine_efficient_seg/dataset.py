@@ -43,6 +43,16 @@ from common.preprocessing import resize_volume_torch, window_and_zscore_torch
 logger = get_logger(__name__)
 
 COARSE_BOX_KEY = "coarse_box"
+BOXES_DB = "db/unlabeled_boxes"
+"""The boxes step's LMDB under the fine stage's output_dir: case id -> {"coarse_box", "coarse_box_source"}."""
+UIF_POOL_DB = "db/uif_pool"
+"""The uif step's LMDB under output_dir: the kept unlabeled records with their box, uif_score and uif_rank."""
+
+
+def experiment_db(output_dir: str | os.PathLike, name: str) -> Path:
+    """A database derived by one experiment (BOXES_DB, UIF_POOL_DB): it lives under that experiment's output_dir,
+    never in the dataset's db/, so two folds or experiments on one dataset cannot overwrite each other's."""
+    return Path(output_dir) / name
 
 
 @dataclass(frozen=True)
@@ -106,12 +116,27 @@ def case_from_record(case_id: str, record: Mapping[str, Any], data_base_dir: str
     )
 
 
-def load_cases(db: Path, data_base_dir: str | os.PathLike, labeled: bool, need_box: bool = True) -> list[FineCase]:
-    """All cases of a database, sorted by id. With `need_box`, an unlabeled case without `coarse_box` is an
+def read_boxes(boxes_db: Path | None) -> dict[str, dict]:
+    """The records of a boxes database ({} when it is None or does not exist yet)."""
+    if boxes_db is None or not (Path(boxes_db) / "data.mdb").is_file():
+        return {}
+    store = open_store(boxes_db, readonly=True)
+    try:
+        return store.to_dict()
+    finally:
+        store.close()
+
+
+def load_cases(db: Path, data_base_dir: str | os.PathLike, labeled: bool, need_box: bool = True,
+               boxes_db: Path | None = None) -> list[FineCase]:
+    """All cases of a database, sorted by id; unlabeled cases take their box from `boxes_db` when given (else
+    from the record itself, as in a UIF pool). With `need_box`, an unlabeled case without a box is an
     InputError telling to run the boxes step."""
+    boxes = read_boxes(boxes_db)
     store = open_store(db, readonly=True)
     try:
-        cases = [case_from_record(key, store.get(key), data_base_dir, db, labeled) for key in store.keys()]
+        cases = [case_from_record(key, {**store.get(key), **boxes.get(key, {})}, data_base_dir, db, labeled)
+                 for key in store.keys()]
     finally:
         store.close()
     if not cases and not labeled:
@@ -119,7 +144,7 @@ def load_cases(db: Path, data_base_dir: str | os.PathLike, labeled: bool, need_b
     if need_box:
         missing = [c.case_id for c in cases if c.box is None]
         if missing:
-            raise InputError(db, f"{len(missing)} case(s) have no {COARSE_BOX_KEY} (first: {missing[0]}); "
+            raise InputError(boxes_db or db, f"{len(missing)} case(s) have no {COARSE_BOX_KEY} (first: {missing[0]}); "
                                  "run the boxes step first (sh run.sh step=boxes)")
     return cases
 

@@ -2,20 +2,20 @@
 
 Source: the best checkpoints of round 2 when that round has any, else those of round 1. Both networks are
 stored (A and B, for `--ensemble` prediction); `export.network` is the primary. The model folder's preprocess
-entry tells prediction how to build the fine input: {"size_zyx", "hu_window", "extend_size_mm"}.
+entry tells prediction how to build the fine input and post-process its output: {"size_zyx", "hu_window",
+"extend_size_mm" (box margin), "min_volume_mm3" (smallest component kept)}.
 `<output_dir>/export.json` records what was exported, so the step is skipped while it is current.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from common.checkpoint import EXPORT_FILE, best_checkpoint_paths, export_best_networks
 from common.config import FineTrainConfig
 from common.errors import InputError
-from common.fileutil import write_json_atomic
+from common.step_marker import file_stamp, marker_matches, write_marker
 from common.logger import get_logger
 
 logger = get_logger(__name__)
@@ -34,28 +34,27 @@ def best_round_dir(cfg: FineTrainConfig) -> Path:
                      "no best checkpoint in round2/ or round1/: train first (sh run.sh)")
 
 
-def _fingerprint(round_dir: Path, export_dir: Path, primary: str) -> dict[str, Any]:
+def _fingerprint(round_dir: Path, export_dir: Path, primary: str, min_volume_mm3: float) -> dict[str, Any]:
     files = {name: path for name, path in best_checkpoint_paths(round_dir).items() if path.is_file()}
     return {
         "round_dir": str(round_dir),
         "export_dir": str(export_dir),
         "primary": primary,
-        "sources": {name: {"path": str(p), "mtime_ns": p.stat().st_mtime_ns} for name, p in files.items()},
+        "min_volume_mm3": float(min_volume_mm3),
+        "sources": {name: {"path": str(p), **file_stamp(p)} for name, p in files.items()},
     }
 
 
 def export_is_current(cfg: FineTrainConfig) -> bool:
     """True when export.dir holds a model written from the current best checkpoints (per export.json)."""
-    marker = Path(cfg.output_dir) / EXPORT_MARKER
     export_dir = Path(cfg.export.dir)
-    if not marker.is_file() or not (export_dir / EXPORT_FILE).is_file():
+    if not (export_dir / EXPORT_FILE).is_file():
         return False
     try:
-        recorded = json.loads(marker.read_text(encoding="utf-8"))
-        current = _fingerprint(best_round_dir(cfg), export_dir, cfg.export.network)
-    except (OSError, ValueError, InputError):
+        current = _fingerprint(best_round_dir(cfg), export_dir, cfg.export.network, cfg.postprocess.min_volume_mm3)
+    except (OSError, InputError):
         return False
-    return recorded == current
+    return marker_matches(Path(cfg.output_dir) / EXPORT_MARKER, current)
 
 
 def export(cfg: FineTrainConfig) -> Path:
@@ -66,8 +65,11 @@ def export(cfg: FineTrainConfig) -> Path:
         round_dir, cfg.export.dir, stage="fine", primary=primary,
         preprocess=lambda config: {"size_zyx": [int(s) for s in config["data"]["size_zyx"]],
                                    "hu_window": [float(v) for v in config["data"]["hu_window"]],
-                                   "extend_size_mm": float(config["crop"]["extend_size_mm"])})
-    write_json_atomic(Path(cfg.output_dir) / EXPORT_MARKER, _fingerprint(round_dir, Path(cfg.export.dir), primary))
+                                   "extend_size_mm": float(config["crop"]["extend_size_mm"]),
+                                   # a prediction setting: this config's, so changing it needs no retraining
+                                   "min_volume_mm3": float(cfg.postprocess.min_volume_mm3)})
+    write_marker(Path(cfg.output_dir) / EXPORT_MARKER, _fingerprint(round_dir, Path(cfg.export.dir), primary,
+                                                                    cfg.postprocess.min_volume_mm3))
     logger.info("exported fine network %s of %s (validation mean Dice %s, iteration %s) to %s", primary,
                 round_dir.name, best.get("dice"), best.get("iteration"), path.parent)
     return path

@@ -1,9 +1,9 @@
 """Fine stage entry point: `python -m fine_efficient_seg.train [config=PATH] [key=value ...]` (run.sh wraps it).
 
 Steps (`step=all` runs them in this order; each is skipped when its output is already there):
-  boxes   organ box of every unlabeled case from the exported coarse model, stored in the LMDB records
+  boxes   organ box of every unlabeled case from the exported coarse model     -> <output_dir>/db/unlabeled_boxes
   round1  CPS training of two EfficientSegNets on labeled + all unlabeled crops   -> <output_dir>/round1/
-  uif     uncertainty of every unlabeled case, keep the most certain              -> uif_scores.csv, db/<pool>_uif
+  uif     uncertainty of every unlabeled case, keep the most certain  -> uif_scores.csv, <output_dir>/db/uif_pool
   round2  CPS training on labeled + the kept cases (fresh or warm from round 1)   -> <output_dir>/round2/
   export  best networks (round 2, else round 1) + config                         -> export.dir
 The rounds use the shared engine (common.engine: checkpoints of both networks, resume, DDP, AMP, TensorBoard,
@@ -15,6 +15,8 @@ error on any rank in these steps ends every rank at once with its message.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,16 +27,27 @@ from common.distributed import DistInfo, RankFailedError, destroy_distributed, i
 from common.engine import DONE_FILE, CPSJob, NonFiniteLossError, TrainingInterrupted, run_cps_training
 from common.errors import InputError
 from common.logger import get_logger, setup_logging
+from common.step_marker import file_stamp, marker_matches, write_marker
 from fine_efficient_seg.boxes import compute_boxes
-from fine_efficient_seg.dataset import FineStream, db_path, load_cases, validation_cases
+from fine_efficient_seg.dataset import (
+    BOXES_DB,
+    UIF_POOL_DB,
+    FineStream,
+    db_path,
+    experiment_db,
+    load_cases,
+    read_boxes,
+    validation_cases,
+)
 from fine_efficient_seg.export import export, export_is_current
-from fine_efficient_seg.uif import SCORES_FILE, filtered_db_path, run_uif, snapshot_iterations
+from fine_efficient_seg.uif import SCORES_FILE, run_uif, snapshot_iterations
 
 logger = get_logger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 STEPS = ("boxes", "round1", "uif", "round2", "export")
 STEPS_LOG = "steps.log"
+UIF_MARKER = "uif.json"  # the uif step's marker (common.step_marker): what the pool was made from
 
 
 def augment_settings(cfg: FineTrainConfig) -> FineAugmentSettings:
@@ -71,7 +84,8 @@ def step_boxes(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
     if pool is None:
         logger.info("boxes: data.unlabeled_db is null; nothing to do")
         return {"skipped": True}
-    return compute_boxes(pool, cfg.data_base_dir, cfg.boxes.coarse_model_dir, info.device, cfg.amp.precision)
+    return compute_boxes(pool, experiment_db(cfg.output_dir, BOXES_DB), cfg.data_base_dir, cfg.boxes.coarse_model_dir,
+                         info.device, cfg.amp.precision)
 
 
 def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]:
@@ -79,13 +93,14 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
     out_dir = _round_dir(cfg, name)
     if name == "round1":
         pool = unlabeled_db(cfg)
+        boxes = experiment_db(cfg.output_dir, BOXES_DB)
         iterations = cfg.schedule.iterations
         init_weights = cfg.model.init_from
         snapshots = snapshot_iterations(iterations, cfg.uif.snapshots) if pool is not None else ()
     else:
         snapshots = ()
-        base = unlabeled_db(cfg)
-        pool = filtered_db_path(base) if base is not None else None
+        pool = experiment_db(cfg.output_dir, UIF_POOL_DB) if unlabeled_db(cfg) is not None else None
+        boxes = None  # the pool's records carry their boxes
         if pool is not None and not (Path(cfg.output_dir) / SCORES_FILE).is_file():
             raise InputError(Path(cfg.output_dir) / SCORES_FILE, "not found: run the uif step first "
                                                                  "(sh run.sh step=uif)")
@@ -107,7 +122,7 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
         rank=info.rank, world_size=info.world_size)
     unlabeled_stream = None
     if pool is not None:
-        unlabeled_cases = load_cases(pool, data_base, labeled=False)
+        unlabeled_cases = load_cases(pool, data_base, labeled=False, boxes_db=boxes)
         unlabeled_stream = FineStream(
             unlabeled_cases, name="unlabeled", seed=cfg.seed, batch_size=cfg.data.unlabeled_batch_size,
             size_zyx=size, hu_window=window, settings=settings, device=info.device, labeled=False,
@@ -132,24 +147,45 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
     return run_cps_training(job)
 
 
+def _uif_inputs(cfg: FineTrainConfig) -> dict[str, Any]:
+    """What the UIF pool depends on: the round-1 networks, the boxes and the UIF and crop settings."""
+    ckpts = _round_dir(cfg, "round1") / "checkpoints"
+    files = {name: ckpts / name for name in ("best_model_a.pt", "best_model_b.pt", "last.pt")}
+    # the boxes by content: opening an LMDB for writing may touch data.mdb without changing a record
+    boxes = read_boxes(experiment_db(cfg.output_dir, BOXES_DB))
+    return {
+        "round1": {name: file_stamp(p) for name, p in files.items() if p.is_file()},
+        "boxes": hashlib.sha256(json.dumps(boxes, sort_keys=True).encode()).hexdigest(),
+        "uif": {"score": cfg.uif.score, "keep_count": cfg.uif.keep_count, "keep_ratio": cfg.uif.keep_ratio,
+                "weighting": cfg.uif.weighting, "snapshots": cfg.uif.snapshots},
+        "crop": {"extend_size_mm": cfg.crop.extend_size_mm, "size_zyx": list(cfg.data.size_zyx),
+                 "hu_window": list(cfg.data.hu_window)},
+    }
+
+
 def step_uif(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
     pool = unlabeled_db(cfg)
-    scores = Path(cfg.output_dir) / SCORES_FILE
     if pool is None:
         logger.info("uif: data.unlabeled_db is null; nothing to filter")
         return {"skipped": True}
-    if scores.is_file() and (filtered_db_path(pool) / "data.mdb").is_file():
-        logger.info("uif: %s and %s exist; skipping (delete the CSV to score again)", scores, filtered_db_path(pool))
-        return {"skipped": True}
+    pool_db = experiment_db(cfg.output_dir, UIF_POOL_DB)
     if not _round_done(cfg, "round1"):
         raise InputError(_round_dir(cfg, "round1") / DONE_FILE, "not found: finish round 1 first "
                                                                 "(sh run.sh step=round1)")
+    marker = Path(cfg.output_dir) / UIF_MARKER
+    inputs = _uif_inputs(cfg)
+    if marker_matches(marker, inputs) and (pool_db / "data.mdb").is_file():
+        logger.info("uif: %s is current (%s); skipping", pool_db, marker)
+        return {"skipped": True}
     rows = run_uif(
-        round_dir=_round_dir(cfg, "round1"), unlabeled_db=pool, data_base_dir=cfg.data_base_dir,
+        round_dir=_round_dir(cfg, "round1"), unlabeled_db=pool, boxes_db=experiment_db(cfg.output_dir, BOXES_DB),
+        pool_db=pool_db, data_base_dir=cfg.data_base_dir,
         output_dir=Path(cfg.output_dir), method=cfg.uif.score, keep_count=cfg.uif.keep_count,
         keep_ratio=cfg.uif.keep_ratio, size_zyx=cfg.data.size_zyx, hu_window=cfg.data.hu_window,
         extend_size_mm=cfg.crop.extend_size_mm, device=info.device, precision=cfg.amp.precision,
         weighting=cfg.uif.weighting)
+    if info.is_main:
+        write_marker(marker, inputs)
     return {"cases": len(rows), "kept": sum(r.kept for r in rows)}
 
 
@@ -180,9 +216,9 @@ def main(cfg: FineTrainConfig) -> dict[str, Any]:
     info = init_distributed(cfg.device)
     steps = STEPS if cfg.step == "all" else (cfg.step,)
     results: dict[str, Any] = {}
+    setup_logging(Path(cfg.output_dir) / (STEPS_LOG if info.is_main else f"steps.rank{info.rank}.log"),
+                  rank=info.rank)
     for step in steps:
-        setup_logging(Path(cfg.output_dir) / (STEPS_LOG if info.is_main else f"steps.rank{info.rank}.log"),
-                      rank=info.rank)
         logger.info("fine stage: step %s", step)
         if step in _ALL_RANK_STEPS:
             results[step] = _ALL_RANK_STEPS[step](cfg, info)

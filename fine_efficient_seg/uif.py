@@ -5,8 +5,9 @@ resized to the network size) by `common.uif.uncertainty_score` (disagreement of 
 entropy of their mean sigmoid, or ST++ stability of the final A+B mean against the round-1 snapshots
 `checkpoints/snapshot_<it>.pt`, as options). Outputs:
 - `<output_dir>/uif_scores.csv`: case, score, kept, rank (rank 1 = most certain), in rank order;
-- `<data_base_dir>/db/seg_trainu_uif` (the unlabeled DB's name + `_uif`): the kept records, copied from the
-  unlabeled DB with `uif_score` and `uif_rank` added, written in one transaction.
+- `<output_dir>/db/uif_pool` (LMDB): the kept records, copied from the unlabeled DB with their box (from the
+  boxes step's database), `uif_score` and `uif_rank` added, written in one transaction. Like the boxes, the
+  pool belongs to the experiment, never to the dataset folder.
 The CSV is written last and marks the step as done.
 """
 
@@ -31,17 +32,12 @@ from common.lmdb_store import open_store
 from common.logger import get_logger
 from common.networks import build_network
 from common.uif import UifRow, select_certain, uncertainty_score
-from fine_efficient_seg.dataset import FineCase, fixed_crop_input, load_cases
+from fine_efficient_seg.dataset import FineCase, fixed_crop_input, load_cases, read_boxes
 
 logger = get_logger(__name__)
 
 SCORES_FILE = "uif_scores.csv"
 CSV_HEADER = ("case", "score", "kept", "rank")
-
-
-def filtered_db_path(unlabeled_db: Path) -> Path:
-    """`db/seg_trainu` -> `db/seg_trainu_uif`."""
-    return unlabeled_db.with_name(unlabeled_db.name + "_uif")
 
 
 def load_round_networks(round_dir: Path, device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -161,8 +157,11 @@ def read_scores_csv(path: Path) -> list[UifRow]:
         return [UifRow(r["case"], float(r["score"]), r["kept"] == "1", int(r["rank"])) for r in csv.DictReader(handle)]
 
 
-def write_filtered_db(unlabeled_db: Path, out_db: Path, rows: Sequence[UifRow]) -> int:
-    """Make `out_db` hold exactly the kept records of `unlabeled_db` (one transaction); returns their number."""
+def write_filtered_db(unlabeled_db: Path, out_db: Path, rows: Sequence[UifRow],
+                      boxes_db: Path | None = None) -> int:
+    """Make `out_db` hold exactly the kept records of `unlabeled_db` with their box from `boxes_db` (one
+    transaction); returns their number."""
+    boxes = read_boxes(boxes_db)
     source = open_store(unlabeled_db, readonly=True)
     try:
         kept = {}
@@ -172,6 +171,7 @@ def write_filtered_db(unlabeled_db: Path, out_db: Path, rows: Sequence[UifRow]) 
             record = source.get(row.case)
             if record is None:
                 raise InputError(unlabeled_db, f"case {row.case!r} vanished from the database during uif")
+            record.update(boxes.get(row.case, {}))
             record["uif_score"] = row.score
             record["uif_rank"] = row.rank
             kept[row.case] = record
@@ -185,22 +185,24 @@ def write_filtered_db(unlabeled_db: Path, out_db: Path, rows: Sequence[UifRow]) 
     return len(kept)
 
 
-def write_selection(rows: Sequence[UifRow], *, unlabeled_db: Path, output_dir: Path) -> Path:
-    """Make the round-2 pool hold the kept rows and write `uif_scores.csv` (last: it marks the step done).
+def write_selection(rows: Sequence[UifRow], *, unlabeled_db: Path, boxes_db: Path | None, pool_db: Path,
+                    output_dir: Path) -> int:
+    """Make `pool_db` hold the kept rows (with their boxes from `boxes_db`) and write `output_dir/uif_scores.csv`
+    (last: it marks the selection stored); returns the number kept.
 
-    The one place that stores a selection, whoever made it (the uif step, or a benchmark's control); returns
-    the pool's database path.
+    The one place that stores a selection, whoever made it (the uif step, or a benchmark's control).
     """
-    out_db = filtered_db_path(unlabeled_db)
-    write_filtered_db(unlabeled_db, out_db, rows)
-    write_text_atomic(output_dir / SCORES_FILE, rows_to_csv(rows))
-    return out_db
+    kept = write_filtered_db(unlabeled_db, pool_db, rows, boxes_db)
+    write_text_atomic(Path(output_dir) / SCORES_FILE, rows_to_csv(rows))
+    return kept
 
 
 def run_uif(
     *,
     round_dir: Path,
     unlabeled_db: Path,
+    boxes_db: Path | None,
+    pool_db: Path,
     data_base_dir: str | Path,
     output_dir: Path,
     method: str,
@@ -213,13 +215,14 @@ def run_uif(
     precision: str = "bf16",
     weighting: str = "organ",
 ) -> list[UifRow]:
-    """Score the pool, write the filtered database and then `uif_scores.csv`; returns the rows in rank order.
+    """Score the pool, write the filtered database `pool_db` and then `uif_scores.csv`; returns the rows in rank
+    order. Boxes come from `boxes_db` (None: from the unlabeled records themselves).
 
     Under DDP every rank scores its share of the cases (`shard`) and rank 0 writes; a failure on any rank ends
     every rank at once with its message (`run_on_every_rank`).
     """
     def score_here() -> dict[str, float]:
-        cases = load_cases(unlabeled_db, data_base_dir, labeled=False)
+        cases = load_cases(unlabeled_db, data_base_dir, labeled=False, boxes_db=boxes_db)
         if not cases:
             raise InputError(unlabeled_db, "no unlabeled cases to filter")
         net_a, net_b = load_round_networks(round_dir, device)
@@ -230,11 +233,11 @@ def run_uif(
 
     scores = {k: v for part in run_on_every_rank(score_here, "uif") for k, v in part.items()}
     rows = select_certain(scores, keep_count, keep_ratio)
-    out_db = filtered_db_path(unlabeled_db)
+    out_db = pool_db
 
     def write_here() -> int:
         if is_main_process():
-            write_selection(rows, unlabeled_db=unlabeled_db, output_dir=output_dir)
+            write_selection(rows, unlabeled_db=unlabeled_db, boxes_db=boxes_db, pool_db=out_db, output_dir=output_dir)
         return 0
 
     run_on_every_rank(write_here, "uif")

@@ -88,7 +88,8 @@ def test_training_writes_every_output_file_and_exports(trained, prepared, capsys
     assert cli(_overrides(prepared, out, "step=export", "export.network=b")) == 0
     model = load_exported_model(out / "exported", device="cpu", stage="coarse")
     assert model.primary == "b" and set(model.networks) == {"a", "b"}
-    assert model.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0]}
+    assert model.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "min_volume_mm3": 1000.0,
+                                "z_window_mm": 240.0}
     assert model.config["model"]["channels"] == [2, 4, 4, 8, 8]
     assert (out / "exported" / "config.yaml").is_file()
     best_b = load_checkpoint(out / "checkpoints" / "best_model_b.pt")

@@ -35,8 +35,11 @@ def test_demo_runs_every_stage_and_reuses_work(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     ds = out / "dataset"
-    for db in ("seg_raw_train", "seg_pre-process_database", "seg_train_fold_1", "seg_trainu", "seg_trainu_uif"):
+    for db in ("seg_raw_train", "seg_pre-process_database", "seg_train_fold_1", "seg_trainu"):
         assert (ds / "db" / db).is_dir(), db
+    for db in ("unlabeled_boxes", "uif_pool"):  # the experiment's own databases, under its output_dir
+        assert (out / "fine" / "db" / db / "data.mdb").is_file(), db
+    assert not (ds / "db" / "seg_trainu_uif").exists()
     assert (out / "coarse" / "checkpoints" / "best_model_a.pt").is_file()
     assert (out / "fine" / "round1" / "checkpoints" / "best_model_b.pt").is_file()
     assert (out / "fine" / "round2" / "checkpoints" / "last.pt").is_file()

@@ -30,7 +30,7 @@ def _cfg(out_dir: Path, *overrides: str) -> CoarseTrainConfig:
     return load_config(CoarseTrainConfig, CONFIG, [
         f"output_dir={out_dir}", "device=cpu", "model.channels=[2,4,4,8,8]", f"data.size_zyx=[{SIZE},{SIZE},{SIZE}]",
         f"schedule.iterations={ITERATIONS}", "schedule.val_interval=2", "schedule.checkpoint_interval=2",
-        "schedule.log_interval=1", "amp.precision=off", *overrides])
+        "schedule.log_interval=1", "amp.precision=fp32", *overrides])
 
 
 def _sample(name: str, position: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,6 +113,17 @@ def test_format_csv_column_types():
     assert second[CSV_COLUMNS.index("RK_NSD")] == ""  # NaN written empty (pandas default)
 
 
+def test_mhd_predictions_are_found_like_every_readable_format(tmp_path):
+    """evaluate uses the image reader's suffix list, so a MetaImage (.mhd + .raw) prediction is scored."""
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    _write(gt / "a.mhd", _mask(0))
+    _write(pred / "a.mhd", _mask(0))
+    rows, means = evaluate_folder(pred, gt, tmp_path / "r.csv")
+    assert [r["Name"] for r in rows] == ["a.mhd"] and means["Liver_DSC"] == 1.0
+
+
 # ------------------------------------------------------------------------------------------------ issue 14
 
 

@@ -20,10 +20,12 @@ from common.config import FineTrainConfig, PrepareConfig, load_config
 from common.errors import InputError
 from common.lmdb_store import open_store
 from common.networks import build_network
+from common.postprocess import grid_box_to_raw
+from common.preprocessing import body_box
 from data_prepare import run as prepare_run
 from data_prepare.synthetic import write_dataset
 from fine_efficient_seg import uif as fine_uif
-from fine_efficient_seg.boxes import body_box, box_to_raw, compute_boxes
+from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import FineStream, fixed_crop_input, load_cases, validation_cases
 from fine_efficient_seg.train import augment_settings, main
 from fine_efficient_seg.uif import read_scores_csv, run_uif, snapshot_iterations
@@ -56,7 +58,7 @@ def dataset(tmp_path_factory) -> Path:
 def overrides(data: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"data_base_dir={data}", f"output_dir={out / 'output'}", "device=cpu", f"data.size_zyx=[{SIZE},{SIZE},{SIZE}]",
-        f"model.channels={TINY}", "amp.precision=off", "data.num_workers=1", "schedule.iterations=3",
+        f"model.channels={TINY}", "amp.precision=fp32", "data.num_workers=1", "schedule.iterations=3",
         "schedule.val_interval=100", "schedule.checkpoint_interval=1", "schedule.log_interval=1", "round2.iterations=1",
         "uif.keep_count=2", f"boxes.coarse_model_dir={data.parent / 'coarse_model'}", f"export.dir={out / 'export'}",
         *extra,
@@ -76,49 +78,79 @@ def test_box_helpers():
     assert body_box(image) == ((2, 5), (3, 8), (1, 10))
     assert body_box(np.full((3, 3, 3), -1000)) is None
     # coarse 16^3 -> raw (40, 80, 100): int(index * zoom), clipped
-    assert box_to_raw(((0, 15), (4, 8), (2, 2)), (16, 16, 16), (40, 80, 100)) == ((0, 37), (20, 40), (12, 12))
+    assert grid_box_to_raw(((0, 15), (4, 8), (2, 2)), (16, 16, 16), (40, 80, 100)) == ((0, 37), (20, 40), (12, 12))
 
 
-def copy_pool_without_boxes(dataset: Path, target: Path) -> Path:
-    """A copy of the unlabeled database with any stored boxes removed (the arrays stay where they are)."""
-    src = open_store(dataset / "db" / "seg_trainu")
-    records = {k: {kk: vv for kk, vv in src.get(k).items() if not kk.startswith("coarse_box")} for k in src.keys()}
-    src.close()
-    open_store(target, readonly=False).put_many(records)
-    return target
+def _db_bytes(db: Path) -> bytes:
+    return (db / "data.mdb").read_bytes()
 
 
 def test_boxes_step_model_and_body_fallback(dataset, tmp_path, caplog):
-    db = copy_pool_without_boxes(dataset, tmp_path / "with_model")
+    db = dataset / "db" / "seg_trainu"
+    before = open_store(db).to_dict()
+    boxes_db = tmp_path / "with_model" / "db" / "unlabeled_boxes"
     model_dir = str(dataset.parent / "coarse_model")
-    summary = compute_boxes(db, dataset, model_dir, torch.device("cpu"), "off")
+    summary = compute_boxes(db, boxes_db, dataset, model_dir, torch.device("cpu"), "fp32")
     assert summary["cases"] == 4 and summary["computed"] == 4 and summary["source"] == "coarse_model"
-    store = open_store(db)
-    for key in store.keys():
-        record = store.get(key)
+    boxes = open_store(boxes_db).to_dict()
+    assert sorted(boxes) == sorted(before)
+    for key, record in boxes.items():
         assert record["coarse_box_source"] in ("coarse_model", "body_fallback")
-        for (lo, hi), n in zip(record["coarse_box"], record["shape_zyx"]):
+        for (lo, hi), n in zip(record["coarse_box"], before[key]["shape_zyx"]):
             assert 0 <= lo <= hi < n
-    store.close()
+    # the dataset's database is only read
+    assert open_store(db).to_dict() == before
     # Done: a second run computes nothing.
-    again = compute_boxes(db, dataset, model_dir, torch.device("cpu"), "off")
+    again = compute_boxes(db, boxes_db, dataset, model_dir, torch.device("cpu"), "fp32")
     assert again["computed"] == 0 and again["skipped"] == 4
     # No coarse model: body box with a warning.
-    db = copy_pool_without_boxes(dataset, tmp_path / "no_model")
+    body_db = tmp_path / "no_model" / "db" / "unlabeled_boxes"
     caplog.set_level("WARNING")
-    body = compute_boxes(db, dataset, None, torch.device("cpu"), "off")
+    body = compute_boxes(db, body_db, dataset, None, torch.device("cpu"), "fp32")
     assert body["source"] == "body" and body["computed"] == 4
     assert any("body box" in r.getMessage() for r in caplog.records)
-    store = open_store(db)
-    for key in store.keys():
-        record = store.get(key)
+    for key, record in open_store(body_db).to_dict().items():
         assert record["coarse_box_source"] == "body"
-        image = np.load(record["coarse_image_path"])
-        assert record["coarse_box"] == [list(p) for p in box_to_raw(body_box(image), image.shape, record["shape_zyx"])]
-    store.close()
+        image = np.load(before[key]["coarse_image_path"])
+        assert record["coarse_box"] == [list(p) for p in grid_box_to_raw(body_box(image), image.shape,
+                                                                             before[key]["shape_zyx"])]
     # A folder without model.pt also falls back to the body box.
-    assert compute_boxes(copy_pool_without_boxes(dataset, tmp_path / "empty_dir"), dataset, str(tmp_path),
-                         torch.device("cpu"), "off")["source"] == "body"
+    assert compute_boxes(db, tmp_path / "empty_dir" / "boxes", dataset, str(tmp_path),
+                         torch.device("cpu"), "fp32")["source"] == "body"
+
+
+def test_two_experiments_on_one_dataset_keep_their_own_boxes_and_uif_pool(dataset, tmp_path, monkeypatch):
+    """Boxes and UIF pool live under each run's output_dir: a second experiment on the same dataset (another
+    coarse model, another keep_count) leaves the first one's untouched, and the dataset's db/ is only read."""
+    seg_trainu = dataset / "db" / "seg_trainu"
+    dataset_before = open_store(seg_trainu).to_dict()
+    monkeypatch.setattr(fine_uif, "load_round_networks", lambda round_dir, device: (ThresholdNet(0.0),
+                                                                                    ThresholdNet(0.5)))
+    cfg_a = fine_config(dataset, tmp_path / "a", "uif.keep_count=1")
+    cfg_b = fine_config(dataset, tmp_path / "b", "uif.keep_count=3", "boxes.coarse_model_dir=null")
+    for cfg in (cfg_a, cfg_b):
+        (Path(cfg.output_dir) / "round1").mkdir(parents=True)
+        (Path(cfg.output_dir) / "round1" / "DONE").write_text('{"iteration": 3}')
+    main(replace(cfg_a, step="boxes"))
+    main(replace(cfg_a, step="uif"))
+    out_a = Path(cfg_a.output_dir)
+    boxes_a, pool_a = out_a / "db" / "unlabeled_boxes", out_a / "db" / "uif_pool"
+    snapshot = (_db_bytes(boxes_a), _db_bytes(pool_a))
+    main(replace(cfg_b, step="boxes"))
+    main(replace(cfg_b, step="uif"))
+    out_b = Path(cfg_b.output_dir)
+    assert (_db_bytes(boxes_a), _db_bytes(pool_a)) == snapshot
+    sources_a = {r["coarse_box_source"] for r in open_store(boxes_a).to_dict().values()}
+    sources_b = {r["coarse_box_source"] for r in open_store(out_b / "db" / "unlabeled_boxes").to_dict().values()}
+    assert sources_b == {"body"} and "body" not in sources_a
+    assert len(open_store(pool_a).keys()) == 1 and len(open_store(out_b / "db" / "uif_pool").keys()) == 3
+    assert all(r.get("coarse_box") for r in open_store(out_b / "db" / "uif_pool").to_dict().values())
+    assert open_store(seg_trainu).to_dict() == dataset_before
+    assert not (dataset / "db" / "seg_trainu_uif").exists()
+    # the uif step's marker: unchanged inputs skip it, another keep_count redoes it
+    assert main(replace(cfg_a, step="uif"))["uif"]["skipped"]
+    assert main(replace(cfg_a, step="uif", uif=replace(cfg_a.uif, keep_count=2)))["uif"]["kept"] == 2
+    assert len(open_store(pool_a).keys()) == 2
 
 
 # ----------------------------------------------------------------------------------------------------- streams
@@ -224,23 +256,25 @@ def test_uif_step_keeps_agreeing_cases(tmp_path, monkeypatch, method):
     db = make_pool(tmp_path)
     monkeypatch.setattr(fine_uif, "load_round_networks", lambda round_dir, device: (ThresholdNet(0.0),
                                                                                     ThresholdNet(0.5)))
-    common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, data_base_dir=tmp_path, output_dir=tmp_path / "out",
+    pool_db = tmp_path / "out" / "db" / "uif_pool"
+    common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, boxes_db=None, pool_db=pool_db,
+                  data_base_dir=tmp_path, output_dir=tmp_path / "out",
                   method=method, keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=[-325.0, 325.0], extend_size_mm=20.0,
-                  device=torch.device("cpu"), precision="off")
+                  device=torch.device("cpu"), precision="fp32")
     rows = run_uif(keep_count=3, **common)
     kept = {r.case for r in rows if r.kept}
     assert kept == {"agree_a", "agree_b", "agree_c"}
     assert [r.rank for r in rows] == [1, 2, 3, 4, 5]
     csv_rows = read_scores_csv(tmp_path / "out" / "uif_scores.csv")
     assert [(r.case, r.kept, r.rank) for r in csv_rows] == [(r.case, r.kept, r.rank) for r in rows]
-    filtered = open_store(db.with_name("seg_trainu_uif"))
+    filtered = open_store(pool_db)
     assert filtered.keys() == sorted(kept)
     assert filtered.get("agree_a")["coarse_box"] == [[2, 9], [2, 11], [2, 13]]
     filtered.close()
     # The three agree_* tie: the lower ids win; the database shrinks to the new selection.
     rows = run_uif(keep_count=1, **common)
     assert [r.case for r in rows if r.kept] == ["agree_a"]
-    filtered = open_store(db.with_name("seg_trainu_uif"))
+    filtered = open_store(pool_db)
     assert filtered.keys() == ["agree_a"]
     filtered.close()
     # keep_ratio 0.4 of 5 -> 2
@@ -279,10 +313,11 @@ def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     log = (out / "round1" / "train.log").read_text()
     assert "resuming from" in log and f"at iteration {killed_at}/3" in log
 
-    store = open_store(dataset / "db" / "seg_trainu")
-    assert all(store.get(k).get("coarse_box") is not None for k in store.keys())
-    pool = store.keys()
-    store.close()
+    boxes = open_store(out / "db" / "unlabeled_boxes")
+    assert all(boxes.get(k).get("coarse_box") is not None for k in boxes.keys())
+    pool = boxes.keys()
+    boxes.close()
+    assert not any("coarse_box" in r for r in open_store(dataset / "db" / "seg_trainu").to_dict().values())
     for name, iterations in (("round1", 3), ("round2", 1)):
         round_dir = out / name
         assert json.loads((round_dir / "DONE").read_text())["iteration"] == iterations
@@ -294,12 +329,13 @@ def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     rows = read_scores_csv(out / "uif_scores.csv")
     assert sorted(r.case for r in rows) == pool
     assert sum(r.kept for r in rows) == 2
-    filtered = open_store(dataset / "db" / "seg_trainu_uif")
+    filtered = open_store(out / "db" / "uif_pool")
     assert filtered.keys() == sorted(r.case for r in rows if r.kept)
     filtered.close()
     model = load_exported_model(tmp_path / "export", "cpu", stage="fine")
     assert set(model.networks) == {"a", "b"} and model.primary == "a"
-    assert model.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0}
+    assert model.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0,
+                                "min_volume_mm3": 2000.0}
     assert (tmp_path / "export" / "config.yaml").is_file()
     with torch.no_grad():
         assert model.net(torch.zeros(1, 1, SIZE, SIZE, SIZE)).shape == (1, 13, SIZE, SIZE, SIZE)
@@ -330,6 +366,13 @@ def test_run_sh_execs_the_trainer(tmp_path):
     assert proc.returncode == 2 and "missing.yaml" in err
 
 
+def copy_pool(dataset: Path, target: Path) -> Path:
+    """A copy of the unlabeled database (the arrays stay where they are)."""
+    target = target / "db" / "seg_trainu"
+    open_store(target, readonly=False).put_many(open_store(dataset / "db" / "seg_trainu").to_dict())
+    return target
+
+
 def _boxes_worker(rank: int, world: int, init_file: str, dataset: str, db: str, out_dir: str) -> None:
     from common.distributed import RankFailedError
 
@@ -337,8 +380,8 @@ def _boxes_worker(rank: int, world: int, init_file: str, dataset: str, db: str, 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         try:
-            summary = compute_boxes(Path(db), dataset, str(Path(dataset).parent / "coarse_model"),
-                                    torch.device("cpu"), "off")
+            summary = compute_boxes(Path(db), Path(out_dir) / "boxes", dataset,
+                                    str(Path(dataset).parent / "coarse_model"), torch.device("cpu"), "fp32")
             outcome = json.dumps(summary)
         except (RankFailedError, Exception) as exc:  # noqa: BLE001 - the test reads what each rank saw
             outcome = f"{type(exc).__name__}: {exc}"
@@ -347,33 +390,33 @@ def _boxes_worker(rank: int, world: int, init_file: str, dataset: str, db: str, 
         torch.distributed.destroy_process_group()
 
 
-def _boxes_on_two_ranks(dataset: Path, db: Path, tmp_path: Path, name: str) -> list[str]:
+def _boxes_on_two_ranks(dataset: Path, db: Path, tmp_path: Path, name: str) -> tuple[list[str], Path]:
     out = tmp_path / f"ranks_{name}"
     out.mkdir()
     torch.multiprocessing.start_processes(_boxes_worker, args=(2, str(out / "init"), str(dataset), str(db), str(out)),
                                           nprocs=2, join=True, start_method="fork")
-    return [(out / f"rank{r}.txt").read_text() for r in range(2)]
+    return [(out / f"rank{r}.txt").read_text() for r in range(2)], out / "boxes"
 
 
 def test_boxes_step_shared_by_two_ranks(dataset, tmp_path):
-    single = copy_pool_without_boxes(dataset, tmp_path / "single")
-    compute_boxes(single, dataset, str(dataset.parent / "coarse_model"), torch.device("cpu"), "off")
-    shared = copy_pool_without_boxes(dataset, tmp_path / "shared")
-    outcomes = _boxes_on_two_ranks(dataset, shared, tmp_path, "ok")
+    source = dataset / "db" / "seg_trainu"
+    single = tmp_path / "single" / "boxes"
+    compute_boxes(source, single, dataset, str(dataset.parent / "coarse_model"), torch.device("cpu"), "fp32")
+    outcomes, shared = _boxes_on_two_ranks(dataset, source, tmp_path, "ok")
     for outcome in outcomes:
         assert json.loads(outcome)["computed"] == 4, outcome
     a, b = open_store(single), open_store(shared)
     assert a.keys() == b.keys() and all(a.get(k) == b.get(k) for k in a.keys())
     a.close(), b.close()
     # A case whose coarse array is missing fails on the rank that has it: both ranks stop with that message.
-    broken = copy_pool_without_boxes(dataset, tmp_path / "broken")
+    broken = copy_pool(dataset, tmp_path / "broken")
     store = open_store(broken, readonly=False)
     victim = store.keys()[1]  # rank 1's first case
     record = store.get(victim)
     record["coarse_image_path"] = str(tmp_path / "gone.npy")
     store.put_many({victim: record})
     store.close()
-    rank0, rank1 = _boxes_on_two_ranks(dataset, broken, tmp_path, "broken")
+    (rank0, rank1), _ = _boxes_on_two_ranks(dataset, broken, tmp_path, "broken")
     assert rank1.startswith("InputError") and "gone.npy" in rank1
     assert rank0.startswith("RankFailedError: boxes failed on rank 1: InputError") and "gone.npy" in rank0
 
@@ -385,7 +428,8 @@ def _uif_worker(rank: int, world: int, init_file: str, common: dict, out_dir: st
     score_cases = fine_uif.score_cases  # this child's copy: record which cases this rank scores
     fine_uif.score_cases = lambda cases, *a, **k: seen.extend(c.case_id for c in cases) or score_cases(cases, *a, **k)
     try:
-        rows = run_uif(keep_count=2, **{**common, "output_dir": Path(out_dir) / "out"})
+        rows = run_uif(keep_count=2, **{**common, "output_dir": Path(out_dir) / "out",
+                                        "pool_db": Path(out_dir) / "out" / "db" / "uif_pool"})
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(
             {"rows": [(r.case, r.score, r.kept, r.rank) for r in rows], "scored": seen}))
     finally:
@@ -396,10 +440,11 @@ def test_uif_step_shared_by_two_ranks(tmp_path, monkeypatch):
     db = make_pool(tmp_path)
     monkeypatch.setattr(fine_uif, "load_round_networks", lambda round_dir, device: (ThresholdNet(0.0),
                                                                                     ThresholdNet(0.5)))
-    common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, data_base_dir=tmp_path, method="disagreement",
-                  keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=[-325.0, 325.0], extend_size_mm=20.0,
-                  device=torch.device("cpu"), precision="off")
-    single = run_uif(keep_count=2, output_dir=tmp_path / "single", **common)
+    common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, boxes_db=None, data_base_dir=tmp_path,
+                  method="disagreement", keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=[-325.0, 325.0],
+                  extend_size_mm=20.0, device=torch.device("cpu"), precision="fp32")
+    single = run_uif(keep_count=2, output_dir=tmp_path / "single", pool_db=tmp_path / "single" / "db" / "uif_pool",
+                     **common)
     torch.multiprocessing.start_processes(_uif_worker, args=(2, str(tmp_path / "init"), common, str(tmp_path)),
                                           nprocs=2, join=True, start_method="fork")
     expected = [[r.case, r.score, r.kept, r.rank] for r in single]

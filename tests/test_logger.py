@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from common.logger import get_logger, setup_logging
+from common.logger import get_logger, log_to_file, setup_logging
 
 
 @pytest.fixture(autouse=True)
@@ -75,3 +75,18 @@ def test_records_reach_caplog(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="semiseg"):
         get_logger("z").info("seen by caplog")
     assert "seen by caplog" in caplog.text
+
+
+def test_log_to_file_adds_a_run_log_for_the_block_only(tmp_path, capsys):
+    """A run's own log file (the engine's train.log) is added and removed again; the console set up by the
+    entry point is left as it was."""
+    setup_logging(None)
+    log = get_logger("semiseg.test")
+    with log_to_file(tmp_path / "run" / "train.log"):
+        log.info("inside the run")
+    log.info("after the run")
+    text = (tmp_path / "run" / "train.log").read_text()
+    assert "inside the run" in text and "after the run" not in text
+    out = capsys.readouterr().out
+    assert "inside the run" in out and "after the run" in out
+    assert len(logging.getLogger("semiseg").handlers) == 1

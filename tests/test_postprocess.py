@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
+from common.postprocess import coarse_box, keep_largest_component, organ_box, probs_to_labels
+from common.preprocessing import crop_box_with_margin
 
 
 def test_probs_to_labels_highest_wins_and_threshold():
@@ -72,15 +73,19 @@ def test_coarse_box_regions_are_equal_label_and_connected():
     assert box == ((8, 12), (0, 5), (0, 5))  # centroid z 9.5 -> 10 (round half to even), window +-2
 
 
-def test_box_to_raw_crop_reference_rounding():
-    # zoom z = 200/160 = 1.25, y = x = 512/160 = 3.2; margin 20 mm -> 8 slices of 2.5 mm, 25.6 voxels of 0.78 mm
-    crop = box_to_raw_crop(((10, 100), (40, 120), (0, 159)), (160, 160, 160), (200, 512, 512), (2.5, 0.78125, 0.78125))
-    assert crop[0] == slice(int(12 - 8.0), int(125 + 8.0))  # [4, 133)
-    assert crop[1] == slice(int(128 - 25.6), int(384 + 25.6))  # [102, 409)
-    assert crop[2] == slice(0, 512)  # clipped at both ends
-    # A margin below one voxel at the volume edge would give [0, 0): widened to one slice.
-    crop = box_to_raw_crop(((0, 0), (0, 0), (0, 0)), (160, 160, 160), (160, 160, 160), (100.0, 100.0, 100.0))
-    assert crop == (slice(0, 1),) * 3
+def test_organ_box_maps_to_raw_and_the_crop_is_the_training_crop():
+    # zoom z = 200/160 = 1.25, y = x = 512/160 = 3.2; margin 20 mm -> int(8.0) = 8 slices, int(25.6) = 25 voxels
+    labels = np.zeros((160, 160, 160), dtype=np.uint8)
+    labels[10:101, 40:121, 0:160] = 1
+    spacing = (2.5, 0.78125, 0.78125)
+    box = organ_box(labels, (200, 512, 512), spacing, min_volume_mm3=0.0, z_window_mm=1000.0)
+    assert box == ((12, 125), (128, 384), (0, 508))
+    crop = crop_box_with_margin(box, spacing, 20.0, (200, 512, 512))
+    assert crop[0] == slice(4, 133)      # [12 - 8, 125 + 8)
+    assert crop[1] == slice(103, 409)    # [128 - 25, 384 + 25): the low face one voxel tighter than the
+    assert crop[2] == slice(0, 512)      # reference's float margin int(128 - 25.6) = 102, as training crops
+    # a component below the volume threshold leaves no box
+    assert organ_box(labels, (200, 512, 512), spacing, min_volume_mm3=1e12) is None
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import uif_quality as q
 from common.lmdb_store import open_store
-from fine_efficient_seg.uif import SCORES_FILE, filtered_db_path, read_scores_csv
+from fine_efficient_seg.uif import SCORES_FILE, read_scores_csv
 
 
 def test_spearman_and_auroc():
@@ -41,14 +41,17 @@ def test_score_quality_perfect_and_inverted_scores():
 
 
 def test_write_control_selection(tmp_path: Path):
-    """A control selection: a copy of the pool DB (boxes kept) and its filtered pool + uif_scores.csv."""
+    """A control selection: the control's own pool (with fine_cps's boxes) + uif_scores.csv in its folder."""
+    from fine_efficient_seg.dataset import BOXES_DB, UIF_POOL_DB, experiment_db
+
     seed_dir = tmp_path / "seed0"
     pool = seed_dir / "dataset" / "db" / "seg_trainu"
-    records = {f"u{i}": {"case": f"u{i}", "coarse_box": [[0, i + 1], [0, 2], [0, 2]]} for i in range(4)}
+    records = {f"u{i}": {"case": f"u{i}"} for i in range(4)}
     open_store(pool, readonly=False).put_many(records)
+    boxes = {f"u{i}": {"coarse_box": [[0, i + 1], [0, 2], [0, 2]]} for i in range(4)}
+    open_store(experiment_db(seed_dir / "fine_cps", BOXES_DB), readonly=False).put_many(boxes)
     q.write_control(seed_dir, "lo", {"u0": 0.5, "u1": 0.1, "u2": 0.9, "u3": 0.2}, keep=2)
-    copy = seed_dir / "dataset" / "db" / "seg_trainu_oracle"
-    store = open_store(filtered_db_path(copy))
+    store = open_store(experiment_db(seed_dir / "fine_oracle", UIF_POOL_DB))
     assert store.keys() == ["u1", "u3"]
     assert store.get("u3")["coarse_box"] == [[0, 4], [0, 2], [0, 2]]
     store.close()

@@ -1,0 +1,45 @@
+"""Step markers: how every resumable step records that it is done and what it was done from.
+
+A marker is a small JSON file written atomically as the step's last act (so its presence means "complete").
+It holds what the step's result depends on -- settings and `file_stamp`s of its inputs -- so a step is
+skipped exactly while `marker_matches` its current inputs, and redone when one of them changed:
+- the training engine's `DONE` ({"iteration", "best", ...}; a larger schedule continues the run),
+- the fine stage's `uif.json` (round-1 checkpoints, boxes, UIF settings) and `export.json` (checkpoints, export
+  settings),
+- data_prepare's per-case `source` stamps inside each record (a changed input file is prepared again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from common.fileutil import write_json_atomic
+
+
+def file_stamp(path: str | os.PathLike) -> dict[str, int]:
+    """{"size", "mtime_ns"} of a file: what tells a step that an input changed (OSError if it is missing)."""
+    st = os.stat(path)
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def write_marker(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Write the marker (atomically: a reader sees the old marker, the new one or none)."""
+    write_json_atomic(path, dict(record))
+
+
+def read_marker(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The marker's record, or None when it is missing or unreadable (a broken marker means "not done")."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def marker_matches(path: str | os.PathLike, expected: Mapping[str, Any]) -> bool:
+    """True when the marker exists and records exactly `expected` (compared as JSON values)."""
+    record = read_marker(path)
+    return record is not None and record == json.loads(json.dumps(dict(expected)))
