@@ -322,7 +322,7 @@ def part_ddp(setup: Setup, work: Path, state: dict) -> list[Row]:
               "schedule.checkpoint_interval=1",
               "schedule.log_interval=1", "data.num_workers=1", *channels]
     if setup.smoke:
-        common.append("amp.precision=off")
+        common.append("amp.precision=fp32")
     timeout = 300.0
     rows = []
     coarse_out = work / "ddp_coarse"

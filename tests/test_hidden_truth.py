@@ -62,7 +62,7 @@ def test_stages_never_list_the_hidden_truth(tmp_path):
 
         small = ["device=cpu", "model.channels=[2,4,4,8,8]", f"data.size_zyx=[{SIZE},{SIZE},{SIZE}]",
                  "schedule.iterations=1", "schedule.val_interval=1", "schedule.log_interval=1", "data.num_workers=0",
-                 "amp.precision=off"]
+                 "amp.precision=fp32"]
         coarse_main(load_config(CoarseTrainConfig, ROOT / "coarse_base_seg" / "config.yaml", [
             f"data_base_dir={data}", f"output_dir={tmp_path / 'coarse'}", *small]))
         fine_cfg = load_config(FineTrainConfig, ROOT / "fine_efficient_seg" / "config.yaml", [

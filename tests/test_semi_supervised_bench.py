@@ -30,8 +30,10 @@ def test_steps_cover_the_five_rows_in_order(tmp_path: Path) -> None:
     assert names.index("fine_lu_export") < names.index("predict_pool") < names.index("uif_quality") \
         < names.index("fine_cps_round2") < names.index("fine_random_round2") < names.index("fine_oracle_round2")
     argv = {st.name: st.argv for st in steps}
-    assert "data.unlabeled_db=db/seg_trainu_random" in argv["fine_random_round2"]
-    assert "data.unlabeled_db=db/seg_trainu_oracle" in argv["fine_oracle_round2"]
+    # each control trains round 2 in its own experiment folder, where uif_quality stored its selection
+    assert any(a.endswith("seed3/fine_random") and a.startswith("output_dir=") for a in argv["fine_random_round2"])
+    assert any(a.endswith("seed3/fine_oracle") and a.startswith("output_dir=") for a in argv["fine_oracle_round2"])
+    assert not any(a.startswith("data.unlabeled_db=") for a in argv["fine_random_round2"])
     assert any(a.endswith("seed3/fine_oracle") for a in argv["fine_lo_export"])
     assert "--scan-profiles" in argv["synthetic"] and "shift" in argv["synthetic"]
     # every round-2 row trains with the same network seeds and iterations: only the selection differs
