@@ -60,10 +60,29 @@ sh coarse_base_seg/run.sh $COARSE_ARGS $SMALL
 sh coarse_base_seg/run.sh $COARSE_ARGS $SMALL step=export
 
 step "4/7 fine stage: coarse boxes -> round 1 CPS -> UIF -> round 2 CPS -> export ($FINE_ITERS iterations a round)"
+FINE_ARGS="data_base_dir=$DS output_dir=$OUT/fine data.size_zyx=$F3 schedule.iterations=$FINE_ITERS
+ cps.rampup_iterations=$((FINE_ITERS * 2 / 5)) optim.lr=1.0e-2 boxes.coarse_model_dir=$WEIGHTS/base_coarse_model
+ uif.keep_ratio=0.5"
+# Round 1 first, exported on its own, so that its pseudo labels of the unlabeled pool can be checked against the
+# synthetic truth (trainu_mask_hidden/, which no stage reads) in the UIF table below.
+ROUND1="$OUT/round1_weights"
+for s in boxes round1; do
+    # shellcheck disable=SC2086
+    sh fine_efficient_seg/run.sh $FINE_ARGS $SMALL step=$s
+done
+if [ ! -f "$ROUND1/efficient_fine_model/model.pt" ]; then
+    # shellcheck disable=SC2086
+    sh fine_efficient_seg/run.sh $FINE_ARGS $SMALL step=export export.dir="$ROUND1/efficient_fine_model"
+fi
+[ -e "$ROUND1/base_coarse_model" ] || ln -s "$WEIGHTS/base_coarse_model" "$ROUND1/base_coarse_model"
+sh predict.sh "$DS/trainu_images" "$OUT/round1_pool_predictions" --weights-dir "$ROUND1" --device cpu \
+    --fine-size "$FINE_SIZE" --ensemble
 # shellcheck disable=SC2086
-sh fine_efficient_seg/run.sh data_base_dir="$DS" output_dir="$OUT/fine" data.size_zyx="$F3" $SMALL \
-    schedule.iterations="$FINE_ITERS" cps.rampup_iterations=$((FINE_ITERS * 2 / 5)) optim.lr=1.0e-2 \
-    boxes.coarse_model_dir="$WEIGHTS/base_coarse_model" export.dir="$WEIGHTS/efficient_fine_model" uif.keep_ratio=0.5
+sh fine_efficient_seg/run.sh $FINE_ARGS $SMALL export.dir="$WEIGHTS/efficient_fine_model"
+echo
+echo "UIF ranking of the unlabeled pool (rank 1 = most certain) beside the true DSC of its round-1 pseudo label:"
+"$PY" -m benchmarks.uif_quality ranking --scores "$OUT/fine/uif_scores.csv" --dataset "$DS" \
+    --pred "$OUT/round1_pool_predictions"
 
 step "5/7 predict the validation CTs (ensemble of both networks, overlays)"
 sh predict.sh "$DS/val_images" "$OUT/predictions" --weights-dir "$WEIGHTS" --device cpu --fine-size "$FINE_SIZE" \
@@ -77,6 +96,7 @@ echo "Outputs in $OUT:"
 echo "  dataset/                synthetic CTs, masks and the prepared databases"
 echo "  coarse/ fine/           training runs (logs, metrics.jsonl, TensorBoard in */tb, checkpoints)"
 echo "  fine/uif_scores.csv     UIF uncertainty of every unlabeled case and which were kept"
+echo "  round1_pool_predictions/  round-1 pseudo labels of the pool (scored against dataset/trainu_mask_hidden/)"
 echo "  model_weights/          exported coarse and fine models"
 echo "  predictions/            masks, predictions.csv (timings, uncertainty), *_overlay.png"
 echo "  results.csv             per-case, per-organ DSC and NSD"

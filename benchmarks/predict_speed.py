@@ -28,6 +28,7 @@ Prints one table; `--json PATH` also writes the numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import resource
@@ -41,6 +42,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from common import gpu_memory
 from common.backends import BACKENDS
 from common.checkpoint import export_model
 from common.image_io import canonical_flips, read_image, write_mask
@@ -117,6 +119,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def preload(predictor: Predictor) -> Predictor:
+    """Export and open the primary networks' backend sessions now (done on first use otherwise), so the cases
+    timed after it measure prediction, not the one-off export."""
+    for stage in (predictor.coarse, predictor.fine):
+        load = getattr(stage.networks[stage.primary], "load", None)
+        if load is not None:
+            load()
+    return predictor
+
+
 def forward_times(predictor: Predictor, repeats: int) -> dict[str, float]:
     """Seconds per forward pass of the primary coarse and fine networks alone (input already on the device)."""
     from common.amp import autocast
@@ -140,8 +152,7 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     """The plain path: everything on the CPU in numpy/scipy except the networks (fp32), no overlap, full-size
     probability maps resized with scipy, components on the full volume."""
     device = predictor.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    gpu_memory.reset_peak(device)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     raw, meta = read_image(path)
@@ -185,7 +196,7 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     write_mask(mask, meta, out_path)
     times["write_s"] = time.perf_counter() - t5
     times["total_s"] = time.perf_counter() - t0
-    times["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    times.update(gpu_memory.snapshot(device).as_row())  # allocated / reserved peaks and total - free (FLARE)
     return times
 
 
@@ -290,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = work / "weights"
         export_random_models(weights)
 
-        predictor = Predictor(PredictOptions(weights, device, precision, uncertainty="off", backend=args.backend))
+        options = PredictOptions(weights, device, precision, uncertainty="off", backend=args.backend)
+        predictor = preload(Predictor(options))
         results["backend"] = predictor.backend
         results["forward"] = forward_times(predictor, repeats)
         fwd = results["forward"]["coarse_forward_s"] + results["forward"]["fine_forward_s"]
@@ -332,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in summary["rows"] if r["status"] == "ok"]
         results["ours_random"] = {"wall_s": wall, "wall_per_case_s": wall / max(len(rows), 1), "rows": rows}
         results["ours_organ"] = organ_shaped_run(
-            Predictor(PredictOptions(weights, device, precision, uncertainty="off", backend=args.backend)), "out_organ")
+            preload(Predictor(options)), "out_organ")
         if args.compare_torch and predictor.backend != "torch":
-            torch_predictor = Predictor(PredictOptions(weights, device, precision, uncertainty="off", backend="torch"))
+            torch_predictor = preload(Predictor(dataclasses.replace(options, backend="torch")))
             results["torch_forward"] = forward_times(torch_predictor, repeats)
             results["torch_forward"]["sum_s"] = sum(results["torch_forward"].values())
             results["torch_organ"] = organ_shaped_run(torch_predictor, "out_organ_torch")
@@ -342,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_empty:
             empty_weights = work / "weights_empty"
             export_random_models(empty_weights, empty=True)
-            empty = Predictor(PredictOptions(empty_weights, device, precision, uncertainty="off",
-                                             backend=args.backend))
+            empty = preload(Predictor(PredictOptions(empty_weights, device, precision, uncertainty="off",
+                                                     backend=args.backend)))
             t0 = time.perf_counter()
             summary = predict_folder(in_dir, work / "out_empty", PredictOptions(workers=args.workers, progress=False),
                                      predictor=empty)
@@ -366,14 +378,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict, forward_sum: float) -> None:
-    keys = ("read_s", "coarse_s", "fine_s", "post_s", "write_s", "total_s", "peak_gpu_mem_mb")
+    keys = ("read_s", "coarse_s", "fine_s", "post_s", "write_s", "total_s", *gpu_memory.MEMORY_FIELDS)
+    short = {"gpu_alloc_peak_mb": "alloc MB", "gpu_reserved_peak_mb": "resv MB", "gpu_used_mb": "used MB"}
     print(f"\ndevice: {results['device']}, backend {results['backend']}, precision {results['precision']}, "
           f"CT {results['shape_zyx']}, {results['cases']} case(s)")
-    print(f"{'path':<34}" + "".join(f"{k.replace('_s', '').replace('peak_gpu_mem_mb', 'GPU MB'):>9}" for k in keys)
+    print(f"{'path':<34}" + "".join(f"{short.get(k, k.replace('_s', '')):>9}" for k in keys)
           + f"{'wall/case':>10}")
 
     def line(name: str, row: dict, wall: float | None) -> None:
-        cells = "".join(f"{float(row.get(k) or 0):>9.2f}" if k != "peak_gpu_mem_mb" else
+        cells = "".join(f"{float(row.get(k) or 0):>9.2f}" if k not in short else
                         f"{float(row.get(k) or 0):>9.0f}" for k in keys)
         print(f"{name:<34}{cells}{'' if wall is None else f'{wall:>10.2f}'}")
 

@@ -1,40 +1,47 @@
-"""The original README's semi-supervised table, reproduced in structure on synthetic data anyone can regenerate.
+"""The original README's semi-supervised table, with the controls that let it answer "does UIF help?".
 
 Rows (fine stage; DSC and NSD by the official FLARE22 rules on held-out synthetic validation cases, predicted by
 the full two-stage predictor):
-  1. L labeled / 0 unlabeled        fine round 1 with data.unlabeled_db=null (the two networks see labeled crops only)
-  2. L labeled / U unlabeled        fine round 1: CPS with the whole unlabeled pool (hard cases included)
-  3. L labeled / U -> K by UIF      fine round 2 (fresh networks) on the K unlabeled cases UIF keeps after round 1
-Each seed is a different synthetic dataset (`data_prepare.synthetic --seed S`) and different network, data-order
-and augmentation seeds; the table gives the mean and the standard deviation (ddof=1) over seeds plus every
-per-seed value. To isolate the fine stage, ONE coarse model per seed (CPS on labeled + all unlabeled) is trained
-and shared by the three rows: the rows differ only in the fine model.
+  1. L / 0             fine round 1 with data.unlabeled_db=null (the two networks see labeled crops only)
+  2. L / U             fine round 1: CPS with the whole unlabeled pool (hard cases included)
+  3. L / U -> K UIF    fine round 2 (fresh networks) on the K unlabeled cases UIF keeps after round 1
+  4. L / U -> K random the control: round 2 on K random cases (same K, same network seeds)
+  5. L / U -> K oracle round 2 on the K cases with the best TRUE pseudo-label DSC (the ceiling of any filter)
+The distribution shift of FLARE22 (labeled scans from few centres, unlabeled and test scans from many) is modelled
+by `data_prepare.synthetic --scan-profiles shift`: labeled cases from one narrow scan profile, unlabeled and
+evaluation cases from all (contrast phase, noise, slice thickness, HU offset). After round 1 the pool is
+predicted by round 1's ensemble and scored against the hidden truth (trainu_mask_hidden/) by
+benchmarks/uif_quality.py, which also ranks the pool by the three UIF scores and writes the random and oracle
+selections. Each seed is a different synthetic dataset and different network, data-order and augmentation seeds;
+the report gives per row the mean and standard deviation over seeds, and paired deltas (each row minus L / 0, UIF
+minus random, oracle minus random) with 95 % Student-t intervals over seeds. ONE coarse model per seed (CPS on
+labeled + all unlabeled) is shared by all rows: the rows differ only in the fine model.
 
 The labeled cases: `--labeled` L train the networks; `--labeled-val` more labeled cases form the fold-1
 validation set that picks the best checkpoint (as the original's 5-fold split does); the held-out `--val` cases
 (val_images + val_mask) are used for nothing but the final evaluation. A fraction `--hard-fraction` of the
-unlabeled pool is "hard" (heavy noise, metal streaks, truncated field of view; recorded in synthetic_meta.json),
-so UIF has something to filter; the report also gives the share of hard cases among those UIF keeps and drops.
+unlabeled pool is "hard" (heavy noise, metal streaks, truncated field of view; recorded in synthetic_meta.json).
 
 Every stage runs through its real entry point as a subprocess (`sh <stage>/run.sh key=value ...`, `sh predict.sh`),
 exactly as demo.sh does. Everything goes to `--out` (default runs/semi_supervised, git-ignored):
   seed<S>/dataset/  seed<S>/coarse/  seed<S>/fine_l0/  seed<S>/fine_cps/ (round1, uif_scores.csv, round2)
+  seed<S>/fine_random/ seed<S>/fine_oracle/ (the control selections and their round 2)
+  seed<S>/pred_pool/ + eval_pool.csv + uif_quality.json (true pseudo-label quality and the three UIF scores)
   seed<S>/weights_<row>/{base_coarse_model -> ../weights_coarse/..., efficient_fine_model}
   seed<S>/pred_<row>/ + eval_<row>.csv   seed<S>/logs/<step>.log   seed<S>/settings.json, timings.json
-  semi_supervised.md (the table) and semi_supervised.json (every number, the settings, the command, timings).
+  semi_supervised.md (the tables) and semi_supervised.json (every number, the settings, the command, timings).
 A rerun with the same settings reuses everything finished (each stage skips what is done); a rerun with
 different settings into the same folder is refused (pick another --out).
 
-Cost: every subprocess runs with `--threads` (default 1) OMP/MKL threads and `--jobs` (default 3) seeds run in
-parallel; on a small shared CPU several multi-threaded torch processes spin-wait each other and a training step gets
-10-20x slower. The defaults (3 seeds, coarse 32^3 x 300 and fine 48^3 x 200 iterations a round) need about
-900 CPU-seconds a seed (single-thread CPS steps: coarse 32^3 ~0.45 s, fine 48^3 ~1.05 s), i.e. ~20-25 min on two
-free cores. At that size the networks are far from converged; see BENCHMARKS.md for what the table shows.
+Cost: every subprocess runs with `--threads` (default 1) OMP/MKL threads and `--jobs` (default 2) seeds run in
+parallel. The CPU defaults (5 seeds; channels 8..128; coarse 32^3 x 300, fine 32^3 x 250 iterations per training;
+six trainings a seed) are estimated at ~40 min on two idle cores from the single-thread step times (coarse CPS
+32^3 ~0.45 s, fine ~0.4 s); that was not measured on an idle machine. Below about 150 iterations of channels
+4..64 the networks learn nothing (validation Dice < 0.1) and the table says nothing (BENCHMARKS.md).
 
-    python -m benchmarks.semi_supervised                      # defaults: 3 seeds, L=4, U=12, sized for 2 CPU cores
-    python -m benchmarks.semi_supervised --seeds 0 1 --fine-iters 150 --out /tmp/ssl
-    python -m benchmarks.semi_supervised --device cuda --size full --coarse-size 160 --fine-size 192 \
-        --channels 16,32,64,128,256 --coarse-iters 4000 --fine-iters 4000 --unlabeled 40 --jobs 1 --threads 0
+    python -m benchmarks.semi_supervised                      # CPU defaults: 5 seeds, L=4, U=12 -> K=6
+    python -m benchmarks.semi_supervised --stop-after lu --seeds 0 1 --cps-weight 0.5   # probe L/U vs L/0 only
+    python -m benchmarks.semi_supervised --preset cuda        # full size on one GPU (160^3 / 192^3, 16..256)
     python -m benchmarks.semi_supervised --dry-run            # print the commands only
 """
 
@@ -57,12 +64,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("l0", "lu", "lk")
+ROWS = ("l0", "lu", "lk", "lr", "lo")
 SETTINGS_FILE = "settings.json"
 # Keys of the settings that change the trained models (a rerun with other values would mix results).
 _RESULT_KEYS = ("labeled", "labeled_val", "unlabeled", "val", "hard_fraction", "keep_ratio", "size",
                 "coarse_size", "fine_size", "coarse_iters", "fine_iters", "round2_iters", "channels",
-                "ensemble", "coarse_lr", "fine_lr", "dropout", "rampup_fraction")
+                "ensemble", "coarse_lr", "fine_lr", "dropout", "rampup_fraction", "scan_profiles", "snapshots",
+                "cps_weight")
 
 
 @dataclass
@@ -72,15 +80,15 @@ class Settings:
     seeds: list[int]
     labeled: int = 4
     labeled_val: int = 1
-    unlabeled: int = 20
-    val: int = 4
-    hard_fraction: float = 0.3
+    unlabeled: int = 12
+    val: int = 3
+    hard_fraction: float = 0.25
     keep_ratio: float = 0.5
     size: str = "demo"
     coarse_size: int = 32
     fine_size: int = 32
-    coarse_iters: int = 500
-    fine_iters: int = 500
+    coarse_iters: int = 300
+    fine_iters: int = 250
     round2_iters: int | None = None
     channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     ensemble: bool = True
@@ -90,9 +98,15 @@ class Settings:
     # ramped up over the first part of training (pseudo labels of untrained networks are noise).
     dropout: float = 0.0
     rampup_fraction: float = 0.4
+    cps_weight: float = 1.0
+    # Labeled cases from one narrow scan profile, unlabeled and evaluation cases from all (data_prepare.synthetic).
+    scan_profiles: str = "shift"
+    snapshots: int = 3  # round-1 checkpoints for UIF's stability score
+    stop_after: str = "all"  # "quality": stop after round 1 and the UIF quality step
+    report_only: bool = False  # build the report from finished seed folders, run nothing
     device: str = "cpu"
     workers: int = 2
-    jobs: int = 3
+    jobs: int = 2
     threads: int | None = 1
     dry_run: bool = False
     out: str = str(ROOT / "runs" / "semi_supervised")
@@ -141,7 +155,7 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
         Step("synthetic", [py, "-m", "data_prepare.synthetic", "--out", str(ds), "--labeled", str(n_lab),
                            "--unlabeled", str(settings.unlabeled), "--val", str(settings.val), "--seed", str(seed),
                            "--size", settings.size, "--hard-fraction", str(settings.hard_fraction),
-                           "--workers", str(settings.workers)]),
+                           "--scan-profiles", settings.scan_profiles, "--workers", str(settings.workers)]),
         Step("prepare", ["sh", str(ROOT / "data_prepare" / "run.sh"), f"data_base_dir={ds}",
                          f"coarse_size_zyx={_cube(settings.coarse_size)}",
                          f"fine_size_zyx={_cube(settings.fine_size)}", f"val_ratio={val_ratio:.6g}",
@@ -166,26 +180,45 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
                    f"schedule.val_interval={max(1, settings.fine_iters // 4)}",
                    "schedule.checkpoint_interval=50", f"boxes.coarse_model_dir={coarse_w}",
                    f"uif.keep_ratio={settings.keep_ratio}", "uif.keep_count=null", "round2.init=fresh",
-                   f"round2.iterations={settings.round2_iters or settings.fine_iters}"]
+                   f"round2.iterations={settings.round2_iters or settings.fine_iters}",
+                   f"uif.snapshots={settings.snapshots}", f"cps.weight={settings.cps_weight}"]
     if settings.fine_lr is not None:
         fine_common.append(f"optim.lr={settings.fine_lr}")
     fine_w = {row: sd / f"weights_{row}" / "efficient_fine_model" for row in ROWS}
     l0 = fine_sh + fine_common + [f"output_dir={sd / 'fine_l0'}", "data.unlabeled_db=null",
                                   f"export.dir={fine_w['l0']}"]
     cps = fine_sh + fine_common + [f"output_dir={sd / 'fine_cps'}"]
+    from benchmarks.uif_quality import CONTROLS, QUALITY_FILE
+
     steps += [
         # Row 1: labeled only (boxes, uif and round2 are no-ops without a pool; export takes round 1).
         Step("fine_l0", l0 + ["step=all"]),
-        # Rows 2 and 3 share round 1; round 1's networks are exported BEFORE round 2 exists (the export step
+        # Rows 2-5 share round 1; round 1's networks are exported BEFORE round 2 exists (the export step
         # takes round 2 when it has a checkpoint), so this step is skipped once its model.pt is there.
         Step("fine_cps_boxes", cps + ["step=boxes"]),
         Step("fine_cps_round1", cps + ["step=round1"]),
         Step("fine_lu_export", cps + [f"export.dir={fine_w['lu']}", "step=export"],
              done_marker=fine_w["lu"] / "model.pt"),
-        Step("fine_cps_uif", cps + ["step=uif"]),
-        Step("fine_cps_round2", cps + ["step=round2"]),
-        Step("fine_lk_export", cps + [f"export.dir={fine_w['lk']}", "step=export"]),
     ]
+    if settings.stop_after == "lu":
+        return steps + [Step(f"predict_{row}", predict_argv(settings, ds / "val_images", sd / f"pred_{row}",
+                                                            sd / f"weights_{row}")) for row in ("l0", "lu")]
+    steps += [
+        # True pseudo-label quality: the round-1 ensemble on the pool, scored against the hidden truth.
+        Step("predict_pool", predict_argv(settings, ds / "trainu_images", sd / "pred_pool", sd / "weights_lu")),
+        Step("fine_cps_uif", cps + ["step=uif"]),
+        Step("uif_quality", [py, "-m", "benchmarks.uif_quality", "seed", "--seed-dir", str(sd), "--keep",
+                             str(uif_keep(settings)), "--seed", str(seed), "--device", settings.device],
+             done_marker=sd / QUALITY_FILE),
+    ]
+    if settings.stop_after == "quality":
+        return steps
+    steps += [Step("fine_cps_round2", cps + ["step=round2"]),
+              Step("fine_lk_export", cps + [f"export.dir={fine_w['lk']}", "step=export"])]
+    for row, (out_name, db_name) in CONTROLS.items():
+        control = fine_sh + fine_common + [f"output_dir={sd / out_name}", f"data.unlabeled_db={db_name}"]
+        steps += [Step(f"{out_name}_round2", control + ["step=round2"]),
+                  Step(f"fine_{row}_export", control + [f"export.dir={fine_w[row]}", "step=export"])]
     for row in ROWS:
         steps.append(Step(f"predict_{row}", predict_argv(settings, ds / "val_images", sd / f"pred_{row}",
                                                          sd / f"weights_{row}")))
@@ -307,35 +340,43 @@ def uif_hard_share(scores_csv: Path, meta_json: Path) -> dict[str, Any]:
 
 def run_seed(settings: Settings, seed: int, t0: float) -> dict[str, Any]:
     sd = seed_dir(settings, seed)
+    if settings.report_only and not (sd / SETTINGS_FILE).is_file():
+        raise StepFailed(f"{sd} holds no finished run (no {SETTINGS_FILE}); --report-only runs nothing")
     check_settings(settings, seed)
     coarse_w = sd / "weights_coarse" / "base_coarse_model"
     timings: dict[str, float] = {}
-    for step in seed_steps(settings, seed):
+    for step in [] if settings.report_only else seed_steps(settings, seed):
         if step.name.startswith("fine_lk_export") or step.name == "fine_cps_round2":
             if not (sd / "weights_lu" / "efficient_fine_model" / "model.pt").is_file():
                 raise StepFailed(f"{sd / 'weights_lu'} has no round-1 export; delete {sd / 'fine_cps' / 'round2'} "
                                  "and rerun (round 1 must be exported before round 2 exists)")
         if step.name.startswith("predict_"):
-            row = step.name.split("_", 1)[1]
+            row = "lu" if step.name == "predict_pool" else step.name.split("_", 1)[1]
             link = sd / f"weights_{row}" / "base_coarse_model"
             if not link.exists():
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(os.path.relpath(coarse_w, link.parent))
         timings[step.name] = run_step(step, sd / "logs", t0, settings.threads, f"seed {seed}: ")
+    from benchmarks.uif_quality import QUALITY_FILE
+
+    quality = json.loads((sd / QUALITY_FILE).read_text(encoding="utf-8")) if settings.stop_after != "lu" else None
+    if settings.stop_after == "quality":
+        return {"seed": seed, "rows": {}, "quality": quality, "timings_s": timings}
     rows = {}
-    for row in ROWS:
+    for row in active_rows(settings):
         rows[row] = evaluate_row(sd / f"pred_{row}", sd / "dataset" / "val_mask", sd / f"eval_{row}.csv")
         rows[row]["fine_val_dice"] = _exported_dice(sd / f"weights_{row}" / "efficient_fine_model")
-    uif = uif_hard_share(sd / "fine_cps" / "uif_scores.csv", sd / "dataset" / "synthetic_meta.json")
+    uif = (uif_hard_share(sd / "fine_cps" / "uif_scores.csv", sd / "dataset" / "synthetic_meta.json")
+           if quality is not None else None)
     coarse_dice = _exported_dice(coarse_w)
     # A rerun reuses finished steps (which then take seconds): keep the longest time seen per step, so the
     # record holds what each step cost when it really ran, whichever invocation that was.
     timings_path = sd / "timings.json"
     recorded = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.is_file() else {}
-    steps_s = {name: max(t, recorded.get(name, 0.0)) for name, t in timings.items()}
+    steps_s = {**recorded, **{name: max(t, recorded.get(name, 0.0)) for name, t in timings.items()}}
     timings_path.write_text(json.dumps(steps_s, indent=1) + "\n", encoding="utf-8")
     return {"seed": seed, "rows": rows, "uif": uif, "timings_s": timings, "steps_s_all_runs": steps_s,
-            "coarse_val_dice": coarse_dice}
+            "coarse_val_dice": coarse_dice, "quality": quality}
 
 
 def _exported_dice(model_dir: Path) -> dict[str, float] | None:
@@ -361,7 +402,9 @@ def row_label(row: str, s: Settings) -> str:
     k = uif_keep(s)
     return {"l0": f"{s.labeled} / 0",
             "lu": f"{s.labeled} / {s.unlabeled}",
-            "lk": f"{s.labeled} / {s.unlabeled} -> {k} (UIF)"}[row]
+            "lk": f"{s.labeled} / {s.unlabeled} -> {k} (UIF)",
+            "lr": f"{s.labeled} / {s.unlabeled} -> {k} (random)",
+            "lo": f"{s.labeled} / {s.unlabeled} -> {k} (oracle)"}[row]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -371,10 +414,19 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(ok), (statistics.stdev(ok) if len(ok) > 1 else float("nan"))
 
 
+def active_rows(settings: Settings) -> tuple[str, ...]:
+    """The rows a run makes: all five, or L / 0 and L / U only (`--stop-after lu`, for probing CPS settings)."""
+    return ("l0", "lu") if settings.stop_after == "lu" else ROWS
+
+
+def _rows_of(results: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    return tuple(row for row in ROWS if all(row in r["rows"] for r in results))
+
+
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per row: mean, std and per-seed values of DSC and NSD, and the per-seed paired differences to row l0."""
     out: dict[str, dict[str, Any]] = {}
-    for row in ROWS:
+    for row in _rows_of(results):
         entry: dict[str, Any] = {"seeds": [r["seed"] for r in results]}
         for metric in ("DSC", "NSD"):
             values = [r["rows"][row][metric] for r in results]
@@ -397,7 +449,7 @@ def _fmt(mean: float, std: float) -> str:
 def format_table(summary: dict[str, dict[str, Any]], settings: Settings) -> str:
     lines = ["| L / U | DSC mean ± std | NSD mean ± std | n seeds | DSC per seed | NSD per seed |",
              "|---|---|---|---|---|---|"]
-    for row in ROWS:
+    for row in summary:
         e = summary[row]
         per_dsc = ", ".join(f"{v:.4f}" for v in e["DSC"]["per_seed"])
         per_nsd = ", ".join(f"{v:.4f}" for v in e["NSD"]["per_seed"])
@@ -406,14 +458,28 @@ def format_table(summary: dict[str, dict[str, Any]], settings: Settings) -> str:
     return "\n".join(lines)
 
 
-def format_diffs(summary: dict[str, dict[str, Any]], settings: Settings) -> str:
-    lines = ["| row minus L / 0 (paired by seed) | ΔDSC mean ± std | ΔNSD mean ± std | ΔDSC per seed |",
-             "|---|---|---|---|"]
-    for row in ROWS[1:]:
-        d, n = summary[row]["DSC"]["diff_vs_l0"], summary[row]["NSD"]["diff_vs_l0"]
-        per = ", ".join(f"{v:+.4f}" for v in d["per_seed"])
-        lines.append(f"| {row_label(row, settings)} | {_fmt(d['mean'], d['std'])} | {_fmt(n['mean'], n['std'])} "
-                     f"| {per} |")
+def paired(results: Sequence[dict[str, Any]], row: str, base: str, metric: str) -> list[float]:
+    """Per-seed differences row - base of one metric (paired by seed)."""
+    return [r["rows"][row][metric] - r["rows"][base][metric] for r in results]
+
+
+def format_diffs(results: Sequence[dict[str, Any]], settings: Settings) -> str:
+    from benchmarks.uif_quality import t_interval
+
+    lines = ["| paired difference (by seed) | ΔDSC mean [95 % t-interval] | ΔNSD mean [95 % t-interval] "
+             "| ΔDSC per seed |", "|---|---|---|---|"]
+    rows = _rows_of(results)
+    pairs = [(row, base) for row, base in [(row, "l0") for row in ROWS[1:]] + [("lk", "lr"), ("lo", "lr")]
+             if row in rows and base in rows]
+
+    def fmt(values: Sequence[float]) -> str:
+        mean, low, high = t_interval(values)
+        return f"{mean:+.4f}" if math.isnan(low) else f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+    for row, base in pairs:
+        d, n = paired(results, row, base, "DSC"), paired(results, row, base, "NSD")
+        label = f"{row_label(row, settings)} minus {row_label(base, settings)}"
+        lines.append(f"| {label} | {fmt(d)} | {fmt(n)} | {', '.join(f'{v:+.4f}' for v in d)} |")
     return "\n".join(lines)
 
 
@@ -425,6 +491,12 @@ def format_uif(results: Sequence[dict[str, Any]]) -> str:
         lines.append(f"| {r['seed']} | {u['pool']} | {u['kept']['hard']} / {u['kept']['n']} | "
                      f"{u['dropped']['hard']} / {u['dropped']['n']} | {', '.join(map(str, u['hard_ranks']))} |")
     return "\n".join(lines)
+
+
+def quality_table(results: Sequence[dict[str, Any]]) -> str:
+    from benchmarks.uif_quality import format_quality
+
+    return format_quality([r["quality"] for r in results if "quality" in r])
 
 
 def build_report(results: Sequence[dict[str, Any]], settings: Settings, command: str, wall_s: float) -> str:
@@ -440,19 +512,35 @@ def build_report(results: Sequence[dict[str, Any]], settings: Settings, command:
         f" hard), {settings.val} held-out evaluation cases. Networks with channels {settings.channels}; coarse "
         f"{settings.coarse_size}^3 ({settings.coarse_iters} iterations, CPS on labeled + unlabeled, one model per "
         f"seed shared by all rows); fine {settings.fine_size}^3, {settings.fine_iters} iterations a round; UIF "
-        f"keeps {k} of {settings.unlabeled} (keep_ratio {settings.keep_ratio}, disagreement of nets A/B); round 2 "
-        f"from fresh networks ({settings.round2_iters or settings.fine_iters} iterations). Prediction: full "
+        f"keeps {k} of {settings.unlabeled} (keep_ratio {settings.keep_ratio}, disagreement of nets A/B); the "
+        f"random row keeps {k} random cases, the oracle row the {k} with the best true pseudo-label DSC; round 2 "
+        f"from fresh networks ({settings.round2_iters or settings.fine_iters} iterations). Scan profiles "
+        f"`{settings.scan_profiles}` (shift: labeled cases from one narrow profile, unlabeled and evaluation cases "
+        f"from all); CPS weight {settings.cps_weight}, ramped up over the first {settings.rampup_fraction:.0%} of "
+        f"each training; fine lr {settings.fine_lr or 'of config.yaml'}. Prediction: full "
         f"two-stage predictor{' (ensemble of A and B)' if settings.ensemble else ''}; DSC/NSD by the FLARE22 rules, "
         "mean over the 13 organs and the evaluation cases; ± is the standard deviation over seeds.",
         "",
         format_table(summary, settings),
         "",
-        format_diffs(summary, settings),
+        format_diffs(results, settings),
+    ]
+    if all(r.get("uif") for r in results):
+        text += [
         "",
         "UIF: hard unlabeled cases (noise / metal / truncated field of view, from synthetic_meta.json) among the "
         "cases kept vs. dropped:",
         "",
         format_uif(results),
+        "",
+        "UIF quality (benchmarks/uif_quality.py): per score, the mean over seeds [95 % t-interval] of the Spearman "
+        "correlation of the score with the true pseudo-label error (1 - DSC of the round-1 ensemble vs the hidden "
+        f"truth), the AUROC for hard vs normal scans, and the mean true pseudo-label DSC of the kept {k}, the "
+        f"dropped, {k} random (mean of many draws) and the oracle's {k}:",
+        "",
+        quality_table(results),
+        ]
+    text += [
         "",
         f"Wall time of this invocation: {wall_s:.0f} s on {platform.node()} ({os.cpu_count()} CPUs, device "
         f"{settings.device}, {settings.jobs} seed(s) in parallel, {settings.threads or 'default'} thread(s) per "
@@ -467,11 +555,17 @@ def build_report(results: Sequence[dict[str, Any]], settings: Settings, command:
 # --------------------------------------------------------------------------------------------- CLI
 
 
+# `--preset cuda`: the full-size run for one GPU (defaults only; explicit options win).
+CUDA_PRESET = {"device": "cuda", "size": "full", "coarse_size": 160, "fine_size": 192, "channels": "16,32,64,128,256",
+               "coarse_iters": 4000, "fine_iters": 4000, "unlabeled": 40, "labeled": 8, "val": 10, "jobs": 1,
+               "threads": 0, "dropout": 0.2, "fine_lr": 1.0e-3, "workers": 8}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p = argparse.ArgumentParser(prog="python -m benchmarks.semi_supervised",
                                 description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = Settings(seeds=[0, 1, 2])  # the defaults live in Settings only
+    d = Settings(seeds=[0, 1, 2, 3, 4])  # the defaults live in Settings only
     p.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help="one run per seed (data + networks)")
     p.add_argument("--labeled", type=int, default=d.labeled, help="L: labeled cases that train the networks")
     p.add_argument("--labeled-val", type=int, default=d.labeled_val, help="extra labeled cases validating (best checkpoint)")
@@ -491,6 +585,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout of both stages' networks")
     p.add_argument("--rampup-fraction", type=float, default=d.rampup_fraction,
                    help="CPS weight ramp-up over this share of each training's iterations (0: none)")
+    p.add_argument("--cps-weight", type=float, default=d.cps_weight, help="weight of the CPS loss")
+    p.add_argument("--scan-profiles", choices=("fixed", "shift"), default=d.scan_profiles,
+                   help="shift: labeled cases from one narrow scan profile, unlabeled + evaluation from all")
+    p.add_argument("--snapshots", type=int, default=d.snapshots, help="round-1 snapshots (UIF stability score)")
+    p.add_argument("--stop-after", choices=("all", "quality", "lu"), default="all",
+                   help="quality: stop after round 1 and the UIF quality step (no round 2, no rows); lu: rows "
+                        "L / 0 and L / U only (to probe CPS settings)")
+    p.add_argument("--preset", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: full-size settings for one GPU (full cases, coarse 160^3, fine 192^3, channels "
+                        "16..256, 4000 iterations, U=40); explicit options still win")
     p.add_argument("--no-ensemble", action="store_true", help="predict with network A only (default: A+B mean)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--workers", type=int, default=2, help="processes for synthesis and preparation")
@@ -500,6 +604,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                         "in parallel use a small CPU best (several multi-threaded processes on 2 cores spin-wait)")
     p.add_argument("--out", default=str(ROOT / "runs" / "semi_supervised"), help="output folder")
     p.add_argument("--dry-run", action="store_true", help="print the commands of every seed and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild the report from the finished seed folders (e.g. seeds run by several "
+                        "invocations)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--preset" in argv and argv[argv.index("--preset") + 1:argv.index("--preset") + 2] == ["cuda"]:
+        p.set_defaults(**CUDA_PRESET)
     a = p.parse_args(argv)
     channels = [int(c) for c in a.channels.replace("[", "").replace("]", "").split(",") if c.strip()]
     for name, edge in (("--coarse-size", a.coarse_size), ("--fine-size", a.fine_size)):
@@ -514,7 +624,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                  size=a.size, coarse_size=a.coarse_size, fine_size=a.fine_size, coarse_iters=a.coarse_iters,
                  fine_iters=a.fine_iters, round2_iters=a.round2_iters, channels=channels,
                  ensemble=not a.no_ensemble, coarse_lr=a.coarse_lr, fine_lr=a.fine_lr, dropout=a.dropout,
-                 rampup_fraction=a.rampup_fraction, device=a.device,
+                 rampup_fraction=a.rampup_fraction, device=a.device, cps_weight=a.cps_weight,
+                 scan_profiles=a.scan_profiles, snapshots=a.snapshots, stop_after=a.stop_after,
+                 report_only=a.report_only,
                  workers=a.workers, jobs=a.jobs, threads=a.threads or None, dry_run=a.dry_run, out=str(Path(a.out).resolve()))
     return s
 
@@ -540,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_seed(settings, seed, t0)
         result["wall_s"] = time.perf_counter() - start
         print(f"  seed {seed} done: " + ", ".join(
-            f"{row} DSC {result['rows'][row]['DSC']:.4f} NSD {result['rows'][row]['NSD']:.4f}" for row in ROWS)
+            f"{row} DSC {v['DSC']:.4f} NSD {v['NSD']:.4f}" for row, v in result["rows"].items())
               + f" ({result['wall_s']:.0f} s)", flush=True)
         return result
 
@@ -556,6 +668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not results:
         return 1
     wall = time.perf_counter() - t0
+    if settings.stop_after == "quality":
+        print(quality_table(results))
+        return 1 if failed else 0
     report = build_report(results, settings, command, wall)
     payload = {"command": command, "settings": asdict(settings), "wall_s": wall, "date": time.strftime("%F %T"),
                "machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},

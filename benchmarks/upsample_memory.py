@@ -9,7 +9,8 @@ the crop size:
 - organs: six smooth blobs, the shape of a trained network's output (sparse boundaries: the per-voxel path);
 - noise: every channel near the threshold everywhere, an untrained network (the dense per-chunk path);
 - baseline: the straightforward full resize of all 13 channels then argmax (what the chunked resize replaces).
-The figure printed is (peak - before - the uint8 output) / min(chunk, crop voxels), in bytes per chunk element;
+The figure printed is (peak - before - the uint8 output) / min(chunk, crop voxels), in bytes per chunk element
+(per crop voxel for the baseline);
 `common.inference.UPSAMPLE_BYTES_PER_ELEMENT` is its worst case.
 """
 
@@ -75,10 +76,11 @@ def main() -> None:
     voxels = crop[0] * crop[1] * crop[2]
     per = min(args.chunk, voxels)
     print(f"crop {crop} ({voxels / 1e6:.1f} M voxels), chunk {args.chunk}, scores {args.dtype}, 1 thread")
-    print(f"{'case':<10}{'temporaries MB':>16}{'bytes/chunk element':>22}")
+    print(f"{'case':<10}{'temporaries MB':>16}{'bytes per element':>20}")
     for kind in ("organs", "noise", "baseline"):
         extra, _ = measure(kind, crop, args.chunk, args.dtype)
-        print(f"{kind:<10}{extra / 2**20:>16.1f}{extra / per:>22.1f}")
+        # the baseline has no chunks: per crop voxel
+        print(f"{kind:<10}{extra / 2**20:>16.1f}{extra / (voxels if kind == 'baseline' else per):>20.1f}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Everything stored is made of tensors, numbers, strings, lists, tuples and dicts,
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
 import warnings

@@ -739,9 +739,11 @@ class BoxesSection:
 class UIFSection:
     """Uncertainty-based image filtering: score, and how many unlabeled cases to keep (count wins over ratio)."""
 
-    score: str = choice_field("disagreement", ("disagreement", "entropy"))
+    score: str = choice_field("disagreement", ("disagreement", "entropy", "stability"))
     keep_count: int | None = cfg_field(None, ge=1)
     keep_ratio: float = cfg_field(0.1, gt=0, le=1)
+    weighting: str = choice_field("organ", ("organ", "volume"))
+    snapshots: int = cfg_field(3, ge=0)
 
 
 @dataclass

@@ -11,7 +11,7 @@ How a stage uses it (see coarse_base_seg/train.py for a complete example):
         out_dir=Path(cfg.output_dir),                    # fine: e.g. <output_dir>/round1
         labeled_stream=lambda start: ...,                # start iteration -> endless iterator of (x, y)
         unlabeled_stream=lambda start: ...,              # same, yields x only; None = labeled-only training
-        val_cases=lambda: ...,                           # -> iterable of (case_id, x (1,1,D,H,W), y (1,D,H,W))
+        val_cases=lambda rank, world_size: ...,          # -> this rank's (case_id, x (1,1,D,H,W), y (1,D,H,W))
         iterations=cfg.schedule.iterations,
         input_transform=None,                            # applied on the device to every x (e.g. window+z-score)
         init_weights=None,                               # warm start (fine round 2), see below
@@ -28,8 +28,9 @@ or raw HU with an `input_transform`) and y either a label map (B, D, H, W) of in
 training device already. Sample n of a stream must depend only on (seed, stream name, n) -- e.g. items from
 `common.distributed.InfiniteSampler(start=k, batch_size=B)` and per-sample generators seeded with
 `derive_seed(seed, name, position)` -- so a resumed run sees the same data as an uninterrupted one without
-saving loader state. Validation cases are split over ranks (case i on rank i % world_size) and evaluated with
-the plain (unwrapped) networks in eval mode.
+saving loader state. `val_cases(rank, world_size)` yields only that rank's validation cases, chosen before
+anything is loaded (`common.distributed.shard`: case i on rank i % world_size); they are evaluated with the plain
+(unwrapped) networks in eval mode and the Dice sums are added over ranks.
 
 What the engine does: seeds (torch.manual_seed(model.seed_a) before building net A, seed_b before B; the
 dropout RNG is reseeded every iteration from (seed, rank, iteration)), Adam per network, the step LR schedule of
@@ -46,6 +47,7 @@ Output folder `out_dir`:
     tb/                             TensorBoard event files
     checkpoints/last.pt             every `schedule.checkpoint_interval` iterations, at the end and on SIGINT/SIGTERM
     checkpoints/best_model_a.pt     on a strictly better validation mean Dice of net A (same for B)
+    checkpoints/snapshot_<it>.pt    both networks after each iteration in `job.snapshot_iterations` (UIF stability)
     DONE                            JSON {"iteration", "best"} once the schedule has finished
 Checkpoint contents are described in common/checkpoint.py.
 
@@ -101,6 +103,7 @@ from common.checkpoint import (
 )
 from common.config import config_to_dict, save_config
 from common.cps import cps_step, cps_weight_at
+from common.device import set_cudnn_benchmark
 from common.distributed import (
     DistInfo,
     all_gather_object,
@@ -163,7 +166,7 @@ class CPSJob:
     out_dir: Path
     labeled_stream: Callable[[int], Iterator[Batch]]
     unlabeled_stream: Callable[[int], Iterator[torch.Tensor]] | None
-    val_cases: Callable[[], Iterable[ValCase]] | None
+    val_cases: Callable[[int, int], Iterable[ValCase]] | None
     iterations: int
     init_weights: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None
     input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -171,6 +174,8 @@ class CPSJob:
     dist: DistInfo | None = None
     stage: str = "train"
     extra_checkpoint: dict[str, Any] = field(default_factory=dict)
+    # Iterations after which both networks are also kept as checkpoints/snapshot_<iteration>.pt (UIF stability).
+    snapshot_iterations: tuple[int, ...] = ()
 
 
 def model_spec_from_config(cfg: Any) -> dict[str, Any]:
@@ -450,8 +455,7 @@ class _Trainer:
         self.amp: AmpSettings = amp_settings(cfg.amp.precision, self.device)
         self.scalers: Pair[torch.amp.GradScaler] = self.nets.map(lambda _: make_grad_scaler(self.amp))
         self.loss_fn = build_loss(cfg.loss.name)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        set_cudnn_benchmark(self.device)  # fixed input sizes: cuDNN picks the fastest kernels, as the predictor
 
     def restore(self) -> None:
         if self.last_path.is_file():
@@ -546,6 +550,14 @@ class _Trainer:
             "model": self.spec,
         })
 
+    def save_snapshot(self, iteration: int) -> None:
+        """Both networks at `iteration`, kept for UIF's stability score (common.checkpoint's layout)."""
+        if not self.main:
+            return
+        save_checkpoint(self.ckpt_dir / f"snapshot_{iteration}.pt", {
+            "format_version": 1, "stage": self.job.stage, "iteration": iteration, "model": self.spec,
+            **{f"net_{k}": model_state_dict(net) for k, net in self.nets.items()}})
+
     # -- validation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> tuple[dict[str, torch.Tensor], int]:
@@ -557,9 +569,8 @@ class _Trainer:
         count = 0
         try:
             assert self.job.val_cases is not None
-            for index, (case_id, x, y) in enumerate(self.job.val_cases()):
-                if index % self.info.world_size != self.info.rank:
-                    continue
+            # val_cases shards before loading (common.distributed.shard), so no rank reads another's cases
+            for case_id, x, y in self.job.val_cases(self.info.rank, self.info.world_size):
                 x = _to_device(x, self.device)
                 if self.job.input_transform is not None:
                     x = self.job.input_transform(x)
@@ -787,6 +798,8 @@ class _Trainer:
             self.run_validation(done, lr)
         if self._checkpoint_due(done):
             self.save_last(done)
+        if done in self.job.snapshot_iterations:
+            self.save_snapshot(done)
 
     def _stop(self, signum: int, iteration: int, saved: bool = False, collective: bool = True) -> None:
         """The one stop path: save last.pt at `iteration` (unless `saved`), then raise TrainingInterrupted.

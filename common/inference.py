@@ -19,8 +19,8 @@ All large arrays stay in the file's orientation: only network-grid tensors are f
 commutes with a flip), so no full-volume flip copy is made.
 
 `--ensemble` averages the sigmoid probabilities of networks A and B in both stages. The uncertainty score is the
-disagreement of A and B on the fine grid: 1 - mean per-organ Dice of their hard masks over the organs present in
-either (DESIGN 5.6).
+disagreement of A and B on the fine grid, by UIF's definition (`common.uif.labels_disagreement`: 1 - mean
+per-organ Dice of their hard masks over the organs present in either; 1.0 when neither finds an organ; DESIGN 5.6).
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ from common.device import resolve_device, set_cudnn_benchmark
 from common.errors import InputError
 from common.fileutil import check_writable, folder_lock, remove_stale_temps, write_json_atomic, write_text_atomic
 from common.image_io import ImageMeta, canonical_flips, check_spacing, list_images, read_image, write_mask
-from common.labels import NUM_ORGANS
 from common.networks.input_layer import prepare_input
 from common.original_weights import is_original_layout, load_original_stage
 from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
+from common.uif import labels_disagreement
 
 logger = logging.getLogger(__name__)
 
@@ -137,20 +137,6 @@ def canonical_to_file_slices(box: Sequence[slice], flips: Sequence[bool],
 def format_box(box: Sequence[slice] | None) -> str:
     """"z0:z1,y0:y1,x0:x1" (upper ends exclusive) or "" for no box."""
     return "" if box is None else ",".join(f"{s.start}:{s.stop}" for s in box)
-
-
-def disagreement(labels_a: torch.Tensor, labels_b: torch.Tensor, num_organs: int = NUM_ORGANS) -> float:
-    """1 - mean per-organ Dice of two label maps over the organs present in either (0 if none is present)."""
-    n = num_organs + 1
-    joint = torch.bincount((labels_a.long() * n + labels_b.long()).flatten(), minlength=n * n).reshape(n, n)
-    joint = joint.double().cpu()
-    inter = joint.diagonal()[1:]
-    size_a, size_b = joint.sum(1)[1:], joint.sum(0)[1:]
-    present = (size_a + size_b) > 0
-    if not bool(present.any()):
-        return 0.0
-    dice = 2.0 * inter[present] / (size_a[present] + size_b[present])
-    return float(1.0 - dice.mean())
 
 
 # ------------------------------------------------------------------------------------------------ resizing
@@ -572,7 +558,7 @@ class Predictor:
         del raw, region
         scores, threshold, pair = self._scores(self.fine, x, want_pair=self.uncertainty)
         del x
-        uncertainty = disagreement(*pair) if pair is not None else None
+        uncertainty = labels_disagreement(*pair) if pair is not None else None
         del pair
         scores = _flip(scores, flips)  # the canonical-order scores are dropped here, not kept beside the copy
         crop_labels = upsample_labels(scores, crop_shape, threshold, self.chunk_elements)

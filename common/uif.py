@@ -1,9 +1,11 @@
 """Uncertainty-based image filtering (UIF): image-level uncertainty scores and the selection of certain cases.
 
 Our design (DESIGN 5.6; the original release describes UIF but ships no code for it): after a first CPS round,
-every unlabeled case is scored by how much the two CPS networks disagree on it (or, as an option, by the
-entropy of their sigmoids inside the predicted organs); the `keep_count` most certain cases form the unlabeled
-pool of the second round.
+every unlabeled case is scored by how much the two CPS networks disagree on it (`disagreement_from_counts`: the
+mean A/B Dice over the organs present in either network; also the predictor's `uncertainty` column), or, as
+options, by the entropy of their sigmoids inside the predicted organs, or by ST++'s stability (the final networks
+against K checkpoints saved during round 1); the `keep_count` most certain cases form the unlabeled pool of the
+second round. A scan where neither network finds any organ is the least certain (score 1.0).
 
 Everything here works on one case's probability maps at a time and is independent of the networks, the
 crops and the data format, so it can be tested with hand-made maps and reused by any stage.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -22,7 +24,10 @@ from common.logger import get_logger
 
 logger = get_logger(__name__)
 
-UIF_SCORES = ("disagreement", "entropy")
+UIF_SCORES = ("disagreement", "entropy", "stability")
+WEIGHTINGS = ("organ", "volume")
+# Score of a case where neither prediction holds any organ: nothing to learn from, so the least certain.
+EMPTY_SCORE = 1.0
 
 
 def hard_organ_masks(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -38,32 +43,68 @@ def hard_organ_masks(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tenso
     return (index.unsqueeze(0) == channels) & (best >= threshold).unsqueeze(0)
 
 
-def per_organ_dice(masks_a: torch.Tensor, masks_b: torch.Tensor) -> torch.Tensor:
-    """Dice of two sets of hard organ masks, per organ; an organ absent from both counts as agreement (1).
+def disagreement_from_counts(inter: torch.Tensor, size_a: torch.Tensor, size_b: torch.Tensor,
+                             weighting: str = "organ") -> float:
+    """THE uncertainty definition of the project (UIF and the predictor's `uncertainty` column).
 
-    masks_a, masks_b: bool (C, D, H, W). Returns float64 (C,) on the CPU.
+    inter, size_a, size_b: per-organ voxel counts (C,) of A & B, A and B. Only organs present in either
+    prediction count (an organ both networks leave out says nothing about the scan). weighting "organ":
+    1 - mean Dice over those organs; "volume": each organ weighted by its voxel count, i.e.
+    1 - 2 * sum(inter) / sum(size_a + size_b). In [0, 1]; 0 = full agreement; no organ in either:
+    EMPTY_SCORE (1.0, least certain).
     """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    inter, total = inter.double().cpu(), (size_a.double() + size_b.double()).cpu()
+    present = total > 0
+    if not bool(present.any()):
+        return EMPTY_SCORE
+    if weighting == "volume":
+        return float(1.0 - 2.0 * inter[present].sum() / total[present].sum())
+    return float(1.0 - (2.0 * inter[present] / total[present]).mean())
+
+
+def masks_disagreement(masks_a: torch.Tensor, masks_b: torch.Tensor, weighting: str = "organ") -> float:
+    """`disagreement_from_counts` of two sets of hard organ masks, bool (C, D, H, W) each."""
     if masks_a.shape != masks_b.shape:
         raise ValueError(f"mask shapes differ: {tuple(masks_a.shape)} vs {tuple(masks_b.shape)}")
     dims = tuple(range(1, masks_a.ndim))
-    inter = (masks_a & masks_b).sum(dim=dims).double()
-    total = (masks_a.sum(dim=dims) + masks_b.sum(dim=dims)).double()
-    dice = torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
-    return dice.cpu()
+    return disagreement_from_counts((masks_a & masks_b).sum(dim=dims), masks_a.sum(dim=dims),
+                                    masks_b.sum(dim=dims), weighting)
 
 
-def disagreement_score(probs_a: torch.Tensor, probs_b: torch.Tensor, threshold: float = 0.5) -> float:
-    """1 - mean per-organ Dice between the hard masks of network A and network B (0 = full agreement).
+def labels_disagreement(labels_a: torch.Tensor, labels_b: torch.Tensor, num_organs: int = NUM_ORGANS,
+                        weighting: str = "organ") -> float:
+    """`disagreement_from_counts` of two label maps (0 = background, 1..num_organs), any equal shape."""
+    if labels_a.shape != labels_b.shape:
+        raise ValueError(f"label map shapes differ: {tuple(labels_a.shape)} vs {tuple(labels_b.shape)}")
+    n = num_organs + 1
+    joint = torch.bincount((labels_a.long() * n + labels_b.long()).flatten(), minlength=n * n).reshape(n, n)
+    return disagreement_from_counts(joint.diagonal()[1:], joint.sum(1)[1:], joint.sum(0)[1:], weighting)
 
-    probs_a, probs_b: (13, D, H, W) sigmoids of the two networks on the same crop. Organs absent in both
-    predictions agree. Our addition: when neither network finds any organ at all, the case carries no usable
-    pseudo label, so it gets the worst score (1.0) instead of a perfect one.
+
+def disagreement_score(probs_a: torch.Tensor, probs_b: torch.Tensor, threshold: float = 0.5,
+                       weighting: str = "organ") -> float:
+    """Disagreement (`disagreement_from_counts`) of the hard masks of networks A and B on the same crop.
+
+    probs_a, probs_b: (13, D, H, W) sigmoids.
     """
-    masks_a = hard_organ_masks(probs_a, threshold)
-    masks_b = hard_organ_masks(probs_b, threshold)
-    if not bool(masks_a.any()) and not bool(masks_b.any()):
-        return 1.0
-    return float(1.0 - per_organ_dice(masks_a, masks_b).mean())
+    return masks_disagreement(hard_organ_masks(probs_a, threshold), hard_organ_masks(probs_b, threshold), weighting)
+
+
+def stability_score(probs_final: torch.Tensor, probs_snapshots: Sequence[torch.Tensor], threshold: float = 0.5,
+                    weighting: str = "organ") -> float:
+    """ST++'s image-level stability as an uncertainty: the mean disagreement (`disagreement_from_counts`)
+    between the final network's hard masks and those of K checkpoints saved earlier in the same training.
+
+    probs_final: (13, D, H, W) sigmoids of the final network (or ensemble); probs_snapshots: K such maps.
+    A scan whose pseudo label keeps changing during training scores high (uncertain).
+    """
+    if not probs_snapshots:
+        raise ValueError("stability needs at least one snapshot (uif.snapshots >= 1 in round 1)")
+    final = hard_organ_masks(probs_final, threshold)
+    values = [masks_disagreement(final, hard_organ_masks(p, threshold), weighting) for p in probs_snapshots]
+    return sum(values) / len(values)
 
 
 def binary_entropy(probs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -88,14 +129,18 @@ def entropy_score(probs_a: torch.Tensor, probs_b: torch.Tensor | None = None, th
     return float(voxel_entropy[inside].double().sum() / count)
 
 
-def uncertainty_score(method: str, probs_a: torch.Tensor, probs_b: torch.Tensor, threshold: float = 0.5) -> float:
-    """Dispatch to `disagreement_score` or `entropy_score` by name (see UIF_SCORES)."""
+def uncertainty_score(method: str, probs_a: torch.Tensor, probs_b: torch.Tensor, threshold: float = 0.5,
+                      snapshots: Sequence[torch.Tensor] = (), weighting: str = "organ") -> float:
+    """Dispatch by name (see UIF_SCORES): disagreement of A and B, entropy of their mean, or stability of
+    their mean against the `snapshots` (mean sigmoids of the K earlier checkpoints)."""
     if probs_a.shape[0] != NUM_ORGANS or probs_b.shape[0] != NUM_ORGANS:
         raise ValueError(f"expected {NUM_ORGANS} organ channels, got {probs_a.shape[0]} and {probs_b.shape[0]}")
     if method == "disagreement":
-        return disagreement_score(probs_a, probs_b, threshold)
+        return disagreement_score(probs_a, probs_b, threshold, weighting)
     if method == "entropy":
         return entropy_score(probs_a, probs_b, threshold)
+    if method == "stability":
+        return stability_score(0.5 * (probs_a.float() + probs_b.float()), snapshots, threshold, weighting)
     raise ValueError(f"unknown UIF score {method!r}; expected one of {UIF_SCORES}")
 
 

@@ -16,8 +16,18 @@ with exactly their image's geometry.
 A fraction of the unlabeled cases are "hard" (heavy noise, metal streaks, truncated field of view); which ones, and
 how, is recorded in `<out>/synthetic_meta.json`.
 
+Scan profiles (`--scan-profiles shift`, a model of FLARE22, whose labeled scans come from few centres and whose
+unlabeled and test scans come from many): the labeled cases keep the one narrow profile (portal-venous phase,
+normal noise, thin slices, no scanner offset); unlabeled and validation cases each draw a profile: contrast phase
+(non-contrast / arterial / portal-venous organ HU), noise level (x1 / x2 / x3), slice thickness (thin, or thick:
+a Gaussian partial-volume blur along z) and a scanner HU offset (-60..60). `fixed` (default): every case is drawn
+as before. The profile is drawn from its own random stream, so geometry and anatomy do not change with it.
+
+Truth of the unlabeled cases: their masks go to `trainu_mask_hidden/` (`HIDDEN_MASK_DIR`, named per case as
+"hidden_mask" in synthetic_meta.json). No stage reads it; only benchmarks (true pseudo-label quality) do.
+
 CLI: `python -m data_prepare.synthetic --out DIR --labeled N --unlabeled M --val K [--seed S]
-[--size demo|full|tiny] [--hard-fraction 0.2] [--workers W] [--overwrite]`.
+[--size demo|full|tiny] [--hard-fraction 0.2] [--scan-profiles fixed|shift] [--workers W] [--overwrite]`.
 """
 
 from __future__ import annotations
@@ -53,6 +63,9 @@ SPLITS: dict[str, tuple[str, str | None, str, str, int]] = {
     "val": ("val_images", "val_mask", "val_series_uids.txt", "validation_{:03d}", 2),
 }
 META_NAME = "synthetic_meta.json"
+HIDDEN_MASK_DIR = "trainu_mask_hidden"  # truth of the unlabeled cases: for benchmarks only, never read by a stage
+PROFILE_MODES = ("fixed", "shift")
+PHASES = ("non_contrast", "arterial", "portal_venous")
 RAS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 LPS_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 MIN_ORGAN_VOXELS = 6  # every organ keeps at least this many voxels in a standard case, whatever the size
@@ -113,6 +126,7 @@ class CasePlan:
     center_z_mm: float
     noise_sigma_hu: float
     truncation: str = ""  # "", "right", "left", "anterior", "top", "bottom"
+    profile: "ScanProfile | None" = None  # None: the fixed look (same as NARROW_PROFILE)
 
     def meta(self) -> dict:
         """JSON-safe description recorded in synthetic_meta.json (geometry as stored)."""
@@ -126,7 +140,42 @@ class CasePlan:
             "size": self.size,
             "noise_sigma_hu": round(self.noise_sigma_hu, 2),
             "truncation": self.truncation,
+            "profile": (self.profile or NARROW_PROFILE).meta(),
         }
+
+
+@dataclass(frozen=True)
+class ScanProfile:
+    """How a scanner/protocol renders a case: contrast phase, noise factor, slice blur and HU offset."""
+
+    phase: str = "portal_venous"
+    noise_factor: float = 1.0  # multiplies the case's noise sigma
+    slice_blur_vox: float = 0.0  # Gaussian sigma along z in voxels (thick-slice partial volume); 0: thin slices
+    hu_offset: float = 0.0  # added to every voxel (scanner calibration)
+
+    def meta(self) -> dict:
+        return {"phase": self.phase, "noise_factor": self.noise_factor, "slice_blur_vox": self.slice_blur_vox,
+                "hu_offset": round(self.hu_offset, 1)}
+
+
+NARROW_PROFILE = ScanProfile()
+
+
+def draw_profile(rng: np.random.Generator) -> ScanProfile:
+    """One of the wide set of profiles of the unlabeled and evaluation scans."""
+    return ScanProfile(phase=str(rng.choice(PHASES)), noise_factor=float(rng.choice([1.0, 2.0, 3.0])),
+                       slice_blur_vox=float(rng.choice([0.0, 1.2])), hu_offset=float(rng.uniform(-60.0, 60.0)))
+
+
+def _phase_contrast(phase: str, rng_contrast: float) -> dict[int, float]:
+    """Contrast factor per enhancing internal label (HU = 40 + (base - 40) * factor) for a contrast phase."""
+    if phase == "non_contrast":
+        return {lab: 0.1 for lab in _ENHANCING}
+    if phase == "arterial":  # aorta very bright, veins and parenchyma barely enhanced, renal cortex bright
+        factors = {lab: 0.45 for lab in _ENHANCING}
+        factors.update({5: 2.0, 6: 0.2, 15: 1.3, 16: 1.3})
+        return factors
+    return {lab: rng_contrast for lab in _ENHANCING}
 
 
 @dataclass
@@ -694,9 +743,11 @@ def render(plan: CasePlan, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     is_disc = np.mod(grid.w + disc_phase, disc_period) < 6.0
     psoas_slices = grid.w < templates["psoas_top_w"]
     hu = _BASE_HU.copy()
+    profile = plan.profile or NARROW_PROFILE
     contrast = float(rng.uniform(0.75, 1.15))
-    for lab in _ENHANCING:
-        hu[lab] = 40.0 + (hu[lab] - 40.0) * contrast
+    for lab, factor in _phase_contrast(profile.phase, contrast).items():
+        hu[lab] = 40.0 + (hu[lab] - 40.0) * factor
+    noise_sigma = np.float32(plan.noise_sigma_hu * profile.noise_factor)
     hu[1:NUM_ORGANS + 1] += rng.normal(0.0, 5.0, size=NUM_ORGANS).astype(np.float32)
     metal = _metal_streaks(rng, grid, plan) if "metal" in plan.hard_kinds else None
     vert, disc, cavity = templates["vert"], templates["disc"], templates["cavity"]
@@ -716,7 +767,9 @@ def render(plan: CasePlan, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
         organ = lab > 0
         organ_lab = lab[organ]
         img[organ] = hu[organ_lab] + _TEXTURE_HU[organ_lab] * tex[organ]
-        img += np.float32(plan.noise_sigma_hu) * rng.standard_normal(img.shape, dtype=np.float32)
+        img += noise_sigma * rng.standard_normal(img.shape, dtype=np.float32)
+        if profile.hu_offset:
+            img += np.float32(profile.hu_offset)
         if metal is not None:
             pattern, disk, strength = metal
             for k in range(z0, z1):
@@ -725,6 +778,9 @@ def render(plan: CasePlan, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
                     img[k - z0][disk] = 3000.0
         np.clip(img, -1024.0, 3071.0, out=img)
         image[z0:z1] = np.rint(img, out=img)
+    if profile.slice_blur_vox > 0:
+        blurred = ndimage.gaussian_filter1d(image.astype(np.float32), profile.slice_blur_vox, axis=0)
+        image = np.rint(blurred).astype(np.int16)
     return image, labels
 
 
@@ -777,21 +833,32 @@ def is_hard(index: int, seed: int, hard_fraction: float) -> bool:
     return (k + 1) * frac.numerator // frac.denominator > k * frac.numerator // frac.denominator
 
 
+def hidden_mask_path(out: str | Path, case_id: str) -> Path:
+    """Where the truth of unlabeled case `case_id` is kept (benchmarks only)."""
+    return Path(out) / HIDDEN_MASK_DIR / f"{case_id}.nii.gz"
+
+
 def _case_paths(out: Path, split: str, case_id: str) -> tuple[Path, Path | None]:
     image_dir, mask_dir = SPLITS[split][0], SPLITS[split][1]
     image_path = out / image_dir / f"{case_id}_0000.nii.gz"
     mask_path = out / mask_dir / f"{case_id}.nii.gz" if mask_dir else None
+    if split == "trainu":
+        mask_path = hidden_mask_path(out, case_id)
     return image_path, mask_path
 
 
-def _make_and_write(task: tuple[str, str, int, int, str, bool, str, bool]) -> tuple[str, dict, bool]:
-    """Worker: (out, split, index, seed, size, hard, case_id, overwrite) -> (case_id, meta, written)."""
-    out, split, index, seed, size, hard, case_id, overwrite = task
+def _make_and_write(task: tuple[str, str, int, int, str, bool, str, bool, str]) -> tuple[str, dict, bool]:
+    """Worker: (out, split, index, seed, size, hard, case_id, overwrite, profiles) -> (case_id, meta, written)."""
+    out, split, index, seed, size, hard, case_id, overwrite, profiles = task
     out_path = Path(out)
     image_path, mask_path = _case_paths(out_path, split, case_id)
     rng = _case_rng(seed, split, index)
     plan = draw_plan(rng, size, hard)
+    if profiles == "shift" and split != "train":
+        plan.profile = draw_profile(np.random.default_rng([seed, SPLITS[split][4], index, 17]))
     meta = {"split": split, **plan.meta()}
+    if split == "trainu":
+        meta["hidden_mask"] = f"{HIDDEN_MASK_DIR}/{case_id}.nii.gz"
     if not overwrite and image_path.exists() and (mask_path is None or mask_path.exists()):
         return case_id, meta, False
     image, internal = render(plan, rng)
@@ -808,12 +875,14 @@ def _make_and_write(task: tuple[str, str, int, int, str, bool, str, bool]) -> tu
 
 
 def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed: int = 0, size: str = "demo",
-                  hard_fraction: float = 0.2, overwrite: bool = False, workers: int = 1) -> dict:
+                  hard_fraction: float = 0.2, overwrite: bool = False, workers: int = 1,
+                  profiles: str = "fixed") -> dict:
     """Write a synthetic dataset tree (DESIGN.md section 3) under `out`; returns the metadata written to
     `<out>/synthetic_meta.json`: {case_id: {"hard", "hard_kinds", "spacing_zyx", "lps", "split", ...}}.
 
-    Labeled cases `train_%03d` (train_images + train_mask), unlabeled `trainu_%04d` (trainu_images; a fraction
-    `hard_fraction` of them hard), validation `validation_%03d` (val_images + val_mask), and
+    Labeled cases `train_%03d` (train_images + train_mask), unlabeled `trainu_%04d` (trainu_images, truth in
+    trainu_mask_hidden/; a fraction `hard_fraction` of them hard), validation `validation_%03d` (val_images +
+    val_mask), and
     file_list/{train,trainu,val}_series_uids.txt. Existing cases are skipped unless `overwrite`.
     """
     if size not in _SIZE_SPECS:
@@ -822,6 +891,8 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
         raise ValueError(f"hard_fraction must be within [0, 1], got {hard_fraction}")
     if min(labeled, unlabeled, val) < 0:
         raise ValueError("case counts must be non-negative")
+    if profiles not in PROFILE_MODES:
+        raise ValueError(f"unknown scan profiles {profiles!r}; expected one of {PROFILE_MODES}")
     out = Path(out)
     counts = {"train": labeled, "trainu": unlabeled, "val": val}
     tasks = []
@@ -831,7 +902,7 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
         ids[split] = [id_format.format(i) for i in range(count)]
         for i, case_id in enumerate(ids[split]):
             hard = split == "trainu" and is_hard(i, seed, hard_fraction)
-            tasks.append((str(out), split, i, seed, size, hard, case_id, overwrite))
+            tasks.append((str(out), split, i, seed, size, hard, case_id, overwrite, profiles))
 
     old_meta: dict = {}
     meta_path = out / META_NAME
@@ -884,12 +955,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=SIZES, default="demo",
                         help="full: ~512x512 x 80-200 slices; demo: 96x96 x 32-64; tiny: 20x40x48 (tests)")
     parser.add_argument("--hard-fraction", type=float, default=0.2, help="fraction of unlabeled cases made hard")
+    parser.add_argument("--scan-profiles", choices=PROFILE_MODES, default="fixed",
+                        help="shift: labeled cases from one narrow scan profile, unlabeled and validation cases "
+                             "from all (contrast phase, noise, slice thickness, HU offset)")
     parser.add_argument("--workers", type=int, default=1, help="processes generating cases in parallel")
     parser.add_argument("--overwrite", action="store_true", help="regenerate cases that already exist")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     meta = write_dataset(args.out, args.labeled, args.unlabeled, args.val, seed=args.seed, size=args.size,
-                         hard_fraction=args.hard_fraction, overwrite=args.overwrite, workers=args.workers)
+                         hard_fraction=args.hard_fraction, overwrite=args.overwrite, workers=args.workers,
+                         profiles=args.scan_profiles)
     print(f"{'case':<18} {'split':<7} {'shape_zyx':<16} {'spacing_zyx':<22} {'orient':<6} hard")
     for case_id, entry in meta.items():
         shape = "x".join(str(n) for n in entry["shape_zyx"])

@@ -28,7 +28,7 @@ from common.logger import get_logger, setup_logging
 from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import FineStream, db_path, load_cases, validation_cases
 from fine_efficient_seg.export import export, export_is_current
-from fine_efficient_seg.uif import SCORES_FILE, filtered_db_path, run_uif
+from fine_efficient_seg.uif import SCORES_FILE, filtered_db_path, run_uif, snapshot_iterations
 
 logger = get_logger(__name__)
 
@@ -81,7 +81,9 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
         pool = unlabeled_db(cfg)
         iterations = cfg.schedule.iterations
         init_weights = cfg.model.init_from
+        snapshots = snapshot_iterations(iterations, cfg.uif.snapshots) if pool is not None else ()
     else:
+        snapshots = ()
         base = unlabeled_db(cfg)
         pool = filtered_db_path(base) if base is not None else None
         if pool is not None and not (Path(cfg.output_dir) / SCORES_FILE).is_file():
@@ -119,12 +121,13 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
         out_dir=out_dir,
         labeled_stream=labeled_stream,
         unlabeled_stream=unlabeled_stream,
-        val_cases=lambda: validation_cases(val_db, data_base, size, window, info.device),
+        val_cases=lambda rank, world: validation_cases(val_db, data_base, size, window, info.device, rank, world),
         iterations=iterations,
         init_weights=init_weights,
         dist=info,
         stage="fine",
         extra_checkpoint={"round": name},
+        snapshot_iterations=snapshots,
     )
     return run_cps_training(job)
 
@@ -145,7 +148,8 @@ def step_uif(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
         round_dir=_round_dir(cfg, "round1"), unlabeled_db=pool, data_base_dir=cfg.data_base_dir,
         output_dir=Path(cfg.output_dir), method=cfg.uif.score, keep_count=cfg.uif.keep_count,
         keep_ratio=cfg.uif.keep_ratio, size_zyx=cfg.data.size_zyx, hu_window=cfg.data.hu_window,
-        extend_size_mm=cfg.crop.extend_size_mm, device=info.device, precision=cfg.amp.precision)
+        extend_size_mm=cfg.crop.extend_size_mm, device=info.device, precision=cfg.amp.precision,
+        weighting=cfg.uif.weighting)
     return {"cases": len(rows), "kept": sum(r.kept for r in rows)}
 
 

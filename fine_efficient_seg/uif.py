@@ -1,8 +1,9 @@
 """The uif step: score every unlabeled case with the two round-1 networks and keep the most certain ones.
 
 Each case is scored on the crop the fine stage trains and predicts on (its stored coarse box + extend_size_mm,
-resized to the network size) by `common.uif.uncertainty_score` (disagreement of networks A and B by default,
-entropy of their mean sigmoid as an option). Outputs:
+resized to the network size) by `common.uif.uncertainty_score` (disagreement of networks A and B by default;
+entropy of their mean sigmoid, or ST++ stability of the final A+B mean against the round-1 snapshots
+`checkpoints/snapshot_<it>.pt`, as options). Outputs:
 - `<output_dir>/uif_scores.csv`: case, score, kept, rank (rank 1 = most certain), in rank order;
 - `<data_base_dir>/db/seg_trainu_uif` (the unlabeled DB's name + `_uif`): the kept records, copied from the
   unlabeled DB with `uif_score` and `uif_rank` added, written in one transaction.
@@ -64,7 +65,65 @@ def load_round_networks(round_dir: Path, device: torch.device) -> tuple[nn.Modul
     return nets[0], nets[1]
 
 
+def snapshot_iterations(iterations: int, count: int) -> tuple[int, ...]:
+    """`count` iterations evenly spaced strictly inside (0, iterations) at which round 1 keeps a snapshot."""
+    points = {round(iterations * i / (count + 1)) for i in range(1, count + 1)}
+    return tuple(sorted(p for p in points if 0 < p < iterations))
+
+
+def load_snapshots(round_dir: Path, device: torch.device) -> list[tuple[nn.Module, nn.Module]]:
+    """Networks A and B of every `checkpoints/snapshot_<it>.pt` of a round, oldest first; eval mode."""
+    paths = sorted((round_dir / "checkpoints").glob("snapshot_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    pairs = []
+    for path in paths:
+        state = load_checkpoint(path)
+        pair = []
+        for name in ("a", "b"):
+            net = build_network(state["model"]["name"], **state["model"].get("kwargs", {}))
+            load_model_state(net, state[f"net_{name}"], source=path)
+            pair.append(net.to(device).eval())
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
 @torch.no_grad()
+def score_pool(
+    cases: Sequence[FineCase],
+    net_a: nn.Module,
+    net_b: nn.Module,
+    *,
+    methods: Sequence[str],
+    size_zyx: Sequence[int],
+    hu_window: Sequence[float],
+    extend_size_mm: float,
+    device: torch.device,
+    precision: str = "bf16",
+    snapshots: Sequence[tuple[nn.Module, nn.Module]] = (),
+    weighting: str = "organ",
+) -> dict[str, dict[str, float]]:
+    """{method: {case: uncertainty score}} (lower = more certain) of every case on its fixed fine crop, for
+    several UIF scores in one pass over the pool; "stability" needs `snapshots` (see `load_snapshots`)."""
+    amp = amp_settings(precision, device)
+    if "stability" in methods and not snapshots:
+        raise InputError(Path("checkpoints/snapshot_*.pt"), "the stability score needs round-1 snapshots "
+                                                             "(uif.snapshots >= 1 before round 1 runs)")
+
+    def probs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with autocast(amp):
+            logits = net(x)
+        return torch.sigmoid(logits.float())[0]
+
+    scores: dict[str, dict[str, float]] = {m: {} for m in methods}
+    for case in tqdm(cases, desc="uif", unit="case", disable=not is_main_process()):
+        x = fixed_crop_input(case, size_zyx, hu_window, extend_size_mm, device)
+        probs_a, probs_b = probs(net_a, x), probs(net_b, x)
+        snaps = [0.5 * (probs(a, x) + probs(b, x)) for a, b in snapshots] if "stability" in methods else []
+        for method in methods:
+            scores[method][case.case_id] = uncertainty_score(method, probs_a, probs_b, snapshots=snaps,
+                                                             weighting=weighting)
+    return scores
+
+
 def score_cases(
     cases: Sequence[FineCase],
     net_a: nn.Module,
@@ -76,19 +135,13 @@ def score_cases(
     extend_size_mm: float,
     device: torch.device,
     precision: str = "bf16",
+    snapshots: Sequence[tuple[nn.Module, nn.Module]] = (),
+    weighting: str = "organ",
 ) -> dict[str, float]:
-    """Uncertainty score of every case (lower = more certain), on its fixed fine crop."""
-    amp = amp_settings(precision, device)
-    scores: dict[str, float] = {}
-    for case in tqdm(cases, desc="uif", unit="case", disable=not is_main_process()):
-        x = fixed_crop_input(case, size_zyx, hu_window, extend_size_mm, device)
-        with autocast(amp):
-            logits_a = net_a(x)
-            logits_b = net_b(x)
-        probs_a = torch.sigmoid(logits_a.float())[0]
-        probs_b = torch.sigmoid(logits_b.float())[0]
-        scores[case.case_id] = uncertainty_score(method, probs_a, probs_b)
-    return scores
+    """Uncertainty score `method` of every case (lower = more certain), on its fixed fine crop."""
+    return score_pool(cases, net_a, net_b, methods=(method,), size_zyx=size_zyx, hu_window=hu_window,
+                      extend_size_mm=extend_size_mm, device=device, precision=precision, snapshots=snapshots,
+                      weighting=weighting)[method]
 
 
 def rows_to_csv(rows: Sequence[UifRow]) -> str:
@@ -132,6 +185,18 @@ def write_filtered_db(unlabeled_db: Path, out_db: Path, rows: Sequence[UifRow]) 
     return len(kept)
 
 
+def write_selection(rows: Sequence[UifRow], *, unlabeled_db: Path, output_dir: Path) -> Path:
+    """Make the round-2 pool hold the kept rows and write `uif_scores.csv` (last: it marks the step done).
+
+    The one place that stores a selection, whoever made it (the uif step, or a benchmark's control); returns
+    the pool's database path.
+    """
+    out_db = filtered_db_path(unlabeled_db)
+    write_filtered_db(unlabeled_db, out_db, rows)
+    write_text_atomic(output_dir / SCORES_FILE, rows_to_csv(rows))
+    return out_db
+
+
 def run_uif(
     *,
     round_dir: Path,
@@ -146,6 +211,7 @@ def run_uif(
     extend_size_mm: float,
     device: torch.device,
     precision: str = "bf16",
+    weighting: str = "organ",
 ) -> list[UifRow]:
     """Score the pool, write the filtered database and then `uif_scores.csv`; returns the rows in rank order.
 
@@ -157,21 +223,22 @@ def run_uif(
         if not cases:
             raise InputError(unlabeled_db, "no unlabeled cases to filter")
         net_a, net_b = load_round_networks(round_dir, device)
+        snapshots = load_snapshots(round_dir, device) if method == "stability" else []
         return score_cases(shard(cases), net_a, net_b, method=method, size_zyx=size_zyx, hu_window=hu_window,
-                           extend_size_mm=extend_size_mm, device=device, precision=precision)
+                           extend_size_mm=extend_size_mm, device=device, precision=precision, snapshots=snapshots,
+                           weighting=weighting)
 
     scores = {k: v for part in run_on_every_rank(score_here, "uif") for k, v in part.items()}
     rows = select_certain(scores, keep_count, keep_ratio)
     out_db = filtered_db_path(unlabeled_db)
 
     def write_here() -> int:
-        if not is_main_process():
-            return 0
-        kept = write_filtered_db(unlabeled_db, out_db, rows)
-        write_text_atomic(output_dir / SCORES_FILE, rows_to_csv(rows))
-        return kept
+        if is_main_process():
+            write_selection(rows, unlabeled_db=unlabeled_db, output_dir=output_dir)
+        return 0
 
-    kept = run_on_every_rank(write_here, "uif")[0]
+    run_on_every_rank(write_here, "uif")
+    kept = sum(r.kept for r in rows)
     kept_scores = [r.score for r in rows if r.kept]
     logger.info("uif (%s): kept %d of %d unlabeled cases in %s (scores %.4f..%.4f; pool median %.4f)",
                 method, kept, len(rows), out_db, min(kept_scores), max(kept_scores),

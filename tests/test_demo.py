@@ -52,6 +52,11 @@ def test_demo_runs_every_stage_and_reuses_work(tmp_path):
         results = list(csv.DictReader(f))
     assert [r["Name"] for r in results] == masks
     assert "Liver_DSC" in results[0] and "LK_NSD" in results[0]
+    # The UIF ranking is printed beside the truth of the round-1 pseudo labels: one line per unlabeled case.
+    table = proc.stdout[proc.stdout.index("rank case"):] if "rank case" in proc.stdout else ""
+    assert "true DSC" in proc.stdout and "Spearman(score, true error)" in table, proc.stdout[-3000:]
+    assert sum(line.split()[1].startswith("trainu_") for line in table.splitlines()[1:4]) == 3
+    assert (out / "round1_pool_predictions" / "trainu_0000.nii.gz").is_file()
     # The final table is printed, with the outputs' location.
     assert "mean" in proc.stdout.lower() and str(out) in proc.stdout
 

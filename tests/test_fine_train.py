@@ -17,6 +17,7 @@ from torch import nn
 
 from common.checkpoint import export_model, load_checkpoint, load_exported_model, model_state_dict
 from common.config import FineTrainConfig, PrepareConfig, load_config
+from common.errors import InputError
 from common.lmdb_store import open_store
 from common.networks import build_network
 from data_prepare import run as prepare_run
@@ -25,7 +26,7 @@ from fine_efficient_seg import uif as fine_uif
 from fine_efficient_seg.boxes import body_box, box_to_raw, compute_boxes
 from fine_efficient_seg.dataset import FineStream, fixed_crop_input, load_cases, validation_cases
 from fine_efficient_seg.train import augment_settings, main
-from fine_efficient_seg.uif import read_scores_csv, run_uif
+from fine_efficient_seg.uif import read_scores_csv, run_uif, snapshot_iterations
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / "fine_efficient_seg"
@@ -160,6 +161,21 @@ def test_fixed_crop_matches_prepared_fine_array(dataset):
         x = fixed_crop_input(case, [SIZE] * 3, [-325.0, 325.0], 20.0, "cpu")
         # data_prepare rounds the resized HU to int16; our crop is resized in float: tiny differences only
         assert torch.allclose(x, val[case.case_id], atol=0.02)
+
+
+def test_validation_cases_load_only_this_ranks_share(dataset, monkeypatch):
+    import fine_efficient_seg.dataset as fine_dataset
+
+    db = dataset / "db" / "seg_pre-process_database"  # the 4 labeled cases with their fixed fine arrays
+    every = [case_id for case_id, _, _ in validation_cases(db, dataset, [SIZE] * 3, [-325.0, 325.0], "cpu")]
+    assert len(every) == 4
+    loaded: list[str] = []
+    real_load = np.load
+    monkeypatch.setattr(fine_dataset.np, "load", lambda path, *a, **k: loaded.append(str(path)) or real_load(path, *a,
+                                                                                                              **k))
+    mine = [case_id for case_id, _, _ in validation_cases(db, dataset, [SIZE] * 3, [-325.0, 325.0], "cpu", 1, 2)]
+    assert mine == every[1::2]
+    assert len(loaded) == 2 * len(mine)  # image + mask of its own cases only
 
 
 # ----------------------------------------------------------------------------------------------------- uif
@@ -413,3 +429,32 @@ def test_init_from_a_converted_release_starts_round1_from_it(dataset, tmp_path, 
     for name in ("a", "b"):
         for key, value in net.state_dict().items():
             torch.testing.assert_close(ckpt[f"net_{name}"][key], value, atol=1e-6, rtol=0)
+
+
+def test_snapshot_iterations():
+    assert snapshot_iterations(400, 3) == (100, 200, 300)
+    assert snapshot_iterations(3, 5) == (1, 2)       # never 0 or the last iteration; duplicates merge
+    assert snapshot_iterations(400, 0) == ()
+
+
+def test_round1_snapshots_and_stability_score(dataset, tmp_path):
+    """Round 1 keeps uif.snapshots checkpoints (ST++); the uif step scores the pool by their stability."""
+    cfg = fine_config(dataset, tmp_path, "schedule.iterations=4", "uif.snapshots=3", "uif.score=stability",
+                      "schedule.checkpoint_interval=4")
+    for step in ("boxes", "round1", "uif"):
+        main(replace(cfg, step=step))
+    ckpts = tmp_path / "output" / "round1" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("snapshot_*.pt")) == ["snapshot_1.pt", "snapshot_2.pt", "snapshot_3.pt"]
+    assert load_checkpoint(ckpts / "snapshot_2.pt")["iteration"] == 2
+    pairs = fine_uif.load_snapshots(tmp_path / "output" / "round1", torch.device("cpu"))
+    assert len(pairs) == 3
+    final = fine_uif.load_round_networks(tmp_path / "output" / "round1", torch.device("cpu"))[0]
+    first = dict(pairs[0][0].named_parameters())
+    assert any(not torch.equal(p, first[n]) for n, p in final.named_parameters()), "snapshot = final weights"
+    rows = read_scores_csv(tmp_path / "output" / "uif_scores.csv")
+    assert len(rows) == 4 and sum(r.kept for r in rows) == 2
+    assert all(0.0 <= r.score <= 1.0 for r in rows)
+    # No snapshots saved (uif.snapshots=0): the stability score says what is missing.
+    with pytest.raises(InputError, match="snapshots"):
+        fine_uif.score_pool([], final, final, methods=("stability",), size_zyx=[SIZE] * 3, hu_window=[-325, 325],
+                            extend_size_mm=20.0, device=torch.device("cpu"))

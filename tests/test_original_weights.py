@@ -21,6 +21,7 @@ import torch
 
 import predict
 from common import original_weights as ow
+from common.backends import make_forwards
 from common.checkpoint import export_model, load_checkpoint, load_exported_model
 from common.errors import InputError
 from common.inference import COARSE_DIR, FINE_DIR, PredictOptions, Predictor, WeightsError
@@ -265,17 +266,23 @@ def test_predictor_reads_the_original_layout_directly(tmp_path, tiny_release):
     sizes), so the prediction is the converter's. (The full-size run on case_0003 gave identical masks.)"""
     assert ow.main(["--coarse", str(tiny_release / COARSE_DIR), "--fine", str(tiny_release / FINE_DIR),
                     "--out", str(tmp_path / "converted")]) == 0
-    direct = Predictor(PredictOptions(tiny_release, device="cpu"))
-    converted = Predictor(PredictOptions(tmp_path / "converted", device="cpu"))
+    direct = Predictor(PredictOptions(tiny_release, device="cpu", backend="torch"))
+    converted = Predictor(PredictOptions(tmp_path / "converted", device="cpu", backend="torch"))
     for ours, theirs in ((direct.coarse, converted.coarse), (direct.fine, converted.fine)):
         assert (ours.size_zyx, ours.hu_window, ours.extend_size_mm, ours.primary) == (
             theirs.size_zyx, theirs.hu_window, theirs.extend_size_mm, theirs.primary)
-        assert ours.modules.keys() == theirs.modules.keys()
+        assert ours.modules.keys() == theirs.modules.keys() == ours.networks.keys()
         for name, net in ours.modules.items():
             mine, other = net.state_dict(), theirs.modules[name].state_dict()
             assert mine.keys() == other.keys() and all(torch.equal(mine[k], other[k]) for k in mine)
     assert direct.coarse.size_zyx == (160, 160, 160) and direct.fine.size_zyx == (192, 192, 192)
-    assert Predictor(PredictOptions(tiny_release, device="cpu", fine_size=160)).fine.size_zyx == (160, 160, 160)
+    assert Predictor(PredictOptions(tiny_release, device="cpu", backend="torch", fine_size=160)).fine.size_zyx == (
+        160, 160, 160)
+    # ONNX Runtime (the CPU default; in requirements-test.txt) also runs the in-memory converted networks
+    forwards = make_forwards("onnxruntime", direct.fine.modules, tiny_release / FINE_DIR, (SIZE,) * 3)
+    x = torch.randn(1, 1, SIZE, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(forwards["a"](x), _tiny("efficient_seg_net", 3)(x), atol=1e-4, rtol=0)
 
 
 def test_cli_refuses_a_swapped_file_and_writes_nothing(tmp_path, tiny_release, capsys):

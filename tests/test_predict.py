@@ -27,10 +27,10 @@ from common.checkpoint import export_model
 from common.errors import InputError
 from common.fileutil import is_temp_name
 from common.image_io import ImageMeta, read_image
-from common.inference import (PredictOptions, Predictor, check_ct, disagreement, predict_folder,
-                              upsample_labels)
+from common.inference import PredictOptions, Predictor, check_ct, predict_folder, upsample_labels
 from common.networks import build_network
 from common.postprocess import keep_largest_component, probs_to_labels
+from common.uif import labels_disagreement
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = [2, 4, 4, 8, 8]
@@ -204,16 +204,17 @@ def test_upsample_labels_empty_and_single_organ():
 
 
 def test_disagreement():
+    """The predictor's column uses UIF's definition (common.uif): organs present in either, none = least certain."""
     a = torch.zeros(4, 4, 4, dtype=torch.uint8)
-    assert disagreement(a, a) == 0.0  # nothing present: the networks agree
+    assert labels_disagreement(a, a) == 1.0  # nothing present: no usable label, least certain
     a[0, :2] = 1
-    assert disagreement(a, a) == 0.0
+    assert labels_disagreement(a, a) == 0.0
     b = a.clone()
     b[0, :2] = 2  # organ 1 only in A, organ 2 only in B: both Dice 0
-    assert disagreement(a, b) == pytest.approx(1.0)
+    assert labels_disagreement(a, b) == pytest.approx(1.0)
     c = a.clone()
     c[0, 0] = 0  # organ 1: |A| = 8, |B| = 4, overlap 4 -> Dice 2/3
-    assert disagreement(a, c) == pytest.approx(1 / 3)
+    assert labels_disagreement(a, c) == pytest.approx(1 / 3)
 
 
 def test_keep_largest_component_is_used_per_grid(predictor):

@@ -15,7 +15,7 @@ def _settings(tmp_path: Path, *extra: str) -> bench.Settings:
     return bench.parse_args(["--seeds", "3", "--out", str(tmp_path / "out"), *extra])
 
 
-def test_steps_cover_the_three_rows_in_order(tmp_path: Path) -> None:
+def test_steps_cover_the_five_rows_in_order(tmp_path: Path) -> None:
     s = _settings(tmp_path, "--labeled", "4", "--labeled-val", "1", "--keep-ratio", "0.25", "--fine-iters", "7")
     steps = bench.seed_steps(s, 3)
     names = [st.name for st in steps]
@@ -23,8 +23,24 @@ def test_steps_cover_the_three_rows_in_order(tmp_path: Path) -> None:
     # round 1 is exported for row 2 before round 2 exists; row 3 is exported after round 2
     assert names.index("fine_cps_round1") < names.index("fine_lu_export") < names.index("fine_cps_round2") \
         < names.index("fine_lk_export")
-    assert [n for n in names if n.startswith("predict_")] == ["predict_l0", "predict_lu", "predict_lk"]
+    assert [n for n in names if n.startswith("predict_")] == ["predict_pool", "predict_l0", "predict_lu",
+                                                               "predict_lk", "predict_lr", "predict_lo"]
+    # the true pseudo-label quality needs round 1's pool prediction and comes before any round 2, whose control
+    # rows read the selections it writes
+    assert names.index("fine_lu_export") < names.index("predict_pool") < names.index("uif_quality") \
+        < names.index("fine_cps_round2") < names.index("fine_random_round2") < names.index("fine_oracle_round2")
     argv = {st.name: st.argv for st in steps}
+    assert "data.unlabeled_db=db/seg_trainu_random" in argv["fine_random_round2"]
+    assert "data.unlabeled_db=db/seg_trainu_oracle" in argv["fine_oracle_round2"]
+    assert any(a.endswith("seed3/fine_oracle") for a in argv["fine_lo_export"])
+    assert "--scan-profiles" in argv["synthetic"] and "shift" in argv["synthetic"]
+    # every round-2 row trains with the same network seeds and iterations: only the selection differs
+    for name in ("fine_random_round2", "fine_oracle_round2"):
+        assert [a for a in argv[name] if "seed" in a.split("=")[0] or "iterations" in a] == \
+            [a for a in argv["fine_cps_round2"] if "seed" in a.split("=")[0] or "iterations" in a]
+    quality = bench.seed_steps(bench.parse_args(["--seeds", "3", "--out", str(tmp_path / "q"), "--stop-after",
+                                                 "quality"]), 3)
+    assert quality[-1].name == "uif_quality" and not any("round2" in st.name for st in quality)
     assert "data.unlabeled_db=null" in argv["fine_l0"]
     assert "data.unlabeled_db=null" not in argv["fine_cps_round1"]
     assert "--labeled" in argv["synthetic"] and argv["synthetic"][argv["synthetic"].index("--labeled") + 1] == "5"
@@ -96,3 +112,18 @@ def test_summary_and_table(tmp_path: Path) -> None:
     assert "| 4 / 0 |" in report and "| 4 / 12 |" in report and "4 / 12 -> 6 (UIF)" in report
     assert "0.5500 ± 0.0707" in report
     assert "| 0 | 12 | 1 / 6 | 3 / 6 | 5, 8, 9, 12 |" in report
+
+
+def test_paired_deltas_have_t_intervals(tmp_path: Path) -> None:
+    """UIF minus random, paired by seed, with the 95 % Student-t interval over seeds (t(0.975, 2) = 4.3027)."""
+    s = _settings(tmp_path, "--unlabeled", "12", "--keep-ratio", "0.5")
+    results = []
+    for seed, gain in ((0, 0.01), (1, 0.03), (2, 0.02)):
+        rows = {row: {"DSC": 0.5, "NSD": 0.4} for row in bench.ROWS}
+        rows["lk"] = {"DSC": 0.5 + gain, "NSD": 0.4}
+        results.append({"seed": seed, "rows": rows})
+    text = bench.format_diffs(results, s)
+    half = 4.302653 * 0.01 / math.sqrt(3)
+    line = next(x for x in text.splitlines() if x.startswith("| 4 / 12 -> 6 (UIF) minus 4 / 12 -> 6 (random)"))
+    assert f"+0.0200 [{0.02 - half:+.4f}, {0.02 + half:+.4f}]" in line
+    assert "+0.0100, +0.0300, +0.0200" in line

@@ -232,3 +232,39 @@ def test_hard_cases_are_harder() -> None:
             ends = np.concatenate([case.mask[0].ravel(), case.mask[-1].ravel()])
             assert np.isin(ends, (1, 2, 3, 11, 13)).any(), "an organ must be cut by the first or last slice"
     assert kinds_seen == set(synthetic.HARD_KINDS)
+
+
+def test_hidden_truth_of_unlabeled_cases(dataset: Path) -> None:
+    """Every unlabeled case's mask is in trainu_mask_hidden/, named in the meta, with its image's geometry."""
+    meta = _meta(dataset)
+    for i in range(UNLABELED):
+        case = f"trainu_{i:04d}"
+        assert meta[case]["hidden_mask"] == f"{synthetic.HIDDEN_MASK_DIR}/{case}.nii.gz"
+        mask_img = sitk.ReadImage(str(dataset / meta[case]["hidden_mask"]))
+        img = sitk.ReadImage(str(dataset / "trainu_images" / f"{case}_0000.nii.gz"))
+        assert mask_img.GetSize() == img.GetSize() and mask_img.GetOrigin() == img.GetOrigin()
+        mask = sitk.GetArrayFromImage(mask_img)
+        assert meta[case]["organs_present"] == [int(x) for x in np.unique(mask) if x > 0]
+    assert not any("hidden_mask" in meta[f"train_{i:03d}"] for i in range(LABELED))
+
+
+def test_scan_profiles_shift(tmp_path: Path) -> None:
+    """shift: labeled cases keep the narrow profile (and are byte-identical to the fixed look), unlabeled and
+    validation cases draw profiles; the profile changes intensities but not the anatomy."""
+    fixed = write_dataset(tmp_path / "fixed", labeled=2, unlabeled=6, val=2, seed=4, size="tiny")
+    shift = write_dataset(tmp_path / "shift", labeled=2, unlabeled=6, val=2, seed=4, size="tiny", profiles="shift")
+    narrow = synthetic.NARROW_PROFILE.meta()
+    assert all(e["profile"] == narrow for e in fixed.values())
+    assert all(shift[f"train_{i:03d}"]["profile"] == narrow for i in range(2))
+    drawn = [shift[c]["profile"] for c in shift if not c.startswith("train_")]
+    assert any(p != narrow for p in drawn)
+    assert len({p["phase"] for p in drawn}) >= 2
+    for case, entry in shift.items():
+        split_dir = {"train": "train_images", "trainu": "trainu_images", "val": "val_images"}[entry["split"]]
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "fixed" / split_dir / f"{case}_0000.nii.gz")))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "shift" / split_dir / f"{case}_0000.nii.gz")))
+        assert entry["shape_zyx"] == fixed[case]["shape_zyx"]
+        assert entry["organs_present"] == fixed[case]["organs_present"]
+        assert np.array_equal(a, b) == (entry["profile"] == narrow), case
+    with pytest.raises(ValueError, match="scan profiles"):
+        write_dataset(tmp_path / "bad", labeled=1, unlabeled=0, val=0, profiles="wide")

@@ -13,8 +13,10 @@ from common.uif import (
     entropy_score,
     hard_organ_masks,
     keep_size,
-    per_organ_dice,
+    labels_disagreement,
+    masks_disagreement,
     select_certain,
+    stability_score,
     uncertainty_score,
 )
 
@@ -45,34 +47,94 @@ def test_hard_masks_follow_pseudo_label_rule():
     assert masks[4, 0, 0, 2]
 
 
-def test_dice_absent_organs_agree():
+def test_absent_organs_do_not_count():
+    """The issue's probe: absent organs used to count as agreement, so a scan with one organ at A/B Dice 0.6
+    looked more certain (0.031) than one with 13 organs at Dice 0.9 (0.100). Only present organs count now."""
     a = hard_organ_masks(organ_probs({1: LIVER}))
-    dice = per_organ_dice(a, a.clone())
-    assert dice.shape == (13,)
-    assert torch.all(dice == 1.0)
+    assert masks_disagreement(a, a.clone()) == 0.0
     b = hard_organ_masks(organ_probs({1: LIVER, 3: SPLEEN}))
-    dice = per_organ_dice(a, b)
-    assert dice[0] == 1.0 and dice[2] == 0.0
-    assert torch.all(dice[[1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]] == 1.0)
+    assert masks_disagreement(a, b) == pytest.approx(0.5)  # liver Dice 1, spleen Dice 0 (only in B)
+
+
+def test_one_organ_vs_thirteen_organs():
+    """Disjoint 1-D organs: one organ at Dice 0.6 must be LESS certain than 13 organs at Dice 0.9."""
+    def pair(n_organs: int, dice: float) -> tuple[torch.Tensor, torch.Tensor]:
+        length = 20
+        shared = round(dice * length)  # A and B have `length` voxels each, `shared` of them common
+        a = torch.zeros(13 * 2 * length, dtype=torch.uint8)
+        b = torch.zeros_like(a)
+        for organ in range(n_organs):
+            start = organ * 2 * length
+            a[start:start + length] = organ + 1
+            b[start + length - shared:start + 2 * length - shared] = organ + 1
+        return a, b
+
+    one = labels_disagreement(*pair(1, 0.6))
+    thirteen = labels_disagreement(*pair(13, 0.9))
+    assert one == pytest.approx(0.4)
+    assert thirteen == pytest.approx(0.1)
+    assert one > thirteen
 
 
 def test_disagreement_values():
     agree = organ_probs({1: LIVER, 3: SPLEEN})
     assert disagreement_score(agree, agree.clone()) == 0.0
-    # One organ missing in B: mean Dice = 12/13.
+    # One organ missing in B: that organ has Dice 0, the other Dice 1 -> 0.5.
     missing = organ_probs({1: LIVER})
-    assert disagreement_score(agree, missing) == pytest.approx(1.0 / 13.0)
-    # Partial overlap of the liver: Dice = 2 |A & B| / (|A| + |B|).
+    assert disagreement_score(agree, missing) == pytest.approx(0.5)
+    # Partial overlap of the liver: Dice = 2 |A & B| / (|A| + |B|); the spleen agrees.
     shifted = organ_probs({1: SHIFTED_LIVER, 3: SPLEEN})
-    expected = 1.0 - (12 + 2 * 27 / (36 + 27)) / 13
+    liver_dice = 2 * 27 / (36 + 27)
+    expected = 1.0 - (1 + liver_dice) / 2
     assert disagreement_score(agree, shifted) == pytest.approx(expected)
     # Symmetric.
     assert disagreement_score(shifted, agree) == pytest.approx(expected)
+    # Volume weighting: the organs' Dice weighted by their voxel counts (liver 36 + 27, spleen 27 + 27).
+    volume = 1.0 - 2.0 * (27 + 27) / (36 + 27 + 27 + 27)
+    assert disagreement_score(agree, shifted, weighting="volume") == pytest.approx(volume)
+    with pytest.raises(ValueError, match="weighting"):
+        disagreement_score(agree, shifted, weighting="area")
+
+
+def test_all_thirteen_organs_agree():
+    boxes = {}
+    for label in range(1, 14):  # 13 disjoint single-voxel-row organs in a 6 x 7 x 5 grid
+        z, y = divmod(label - 1, 7)
+        boxes[label] = (slice(z, z + 1), slice(y, y + 1), slice(0, 5))
+    probs = organ_probs(boxes)
+    assert hard_organ_masks(probs).sum(dim=(1, 2, 3)).tolist() == [5] * 13
+    assert disagreement_score(probs, probs.clone()) == 0.0
+    worse = probs.clone()
+    worse[12, 1, 5, 0] = 0.01  # organ 13 loses one of its 5 voxels in B: Dice 8/9, the 12 others 1
+    assert disagreement_score(probs, worse) == pytest.approx((1 - 8 / 9) / 13)
 
 
 def test_disagreement_all_empty_is_worst():
     empty = torch.full((13, *SHAPE), 0.1)
     assert disagreement_score(empty, empty) == 1.0
+    labels = torch.zeros(4, 4, 4, dtype=torch.uint8)
+    assert labels_disagreement(labels, labels) == 1.0
+
+
+def test_one_network_empty():
+    """One network finds organs, the other nothing: every present organ has Dice 0 -> 1.0, whichever is empty."""
+    empty = torch.full((13, *SHAPE), 0.1)
+    full = organ_probs({1: LIVER, 3: SPLEEN})
+    assert disagreement_score(full, empty) == 1.0
+    assert disagreement_score(empty, full) == 1.0
+
+
+def test_stability_score():
+    final = organ_probs({1: LIVER, 3: SPLEEN})
+    assert stability_score(final, [final.clone(), final.clone()]) == 0.0
+    shifted = organ_probs({1: SHIFTED_LIVER, 3: SPLEEN})
+    one_off = disagreement_score(final, shifted)
+    assert one_off > 0
+    # Mean over the snapshots of their disagreement with the final prediction.
+    assert stability_score(final, [final, shifted]) == pytest.approx(one_off / 2)
+    assert uncertainty_score("stability", final, final, snapshots=[shifted]) == pytest.approx(one_off)
+    with pytest.raises(ValueError, match="snapshot"):
+        stability_score(final, [])
 
 
 def test_entropy_score():
