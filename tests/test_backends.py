@@ -16,9 +16,10 @@ import predict
 from common import backends
 from common.backends import cached_onnx, make_forwards, onnx_cache_path, resolve_backend
 from common.checkpoint import export_model
-from common.inference import COARSE_DIR, FINE_DIR, PredictOptions, Predictor, disagreement
+from common.inference import COARSE_DIR, FINE_DIR, PredictOptions, Predictor
 from common.networks import build_network
 from common.postprocess import probs_to_labels
+from common.uif import labels_disagreement
 
 TINY = [2, 4, 4, 8, 8]
 
@@ -81,7 +82,7 @@ def test_onnxruntime_labels_agree_with_torch(weights_dir, stage):
         a, b = probs_to_labels(ref, 0.0), probs_to_labels(out, 0.0)
         assert len(torch.unique(a)) > 1  # a non-trivial label map, so agreement means something
         assert float((a == b).float().mean()) >= 0.999
-        assert disagreement(a, b) < 0.01
+        assert labels_disagreement(a, b) < 0.01
         assert float((ref - out).abs().max()) < 1e-2  # fp32 reassociation (instance norm of few channels)
 
 
