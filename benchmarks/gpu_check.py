@@ -144,10 +144,7 @@ def part_predict(setup: Setup, work: Path, state: dict) -> list[Row]:
             continue
         phases = ", ".join(f"{k[:-2]} {float(r.get(k) or 0):.2f}" for k in
                            ("read_s", "coarse_s", "fine_s", "post_s", "write_s"))
-        if all(k in r for k in MEMORY_FIELDS):  # the predictor's own per-case figures, where it reports them
-            alloc, reserved, used = (r[k] for k in MEMORY_FIELDS)
-        else:
-            alloc, reserved, used = r.get("peak_gpu_mem_mb"), "-", "-"
+        alloc, reserved, used = (r[k] for k in MEMORY_FIELDS)  # the predictor's own per-case figures
         total = float(r["total_s"])
         rows.append(_row("predict", f"{r['case_id']} {setup.device.type}",
                          f"total {total:.2f} s ({phases}); GPU MB alloc {_mb(alloc)} / reserved {_mb(reserved)} / "

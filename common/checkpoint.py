@@ -62,7 +62,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the weights-only unpickler raises anything (IndexError, KeyError, ...)
-        raise InputError(path, _load_error_text(exc)) from None
+        raise InputError(path, _load_error_text(exc)) from exc  # the cause stays for callers (original_weights)
     if not isinstance(state, dict):
         raise InputError(path, f"checkpoint holds a {type(state).__name__}, expected a dict")
     return state
