@@ -30,9 +30,9 @@ from torch import nn
 
 from benchmarks.cpu_floor import count_macs, cpu_peak, full_network
 from common.backends import OnnxRuntimeForward, export_onnx, onnxruntime_available
-from common.uif import labels_disagreement as disagreement
 from common.postprocess import probs_to_labels
 from common.preprocessing import normalize_hu, resize_volume
+from common.uif import labels_disagreement
 
 VARIANTS = ("torch_eager", "torch_channels_last", "torch_jit_freeze", "torch_jit_onednn", "torch_bf16", "onnxruntime")
 HU_WINDOW = (-325.0, 325.0)
@@ -88,7 +88,7 @@ def build_variant(variant: str, net: nn.Module, x: torch.Tensor, work: Path):
 def agreement(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
     """Voxel label agreement, mean organ DSC (1 - disagreement) and max |logit difference| of two (1,C,...) maps."""
     a, b = probs_to_labels(ref[0], 0.0), probs_to_labels(out[0].float(), 0.0)
-    return {"label_agreement": float((a == b).float().mean()), "dsc": 1.0 - disagreement(a, b),
+    return {"label_agreement": float((a == b).float().mean()), "dsc": 1.0 - labels_disagreement(a, b),
             "max_logit_diff": float((ref - out.float()).abs().max())}
 
 

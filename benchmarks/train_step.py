@@ -102,7 +102,8 @@ def time_variant(stage: Stage, variant: str, device: torch.device, warmup: int, 
     opts = [torch.optim.Adam(n.parameters(), lr=stage.lr, betas=(0.9, 0.99), weight_decay=5.0e-5) for n in nets]
     loss_fn = build_loss(stage.loss)
     if mode == "compile":
-        nets = [torch.compile(n, backend=compile_backend) for n in nets]  # the networks only: the losses are a small part of a step
+        # the networks only: the losses are a small part of a step
+        nets = [torch.compile(n, backend=compile_backend) for n in nets]
     generator = torch.Generator().manual_seed(0)
     shape = (1, 1) + (stage.size,) * 3
     x_l = torch.randn(shape, generator=generator).to(device, memory_format=memory_format)

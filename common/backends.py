@@ -166,9 +166,14 @@ class LazyOnnxRuntimeForward:
             self._path = cached_onnx(self.net, self.model_dir, self.network, self.size_zyx)
         return self._path
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def load(self) -> None:
+        """Export (if needed) and open the session now, e.g. before timing."""
         if self._forward is None:
             self._forward = OnnxRuntimeForward(self.path)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.load()
+        assert self._forward is not None
         return self._forward(x)
 
 
