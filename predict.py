@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from common.backends import BACKENDS
 from common.errors import InputError
 from common.inference import DEFAULT_UNCERTAINTY_THRESHOLD, PredictOptions, WeightsError, predict_folder
 
@@ -27,15 +28,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-i", "--input", required=True, help="folder of CT volumes (<id>_0000.nii.gz -> <id>.nii.gz)")
     parser.add_argument("-o", "--output", required=True, help="folder for <id>.nii.gz masks and predictions.csv")
     parser.add_argument("--weights-dir", default=str(REPO_ROOT / "model_weights"),
-                        help="folder with base_coarse_model/ and efficient_fine_model/ (default: %(default)s)")
+                        help="folder with base_coarse_model/ and efficient_fine_model/: exported model.pt folders, or "
+                             "the original release's best_model.pt folders (converted in memory) "
+                             "(default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                         help="auto = cuda if available (default: %(default)s)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
                         help="network precision on CUDA; auto = fp16 on CUDA, fp32 on CPU (default: %(default)s)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="where the networks run: auto = onnxruntime on the CPU when installed (faster, see "
+                             "BENCHMARKS.md), torch otherwise and on CUDA (default: %(default)s)")
     parser.add_argument("--fine-size", type=int, default=None,
                         help="fine network input size per axis: 192 (trained, default from the model) or 160 "
                              "(faster); any multiple of 16")
-    parser.add_argument("--ensemble", action="store_true", help="average networks A and B (both stages)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="average networks A and B (both stages; both must hold network B)")
     parser.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
     parser.add_argument("--overlays", action="store_true", help="also write <id>_overlay.png (axial + coronal)")
     parser.add_argument("--workers", type=int, default=2,
@@ -59,7 +66,7 @@ def print_summary(summary: dict) -> None:
             def sec(key: str) -> str:
                 return f"{r[key]:.2f}" if isinstance(r.get(key), float) else "-"
             unc = f"{r['uncertainty']:.3f}" if isinstance(r.get("uncertainty"), float) else "-"
-            gpu = f"{r['peak_gpu_mem_mb']:.0f}" if isinstance(r.get("peak_gpu_mem_mb"), float) else "-"
+            gpu = f"{r['gpu_used_mb']:.0f}" if isinstance(r.get("gpu_used_mb"), float) else "-"  # total - free
             print(f"{r['case_id'][:24]:<24} {r['status']:<7} {sec('read_s'):>6} {sec('coarse_s'):>7} "
                   f"{sec('fine_s'):>6} {sec('post_s'):>6} {sec('write_s'):>6} {sec('total_s'):>6} {gpu:>7} "
                   f"{unc:>6}{'  FLAGGED' if r.get('flagged') else ''}")
@@ -78,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         options = PredictOptions(
             weights_dir=args.weights_dir, device=args.device, precision=args.precision, fine_size=args.fine_size,
             ensemble=args.ensemble, uncertainty=args.uncertainty, overwrite=args.overwrite, overlays=args.overlays,
-            workers=args.workers, uncertainty_threshold=args.uncertainty_threshold, progress=not args.quiet)
+            workers=args.workers, uncertainty_threshold=args.uncertainty_threshold, progress=not args.quiet,
+            backend=args.backend)
         summary = predict_folder(args.input, args.output, options)
     except (WeightsError, InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,11 +1,16 @@
 """Prediction speed and memory: our pipeline vs the straightforward path, on a full-size synthetic CT.
 
-    python -m benchmarks.predict_speed [--device auto|cpu|cuda] [--cases N] [--size Z,Y,X] [--quick]
+    python -m benchmarks.predict_speed [--device auto|cpu|cuda] [--backend auto|torch|onnxruntime] [--cases N]
+        [--size Z,Y,X] [--quick] [--no-baseline] [--no-empty] [--compare-torch]
 
 Makes a synthetic CT (data_prepare.synthetic, size "full", resampled to --size, default 200x512x512), exports
 randomly initialised FULL-size networks (default channels; coarse UNet at 160^3, fine EfficientSegNet at 192^3)
 through common.checkpoint.export_model, and measures in the same run:
-- the two networks' forward passes alone (the floor; DESIGN 6 CPU bar: total <= 1.2x their sum);
+- the two networks' forward passes alone on the chosen backend (the floor; DESIGN 6 CPU bar: total <= 1.2x their
+  sum), with their multiply-adds as a fraction of the CPU's peak (benchmarks.cpu_floor) on the CPU;
+- our pipeline end to end with organ-shaped outputs: each network runs (its time is paid) but hands on scores
+  made from the phantom's ground truth (resized to the network grid, smoothed, +-6), so reading, resizing,
+  components and writing do the work a trained model's outputs give them;
 - our pipeline (`predict_folder`: device-side resize, fp16 on CUDA, background read/write, chunked label
   resizing, components per organ box) with the random networks (worst case: every organ channel fires all over
   the volume) and with "empty" networks (head weights made negative: nothing fires, the coarse stage falls back
@@ -14,6 +19,9 @@ through common.checkpoint.export_model, and measures in the same run:
   connected components on the full volume (run for the first case only, with the random networks);
 - the output-dependent step alone (fine labels at crop size + components) on organ-shaped scores made from the
   phantom's ground truth, to show its cost for realistic outputs.
+`--compare-torch` also times the forward passes and the organ-shaped case with `--backend torch`, for the
+end-to-end gain of the chosen backend. `--no-baseline` skips the straightforward path (CPU-bound; on a GPU it
+only spends the GPU's time).
 Prints one table; `--json PATH` also writes the numbers.
 """
 
@@ -33,10 +41,20 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from common import gpu_memory
+from common.backends import BACKENDS
 from common.checkpoint import export_model
 from common.image_io import canonical_flips, read_image, write_mask
-from common.inference import (COARSE_DIR, FINE_DIR, PredictOptions, Predictor, predict_folder, resolve_device,
-                              resolve_precision, upsample_labels)
+from common.inference import (
+    COARSE_DIR,
+    FINE_DIR,
+    PredictOptions,
+    Predictor,
+    predict_folder,
+    resolve_device,
+    resolve_precision,
+    upsample_labels,
+)
 from common.networks import build_network
 from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
 from common.preprocessing import normalize_hu, resize_volume
@@ -71,12 +89,15 @@ def write_ct(path: Path, image: np.ndarray, spacing_zyx, origin_xyz, direction) 
     sitk.WriteImage(img, str(path), useCompression=True)
 
 
-def export_random_models(weights_dir: Path, empty: bool = False) -> None:
-    """Full-size networks with random (seeded) weights; `empty` makes every head weight negative (no organ fires:
-    the last features are ReLU outputs >= 0)."""
-    stages = (("coarse", "unet", 160, COARSE_DIR), ("fine", "efficient_seg_net", 192, FINE_DIR))
+def export_random_models(weights_dir: Path, empty: bool = False, channels: list[int] | None = None,
+                         sizes: tuple[int, int] = (160, 192)) -> None:
+    """Networks with random (seeded) weights, full size unless `channels` / `sizes` (coarse, fine edge) say
+    otherwise; `empty` makes every head weight negative (no organ fires: the last features are ReLU outputs >= 0)."""
+    stages = (("coarse", "unet", sizes[0], COARSE_DIR), ("fine", "efficient_seg_net", sizes[1], FINE_DIR))
     for stage, name, size, folder in stages:
-        kwargs = {} if name == "unet" else {"input_size_zyx": [size] * 3}
+        kwargs: dict = {} if name == "unet" else {"input_size_zyx": [size] * 3}
+        if channels is not None:
+            kwargs.update(channels=list(channels), dropout=0.0)
         nets = {}
         for i, key in enumerate(("a", "b")):
             torch.manual_seed(10 + i)
@@ -120,8 +141,7 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     """The plain path: everything on the CPU in numpy/scipy except the networks (fp32), no overlap, full-size
     probability maps resized with scipy, components on the full volume."""
     device = predictor.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    gpu_memory.reset_peak(device)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     raw, meta = read_image(path)
@@ -134,7 +154,7 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     coarse = predictor.coarse
     x = normalize_hu(resize_volume(ct, coarse.size_zyx), coarse.hu_window)
     with torch.inference_mode():
-        logits = coarse.networks[coarse.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu()
+        logits = coarse.modules[coarse.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu()
     labels = probs_to_labels(torch.sigmoid(logits).numpy(), 0.5)
     t2 = time.perf_counter()
     times["coarse_s"] = t2 - t1
@@ -150,7 +170,7 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     region = ct[crop]
     x = normalize_hu(resize_volume(region, fine.size_zyx), fine.hu_window)
     with torch.inference_mode():
-        logits = fine.networks[fine.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu().numpy()
+        logits = fine.modules[fine.primary](torch.from_numpy(x)[None, None].to(device))[0].float().cpu().numpy()
     probs = np.stack([1.0 / (1.0 + np.exp(-resize_volume(channel, region.shape))) for channel in logits])
     labels = probs_to_labels(probs, 0.5)
     del probs
@@ -165,19 +185,59 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     write_mask(mask, meta, out_path)
     times["write_s"] = time.perf_counter() - t5
     times["total_s"] = time.perf_counter() - t0
-    times["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    times.update(gpu_memory.snapshot(device).as_row())  # allocated / reserved peaks and total - free (FLARE)
     return times
+
+
+def organ_scores(mask_zyx: np.ndarray, size_zyx) -> torch.Tensor:
+    """Organ-shaped logits (13, *size_zyx) float32 from a label map: each organ's indicator resized (trilinear,
+    align_corners) to the network grid, smoothed by a 3^3 mean, scaled to +-6 (0 on the organ's border)."""
+    channels = []
+    for label in range(1, 14):  # one channel at a time: 13 full-resolution float maps would be 2.7 GB
+        one = torch.from_numpy(mask_zyx == label).float()[None, None]
+        channels.append(F.interpolate(one, size=tuple(size_zyx), mode="trilinear", align_corners=True)[0, 0])
+    grid = F.avg_pool3d(torch.stack(channels)[None], 3, stride=1, padding=1)[0]
+    return (grid - 0.5) * 12.0
+
+
+class OrganShapedForward:
+    """Runs the real forward (its time is paid) and returns the given organ-shaped scores instead of its output."""
+
+    def __init__(self, forward, scores: torch.Tensor) -> None:
+        self.forward, self.scores = forward, scores
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.forward(x)
+        return self.scores[None].to(device=out.device, dtype=out.dtype)
+
+
+def organ_shaped_predictor(predictor: Predictor, mask_zyx: np.ndarray, ct_path: Path) -> Predictor:
+    """`predictor` with every network wrapped in OrganShapedForward: the coarse stage gets the phantom truth of
+    the whole volume at its grid, the fine stage the truth of the crop the predictor derives from that (same
+    rules, in canonical orientation, as `Predictor.predict`)."""
+    _, meta = read_image(ct_path)
+    flips = canonical_flips(meta)
+    canonical = np.ascontiguousarray(mask_zyx[tuple(slice(None, None, -1) if f else slice(None) for f in flips)])
+    coarse, fine = predictor.coarse, predictor.fine
+    coarse_scores = organ_scores(canonical, coarse.size_zyx)
+    spacing = np.asarray(meta.spacing_zyx, dtype=np.float64)
+    coarse_spacing = spacing * np.asarray(canonical.shape) / np.asarray(coarse.size_zyx)
+    labels = keep_largest_component(probs_to_labels(coarse_scores, 0.0).numpy(), coarse_spacing,
+                                    predictor.coarse_min_volume_mm3)
+    box = coarse_box(labels, tuple(coarse_spacing), z_window_mm=predictor.z_window_mm)
+    crop = (tuple(slice(0, n) for n in canonical.shape) if box is None else
+            box_to_raw_crop(box, coarse.size_zyx, canonical.shape, tuple(spacing), margin_mm=fine.extend_size_mm))
+    fine_scores = organ_scores(np.ascontiguousarray(canonical[crop]), fine.size_zyx)
+    for stage, scores in ((coarse, coarse_scores), (fine, fine_scores)):
+        stage.networks = {name: OrganShapedForward(fwd, scores) for name, fwd in stage.networks.items()}
+    return predictor
 
 
 def phantom_postprocess(mask_zyx: np.ndarray, spacing_zyx, predictor: Predictor) -> dict[str, float]:
     """Fine labels at full crop size + components, from organ-shaped logits at the fine network size (the ground
     truth resized to 192^3, smoothed, scaled to +-6): the output-dependent work for realistic outputs."""
     device = predictor.device
-    size = predictor.fine.size_zyx
-    onehot = torch.stack([torch.from_numpy(mask_zyx == label) for label in range(1, 14)]).float()[None]
-    grid = F.interpolate(onehot, size=size, mode="trilinear", align_corners=True)
-    grid = F.avg_pool3d(grid, 3, stride=1, padding=1)[0]
-    scores = ((grid - 0.5) * 12.0).to(device=device, dtype=predictor.score_dtype)
+    scores = organ_scores(mask_zyx, predictor.fine.size_zyx).to(device=device, dtype=predictor.score_dtype)
     _sync(device)
     t0 = time.perf_counter()
     labels = upsample_labels(scores, mask_zyx.shape, 0.0, predictor.chunk_elements).cpu().numpy()
@@ -192,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="where the networks run")
+    parser.add_argument("--compare-torch", action="store_true",
+                        help="also time the forwards and the organ-shaped case with --backend torch")
     parser.add_argument("--cases", type=int, default=1, help="cases through our pipeline (copies of the CT)")
     parser.add_argument("--size", default="200,512,512", help="CT shape z,y,x (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="small CT (100,256,256), for a fast check")
@@ -227,12 +290,34 @@ def main(argv: list[str] | None = None) -> int:
         weights = work / "weights"
         export_random_models(weights)
 
-        predictor = Predictor(PredictOptions(weights, device, precision, uncertainty="off"))
+        predictor = Predictor(PredictOptions(weights, device, precision, uncertainty="off", backend=args.backend))
+        results["backend"] = predictor.backend
         results["forward"] = forward_times(predictor, repeats)
         fwd = results["forward"]["coarse_forward_s"] + results["forward"]["fine_forward_s"]
         results["forward"]["sum_s"] = fwd
-        print(f"forward alone: coarse {results['forward']['coarse_forward_s']:.3f} s, fine "
-              f"{results['forward']['fine_forward_s']:.3f} s, sum {fwd:.3f} s")
+        print(f"forward alone ({predictor.backend}): coarse {results['forward']['coarse_forward_s']:.3f} s, fine "
+              f"{results['forward']['fine_forward_s']:.3f} s, sum {fwd:.3f} s", flush=True)
+        if device.type == "cpu":
+            from benchmarks.cpu_floor import count_macs, cpu_peak
+
+            peak = cpu_peak()
+            macs = sum(count_macs(stage.modules[stage.primary], (1, 1, *stage.size_zyx))
+                       for stage in (predictor.coarse, predictor.fine))
+            results["floor"] = {"macs": macs, "peak_macs_per_s": peak.macs_per_s, "peak": peak.describe(),
+                                "peak_floor_s": macs / peak.macs_per_s}
+            print(f"CPU peak {peak.describe()}; both networks {macs / 1e9:.1f} GMAC = {macs / peak.macs_per_s:.2f} s "
+                  f"at peak; the forwards reach {macs / peak.macs_per_s / fwd:.1%} of peak", flush=True)
+
+        def organ_shaped_run(pred: Predictor, out_name: str) -> dict:
+            organ_shaped_predictor(pred, mask, in_dir / "bench000_0000.nii.gz")
+            t0 = time.perf_counter()
+            summary = predict_folder(in_dir, work / out_name, PredictOptions(workers=args.workers, progress=False),
+                                     predictor=pred)
+            wall = time.perf_counter() - t0
+            rows = [r for r in summary["rows"] if r["status"] == "ok"]
+            got = read_image(work / out_name / "bench000.nii.gz")[0]
+            return {"wall_s": wall, "wall_per_case_s": wall / max(len(rows), 1), "rows": rows,
+                    "voxel_agreement": float((got == mask).mean())}
 
         if device.type == "cuda":  # warm-up pass of the whole pipeline (CUDA context, cuDNN autotuning)
             warm = work / "warm_in"
@@ -246,10 +331,19 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         rows = [r for r in summary["rows"] if r["status"] == "ok"]
         results["ours_random"] = {"wall_s": wall, "wall_per_case_s": wall / max(len(rows), 1), "rows": rows}
+        results["ours_organ"] = organ_shaped_run(
+            Predictor(PredictOptions(weights, device, precision, uncertainty="off", backend=args.backend)), "out_organ")
+        if args.compare_torch and predictor.backend != "torch":
+            torch_predictor = Predictor(PredictOptions(weights, device, precision, uncertainty="off", backend="torch"))
+            results["torch_forward"] = forward_times(torch_predictor, repeats)
+            results["torch_forward"]["sum_s"] = sum(results["torch_forward"].values())
+            results["torch_organ"] = organ_shaped_run(torch_predictor, "out_organ_torch")
+            del torch_predictor
         if not args.no_empty:
             empty_weights = work / "weights_empty"
             export_random_models(empty_weights, empty=True)
-            empty = Predictor(PredictOptions(empty_weights, device, precision, uncertainty="off"))
+            empty = Predictor(PredictOptions(empty_weights, device, precision, uncertainty="off",
+                                             backend=args.backend))
             t0 = time.perf_counter()
             summary = predict_folder(in_dir, work / "out_empty", PredictOptions(workers=args.workers, progress=False),
                                      predictor=empty)
@@ -272,18 +366,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict, forward_sum: float) -> None:
-    keys = ("read_s", "coarse_s", "fine_s", "post_s", "write_s", "total_s", "peak_gpu_mem_mb")
-    print(f"\ndevice: {results['device']}, precision {results['precision']}, CT {results['shape_zyx']}, "
-          f"{results['cases']} case(s)")
-    print(f"{'path':<34}" + "".join(f"{k.replace('_s', '').replace('peak_gpu_mem_mb', 'GPU MB'):>9}" for k in keys)
+    keys = ("read_s", "coarse_s", "fine_s", "post_s", "write_s", "total_s", *gpu_memory.MEMORY_FIELDS)
+    short = {"gpu_alloc_peak_mb": "alloc MB", "gpu_reserved_peak_mb": "resv MB", "gpu_used_mb": "used MB"}
+    print(f"\ndevice: {results['device']}, backend {results['backend']}, precision {results['precision']}, "
+          f"CT {results['shape_zyx']}, {results['cases']} case(s)")
+    print(f"{'path':<34}" + "".join(f"{short.get(k, k.replace('_s', '')):>9}" for k in keys)
           + f"{'wall/case':>10}")
 
     def line(name: str, row: dict, wall: float | None) -> None:
-        cells = "".join(f"{float(row.get(k) or 0):>9.2f}" if k != "peak_gpu_mem_mb" else
+        cells = "".join(f"{float(row.get(k) or 0):>9.2f}" if k not in short else
                         f"{float(row.get(k) or 0):>9.0f}" for k in keys)
         print(f"{name:<34}{cells}{'' if wall is None else f'{wall:>10.2f}'}")
 
-    for key, label in (("ours_random", "ours, random nets"), ("ours_empty", "ours, empty-output nets")):
+    for key, label in (("ours_organ", "ours, organ-shaped outputs"), ("torch_organ", "ours+torch, organ-shaped"),
+                       ("ours_random", "ours, random nets"), ("ours_empty", "ours, empty-output nets")):
         if key in results:
             for i, row in enumerate(results[key]["rows"]):
                 line(f"{label} #{i}", row, results[key]["wall_per_case_s"] if i == 0 else None)
@@ -293,11 +389,22 @@ def print_table(results: dict, forward_sum: float) -> None:
     print(f"organ-shaped outputs: fine labels at crop size {p['labels_s']:.2f} s + components "
           f"{p['components_s']:.2f} s (voxel agreement with the phantom {p['voxel_agreement']:.4f})")
     print(f"forward alone (coarse + fine): {forward_sum:.2f} s")
-    for key in ("ours_random", "ours_empty"):
+    floor = results.get("floor", {}).get("peak_floor_s")
+    for key in ("ours_organ", "ours_random", "ours_empty"):
         if key in results:
             total = float(np.mean([r["total_s"] for r in results[key]["rows"]]))
-            print(f"{key}: total {total:.2f} s per case = {total / forward_sum:.2f}x the forward time "
+            of_peak = f", {floor / total:.1%} of the CPU's peak" if floor else ""
+            print(f"{key}: total {total:.2f} s per case = {total / forward_sum:.2f}x the forward time{of_peak} "
                   f"(wall {results[key]['wall_per_case_s']:.2f} s per case)")
+    if "ours_organ" in results:
+        print(f"organ-shaped outputs: voxel agreement of the written mask with the phantom "
+              f"{results['ours_organ']['voxel_agreement']:.4f}")
+    if "torch_organ" in results:
+        ours = float(np.mean([r["total_s"] for r in results["ours_organ"]["rows"]]))
+        plain = float(np.mean([r["total_s"] for r in results["torch_organ"]["rows"]]))
+        print(f"backend {results['backend']} vs torch: forwards {results['torch_forward']['sum_s']:.2f} s -> "
+              f"{forward_sum:.2f} s, organ-shaped case end to end {plain:.2f} s -> {ours:.2f} s "
+              f"({plain / ours:.2f}x)")
     if "baseline" in results:
         print(f"straightforward: total {results['baseline']['total_s']:.2f} s = "
               f"{results['baseline']['total_s'] / forward_sum:.2f}x the forward time")

@@ -8,28 +8,35 @@ against the PyTorch default (fp32 eager) of the same run (DESIGN 6):
     python -m benchmarks.train_step --device cuda --variants fp32_eager,bf16_eager,bf16_compile
 
 `--size` scales the cube edge of both stages (default: 160 coarse / 192 fine on CUDA, 64 on CPU) with the
-full channel widths. Variants: fp32_eager (baseline), bf16_eager, fp32_compile, bf16_compile,
-fp32_channels_last (channels_last_3d memory format).
+full channel widths. Variants: fp32_eager (baseline), bf16_eager, fp16_eager (autocast fp16 with one GradScaler
+per network, as training runs it), fp32_compile, bf16_compile, fp32_channels_last (channels_last_3d memory format).
+Between variants compiled graphs, garbage and cached GPU memory are dropped, so no variant inherits the previous
+one's; cuDNN autotuning is on, as the engine sets it for training. GPU memory: the three figures of
+common.gpu_memory (allocated peak, reserved peak, device total - free at the end of the timed steps).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import gc
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from common.amp import AmpSettings
+from common.amp import AmpSettings, make_grad_scaler
 from common.cps import cps_step
+from common.gpu_memory import reset_peak, snapshot
 from common.losses import build_loss, one_hot_organs
 from common.networks import build_network
 
-VARIANTS = ("fp32_eager", "bf16_eager", "fp32_compile", "bf16_compile", "fp32_channels_last")
-DEFAULT_VARIANTS = {"cuda": "fp32_eager,bf16_eager,bf16_compile", "cpu": "fp32_eager,fp32_channels_last,fp32_compile"}
+VARIANTS = ("fp32_eager", "bf16_eager", "fp16_eager", "fp32_compile", "bf16_compile", "fp32_channels_last")
+DEFAULT_VARIANTS = {"cuda": "fp32_eager,bf16_eager,fp16_eager,bf16_compile",
+                    "cpu": "fp32_eager,fp32_channels_last,fp32_compile"}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -64,12 +71,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_variant(stage: Stage, variant: str, device: torch.device, warmup: int, steps: int) -> dict[str, float]:
-    """Seconds per CPS step (median of `steps`) after `warmup` steps, plus the first step's time and memory."""
+def reset_between_variants(device: torch.device) -> None:
+    """Drop compiled graphs, garbage and cached GPU memory so the next variant starts as a fresh process would."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def time_variant(stage: Stage, variant: str, device: torch.device, warmup: int, steps: int,
+                 channels: Sequence[int] | None = None, compile_backend: str = "inductor") -> dict[str, float]:
+    """Seconds per CPS step (median of `steps`) after `warmup` steps, the first step's time and the GPU memory
+    figures (MiB, common.gpu_memory) of the run. `channels` overrides the networks' widths and `compile_backend`
+    torch.compile's backend ("eager": dynamo only, for smoke runs)."""
+    reset_between_variants(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the engine sets it for training (fixed input sizes)
     precision, mode = variant.split("_", 1)
-    amp = AmpSettings(device.type, torch.bfloat16) if precision == "bf16" else None
+    amp = AmpSettings(device.type, _DTYPES[precision]) if precision in _DTYPES else None
+    scalers = [make_grad_scaler(amp), make_grad_scaler(amp)] if precision == "fp16" else [None, None]
     memory_format = torch.channels_last_3d if mode == "channels_last" else torch.contiguous_format
-    kwargs = {"input_size_zyx": (stage.size,) * 3} if stage.network == "efficient_seg_net" else {}
+    kwargs: dict = {"input_size_zyx": (stage.size,) * 3} if stage.network == "efficient_seg_net" else {}
+    if channels is not None:
+        kwargs["channels"] = list(channels)
     nets = []
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -77,25 +102,28 @@ def time_variant(stage: Stage, variant: str, device: torch.device, warmup: int, 
     opts = [torch.optim.Adam(n.parameters(), lr=stage.lr, betas=(0.9, 0.99), weight_decay=5.0e-5) for n in nets]
     loss_fn = build_loss(stage.loss)
     if mode == "compile":
-        nets = [torch.compile(n) for n in nets]  # the networks only: the losses are a small part of a step
+        nets = [torch.compile(n, backend=compile_backend) for n in nets]  # the networks only: the losses are a small part of a step
     generator = torch.Generator().manual_seed(0)
     shape = (1, 1) + (stage.size,) * 3
     x_l = torch.randn(shape, generator=generator).to(device, memory_format=memory_format)
     x_u = torch.randn(shape, generator=generator).to(device, memory_format=memory_format)
     y_l = one_hot_organs(torch.randint(0, 14, shape[:1] + shape[2:], generator=generator)).to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
     times = []
     for _ in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
-        cps_step(nets[0], nets[1], opts[0], opts[1], x_l, y_l, x_u, loss_fn, cps_weight=1.0, amp=amp)
+        cps_step(nets[0], nets[1], opts[0], opts[1], x_l, y_l, x_u, loss_fn, cps_weight=1.0, amp=amp,
+                 scaler_a=scalers[0], scaler_b=scalers[1])
         _sync(device)
         times.append(time.perf_counter() - start)
     timed = sorted(times[warmup:])
     result = {"s_per_step": timed[len(timed) // 2], "first_step_s": times[0]}
-    if device.type == "cuda":
-        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    memory = snapshot(device)  # before the tensors go: total - free includes them
+    result.update({"alloc_peak_mb": memory.alloc_peak_mb, "reserved_peak_mb": memory.reserved_peak_mb,
+                   "used_mb": memory.used_mb})
+    del nets, opts, x_l, x_u, y_l
+    reset_between_variants(device)
     return result
 
 
@@ -138,7 +166,8 @@ def main() -> None:
                 continue
             results[stage.name][variant] = r
             base = results[stage.name]["fp32_eager"]["s_per_step"]
-            memory = f"  peak {r['peak_gib']:.1f} GiB" if "peak_gib" in r else ""
+            memory = (f"  GPU alloc {r['alloc_peak_mb'] / 1024:.1f} / reserved {r['reserved_peak_mb'] / 1024:.1f} / "
+                      f"used {r['used_mb'] / 1024:.1f} GiB" if device.type == "cuda" else "")
             print(f"{stage.name:6s} {stage.network:17s} {stage.size:3d}^3  {variant:18s} {r['s_per_step']:8.3f} s/step"
                   f"  x{base / r['s_per_step']:.2f} vs fp32_eager  (first step {r['first_step_s']:.1f} s){memory}",
                   flush=True)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common.distributed import DistInfo, InfiniteSampler, derive_seed
+from common.distributed import DistInfo, InfiniteSampler, derive_seed, shard
 from common.errors import InputError
-from common.lmdb_store import open_store
+from common.lmdb_store import EMPTY_UNLABELED_PROBLEM, open_store
 from common.logger import get_logger
 from common.preprocessing import window_and_zscore_torch
 
@@ -70,6 +70,8 @@ def read_cases(db: Path, data_base_dir: str | os.PathLike, labeled: bool,
     finally:
         store.close()
     if not items:
+        if not labeled:
+            raise InputError(db, EMPTY_UNLABELED_PROBLEM)
         raise InputError(db, "database is empty; run data_prepare first (or check the fold and the database names)")
     cases = []
     for case_id, record in items:
@@ -162,9 +164,10 @@ class CoarseData:
         return make_stream(CoarseVolumes(self.unlabeled_cases, labeled=False), self.cfg.seed, "unlabeled",
                            self.cfg.data.unlabeled_batch_size, start, self.cfg.data.num_workers, self.dist)
 
-    def val_cases(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(case id, int16 image (1, 1, D, H, W), uint8 labels (1, D, H, W)) of every validation case."""
-        for case in self.val_cases_list:
+    def val_cases(self, rank: int = 0, world_size: int = 1) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(case id, int16 image (1, 1, D, H, W), uint8 labels (1, D, H, W)) of this rank's validation cases
+        (`shard`: chosen before loading)."""
+        for case in shard(self.val_cases_list, rank, world_size):
             assert case.mask_path is not None
             yield (case.case_id, torch.from_numpy(_load(case.image_path))[None, None],
                    torch.from_numpy(_load(case.mask_path))[None])

@@ -39,6 +39,7 @@ def main(cfg: CoarseTrainConfig) -> dict[str, Any]:
         val_cases=data.val_cases,
         iterations=cfg.schedule.iterations,
         input_transform=data.normalize,
+        init_weights=cfg.model.init_from,
         dist=info,
         stage="coarse",
     )

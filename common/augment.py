@@ -128,8 +128,10 @@ def apply_hu_shift(image_hu: torch.Tensor, labels: torch.Tensor, hu_shift: np.nd
 
     image_hu: float (D, H, W) HU; labels: integer (D, H, W) in 0..13 on the same device.
     """
-    table = torch.as_tensor(hu_shift, dtype=image_hu.dtype, device=image_hu.device)
-    return image_hu + table[labels.long()]
+    table = torch.from_numpy(np.ascontiguousarray(hu_shift))
+    if image_hu.device.type == "cuda":  # a pinned, asynchronous upload: no wait for the GPU per sample
+        table = table.pin_memory().to(image_hu.device, non_blocking=True)
+    return image_hu + table.to(image_hu.dtype)[labels.long()]
 
 
 def resize_labels(labels: torch.Tensor, size_zyx: Sequence[int]) -> torch.Tensor:

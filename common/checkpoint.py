@@ -17,9 +17,9 @@ Everything stored is made of tensors, numbers, strings, lists, tuples and dicts,
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import zipfile
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -58,13 +58,34 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(path, f"cannot read checkpoint (truncated, corrupt or not a PyTorch file): {reason}") from exc
+        with warnings.catch_warnings():  # random bytes make torch warn about odd pickle protocols first
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the weights-only unpickler raises anything (IndexError, KeyError, ...)
+        raise InputError(path, _load_error_text(exc)) from exc  # the cause stays for callers (original_weights)
     if not isinstance(state, dict):
         raise InputError(path, f"checkpoint holds a {type(state).__name__}, expected a dict")
     return state
+
+
+def _load_error_text(exc: Exception) -> str:
+    """What to say about a checkpoint torch cannot load. torch's own advice to retry with weights_only=False is
+    left out on purpose: loading an untrusted file that way can run arbitrary code."""
+    text = str(exc).strip()
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text, re.S)
+    if detail and "Unsupported global" in detail.group(1):
+        found = re.search(r"GLOBAL (\S+)", detail.group(1))
+        what = f" ({found.group(1)})" if found else ""
+        return (f"checkpoint holds Python objects other than tensors and plain data{what}; it is refused because "
+                "loading it could run code. Use a checkpoint written by this project")
+    if detail:
+        reason = detail.group(1).strip()
+    else:
+        reason = text.splitlines()[0] if text else ""
+    if "weights_only" in reason:
+        reason = ""
+    return (f"cannot read checkpoint (truncated, corrupt or not a PyTorch file: {type(exc).__name__}"
+            f"{': ' + reason[:200] if reason else ''}); replace the file")
 
 
 def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -562,9 +562,9 @@ def parse_cli(schema: type[T], default_yaml: str | os.PathLike, argv: Sequence[s
 
 # ------------------------------------------------------------------------------------------------- checks
 def _check_device(value: str) -> str | None:
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-        return None
-    return f"got {value!r}; expected one of 'auto', 'cpu', 'cuda', 'cuda:N'"
+    from common.device import device_problem  # the device rule lives there (it needs torch, which config does not)
+
+    return device_problem(value)
 
 
 def _window_problems(name: str, window: list[float]) -> Iterable[tuple[str, str]]:
@@ -610,6 +610,10 @@ class PrepareConfig:
         yield from _extend_problems(self.extend_size_mm, self.max_extend_size_mm)
 
 
+# Both networks (U-Net and EfficientSegNet, 5 channel levels) halve the input 4 times: the bottleneck is size / 16.
+NETWORK_DOWNSAMPLING = 16
+
+
 @dataclass
 class DataSection:
     """Databases (relative to data_base_dir, `{fold}` filled in by the stage), input size and loaders."""
@@ -625,6 +629,11 @@ class DataSection:
 
     def _cross_check(self) -> Iterable[tuple[str, str]]:
         yield from _window_problems("hu_window", self.hu_window)
+        if any(s // NETWORK_DOWNSAMPLING < 2 for s in self.size_zyx):
+            bottleneck = [s // NETWORK_DOWNSAMPLING for s in self.size_zyx]
+            yield "size_zyx", (f"{self.size_zyx} leaves a bottleneck of {bottleneck} voxels after the networks' "
+                               f"x{NETWORK_DOWNSAMPLING} downsampling; instance norm needs at least 2 per axis: use "
+                               f"sizes >= {2 * NETWORK_DOWNSAMPLING}")
 
 
 @dataclass
@@ -636,6 +645,9 @@ class ModelSection:
     dropout: float = cfg_field(0.2, ge=0, lt=1)
     seed_a: int = 1
     seed_b: int = 2
+    # Weights networks A and B start from (a fresh run only): an exported model folder or model.pt, or the
+    # original release's stage folder or best_model.pt (common.engine.read_init_weights); null = random init.
+    init_from: str | None = path_field(None)
 
     def _cross_check(self) -> Iterable[tuple[str, str]]:
         if self.seed_a == self.seed_b:

@@ -13,30 +13,29 @@ import torch
 from torch import nn
 
 from common.amp import AmpSettings, autocast
-from common.losses import LossFn
-
-PSEUDO_THRESHOLD = 0.5
+from common.losses import LossFn, one_hot_organs
+from common.postprocess import LABEL_THRESHOLD, logit, probs_to_labels
 
 
 @torch.no_grad()
-def pseudo_labels(logits: torch.Tensor, threshold: float = PSEUDO_THRESHOLD,
+def pseudo_labels(logits: torch.Tensor, threshold: float = LABEL_THRESHOLD,
                   legacy_shift: bool = False) -> torch.Tensor:
     """Hard one-hot pseudo labels (N, C, D, H, W) float32 from logits of the same shape, without gradient.
 
-    Default (DESIGN 5.1): per voxel, the channel with the highest sigmoid if that sigmoid >= `threshold`,
-    else background (all-zero vector).
+    Default (DESIGN 5.1): the project's label rule `common.postprocess.probs_to_labels` (the channel with the
+    highest sigmoid if that sigmoid >= `threshold`, else background = all-zero vector), one-hot.
     `legacy_shift=True` reproduces the reference (3.1 [BUG]): argmax over the channels, one-hot with C+1
     channels, channel 0 dropped -- argmax k lands on channel k-1, argmax 0 gives all zeros, the last channel
     never gets a positive, and background voxels are always assigned an organ. For ablations only.
     """
     logits = logits.detach()
-    top, index = logits.max(dim=1, keepdim=True)
     if legacy_shift:
+        index = logits.argmax(dim=1, keepdim=True)
         shape = (logits.shape[0], logits.shape[1] + 1) + tuple(logits.shape[2:])
         one_hot = torch.zeros(shape, dtype=torch.float32, device=logits.device).scatter_(1, index, 1.0)
         return one_hot[:, 1:].contiguous()
-    foreground = (torch.sigmoid(top.float()) >= threshold).float()
-    return torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter_(1, index, foreground)
+    labels = probs_to_labels(logits, logit(threshold), dim=1)
+    return one_hot_organs(labels, num_organs=logits.shape[1])
 
 
 def cps_losses(out_a: torch.Tensor, out_b: torch.Tensor, y_l: torch.Tensor, loss_fn: LossFn, cps_weight: float,

@@ -18,12 +18,13 @@ import datetime
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.device import resolve_device
 from common.logger import get_logger
 
 logger = get_logger(__name__)
@@ -49,24 +50,6 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """Turn a config device string into a torch.device.
-
-    "auto" -> cuda:<local_rank> when CUDA is available, else cpu; "cuda" -> cuda:<local_rank>; "cpu" and
-    "cuda:N" are taken as they are. Asking for CUDA where there is none is a ValueError.
-    """
-    name = str(device).strip().lower()
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available on this machine (use device=cpu or auto)")
-        return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
-    raise ValueError(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
-
-
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return default if value in (None, "") else int(value)
@@ -75,13 +58,14 @@ def _env_int(name: str, default: int) -> int:
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Start the process group described by the torchrun environment, or nothing for a single process.
 
-    NCCL is used when the device is CUDA, gloo otherwise. Each CUDA rank is pinned to cuda:LOCAL_RANK.
+    NCCL is used when the device is CUDA, gloo otherwise. The device follows `common.device.resolve_device`
+    (each CUDA rank on cuda:(LOCAL_RANK % device_count); an explicit cuda:N is refused with several processes).
     Calling it again once a group exists returns the current state.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, world_size)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if is_dist_initialized():
@@ -211,6 +195,46 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def shard(items: Sequence[T], rank: int | None = None, world_size: int | None = None) -> list[T]:
+    """This rank's share of `items`: item i goes to rank i % world_size (default: the current process group).
+
+    Shard before loading, so each rank only reads its own cases; the union over ranks is `items`, once each.
+    """
+    rank = get_rank() if rank is None else int(rank)
+    world_size = get_world_size() if world_size is None else int(world_size)
+    return [item for index, item in enumerate(items) if index % world_size == rank]
+
+
+class RankFailedError(RuntimeError):
+    """Another rank failed in a step run through `run_on_every_rank`; the message names that rank and its error."""
+
+
+def run_on_every_rank(fn: Callable[[], T], what: str) -> list[T]:
+    """Run `fn` on this rank; return every rank's result (indexed by rank), or, if any rank failed, raise on all.
+
+    One all_gather_object after `fn` carries each rank's result or error message, so no rank waits in a barrier
+    for one that has already died, and the error is known everywhere at once. The rank that failed re-raises its
+    own exception (its type, e.g. InputError, keeps its exit code); the others raise RankFailedError naming the
+    failed rank and its message. Results must be picklable. Without a group: [fn()].
+    """
+    if get_world_size() == 1:
+        return [fn()]
+    error: BaseException | None = None
+    result: Any = None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - reported to every rank below, then re-raised
+        error = exc
+    outcomes = all_gather_object((None, result) if error is None else (f"{type(error).__name__}: {error}", None))
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, (message, _) in enumerate(outcomes) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RankFailedError(f"{what} failed on rank {rank}: {message}")
+    return [value for _, value in outcomes]
 
 
 def derive_seed(*parts: int | str) -> int:

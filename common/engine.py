@@ -11,7 +11,7 @@ How a stage uses it (see coarse_base_seg/train.py for a complete example):
         out_dir=Path(cfg.output_dir),                    # fine: e.g. <output_dir>/round1
         labeled_stream=lambda start: ...,                # start iteration -> endless iterator of (x, y)
         unlabeled_stream=lambda start: ...,              # same, yields x only; None = labeled-only training
-        val_cases=lambda: ...,                           # -> iterable of (case_id, x (1,1,D,H,W), y (1,D,H,W))
+        val_cases=lambda rank, world_size: ...,          # -> this rank's (case_id, x (1,1,D,H,W), y (1,D,H,W))
         iterations=cfg.schedule.iterations,
         input_transform=None,                            # applied on the device to every x (e.g. window+z-score)
         init_weights=None,                               # warm start (fine round 2), see below
@@ -28,8 +28,9 @@ or raw HU with an `input_transform`) and y either a label map (B, D, H, W) of in
 training device already. Sample n of a stream must depend only on (seed, stream name, n) -- e.g. items from
 `common.distributed.InfiniteSampler(start=k, batch_size=B)` and per-sample generators seeded with
 `derive_seed(seed, name, position)` -- so a resumed run sees the same data as an uninterrupted one without
-saving loader state. Validation cases are split over ranks (case i on rank i % world_size) and evaluated with
-the plain (unwrapped) networks in eval mode.
+saving loader state. `val_cases(rank, world_size)` yields only that rank's validation cases, chosen before
+anything is loaded (`common.distributed.shard`: case i on rank i % world_size); they are evaluated with the plain
+(unwrapped) networks in eval mode and the Dice sums are added over ranks.
 
 What the engine does: seeds (torch.manual_seed(model.seed_a) before building net A, seed_b before B; the
 dropout RNG is reseeded every iteration from (seed, rank, iteration)), Adam per network, the step LR schedule of
@@ -65,7 +66,9 @@ Resume and stop:
 - A NaN/inf loss raises `NonFiniteLossError` naming the iteration and the loss; last.pt is not overwritten,
   so it keeps the last good weights.
 - Warm start: `init_weights` is a checkpoint path (last.pt: net_a/net_b; exported model.pt: networks a/b;
-  best_model_x.pt: its net into both) or a dict {"a": path, "b": path} (each file's matching or only network).
+  best_model_x.pt: its net into both; the original release's best_model.pt or stage folder, converted by
+  common.original_weights: best_model.pt into A, best_model_1.pt (if there) into B, else A's into both) or a dict
+  {"a": path, "b": path} (each file's matching or only network). The stages pass `model.init_from` here.
   It only applies to a fresh run: an existing last.pt wins.
 """
 
@@ -100,6 +103,7 @@ from common.checkpoint import (
 )
 from common.config import config_to_dict, save_config
 from common.cps import cps_step, cps_weight_at
+from common.device import set_cudnn_benchmark
 from common.distributed import (
     DistInfo,
     all_gather_object,
@@ -111,12 +115,13 @@ from common.distributed import (
     init_distributed,
 )
 from common.errors import InputError
-from common.fileutil import write_json_atomic, write_text_atomic
+from common.fileutil import remove_stale_temps, write_json_atomic, write_text_atomic
 from common.labels import NUM_ORGANS, ORGANS
 from common.logger import get_logger, setup_logging
 from common.losses import build_loss, one_hot_organs
 from common.metrics import hard_dice_per_organ
 from common.networks import build_network
+from common.original_weights import init_sources, original_state_dict
 
 logger = get_logger(__name__)
 
@@ -161,7 +166,7 @@ class CPSJob:
     out_dir: Path
     labeled_stream: Callable[[int], Iterator[Batch]]
     unlabeled_stream: Callable[[int], Iterator[torch.Tensor]] | None
-    val_cases: Callable[[], Iterable[ValCase]] | None
+    val_cases: Callable[[int, int], Iterable[ValCase]] | None
     iterations: int
     init_weights: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None
     input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -203,10 +208,14 @@ def build_cps_networks(spec: Mapping[str, Any], seed_a: int, seed_b: int) -> tup
     return net_a, net_b
 
 
-def read_init_weights(source: str | os.PathLike | Mapping[str, str | os.PathLike]) -> dict[str, dict]:
-    """State dicts {"a", "b"} for a warm start (see the module docstring for the accepted files)."""
+def read_init_weights(source: str | os.PathLike | Mapping[str, str | os.PathLike],
+                      network: str | None = None) -> dict[str, dict]:
+    """State dicts {"a", "b"} for a warm start (see the module docstring for the accepted files); `network` is the
+    configured network's name, which an original release file must be (None: the one it looks like)."""
 
     def pick(payload: Mapping[str, Any], name: str, path: Path) -> dict:
+        if "state_dict" in payload:  # the original release's best_model.pt
+            return original_state_dict(payload, path, network)
         if f"net_{name}" in payload:
             return payload[f"net_{name}"]
         if "networks" in payload:
@@ -216,6 +225,8 @@ def read_init_weights(source: str | os.PathLike | Mapping[str, str | os.PathLike
             return payload["net"]
         raise InputError(path, "holds no network weights (expected net_a/net_b, networks or net)")
 
+    if not isinstance(source, Mapping):
+        source = init_sources(source) or source  # an original release stage folder: its A and B files
     if isinstance(source, Mapping):
         out = {}
         for name in ("a", "b"):
@@ -444,8 +455,7 @@ class _Trainer:
         self.amp: AmpSettings = amp_settings(cfg.amp.precision, self.device)
         self.scalers: Pair[torch.amp.GradScaler] = self.nets.map(lambda _: make_grad_scaler(self.amp))
         self.loss_fn = build_loss(cfg.loss.name)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        set_cudnn_benchmark(self.device)  # fixed input sizes: cuDNN picks the fastest kernels, as the predictor
 
     def restore(self) -> None:
         if self.last_path.is_file():
@@ -487,7 +497,7 @@ class _Trainer:
             logger.info("resuming from %s at iteration %d/%d", self.last_path, self.state.iteration,
                         self.job.iterations)
         elif self.job.init_weights is not None:
-            weights = read_init_weights(self.job.init_weights)
+            weights = read_init_weights(self.job.init_weights, self.spec["name"])
             for name, net in self.nets.items():
                 load_model_state(net, weights[name], str(self.job.init_weights))
             logger.info("warm start from %s", self.job.init_weights)
@@ -559,9 +569,8 @@ class _Trainer:
         count = 0
         try:
             assert self.job.val_cases is not None
-            for index, (case_id, x, y) in enumerate(self.job.val_cases()):
-                if index % self.info.world_size != self.info.rank:
-                    continue
+            # val_cases shards before loading (common.distributed.shard), so no rank reads another's cases
+            for case_id, x, y in self.job.val_cases(self.info.rank, self.info.world_size):
                 x = _to_device(x, self.device)
                 if self.job.input_transform is not None:
                     x = self.job.input_transform(x)
@@ -651,6 +660,8 @@ class _Trainer:
                 with contextlib.suppress(FileNotFoundError):
                     done_path.unlink()
 
+        if self.main:  # partial checkpoints (full size) a kill left between write and rename
+            remove_stale_temps(self.ckpt_dir)
         self.build()
         self.restore()
         start = self.state.iteration
@@ -667,8 +678,13 @@ class _Trainer:
         self.wrap()
         barrier()
 
+        final = max(start, job.iterations)  # a last.pt beyond a lowered `iterations` stays where it is
         try:
-            if start >= job.iterations:
+            if start > job.iterations:
+                logger.warning("%s is at iteration %d, beyond iterations=%d: nothing to train; the run stands at "
+                               "iteration %d (DONE says so). Use another output_dir to train %d iterations.",
+                               self.last_path, start, job.iterations, start, job.iterations)
+            elif start == job.iterations:
                 logger.info("checkpoint already at iteration %d of %d", start, job.iterations)
             else:
                 self._loop(start)
@@ -679,16 +695,16 @@ class _Trainer:
                     logger.warning("no validation result: saving the final weights as best_model_a/b.pt")
                     for name, net in self.nets.items():
                         self.save_best(name, net, job.iterations, None, None)
-                write_json_atomic(done_path, {"iteration": job.iterations, "best": self.state.best,
+                write_json_atomic(done_path, {"iteration": final, "best": self.state.best,
                                               "best_iteration": self.state.best_iteration})
                 logger.info("training finished: %d iterations, best mean Dice A %.4f (iteration %d), "
-                            "B %.4f (iteration %d); outputs in %s", job.iterations, self.state.best["a"],
+                            "B %.4f (iteration %d); outputs in %s", final, self.state.best["a"],
                             self.state.best_iteration["a"], self.state.best["b"], self.state.best_iteration["b"],
                             self.out_dir)
         finally:
             if self.writer is not None:
                 self.writer.close()
-        return {"iteration": job.iterations, "best_a": self.state.best["a"], "best_b": self.state.best["b"],
+        return {"iteration": final, "best_a": self.state.best["a"], "best_b": self.state.best["b"],
                 "best_iteration_a": self.state.best_iteration["a"],
                 "best_iteration_b": self.state.best_iteration["b"], "out_dir": str(self.out_dir),
                 "already_done": False}
@@ -764,9 +780,13 @@ class _Trainer:
             flags = all_reduce_max(flags)
         if flags["bad"]:
             which = ", ".join(f"{k}={losses[k]}" for k in bad) or "on another rank"
+            if self.last_path.is_file():
+                kept = f"{self.last_path} is kept as the last good checkpoint"
+            else:
+                kept = f"no checkpoint was saved yet ({self.last_path} does not exist): a rerun starts from scratch"
             raise NonFiniteLossError(
-                f"non-finite loss at iteration {done} ({which}); stopping. {self.last_path} is kept as the "
-                "last good checkpoint. Try a lower optim.lr or amp.precision=off.")
+                f"non-finite loss at iteration {done} ({which}); stopping. {kept}. Try a lower optim.lr or "
+                "amp.precision=off.")
         return bool(flags["stop"])
 
     def _checkpoint_due(self, done: int) -> bool:

@@ -3,8 +3,10 @@
     python -m common.evaluate --pred DIR --gt DIR --out results.csv
 
 Writes the official CSV (Name, <Organ>_DSC x13, <Organ>_NSD x13; the official script's value formatting)
-and prints per-organ means. Unlike the official script, it checks that each prediction lies on its ground
-truth's grid, and a missing or unreadable file fails only that case (named, exit code 1).
+and prints per-organ means. Unlike the official script, it reads every file through the project's checked reader
+(truncation, labels outside 0..13), checks that each prediction lies on its ground truth's grid, and a missing,
+unreadable or bad file fails only that case (named, exit code 1; a ground truth without a prediction fails too).
+Exit code 2: setup error (a folder missing, no predictions, --out a folder or not writable).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import SimpleITK as sitk
 
 from common.errors import InputError
-from common.fileutil import atomic_path
+from common.fileutil import atomic_path, check_writable
+from common.image_io import read_mask, same_grid
 from common.labels import ORGAN_LABELS, SHORT_NAMES
 from common.metrics import Score, flare_case_scores
 
@@ -31,10 +33,6 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".nrrd")
 CSV_COLUMNS: tuple[str, ...] = (
     ("Name",) + tuple(f"{name}_DSC" for name in SHORT_NAMES) + tuple(f"{name}_NSD" for name in SHORT_NAMES)
 )
-# Grid agreement between prediction and ground truth (NIfTI stores geometry in float32).
-SPACING_RTOL = 1e-4
-ORIGIN_ATOL_MM = 1e-4
-DIRECTION_ATOL = 1e-4
 
 Row = dict[str, object]
 
@@ -65,45 +63,27 @@ def find_ground_truth(pred_path: Path, gt_dir: Path) -> Path:
     raise InputError(same, f"ground truth missing for prediction {pred_path.name}")
 
 
-def _read_labels(path: Path) -> tuple[np.ndarray, sitk.Image]:
-    """Label image as an (i, j, k) = (x, y, z) array (nibabel order) and its SimpleITK header."""
-    try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        image = reader.Execute()
-    except RuntimeError as err:
-        detail = str(err).strip().splitlines()
-        raise InputError(path, f"cannot read image ({detail[-1] if detail else 'unknown reason'})") from None
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(path, f"expected a 3-D scalar label image, got {image.GetDimension()}-D with "
-                               f"{image.GetNumberOfComponentsPerPixel()} component(s)")
-    return sitk.GetArrayViewFromImage(image).transpose(2, 1, 0), image
-
-
-def _check_same_grid(pred_path: Path, pred: sitk.Image, gt_path: Path, gt: sitk.Image) -> None:
-    """InputError naming the prediction when its grid differs from the ground truth's."""
-    if pred.GetSize() != gt.GetSize():
-        raise InputError(pred_path, f"size {pred.GetSize()} differs from ground truth {gt_path.name} {gt.GetSize()}")
-    checks = (
-        ("spacing", pred.GetSpacing(), gt.GetSpacing(), dict(rtol=SPACING_RTOL, atol=0.0)),
-        ("origin", pred.GetOrigin(), gt.GetOrigin(), dict(rtol=0.0, atol=ORIGIN_ATOL_MM)),
-        ("direction", pred.GetDirection(), gt.GetDirection(), dict(rtol=0.0, atol=DIRECTION_ATOL)),
-    )
-    for what, got, expected, tol in checks:
-        if not np.allclose(got, expected, **tol):
-            raise InputError(pred_path, f"{what} {tuple(round(v, 6) for v in got)} differs from ground truth "
-                                        f"{gt_path.name} {tuple(round(v, 6) for v in expected)}")
-
-
 def evaluate_case(pred_path: Path, gt_path: Path) -> dict[int, tuple[Score, Score]]:
-    """Official scores of one prediction file against its ground-truth file (spacing from the ground truth)."""
-    gt_array, gt_image = _read_labels(gt_path)
-    pred_array, pred_image = _read_labels(pred_path)
-    _check_same_grid(pred_path, pred_image, gt_path, gt_image)
-    for path, array in ((gt_path, gt_array), (pred_path, pred_array)):
-        if array.size and (np.issubdtype(array.dtype, np.floating) or array.min() < 0 or array.max() > 255):
-            logger.warning("%s: labels are not uint8 (%s); cast like the official script", path, array.dtype)
-    return flare_case_scores(pred_array, gt_array, gt_image.GetSpacing())
+    """Official scores of one prediction file against its ground-truth file (spacing from the ground truth).
+
+    Both are read by the project's checked reader (`read_mask`: complete file, integer labels 0..13, plausible
+    spacing) and must lie on the same grid (`same_grid`); InputError names the file otherwise.
+    """
+    gt_array, gt_meta = read_mask(gt_path)
+    pred_array, pred_meta = read_mask(pred_path)
+    diff = same_grid(pred_meta, gt_meta)
+    if diff is not None:
+        raise InputError(pred_path, f"not on the grid of ground truth {gt_path.name}: {diff} (prediction vs "
+                                    "ground truth)")
+    # the official script's (i, j, k) = (x, y, z) array order (nibabel) and spacing
+    return flare_case_scores(pred_array.transpose(2, 1, 0), gt_array.transpose(2, 1, 0), gt_meta.spacing_xyz)
+
+
+def missing_predictions(pred_dir: Path, gt_dir: Path) -> list[tuple[str, str]]:
+    """(ground-truth file name, message) for every ground truth without a prediction of the same case id."""
+    predicted = {_case_id(p.name) for p in list_predictions(pred_dir)}
+    return [(gt.name, str(InputError(pred_dir / gt.name, f"prediction missing for ground truth {gt}")))
+            for gt in list_predictions(gt_dir) if _case_id(gt.name) not in predicted]
 
 
 def scores_to_row(name: str, scores: dict[int, tuple[Score, Score]]) -> Row:
@@ -157,7 +137,8 @@ def evaluate_folder(
     """Score every prediction in pred_dir against gt_dir, write the official CSV, return (rows, means).
 
     rows: one dict per scored case (keys = CSV_COLUMNS); means: `column_means(rows)`.
-    A case that fails (missing ground truth, unreadable file, grid mismatch) is logged and skipped; its
+    A case that fails (missing prediction or ground truth, unreadable file, labels outside 0..13, grid mismatch)
+    is logged and skipped; its
     (file name, message) is appended to `failures` when a list is given, otherwise an InputError naming the
     failed files is raised after the CSV of the other cases is written.
     """
@@ -169,7 +150,9 @@ def evaluate_folder(
     if not predictions:
         raise InputError(pred_dir, f"no prediction files ({', '.join(IMAGE_SUFFIXES)})")
     rows: list[Row] = []
-    failed: list[tuple[str, str]] = []
+    failed: list[tuple[str, str]] = missing_predictions(pred_dir, gt_dir)
+    for name, message in failed:
+        logger.error("%s", message)
     for pred_path in predictions:
         try:
             gt_path = find_ground_truth(pred_path, gt_dir)
@@ -211,10 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     failures: list[tuple[str, str]] = []
     try:
-        rows, means = evaluate_folder(args.pred, args.gt, args.out, failures=failures)
-    except InputError as err:
+        out = Path(args.out)
+        if out.is_dir():
+            raise InputError(out, "--out is a folder; give the CSV file to write (e.g. results.csv)")
+        check_writable(out.parent, "folder of --out")
+        rows, means = evaluate_folder(args.pred, args.gt, out, failures=failures)
+    except InputError as err:  # setup: missing folders, no predictions, an unwritable --out
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     if rows:
         print(format_means_table(means, len(rows)))
         print(f"wrote {args.out}")

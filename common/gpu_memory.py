@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 MEMORY_FIELDS = ("gpu_alloc_peak_mb", "gpu_reserved_peak_mb", "gpu_used_mb")
+MEMORY_BAR_MB = 1536.0  # DESIGN 6: peak GPU memory per predicted case, held against used_mb (total - free)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import gc
 import io
 import json
 import logging
@@ -44,12 +45,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import gpu_memory
 from common.amp import amp_settings, autocast
+from common.backends import Forward, make_forwards, resolve_backend
 from common.checkpoint import load_exported_model
+from common.device import resolve_device, set_cudnn_benchmark
 from common.errors import InputError
 from common.fileutil import check_writable, folder_lock, remove_stale_temps, write_json_atomic, write_text_atomic
 from common.image_io import ImageMeta, canonical_flips, check_spacing, list_images, read_image, write_mask
 from common.networks.input_layer import prepare_input
+from common.original_weights import is_original_layout, load_original_stage
 from common.postprocess import box_to_raw_crop, coarse_box, keep_largest_component, probs_to_labels
 from common.uif import labels_disagreement
 
@@ -71,7 +76,7 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 
 CSV_COLUMNS = (
     "case_id", "input_path", "output_path", "status", "error", "read_s", "coarse_s", "fine_s", "post_s",
-    "write_s", "total_s", "peak_gpu_mem_mb", "device", "coarse_box", "fallback", "uncertainty", "flagged",
+    "write_s", "total_s", *gpu_memory.MEMORY_FIELDS, "device", "coarse_box", "fallback", "uncertainty", "flagged",
 )
 
 
@@ -100,16 +105,6 @@ def check_ct(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) ->
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> CUDA if available, else CPU; "cuda" without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no CUDA GPU is available (use --device cpu)")
-    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -186,8 +181,92 @@ def _resize_channels_chunk(scores: torch.Tensor, wanted: Sequence[int], maps: Se
     return out
 
 
+MIXED = 255  # cell label where the 8 corners of a source cell disagree (a boundary cell)
+# Worst-case bytes of temporaries per chunk element in `upsample_labels` (an untrained network: boundaries
+# everywhere), fp16 scores, int32 indices: 45.9 measured by benchmarks/upsample_memory.py (93.7 with int64).
+UPSAMPLE_BYTES_PER_ELEMENT = 48
+# Temporaries one chunk may allocate on a GPU: well inside what the fine forward pass has already reserved, so
+# the resize adds little to total - free (the figure the 1.5 GB bar is held against).
+UPSAMPLE_CUDA_BUDGET_MB = 128
+UPSAMPLE_CPU_CHUNK = 1 << 21  # CPU: a cache-sized chunk (the former CPU default, unchanged)
+
+
+def default_chunk_elements(device: torch.device) -> int:
+    """Chunk size of `upsample_labels` for `device`: UPSAMPLE_CPU_CHUNK on a CPU; on a GPU the CUDA budget over the
+    bytes per element (2.8 M elements, <= 128 MB; the former fixed 1 << 24 could take 1.5 GB per chunk)."""
+    if device.type != "cuda":
+        return UPSAMPLE_CPU_CHUNK
+    return (UPSAMPLE_CUDA_BUDGET_MB << 20) // UPSAMPLE_BYTES_PER_ELEMENT
+
+
+def _cell_labels(corner: torch.Tensor) -> torch.Tensor:
+    """Label of each source cell (d-1, h-1, w-1) from the corner labels (d, h, w): the label its 8 corners share,
+    or MIXED where they disagree (max != min over the corners)."""
+    cell_max, cell_min = corner, corner
+    for axis in range(3):
+        n = corner.shape[axis]
+        cell_max = torch.maximum(cell_max.narrow(axis, 0, n - 1), cell_max.narrow(axis, 1, n - 1))
+        cell_min = torch.minimum(cell_min.narrow(axis, 0, n - 1), cell_min.narrow(axis, 1, n - 1))
+    return cell_max.masked_fill_(cell_max != cell_min, MIXED)
+
+
+def _labelled_box(corner: torch.Tensor, maps: Sequence[tuple[np.ndarray, ...]]) -> list[tuple[int, int]] | None:
+    """Per axis, the output index range [lo, hi) of the cells with a labelled corner; None if no corner is
+    labelled (everything is background)."""
+    positive = corner > 0
+    extents = [positive.any(2).any(1), positive.any(2).any(0), positive.any(1).any(0)]
+    ranges = []
+    for axis, extent in enumerate(extents):
+        hits = np.flatnonzero(extent.cpu().numpy())
+        if hits.size == 0:
+            return None
+        ranges.append((int(np.searchsorted(maps[axis][0], hits[0] - 1, side="left")),
+                       int(np.searchsorted(maps[axis][0], hits[-1], side="right"))))
+    return ranges
+
+
+def _reach_bits(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Flat (cells,) int16: bit c set where channel c is >= threshold at some corner of the cell, i.e. the only
+    channels that can win inside it (bits instead of a (C, cells) mask: one gather per voxel, not per channel)."""
+    reach = torch.zeros(scores.shape[1:], dtype=torch.int16, device=scores.device)
+    for c in range(scores.shape[0]):
+        reach.bitwise_or_((scores[c] >= threshold).to(torch.int16) << c)
+    for axis in range(3):
+        n = reach.shape[axis]
+        reach = reach.narrow(axis, 0, n - 1) | reach.narrow(axis, 1, n - 1)
+    return reach.reshape(-1)
+
+
+def _interpolate_boundary(flat_scores: torch.Tensor, wanted: Sequence[int], bits: torch.Tensor, base: torch.Tensor,
+                          weights_zyx: Sequence[torch.Tensor], hw: tuple[int, int], threshold: float) -> torch.Tensor:
+    """Labels (uint8, one per boundary voxel) from the exact trilinear value of each channel in `wanted` that can
+    win there (its bit in `bits`): 8 corner gathers from `base` (flat index of the cell's 000 corner) per voxel.
+
+    flat_scores: (C, d*h*w); weights_zyx: the voxel's fractional positions inside its cell; hw: (h, w).
+    """
+    h, w = hw
+    corners = (0, 1, w, w + 1, h * w, h * w + 1, h * w + w, h * w + w + 1)  # offsets of (z, y, x) 000 ... 111
+    wz, wy, wx = weights_zyx
+    best = torch.full(bits.shape, float("-inf"), dtype=flat_scores.dtype, device=flat_scores.device)
+    out = torch.zeros(bits.shape, dtype=torch.uint8, device=flat_scores.device)
+    for c in wanted:
+        sel = ((bits >> c) & 1).nonzero().squeeze(1).to(base.dtype)
+        b = base[sel]
+        v = [flat_scores[c].index_select(0, b + offset) for offset in corners]
+        wx_s, wy_s, wz_s = wx[sel], wy[sel], wz[sel]
+        x00, x01 = torch.lerp(v[0], v[1], wx_s), torch.lerp(v[2], v[3], wx_s)
+        x10, x11 = torch.lerp(v[4], v[5], wx_s), torch.lerp(v[6], v[7], wx_s)
+        del v
+        value = torch.lerp(torch.lerp(x00, x01, wy_s), torch.lerp(x10, x11, wy_s), wz_s)
+        current = best[sel]
+        win = (value >= threshold) & (value > current)
+        best[sel] = torch.where(win, value, current)
+        out[sel] = torch.where(win, c + 1, out[sel]).to(torch.uint8)
+    return out
+
+
 def upsample_labels(scores: torch.Tensor, out_shape_zyx: Sequence[int], threshold: float,
-                    chunk_elements: int = 1 << 22) -> torch.Tensor:
+                    chunk_elements: int = UPSAMPLE_CPU_CHUNK) -> torch.Tensor:
     """Labels at `out_shape_zyx` of the trilinear resize (align_corners=True) of network-grid scores (C, d, h, w).
 
     Equals `probs_to_labels(F.interpolate(scores, out_shape, trilinear, align_corners=True), threshold)` up to
@@ -199,7 +278,8 @@ def upsample_labels(scores: torch.Tensor, out_shape_zyx: Sequence[int], threshol
       interpolated exactly, voxel by voxel, for those voxels only -- or, where boundaries are everywhere
       (untrained networks), by a separable resize of whole chunks of slices, whichever is cheaper (SPARSE_COST);
     - only the output box of the cells with a labelled corner is touched at all.
-    Returns uint8 (Z, Y, X) on the scores' device.
+    The output box is walked in chunks of about `chunk_elements` voxels (`default_chunk_elements` sizes it by
+    device); indices are int32 wherever they fit. Returns uint8 (Z, Y, X) on the scores' device.
     """
     out_shape = tuple(int(s) for s in out_shape_zyx)
     for axis in range(1, 4):  # a 1-voxel axis has no cells: repeat it (resizing it is a copy anyway)
@@ -208,94 +288,57 @@ def upsample_labels(scores: torch.Tensor, out_shape_zyx: Sequence[int], threshol
     channels, d, h, w = scores.shape
     device, dtype = scores.device, scores.dtype
     maps = [_axis_map(n_in, n_out) for n_in, n_out in zip((d, h, w), out_shape)]
-    i0 = [torch.from_numpy(m[0]).to(device) for m in maps]
-    wt = [torch.from_numpy(m[2]).to(device=device, dtype=dtype) for m in maps]
-
-    # Cell labels: the corners' common label, or 255 where the corners disagree (min/max over the 8 corners).
     corner = probs_to_labels(scores, threshold)
-    cell_max, cell_min = corner, corner
-    for axis in range(3):
-        n = corner.shape[axis]
-        lo, hi = cell_max.narrow(axis, 0, n - 1), cell_max.narrow(axis, 1, n - 1)
-        cell_max = torch.maximum(lo, hi)
-        lo, hi = cell_min.narrow(axis, 0, n - 1), cell_min.narrow(axis, 1, n - 1)
-        cell_min = torch.minimum(lo, hi)
-    cell = cell_max.masked_fill_(cell_max != cell_min, 255)  # (d-1, h-1, w-1)
-    del cell_min
-    # Only cells with a labelled corner can hold labels: work inside the output box they map to.
-    positive = corner > 0
-    extents = [positive.any(2).any(1), positive.any(2).any(0), positive.any(1).any(0)]
-    del corner, positive
-    ranges = []
-    for axis, ext in enumerate(extents):
-        hits = np.flatnonzero(ext.cpu().numpy())
-        if hits.size == 0:
-            return torch.zeros(out_shape, dtype=torch.uint8, device=device)
-        ranges.append((int(np.searchsorted(maps[axis][0], hits[0] - 1, side="left")),
-                       int(np.searchsorted(maps[axis][0], hits[-1], side="right"))))
-    (zl, zh), (yl, yh), (xl, xh) = ranges
-    # Bit c of `reach` = channel c is >= threshold at some corner of the cell: the only channels that can win
-    # inside it. Bits instead of a (C, cells) mask: one gather per boundary voxel instead of one per channel.
-    reach = torch.zeros((d, h, w), dtype=torch.int16, device=device)
-    for c in range(channels):
-        reach.bitwise_or_((scores[c] >= threshold).to(torch.int16) << c)
-    for axis in range(3):
-        n = reach.shape[axis]
-        reach = reach.narrow(axis, 0, n - 1) | reach.narrow(axis, 1, n - 1)
-    reach = reach.reshape(-1)
+    box = _labelled_box(corner, maps)
+    if box is None:
+        return torch.zeros(out_shape, dtype=torch.uint8, device=device)
+    (zl, zh), (yl, yh), (xl, xh) = box
+    index_dtype = torch.int32 if max(d * h * w, (zh - zl) * (yh - yl) * (xh - xl)) < 2**31 else torch.int64
+    i0_long = [torch.from_numpy(m[0]).to(device) for m in maps]
+    i0 = [t.to(index_dtype) for t in i0_long]
+    frac = [torch.from_numpy(m[2]).to(device=device, dtype=dtype) for m in maps]
+    # Cell labels expanded to the output voxels of the box (broadcast advanced indexing: the fast gather on CPU
+    # and GPU; int64 index vectors, since int32 ones are widened after broadcasting): final wherever the corners
+    # agree, MIXED on boundaries.
+    sub = _cell_labels(corner)[i0_long[0][zl:zh, None, None], i0_long[1][None, yl:yh, None],
+                               i0_long[2][None, None, xl:xh]]
+    del i0_long
+    del corner
+    reach = _reach_bits(scores, threshold)
     patterns = torch.arange(1 << channels, device=device)[:, None]
     bit_table = ((patterns >> torch.arange(channels, device=device)[None, :]) & 1).double()  # (2^C, C)
-
-    # Expand cells to output voxels of the box (broadcast advanced indexing is the fast gather on CPU and GPU).
-    sub = cell[i0[0][zl:zh, None, None], i0[1][None, yl:yh, None], i0[2][None, None, xl:xh]]
-    del cell
     flat_scores = scores.reshape(channels, -1)
     nx = xh - xl
     plane = (yh - yl) * nx
     chunk_z = max(1, chunk_elements // max(plane, 1))
-    hw = h * w
-    corners = (0, 1, w, w + 1, hw, hw + 1, hw + w, hw + w + 1)  # (z, y, x) offsets 000, 001, 010, ..., 111
     for z0 in range(0, zh - zl, chunk_z):
         z1 = min(z0 + chunk_z, zh - zl)
         block = sub[z0:z1].reshape(-1)
-        todo = (block == 255).nonzero().squeeze(1)
+        todo = (block == MIXED).nonzero().squeeze(1).to(index_dtype)
         if todo.numel() == 0:
             continue
+        # Output (z, y, x) of each boundary voxel, and its source cell.
         oz = todo // plane + (z0 + zl)
         oy = (todo % plane) // nx + yl
         ox = todo % nx + xl
         cz, cy, cx = i0[0][oz], i0[1][oy], i0[2][ox]
         bits = reach.index_select(0, (cz * (h - 1) + cy) * (w - 1) + cx)
         # Voxels per channel to resize, from a histogram of the bit patterns (one pass instead of one per channel).
-        histogram = torch.bincount(bits.long(), minlength=1 << channels).double()
+        histogram = torch.bincount(bits, minlength=1 << channels).double()
         counts = (histogram[:, None] * bit_table).sum(0).tolist()
         wanted = [c for c in range(channels) if counts[c]]
         if SPARSE_COST * sum(counts) > len(wanted) * block.numel():
             # Boundaries everywhere (e.g. an untrained network): a separable resize of the whole chunk, for
             # the channels that reach a boundary cell in it, is cheaper than 8 gathers per voxel and channel.
+            del oz, oy, ox, cz, cy, cx, bits
             dense = _resize_channels_chunk(scores, wanted, maps, out_shape[1:], z0 + zl, z1 + zl, threshold,
                                            chunk_elements)
-            block[todo] = dense[:, yl:yh, xl:xh].reshape(-1).index_select(0, todo)
+            block[todo] = dense[:, yl:yh, xl:xh].reshape(-1)[todo]
             continue
-        wz, wy, wx = wt[0][oz], wt[1][oy], wt[2][ox]
+        weights = (frac[0][oz], frac[1][oy], frac[2][ox])
         base = (cz * h + cy) * w + cx
         del oz, oy, ox, cz, cy, cx
-        best = torch.full(todo.shape, float("-inf"), dtype=dtype, device=device)
-        out = torch.zeros(todo.shape, dtype=torch.uint8, device=device)
-        for c in wanted:
-            sel = ((bits >> c) & 1).nonzero().squeeze(1)
-            b = base.index_select(0, sel)
-            f = flat_scores[c]
-            v = [f.index_select(0, b + off) for off in corners]
-            wx_s, wy_s, wz_s = wx.index_select(0, sel), wy.index_select(0, sel), wz.index_select(0, sel)
-            x00, x01 = torch.lerp(v[0], v[1], wx_s), torch.lerp(v[2], v[3], wx_s)
-            x10, x11 = torch.lerp(v[4], v[5], wx_s), torch.lerp(v[6], v[7], wx_s)
-            value = torch.lerp(torch.lerp(x00, x01, wy_s), torch.lerp(x10, x11, wy_s), wz_s)
-            current = best.index_select(0, sel)
-            win = (value >= threshold) & (value > current)
-            best.index_copy_(0, sel, torch.where(win, value, current))
-            out.index_copy_(0, sel, torch.where(win, c + 1, out.index_select(0, sel)).to(torch.uint8))
-        block[todo] = out
+        block[todo] = _interpolate_boundary(flat_scores, wanted, bits, base, weights, (h, w), threshold)
     labels = torch.zeros(out_shape, dtype=torch.uint8, device=device)
     labels[zl:zh, yl:yh, xl:xh] = sub
     return labels
@@ -310,29 +353,41 @@ class Stage:
 
     name: str
     path: Path
-    networks: dict[str, nn.Module]
+    networks: dict[str, Forward]  # name -> x (1, 1, *size_zyx) -> logits (1, C, ...), on the predictor's backend
     primary: str
     size_zyx: tuple[int, int, int]
     hu_window: tuple[float, float]
     extend_size_mm: float
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # the torch networks behind `networks`
 
 
 def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequence[int] | None = None) -> Stage:
-    """Load an exported model folder (model.pt + config.yaml); WeightsError naming the file on any problem."""
+    """Load an exported model folder (model.pt + config.yaml), or an original release stage folder (best_model.pt),
+    converted in memory; WeightsError naming the file on any problem."""
     try:
-        exported = load_exported_model(model_dir, device, stage=stage)
+        if is_original_layout(model_dir):  # the original release's best_model.pt files, converted in memory
+            exported = load_original_stage(model_dir, stage, device)
+        else:
+            exported = load_exported_model(model_dir, device, stage=stage)
     except InputError as e:
         raise WeightsError(str(e)) from None
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise WeightsError(f"{model_dir / 'model.pt'}: cannot build the {stage} network: {e}") from None
+    for key, network in exported.networks.items():  # NaN weights would give empty masks marked "ok"
+        bad = [name for name, t in network.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise WeightsError(f"{model_dir / 'model.pt'}: network {key} holds NaN or infinite weights ({bad[0]}"
+                               f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); export a good checkpoint")
     pre = exported.preprocess
     try:
         size = tuple(int(s) for s in (size_zyx if size_zyx is not None else pre["size_zyx"]))
         window = (float(pre["hu_window"][0]), float(pre["hu_window"][1]))
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise WeightsError(f"{model_dir / 'model.pt'}: preprocess settings incomplete ({e!r}); re-export") from None
-    if len(size) != 3 or any(s % 16 for s in size):
-        raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16")
+    if len(size) != 3 or any(s % 16 or s < 32 for s in size):
+        raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16 and >= 32 "
+                           "(preprocess.size_zyx); re-export the model")
     return Stage(stage, Path(model_dir), dict(exported.networks), exported.primary,
                  size, window, float(pre.get("extend_size_mm", DEFAULT_EXTEND_SIZE_MM)))  # type: ignore[arg-type]
 
@@ -346,7 +401,7 @@ class CaseResult:
     fallback: bool                         # coarse mask was empty: the whole volume was used
     uncertainty: float | None
     times: dict[str, float] = field(default_factory=dict)  # coarse_s, fine_s, post_s
-    peak_gpu_mem_mb: float = 0.0
+    gpu: gpu_memory.GpuMemory = field(default_factory=gpu_memory.GpuMemory)  # peaks over both stages (zeros: CPU)
     device: str = "cpu"
 
 
@@ -368,6 +423,8 @@ class PredictOptions:
     coarse_min_volume_mm3: float = COARSE_MIN_VOLUME_MM3
     fine_min_volume_mm3: float = FINE_MIN_VOLUME_MM3
     chunk_elements: int | None = None                  # elements per resize chunk; None = by device
+    cudnn_benchmark: bool = True                       # let cuDNN pick the fastest kernels (fixed input sizes)
+    backend: str = "auto"                              # common.backends.BACKENDS; auto = fastest installed
     overwrite: bool = False                            # redo cases whose output exists
     overlays: bool = False                             # also write <id>_overlay.png
     workers: int = 2                                   # background reader threads = cases read ahead
@@ -384,7 +441,11 @@ class Predictor:
         self.weights_dir = Path(options.weights_dir)
         device, fine_size, ensemble, uncertainty = (options.device, options.fine_size, options.ensemble,
                                                     options.uncertainty)
-        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.device = resolve_device(device)
+        self.backend = resolve_backend(options.backend, self.device)
+        # Fixed network input sizes: cuDNN times its algorithms once per shape and keeps the fastest, as in
+        # training. Its workspace counts in total - free; gpu_check measures gpu_used_mb with it on and off.
+        set_cudnn_benchmark(self.device, options.cudnn_benchmark)
         self.precision = resolve_precision(options.precision, self.device)
         self.amp = amp_settings("off" if self.precision == "fp32" else self.precision, self.device)
         # Scores are resized in fp16 on the GPU (half the memory); bf16's 8-bit mantissa is too coarse for the
@@ -397,15 +458,20 @@ class Predictor:
         self.z_window_mm = options.z_window_mm
         self.coarse_min_volume_mm3 = options.coarse_min_volume_mm3
         self.fine_min_volume_mm3 = options.fine_min_volume_mm3
-        self.chunk_elements = options.chunk_elements or (1 << 24 if self.device.type == "cuda" else 1 << 21)
+        self.chunk_elements = options.chunk_elements or default_chunk_elements(self.device)
         self.coarse = load_stage(self.weights_dir / COARSE_DIR, "coarse", self.device)
         self.fine = load_stage(self.weights_dir / FINE_DIR, "fine", self.device,
                                None if fine_size is None else (fine_size,) * 3)
+        for stage in (self.coarse, self.fine):
+            stage.modules = dict(stage.networks)
+            stage.networks = make_forwards(self.backend, stage.modules, stage.path, stage.size_zyx)
         if ensemble:
             for stage in (self.coarse, self.fine):
                 if len(stage.networks) < 2:
-                    logger.warning("--ensemble: %s holds only network %s; that stage uses it alone",
-                                   stage.path / "model.pt", stage.primary)
+                    raise WeightsError(
+                        f"{stage.path}: --ensemble needs networks a and b, this {stage.name} model holds "
+                        f"only network {stage.primary} (the original release's fine stage saved network A only); "
+                        "predict without --ensemble")
         if uncertainty not in ("auto", "on", "off"):
             raise ValueError(f"uncertainty must be auto, on or off, got {uncertainty!r}")
         both = len(self.fine.networks) >= 2
@@ -448,22 +514,25 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(self, raw_zyx: np.ndarray, meta: ImageMeta, case: str = "") -> CaseResult:
-        """Segment one volume given in the file's array order; returns the uint8 mask in the same order."""
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        """Segment one volume given in the file's array order; returns the uint8 mask in the same order.
+
+        `raw_zyx` may be a view of page-locked memory (`pinned_copy`): its upload is then asynchronous.
+        GPU memory is read at the end of each stage, while its tensors are still alive (`common.gpu_memory`).
+        """
+        gpu_memory.reset_peak(self.device)
         times: dict[str, float] = {}
         shape = tuple(int(s) for s in raw_zyx.shape)
         spacing = np.asarray(meta.spacing_zyx, dtype=np.float64)
         flips = canonical_flips(meta)
         t0 = time.perf_counter()
 
-        # ---- coarse: whole volume, resized on the device, flipped at network size
-        raw = torch.from_numpy(_torch_friendly(raw_zyx)).to(self.device)
+        # ---- coarse: whole volume, resized on the device (slab by slab), flipped at network size
+        raw = torch.from_numpy(_torch_friendly(raw_zyx)).to(self.device, non_blocking=True)
         x = _flip(prepare_input(raw[None, None], self.coarse.size_zyx, self.coarse.hu_window), flips)
         scores, threshold, _ = self._scores(self.coarse, x, want_pair=False)
         del x
         coarse_labels = probs_to_labels(scores, threshold).cpu().numpy()
+        memory = gpu_memory.snapshot(self.device)
         del scores
         t1 = time.perf_counter()
         times["coarse_s"] = t1 - t0
@@ -491,7 +560,9 @@ class Predictor:
         del x
         uncertainty = labels_disagreement(*pair) if pair is not None else None
         del pair
-        crop_labels = upsample_labels(_flip(scores, flips), crop_shape, threshold, self.chunk_elements)
+        scores = _flip(scores, flips)  # the canonical-order scores are dropped here, not kept beside the copy
+        crop_labels = upsample_labels(scores, crop_shape, threshold, self.chunk_elements)
+        memory = memory.max(gpu_memory.snapshot(self.device))
         del scores
         crop_labels = crop_labels.cpu().numpy()
         t3 = time.perf_counter()
@@ -501,13 +572,18 @@ class Predictor:
         mask = np.zeros(shape, dtype=np.uint8)
         mask[file_crop] = crop_labels
         times["post_s"] += time.perf_counter() - t3
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else 0.0
-        return CaseResult(mask, crop, fallback, uncertainty, times, peak, str(self.device))
+        if memory.used_mb > gpu_memory.MEMORY_BAR_MB:
+            logger.warning("%s: GPU memory in use (total - free) reached %.0f MB, above the %.0f MB bar",
+                           case or "case", memory.used_mb, gpu_memory.MEMORY_BAR_MB)
+        return CaseResult(mask, crop, fallback, uncertainty, times, memory, str(self.device))
 
 
 def _torch_friendly(array: np.ndarray) -> np.ndarray:
-    """The array in a dtype torch holds without a float copy (int16/int32 stay), C-contiguous and writable."""
-    if array.dtype in (np.int16, np.int32, np.float32, np.float64, np.uint8, np.int8):
+    """The array in a dtype torch holds without a float copy (int16/int32 stay), C-contiguous and writable.
+
+    float64 becomes float32 (HU need no more; half the upload and no float64 resize), uint16 int32.
+    """
+    if array.dtype in (np.int16, np.int32, np.float32, np.uint8, np.int8):
         out = array
     elif array.dtype == np.uint16:
         out = array.astype(np.int32)
@@ -518,14 +594,38 @@ def _torch_friendly(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def pinned_copy(array: np.ndarray) -> np.ndarray:
+    """`_torch_friendly(array)` in page-locked memory (a numpy view that keeps the pinned tensor alive), so the
+    predictor's upload to the GPU is asynchronous; done in the reader thread, off the GPU's critical path."""
+    return torch.from_numpy(_torch_friendly(array)).pin_memory().numpy()
+
+
 # ------------------------------------------------------------------------------------------------ folders
 
 
-def _read_case(path: Path) -> tuple[np.ndarray, ImageMeta, float]:
+def _read_case(path: Path, pin: bool = False) -> tuple[np.ndarray, ImageMeta, float]:
     t0 = time.perf_counter()
     array, meta = read_image(path)
     check_ct(array, meta, path)
+    if pin:
+        array = pinned_copy(array)
     return array, meta, time.perf_counter() - t0
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error: torch's OutOfMemoryError, or the plain RuntimeError that cuDNN's allocation
+    failures (CUDNN_STATUS_ALLOC_FAILED) and some CUDA kernels raise with "out of memory" in the text."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("CUDNN_STATUS_ALLOC_FAILED" in text or "out of memory" in text)
+
+
+def free_cuda_memory() -> None:
+    """Collect what a failed attempt left (reference cycles included) and hand the cached blocks back to CUDA."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _write_case(mask: np.ndarray, meta: ImageMeta, out_path: Path, overlay_path: Path | None,
@@ -612,6 +712,9 @@ def plan_cases(in_dir: Path, out_dir: Path, overwrite: bool) -> tuple[list[Folde
     ids given by two files and outputs that would overwrite an input (failed), cases done in an earlier run
     (skipped, with the row that run kept: box, fallback, uncertainty and flag stay in the report)."""
     cases, skipped_entries, conflicts = list_images(in_dir)
+    if not cases and not conflicts:
+        raise InputError(in_dir, f"no CT images in the folder ({len(skipped_entries)} other entries); expected "
+                                 "<id>_0000.nii.gz files (or .nii, .mha, .mhd, .nrrd, DICOM series sub-folders)")
     rows: list[dict[str, Any]] = []
     for entry, reason in skipped_entries:
         if entry.resolve() == out_dir.resolve():
@@ -650,8 +753,9 @@ def plan_cases(in_dir: Path, out_dir: Path, overwrite: bool) -> tuple[list[Folde
 class ReadAhead:
     """Reads and checks the CTs of `cases` in order, up to `workers` + 1 of them ahead, in background threads."""
 
-    def __init__(self, cases: Sequence[FolderCase], workers: int) -> None:
+    def __init__(self, cases: Sequence[FolderCase], workers: int, pin: bool = False) -> None:
         self.paths = [c.input_path for c in cases]
+        self.pin = pin  # page-locked arrays (for a CUDA predictor): the upload is then asynchronous
         self.workers = max(1, int(workers))
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="predict-read")
         self.pending: collections.deque[Future] = collections.deque()
@@ -660,7 +764,7 @@ class ReadAhead:
     def next(self) -> Future:
         """The read of the next case: its result() is (array, meta, read_s) or raises the read/check error."""
         while self.next_index < len(self.paths) and len(self.pending) <= self.workers:
-            self.pending.append(self.pool.submit(_read_case, self.paths[self.next_index]))
+            self.pending.append(self.pool.submit(_read_case, self.paths[self.next_index], self.pin))
             self.next_index += 1
         return self.pending.popleft()
 
@@ -671,8 +775,8 @@ class ReadAhead:
 
 
 class CaseRunner:
-    """Predicts one case at a time (a CUDA out-of-memory case is retried on the CPU) and writes its mask in a
-    background thread while the next case computes; fills each case's report row."""
+    """Predicts one case at a time (after CUDA out of memory: once more on the GPU, then on the CPU) and writes its
+    mask in a background thread while the next case computes; fills each case's report row."""
 
     def __init__(self, predictor: Predictor, options: PredictOptions, out_dir: Path,
                  on_row_done: Callable[[dict[str, Any]], None]) -> None:
@@ -695,22 +799,17 @@ class CaseRunner:
             self.on_row_done(row)
             return
         try:
-            try:
-                result = self.predictor.predict(raw, meta, case_id)
-            except torch.cuda.OutOfMemoryError:
-                logger.warning("%s: CUDA out of memory; retrying this case on the CPU", case_id)
-                torch.cuda.empty_cache()
-                if self.cpu_predictor is None:
-                    self.cpu_predictor = self.predictor.on_cpu()
-                result = self.cpu_predictor.predict(raw, meta, case_id)
-                row["error"] = "CUDA out of memory; predicted on the CPU"
+            result, note = self._predict(raw, meta, case_id)
+            if note:
+                row["error"] = note
         except Exception as exc:  # noqa: BLE001
             row["status"], row["error"] = "failed", _error_text(exc)
             logger.exception("%s failed: %s", case_id, row["error"])
             self.on_row_done(row)
             return
         row.update(result.times)
-        row.update({"peak_gpu_mem_mb": result.peak_gpu_mem_mb, "device": result.device,
+        row.update(result.gpu.as_row())
+        row.update({"device": result.device,
                     "coarse_box": format_box(result.crop), "fallback": result.fallback,
                     "uncertainty": result.uncertainty,
                     "flagged": (result.uncertainty is not None
@@ -725,6 +824,34 @@ class CaseRunner:
         del raw, result
         while len(self.writes) > 1:  # bounded queue: at most one finished mask waits besides the one writing
             self._finish_write(*self.writes.popleft())
+
+    @staticmethod
+    def _attempt(predictor: Predictor, raw: np.ndarray, meta: ImageMeta, case_id: str) -> CaseResult | None:
+        """`predictor.predict`, or None after a CUDA out-of-memory error (other errors propagate). Returning from
+        here drops the exception and its traceback, whose frames hold the failed attempt's GPU tensors."""
+        try:
+            return predictor.predict(raw, meta, case_id)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are caught, the rest re-raised
+            if not is_cuda_oom(exc):
+                raise
+            logger.warning("%s: CUDA out of memory: %s", case_id, str(exc).splitlines()[0] if str(exc) else "")
+        return None
+
+    def _predict(self, raw: np.ndarray, meta: ImageMeta, case_id: str) -> tuple[CaseResult, str | None]:
+        """The case's result and a note for its row: after CUDA out of memory, free what the failed attempt held
+        (outside its except block), retry once on the GPU, then on the CPU."""
+        result = self._attempt(self.predictor, raw, meta, case_id)
+        if result is not None:
+            return result, None
+        free_cuda_memory()
+        result = self._attempt(self.predictor, raw, meta, case_id)
+        if result is not None:
+            return result, "CUDA out of memory; the retry on the GPU succeeded"
+        free_cuda_memory()
+        logger.warning("%s: CUDA out of memory twice; predicting this case on the CPU", case_id)
+        if self.cpu_predictor is None:
+            self.cpu_predictor = self.predictor.on_cpu()
+        return self.cpu_predictor.predict(raw, meta, case_id), "CUDA out of memory twice; predicted on the CPU"
 
     def drain(self) -> None:
         """Wait for the queued writes and complete their rows."""
@@ -789,7 +916,8 @@ def predict_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, option
             write_json_atomic(row_path(out_dir, row["case_id"]), {k: row.get(k) for k in CSV_COLUMNS})
             write_report(csv_path, rows)
 
-        reads = ReadAhead(todo, options.workers)
+        pin = predictor is not None and getattr(predictor, "device", torch.device("cpu")).type == "cuda"
+        reads = ReadAhead(todo, options.workers, pin=pin)
         runner = CaseRunner(predictor, options, out_dir, row_done)  # type: ignore[arg-type]
         try:
             bar = tqdm(todo, desc="predict", unit="case", disable=not options.progress)

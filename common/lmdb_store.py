@@ -22,6 +22,8 @@ logger = get_logger(__name__)
 
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; grown automatically when full
 MISSING_DB_PROBLEM = "database not found; run data_prepare first"
+EMPTY_UNLABELED_PROBLEM = ("database is empty: no unlabeled case was prepared; add scans to the unlabeled folder and "
+                           "rerun data_prepare, or train on the labeled cases alone with data.unlabeled_db=null")
 
 
 def _json_default(obj: Any) -> Any:
@@ -81,6 +83,20 @@ def _forget_inherited_envs() -> None:
     _SHARED_PID = pid
 
 
+def _missing_problem(path: Path) -> str:
+    """Why a database is missing: the dataset folder itself is gone (say so), or data_prepare has not made it."""
+    base = path.parent.parent  # <data_base_dir>/db/<name>
+    if not base.is_dir():
+        return f"database not found: the dataset folder {base} is missing (check data_base_dir)"
+    return MISSING_DB_PROBLEM
+
+
+def _corrupt_problem(error: Exception) -> str:
+    detail = str(error).split(": ", 1)[-1]
+    return (f"database is damaged or not an LMDB database ({detail}); delete this folder and run data_prepare "
+            "again")
+
+
 class LmdbStore:
     """Dict-like LMDB environment (a folder holding data.mdb/lock.mdb) of JSON records keyed by case id.
 
@@ -93,7 +109,7 @@ class LmdbStore:
         self.readonly = readonly
         self.map_size = int(map_size)
         if readonly and not (self.path / "data.mdb").is_file():
-            raise InputError(self.path, MISSING_DB_PROBLEM)
+            raise InputError(self.path, _missing_problem(self.path))
 
     # -- process-local environment --------------------------------------------------------------------------
     def _key(self) -> str:
@@ -126,8 +142,8 @@ class LmdbStore:
                 env = self._open(writable=not self.readonly)
             except lmdb.Error as e:
                 if not (self.path / "data.mdb").is_file():
-                    raise InputError(self.path, MISSING_DB_PROBLEM) from None
-                raise InputError(self.path, f"cannot open database: {e}") from None
+                    raise InputError(self.path, _missing_problem(self.path)) from None
+                raise InputError(self.path, _corrupt_problem(e)) from None
             shared = _SHARED[self._key()] = _SharedEnv(env, writable=not self.readonly)
             shared.users |= users
         shared.users.add(id(self))
@@ -140,12 +156,15 @@ class LmdbStore:
         """Run fn(txn) in a read transaction, adopting a map grown by a writer in another process."""
         env = self.env
         try:
-            with env.begin() as txn:
-                return fn(txn)
-        except lmdb.MapResizedError:
-            env.set_mapsize(0)
-            with env.begin() as txn:
-                return fn(txn)
+            try:
+                with env.begin() as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                env.set_mapsize(0)
+                with env.begin() as txn:
+                    return fn(txn)
+        except lmdb.Error as e:  # a damaged file that still opened
+            raise InputError(self.path, _corrupt_problem(e)) from None
 
     # -- writes ----------------------------------------------------------------------------------------------
     def _write(self, fn) -> Any:
@@ -160,6 +179,8 @@ class LmdbStore:
                 new_size = self.env.info()["map_size"] * 2
                 logger.info("%s: LMDB map full, growing to %d bytes", self.path, new_size)
                 self.env.set_mapsize(new_size)
+            except lmdb.Error as e:
+                raise InputError(self.path, _corrupt_problem(e)) from None
 
     def put(self, key: str, record: Mapping[str, Any]) -> None:
         """Store one record (one transaction)."""

@@ -16,6 +16,8 @@ import torch
 from scipy import ndimage
 
 from common.labels import NSD_TOLERANCE_MM, NUM_ORGANS, ORGAN_LABELS, Z_CROPPED_LABELS
+from common.losses import one_hot_organs
+from common.postprocess import LABEL_THRESHOLD, logit, probs_to_labels
 from common.surface_distance import surface_dice
 
 # DSC below this: NSD is not computed and set to 0 (official rule).
@@ -105,23 +107,21 @@ def _scores_nonempty(
 
 
 def hard_dice_per_organ(
-    logits: torch.Tensor, target_onehot: torch.Tensor, threshold: float = 0.5, from_logits: bool = True
+    logits: torch.Tensor, target_onehot: torch.Tensor, threshold: float = LABEL_THRESHOLD, from_logits: bool = True
 ) -> torch.Tensor:
     """Hard Dice per organ channel, summed over the batch: Tensor (C,) float32 on the input's device.
 
     logits: (N, C, D, H, W) network outputs (or sigmoid probabilities with from_logits=False);
-    target_onehot: (N, C, D, H, W) 0/1. A channel is predicted where sigmoid >= threshold.
-    A channel empty in both prediction and target scores 1.
+    target_onehot: (N, C, D, H, W) 0/1. The predicted label map is made by the prediction's rule
+    (`common.postprocess.probs_to_labels`: the highest channel wins where its sigmoid >= threshold), so the
+    organ masks are disjoint, as in a predicted mask. A channel empty in both prediction and target scores 1.
     """
     if logits.shape != target_onehot.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target_onehot.shape)} differ in shape")
     with torch.no_grad():
-        if from_logits:
-            # sigmoid(x) >= t  <=>  x >= logit(t); avoids a full sigmoid pass.
-            cut = float(np.log(threshold / (1.0 - threshold))) if 0.0 < threshold < 1.0 else None
-            pred = logits >= cut if cut is not None else torch.sigmoid(logits.float()) >= threshold
-        else:
-            pred = logits >= threshold
+        cut = logit(threshold) if from_logits else threshold
+        labels = probs_to_labels(logits, cut, dim=1)
+        pred = one_hot_organs(labels, num_organs=logits.shape[1], dtype=torch.bool)
         target = target_onehot > 0.5
         dims = [0] + list(range(2, logits.ndim))
         intersection = (pred & target).sum(dim=dims).float()

@@ -6,6 +6,7 @@ Arrays are (z, y, x); spacings in mm in the same order.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Sequence, Union
 
 import numpy as np
@@ -23,22 +24,40 @@ Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
-def probs_to_labels(probs: ArrayLike, threshold: float = 0.5) -> ArrayLike:
-    """Label map from per-organ sigmoid probabilities: the organ with the highest probability wins.
+LABEL_THRESHOLD = 0.5
+"""Sigmoid probability the best organ needs to win a voxel (DESIGN 5.1); below it the voxel is background."""
 
-    probs: (13, D, H, W) torch tensor (any device, any float dtype) or numpy array; channel c = label c+1.
-    A voxel gets a label only where that highest probability is >= threshold (ties: the lower label).
-    Returns uint8 (D, H, W) of the same kind (tensor on the same device, or numpy).
+
+def logit(probability: float) -> float:
+    """log(p / (1 - p)): the logit-space cut equal to a sigmoid threshold (sigmoid(x) >= p <=> x >= logit(p))."""
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"a sigmoid threshold must lie in (0, 1), got {probability}")
+    return math.log(probability / (1.0 - probability))
+
+
+LOGIT_THRESHOLD = logit(LABEL_THRESHOLD)  # 0.0
+
+
+def probs_to_labels(probs: ArrayLike, threshold: float = LABEL_THRESHOLD, dim: int = 0) -> ArrayLike:
+    """The label decision rule of the project (DESIGN 5.1, 7): per voxel the organ with the highest score wins
+    if that score is >= threshold, else background. Prediction, validation Dice, CPS pseudo labels and the box
+    step all decide labels here.
+
+    probs: per-organ scores with the organ channels on axis `dim` (e.g. (13, D, H, W) with dim=0, or
+    (N, 13, D, H, W) with dim=1); channel c = label c+1. Sigmoid probabilities with a probability threshold, or
+    logits with `logit(threshold)` (LOGIT_THRESHOLD for 0.5). Torch tensor (any device, any float dtype) or
+    numpy array. Ties go to the lower label. Returns uint8 labels without the channel axis, of the same kind
+    (tensor on the same device, or numpy).
     """
-    if probs.ndim != 4:
-        raise ValueError(f"probs must be (C, D, H, W), got shape {tuple(probs.shape)}")
+    if probs.ndim < 2:
+        raise ValueError(f"probs must have a channel axis and spatial axes, got shape {tuple(probs.shape)}")
     if isinstance(probs, torch.Tensor):
-        best, index = probs.max(dim=0)
+        best, index = probs.max(dim=dim)
         labels = (index + 1).to(torch.uint8)
         return torch.where(best >= threshold, labels, torch.zeros_like(labels))
     probs = np.asarray(probs)
-    index = np.argmax(probs, axis=0)
-    best = np.take_along_axis(probs, index[None], axis=0)[0]
+    index = np.argmax(probs, axis=dim)
+    best = np.take_along_axis(probs, np.expand_dims(index, dim), axis=dim).squeeze(dim)
     return np.where(best >= threshold, index + 1, 0).astype(np.uint8)
 
 

@@ -203,13 +203,12 @@ def resize_mask_torch(mask_t: torch.Tensor, out_shape_zyx: Sequence[int], num_la
     if mask_t.dim() != 3:
         raise ValueError(f"expected a 3D mask (D, H, W), got shape {tuple(mask_t.shape)}")
     out = torch.zeros(shape, dtype=torch.uint8, device=mask_t.device)
-    present = torch.unique(mask_t).tolist()
+    # Every label is resized, present or not: asking which are present (torch.unique) and writing through a
+    # boolean index would each wait for the GPU; an absent label resizes to zeros and writes nothing.
     for label in range(1, num_labels + 1):
-        if label not in present:
-            continue
         binary = (mask_t == label).float()[None, None]
         resized = F.interpolate(binary, size=shape, mode="trilinear", align_corners=True)[0, 0]
-        out[resized > 0.5] = label
+        out.masked_fill_(resized > 0.5, label)
     return out
 
 

@@ -36,9 +36,10 @@ Record of a prepared case (UTF-8 JSON; canonical = after the flips; boxes in can
   labels_present  sorted organ labels in the mask ([] unlabeled); hu_range [min, max] HU
   source {image, mask: {size, mtime_ns}}, settings {sizes, margins, record_version}   (rerun bookkeeping)
 
-Split (reference 1.9, without sklearn): labeled ids in key order, numpy `default_rng(split_seed).permutation`;
-fold-1 validation = the first ceil(val_ratio * n) of the permutation (sklearn's count rule), the rest trains.
-Folds 2..5: the fold-1 training ids cut in quarters, as in the reference. The ids also go to db/split.json.
+Split: each labeled case's fold follows from its id and split_seed alone (`fold_draw`, a SHA-256 number in
+[0, 1)): fold-1 validation when it is < val_ratio (about val_ratio of the cases), folds 2..5 by quarters of the
+rest. Unlike the reference's permutation of all ids, a case failing or being fixed never moves another case
+between train and val. The ids also go to db/split.json.
 
 Failures never vanish: each failed case is logged with the file and the reason, listed in
 db/failed_cases.txt, the other cases finish, and the exit code is 1 (2: bad config or no dataset folder).
@@ -50,12 +51,13 @@ same settings, every output file present) unless overwrite=true.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
-import math
 import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -68,8 +70,10 @@ from tqdm import tqdm
 
 from common.config import ConfigError, PrepareConfig, config_to_dict, parse_cli
 from common.errors import InputError
-from common.fileutil import save_npy_atomic, write_json_atomic, write_text_atomic
+from common.fileutil import (check_writable, folder_lock, remove_stale_temps, save_npy_atomic, write_json_atomic,
+                             write_text_atomic)
 from common.image_io import canonical_flips, list_images, read_image, read_mask, to_canonical
+from common.inference import check_ct
 from common.lmdb_store import LmdbStore
 from common.logger import ROOT_LOGGER_NAME, get_logger, setup_logging
 from common.preprocessing import (
@@ -165,15 +169,6 @@ def _to_int16_hu(array: np.ndarray, path: str) -> np.ndarray:
     return array.astype(np.int16)
 
 
-def _check_ct_intensities(image: np.ndarray, path: str) -> tuple[int, int]:
-    """(min, max) HU; warns when the values do not look like CT numbers (no air near -1000, e.g. MR or raw)."""
-    lo, hi = int(image.min()), int(image.max())
-    if lo > -500 or hi < 0:
-        logger.warning("%s: intensities %d..%d do not look like CT HU (air should be near -1000); "
-                       "is this a CT with its rescale applied?", path, lo, hi)
-    return lo, hi
-
-
 def _box_list(box) -> list[list[int]]:
     return [[int(a), int(b)] for a, b in box]
 
@@ -193,6 +188,7 @@ def prepare_case(task: CaseTask) -> dict:
     All arrays are canonical (flipped) and (z, y, x); boxes are in canonical raw voxels.
     """
     image_raw, meta = read_image(task.image_path)
+    check_ct(image_raw, meta, task.image_path)  # the one CT rule, the same as predict's
     mask_raw = None
     if task.kind == "labeled":
         assert task.mask_path is not None
@@ -202,7 +198,7 @@ def prepare_case(task: CaseTask) -> dict:
     flip_dims = [axis for axis, f in enumerate(flips) if f]
     image = (image.flip(flip_dims) if flip_dims else image).numpy()  # a contiguous canonical copy (or the array)
     del image_raw
-    hu_min, hu_max = _check_ct_intensities(image, task.image_path)
+    hu_min, hu_max = int(image.min()), int(image.max())
     shape = tuple(int(v) for v in image.shape)
     spacing = tuple(float(v) for v in meta.spacing_zyx)
 
@@ -289,9 +285,27 @@ class _ListHandler(logging.Handler):
 _WORKER_HANDLER: _ListHandler | None = None
 
 
-def _init_worker() -> None:
-    """Worker process setup: one torch thread per process (the pool is the parallelism), capture warnings."""
+PARENT_CHECK_S = 0.5  # how often a worker checks that the process that started it is alive
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker side: exit as soon as the parent process is gone. A `kill -9` of the parent runs none of its
+    clean-up, so nothing else would stop the workers (they would finish every queued case, writing on)."""
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(PARENT_CHECK_S)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _init_worker(parent_pid: int | None = None) -> None:
+    """Worker process setup: exit with the parent, one torch thread per process (the pool is the parallelism),
+    capture warnings."""
     global _WORKER_HANDLER
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     torch.set_num_threads(1)
     _WORKER_HANDLER = _ListHandler()
     root = logging.getLogger(ROOT_LOGGER_NAME)
@@ -363,7 +377,8 @@ def run_tasks(tasks: Sequence[CaseTask], num_workers: int,
             return results
         ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch threads or LMDB handles
         workers = min(num_workers, len(tasks))
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                                    initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(run_case, task): task for task in tasks}
             try:
                 for future in concurrent.futures.as_completed(futures):
@@ -480,12 +495,20 @@ def discover(cfg: PrepareConfig, base: Path) -> Discovery:
 # ---------------------------------------------------------------------------------------------------- split
 
 
-def split_fold1(ids: Sequence[str], val_ratio: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic train/val split of fold 1 (reference 1.9, without sklearn).
+def fold_draw(case_id: str, seed: int) -> float:
+    """A number in [0, 1) fixed by the case id and the seed alone (SHA-256): where the case falls in the split."""
+    digest = hashlib.sha256(f"{int(seed)}:{case_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
-    ids are taken in sorted (LMDB key) order; a numpy Generator(seed) permutation picks the validation cases:
-    the first ceil(val_ratio * n) of the permutation (sklearn's test-size rule), kept within 1..n-1 when n >= 2.
-    Same seed + same ids = same split. One labeled case: it is both the training and the validation case.
+
+def split_fold1(ids: Sequence[str], val_ratio: float, seed: int) -> tuple[list[str], list[str]]:
+    """Train/val split of fold 1 in which a case's side depends on its id (and the seed) alone.
+
+    A case validates when `fold_draw(id, seed) < val_ratio`, so about val_ratio of the cases validate, and a
+    case failing, being fixed, added or removed never moves another case between train and val (training on a
+    resumed run sees the same validation cases). Only in the degenerate case of an empty side with n >= 2 the
+    case nearest the threshold is moved over (with a warning). One labeled case: it is both the training and
+    the validation case.
     """
     ids = sorted(ids)
     n = len(ids)
@@ -493,21 +516,34 @@ def split_fold1(ids: Sequence[str], val_ratio: float, seed: int) -> tuple[list[s
         return [], []
     if n == 1:
         return list(ids), list(ids) if val_ratio > 0 else []
-    n_val = math.ceil(val_ratio * n - 1e-9) if val_ratio > 0 else 0
-    n_val = min(max(n_val, 1 if val_ratio > 0 else 0), n - 1)
-    perm = np.random.default_rng(seed).permutation(n)
-    val = sorted(ids[i] for i in perm[:n_val])
-    train = sorted(ids[i] for i in perm[n_val:])
+    draws = {case_id: fold_draw(case_id, seed) for case_id in ids}
+    val = [i for i in ids if draws[i] < val_ratio]
+    train = [i for i in ids if draws[i] >= val_ratio]
+    if val_ratio > 0 and not val:
+        moved = min(train, key=draws.__getitem__)
+        logger.warning("no case drew validation at val_ratio=%s; %s validates (this depends on the other ids)",
+                       val_ratio, moved)
+        train.remove(moved)
+        val = [moved]
+    elif not train:
+        moved = max(val, key=draws.__getitem__)
+        logger.warning("every case drew validation at val_ratio=%s; %s trains (this depends on the other ids)",
+                       val_ratio, moved)
+        val.remove(moved)
+        train = [moved]
     return train, val
 
 
-def split_5fold(train1: Sequence[str], val1: Sequence[str]) -> dict[int, tuple[list[str], list[str]]]:
-    """Folds 2..5 (reference 1.9): fold-1 training ids in key order cut into quarters at int(0.25 m), int(0.5 m),
-    int(0.75 m); fold k validates on quarter k-2 and trains on the other quarters + fold-1 validation."""
-    train1 = sorted(train1)
-    m = len(train1)
-    cuts = [0, int(0.25 * m), int(0.5 * m), int(0.75 * m), m]
-    quarters = [train1[cuts[i] : cuts[i + 1]] for i in range(4)]
+def split_5fold(train1: Sequence[str], val1: Sequence[str], val_ratio: float = 0.2,
+                seed: int = 0) -> dict[int, tuple[list[str], list[str]]]:
+    """Folds 2..5: the fold-1 training cases in four quarters by their own draw (`fold_draw`, rescaled from
+    [val_ratio, 1) to [0, 4)), so membership again depends on the id alone; fold k validates on quarter k-2 and
+    trains on the other quarters + the fold-1 validation cases."""
+    quarters: list[list[str]] = [[], [], [], []]
+    span = max(1.0 - val_ratio, 1e-12)
+    for case_id in sorted(train1):
+        position = (fold_draw(case_id, seed) - val_ratio) / span
+        quarters[min(3, max(0, int(position * 4)))].append(case_id)
     folds = {}
     for k in range(2, 6):
         val = quarters[k - 2]
@@ -538,7 +574,7 @@ def write_splits(db_dir: Path, cfg: PrepareConfig, labeled: dict[str, dict], unl
         logger.warning("val_ratio=%s leaves the validation fold empty", cfg.val_ratio)
     folds = {1: (train1, val1)}
     if cfg.split_5fold:
-        folds.update(split_5fold(train1, val1))
+        folds.update(split_5fold(train1, val1, cfg.val_ratio, cfg.split_seed))
     for k in range(1, 6):
         for part in ("train", "val"):
             path = db_dir / f"seg_{part}_fold_{k}"
@@ -560,23 +596,48 @@ def write_splits(db_dir: Path, cfg: PrepareConfig, labeled: dict[str, dict], unl
 # ---------------------------------------------------------------------------------------------------- main
 
 
+OUTPUT_KINDS = ("coarse_image", "coarse_mask", "fine_image", "fine_mask", "region_image", "region_mask")
+
+
+def _output_dirs(cfg: PrepareConfig, base: Path) -> list[Path]:
+    """The folders the case arrays are written into (as `CaseTask.out_path` names them)."""
+    task = CaseTask("x", "labeled", "", None, str(base), tuple(cfg.coarse_size_zyx), tuple(cfg.fine_size_zyx),
+                    cfg.extend_size_mm, cfg.max_extend_size_mm)
+    return [task.out_path(kind).parent for kind in OUTPUT_KINDS]
+
+
 def main(cfg: PrepareConfig) -> int:
-    """Prepare the dataset at cfg.data_base_dir; returns the exit code (0 all good, 1 something failed)."""
+    """Prepare the dataset at cfg.data_base_dir; returns the exit code (0 all good, 1 something failed,
+    2 setup error: no dataset folder, an unwritable one, a damaged database, another run on the same folder)."""
     base = Path(cfg.data_base_dir).absolute()
     if not base.is_dir():
         setup_logging(None)
         logger.error("%s: dataset folder not found (set data_base_dir in config.yaml or data_base_dir=PATH)", base)
         return 2
     db_dir = base / "db"
-    db_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(db_dir / "data_prepare.log")
-    start = time.perf_counter()
-    logger.info("data_prepare: %s (workers %d, overwrite %s)", base, cfg.num_workers, cfg.overwrite)
     try:
-        found = discover(cfg, base)
+        check_writable(db_dir, "dataset's db folder")
+    except InputError as e:
+        setup_logging(None)
+        logger.error("%s", e)
+        return 2
+    setup_logging(db_dir / "data_prepare.log")
+    try:
+        with folder_lock(db_dir, "data_prepare run"):
+            for folder in (*_output_dirs(cfg, base), db_dir):
+                if folder.exists():  # a read-only output folder fails now, not after a prepared case
+                    check_writable(folder, "output folder")
+                remove_stale_temps(folder)  # left by a killed run (full volumes in size)
+            return _prepare(cfg, base, db_dir)
     except InputError as e:
         logger.error("%s", e)
         return 2
+
+
+def _prepare(cfg: PrepareConfig, base: Path, db_dir: Path) -> int:
+    start = time.perf_counter()
+    logger.info("data_prepare: %s (workers %d, overwrite %s)", base, cfg.num_workers, cfg.overwrite)
+    found = discover(cfg, base)
 
     for kind, name in DB_RAW.items():
         LmdbStore(db_dir / name, readonly=False).replace_all(found.raw[kind])

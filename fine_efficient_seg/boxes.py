@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from common.amp import amp_settings, autocast
 from common.checkpoint import ExportedModel, load_exported_model
-from common.distributed import is_main_process
+from common.distributed import get_world_size, is_main_process, run_on_every_rank, shard
 from common.errors import InputError
 from common.lmdb_store import open_store
 from common.logger import get_logger
@@ -120,39 +120,63 @@ def compute_boxes(
 ) -> dict[str, Any]:
     """Store a `coarse_box` in every record of `unlabeled_db` that lacks one of the wanted source.
 
-    Returns a summary {"cases", "computed", "skipped", "body_fallback", "source"}.
+    Under DDP the ranks share the work: each computes the boxes of its share (`shard`) of WRITE_BATCH cases per
+    rank at a time, and rank 0 writes them, so the step resumes where it stopped. A failure on any rank ends every
+    rank at once with its message (`run_on_every_rank`). Returns a summary {"cases", "computed", "skipped",
+    "body_fallback", "source"} (the same on every rank).
     """
-    model = load_coarse_model(coarse_model_dir, device)
-    wanted = "coarse_model" if model is not None else "body"
-    finder = CoarseBoxFinder(model, device, precision) if model is not None else None
-    store = open_store(unlabeled_db, readonly=False)
-    summary = {"cases": 0, "computed": 0, "skipped": 0, "body_fallback": 0, "source": wanted}
-    try:
+    planned: dict[str, Any] = {}
+
+    def plan() -> None:  # on every rank: the coarse model on its device, the store, the cases that need a box
+        model = load_coarse_model(coarse_model_dir, device)
+        planned["wanted"] = "coarse_model" if model is not None else "body"
+        planned["finder"] = CoarseBoxFinder(model, device, precision) if model is not None else None
+        # Rank 0 reads and writes through one writable store (py-lmdb refuses a second open in one process).
+        planned["store"] = store = open_store(unlabeled_db, readonly=not is_main_process())
         keys = store.keys()
-        summary["cases"] = len(keys)
-        todo = [k for k in keys if not _has_box(store.get(k), wanted)]
-        summary["skipped"] = len(keys) - len(todo)
+        planned["cases"] = len(keys)
+        planned["todo"] = [k for k in keys if not _has_box(store.get(k), planned["wanted"])]
+
+    try:
+        run_on_every_rank(plan, "boxes")
+        store = planned["store"]
+        finder, wanted, todo = planned["finder"], planned["wanted"], planned["todo"]
+        summary = {"cases": planned["cases"], "computed": 0, "skipped": planned["cases"] - len(todo),
+                   "body_fallback": 0, "source": wanted}
         if not todo:
-            logger.info("boxes: all %d unlabeled cases already have a %s box", len(keys), wanted)
+            logger.info("boxes: all %d unlabeled cases already have a %s box", summary["cases"], wanted)
             return summary
-        logger.info("boxes: %d of %d unlabeled cases need a box (source: %s)", len(todo), len(keys), wanted)
-        pending: dict[str, dict] = {}
-        for case_id in tqdm(todo, desc="boxes", unit="case", disable=not is_main_process()):
-            record = store.get(case_id)
-            box, source = _case_box(case_id, record, data_base_dir, unlabeled_db, finder)
-            if source != wanted:
-                summary["body_fallback"] += 1
-            record[COARSE_BOX_KEY] = [list(pair) for pair in box]
-            record[BOX_SOURCE_KEY] = source
-            pending[case_id] = record
-            summary["computed"] += 1
-            if len(pending) >= WRITE_BATCH:
-                store.put_many(pending)
-                pending = {}
-        if pending:
-            store.put_many(pending)
+        logger.info("boxes: %d of %d unlabeled cases need a box (source: %s)", len(todo), summary["cases"], wanted)
+        per_round = WRITE_BATCH * get_world_size()
+        bar = tqdm(total=len(todo), desc="boxes", unit="case", disable=not is_main_process())
+        for start in range(0, len(todo), per_round):
+            chunk = todo[start:start + per_round]
+
+            def boxes_here(chunk: list[str] = chunk) -> dict[str, tuple[list[list[int]], str]]:
+                out = {}
+                for case_id in shard(chunk):
+                    box, source = _case_box(case_id, store.get(case_id), data_base_dir, unlabeled_db, finder)
+                    out[case_id] = ([list(pair) for pair in box], source)
+                return out
+
+            results = {k: v for part in run_on_every_rank(boxes_here, "boxes") for k, v in part.items()}
+            pending: dict[str, dict] = {}
+            for case_id in chunk:
+                box, source = results[case_id]
+                summary["computed"] += 1
+                summary["body_fallback"] += int(source != wanted)
+                if is_main_process():
+                    record = store.get(case_id)
+                    record[COARSE_BOX_KEY] = box
+                    record[BOX_SOURCE_KEY] = source
+                    pending[case_id] = record
+            # The write runs through run_on_every_rank too, so a failing write on rank 0 stops every rank.
+            run_on_every_rank(lambda pending=pending: store.put_many(pending) if pending else None, "boxes")
+            bar.update(len(chunk))
+        bar.close()
     finally:
-        store.close()
+        if "store" in planned:
+            planned["store"].close()
     if summary["body_fallback"]:
         logger.warning("boxes: %d case(s) fell back to the body box (empty coarse prediction)",
                        summary["body_fallback"])

@@ -33,11 +33,11 @@ from common.augment import (
     sample_fine_augmentation,
     sample_rng,
 )
-from common.distributed import InfiniteSampler, derive_seed
+from common.distributed import InfiniteSampler, derive_seed, shard
 from common.errors import InputError
 from common.labels import NUM_ORGANS
 from common.logger import get_logger
-from common.lmdb_store import open_store
+from common.lmdb_store import EMPTY_UNLABELED_PROBLEM, open_store
 from common.preprocessing import resize_volume_torch, window_and_zscore_torch
 
 logger = get_logger(__name__)
@@ -114,6 +114,8 @@ def load_cases(db: Path, data_base_dir: str | os.PathLike, labeled: bool, need_b
         cases = [case_from_record(key, store.get(key), data_base_dir, db, labeled) for key in store.keys()]
     finally:
         store.close()
+    if not cases and not labeled:
+        raise InputError(db, EMPTY_UNLABELED_PROBLEM)
     if need_box:
         missing = [c.case_id for c in cases if c.box is None]
         if missing:
@@ -270,14 +272,16 @@ def fixed_crop_input(case: FineCase, size_zyx: Sequence[int], hu_window: Sequenc
 
 
 def validation_cases(db: Path, data_base_dir: str | os.PathLike, size_zyx: Sequence[int], hu_window: Sequence[float],
-                     device: torch.device | str) -> Iterable[tuple[str, torch.Tensor, torch.Tensor]]:
+                     device: torch.device | str, rank: int = 0,
+                     world_size: int = 1) -> Iterable[tuple[str, torch.Tensor, torch.Tensor]]:
     """(case id, x (1, 1, D, H, W), labels int64 (1, D, H, W)) of the fixed 20 mm GT-box crops made by
-    data_prepare, resized on the device when `size_zyx` differs from the stored size."""
+    data_prepare, resized on the device when `size_zyx` differs from the stored size. Only the cases of `rank`
+    (`shard`, case i on rank i % world_size) are loaded."""
     device = torch.device(device)
     size = tuple(int(s) for s in size_zyx)
     store = open_store(db, readonly=True)
     try:
-        records = [(key, store.get(key)) for key in store.keys()]
+        records = [(key, store.get(key)) for key in shard(store.keys(), rank, world_size)]
     finally:
         store.close()
     for case_id, record in records:

@@ -36,6 +36,11 @@ run_step() {
     "$PY" -m fine_efficient_seg.train "$@" "step=$step"
 }
 
+# One GPU: the trainer runs every step itself (`step=all`) and replaces this shell (exec), so `kill` and Ctrl-C reach
+# it, it saves last.pt, and no orphan is left to race a rerun.
+if [ "$GPUS" = "1" ]; then
+    exec "$PY" -m fine_efficient_seg.train "$@"
+fi
 case "$STEP" in
     all)
         for step in boxes round1 uif round2 export; do

@@ -8,18 +8,20 @@ Steps (`step=all` runs them in this order; each is skipped when its output is al
   export  best networks (round 2, else round 1) + config                         -> export.dir
 The rounds use the shared engine (common.engine: checkpoints of both networks, resume, DDP, AMP, TensorBoard,
 metrics.jsonl); the crops are made on the training device by fine_efficient_seg.dataset. Tests call `main`.
-Under torchrun, boxes, uif and export run on rank 0 while the other ranks wait.
+Under torchrun, boxes and uif share their cases across the ranks (rank 0 writes) and export runs on rank 0; an
+error on any rank in these steps ends every rank at once with its message.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from common.augment import FineAugmentSettings
 from common.config import ConfigError, FineTrainConfig, parse_cli
-from common.distributed import DistInfo, barrier, destroy_distributed, init_distributed
+from common.distributed import DistInfo, RankFailedError, destroy_distributed, init_distributed, run_on_every_rank
 from common.engine import DONE_FILE, CPSJob, NonFiniteLossError, TrainingInterrupted, run_cps_training
 from common.errors import InputError
 from common.logger import get_logger, setup_logging
@@ -78,7 +80,7 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
     if name == "round1":
         pool = unlabeled_db(cfg)
         iterations = cfg.schedule.iterations
-        init_weights = None
+        init_weights = cfg.model.init_from
         snapshots = snapshot_iterations(iterations, cfg.uif.snapshots) if pool is not None else ()
     else:
         snapshots = ()
@@ -88,7 +90,7 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
             raise InputError(Path(cfg.output_dir) / SCORES_FILE, "not found: run the uif step first "
                                                                  "(sh run.sh step=uif)")
         iterations = cfg.round2.iterations or cfg.schedule.iterations
-        init_weights = None
+        init_weights = cfg.model.init_from  # fresh: where round 1 started from
         if cfg.round2.init == "warm":
             ckpts = _round_dir(cfg, "round1") / "checkpoints"
             init_weights = {n: ckpts / f"best_model_{n}.pt" for n in ("a", "b")}
@@ -119,7 +121,7 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
         out_dir=out_dir,
         labeled_stream=labeled_stream,
         unlabeled_stream=unlabeled_stream,
-        val_cases=lambda: validation_cases(val_db, data_base, size, window, info.device),
+        val_cases=lambda rank, world: validation_cases(val_db, data_base, size, window, info.device, rank, world),
         iterations=iterations,
         init_weights=init_weights,
         dist=info,
@@ -165,9 +167,10 @@ def step_export(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
     return {"export_dir": str(export(cfg).parent)}
 
 
-# Steps that run on rank 0 only (the others wait at a barrier); the rounds run on every rank.
-_RANK0_STEPS: dict[str, Callable[[FineTrainConfig, DistInfo], dict[str, Any]]] = {
-    "boxes": step_boxes, "uif": step_uif, "export": step_export}
+# Steps whose work is shared across ranks (boxes, uif) or done by rank 0 (export), each ending in one exchange of
+# results and errors (run_on_every_rank); the rounds run on every rank through the engine.
+_SHARED_STEPS: dict[str, Callable[[FineTrainConfig, DistInfo], dict[str, Any]]] = {
+    "boxes": step_boxes, "uif": step_uif, "export": lambda cfg, info: step_export(cfg, info) if info.is_main else {}}
 _ALL_RANK_STEPS: dict[str, Callable[[FineTrainConfig, DistInfo], dict[str, Any]]] = {
     "round1": lambda cfg, info: run_round(cfg, info, "round1"), "round2": step_round2}
 
@@ -184,9 +187,7 @@ def main(cfg: FineTrainConfig) -> dict[str, Any]:
         if step in _ALL_RANK_STEPS:
             results[step] = _ALL_RANK_STEPS[step](cfg, info)
         else:
-            if info.is_main:
-                results[step] = _RANK0_STEPS[step](cfg, info)
-            barrier()
+            results[step] = run_on_every_rank(functools.partial(_SHARED_STEPS[step], cfg, info), f"step {step}")[0]
     return results
 
 
@@ -198,7 +199,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, RankFailedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except TrainingInterrupted as exc:

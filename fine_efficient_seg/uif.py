@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from common.amp import amp_settings, autocast
 from common.checkpoint import load_checkpoint, load_model_state
+from common.distributed import is_main_process, run_on_every_rank, shard
 from common.errors import InputError
 from common.fileutil import write_text_atomic
 from common.lmdb_store import open_store
@@ -113,7 +114,7 @@ def score_pool(
         return torch.sigmoid(logits.float())[0]
 
     scores: dict[str, dict[str, float]] = {m: {} for m in methods}
-    for case in tqdm(cases, desc="uif", unit="case"):
+    for case in tqdm(cases, desc="uif", unit="case", disable=not is_main_process()):
         x = fixed_crop_input(case, size_zyx, hu_window, extend_size_mm, device)
         probs_a, probs_b = probs(net_a, x), probs(net_b, x)
         snaps = [0.5 * (probs(a, x) + probs(b, x)) for a, b in snapshots] if "stability" in methods else []
@@ -212,17 +213,31 @@ def run_uif(
     precision: str = "bf16",
     weighting: str = "organ",
 ) -> list[UifRow]:
-    """Score the pool, write the filtered database and then `uif_scores.csv`; returns the rows in rank order."""
-    cases = load_cases(unlabeled_db, data_base_dir, labeled=False)
-    if not cases:
-        raise InputError(unlabeled_db, "no unlabeled cases to filter")
-    net_a, net_b = load_round_networks(round_dir, device)
-    snapshots = load_snapshots(round_dir, device) if method == "stability" else []
-    scores = score_cases(cases, net_a, net_b, method=method, size_zyx=size_zyx, hu_window=hu_window,
-                         extend_size_mm=extend_size_mm, device=device, precision=precision, snapshots=snapshots,
-                         weighting=weighting)
+    """Score the pool, write the filtered database and then `uif_scores.csv`; returns the rows in rank order.
+
+    Under DDP every rank scores its share of the cases (`shard`) and rank 0 writes; a failure on any rank ends
+    every rank at once with its message (`run_on_every_rank`).
+    """
+    def score_here() -> dict[str, float]:
+        cases = load_cases(unlabeled_db, data_base_dir, labeled=False)
+        if not cases:
+            raise InputError(unlabeled_db, "no unlabeled cases to filter")
+        net_a, net_b = load_round_networks(round_dir, device)
+        snapshots = load_snapshots(round_dir, device) if method == "stability" else []
+        return score_cases(shard(cases), net_a, net_b, method=method, size_zyx=size_zyx, hu_window=hu_window,
+                           extend_size_mm=extend_size_mm, device=device, precision=precision, snapshots=snapshots,
+                           weighting=weighting)
+
+    scores = {k: v for part in run_on_every_rank(score_here, "uif") for k, v in part.items()}
     rows = select_certain(scores, keep_count, keep_ratio)
-    out_db = write_selection(rows, unlabeled_db=unlabeled_db, output_dir=output_dir)
+    out_db = filtered_db_path(unlabeled_db)
+
+    def write_here() -> int:
+        if is_main_process():
+            write_selection(rows, unlabeled_db=unlabeled_db, output_dir=output_dir)
+        return 0
+
+    run_on_every_rank(write_here, "uif")
     kept = sum(r.kept for r in rows)
     kept_scores = [r.score for r in rows if r.kept]
     logger.info("uif (%s): kept %d of %d unlabeled cases in %s (scores %.4f..%.4f; pool median %.4f)",

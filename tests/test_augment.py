@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from common.augment import (
     FineAugmentation,
@@ -164,3 +165,43 @@ def test_resize_labels_matches_resize_mask_torch():
     labels[torch.rand(19, 23, 17, generator=gen) > 0.97] = 4
     for size in ((32, 32, 32), (8, 40, 12)):
         assert torch.equal(resize_labels(labels, size), resize_mask_torch(labels, size, 13))
+
+
+# Ops that make the host wait for a CUDA device: they need a result's value or size on the CPU.
+HOST_SYNC_OPS = ("aten.nonzero", "aten._local_scalar_dense", "aten._unique", "aten.unique", "aten.masked_select",
+                 "aten.item", "aten.equal", "aten.is_nonzero")
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records every aten op run inside it, and whether it indexes through a boolean mask (a hidden nonzero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncing: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        bool_index = name.startswith(("aten.index.", "aten.index_put")) and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()))
+        if name.startswith(HOST_SYNC_OPS) or bool_index:
+            self.syncing.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_fine_sample_device_path_never_waits_for_the_device(monkeypatch):
+    """The ops the fine sample runs on a GPU (mask resize, HU shift, window) include none that syncs the host."""
+    import common.augment as augment
+
+    monkeypatch.setattr(augment, "resize_labels", lambda labels, size: resize_mask_torch(labels, size, 13))
+    gen = torch.Generator().manual_seed(2)
+    crop = torch.randint(-200, 200, (11, 14, 13), generator=gen).to(torch.int16)
+    labels = torch.zeros(11, 14, 13, dtype=torch.uint8)
+    labels[2:8, 3:9, 4:10] = 3
+    labels[6:10, 1:5, 2:6] = 9
+    shift = np.zeros(14, dtype=np.int64)
+    shift[3] = 100
+    expected_y = resize_mask_torch(labels, (16, 16, 16), 13)
+    with _RecordOps() as recorder:
+        x, y = make_fine_sample(crop, labels, (16, 16, 16), (-325.0, 325.0), shift)
+    assert recorder.syncing == []
+    assert torch.equal(y, expected_y.long()) and set(np.unique(y.numpy()).tolist()) == {0, 3, 9}

@@ -132,3 +132,20 @@ def test_export_and_load_exported_model(tmp_path):
         load_exported_model(path.parent, stage="fine")
     with pytest.raises(InputError, match="exported model not found"):
         load_exported_model(tmp_path / "nowhere")
+
+
+def test_random_bytes_always_give_a_message_and_never_unsafe_advice(tmp_path):
+    """The weights-only unpickler raises IndexError/KeyError/... on some random files (about 10 %)."""
+    path = tmp_path / "random.pt"
+    for seed in range(120):
+        rng = np.random.default_rng(seed)
+        path.write_bytes(rng.integers(0, 256, int(rng.integers(1, 3000)), dtype=np.uint8).tobytes())
+        with pytest.raises(InputError, match=r"random\.pt: cannot read checkpoint") as info:
+            load_checkpoint(path)
+        assert "weights_only" not in str(info.value)
+    evil = tmp_path / "evil.pt"
+    torch.save({"obj": Path("x")}, evil)
+    with pytest.raises(InputError, match=r"objects other than tensors and plain data \(pathlib\.\w*Path\); it is "
+                                         "refused because loading it could run code") as info:
+        load_checkpoint(evil)
+    assert "weights_only" not in str(info.value) and "False" not in str(info.value)

@@ -372,3 +372,13 @@ def test_parse_cli_help(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         parse_cli(CoarseTrainConfig, write_yaml(tmp_path, ""), ["--help"])
     assert info.value.code == 0 and "optim" in capsys.readouterr().out
+
+
+def test_input_size_too_small_for_the_network_depth_is_refused():
+    from common.config import CoarseTrainConfig, ConfigError, FineTrainConfig, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    for schema, stage in ((CoarseTrainConfig, "coarse_base_seg"), (FineTrainConfig, "fine_efficient_seg")):
+        with pytest.raises(ConfigError, match=r"data\.size_zyx: \[16, 16, 16\] leaves a bottleneck of \[1, 1, 1\]"):
+            load_config(schema, root / stage / "config.yaml", ["data.size_zyx=[16,16,16]"])
+        load_config(schema, root / stage / "config.yaml", ["data.size_zyx=[32,32,48]"])

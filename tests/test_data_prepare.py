@@ -16,7 +16,7 @@ from common.config import PrepareConfig, load_config
 from common.image_io import canonical_flips, read_image, read_mask, to_canonical
 from common.lmdb_store import open_store
 from common.preprocessing import organ_bbox, resize_hu_int16, resize_mask
-from data_prepare.run import STAGE_DIR, main, split_5fold, split_fold1
+from data_prepare.run import STAGE_DIR, fold_draw, main, split_5fold, split_fold1
 from data_prepare.synthetic import write_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,8 @@ def test_end_to_end_tiny_synthetic(dataset: Path) -> None:
 
     train = open_store(db / "seg_train_fold_1").to_dict()
     val = open_store(db / "seg_val_fold_1").to_dict()
-    assert len(val) == 1 and len(train) == 3 and set(train) | set(val) == set(labeled)
+    assert sorted(val) == sorted(k for k in labeled if fold_draw(k, 0) < 0.2)  # each case by its own id
+    assert set(train) | set(val) == set(labeled) and not set(train) & set(val)
     assert all(train[k] == labeled[k] for k in train) and all(val[k] == labeled[k] for k in val)
     assert open_store(db / "seg_trainu").to_dict() == unlabeled
     assert not (db / "seg_train_fold_2").exists()
@@ -300,22 +301,33 @@ def test_missing_dataset_and_config_errors(tmp_path: Path) -> None:
 
 
 def test_split_is_deterministic_and_partitions() -> None:
-    ids = [f"case_{i:02d}" for i in range(50)]
+    ids = [f"case_{i:03d}" for i in range(200)]
     train, val = split_fold1(ids, 0.2, 0)
-    assert len(train) == 40 and len(val) == 10 and sorted(train + val) == ids
+    assert 25 <= len(val) <= 55 and sorted(train + val) == ids and not set(train) & set(val)
     assert split_fold1(list(reversed(ids)), 0.2, 0) == (train, val)  # order of the input does not matter
     assert split_fold1(ids, 0.2, 1) != (train, val)
-    folds = split_5fold(train, val)
+    folds = split_5fold(train, val, 0.2, 0)
     vals = [set(val)] + [set(folds[k][1]) for k in range(2, 6)]
-    assert sum(len(v) for v in vals) == 50 and set().union(*vals) == set(ids)
+    assert sum(len(v) for v in vals) == 200 and set().union(*vals) == set(ids)
     for k in range(2, 6):
-        assert len(folds[k][0]) == 40 and not set(folds[k][0]) & set(folds[k][1])
-    assert folds[2][1] == sorted(train)[:10]  # quarters of the fold-1 training ids in key order
-    assert split_fold1(ids[:15], 0.2, 0)[1].__len__() == 3  # ceil(0.2 * 15) = 3, despite 0.2 * 15 > 3.0
-    assert split_fold1(["a", "b"], 0.2, 0)[1].__len__() == 1
+        assert not set(folds[k][0]) & set(folds[k][1]) and set(folds[k][0]) | set(folds[k][1]) == set(ids)
+    assert split_fold1(["a", "b"], 0.2, 0)[1].__len__() == 1  # an empty side takes the case nearest the threshold
     assert split_fold1(["a"], 0.2, 0) == (["a"], ["a"])
     assert split_fold1([], 0.2, 0) == ([], [])
     assert split_fold1(ids, 0.0, 0) == (ids, [])
+
+
+def test_a_failing_or_fixed_case_moves_no_other_case() -> None:
+    ids = [f"case_{i:02d}" for i in range(40)]
+    train, val = split_fold1(ids, 0.2, 0)
+    folds = split_5fold(train, val, 0.2, 0)
+    for gone in (val[0], train[0], train[-1]):  # it fails (or is fixed: the same two splits the other way round)
+        rest = [i for i in ids if i != gone]
+        train2, val2 = split_fold1(rest, 0.2, 0)
+        assert val2 == [i for i in val if i != gone] and train2 == [i for i in train if i != gone]
+        folds2 = split_5fold(train2, val2, 0.2, 0)
+        for k in range(2, 6):
+            assert folds2[k][1] == [i for i in folds[k][1] if i != gone]
 
 
 # ---------------------------------------------------------------------------------------------------- real CTs
@@ -362,3 +374,160 @@ def test_config_yaml_matches_the_schema_and_documents_every_key() -> None:
     for line in (STAGE_DIR / "config.yaml").read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
             assert "#" in line, f"undocumented key: {line}"
+
+
+# ---------------------------------------------------------------------------------------------------- issue 14
+
+
+def _spawned_children(parent: int) -> list[int]:
+    """Worker processes (multiprocessing spawn) whose parent is `parent` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        if ppid == parent and b"spawn_main" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc to find the workers")
+def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
+    import signal
+    import sys
+    import time
+
+    # Each case's image is a FIFO nobody writes to: the workers block reading it, as on a slow case.
+    fifos = []
+    for i in range(2):
+        fifo = tmp_path / f"c{i}.nii.gz"
+        os.mkfifo(fifo)
+        fifos.append(str(fifo))
+    script = (
+        "import sys; from data_prepare.run import CaseTask, run_tasks; "
+        f"tasks = [CaseTask(f'c{{i}}', 'unlabeled', p, None, {str(tmp_path)!r}, (16, 16, 16), (16, 16, 16), 1.0, "
+        f"1.0) for i, p in enumerate({fifos!r})]; run_tasks(tasks, 2)")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while len(workers) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.5)
+            workers = _spawned_children(parent.pid)
+        assert len(workers) == 2, "the workers did not start"
+        time.sleep(2)  # let them reach the blocking read (and the watch thread start)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 60
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in workers if _alive(p)], "workers outlived their killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_corrupt_database_is_a_setup_error(dataset: Path, caplog) -> None:
+    assert main(config(dataset)) == 0
+    data = dataset / "db" / "seg_pre-process_database" / "data.mdb"
+    data.write_bytes(np.random.default_rng(0).integers(0, 256, data.stat().st_size, dtype=np.uint8).tobytes())
+    caplog.clear()
+    assert main(config(dataset)) == 2
+    assert "seg_pre-process_database: database is damaged" in caplog.text
+    assert "delete this folder and run data_prepare again" in caplog.text
+
+
+def test_unwritable_output_folder_fails_before_any_case(dataset: Path, caplog, monkeypatch) -> None:
+    import data_prepare.run as run
+    import tempfile
+
+    region = dataset / "region_image"
+    region.mkdir()
+    region.chmod(0o555)
+    real = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):  # as the read-only folder would for a non-root user
+        if dir is not None and Path(dir) == region:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(run, "prepare_case", lambda task: pytest.fail("prepared a case into a read-only folder"))
+    try:
+        assert main(config(dataset)) == 2
+    finally:
+        region.chmod(0o755)
+    assert f"{region}: cannot write into the output folder" in caplog.text
+
+
+def test_rerun_removes_temporaries_of_a_killed_run(dataset: Path) -> None:
+    assert main(config(dataset)) == 0
+    leftovers = [dataset / "region_image" / ".case_0001.npy.a1b2c3d4.tmp.npy",
+                 dataset / "coarse_image" / "32_32_32" / ".x.npy.zzzzzzzz.tmp.npy",
+                 dataset / "db" / ".split.json.q1w2e3r4.tmp.json"]
+    for path in leftovers:
+        path.write_bytes(b"\\0" * 1000)
+    keep = dataset / "region_image" / ".notes"
+    keep.write_text("not ours")
+    assert main(config(dataset)) == 0
+    assert not [p for p in leftovers if p.exists()] and keep.exists()
+
+
+def test_nan_slab_absurd_spacing_and_duplicate_ids_fail_their_case(dataset: Path) -> None:
+    shutil.rmtree(dataset / "file_list")  # every image of the folders is a case
+    images, masks = dataset / "train_images", dataset / "train_mask"
+    good_image = sitk.ReadImage(str(images / "train_000_0000.nii.gz"))
+    good_mask = sitk.ReadImage(str(masks / "train_000.nii.gz"))
+    slab = sitk.GetArrayFromImage(good_image).astype(np.float32)
+    slab[2:12] = np.nan  # a 10-slice NaN slab: SimpleITK's NIfTI reader would make it 0 HU
+    _write(slab, images / "nan_slab_0000.nii.gz", like=good_image)
+    shutil.copy(masks / "train_000.nii.gz", masks / "nan_slab.nii.gz")
+    for name, spacing in (("huge", 1e6), ("tiny", 1e-6)):
+        _write(sitk.GetArrayFromImage(good_image), images / f"{name}.mha", like=good_image,
+               spacing=(spacing, 0.8, 2.0))
+        _write(sitk.GetArrayFromImage(good_mask), masks / f"{name}.mha", like=good_mask, spacing=(spacing, 0.8, 2.0))
+    shutil.copy(images / "train_001_0000.nii.gz", images / "train_001.nii.gz")  # same id as train_001_0000
+    before = digest(dataset)
+    assert main(config(dataset)) == 1
+    report = (dataset / "db" / "failed_cases.txt").read_text(encoding="utf-8")
+    lines = {line.split("\t", 1)[0]: line.split("\t", 1)[1] for line in report.splitlines()
+             if not line.startswith("#")}
+    assert sorted(lines) == ["huge", "nan_slab", "tiny", "train_001"]
+    assert "nan_slab_0000.nii.gz" in lines["nan_slab"] and "NaN or infinite" in lines["nan_slab"]
+    for name in ("huge", "tiny"):
+        assert f"{name}.mha" in lines[name] and "implausible voxel spacing" in lines[name]
+    assert "train_001.nii.gz" in lines["train_001"] and "train_001_0000.nii.gz" in lines["train_001"]
+    labeled = open_store(dataset / "db" / "seg_pre-process_database").keys()
+    assert labeled == ["train_000", "train_002", "train_003"]
+    after = digest(dataset)
+    assert all(after[k] == v for k, v in before.items())  # no input changed
+
+
+def test_a_constant_image_fails_by_the_same_rule_as_predict(dataset: Path) -> None:
+    images, masks = dataset / "train_images", dataset / "train_mask"
+    good_image = sitk.ReadImage(str(images / "train_000_0000.nii.gz"))
+    _write(np.full(sitk.GetArrayFromImage(good_image).shape, -1024, np.int16), images / "air_0000.nii.gz",
+           like=good_image)
+    shutil.copy(masks / "train_000.nii.gz", masks / "air.nii.gz")
+    with open(dataset / "file_list" / "train_series_uids.txt", "a", encoding="utf-8") as f:
+        f.write("air\n")
+    assert main(config(dataset)) == 1
+    report = (dataset / "db" / "failed_cases.txt").read_text(encoding="utf-8")
+    assert "air_0000.nii.gz: non-CT intensities: every voxel is -1024" in report

@@ -7,6 +7,7 @@ import torch.multiprocessing as mp
 
 from common.distributed import (
     InfiniteSampler,
+    RankFailedError,
     all_gather_object,
     all_reduce_max,
     all_reduce_mean,
@@ -18,6 +19,8 @@ from common.distributed import (
     init_distributed,
     is_main_process,
     resolve_device,
+    run_on_every_rank,
+    shard,
 )
 
 SIZE = 32
@@ -38,7 +41,7 @@ def test_helpers_without_process_group(monkeypatch):
     assert all_reduce_sum(4.0) == 4.0 and all_reduce_max({"x": 1}) == {"x": 1.0}
     assert all_gather_object({"k": 1}) == [{"k": 1}]
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ValueError, match="expected auto, cpu"):
+    with pytest.raises(ValueError, match="expected one of"):
         resolve_device("tpu")
 
 
@@ -163,3 +166,46 @@ def test_ddp_cps_step_matches_single_process_on_combined_batch(tmp_path):
         for key, value in ddp[name].items():
             np.testing.assert_allclose(value.numpy(), ref[key].numpy(), atol=1e-5 * scale, rtol=1e-4,
                                        err_msg=f"{name}.{key}")
+
+
+def test_shard_splits_items_round_robin():
+    items = [f"case{i}" for i in range(7)]
+    parts = [shard(items, rank, 3) for rank in range(3)]
+    assert parts == [["case0", "case3", "case6"], ["case1", "case4"], ["case2", "case5"]]
+    assert shard(items) == items  # no process group: everything
+
+
+def _failing_step_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from common.errors import InputError
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        assert run_on_every_rank(lambda: rank * 2, "ok step") == [0, 2]
+
+        def step():
+            if rank == 1:
+                raise InputError("/data/case7.nii.gz", "truncated file")
+            return "done"
+
+        try:
+            run_on_every_rank(step, "boxes")
+            outcome = "no error"
+        except RankFailedError as exc:
+            outcome = f"RankFailedError: {exc}"
+        except InputError as exc:
+            outcome = f"InputError: {exc}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(outcome)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path):
+    mp.start_processes(_failing_step_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    rank0 = (tmp_path / "rank0.txt").read_text()
+    rank1 = (tmp_path / "rank1.txt").read_text()
+    assert rank1.startswith("InputError:") and "case7.nii.gz" in rank1  # the failing rank keeps its own error
+    assert rank0.startswith("RankFailedError: boxes failed on rank 1: InputError:")
+    assert "case7.nii.gz" in rank0 and "truncated file" in rank0

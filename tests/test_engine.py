@@ -1,4 +1,5 @@
 import json
+import shutil
 import os
 import signal
 from pathlib import Path
@@ -8,7 +9,7 @@ import torch
 
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import CoarseTrainConfig, load_config
-from common.distributed import derive_seed
+from common.distributed import DistInfo, derive_seed, shard
 from common.engine import (
     ORGAN_KEYS,
     CPSJob,
@@ -59,8 +60,8 @@ def _stream(name: str, labeled: bool, fail_at: int | None = None, nan_at: int | 
     return stream
 
 
-def _val_cases():
-    for i in range(2):
+def _val_cases(rank=0, world_size=1):
+    for i in range(rank, 2, world_size):
         x, y = _sample("val", i)
         yield f"case{i}", x[None], y[None]
 
@@ -230,3 +231,56 @@ def test_legacy_cps_shift_reaches_the_step(monkeypatch, tmp_path):
     cfg = _cfg(tmp_path / "legacy", "cps.legacy_shift=true", "schedule.iterations=2")
     run_cps_training(_job(cfg))
     assert seen == [True, True]
+
+
+def _sharded_validation_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    loaded: list[str] = []
+
+    def val_cases(shard_rank: int, world_size: int):
+        for i in shard(list(range(3)), shard_rank, world_size):
+            loaded.append(f"case{i}")  # "loading" happens only for the cases asked for
+            x, y = _sample("val", i)
+            yield f"case{i}", x[None], y[None]
+
+    try:
+        cfg = _cfg(Path(out_dir) / "run", "schedule.iterations=2", "schedule.checkpoint_interval=2")
+        info = DistInfo(rank, world, rank, torch.device("cpu"))
+        run_cps_training(_job(cfg, val_cases=val_cases, iterations=2, dist=info))
+        (Path(out_dir) / f"loaded{rank}.json").write_text(json.dumps(loaded))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_validation_loads_each_case_on_one_rank_only(tmp_path):
+    torch.multiprocessing.start_processes(_sharded_validation_worker, args=(2, str(tmp_path / "init"), str(tmp_path)),
+                                          nprocs=2, join=True, start_method="fork")
+    loaded = [json.loads((tmp_path / f"loaded{r}.json").read_text()) for r in range(2)]
+    assert loaded == [["case0", "case2"], ["case1"]]
+    assert [m["num_cases"] for m in _metrics(tmp_path / "run")] == [3]
+
+
+# ------------------------------------------------------------------------------------------------ issue 14
+
+
+def test_nan_before_any_checkpoint_claims_none(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was saved yet") as info:
+        run_cps_training(_job(_cfg(out), labeled_stream=_stream("labeled", True, nan_at=0)))
+    assert "kept as the last good" not in str(info.value)
+    assert not (out / "checkpoints" / "last.pt").exists()
+
+
+def test_resume_removes_partial_checkpoints_and_a_lowered_schedule_keeps_its_iteration(straight_run, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    (out / "DONE").unlink()
+    partial = out / "checkpoints" / ".last.pt.k1ll3d00.tmp.pt"
+    partial.write_bytes(b"\0" * 4096)  # a kill between write and rename
+    summary = run_cps_training(_job(_cfg(out, "schedule.iterations=3"), iterations=3))
+    assert not partial.exists()
+    assert summary["iteration"] == ITERATIONS  # last.pt is at 4: the run stands at 4, not at the lowered 3
+    assert json.loads((out / "DONE").read_text())["iteration"] == ITERATIONS
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == ITERATIONS
+    assert "beyond iterations=3" in caplog.text

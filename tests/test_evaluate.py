@@ -111,3 +111,56 @@ def test_format_csv_column_types():
     assert first[1] == "0.914" and second[1] == "1.0"  # float column: ints written as floats
     assert first[2] == "1" and second[2] == "1"  # all-int column stays int
     assert second[CSV_COLUMNS.index("RK_NSD")] == ""  # NaN written empty (pandas default)
+
+
+# ------------------------------------------------------------------------------------------------ issue 14
+
+
+def test_missing_prediction_is_named_and_exits_1(tmp_path, capsys):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    for name in ("a", "b"):
+        _write(gt / f"{name}.nii.gz", _mask(0))
+    _write(pred / "a.nii.gz", _mask(1))
+    assert main(["--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path / "r.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED b.nii.gz" in err and "prediction missing" in err and "1 of 2 case(s) failed" in err
+    with pytest.raises(InputError, match="b.nii.gz"):
+        evaluate_folder(pred, gt, tmp_path / "r2.csv")
+
+
+def test_truncated_prediction_and_labels_above_13_fail_their_case(tmp_path, capsys):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    big = np.zeros((40, 60, 50), np.uint8)
+    big[5:35, 10:50, 10:40] = 1
+    rng = np.random.default_rng(0)
+    big[rng.random(big.shape) < 0.3] = 2  # noise compresses badly: cutting the file cuts voxel data
+    _write(gt / "trunc.nii.gz", big)
+    _write(pred / "trunc.nii.gz", big)
+    data = (pred / "trunc.nii.gz").read_bytes()
+    (pred / "trunc.nii.gz").write_bytes(data[: len(data) // 2])
+    high = _mask(0)
+    high[0, 0, 0] = 14
+    _write(gt / "label14.nii.gz", high)
+    _write(pred / "label14.nii.gz", _mask(0))
+    _write(gt / "good.nii.gz", _mask(0))
+    _write(pred / "good.nii.gz", _mask(0))
+    assert main(["--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path / "r.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED trunc.nii.gz" in err and "truncated" in err
+    assert "FAILED label14.nii.gz" in err and "outside 0..13: 14" in err
+    assert [line.split(",")[0] for line in (tmp_path / "r.csv").read_text().splitlines()[1:]] == ["good.nii.gz"]
+
+
+def test_out_that_is_a_folder_is_a_setup_error(tmp_path, capsys):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    _write(gt / "a.nii.gz", _mask(0))
+    _write(pred / "a.nii.gz", _mask(0))
+    assert main(["--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--out is a folder" in err and "Traceback" not in err

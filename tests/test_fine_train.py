@@ -163,6 +163,21 @@ def test_fixed_crop_matches_prepared_fine_array(dataset):
         assert torch.allclose(x, val[case.case_id], atol=0.02)
 
 
+def test_validation_cases_load_only_this_ranks_share(dataset, monkeypatch):
+    import fine_efficient_seg.dataset as fine_dataset
+
+    db = dataset / "db" / "seg_pre-process_database"  # the 4 labeled cases with their fixed fine arrays
+    every = [case_id for case_id, _, _ in validation_cases(db, dataset, [SIZE] * 3, [-325.0, 325.0], "cpu")]
+    assert len(every) == 4
+    loaded: list[str] = []
+    real_load = np.load
+    monkeypatch.setattr(fine_dataset.np, "load", lambda path, *a, **k: loaded.append(str(path)) or real_load(path, *a,
+                                                                                                              **k))
+    mine = [case_id for case_id, _, _ in validation_cases(db, dataset, [SIZE] * 3, [-325.0, 325.0], "cpu", 1, 2)]
+    assert mine == every[1::2]
+    assert len(loaded) == 2 * len(mine)  # image + mask of its own cases only
+
+
 # ----------------------------------------------------------------------------------------------------- uif
 
 
@@ -295,6 +310,125 @@ def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     assert results["round1"]["already_done"] and results["round2"]["already_done"]
     assert results["uif"]["skipped"] and results["export"]["skipped"]
     assert (tmp_path / "export" / "model.pt").stat().st_mtime_ns == stamp
+
+
+def test_run_sh_execs_the_trainer(tmp_path):
+    """One GPU: run.sh replaces itself by the trainer, so a signal to the shell's pid reaches the trainer."""
+    proc = subprocess.Popen(["sh", str(STAGE / "run.sh"), f"config={tmp_path / 'missing.yaml'}"], cwd=REPO,
+                            env=RUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = b""
+    while proc.poll() is None:
+        try:
+            seen = Path(f"/proc/{proc.pid}/cmdline").read_bytes() or seen
+        except OSError:
+            pass
+        if b"fine_efficient_seg.train" in seen:
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=300)
+    assert b"fine_efficient_seg.train" in seen, f"the shell's own process never became the trainer: {seen!r}"
+    assert proc.returncode == 2 and "missing.yaml" in err
+
+
+def _boxes_worker(rank: int, world: int, init_file: str, dataset: str, db: str, out_dir: str) -> None:
+    from common.distributed import RankFailedError
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        try:
+            summary = compute_boxes(Path(db), dataset, str(Path(dataset).parent / "coarse_model"),
+                                    torch.device("cpu"), "off")
+            outcome = json.dumps(summary)
+        except (RankFailedError, Exception) as exc:  # noqa: BLE001 - the test reads what each rank saw
+            outcome = f"{type(exc).__name__}: {exc}"
+        (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _boxes_on_two_ranks(dataset: Path, db: Path, tmp_path: Path, name: str) -> list[str]:
+    out = tmp_path / f"ranks_{name}"
+    out.mkdir()
+    torch.multiprocessing.start_processes(_boxes_worker, args=(2, str(out / "init"), str(dataset), str(db), str(out)),
+                                          nprocs=2, join=True, start_method="fork")
+    return [(out / f"rank{r}.txt").read_text() for r in range(2)]
+
+
+def test_boxes_step_shared_by_two_ranks(dataset, tmp_path):
+    single = copy_pool_without_boxes(dataset, tmp_path / "single")
+    compute_boxes(single, dataset, str(dataset.parent / "coarse_model"), torch.device("cpu"), "off")
+    shared = copy_pool_without_boxes(dataset, tmp_path / "shared")
+    outcomes = _boxes_on_two_ranks(dataset, shared, tmp_path, "ok")
+    for outcome in outcomes:
+        assert json.loads(outcome)["computed"] == 4, outcome
+    a, b = open_store(single), open_store(shared)
+    assert a.keys() == b.keys() and all(a.get(k) == b.get(k) for k in a.keys())
+    a.close(), b.close()
+    # A case whose coarse array is missing fails on the rank that has it: both ranks stop with that message.
+    broken = copy_pool_without_boxes(dataset, tmp_path / "broken")
+    store = open_store(broken, readonly=False)
+    victim = store.keys()[1]  # rank 1's first case
+    record = store.get(victim)
+    record["coarse_image_path"] = str(tmp_path / "gone.npy")
+    store.put_many({victim: record})
+    store.close()
+    rank0, rank1 = _boxes_on_two_ranks(dataset, broken, tmp_path, "broken")
+    assert rank1.startswith("InputError") and "gone.npy" in rank1
+    assert rank0.startswith("RankFailedError: boxes failed on rank 1: InputError") and "gone.npy" in rank0
+
+
+def _uif_worker(rank: int, world: int, init_file: str, common: dict, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    seen: list[str] = []
+    score_cases = fine_uif.score_cases  # this child's copy: record which cases this rank scores
+    fine_uif.score_cases = lambda cases, *a, **k: seen.extend(c.case_id for c in cases) or score_cases(cases, *a, **k)
+    try:
+        rows = run_uif(keep_count=2, **{**common, "output_dir": Path(out_dir) / "out"})
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(
+            {"rows": [(r.case, r.score, r.kept, r.rank) for r in rows], "scored": seen}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_uif_step_shared_by_two_ranks(tmp_path, monkeypatch):
+    db = make_pool(tmp_path)
+    monkeypatch.setattr(fine_uif, "load_round_networks", lambda round_dir, device: (ThresholdNet(0.0),
+                                                                                    ThresholdNet(0.5)))
+    common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, data_base_dir=tmp_path, method="disagreement",
+                  keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=[-325.0, 325.0], extend_size_mm=20.0,
+                  device=torch.device("cpu"), precision="off")
+    single = run_uif(keep_count=2, output_dir=tmp_path / "single", **common)
+    torch.multiprocessing.start_processes(_uif_worker, args=(2, str(tmp_path / "init"), common, str(tmp_path)),
+                                          nprocs=2, join=True, start_method="fork")
+    expected = [[r.case, r.score, r.kept, r.rank] for r in single]
+    outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [o["rows"] for o in outcomes] == [expected, expected]
+    scored = [o["scored"] for o in outcomes]
+    assert sorted(scored[0] + scored[1]) == sorted(r.case for r in single) and [len(s) for s in scored] == [3, 2]
+    assert (tmp_path / "out" / "uif_scores.csv").read_text() == (tmp_path / "single" / "uif_scores.csv").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------- init_from
+
+
+def test_init_from_a_converted_release_starts_round1_from_it(dataset, tmp_path, write_original_checkpoint):
+    """model.init_from = the converter's model folder of an original fine file (network A only): A and B both
+    start from A's weights (vanishing learning rate: the first checkpoint still holds them)."""
+    from common.original_weights import main as convert
+
+    torch.manual_seed(21)
+    net = build_network("efficient_seg_net", channels=json.loads(TINY), input_size_zyx=[SIZE] * 3)
+    original = write_original_checkpoint(tmp_path / "release" / "best_model.pt", net, "efficient_seg_net")
+    assert convert(["--fine", str(original), "--out", str(tmp_path / "converted"), "--fine-size", str(SIZE)]) == 0
+    converted = tmp_path / "converted" / "efficient_fine_model"
+    main(fine_config(dataset, tmp_path, "step=round1", "data.unlabeled_db=null", "schedule.iterations=1",
+                     "optim.lr=1.0e-12", f"model.init_from={converted}"))
+    ckpt = load_checkpoint(tmp_path / "output" / "round1" / "checkpoints" / "last.pt")
+    for name in ("a", "b"):
+        for key, value in net.state_dict().items():
+            torch.testing.assert_close(ckpt[f"net_{name}"][key], value, atol=1e-6, rtol=0)
 
 
 def test_snapshot_iterations():

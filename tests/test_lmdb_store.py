@@ -100,6 +100,21 @@ def test_missing_database_message(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="run data_prepare first"):
         LmdbStore(missing)
     assert not missing.exists()  # a read-only open never creates anything
+    gone = tmp_path / "no_dataset" / "db" / "seg_train_fold_1"
+    with pytest.raises(InputError, match=r"the dataset folder .*no_dataset is missing \(check data_base_dir\)"):
+        open_store(gone)
+
+
+def test_corrupt_database_message(tmp_path: Path) -> None:
+    path = tmp_path / "db" / "seg_train_fold_1"
+    store = LmdbStore(path, readonly=False)
+    store.put("a", {"x": 1})
+    store.close()
+    (path / "data.mdb").write_bytes(np.random.default_rng(0).integers(0, 256, 70000, dtype=np.uint8).tobytes())
+    for readonly in (True, False):
+        with pytest.raises(InputError, match=r"seg_train_fold_1: database is damaged or not an LMDB database .*"
+                                             "delete this folder and run data_prepare again"):
+            LmdbStore(path, readonly=readonly).keys()
 
 
 def test_readonly_store_refuses_writes(filled: Path) -> None:

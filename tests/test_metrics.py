@@ -13,6 +13,7 @@ import torch
 
 from common.labels import NSD_TOLERANCE_MM, SHORT_NAMES
 from common.metrics import flare_case_scores, hard_dice_per_organ, official_round, to_label_uint8
+from common.postprocess import probs_to_labels
 from common.surface_distance import (
     _contour_loops,
     _polygon_triangulations,
@@ -230,7 +231,10 @@ def test_hard_dice_per_organ_matches_numpy():
     logits[:, 7] = -5.0  # organ 8 missed -> 0
     dice = hard_dice_per_organ(logits, target)
     assert dice.shape == (13,)
-    pred = torch.sigmoid(logits).numpy() >= 0.5
+    # the prediction's rule: the highest sigmoid wins where it is >= 0.5 (disjoint organ masks)
+    probs_np = torch.sigmoid(logits).numpy()
+    best = probs_np.argmax(axis=1)
+    pred = (best[:, None] == np.arange(13)[None, :, None, None, None]) & (probs_np.max(axis=1) >= 0.5)[:, None]
     tgt = target.numpy() > 0.5
     for c in range(13):
         inter = (pred[:, c] & tgt[:, c]).sum()
@@ -243,6 +247,21 @@ def test_hard_dice_per_organ_matches_numpy():
     # Other thresholds: compare with the probability path.
     torch.testing.assert_close(hard_dice_per_organ(logits, target, threshold=0.8),
                                hard_dice_per_organ(probs, target, threshold=0.8, from_logits=False))
+
+
+def test_validation_dice_uses_the_prediction_label_rule():
+    """Two channels above 0.5 on one voxel: only the higher one predicts it (as in a predicted mask), so the
+    lower organ's Dice is not inflated by voxels prediction gives to its neighbour."""
+    logits = torch.full((1, 13, 1, 1, 2), -5.0)
+    logits[0, 0, 0, 0, :] = torch.tensor([3.0, 1.0])  # liver above 0.5 on both voxels
+    logits[0, 1, 0, 0, 1] = 2.0                         # right kidney higher on voxel 1
+    target = torch.zeros(1, 13, 1, 1, 2)
+    target[0, 0, 0, 0, 0] = 1.0
+    target[0, 1, 0, 0, 1] = 1.0
+    dice = hard_dice_per_organ(logits, target)
+    assert dice[0].item() == pytest.approx(1.0) and dice[1].item() == pytest.approx(1.0)
+    labels = probs_to_labels(logits[0].sigmoid())
+    assert labels.flatten().tolist() == [1, 2]
 
 
 def test_distances_match_scipy_edt_bit_for_bit():

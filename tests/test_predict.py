@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import weakref
 import zlib
 from pathlib import Path
 
@@ -118,7 +119,8 @@ def test_real_cts_keep_their_exact_geometry(tmp_path, real_data_dir, predictor):
         assert mask.GetPixelID() == sitk.sitkUInt8
         assert sitk.GetArrayViewFromImage(mask).max() <= 13
         row = rows[case]
-        assert row["status"] == "ok" and row["peak_gpu_mem_mb"] == "0.0000"
+        assert row["status"] == "ok"
+        assert [row[k] for k in ("gpu_alloc_peak_mb", "gpu_reserved_peak_mb", "gpu_used_mb")] == ["0.0000"] * 3
         for key in ("read_s", "coarse_s", "fine_s", "post_s", "write_s", "total_s"):
             assert float(row[key]) >= 0
         assert row["coarse_box"].count(":") == 3  # z0:z1,y0:y1,x0:x1
@@ -354,6 +356,102 @@ def test_cuda_oom_retries_on_cpu(tmp_path, predictor, monkeypatch):
     assert row["status"] == "ok" and "predicted on the CPU" in row["error"]
 
 
+def _oom_case(tmp_path: Path) -> Path:
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c3_0000.nii.gz", _ct_volume((33, 47, 45), seed=5), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    return in_dir
+
+
+class _OutOfMemoryOnce:
+    """A GPU predictor stand-in whose first `failures` attempts run out of memory while holding a tensor."""
+
+    uncertainty = False
+    device = torch.device("cpu")
+
+    def __init__(self, real: Predictor, failures: int, error: Exception) -> None:
+        self.real, self.failures, self.error = real, failures, error
+        self.held: list = []             # weak references to the tensors the failed attempts held
+        self.alive_at_retry: list = []   # was the previous attempt's tensor still alive when the next began?
+        self.cpu_calls = 0
+
+    def predict(self, raw, meta, case=""):
+        if self.held:
+            self.alive_at_retry.append(self.held[-1]() is not None)
+        if len(self.held) < self.failures:
+            activations = torch.zeros(1000)  # referenced only by this frame, i.e. by the error's traceback
+            self.held.append(weakref.ref(activations))
+            raise type(self.error)(*self.error.args)  # a fresh error each time, as CUDA raises them
+        return self.real.predict(raw, meta, case)
+
+    def on_cpu(self):
+        self.cpu_calls += 1
+        return self.real
+
+
+def test_cuda_oom_frees_the_failed_attempt_then_retries_on_the_gpu(tmp_path, predictor):
+    # cuDNN's allocation failure arrives as a plain RuntimeError; it is an out-of-memory error all the same.
+    flaky = _OutOfMemoryOnce(predictor, 1, RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    summary = predict_folder(_oom_case(tmp_path), tmp_path / "out", QUIET, predictor=flaky)
+    row = summary["rows"][0]
+    assert row["status"] == "ok" and row["error"] == "CUDA out of memory; the retry on the GPU succeeded"
+    assert flaky.alive_at_retry == [False]  # the traceback's GPU tensors were gone before the retry
+    assert flaky.cpu_calls == 0
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert {"gpu_alloc_peak_mb", "gpu_reserved_peak_mb", "gpu_used_mb"} <= set(header)
+    assert "peak_gpu_mem_mb" not in header
+
+
+def test_cuda_oom_twice_goes_to_the_cpu_and_other_errors_fail_the_case(tmp_path, predictor):
+    flaky = _OutOfMemoryOnce(predictor, 2, torch.cuda.OutOfMemoryError("CUDA out of memory (test)"))
+    row = predict_folder(_oom_case(tmp_path), tmp_path / "out", QUIET, predictor=flaky)["rows"][0]
+    assert row["status"] == "ok" and row["error"] == "CUDA out of memory twice; predicted on the CPU"
+    assert flaky.alive_at_retry == [False] and flaky.cpu_calls == 1  # the CPU attempt runs the real predictor
+    broken = _OutOfMemoryOnce(predictor, 1, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    (tmp_path / "b").mkdir()
+    row = predict_folder(_oom_case(tmp_path / "b"), tmp_path / "out_b", QUIET, predictor=broken)["rows"][0]
+    assert row["status"] == "failed" and "illegal memory access" in row["error"]
+    assert broken.alive_at_retry == [] and broken.cpu_calls == 0
+
+
+def test_chunk_size_follows_the_device(predictor):
+    assert inference.default_chunk_elements(torch.device("cpu")) == inference.UPSAMPLE_CPU_CHUNK
+    assert predictor.chunk_elements == inference.UPSAMPLE_CPU_CHUNK
+    cuda_chunk = inference.default_chunk_elements(torch.device("cuda"))
+    assert cuda_chunk * inference.UPSAMPLE_BYTES_PER_ELEMENT <= inference.UPSAMPLE_CUDA_BUDGET_MB * 2**20
+    assert cuda_chunk < 1 << 24 and cuda_chunk > 1 << 20
+
+
+def test_upsample_labels_organ_shaped_scores_per_voxel_path():
+    """Organ-like blobs (sparse boundaries: the per-voxel path, int32 indices) match the full resize."""
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, n) for n in (14, 17, 19)], indexing="ij"))
+    scores = torch.full((13, 14, 17, 19), -4.0)
+    for c, centre in enumerate(((0.2, -0.3, 0.1), (-0.4, 0.3, -0.2), (0.1, 0.5, 0.5))):
+        distance = ((grid - torch.tensor(centre)[:, None, None, None]) ** 2).sum(0).sqrt()
+        scores[3 * c] = 6.0 * (1.0 - distance / 0.45)
+    for out_shape in ((37, 51, 40), (20, 33, 61)):
+        full = F.interpolate(scores[None], size=out_shape, mode="trilinear", align_corners=True)[0]
+        expected = probs_to_labels(full, 0.0)
+        for chunk in (900, 1 << 21):
+            got = upsample_labels(scores, out_shape, 0.0, chunk_elements=chunk)
+            assert (got != expected).sum() <= 2 and set(got.unique().tolist()) == {0, 1, 4, 7}
+
+
+def test_first_resize_in_slabs_and_float64_input():
+    from common.networks.input_layer import resize_in_slabs
+
+    gen = torch.Generator().manual_seed(3)
+    raw = torch.randint(-1024, 2000, (1, 1, 37, 29, 31), generator=gen).to(torch.int16)
+    expected = F.interpolate(raw.float(), size=(16, 12, 20), mode="trilinear", align_corners=True)
+    for slab in (1, 5, 16, 64):
+        torch.testing.assert_close(resize_in_slabs(raw, (16, 12, 20), slab), expected, rtol=1e-5, atol=1e-3)
+    assert resize_in_slabs(raw.double(), (16, 12, 20)).dtype == torch.float32
+    # float64 volumes are handed to the device as float32 (half the upload, no float64 resize)
+    friendly = inference._torch_friendly(np.zeros((3, 4, 5), dtype=np.float64))
+    assert friendly.dtype == np.float32 and friendly.flags.c_contiguous
+
+
 # ------------------------------------------------------------------------------------------------ weights
 
 
@@ -518,3 +616,43 @@ def test_concurrent_run_into_the_same_folder_is_refused(tmp_path, predictor):
         holder.kill()
         holder.wait()
     assert predict_folder(in_dir, out_dir, QUIET, predictor=predictor)["ok"] == 1  # the lock died with it
+
+
+def test_unusable_weights_are_setup_errors(tmp_path, weights_dir, capsys):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c3_0000.nii.gz", _ct_volume((17, 20, 19)))
+    random_bytes = tmp_path / "random"
+    shutil.copytree(weights_dir, random_bytes)
+    (random_bytes / inference.FINE_DIR / "model.pt").write_bytes(np.random.default_rng(3).bytes(2000))
+    zero = tmp_path / "zero"
+    _export(zero, "coarse", "unet", 32, seed=1)
+    _export(zero, "fine", "efficient_seg_net", 32, seed=3)
+    payload = torch.load(zero / inference.FINE_DIR / "model.pt", weights_only=True)
+    payload["preprocess"]["size_zyx"] = [0, 0, 0]
+    torch.save(payload, zero / inference.FINE_DIR / "model.pt")
+    nan = tmp_path / "nan"
+    shutil.copytree(weights_dir, nan)
+    payload = torch.load(nan / inference.COARSE_DIR / "model.pt", weights_only=True)
+    networks = payload["networks"] if "networks" in payload else payload
+    first = next(iter(networks.values()))
+    next(v for v in first.values() if torch.is_tensor(v) and v.is_floating_point()).fill_(float("nan"))
+    torch.save(payload, nan / inference.COARSE_DIR / "model.pt")
+    for weights, problem in ((random_bytes, "cannot read checkpoint"), (zero, "must be 3 sizes divisible by 16"),
+                             (nan, "NaN or infinite weights")):
+        assert _cli(in_dir, tmp_path / f"out_{weights.name}", weights) == 2
+        err = capsys.readouterr().err
+        assert problem in err and "model.pt" in err and "Traceback" not in err and "weights_only" not in err
+        assert not (tmp_path / f"out_{weights.name}" / "c3.nii.gz").exists()
+
+
+def test_empty_input_folder_or_folder_of_folders_is_a_setup_error(tmp_path, weights_dir, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nested = tmp_path / "nested"
+    (nested / "patient1").mkdir(parents=True)
+    _write_ct(nested / "patient1" / "c1_0000.nii.gz", _ct_volume((17, 20, 19)))
+    for folder in (empty, nested):
+        assert _cli(folder, tmp_path / "out", weights_dir) == 2
+        err = capsys.readouterr().err
+        assert "no CT images in the folder" in err and str(folder) in err

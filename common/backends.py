@@ -1,0 +1,178 @@
+"""Where the predictor's networks run: torch (any device) or ONNX Runtime (CPU), chosen by `--backend`.
+
+A backend turns one network of an exported model folder into a forward callable x (1, 1, D, H, W) float32 ->
+logits (1, C, D, H, W) on the same device, fixed to the stage's input size. `auto` is the fastest installed one as
+measured by `benchmarks/cpu_backends.py` (BENCHMARKS.md "CPU backends"): ONNX Runtime on the CPU when it is
+installed, torch eager otherwise and on CUDA (autocast fp16/bf16 there).
+
+The ONNX graph of each network is exported on first use into `<model folder>/onnx/`, written atomically and keyed
+by a hash of the network's weights, its name, the input size, the opset and the torch version, so a changed model (or a
+changed `--fine-size`) exports anew and older graphs of that network are removed. A read-only model folder
+falls back to a per-user cache folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.fileutil import atomic_path
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+ONNX_OPSET = 17
+ONNX_DIR = "onnx"
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def onnxruntime_available() -> bool:
+    """True when ONNX Runtime can be imported (the export itself needs only torch)."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" -> "onnxruntime" on the CPU when installed, else "torch"; an impossible choice is a ValueError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if device.type != "cpu":
+        if backend == "onnxruntime":
+            raise ValueError(f"backend onnxruntime runs on the CPU only; use --backend torch on {device}")
+        return "torch"
+    if backend == "onnxruntime" and not onnxruntime_available():
+        raise ValueError("backend onnxruntime requested but onnxruntime is not installed "
+                         "(pip install onnxruntime, or use --backend torch)")
+    if backend == "auto":
+        return "onnxruntime" if onnxruntime_available() else "torch"
+    return backend
+
+
+def _weights_digest(net: nn.Module) -> str:
+    """Hash of the network's parameters and buffers (names, shapes, dtypes, bytes): the graph's identity.
+
+    Keyed by the weights rather than by model.pt's bytes, so models converted in memory (an original-release
+    folder read directly) are cached the same way.
+    """
+    h = hashlib.sha256()
+    for name, tensor in net.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def onnx_cache_path(net: nn.Module, model_dir: Path, network: str, size_zyx: Sequence[int],
+                    cache_root: Path | None = None) -> Path:
+    """Where the ONNX graph of `network` ("a"/"b") of the model in `model_dir` at `size_zyx` is cached.
+
+    The name holds a key over the network's weights, its name, the size, the opset and the torch version.
+    """
+    model_dir = Path(model_dir)
+    size = "x".join(str(int(s)) for s in size_zyx)
+    key = hashlib.sha256(
+        f"{_weights_digest(net)}|{network}|{size}|{ONNX_OPSET}|{torch.__version__}".encode()
+    ).hexdigest()[:16]
+    root = model_dir / ONNX_DIR if cache_root is None else cache_root
+    return root / f"{network}_{size}_{key}.onnx"
+
+
+def _user_cache_root(model_dir: Path) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "semiseg_cssn" / "onnx" / hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def export_onnx(net: nn.Module, size_zyx: Sequence[int], path: Path) -> Path:
+    """Export `net` (eval mode, CPU) for input (1, 1, *size_zyx) to `path` atomically; remove older graphs of the
+    same network and size beside it."""
+    net = net.eval()
+    x = torch.zeros((1, 1, *(int(s) for s in size_zyx)), dtype=torch.float32)
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and deprecation warnings: the graph is checked by its users
+        torch.onnx.export(net, (x,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["x"], output_names=["logits"])
+    prefix = path.name.rsplit("_", 1)[0] + "_"
+    for old in path.parent.glob(f"{prefix}*.onnx"):
+        if old != path:
+            with contextlib.suppress(OSError):
+                old.unlink()
+    logger.info("exported ONNX graph %s", path)
+    return path
+
+
+def cached_onnx(net: nn.Module, model_dir: Path, network: str, size_zyx: Sequence[int]) -> Path:
+    """The cached ONNX graph of `network`, exported now if missing (model folder, else the user cache)."""
+    path = onnx_cache_path(net, model_dir, network, size_zyx)
+    if path.is_file():
+        return path
+    try:
+        return export_onnx(net, size_zyx, path)
+    except OSError as e:
+        fallback = onnx_cache_path(net, model_dir, network, size_zyx, _user_cache_root(model_dir))
+        logger.warning("cannot write the ONNX graph into %s (%s); using %s", path.parent, e, fallback.parent)
+        if fallback.is_file():
+            return fallback
+        return export_onnx(net, size_zyx, fallback)
+
+
+class OnnxRuntimeForward:
+    """An ONNX Runtime CPU session with the torch forward's interface (tensor in, tensor out)."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (1, 1, D, H, W) at the exported size -> logits (1, C, D, H, W) float32 on the CPU."""
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+class LazyOnnxRuntimeForward:
+    """OnnxRuntimeForward made on first use: a network the predictor never calls (network b without --ensemble or
+    uncertainty) is never exported; the export traces one full-size forward, as long as a prediction's."""
+
+    def __init__(self, net: nn.Module, model_dir: Path, network: str, size_zyx: Sequence[int]) -> None:
+        self.net, self.model_dir, self.network, self.size_zyx = net, Path(model_dir), network, tuple(size_zyx)
+        self._path: Path | None = None
+        self._forward: OnnxRuntimeForward | None = None
+
+    @property
+    def path(self) -> Path:
+        """The cached graph (exported now if it is not there yet)."""
+        if self._path is None:
+            self._path = cached_onnx(self.net, self.model_dir, self.network, self.size_zyx)
+        return self._path
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._forward is None:
+            self._forward = OnnxRuntimeForward(self.path)
+        return self._forward(x)
+
+
+def make_forwards(backend: str, networks: Mapping[str, nn.Module], model_dir: Path,
+                  size_zyx: Sequence[int]) -> dict[str, Forward]:
+    """Forward callables per network name for a resolved backend ("torch" or "onnxruntime"); ONNX graphs are
+    exported and loaded on each network's first call."""
+    if backend == "torch":
+        return dict(networks)
+    if backend == "onnxruntime":
+        return {name: LazyOnnxRuntimeForward(net, Path(model_dir), name, size_zyx) for name, net in networks.items()}
+    raise ValueError(f"backend {backend!r} is not resolved; call resolve_backend first")

@@ -1,0 +1,396 @@
+"""Red-team pass: one representative bad input of each kind through the real entry points, inputs checksummed.
+
+    python tests/red_team.py [--work DIR] [--keep]
+
+Each probe builds its inputs under WORK/<probe>/in (tiny CTs, masks, a tiny synthetic dataset, tiny exported
+networks), runs predict / evaluate / data_prepare / training in this process, and checks:
+- the exit code (0 ok, 1 some case failed, 2 setup error);
+- the message names the offending file and the problem (a fragment of each is expected);
+- no exception escaped (no traceback);
+- every input file is byte-identical afterwards (SHA-256 of every file under the probe's input folders).
+Prints one line per probe and exits 1 if any probe failed. tests/test_red_team.py runs it in the suite.
+Kills (data_prepare workers after a kill -9 of the parent, run.sh exec) are tested in test_data_prepare.py and
+test_fine_train.py: they need processes of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import logging
+import shutil
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common import inference  # noqa: E402
+from common.checkpoint import export_model  # noqa: E402
+from common.networks import build_network  # noqa: E402
+
+TINY = [2, 4, 4, 8, 8]
+SIZE = 32
+
+
+@dataclass
+class Probe:
+    name: str
+    expected_code: int
+    fragments: tuple[str, ...]  # each must appear in the output (file name, problem)
+    run: Callable[[Path], int]  # gets the probe folder (inputs in ./in), returns the exit code
+    inputs: tuple[str, ...] = ("in",)  # folders (relative to the probe folder) whose files are inputs
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def ct_volume(shape=(17, 20, 19), seed=0) -> np.ndarray:
+    """Air around a soft-tissue ellipse with noise: looks like a CT in HU."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    vol = np.full(shape, -1000.0)
+    vol[(y / 0.8) ** 2 + (x / 0.9) ** 2 < 1] = 40.0
+    return (vol + rng.normal(0, 10, shape)).astype(np.int16)
+
+
+def write(path: Path, array: np.ndarray, spacing=(0.8, 0.9, 2.5)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path), useCompression=True)
+    return path
+
+
+def export_tiny_weights(folder: Path) -> Path:
+    for stage, name, sub, seed in (("coarse", "unet", inference.COARSE_DIR, 1),
+                                   ("fine", "efficient_seg_net", inference.FINE_DIR, 3)):
+        kwargs: dict = {"channels": TINY, "dropout": 0.0}
+        if name == "efficient_seg_net":
+            kwargs["input_size_zyx"] = [SIZE] * 3
+        nets = {}
+        for i, key in enumerate(("a", "b")):
+            torch.manual_seed(seed + i)
+            nets[key] = build_network(name, **kwargs).state_dict()
+        preprocess = {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0}
+        export_model(folder / sub, stage=stage, model={"name": name, "kwargs": kwargs}, networks=nets, primary="a",
+                     preprocess=preprocess, config={"red_team": True})
+    return folder
+
+
+def checksums(folders: list[Path]) -> dict[str, str]:
+    out = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("*")) if folder.exists() else []:
+            if path.is_file() and not path.is_symlink():
+                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ probes
+
+
+def probes(weights: Path, dataset: Path) -> list[Probe]:
+    import predict
+    from coarse_base_seg.train import cli as coarse_cli
+    from common.evaluate import main as evaluate
+    from common.config import PrepareConfig, load_config
+    from data_prepare.run import STAGE_DIR, main as prepare
+
+    def predict_cli(in_dir: Path, out_dir: Path, *extra: str, weights_dir: Path = weights) -> int:
+        return predict.main(["-i", str(in_dir), "-o", str(out_dir), "--weights-dir", str(weights_dir),
+                             "--device", "cpu", "--quiet", *extra])
+
+    def p_out_is_in(d: Path) -> int:
+        write(d / "in" / "c1.nii.gz", ct_volume())  # no _0000: its mask would have its very name
+        return predict_cli(d / "in", d / "in", "--overwrite")
+
+    def p_nan(d: Path) -> int:
+        vol = ct_volume().astype(np.float32)
+        vol[3:8] = np.nan
+        write(d / "in" / "nan_0000.nii.gz", vol)
+        return predict_cli(d / "in", d / "out")
+
+    def p_spacing(d: Path) -> int:
+        write(d / "in" / "tiny_spacing.mha", ct_volume(), spacing=(1e-6, 0.8, 2.0))
+        return predict_cli(d / "in", d / "out")
+
+    def p_duplicate(d: Path) -> int:
+        write(d / "in" / "dup.nii.gz", ct_volume())
+        write(d / "in" / "dup_0000.nii.gz", ct_volume(seed=1))
+        return predict_cli(d / "in", d / "out")
+
+    def p_truncated(d: Path) -> int:
+        data = write(d / "tmp" / "t.nii.gz", np.random.default_rng(0).integers(-1000, 1000, (40, 50, 60))
+                     .astype(np.int16)).read_bytes()
+        (d / "in").mkdir()
+        (d / "in" / "trunc_0000.nii.gz").write_bytes(data[: len(data) // 2])
+        return predict_cli(d / "in", d / "out")
+
+    def p_out_file(d: Path) -> int:
+        write(d / "in" / "c1_0000.nii.gz", ct_volume())
+        (d / "in" / "out.txt").write_text("an existing file")
+        return predict_cli(d / "in", d / "in" / "out.txt")
+
+    def p_random_weights(d: Path) -> int:
+        write(d / "in" / "c1_0000.nii.gz", ct_volume())
+        shutil.copytree(weights, d / "in" / "weights")
+        (d / "in" / "weights" / inference.FINE_DIR / "model.pt").write_bytes(np.random.default_rng(7).bytes(3000))
+        return predict_cli(d / "in", d / "out", weights_dir=d / "in" / "weights")
+
+    def p_empty(d: Path) -> int:
+        (d / "in" / "sub").mkdir(parents=True)
+        write(d / "in" / "sub" / "c1_0000.nii.gz", ct_volume())
+        return predict_cli(d / "in", d / "out")
+
+    def labels(seed: int = 0) -> np.ndarray:
+        mask = np.zeros((9, 17, 15), np.uint8)
+        mask[2:7, 3:12, 4:11] = 1
+        mask[3:6, 12:15, 2 + seed:6] = 3
+        return mask
+
+    def e_missing(d: Path) -> int:
+        write(d / "in" / "gt" / "a.nii.gz", labels())
+        write(d / "in" / "gt" / "b.nii.gz", labels())
+        write(d / "in" / "pred" / "a.nii.gz", labels(1))
+        return evaluate(["--pred", str(d / "in" / "pred"), "--gt", str(d / "in" / "gt"), "--out", str(d / "r.csv")])
+
+    def e_truncated(d: Path) -> int:
+        big = (np.random.default_rng(0).random((30, 40, 50)) < 0.3).astype(np.uint8)
+        write(d / "in" / "gt" / "t.nii.gz", big)
+        data = write(d / "tmp" / "t.nii.gz", big).read_bytes()
+        (d / "in" / "pred").mkdir(parents=True)
+        (d / "in" / "pred" / "t.nii.gz").write_bytes(data[: len(data) // 2])
+        return evaluate(["--pred", str(d / "in" / "pred"), "--gt", str(d / "in" / "gt"), "--out", str(d / "r.csv")])
+
+    def e_label14(d: Path) -> int:
+        high = labels()
+        high[0, 0, 0] = 14
+        write(d / "in" / "gt" / "h.nii.gz", high)
+        write(d / "in" / "pred" / "h.nii.gz", labels())
+        return evaluate(["--pred", str(d / "in" / "pred"), "--gt", str(d / "in" / "gt"), "--out", str(d / "r.csv")])
+
+    def e_out_dir(d: Path) -> int:
+        write(d / "in" / "gt" / "a.nii.gz", labels())
+        write(d / "in" / "pred" / "a.nii.gz", labels())
+        return evaluate(["--pred", str(d / "in" / "pred"), "--gt", str(d / "in" / "gt"), "--out", str(d)])
+
+    def copy_dataset(d: Path) -> Path:
+        return Path(shutil.copytree(dataset, d / "in"))
+
+    def prepare_cfg(base: Path):
+        return load_config(PrepareConfig, STAGE_DIR / "config.yaml", [
+            f"data_base_dir={base}", "num_workers=1", f"coarse_size_zyx=[{SIZE},{SIZE},{SIZE}]",
+            f"fine_size_zyx=[{SIZE},{SIZE},{SIZE}]"])
+
+    def add_labeled(base: Path, case_id: str, image: sitk.Image, file_name: str | None = None) -> None:
+        like = sitk.ReadImage(str(base / "train_mask" / "train_000.nii.gz"))
+        sitk.WriteImage(image, str(base / "train_images" / (file_name or f"{case_id}_0000.nii.gz")))
+        sitk.WriteImage(like, str(base / "train_mask" / f"{case_id}.nii.gz"))
+        with open(base / "file_list" / "train_series_uids.txt", "a", encoding="utf-8") as f:
+            f.write(f"{case_id}\n")
+
+    def good_image(base: Path) -> sitk.Image:
+        return sitk.ReadImage(str(base / "train_images" / "train_000_0000.nii.gz"))
+
+    def d_nan(d: Path) -> int:
+        base = copy_dataset(d)
+        image = good_image(base)
+        array = sitk.GetArrayFromImage(image).astype(np.float32)
+        array[1:11] = np.nan  # a 10-slice NaN slab
+        slab = sitk.GetImageFromArray(array)
+        slab.CopyInformation(image)
+        add_labeled(base, "nan_slab", slab)
+        return prepare(prepare_cfg(base))
+
+    def d_spacing(d: Path) -> int:
+        base = copy_dataset(d)
+        image = good_image(base)
+        for key in image.GetMetaDataKeys():  # NIfTI header fields MetaImage cannot store (ITK would warn)
+            image.EraseMetaData(key)
+        image.SetSpacing((1e6, 0.8, 2.0))
+        add_labeled(base, "huge", image, "huge.mha")
+        return prepare(prepare_cfg(base))
+
+    def d_duplicate(d: Path) -> int:
+        base = copy_dataset(d)
+        shutil.copy(base / "train_images" / "train_001_0000.nii.gz", base / "train_images" / "train_001.nii.gz")
+        return prepare(prepare_cfg(base))
+
+    def d_constant(d: Path) -> int:
+        base = copy_dataset(d)
+        image = good_image(base)
+        air = sitk.GetImageFromArray(np.full(sitk.GetArrayFromImage(image).shape, -1024, np.int16))
+        air.CopyInformation(image)
+        add_labeled(base, "air", air)
+        return prepare(prepare_cfg(base))
+
+    def d_corrupt_lmdb(d: Path) -> int:
+        base = copy_dataset(d)
+        data = base / "db" / "seg_pre-process_database" / "data.mdb"
+        data.write_bytes(np.random.default_rng(1).bytes(data.stat().st_size))
+        return prepare(prepare_cfg(base))
+
+    def train_args(base: Path, out: Path, *extra: str) -> list[str]:
+        return [f"data_base_dir={base}", f"output_dir={out}", "device=cpu", f"model.channels={TINY}".replace(" ", ""),
+                f"data.size_zyx=[{SIZE},{SIZE},{SIZE}]", "data.num_workers=0", "schedule.iterations=2", *extra]
+
+    def t_size(d: Path) -> int:
+        return coarse_cli(train_args(copy_dataset(d), d / "out", "data.size_zyx=[16,16,16]"))
+
+    def t_random_last(d: Path) -> int:
+        base = copy_dataset(d)
+        (d / "out" / "checkpoints").mkdir(parents=True)
+        (d / "out" / "checkpoints" / "last.pt").write_bytes(np.random.default_rng(5).bytes(5000))
+        return coarse_cli(train_args(base, d / "out"))
+
+    data_inputs = ("in/train_images", "in/train_mask", "in/trainu_images", "in/file_list")
+    return [
+        Probe("predict: output folder = input folder", 2, ("output folder is the input folder",), p_out_is_in),
+        Probe("predict: NaN slab in a float NIfTI", 1, ("nan_0000.nii.gz", "NaN or infinite"), p_nan),
+        Probe("predict: 1e-6 mm spacing (.mha)", 1, ("tiny_spacing.mha", "implausible voxel spacing"), p_spacing),
+        Probe("predict: duplicate case id", 1, ("dup.nii.gz", "dup_0000.nii.gz", "duplicate case id"), p_duplicate),
+        Probe("predict: truncated NIfTI", 1, ("trunc_0000.nii.gz", "truncated"), p_truncated),
+        Probe("predict: output path is a file", 2, ("out.txt", "existing file"), p_out_file),
+        Probe("predict: random-bytes weights", 2, ("model.pt", "cannot read checkpoint"), p_random_weights),
+        Probe("predict: folder of folders", 2, ("no CT images in the folder",), p_empty),
+        Probe("evaluate: missing prediction", 1, ("b.nii.gz", "prediction missing"), e_missing),
+        Probe("evaluate: truncated prediction", 1, ("t.nii.gz", "truncated"), e_truncated),
+        Probe("evaluate: label 14 in ground truth", 1, ("h.nii.gz", "outside 0..13"), e_label14),
+        Probe("evaluate: --out is a folder", 2, ("--out is a folder",), e_out_dir),
+        Probe("data_prepare: 10-slice NaN slab", 1, ("nan_slab_0000.nii.gz", "NaN or infinite"), d_nan,
+              data_inputs),
+        Probe("data_prepare: 1e6 mm spacing", 1, ("huge.mha", "implausible voxel spacing"), d_spacing, data_inputs),
+        Probe("data_prepare: duplicate case id", 1, ("train_001.nii.gz", "train_001_0000.nii.gz", "duplicate"),
+              d_duplicate, data_inputs),
+        Probe("data_prepare: all -1024 HU image", 1, ("air_0000.nii.gz", "every voxel is -1024"), d_constant,
+              data_inputs),
+        Probe("data_prepare: damaged LMDB", 2, ("seg_pre-process_database", "damaged"), d_corrupt_lmdb, data_inputs),
+        Probe("train: data.size_zyx 16^3", 2, ("data.size_zyx", "bottleneck"), t_size, data_inputs),
+        Probe("train: random-bytes last.pt", 2, ("last.pt", "cannot read checkpoint"), t_random_last, data_inputs),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def run_probe(probe: Probe, folder: Path) -> tuple[bool, str]:
+    """Run one probe in `folder`; (passed, one-line verdict)."""
+    folder.mkdir(parents=True)
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    code: int | None = None
+    escaped = ""
+
+    def snapshot() -> dict[str, str]:
+        return checksums([folder / sub for sub in probe.inputs])
+
+    try:
+        with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            try:
+                _PENDING[str(folder)] = snapshot  # taken when the probe's entry point starts (`_wrap_entry`)
+                code = probe.run(folder)
+            except SystemExit as exc:
+                code = int(exc.code or 0)
+            except BaseException:  # noqa: BLE001 - an escaped exception is exactly what a probe looks for
+                escaped = traceback.format_exc()
+    finally:
+        root.removeHandler(handler)
+        _PENDING.pop(str(folder), None)
+    before = _BEFORE.pop(str(folder), None)
+    after = snapshot()
+    output = text.getvalue()
+    problems = []
+    if escaped or "Traceback" in output:
+        problems.append("traceback: " + (escaped or output).strip().splitlines()[-1])
+    if code != probe.expected_code:
+        problems.append(f"exit {code}, expected {probe.expected_code}")
+    missing = [f for f in probe.fragments if f not in output]
+    if missing:
+        problems.append(f"message lacks {missing}")
+    if before is None:
+        problems.append("inputs were never checksummed")
+    elif before != after:
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        problems.append(f"inputs changed: {changed[:3]}")
+    verdict = f"exit {code}, {len(before or {})} input files unchanged" if not problems else "; ".join(problems)
+    return not problems, verdict
+
+
+# Inputs are checksummed right before the probe's entry point runs (after the probe built them), and again after.
+_BEFORE: dict[str, dict[str, str]] = {}
+_PENDING: dict[str, Callable[[], dict[str, str]]] = {}
+
+
+def _wrap_entry(module, name: str) -> None:
+    """Checksum the inputs of the current probe right before `module.name` runs (once per probe)."""
+    original = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        for key, snapshot in list(_PENDING.items()):
+            _BEFORE[key] = snapshot()
+            del _PENDING[key]
+        return original(*args, **kwargs)
+
+    setattr(module, name, wrapped)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the working folder")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    work = args.work or Path(tempfile.mkdtemp(prefix="red_team_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        from data_prepare.run import main as prepare_main
+        from common.config import PrepareConfig, load_config
+        from data_prepare.run import STAGE_DIR
+        from data_prepare.synthetic import write_dataset
+
+        weights = export_tiny_weights(work / "weights")
+        dataset = work / "dataset"
+        write_dataset(dataset, labeled=3, unlabeled=1, val=0, seed=3, size="tiny")
+        cfg = load_config(PrepareConfig, STAGE_DIR / "config.yaml", [
+            f"data_base_dir={dataset}", "num_workers=1", f"coarse_size_zyx=[{SIZE},{SIZE},{SIZE}]",
+            f"fine_size_zyx=[{SIZE},{SIZE},{SIZE}]"])
+        if prepare_main(cfg) != 0:
+            print("red team: the clean tiny dataset did not prepare", file=sys.stderr)
+            return 1
+
+        import predict
+        import coarse_base_seg.train as coarse_train
+        import common.evaluate as evaluate
+        import data_prepare.run as prepare_run
+
+        for module, name in ((predict, "main"), (evaluate, "main"), (prepare_run, "main"), (coarse_train, "cli")):
+            _wrap_entry(module, name)
+        failed = 0
+        for i, probe in enumerate(probes(weights, dataset)):
+            ok, verdict = run_probe(probe, work / f"probe{i:02d}")
+            failed += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {probe.name:<40} {verdict}")
+        print(f"{len(probes(weights, dataset)) - failed} of {len(probes(weights, dataset))} probes handled well")
+        return 1 if failed else 0
+    finally:
+        if not args.keep and args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""common.backends: backend choice, ONNX export cache (atomic, keyed by the model), agreement with torch.
+
+Tiny networks (channels 2,4,4,8,8; 32^3 inputs) exported through the real `export_model`, CPU only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import predict
+from common import backends
+from common.backends import cached_onnx, make_forwards, onnx_cache_path, resolve_backend
+from common.checkpoint import export_model
+from common.inference import COARSE_DIR, FINE_DIR, PredictOptions, Predictor
+from common.networks import build_network
+from common.postprocess import probs_to_labels
+from common.uif import labels_disagreement
+
+TINY = [2, 4, 4, 8, 8]
+
+
+def _export(folder: Path, stage: str, name: str, size: int, seed: int) -> None:
+    kwargs: dict = {"channels": TINY, "dropout": 0.0}
+    if name == "efficient_seg_net":
+        kwargs["input_size_zyx"] = [size] * 3
+    nets = {}
+    for i, key in enumerate(("a", "b")):
+        torch.manual_seed(seed + i)
+        nets[key] = build_network(name, **kwargs).state_dict()
+    export_model(folder, stage=stage, model={"name": name, "kwargs": kwargs}, networks=nets, primary="a",
+                 preprocess={"size_zyx": [size] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0},
+                 config={"model": {"name": name}})
+
+
+@pytest.fixture
+def weights_dir(tmp_path) -> Path:
+    _export(tmp_path / COARSE_DIR, "coarse", "unet", 32, seed=1)
+    _export(tmp_path / FINE_DIR, "fine", "efficient_seg_net", 32, seed=3)
+    return tmp_path
+
+
+def _structured_input(size: int) -> torch.Tensor:
+    """A smooth blob input (not noise), so labels have organ-like regions and boundaries."""
+    z, y, x = torch.meshgrid(*[torch.linspace(-1, 1, size)] * 3, indexing="ij")
+    return (2.0 - 3.0 * (z**2 + (y / 0.7) ** 2 + (x / 0.8) ** 2)).clamp(-2, 2)[None, None]
+
+
+def test_resolve_backend():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "onnxruntime"  # installed by requirements-test.txt
+    assert resolve_backend("torch", cpu) == "torch"
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_backend("onnxruntime", torch.device("cuda"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("openvino", cpu)
+
+
+def test_resolve_backend_without_onnxruntime(monkeypatch):
+    monkeypatch.setattr(backends, "onnxruntime_available", lambda: False)
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="pip install onnxruntime"):
+        resolve_backend("onnxruntime", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("stage", [COARSE_DIR, FINE_DIR])
+def test_onnxruntime_labels_agree_with_torch(weights_dir, stage):
+    predictor = Predictor(PredictOptions(weights_dir, device="cpu", backend="torch"))
+    st = predictor.coarse if stage == COARSE_DIR else predictor.fine
+    x = _structured_input(32)
+    forwards = make_forwards("onnxruntime", st.modules, st.path, st.size_zyx)
+    for name, net in st.modules.items():
+        with torch.inference_mode():
+            ref = net(x)[0]
+        out = forwards[name](x)[0]
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        a, b = probs_to_labels(ref, 0.0), probs_to_labels(out, 0.0)
+        assert len(torch.unique(a)) > 1  # a non-trivial label map, so agreement means something
+        assert float((a == b).float().mean()) >= 0.999
+        assert labels_disagreement(a, b) < 0.01
+        assert float((ref - out).abs().max()) < 1e-2  # fp32 reassociation (instance norm of few channels)
+
+
+def test_onnx_cache_made_once_and_keyed_by_model(weights_dir):
+    folder = weights_dir / COARSE_DIR
+    predictor = Predictor(PredictOptions(weights_dir, device="cpu", backend="torch"))
+    net = predictor.coarse.modules["a"]
+    path = cached_onnx(net, folder, "a", (32, 32, 32))
+    assert path.parent == folder / "onnx" and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    assert cached_onnx(net, folder, "a", (32, 32, 32)) == path and path.stat().st_mtime_ns == stamp
+    assert not [p for p in path.parent.iterdir() if ".tmp" in p.name]  # no temporary file left behind
+    # Another input size is another graph; both stay.
+    other = cached_onnx(net, folder, "a", (48, 48, 48))
+    assert other != path and path.is_file()
+    # A changed model re-exports, and the stale graph of that network and size is removed.
+    _export(folder, "coarse", "unet", 32, seed=7)
+    changed = Predictor(PredictOptions(weights_dir, device="cpu", backend="onnxruntime"))
+    assert onnx_cache_path(changed.coarse.modules["a"], folder, "a", (32, 32, 32)) != path
+    new_path = changed.coarse.networks["a"].path
+    assert new_path != path and new_path.is_file() and not path.exists()
+    x = _structured_input(32)
+    with torch.inference_mode():
+        ref = changed.coarse.modules["a"](x)
+    assert float((changed.coarse.networks["a"](x) - ref).abs().max()) < 1e-2
+
+
+def test_onnx_cache_falls_back_when_model_folder_unwritable(weights_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = weights_dir / FINE_DIR
+    (folder / "onnx").write_text("not a folder")  # the cache folder cannot be made
+    predictor = Predictor(PredictOptions(weights_dir, device="cpu", backend="onnxruntime"))
+    path = predictor.fine.networks["a"].path
+    assert path.is_file() and (tmp_path / "cache") in path.parents
+    assert (folder / "onnx").read_text() == "not a folder"
+
+
+def _write_ct(path: Path, shape_zyx=(37, 45, 41)) -> None:
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape_zyx], indexing="ij")
+    vol = np.full(shape_zyx, -1000.0)
+    vol[(y / 0.8) ** 2 + (x / 0.9) ** 2 < 1] = 40.0
+    vol[(z / 0.5) ** 2 + (y / 0.3) ** 2 + (x / 0.3) ** 2 < 1] = 120.0
+    img = sitk.GetImageFromArray(vol.astype(np.int16))
+    img.SetSpacing((0.8, 0.9, 2.5))
+    sitk.WriteImage(img, str(path))
+
+
+def test_predict_cli_onnxruntime_matches_torch(weights_dir, tmp_path):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c1_0000.nii.gz")
+    masks = {}
+    for backend in ("torch", "onnxruntime"):
+        argv = ["-i", str(in_dir), "-o", str(tmp_path / backend), "--weights-dir", str(weights_dir), "--device", "cpu",
+                "--backend", backend, "--quiet"]
+        assert predict.main(argv) == 0
+        masks[backend] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / backend / "c1.nii.gz")))
+    assert masks["torch"].any()
+    assert float((masks["torch"] == masks["onnxruntime"]).mean()) >= 0.999
+
+
+def test_only_the_networks_used_are_exported(weights_dir, tmp_path):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c1_0000.nii.gz")
+    argv = ["-i", str(in_dir), "-o", str(tmp_path / "out"), "--weights-dir", str(weights_dir), "--device", "cpu",
+            "--backend", "onnxruntime", "--uncertainty", "off", "--quiet"]
+    assert predict.main(argv) == 0
+    for folder in (COARSE_DIR, FINE_DIR):  # network b is neither ensembled nor compared: never exported
+        assert [p.name.split("_")[0] for p in (weights_dir / folder / "onnx").glob("*.onnx")] == ["a"]
