@@ -37,10 +37,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common import inference  # noqa: E402
-from common.checkpoint import export_model  # noqa: E402
-from common.networks import build_network  # noqa: E402
+from tiny_models import export_tiny_stage  # noqa: E402
 
-TINY = [2, 4, 4, 8, 8]
+from tiny_models import TINY  # noqa: E402
 SIZE = 32
 
 
@@ -74,18 +73,8 @@ def write(path: Path, array: np.ndarray, spacing=(0.8, 0.9, 2.5)) -> Path:
 
 
 def export_tiny_weights(folder: Path) -> Path:
-    for stage, name, sub, seed in (("coarse", "unet", inference.COARSE_DIR, 1),
-                                   ("fine", "efficient_seg_net", inference.FINE_DIR, 3)):
-        kwargs: dict = {"channels": TINY, "dropout": 0.0}
-        if name == "efficient_seg_net":
-            kwargs["input_size_zyx"] = [SIZE] * 3
-        nets = {}
-        for i, key in enumerate(("a", "b")):
-            torch.manual_seed(seed + i)
-            nets[key] = build_network(name, **kwargs).state_dict()
-        preprocess = {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0}
-        export_model(folder / sub, stage=stage, model={"name": name, "kwargs": kwargs}, networks=nets, primary="a",
-                     preprocess=preprocess, config={"red_team": True})
+    export_tiny_stage(folder, "coarse", "unet", SIZE, seed=1, config={"red_team": True})
+    export_tiny_stage(folder, "fine", "efficient_seg_net", SIZE, seed=3, config={"red_team": True})
     return folder
 
 

@@ -15,32 +15,17 @@ import torch
 import predict
 from common import backends
 from common.backends import cached_onnx, make_forwards, onnx_cache_path, resolve_backend
-from common.checkpoint import export_model
 from common.inference import COARSE_DIR, FINE_DIR, PredictOptions, Predictor
-from common.networks import build_network
 from common.postprocess import probs_to_labels
 from common.uif import labels_disagreement
+from tiny_models import export_tiny_stage
 
-TINY = [2, 4, 4, 8, 8]
-
-
-def _export(folder: Path, stage: str, name: str, size: int, seed: int) -> None:
-    kwargs: dict = {"channels": TINY, "dropout": 0.0}
-    if name == "efficient_seg_net":
-        kwargs["input_size_zyx"] = [size] * 3
-    nets = {}
-    for i, key in enumerate(("a", "b")):
-        torch.manual_seed(seed + i)
-        nets[key] = build_network(name, **kwargs).state_dict()
-    export_model(folder, stage=stage, model={"name": name, "kwargs": kwargs}, networks=nets, primary="a",
-                 preprocess={"size_zyx": [size] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0},
-                 config={"model": {"name": name}})
 
 
 @pytest.fixture
 def weights_dir(tmp_path) -> Path:
-    _export(tmp_path / COARSE_DIR, "coarse", "unet", 32, seed=1)
-    _export(tmp_path / FINE_DIR, "fine", "efficient_seg_net", 32, seed=3)
+    export_tiny_stage(tmp_path, "coarse", "unet", 32, seed=1)
+    export_tiny_stage(tmp_path, "fine", "efficient_seg_net", 32, seed=3)
     return tmp_path
 
 
@@ -99,7 +84,7 @@ def test_onnx_cache_made_once_and_keyed_by_model(weights_dir):
     other = cached_onnx(net, folder, "a", (48, 48, 48))
     assert other != path and path.is_file()
     # A changed model re-exports, and the stale graph of that network and size is removed.
-    _export(folder, "coarse", "unet", 32, seed=7)
+    export_tiny_stage(folder.parent, "coarse", "unet", 32, seed=7)
     changed = Predictor(PredictOptions(weights_dir, device="cpu", backend="onnxruntime"))
     assert onnx_cache_path(changed.coarse.modules["a"], folder, "a", (32, 32, 32)) != path
     new_path = changed.coarse.networks["a"].path

@@ -23,42 +23,24 @@ from torch import nn
 
 import predict
 from common import inference
-from common.checkpoint import export_model
+from tiny_models import export_tiny_stage
 from common.errors import InputError
 from common.fileutil import is_temp_name
 from common.image_io import ImageMeta, read_image
 from common.inference import PredictOptions, Predictor, check_ct, predict_folder, upsample_labels
-from common.networks import build_network
 from common.postprocess import keep_largest_component, probs_to_labels
 from common.uif import labels_disagreement
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = [2, 4, 4, 8, 8]
 REAL_CASES = ("case_0001", "case_0002", "case_0003")
 QUIET = PredictOptions(progress=False)
-
-
-def _export(weights_dir: Path, stage: str, name: str, size: int, seed: int) -> None:
-    kwargs: dict = {"channels": TINY, "dropout": 0.0}
-    if name == "efficient_seg_net":
-        kwargs["input_size_zyx"] = [size] * 3
-    nets = {}
-    for i, key in enumerate(("a", "b")):
-        torch.manual_seed(seed + i)
-        nets[key] = build_network(name, **kwargs).state_dict()
-    preprocess = {"size_zyx": [size] * 3, "hu_window": [-325.0, 325.0]}
-    if stage == "fine":
-        preprocess["extend_size_mm"] = 20.0
-    folder = inference.COARSE_DIR if stage == "coarse" else inference.FINE_DIR
-    export_model(weights_dir / folder, stage=stage, model={"name": name, "kwargs": kwargs}, networks=nets,
-                 primary="a", preprocess=preprocess, config={"model": {"name": name}})
 
 
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("weights")
-    _export(root, "coarse", "unet", 32, seed=1)
-    _export(root, "fine", "efficient_seg_net", 32, seed=3)
+    export_tiny_stage(root, "coarse", "unet", 32, seed=1)
+    export_tiny_stage(root, "fine", "efficient_seg_net", 32, seed=3)
     return root
 
 
@@ -626,8 +608,8 @@ def test_unusable_weights_are_setup_errors(tmp_path, weights_dir, capsys):
     shutil.copytree(weights_dir, random_bytes)
     (random_bytes / inference.FINE_DIR / "model.pt").write_bytes(np.random.default_rng(3).bytes(2000))
     zero = tmp_path / "zero"
-    _export(zero, "coarse", "unet", 32, seed=1)
-    _export(zero, "fine", "efficient_seg_net", 32, seed=3)
+    export_tiny_stage(zero, "coarse", "unet", 32, seed=1)
+    export_tiny_stage(zero, "fine", "efficient_seg_net", 32, seed=3)
     payload = torch.load(zero / inference.FINE_DIR / "model.pt", weights_only=True)
     payload["preprocess"]["size_zyx"] = [0, 0, 0]
     torch.save(payload, zero / inference.FINE_DIR / "model.pt")
