@@ -157,7 +157,6 @@ def main() -> None:
         wait_s = sum(pipeline_iteration() for _ in range(args.iterations)) / args.iterations
         _sync(device)
         pipe_s = (time.perf_counter() - t0) / args.iterations
-        del labeled, unlabeled
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads)"

@@ -230,12 +230,10 @@ def organ_shaped_predictor(predictor: Predictor, mask_zyx: np.ndarray, ct_path: 
     coarse, fine = predictor.coarse, predictor.fine
     coarse_scores = organ_scores(canonical, coarse.size_zyx)
     spacing = np.asarray(meta.spacing_zyx, dtype=np.float64)
-    coarse_spacing = spacing * np.asarray(canonical.shape) / np.asarray(coarse.size_zyx)
-    labels = keep_largest_component(probs_to_labels(coarse_scores, 0.0).numpy(), coarse_spacing,
-                                    predictor.coarse_min_volume_mm3)
-    box = coarse_box(labels, tuple(coarse_spacing), z_window_mm=predictor.z_window_mm)
+    box = organ_box(probs_to_labels(coarse_scores, 0.0).numpy(), canonical.shape, tuple(spacing),
+                    predictor.coarse_min_volume_mm3, predictor.z_window_mm)
     crop = (tuple(slice(0, n) for n in canonical.shape) if box is None else
-            box_to_raw_crop(box, coarse.size_zyx, canonical.shape, tuple(spacing), margin_mm=fine.extend_size_mm))
+            crop_box_with_margin(box, tuple(spacing), fine.extend_size_mm, canonical.shape))
     fine_scores = organ_scores(np.ascontiguousarray(canonical[crop]), fine.size_zyx)
     for stage, scores in ((coarse, coarse_scores), (fine, fine_scores)):
         stage.networks = {name: OrganShapedForward(fwd, scores) for name, fwd in stage.networks.items()}

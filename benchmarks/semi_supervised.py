@@ -568,7 +568,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     d = Settings(seeds=[0, 1, 2, 3, 4])  # the defaults live in Settings only
     p.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help="one run per seed (data + networks)")
     p.add_argument("--labeled", type=int, default=d.labeled, help="L: labeled cases that train the networks")
-    p.add_argument("--labeled-val", type=int, default=d.labeled_val, help="extra labeled cases validating (best checkpoint)")
+    p.add_argument("--labeled-val", type=int, default=d.labeled_val,
+                   help="extra labeled cases validating (best checkpoint)")
     p.add_argument("--unlabeled", type=int, default=d.unlabeled, help="U: unlabeled pool")
     p.add_argument("--val", type=int, default=d.val, help="held-out evaluation cases (val_images + val_mask)")
     p.add_argument("--hard-fraction", type=float, default=d.hard_fraction, help="share of hard unlabeled cases")
@@ -627,7 +628,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                  rampup_fraction=a.rampup_fraction, device=a.device, cps_weight=a.cps_weight,
                  scan_profiles=a.scan_profiles, snapshots=a.snapshots, stop_after=a.stop_after,
                  report_only=a.report_only,
-                 workers=a.workers, jobs=a.jobs, threads=a.threads or None, dry_run=a.dry_run, out=str(Path(a.out).resolve()))
+                 workers=a.workers, jobs=a.jobs, threads=a.threads or None, dry_run=a.dry_run,
+                 out=str(Path(a.out).resolve()))
     return s
 
 

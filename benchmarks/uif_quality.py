@@ -148,8 +148,8 @@ def write_control(seed_dir: Path, row: str, order: Mapping[str, float], keep: in
     out_dir = seed_dir / CONTROLS[row]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_selection(select_certain(order, keep_count=keep), unlabeled_db=seed_dir / "dataset" / "db" / "seg_trainu",
-                    boxes_db=experiment_db(seed_dir / "fine_cps", BOXES_DB), pool_db=experiment_db(out_dir, UIF_POOL_DB),
-                    output_dir=out_dir)
+                    boxes_db=experiment_db(seed_dir / "fine_cps", BOXES_DB),
+                    pool_db=experiment_db(out_dir, UIF_POOL_DB), output_dir=out_dir)
 
 
 def seed_main(seed_dir: Path, keep: int, seed: int, device: str = "cpu") -> dict[str, Any]:

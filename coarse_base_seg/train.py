@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from coarse_base_seg.dataset import CoarseData
-from common.config import CoarseTrainConfig, ConfigError, parse_cli
-from common.distributed import DistInfo, destroy_distributed, init_distributed
-from common.engine import CPSJob, NonFiniteLossError, TrainingInterrupted, run_cps_training, run_log_path
-from common.errors import InputError
+from common.config import CoarseTrainConfig
+from common.distributed import DistInfo, init_distributed
+from common.engine import CPSJob, run_cps_training, run_log_path
 from common.logger import log_to_file, setup_logging
+from common.stage_cli import stage_cli
 
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 
@@ -51,23 +51,9 @@ def _job(cfg: CoarseTrainConfig, info: DistInfo, out_dir: Path) -> CPSJob:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """Command line: parse the config, run `main`, turn known failures into a one-line message and exit code."""
-    try:
-        cfg = parse_cli(CoarseTrainConfig, DEFAULT_CONFIG, argv)
-        if cfg.step == "export" and not _is_rank0():
-            return 0  # `GPUS=4 sh run.sh step=export`: one process exports
-        main(cfg)
-    except (ConfigError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as exc:  # the engine has logged what happened and where last.pt is
-        return int(exc.code)
-    finally:
-        destroy_distributed()
-    return 0
+    """Command line (common.stage_cli); `GPUS=4 sh run.sh step=export`: only rank 0 exports."""
+    return stage_cli(CoarseTrainConfig, DEFAULT_CONFIG, main, argv,
+                     skip=lambda cfg: cfg.step == "export" and not _is_rank0())
 
 
 def _is_rank0() -> bool:

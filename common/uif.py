@@ -21,6 +21,7 @@ import torch
 
 from common.labels import NUM_ORGANS
 from common.logger import get_logger
+from common.postprocess import LABEL_THRESHOLD, probs_to_labels
 
 logger = get_logger(__name__)
 
@@ -30,17 +31,16 @@ WEIGHTINGS = ("organ", "volume")
 EMPTY_SCORE = 1.0
 
 
-def hard_organ_masks(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Hard per-organ masks by the pseudo-label rule (DESIGN 5.1): the organ with the highest sigmoid wins
-    if that sigmoid is >= `threshold`, else background.
+def hard_organ_masks(probs: torch.Tensor, threshold: float = LABEL_THRESHOLD) -> torch.Tensor:
+    """Per-organ masks of the project's label rule (`common.postprocess.probs_to_labels`).
 
     probs: (13, D, H, W) sigmoids. Returns bool (13, D, H, W); the organ masks are disjoint.
     """
     if probs.ndim != 4:
         raise ValueError(f"expected probabilities (C, D, H, W), got shape {tuple(probs.shape)}")
-    best, index = probs.max(dim=0)
-    channels = torch.arange(probs.shape[0], device=probs.device).view(-1, 1, 1, 1)
-    return (index.unsqueeze(0) == channels) & (best >= threshold).unsqueeze(0)
+    labels = probs_to_labels(probs, threshold)
+    organs = torch.arange(1, probs.shape[0] + 1, device=probs.device, dtype=labels.dtype).view(-1, 1, 1, 1)
+    return labels.unsqueeze(0) == organs
 
 
 def disagreement_from_counts(inter: torch.Tensor, size_a: torch.Tensor, size_b: torch.Tensor,
@@ -83,7 +83,7 @@ def labels_disagreement(labels_a: torch.Tensor, labels_b: torch.Tensor, num_orga
     return disagreement_from_counts(joint.diagonal()[1:], joint.sum(1)[1:], joint.sum(0)[1:], weighting)
 
 
-def disagreement_score(probs_a: torch.Tensor, probs_b: torch.Tensor, threshold: float = 0.5,
+def disagreement_score(probs_a: torch.Tensor, probs_b: torch.Tensor, threshold: float = LABEL_THRESHOLD,
                        weighting: str = "organ") -> float:
     """Disagreement (`disagreement_from_counts`) of the hard masks of networks A and B on the same crop.
 
@@ -92,8 +92,8 @@ def disagreement_score(probs_a: torch.Tensor, probs_b: torch.Tensor, threshold: 
     return masks_disagreement(hard_organ_masks(probs_a, threshold), hard_organ_masks(probs_b, threshold), weighting)
 
 
-def stability_score(probs_final: torch.Tensor, probs_snapshots: Sequence[torch.Tensor], threshold: float = 0.5,
-                    weighting: str = "organ") -> float:
+def stability_score(probs_final: torch.Tensor, probs_snapshots: Sequence[torch.Tensor],
+                    threshold: float = LABEL_THRESHOLD, weighting: str = "organ") -> float:
     """ST++'s image-level stability as an uncertainty: the mean disagreement (`disagreement_from_counts`)
     between the final network's hard masks and those of K checkpoints saved earlier in the same training.
 
@@ -113,7 +113,8 @@ def binary_entropy(probs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return -(p * torch.log2(p) + (1.0 - p) * torch.log2(1.0 - p))
 
 
-def entropy_score(probs_a: torch.Tensor, probs_b: torch.Tensor | None = None, threshold: float = 0.5) -> float:
+def entropy_score(probs_a: torch.Tensor, probs_b: torch.Tensor | None = None,
+                  threshold: float = LABEL_THRESHOLD) -> float:
     """Mean binary entropy (bits, in [0, 1]) of the sigmoids inside the predicted organs.
 
     probs_a, probs_b: (13, D, H, W) sigmoids; with both given, their mean is scored (the ensemble's
@@ -129,7 +130,7 @@ def entropy_score(probs_a: torch.Tensor, probs_b: torch.Tensor | None = None, th
     return float(voxel_entropy[inside].double().sum() / count)
 
 
-def uncertainty_score(method: str, probs_a: torch.Tensor, probs_b: torch.Tensor, threshold: float = 0.5,
+def uncertainty_score(method: str, probs_a: torch.Tensor, probs_b: torch.Tensor, threshold: float = LABEL_THRESHOLD,
                       snapshots: Sequence[torch.Tensor] = (), weighting: str = "organ") -> float:
     """Dispatch by name (see UIF_SCORES): disagreement of A and B, entropy of their mean, or stability of
     their mean against the `snapshots` (mean sigmoids of the K earlier checkpoints)."""

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from common.augment import FineAugmentSettings
-from common.config import ConfigError, FineTrainConfig, parse_cli
-from common.distributed import DistInfo, RankFailedError, destroy_distributed, init_distributed, run_on_every_rank
-from common.engine import DONE_FILE, CPSJob, NonFiniteLossError, TrainingInterrupted, run_cps_training
+from common.config import FineTrainConfig
+from common.distributed import DistInfo, init_distributed, run_on_every_rank
+from common.engine import DONE_FILE, CPSJob, run_cps_training
 from common.errors import InputError
 from common.logger import get_logger, setup_logging
+from common.stage_cli import stage_cli
 from common.step_marker import file_stamp, marker_matches, write_marker
 from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import (
@@ -228,22 +229,8 @@ def main(cfg: FineTrainConfig) -> dict[str, Any]:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """Command line: parse the config, run `main`, turn known failures into a one-line message and exit code."""
-    try:
-        cfg = parse_cli(FineTrainConfig, DEFAULT_CONFIG, argv)
-        main(cfg)
-    except (ConfigError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, RankFailedError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as exc:
-        print(exc.message, file=sys.stderr)
-        return int(exc.code)
-    finally:
-        destroy_distributed()
-    return 0
+    """Command line (common.stage_cli)."""
+    return stage_cli(FineTrainConfig, DEFAULT_CONFIG, main, argv)
 
 
 if __name__ == "__main__":

@@ -349,7 +349,7 @@ def test_real_cts_prepare(real_data_dir: Path, tmp_path: Path) -> None:
     assert labeled["case_0001"]["flips"] == [False, False, False]  # RAS-stored
     assert labeled["case_0002"]["flips"] == [False, True, True]  # LPS-stored
     assert labeled["case_0002"]["labels_present"] == [1, 3, 4, 5, 6, 7, 11]
-    assert labeled["case_0001"]["labels_present"] == [l for l in range(1, 14) if l != 10]
+    assert labeled["case_0001"]["labels_present"] == [k for k in range(1, 14) if k != 10]
     assert labeled["case_0002"]["shape_zyx"] == [20, 512, 512]
     assert labeled["case_0002"]["spacing_zyx"] == pytest.approx([2.0, 0.9766, 0.9766], abs=1e-4)
     assert labeled["case_0001"]["hu_range"][0] < -1000

@@ -138,9 +138,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ddp_cps_step_matches_single_process_on_combined_batch(tmp_path):
-    # fork: the children inherit the imported modules (spawn would re-import torch in each, slowly)
     mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="spawn")
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert ddp["reduced"]["mean_float"] == 0.5
     assert ddp["reduced"]["sum_tensor"].tolist() == [1.0, 2.0]
@@ -203,7 +202,7 @@ def _failing_step_worker(rank: int, world: int, init_file: str, out_dir: str) ->
 
 def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path):
     mp.start_processes(_failing_step_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="spawn")
     rank0 = (tmp_path / "rank0.txt").read_text()
     rank1 = (tmp_path / "rank1.txt").read_text()
     assert rank1.startswith("InputError:") and "case7.nii.gz" in rank1  # the failing rank keeps its own error

@@ -255,7 +255,7 @@ def _sharded_validation_worker(rank: int, world: int, init_file: str, out_dir: s
 
 def test_ddp_validation_loads_each_case_on_one_rank_only(tmp_path):
     torch.multiprocessing.start_processes(_sharded_validation_worker, args=(2, str(tmp_path / "init"), str(tmp_path)),
-                                          nprocs=2, join=True, start_method="fork")
+                                          nprocs=2, join=True, start_method="spawn")
     loaded = [json.loads((tmp_path / f"loaded{r}.json").read_text()) for r in range(2)]
     assert loaded == [["case0", "case2"], ["case1"]]
     assert [m["num_cases"] for m in _metrics(tmp_path / "run")] == [3]

@@ -394,7 +394,7 @@ def _boxes_on_two_ranks(dataset: Path, db: Path, tmp_path: Path, name: str) -> t
     out = tmp_path / f"ranks_{name}"
     out.mkdir()
     torch.multiprocessing.start_processes(_boxes_worker, args=(2, str(out / "init"), str(dataset), str(db), str(out)),
-                                          nprocs=2, join=True, start_method="fork")
+                                          nprocs=2, join=True, start_method="spawn")
     return [(out / f"rank{r}.txt").read_text() for r in range(2)], out / "boxes"
 
 
@@ -421,9 +421,14 @@ def test_boxes_step_shared_by_two_ranks(dataset, tmp_path):
     assert rank0.startswith("RankFailedError: boxes failed on rank 1: InputError") and "gone.npy" in rank0
 
 
+def _threshold_pair(round_dir, device) -> tuple[nn.Module, nn.Module]:
+    return ThresholdNet(0.0), ThresholdNet(0.5)
+
+
 def _uif_worker(rank: int, world: int, init_file: str, common: dict, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    fine_uif.load_round_networks = _threshold_pair  # a spawned child does not see the parent's monkeypatch
     seen: list[str] = []
     score_cases = fine_uif.score_cases  # this child's copy: record which cases this rank scores
     fine_uif.score_cases = lambda cases, *a, **k: seen.extend(c.case_id for c in cases) or score_cases(cases, *a, **k)
@@ -438,15 +443,14 @@ def _uif_worker(rank: int, world: int, init_file: str, common: dict, out_dir: st
 
 def test_uif_step_shared_by_two_ranks(tmp_path, monkeypatch):
     db = make_pool(tmp_path)
-    monkeypatch.setattr(fine_uif, "load_round_networks", lambda round_dir, device: (ThresholdNet(0.0),
-                                                                                    ThresholdNet(0.5)))
+    monkeypatch.setattr(fine_uif, "load_round_networks", _threshold_pair)
     common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, boxes_db=None, data_base_dir=tmp_path,
                   method="disagreement", keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=[-325.0, 325.0],
                   extend_size_mm=20.0, device=torch.device("cpu"), precision="fp32")
     single = run_uif(keep_count=2, output_dir=tmp_path / "single", pool_db=tmp_path / "single" / "db" / "uif_pool",
                      **common)
     torch.multiprocessing.start_processes(_uif_worker, args=(2, str(tmp_path / "init"), common, str(tmp_path)),
-                                          nprocs=2, join=True, start_method="fork")
+                                          nprocs=2, join=True, start_method="spawn")
     expected = [[r.case, r.score, r.kept, r.rank] for r in single]
     outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [o["rows"] for o in outcomes] == [expected, expected]
