@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from tiny_models import export_tiny_stage
 
 from benchmarks import min_component as mc
+from common.errors import InputError
 from common.inference import PredictOptions, predict_folder
 from common.postprocess import FINE_MIN_VOLUME_MM3
 
@@ -138,3 +139,16 @@ def test_missing_weights_is_a_setup_error(tmp_path, capsys):
     assert "weights_lk" in err and "coarse model of seed0_lk not found" in err
     assert mc.main(["--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
     assert "neither a demo output" in capsys.readouterr().err
+
+
+def test_a_kept_prediction_made_with_other_settings_is_refused(measured, case_set):
+    out, _ = measured
+    other = mc.CaseSet(NAME, case_set.weights, case_set.images, case_set.truth, ensemble=False)
+    with pytest.raises(InputError, match="other settings"):
+        mc.predict_once(other, out / NAME)
+
+
+def test_original_threshold_scales_with_input_over_crop():
+    # the original counts crop voxels against 2000 mm^3 of the network grid: a crop twice the input per axis -> 1/8 of it
+    assert mc.original_threshold_mm3("0:384,10:394,5:389", (192, 192, 192)) == pytest.approx(250.0)
+    assert mc.original_threshold_mm3("0:16,0:32,0:64", (32, 32, 32)) == pytest.approx(2000.0 * 2 * 1 * 0.5)
