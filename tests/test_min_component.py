@@ -149,6 +149,7 @@ def test_a_kept_prediction_made_with_other_settings_is_refused(measured, case_se
 
 
 def test_original_threshold_scales_with_input_over_crop():
-    # the original counts crop voxels against 2000 mm^3 of the network grid: a crop twice the input per axis -> 1/8 of it
+    # the original counts crop voxels against 2000 mm^3 of the network grid:
+    # a crop twice the input per axis -> 1/8 of it
     assert mc.original_threshold_mm3("0:384,10:394,5:389", (192, 192, 192)) == pytest.approx(250.0)
     assert mc.original_threshold_mm3("0:16,0:32,0:64", (32, 32, 32)) == pytest.approx(2000.0 * 2 * 1 * 0.5)
