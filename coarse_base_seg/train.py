@@ -17,21 +17,25 @@ from common.distributed import DistInfo, init_distributed
 from common.engine import CPSJob, run_cps_training, run_log_path
 from common.logger import log_to_file, setup_logging
 from common.stage_cli import stage_cli
+from common.step_marker import claim_run_folder
 
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 
 
 def main(cfg: CoarseTrainConfig) -> dict[str, Any]:
     """Run `cfg.step`: "train" -> the engine's summary dict; "export" -> {"export_dir": model folder}."""
+    out_dir = Path(cfg.output_dir)
     if cfg.step == "export":
         from coarse_base_seg.export import export
 
+        claim_run_folder(out_dir, cfg.run_identity("coarse"), write=False)
         return {"export_dir": str(export(cfg).parent)}
     info = init_distributed(cfg.device)
-    out_dir = Path(cfg.output_dir)
     setup_logging(None, rank=info.rank)  # console; train.log holds the data set-up and the engine's run
     with log_to_file(run_log_path(out_dir, info), rank=info.rank):
-        return run_cps_training(_job(cfg, info, out_dir))
+        job = _job(cfg, info, out_dir)  # checks the dataset first: a bad data_base_dir claims no folder
+        claim_run_folder(out_dir, cfg.run_identity("coarse"), write=info.is_main)
+        return run_cps_training(job)
 
 
 def _job(cfg: CoarseTrainConfig, info: DistInfo, out_dir: Path) -> CPSJob:

@@ -755,6 +755,12 @@ class TrainConfigBase:
     cps: CPSSection = section(CPSSection)
     amp: AmpSection = section(AmpSection)
 
+    def run_identity(self, stage: str) -> dict[str, Any]:
+        """What makes two runs of a stage different experiments (common.step_marker.claim_run_folder)."""
+        return {"stage": stage, "fold": self.fold, "data_base_dir": str(Path(self.data_base_dir).resolve()),
+                "labeled_db": self.data.labeled_db.format(fold=self.fold),
+                "val_db": self.data.val_db.format(fold=self.fold)}
+
 
 @dataclass
 class CoarseTrainConfig(TrainConfigBase):

@@ -6,7 +6,10 @@ skipped exactly while `marker_matches` its current inputs, and redone when one o
 - the training engine's `DONE` ({"iteration", "best", ...}; a larger schedule continues the run),
 - the fine stage's `uif.json` (round-1 checkpoints, boxes, UIF settings) and `export.json` (checkpoints, export
   settings),
-- data_prepare's per-case `source` stamps inside each record (a changed input file is prepared again).
+- data_prepare's per-case `source` stamps inside each record (a changed input file is prepared again),
+- a training stage's `run.json` in its output_dir (`claim_run_folder`): which fold of which dataset the folder
+  belongs to, so that a second fold or dataset pointed at the same folder is refused instead of resuming the
+  first one's checkpoints.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from common.errors import InputError
 from common.fileutil import write_json_atomic
+
+RUN_FILE = "run.json"
 
 
 def file_stamp(path: str | os.PathLike) -> dict[str, int]:
@@ -43,3 +49,25 @@ def marker_matches(path: str | os.PathLike, expected: Mapping[str, Any]) -> bool
     """True when the marker exists and records exactly `expected` (compared as JSON values)."""
     record = read_marker(path)
     return record is not None and record == json.loads(json.dumps(dict(expected)))
+
+
+def claim_run_folder(output_dir: str | os.PathLike, identity: Mapping[str, Any], write: bool = True) -> None:
+    """Make `output_dir` the folder of the run `identity` (e.g. {"stage", "fold", "data_base_dir", ...}).
+
+    The first start writes `run.json` (when `write`: the main rank); a later start with another identity raises
+    InputError naming the differing keys, so fold 2 never resumes fold 1's checkpoints or reuses its boxes and
+    UIF pool. A missing or unreadable run.json (a folder of an earlier version) is claimed anew.
+    """
+    path = Path(output_dir) / RUN_FILE
+    current = read_marker(path)
+    wanted = json.loads(json.dumps(dict(identity)))  # the JSON form, as it is read back
+    if current is None:
+        if write:
+            write_marker(path, wanted)
+        return
+    differs = [f"{key} {current.get(key)!r} (this command: {wanted.get(key)!r})"
+               for key in sorted(set(current) | set(wanted)) if current.get(key) != wanted.get(key)]
+    if differs:
+        raise InputError(path, "this output_dir belongs to another run: " + "; ".join(differs)
+                         + ". Give each fold and dataset its own output_dir (e.g. output_dir=output/fold_2), "
+                         "or delete the folder to start over.")

@@ -28,7 +28,7 @@ from common.engine import DONE_FILE, CPSJob, run_cps_training
 from common.errors import InputError
 from common.logger import get_logger, setup_logging
 from common.stage_cli import stage_cli
-from common.step_marker import file_stamp, marker_matches, write_marker
+from common.step_marker import claim_run_folder, file_stamp, marker_matches, write_marker
 from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import (
     BOXES_DB,
@@ -219,6 +219,7 @@ def main(cfg: FineTrainConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     setup_logging(Path(cfg.output_dir) / (STEPS_LOG if info.is_main else f"steps.rank{info.rank}.log"),
                   rank=info.rank)
+    claim_run_folder(cfg.output_dir, cfg.run_identity("fine"), write=info.is_main)
     for step in steps:
         logger.info("fine stage: step %s", step)
         if step in _ALL_RANK_STEPS:

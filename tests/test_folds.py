@@ -1,0 +1,102 @@
+"""Two folds on one dataset: each fold's run folder holds its own boxes, UIF pool and checkpoints, and a fold
+pointed at another fold's folder is refused (common.step_marker.claim_run_folder)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from coarse_base_seg.train import cli as coarse_cli
+from common.checkpoint import export_model, model_state_dict
+from common.config import FineTrainConfig, PrepareConfig, load_config
+from common.errors import InputError
+from common.lmdb_store import open_store
+from common.networks import build_network
+from data_prepare import run as prepare_run
+from data_prepare.synthetic import write_dataset
+from fine_efficient_seg import uif as fine_uif
+from fine_efficient_seg.train import main as fine_main
+from test_fine_train import ThresholdNet
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+TINY = "[2,4,4,8,8]"
+
+
+@pytest.fixture(scope="module")
+def five_fold_dataset(tmp_path_factory) -> Path:
+    """Tiny synthetic dataset prepared with all five folds, and a tiny exported coarse model beside it."""
+    root = tmp_path_factory.mktemp("folds")
+    data = root / "dataset"
+    write_dataset(data, labeled=5, unlabeled=3, val=0, seed=5, size="tiny", hard_fraction=0.0)
+    cfg = load_config(PrepareConfig, REPO / "data_prepare" / "config.yaml",
+                      [f"data_base_dir={data}", f"coarse_size_zyx=[{SIZE},{SIZE},{SIZE}]",
+                       f"fine_size_zyx=[{SIZE},{SIZE},{SIZE}]", "num_workers=0", "split_5fold=true"])
+    assert prepare_run.main(cfg) == 0
+    torch.manual_seed(0)
+    kwargs = {"channels": [2, 4, 4, 8, 8], "dropout": 0.0}
+    export_model(root / "coarse_model", stage="coarse", model={"name": "unet", "kwargs": kwargs},
+                 networks={"a": model_state_dict(build_network("unet", **kwargs))}, primary="a",
+                 preprocess={"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0]}, config={})
+    return data
+
+
+def _fine(data: Path, out: Path, fold: int, keep: int) -> FineTrainConfig:
+    return load_config(FineTrainConfig, REPO / "fine_efficient_seg" / "config.yaml", [
+        f"data_base_dir={data}", f"output_dir={out}", f"fold={fold}", "device=cpu",
+        f"data.size_zyx=[{SIZE},{SIZE},{SIZE}]", f"model.channels={TINY}", "amp.precision=fp32", "data.num_workers=0",
+        f"uif.keep_count={keep}", f"boxes.coarse_model_dir={data.parent / 'coarse_model'}"])
+
+
+def _bytes(db: Path) -> bytes:
+    return (db / "data.mdb").read_bytes()
+
+
+def test_two_fine_folds_keep_their_own_boxes_and_pool(five_fold_dataset, tmp_path, monkeypatch):
+    data = five_fold_dataset
+    train_1 = set(open_store(data / "db" / "seg_train_fold_1").keys())
+    train_2 = set(open_store(data / "db" / "seg_train_fold_2").keys())
+    assert train_1 != train_2  # the folds really differ
+    dataset_db = {name: _bytes(data / "db" / name) for name in ("seg_trainu", "seg_train_fold_1", "seg_train_fold_2")}
+    monkeypatch.setattr(fine_uif, "load_round_networks", lambda round_dir, device: (ThresholdNet(0.0),
+                                                                                    ThresholdNet(0.5)))
+    cfgs = {fold: _fine(data, tmp_path / "output" / f"fold_{fold}", fold, keep) for fold, keep in ((1, 1), (2, 2))}
+    for cfg in cfgs.values():  # round 1 stands in as finished: the test is about the boxes and the pool
+        (Path(cfg.output_dir) / "round1").mkdir(parents=True)
+        (Path(cfg.output_dir) / "round1" / "DONE").write_text('{"iteration": 3}')
+
+    out_1 = Path(cfgs[1].output_dir)
+    fine_main(replace(cfgs[1], step="boxes"))
+    fine_main(replace(cfgs[1], step="uif"))
+    fold_1 = (_bytes(out_1 / "db" / "unlabeled_boxes"), _bytes(out_1 / "db" / "uif_pool"),
+              (out_1 / "uif_scores.csv").read_text())
+    out_2 = Path(cfgs[2].output_dir)
+    fine_main(replace(cfgs[2], step="boxes"))
+    fine_main(replace(cfgs[2], step="uif"))
+
+    assert (_bytes(out_1 / "db" / "unlabeled_boxes"), _bytes(out_1 / "db" / "uif_pool"),
+            (out_1 / "uif_scores.csv").read_text()) == fold_1
+    assert len(open_store(out_1 / "db" / "uif_pool").keys()) == 1
+    assert len(open_store(out_2 / "db" / "uif_pool").keys()) == 2
+    assert {name: _bytes(data / "db" / name) for name in dataset_db} == dataset_db  # the dataset is only read
+
+    # fold 2 pointed at fold 1's folder: refused before any step runs, naming the fold
+    with pytest.raises(InputError, match=r"run\.json.*fold 1 \(this command: 2\)"):
+        fine_main(replace(cfgs[2], output_dir=str(out_1), step="uif"))
+    assert (out_1 / "uif_scores.csv").read_text() == fold_1[2]
+
+
+def test_coarse_fold_into_another_folds_folder_exits_2(five_fold_dataset, tmp_path, capsys):
+    data, out = five_fold_dataset, tmp_path / "coarse"
+    args = [f"data_base_dir={data}", f"output_dir={out}", "device=cpu", f"data.size_zyx=[{SIZE},{SIZE},{SIZE}]",
+            f"model.channels={TINY}", "data.num_workers=0", "schedule.iterations=1", "schedule.val_interval=100"]
+    assert coarse_cli(args + ["fold=1"]) == 0
+    last = (out / "checkpoints" / "last.pt").read_bytes()
+    assert coarse_cli(args + ["fold=2"]) == 2
+    err = capsys.readouterr().err
+    assert "run.json" in err and "fold 1 (this command: 2)" in err and "output_dir=output/fold_2" in err
+    assert (out / "checkpoints" / "last.pt").read_bytes() == last
+    assert coarse_cli(args + ["fold=1"]) == 0  # the same run again: done, nothing refused
