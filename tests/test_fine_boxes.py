@@ -255,3 +255,23 @@ def test_training_refuses_regions_narrower_than_its_crops(prepared, tmp_path):
     cases = load_cases(prepared / "db" / "seg_trainu", prepared, labeled=False,
                        boxes_db=tmp_path / "db" / "unlabeled_boxes")
     assert {c.region_margin_mm for c in cases} == {2 * MARGIN_MM}
+
+
+def test_unlabeled_disk_benchmark_reports_before_and_after(prepared, tmp_path, monkeypatch, capsys):
+    """benchmarks/unlabeled_disk.py: the whole-volume baseline is what data_prepare used to write (the volume as
+    int16 .npy) and the box region is the file the boxes step wrote."""
+    from benchmarks import unlabeled_disk
+
+    monkeypatch.setattr("sys.argv", ["unlabeled_disk", "--data", str(prepared), "--out", str(tmp_path / "fine"),
+                                     "--boxes", "body"])
+    unlabeled_disk.main_cli()
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| trainu_")]
+    assert len(rows) == 3
+    records = open_store(prepared / "db" / "seg_trainu").to_dict()
+    for row in rows:
+        case_id = row[0].strip("| ")
+        whole = 128 + 2 * int(np.prod(records[case_id]["shape_zyx"]))  # .npy header + int16 voxels
+        coarse = Path(records[case_id]["coarse_image_path"]).stat().st_size
+        assert int(row[3].replace(",", "")) == coarse + whole
+        region = Path(tmp_path / "fine" / "db" / "unlabeled_regions" / f"{case_id}.npy").stat().st_size
+        assert row[4].startswith(f"{coarse + region:,} (region {region:,})")
