@@ -11,8 +11,8 @@ Stored in `<output_dir>/db/unlabeled_boxes` (LMDB, key = case id; the dataset's 
 `coarse_box` [[z0, z1], [y0, y1], [x0, x1]] (inclusive, canonical raw voxels), `coarse_box_source`
 ("coarse_model"; "body": no model; "body_fallback": the model found no organ) and the case's region: the only
 copy of an unlabeled image that fine training and UIF crop from, box + `region_margin_mm`
-(`common.preprocessing.region_slices`, the rule of the labeled regions; the fine stage passes the larger of
-crop.max_extend_size_mm and crop.extend_size_mm, so every crop it draws lies inside), cut from the raw image as
+(`common.preprocessing.region_slices`, the rule of the labeled regions; the fine stage passes
+crop.max_extend_size_mm, >= crop.extend_size_mm, so every crop it draws lies inside), cut from the raw image as
 data_prepare reads it (`common.inference.read_canonical_ct`) and written atomically to
 `<output_dir>/db/unlabeled_regions/<id>.npy` (int16): `region_path`, `region_offset_zyx`, `region_shape_zyx`,
 `region_margin_mm`. The dataset keeps no whole-volume copy of an unlabeled case.
