@@ -316,16 +316,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"CPU peak {peak.describe()}; both networks {macs / 1e9:.1f} GMAC = {macs / peak.macs_per_s:.2f} s "
                   f"at peak; the forwards reach {macs / peak.macs_per_s / fwd:.1%} of peak", flush=True)
 
-        def organ_shaped_run(pred: Predictor, out_name: str) -> dict:
-            organ_shaped_predictor(pred, mask, in_dir / "bench000_0000.nii.gz")
+        def timed_run(pred: Predictor, out_name: str) -> dict:
+            """Wall time of predict_folder over the cases with `pred`, and its rows of the cases done."""
             t0 = time.perf_counter()
             summary = predict_folder(in_dir, work / out_name, PredictOptions(workers=args.workers, progress=False),
                                      predictor=pred)
             wall = time.perf_counter() - t0
             rows = [r for r in summary["rows"] if r["status"] == "ok"]
+            return {"wall_s": wall, "wall_per_case_s": wall / max(len(rows), 1), "rows": rows}
+
+        def organ_shaped_run(pred: Predictor, out_name: str) -> dict:
+            organ_shaped_predictor(pred, mask, in_dir / "bench000_0000.nii.gz")
+            result = timed_run(pred, out_name)
             got = read_image(work / out_name / "bench000.nii.gz")[0]
-            return {"wall_s": wall, "wall_per_case_s": wall / max(len(rows), 1), "rows": rows,
-                    "voxel_agreement": float((got == mask).mean())}
+            return {**result, "voxel_agreement": float((got == mask).mean())}
 
         if device.type == "cuda":  # warm-up pass of the whole pipeline (CUDA context, cuDNN autotuning)
             warm = work / "warm_in"
@@ -333,12 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             write_ct(warm / "warm_0000.nii.gz", image[: max(16, shape[0] // 4)], spacing_zyx, origin_xyz, direction)
             predict_folder(warm, work / "warm_out", PredictOptions(progress=False), predictor=predictor)
 
-        t0 = time.perf_counter()
-        summary = predict_folder(in_dir, work / "out_random", PredictOptions(workers=args.workers, progress=False),
-                                 predictor=predictor)
-        wall = time.perf_counter() - t0
-        rows = [r for r in summary["rows"] if r["status"] == "ok"]
-        results["ours_random"] = {"wall_s": wall, "wall_per_case_s": wall / max(len(rows), 1), "rows": rows}
+        results["ours_random"] = timed_run(predictor, "out_random")
         results["ours_organ"] = organ_shaped_run(
             preload(Predictor(options)), "out_organ")
         if args.compare_torch and predictor.backend != "torch":
@@ -352,12 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             export_random_models(empty_weights, empty=True)
             empty = preload(Predictor(PredictOptions(empty_weights, device, precision, uncertainty="off",
                                                      backend=args.backend)))
-            t0 = time.perf_counter()
-            summary = predict_folder(in_dir, work / "out_empty", PredictOptions(workers=args.workers, progress=False),
-                                     predictor=empty)
-            wall = time.perf_counter() - t0
-            rows = [r for r in summary["rows"] if r["status"] == "ok"]
-            results["ours_empty"] = {"wall_s": wall, "wall_per_case_s": wall / max(len(rows), 1), "rows": rows}
+            results["ours_empty"] = timed_run(empty, "out_empty")
             del empty
         results["phantom_postprocess"] = phantom_postprocess(mask, spacing_zyx, predictor)
         if not args.no_baseline:

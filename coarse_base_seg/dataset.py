@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common.data_paths import db_path, resolve_data_path  # noqa: F401 - also this module's API
 from common.distributed import DistInfo, InfiniteSampler, derive_seed, shard
 from common.errors import InputError
 from common.lmdb_store import EMPTY_UNLABELED_PROBLEM, open_store
@@ -38,17 +39,6 @@ class CoarseCase:
     case_id: str
     image_path: Path
     mask_path: Path | None
-
-
-def resolve_data_path(value: str | os.PathLike, data_base_dir: str | os.PathLike) -> Path:
-    """A path from a record or the config: absolute as given, relative ones against the dataset folder."""
-    path = Path(value)
-    return path if path.is_absolute() else Path(data_base_dir) / path
-
-
-def db_path(cfg_value: str, data_base_dir: str | os.PathLike, fold: int) -> Path:
-    """A config database path with `{fold}` filled in, resolved against the dataset folder."""
-    return resolve_data_path(cfg_value.format(fold=fold), data_base_dir)
 
 
 def _npy_shape(path: Path) -> tuple[int, ...]:

@@ -34,11 +34,12 @@ from common.augment import (
     sample_fine_augmentation,
     sample_rng,
 )
+from common.data_paths import db_path, resolve_data_path  # noqa: F401 - also this module's API
 from common.distributed import InfiniteSampler, derive_seed, shard
 from common.errors import InputError
 from common.labels import NUM_ORGANS
-from common.logger import get_logger
 from common.lmdb_store import EMPTY_UNLABELED_PROBLEM, open_store
+from common.logger import get_logger
 from common.preprocessing import resize_volume_torch, window_and_zscore_torch
 
 logger = get_logger(__name__)
@@ -76,17 +77,6 @@ class FineCase:
     @property
     def labeled(self) -> bool:
         return self.region_mask_path is not None
-
-
-def resolve_data_path(value: str | os.PathLike, data_base_dir: str | os.PathLike) -> Path:
-    """A record path: absolute as stored, relative ones against the dataset folder."""
-    path = Path(value)
-    return path if path.is_absolute() else Path(data_base_dir) / path
-
-
-def db_path(cfg_value: str, data_base_dir: str | os.PathLike, fold: int) -> Path:
-    """A config database path (`{fold}` filled in) resolved against the dataset folder."""
-    return resolve_data_path(cfg_value.format(fold=fold), data_base_dir)
 
 
 def as_box(value: Any) -> Box | None:

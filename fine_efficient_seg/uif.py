@@ -120,26 +120,6 @@ def score_pool(
     return scores
 
 
-def score_cases(
-    cases: Sequence[FineCase],
-    net_a: nn.Module,
-    net_b: nn.Module,
-    *,
-    method: str,
-    size_zyx: Sequence[int],
-    hu_window: Sequence[float],
-    extend_size_mm: float,
-    device: torch.device,
-    precision: str = "bf16",
-    snapshots: Sequence[tuple[nn.Module, nn.Module]] = (),
-    weighting: str = "organ",
-) -> dict[str, float]:
-    """Uncertainty score `method` of every case (lower = more certain), on its fixed fine crop."""
-    return score_pool(cases, net_a, net_b, methods=(method,), size_zyx=size_zyx, hu_window=hu_window,
-                      extend_size_mm=extend_size_mm, device=device, precision=precision, snapshots=snapshots,
-                      weighting=weighting)[method]
-
-
 def rows_to_csv(rows: Sequence[UifRow]) -> str:
     """CSV text of the scored pool (header + one line per case in rank order)."""
     buffer = io.StringIO()
@@ -227,9 +207,9 @@ def run_uif(
             raise InputError(unlabeled_db, "no unlabeled cases to filter")
         net_a, net_b = load_round_networks(round_dir, device)
         snapshots = load_snapshots(round_dir, device) if method == "stability" else []
-        return score_cases(shard(cases), net_a, net_b, method=method, size_zyx=size_zyx, hu_window=hu_window,
-                           extend_size_mm=extend_size_mm, device=device, precision=precision, snapshots=snapshots,
-                           weighting=weighting)
+        return score_pool(shard(cases), net_a, net_b, methods=(method,), size_zyx=size_zyx, hu_window=hu_window,
+                          extend_size_mm=extend_size_mm, device=device, precision=precision, snapshots=snapshots,
+                          weighting=weighting)[method]
 
     scores = {k: v for part in run_on_every_rank(score_here, "uif") for k, v in part.items()}
     rows = select_certain(scores, keep_count, keep_ratio)

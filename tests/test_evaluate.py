@@ -28,10 +28,17 @@ def _mask(seed: int) -> np.ndarray:
 
 
 @pytest.fixture()
-def official_folders(real_data_dir, tmp_path):
+def folders(tmp_path):
+    """Empty prediction and truth folders (pred, gt)."""
     pred, gt = tmp_path / "pred", tmp_path / "gt"
     pred.mkdir()
     gt.mkdir()
+    return pred, gt
+
+
+@pytest.fixture()
+def official_folders(real_data_dir, folders):
+    pred, gt = folders
     for case, gt_file, pred_file in (
         ("case_0001", "case_0001_mask.nii.gz", "eval_check/case_0001_pred.nii.gz"),
         ("case_0002", "case_0002_mask.nii.gz", "eval_check/case_0002_pred.nii.gz"),
@@ -52,10 +59,8 @@ def test_cli_reproduces_official_csv_byte_for_byte(official_folders, real_data_d
     assert "Gallbladder" in printed and "mean" in printed
 
 
-def test_grid_mismatch_and_missing_gt_fail_only_their_case(tmp_path, capsys):
-    pred, gt = tmp_path / "pred", tmp_path / "gt"
-    pred.mkdir()
-    gt.mkdir()
+def test_grid_mismatch_and_missing_gt_fail_only_their_case(folders, tmp_path, capsys):
+    pred, gt = folders
     _write(gt / "good.nii.gz", _mask(0))
     _write(pred / "good.nii.gz", _mask(1))
     _write(gt / "other_suffix.mha", _mask(0))  # GT with the same id but another image format is found
@@ -83,10 +88,8 @@ def test_grid_mismatch_and_missing_gt_fail_only_their_case(tmp_path, capsys):
     assert {float(v) for v in lines[2].split(",")[1:]} == {1.0}
 
 
-def test_api_returns_rows_and_means_and_raises_on_failure_without_list(tmp_path):
-    pred, gt = tmp_path / "pred", tmp_path / "gt"
-    pred.mkdir()
-    gt.mkdir()
+def test_api_returns_rows_and_means_and_raises_on_failure_without_list(folders, tmp_path):
+    pred, gt = folders
     _write(gt / "a.nii.gz", _mask(0))
     _write(pred / "a.nii.gz", _mask(1))
     _write(pred / "b.nii.gz", _mask(1))
@@ -113,11 +116,9 @@ def test_format_csv_column_types():
     assert second[CSV_COLUMNS.index("RK_NSD")] == ""  # NaN written empty (pandas default)
 
 
-def test_mhd_predictions_are_found_like_every_readable_format(tmp_path):
+def test_mhd_predictions_are_found_like_every_readable_format(folders, tmp_path):
     """evaluate uses the image reader's suffix list, so a MetaImage (.mhd + .raw) prediction is scored."""
-    pred, gt = tmp_path / "pred", tmp_path / "gt"
-    pred.mkdir()
-    gt.mkdir()
+    pred, gt = folders
     _write(gt / "a.mhd", _mask(0))
     _write(pred / "a.mhd", _mask(0))
     rows, means = evaluate_folder(pred, gt, tmp_path / "r.csv")
@@ -127,10 +128,8 @@ def test_mhd_predictions_are_found_like_every_readable_format(tmp_path):
 # ------------------------------------------------------------------------------------------------ issue 14
 
 
-def test_missing_prediction_is_named_and_exits_1(tmp_path, capsys):
-    pred, gt = tmp_path / "pred", tmp_path / "gt"
-    pred.mkdir()
-    gt.mkdir()
+def test_missing_prediction_is_named_and_exits_1(folders, tmp_path, capsys):
+    pred, gt = folders
     for name in ("a", "b"):
         _write(gt / f"{name}.nii.gz", _mask(0))
     _write(pred / "a.nii.gz", _mask(1))
@@ -141,10 +140,8 @@ def test_missing_prediction_is_named_and_exits_1(tmp_path, capsys):
         evaluate_folder(pred, gt, tmp_path / "r2.csv")
 
 
-def test_truncated_prediction_and_labels_above_13_fail_their_case(tmp_path, capsys):
-    pred, gt = tmp_path / "pred", tmp_path / "gt"
-    pred.mkdir()
-    gt.mkdir()
+def test_truncated_prediction_and_labels_above_13_fail_their_case(folders, tmp_path, capsys):
+    pred, gt = folders
     big = np.zeros((40, 60, 50), np.uint8)
     big[5:35, 10:50, 10:40] = 1
     rng = np.random.default_rng(0)
@@ -166,10 +163,8 @@ def test_truncated_prediction_and_labels_above_13_fail_their_case(tmp_path, caps
     assert [line.split(",")[0] for line in (tmp_path / "r.csv").read_text().splitlines()[1:]] == ["good.nii.gz"]
 
 
-def test_out_that_is_a_folder_is_a_setup_error(tmp_path, capsys):
-    pred, gt = tmp_path / "pred", tmp_path / "gt"
-    pred.mkdir()
-    gt.mkdir()
+def test_out_that_is_a_folder_is_a_setup_error(folders, tmp_path, capsys):
+    pred, gt = folders
     _write(gt / "a.nii.gz", _mask(0))
     _write(pred / "a.nii.gz", _mask(0))
     assert main(["--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path)]) == 2

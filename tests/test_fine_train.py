@@ -440,8 +440,8 @@ def _uif_worker(rank: int, world: int, init_file: str, common: dict, out_dir: st
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     fine_uif.load_round_networks = _threshold_pair  # a spawned child does not see the parent's monkeypatch
     seen: list[str] = []
-    score_cases = fine_uif.score_cases  # this child's copy: record which cases this rank scores
-    fine_uif.score_cases = lambda cases, *a, **k: seen.extend(c.case_id for c in cases) or score_cases(cases, *a, **k)
+    score_pool = fine_uif.score_pool  # this child's copy: record which cases this rank scores
+    fine_uif.score_pool = lambda cases, *a, **k: seen.extend(c.case_id for c in cases) or score_pool(cases, *a, **k)
     try:
         rows = run_uif(keep_count=2, **{**common, "output_dir": Path(out_dir) / "out",
                                         "pool_db": Path(out_dir) / "out" / "db" / "uif_pool"})
