@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from common.amp import amp_settings, autocast
 from common.checkpoint import ExportedModel, load_exported_model
+from common.data_paths import resolve_data_path
 from common.distributed import get_world_size, is_main_process, run_on_every_rank, shard
 from common.errors import InputError
 from common.fileutil import remove_stale_temps, save_npy_atomic
@@ -53,7 +54,7 @@ from common.postprocess import (
 )
 from common.preprocessing import AIR_HU, body_box, region_slices
 from common.step_marker import file_stamp
-from fine_efficient_seg.dataset import COARSE_BOX_KEY, as_box, resolve_data_path
+from fine_efficient_seg.dataset import COARSE_BOX_KEY, as_box
 
 logger = get_logger(__name__)
 
