@@ -66,7 +66,7 @@ from common.postprocess import (
     organ_box,
     probs_to_labels,
 )
-from common.preprocessing import AIR_HU, crop_box_with_margin
+from common.preprocessing import AIR_HU, crop_box_with_margin, to_int16_hu
 from common.uif import labels_disagreement
 
 logger = get_logger(__name__)
@@ -107,6 +107,22 @@ def check_ct(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) ->
     if lo > AIR_HU:
         raise InputError(path, f"non-CT intensities: minimum {lo:g} > {AIR_HU:g} (no air), range "
                                f"{lo:g}..{hi:g}; expected a CT in Hounsfield units (rescale slope/intercept applied)")
+
+
+def read_canonical_ct(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta, tuple[bool, bool, bool]]:
+    """Read a CT through the checked reader, check it (`check_ct`), store it as int16 HU (`to_int16_hu`) and flip
+    it to the canonical orientation: the one way a raw image becomes the canonical int16 volume that every
+    stored region (data_prepare's, the fine boxes step's) is cut from.
+
+    Returns (image int16 (z, y, x) canonical and contiguous, the file's meta, the flips applied (z, y, x)).
+    """
+    image_raw, meta = read_image(path)
+    check_ct(image_raw, meta, path)
+    flips = canonical_flips(meta)
+    image = torch.from_numpy(to_int16_hu(image_raw, path))
+    flip_dims = [axis for axis, f in enumerate(flips) if f]
+    # torch's flip makes a contiguous canonical copy much faster than np.ascontiguousarray of a reversed view
+    return (image.flip(flip_dims) if flip_dims else image).numpy(), meta, flips
 
 
 # ------------------------------------------------------------------------------------------------ small helpers

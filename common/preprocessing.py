@@ -13,6 +13,7 @@ The reference used torch's unbiased std at test time only; the difference is ~1/
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +21,11 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
+from common.errors import InputError
 from common.labels import NUM_ORGANS
+from common.logger import get_logger
+
+logger = get_logger(__name__)
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # inclusive (min, max) per axis (z, y, x)
 EPS_STD = 1e-5
@@ -32,6 +37,24 @@ INT16_MIN, INT16_MAX = -32768, 32767
 
 # --------------------------------------------------------------------------------------------------------------
 # intensities
+
+
+def to_int16_hu(array: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """The image as int16 HU: rounded if stored as float, clipped to the int16 range with a warning naming `path`
+    (InputError for NaN/infinite values or a non-numeric voxel type). The array itself when it is int16."""
+    if array.dtype == np.int16:
+        return array
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise InputError(path, "image holds NaN or infinite values")
+        array = np.rint(array)
+    elif array.dtype.kind not in "iub":
+        raise InputError(path, f"image has voxel type {array.dtype}; expected CT numbers (HU)")
+    lo, hi = array.min(), array.max()
+    if lo < INT16_MIN or hi > INT16_MAX:
+        logger.warning("%s: intensities %s..%s exceed int16; clipped to %d..%d", path, lo, hi, INT16_MIN, INT16_MAX)
+        array = np.clip(array, INT16_MIN, INT16_MAX)
+    return array.astype(np.int16)
 
 
 def normalize_hu(array: np.ndarray, window_hu: Sequence[float] = (-325.0, 325.0)) -> np.ndarray:
@@ -238,6 +261,19 @@ def organ_bbox(mask: np.ndarray) -> Box | None:
 def margin_voxels(spacing_zyx: Sequence[float], margin_mm: float) -> tuple[int, int, int]:
     """Margin per axis in voxels: int(margin_mm / spacing) (reference 1.5)."""
     return tuple(int(float(margin_mm) / float(s)) for s in spacing_zyx)  # type: ignore[return-value]
+
+
+def region_slices(bbox: Box, spacing_zyx: Sequence[float], margin_mm: float,
+                  shape_zyx: Sequence[int]) -> tuple[slice, slice, slice]:
+    """The stored region of a case: bbox +/- M voxels inclusive per axis, M = int(margin_mm / spacing), clipped to
+    the volume. With margin_mm = max_extend_size_mm it holds every crop the fine stage can draw around the box
+    (random extensions e < M per face, `crop_box_with_margin` with extend_size_mm <= margin_mm), so crops read from
+    the region equal crops of the whole volume. Used for the labeled regions (data_prepare) and the unlabeled ones
+    (the fine stage's boxes step)."""
+    slices = []
+    for (lo, hi), m, n in zip(bbox, margin_voxels(spacing_zyx, margin_mm), shape_zyx):
+        slices.append(slice(max(0, int(lo) - m), min(int(n), int(hi) + m + 1)))
+    return tuple(slices)  # type: ignore[return-value]
 
 
 def crop_box_with_margin(

@@ -5,24 +5,28 @@
 - read the image (and the mask of a labeled case), check it (InputError -> the case fails with its message),
   flip to the canonical orientation, store HU as int16;
 - coarse: the whole volume resized to coarse_size_zyx (image int16 HU, mask per-label uint8);
-- fine: labeled -> organ box + extend_size_mm resized to fine_size_zyx; unlabeled -> the whole volume;
-- region: a canonical int16 copy (and uint8 mask copy) the fine stage crops from at training time:
-  labeled -> organ box + max_extend_size_mm (every random box extension fits); unlabeled -> the whole volume.
+- fine (labeled only): organ box + extend_size_mm resized to fine_size_zyx;
+- region (labeled only): a canonical int16 copy (and uint8 mask copy) of organ box + max_extend_size_mm
+  (`common.preprocessing.region_slices`: every random box extension fits) the fine stage crops from at training
+  time. Unlabeled cases get none: their box is only known after the coarse stage, and the fine stage's boxes step
+  cuts box + the same margin from the raw image (`common.inference.read_canonical_ct`, as here) into its own
+  output_dir; a whole-volume region an earlier version wrote for an unlabeled case is deleted on its rerun.
 Then the deterministic train/val split (fold 1, and folds 2..5 when split_5fold).
 
 Outputs under data_base_dir (the original README's tree, plus region_image/ and region_mask/):
-  coarse_image/<Z>_<Y>_<X>/<id>.npy  coarse_mask/...  fine_image/<Z>_<Y>_<X>/<id>.npy  fine_mask/...
-  region_image/<id>.npy  region_mask/<id>.npy
+  coarse_image/<Z>_<Y>_<X>/<id>.npy (every case)  coarse_mask/...  fine_image/<Z>_<Y>_<X>/<id>.npy  fine_mask/...
+  region_image/<id>.npy  region_mask/<id>.npy                 (fine and region arrays: labeled cases only)
   db/seg_raw_train, db/seg_raw_trainu, db/seg_raw_test        {image_path, mask_path}
   db/seg_pre-process_database (labeled), db/segu_pre-process_database (unlabeled)   full records
   db/seg_train_fold_k, db/seg_val_fold_k (k = 1, or 1..5), db/seg_trainu   copies of the records
   db/split.json (the split as lists of ids), db/failed_cases.txt (only when something failed),
   db/data_prepare.log
 Record paths are absolute and keep the `.npy` suffix (the reference stored them without it). Unlabeled
-cases have `mask_path`, `coarse_mask_path`, `fine_image_path`, `fine_mask_path`, `region_mask_path` and
-`organ_bbox` = null (the reference wrote the string 'None' and all-zero dummy masks, and a resized whole-volume
-fine_image that nothing reads). The dataset's databases are written by this stage only: the fine stage keeps its
-boxes and UIF pool under its own output_dir.
+cases have `mask_path`, `coarse_mask_path`, `fine_image_path`, `fine_mask_path`, `region_path`,
+`region_mask_path`, `region_offset_zyx`, `region_shape_zyx`, `region_margin_mm` and `organ_bbox` = null (the
+reference wrote the string 'None' and all-zero dummy masks, and a resized whole-volume fine_image that nothing
+reads). The dataset's databases are written by this stage only: the fine stage keeps its boxes, unlabeled
+regions and UIF pool under its own output_dir.
 
 Record of a prepared case (UTF-8 JSON; canonical = after the flips; boxes in canonical raw voxels):
   case_id, labeled (bool)
@@ -32,9 +36,9 @@ Record of a prepared case (UTF-8 JSON; canonical = after the flips; boxes in can
   flips ([z, y, x] bools; the same flips undo themselves)
   organ_bbox      [[z0, z1], [y0, y1], [x0, x1]] inclusive union of all organs (null: unlabeled)
   fine_crop_zyx   [[start, stop), ...] the crop resized into fine_image (organ_bbox + extend_size_mm; null: unlabeled)
-  region_path, region_mask_path      canonical int16 / uint8 copies of the region (mask null: unlabeled)
-  region_offset_zyx, region_shape_zyx  where the region lies in the canonical raw volume
-  region_margin_mm  max_extend_size_mm the labeled region was cut with (null: whole volume)
+  region_path, region_mask_path      canonical int16 / uint8 copies of the region (null: unlabeled)
+  region_offset_zyx, region_shape_zyx  where the region lies in the canonical raw volume (null: unlabeled)
+  region_margin_mm  max_extend_size_mm the labeled region was cut with (null: unlabeled)
   labels_present  sorted organ labels in the mask ([] unlabeled); hu_range [min, max] HU
   source {image, mask: {size, mtime_ns}}, settings {sizes, margins, record_version}   (rerun bookkeeping)
 
@@ -74,19 +78,11 @@ from common.config import ConfigError, PrepareConfig, config_to_dict, parse_cli
 from common.errors import InputError
 from common.fileutil import (check_writable, folder_lock, remove_stale_temps, save_npy_atomic, write_json_atomic,
                              write_text_atomic)
-from common.image_io import canonical_flips, list_images, read_image, read_mask, to_canonical
-from common.inference import check_ct
+from common.image_io import list_images, read_mask, to_canonical
+from common.inference import read_canonical_ct
 from common.lmdb_store import LmdbStore
 from common.logger import ROOT_LOGGER_NAME, get_logger, setup_logging
-from common.preprocessing import (
-    INT16_MAX,
-    INT16_MIN,
-    crop_box_with_margin,
-    label_bboxes,
-    margin_voxels,
-    resize_hu_int16,
-    resize_mask,
-)
+from common.preprocessing import crop_box_with_margin, label_bboxes, region_slices, resize_hu_int16, resize_mask
 from common.step_marker import file_stamp
 
 logger = get_logger("data_prepare.run")  # a fixed name also when run as __main__
@@ -154,34 +150,8 @@ def _source_stamp(path: str) -> dict[str, int]:
     return file_stamp(path)
 
 
-def _to_int16_hu(array: np.ndarray, path: str) -> np.ndarray:
-    """The image as int16 HU (rounded if stored as float, clipped to the int16 range with a warning)."""
-    if array.dtype == np.int16:
-        return array
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)):
-            raise InputError(path, "image holds NaN or infinite values")
-        array = np.rint(array)
-    elif array.dtype.kind not in "iub":
-        raise InputError(path, f"image has voxel type {array.dtype}; expected CT numbers (HU)")
-    lo, hi = array.min(), array.max()
-    if lo < INT16_MIN or hi > INT16_MAX:
-        logger.warning("%s: intensities %s..%s exceed int16; clipped to %d..%d", path, lo, hi, INT16_MIN, INT16_MAX)
-        array = np.clip(array, INT16_MIN, INT16_MAX)
-    return array.astype(np.int16)
-
-
 def _box_list(box) -> list[list[int]]:
     return [[int(a), int(b)] for a, b in box]
-
-
-def _region_slices(bbox, spacing_zyx, margin_mm: float, shape_zyx) -> tuple[slice, slice, slice]:
-    """bbox +/- M voxels inclusive per axis, M = int(margin_mm / spacing): holds every random box extension
-    e < M of the fine stage and the extend_size_mm crop."""
-    slices = []
-    for (lo, hi), m, n in zip(bbox, margin_voxels(spacing_zyx, margin_mm), shape_zyx):
-        slices.append(slice(max(0, lo - m), min(n, hi + m + 1)))
-    return tuple(slices)  # type: ignore[return-value]
 
 
 def prepare_case(task: CaseTask) -> dict:
@@ -189,17 +159,12 @@ def prepare_case(task: CaseTask) -> dict:
 
     All arrays are canonical (flipped) and (z, y, x); boxes are in canonical raw voxels.
     """
-    image_raw, meta = read_image(task.image_path)
-    check_ct(image_raw, meta, task.image_path)  # the one CT rule, the same as predict's
+    # the one CT rule and canonical int16 volume, the same as predict's checks and the fine boxes step's regions
+    image, meta, flips = read_canonical_ct(task.image_path)
     mask_raw = None
     if task.kind == "labeled":
         assert task.mask_path is not None
         mask_raw, _ = read_mask(task.mask_path, meta)
-    flips = canonical_flips(meta)
-    image = torch.from_numpy(_to_int16_hu(image_raw, task.image_path))
-    flip_dims = [axis for axis, f in enumerate(flips) if f]
-    image = (image.flip(flip_dims) if flip_dims else image).numpy()  # a contiguous canonical copy (or the array)
-    del image_raw
     hu_min, hu_max = int(image.min()), int(image.max())
     shape = tuple(int(v) for v in image.shape)
     spacing = tuple(float(v) for v in meta.spacing_zyx)
@@ -218,7 +183,7 @@ def prepare_case(task: CaseTask) -> dict:
         organ_box = tuple((min(b[a][0] for b in boxes.values()), max(b[a][1] for b in boxes.values()))
                           for a in range(3))
         fine_crop = crop_box_with_margin(organ_box, spacing, task.extend_size_mm, shape)
-        region = _region_slices(organ_box, spacing, task.max_extend_size_mm, shape)
+        region = region_slices(organ_box, spacing, task.max_extend_size_mm, shape)
         # the fine crop holds every organ box: shift the boxes instead of searching the crop again
         crop_boxes = {label: tuple((lo - s.start, hi - s.start) for (lo, hi), s in zip(box, fine_crop))
                       for label, box in boxes.items()}
@@ -228,10 +193,11 @@ def prepare_case(task: CaseTask) -> dict:
         arrays["region_image"] = image[region]
         arrays["region_mask"] = mask[region]
     else:
-        # The fine stage crops unlabeled cases from the whole-volume region with the coarse model's box
-        # (DESIGN 5.5). No unlabeled fine_image (the reference's resized whole volume): nothing reads it.
-        region = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
-        arrays["region_image"] = image
+        # Nothing of an unlabeled case but its coarse array is needed here: the fine stage's boxes step cuts the
+        # unlabeled region (coarse box + max_extend_size_mm) from the raw image into its own output_dir once the
+        # box is known (DESIGN 5.5), and no unlabeled fine_image is written (nothing reads it).
+        region = None
+        _remove_unlabeled_region(task)
     del image_f
 
     paths: dict[str, str | None] = {}
@@ -259,17 +225,26 @@ def prepare_case(task: CaseTask) -> dict:
         "flips": [bool(f) for f in flips],
         "organ_bbox": _box_list(organ_box) if organ_box is not None else None,
         "fine_crop_zyx": [[s.start, s.stop] for s in fine_crop] if fine_crop is not None else None,
-        "region_path": paths["region_image"],
+        "region_path": paths.get("region_image"),
         "region_mask_path": paths.get("region_mask"),
-        "region_offset_zyx": [int(s.start) for s in region],
-        "region_shape_zyx": [int(s.stop - s.start) for s in region],
-        "region_margin_mm": float(task.max_extend_size_mm) if task.kind == "labeled" else None,
+        "region_offset_zyx": [int(s.start) for s in region] if region is not None else None,
+        "region_shape_zyx": [int(s.stop - s.start) for s in region] if region is not None else None,
+        "region_margin_mm": float(task.max_extend_size_mm) if region is not None else None,
         "labels_present": labels_present,
         "hu_range": [hu_min, hu_max],
         "source": {"image": _source_stamp(task.image_path),
                    "mask": _source_stamp(task.mask_path) if task.mask_path else None},
         "settings": task.settings(),
     }
+
+
+def _remove_unlabeled_region(task: CaseTask) -> None:
+    """Delete the whole-volume region an earlier version wrote for this unlabeled case (about 130 MB per FLARE22
+    scan); the fine stage's boxes step keeps its own box-sized copy under its output_dir."""
+    path = task.out_path("region_image")
+    if path.is_file():
+        path.unlink()
+        logger.info("%s: removed the whole-volume region of unlabeled case %s (no longer used)", path, task.case_id)
 
 
 class _ListHandler(logging.Handler):
@@ -345,10 +320,13 @@ def _is_finished(task: CaseTask, record: dict | None) -> bool:
         return False
     if record.get("source") != stamps:
         return False
-    expected = {"coarse_image_path": task.out_path("coarse_image"), "region_path": task.out_path("region_image")}
+    expected: dict[str, str | None] = {"coarse_image_path": str(task.out_path("coarse_image"))}
     if task.kind == "labeled":  # an unlabeled record of an earlier version may still name its unused fine_image
-        expected["fine_image_path"] = task.out_path("fine_image")
-    if any(record.get(k) != str(p) for k, p in expected.items()):
+        expected["fine_image_path"] = str(task.out_path("fine_image"))
+        expected["region_path"] = str(task.out_path("region_image"))
+    else:  # an unlabeled record of an earlier version names a whole-volume region: prepared again, region removed
+        expected["region_path"] = None
+    if any(record.get(k) != p for k, p in expected.items()):
         return False
     return all(record.get(k) is None or Path(record[k]).is_file() for k in NPY_KEYS)
 

@@ -8,9 +8,19 @@ coarse model (null or missing folder), or where the coarse prediction is empty, 
 coarse array) is used and a warning says so.
 
 Stored in `<output_dir>/db/unlabeled_boxes` (LMDB, key = case id; the dataset's databases are only read):
-`coarse_box` [[z0, z1], [y0, y1], [x0, x1]] (inclusive, canonical raw voxels) and `coarse_box_source`
-("coarse_model"; "body": no model; "body_fallback": the model found no organ). Cases that already have a box of
-the wanted source are skipped, so the step resumes where it stopped; writes go in batches, one transaction each.
+`coarse_box` [[z0, z1], [y0, y1], [x0, x1]] (inclusive, canonical raw voxels), `coarse_box_source`
+("coarse_model"; "body": no model; "body_fallback": the model found no organ) and the case's region: the only
+copy of an unlabeled image that fine training and UIF crop from, box + `region_margin_mm`
+(`common.preprocessing.region_slices`, the rule of the labeled regions; the fine stage passes
+crop.max_extend_size_mm, >= crop.extend_size_mm, so every crop it draws lies inside), cut from the raw image as
+data_prepare reads it (`common.inference.read_canonical_ct`) and written atomically to
+`<output_dir>/db/unlabeled_regions/<id>.npy` (int16): `region_path`, `region_offset_zyx`, `region_shape_zyx`,
+`region_margin_mm`. The dataset keeps no whole-volume copy of an unlabeled case.
+
+Resume: a case is done when its record has a box of the wanted source and a region file of the wanted margin; a
+case with a box but no such region gets only its region (no model run), the others both. Records are written in
+batches, one transaction each, after their region files, so a killed step redoes at most one batch and a rerun
+with the same inputs writes nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +35,11 @@ from tqdm import tqdm
 
 from common.amp import amp_settings, autocast
 from common.checkpoint import ExportedModel, load_exported_model
+from common.data_paths import resolve_data_path
 from common.distributed import get_world_size, is_main_process, run_on_every_rank, shard
 from common.errors import InputError
+from common.fileutil import remove_stale_temps, save_npy_atomic
+from common.inference import read_canonical_ct
 from common.lmdb_store import open_store
 from common.logger import get_logger
 from common.networks.input_layer import prepare_input
@@ -39,8 +52,9 @@ from common.postprocess import (
     organ_box,
     probs_to_labels,
 )
-from common.preprocessing import AIR_HU, body_box
-from fine_efficient_seg.dataset import COARSE_BOX_KEY, resolve_data_path
+from common.preprocessing import AIR_HU, body_box, region_slices
+from common.step_marker import file_stamp
+from fine_efficient_seg.dataset import COARSE_BOX_KEY, as_box
 
 logger = get_logger(__name__)
 
@@ -94,18 +108,25 @@ def compute_boxes(
     coarse_model_dir: str | None,
     device: torch.device,
     precision: str = "bf16",
+    *,
+    regions_dir: Path,
+    region_margin_mm: float,
 ) -> dict[str, Any]:
-    """Store a `coarse_box` in `boxes_db` (under the experiment's output_dir) for every case of `unlabeled_db`
-    (read only) that lacks one of the wanted source.
+    """Store a `coarse_box` and its region in `boxes_db` (under the experiment's output_dir) for every case of
+    `unlabeled_db` (read only) that lacks one of the wanted source, and a region (box + `region_margin_mm`, an
+    int16 .npy in `regions_dir`) for every case that lacks one of that margin.
 
-    Under DDP the ranks share the work: each computes the boxes of its share (`shard`) of WRITE_BATCH cases per
-    rank at a time, and rank 0 writes them, so the step resumes where it stopped. A failure on any rank ends every
-    rank at once with its message (`run_on_every_rank`). Returns a summary {"cases", "computed", "skipped",
-    "body_fallback", "source"} (the same on every rank).
+    Under DDP the ranks share the work: each computes the boxes and writes the region files of its share (`shard`)
+    of WRITE_BATCH cases per rank at a time, and rank 0 writes the records, so the step resumes where it stopped.
+    A failure on any rank ends every rank at once with its message (`run_on_every_rank`). Returns a summary
+    {"cases", "computed" (boxes), "regions" (region files written), "skipped", "body_fallback", "source"} (the same
+    on every rank).
     """
     planned: dict[str, Any] = {}
+    regions_dir = Path(regions_dir).absolute()
+    margin_mm = float(region_margin_mm)
 
-    def plan() -> list[str] | None:  # every rank: the model, the (read-only) source; rank 0: the boxes store
+    def plan() -> list[tuple[str, dict | None]] | None:  # every rank: model, (read-only) source; rank 0: the store
         model = load_coarse_model(coarse_model_dir, device)
         planned["wanted"] = "coarse_model" if model is not None else "body"
         planned["finder"] = CoarseBoxFinder(model, device, precision) if model is not None else None
@@ -114,39 +135,55 @@ def compute_boxes(
         if not is_main_process():
             return None
         planned["store"] = store = open_store(boxes_db, readonly=False)  # only rank 0 opens (and writes) it
-        return [k for k in source.keys() if not _has_box(store.get(k), planned["wanted"])]
+        remove_stale_temps(regions_dir)  # left by a killed run; no rank writes a region before this plan returns
+        todo: list[tuple[str, dict | None]] = []
+        for key in source.keys():
+            record = store.get(key)
+            if not _has_box(record, planned["wanted"]):
+                todo.append((key, None))      # box and region
+            elif not _has_region(record, margin_mm):
+                todo.append((key, record))    # the region of the stored box only
+        return todo
 
     try:
         todo = run_on_every_rank(plan, "boxes")[0]  # rank 0's list: the boxes store is read there only
         source = planned["source"]
         finder, wanted = planned["finder"], planned["wanted"]
-        summary = {"cases": planned["cases"], "computed": 0, "skipped": planned["cases"] - len(todo),
+        summary = {"cases": planned["cases"], "computed": 0, "regions": 0, "skipped": planned["cases"] - len(todo),
                    "body_fallback": 0, "source": wanted}
         if not todo:
-            logger.info("boxes: all %d unlabeled cases already have a %s box in %s", summary["cases"], wanted,
-                        boxes_db)
+            logger.info("boxes: all %d unlabeled cases already have a %s box and a %g mm region in %s",
+                        summary["cases"], wanted, margin_mm, boxes_db)
             return summary
-        logger.info("boxes: %d of %d unlabeled cases need a box (source: %s) -> %s", len(todo), summary["cases"],
-                    wanted, boxes_db)
+        logger.info("boxes: %d of %d unlabeled cases need a box or region (source: %s, margin %g mm) -> %s, %s",
+                    len(todo), summary["cases"], wanted, margin_mm, boxes_db, regions_dir)
         per_round = WRITE_BATCH * get_world_size()
         bar = tqdm(total=len(todo), desc="boxes", unit="case", disable=not is_main_process())
         for start in range(0, len(todo), per_round):
             chunk = todo[start:start + per_round]
 
-            def boxes_here(chunk: list[str] = chunk) -> dict[str, tuple[list[list[int]], str]]:
+            def boxes_here(chunk: list[tuple[str, dict | None]] = chunk) -> dict[str, dict[str, Any]]:
                 out = {}
-                for case_id in shard(chunk):
-                    box, kind = _case_box(case_id, source.get(case_id), data_base_dir, unlabeled_db, finder)
-                    out[case_id] = ([list(pair) for pair in box], kind)
+                for case_id, stored in shard(chunk):
+                    record = source.get(case_id)
+                    if stored is None:
+                        box, kind = _case_box(case_id, record, data_base_dir, unlabeled_db, finder)
+                    else:
+                        box, kind = as_box(stored[COARSE_BOX_KEY]), stored[BOX_SOURCE_KEY]
+                    region = write_region(case_id, record, box, regions_dir, margin_mm, data_base_dir, unlabeled_db)
+                    out[case_id] = {COARSE_BOX_KEY: [list(pair) for pair in box], BOX_SOURCE_KEY: kind, **region,
+                                    "_computed": stored is None}
                 return out
 
             results = {k: v for part in run_on_every_rank(boxes_here, "boxes") for k, v in part.items()}
             pending: dict[str, dict] = {}
-            for case_id in chunk:
-                box, kind = results[case_id]
-                summary["computed"] += 1
-                summary["body_fallback"] += int(kind != wanted)
-                pending[case_id] = {COARSE_BOX_KEY: box, BOX_SOURCE_KEY: kind}
+            for case_id, _ in chunk:
+                entry = results[case_id]
+                computed = entry.pop("_computed")
+                summary["computed"] += int(computed)
+                summary["regions"] += 1
+                summary["body_fallback"] += int(computed and entry[BOX_SOURCE_KEY] != wanted)
+                pending[case_id] = entry
             # The write runs through run_on_every_rank too, so a failing write on rank 0 stops every rank.
             run_on_every_rank(lambda pending=pending: planned["store"].put_many(pending)
                               if is_main_process() else None, "boxes")
@@ -169,6 +206,45 @@ def _has_box(record: dict | None, wanted: str) -> bool:
     # A model box (or the body box the model fell back to) is kept; a no-model body box is redone once a model
     # exists. Delete `coarse_box` from the records to recompute them with another coarse model.
     return source in ("coarse_model", "body_fallback") or source == wanted
+
+
+def _has_region(record: dict, margin_mm: float) -> bool:
+    """The stored box's region is there, cut with `margin_mm` (region files are written atomically: present means
+    complete)."""
+    path = record.get("region_path")
+    return (path is not None and record.get("region_margin_mm") == margin_mm
+            and record.get("region_offset_zyx") is not None and record.get("region_shape_zyx") is not None
+            and Path(path).is_file())
+
+
+def write_region(case_id: str, record: dict, box: Box, regions_dir: Path, margin_mm: float,
+                 data_base_dir: str | Path, db: Path) -> dict[str, Any]:
+    """Cut box + `margin_mm` (`region_slices`) from the case's raw image, canonical int16 as data_prepare reads it
+    (`read_canonical_ct`), and write it atomically to `regions_dir/<id>.npy`; returns the record's region fields.
+
+    InputError when the raw image changed since data_prepare prepared the case (its box would not fit it)."""
+    for key in ("image_path", "shape_zyx", "spacing_zyx"):
+        if record.get(key) is None:
+            raise InputError(db, f"record {case_id!r} lacks {key} (re-run data_prepare)")
+    path = resolve_data_path(record["image_path"], data_base_dir)
+    stamp = (record.get("source") or {}).get("image")
+    try:
+        changed = stamp is not None and file_stamp(path) != stamp
+    except OSError as exc:
+        raise InputError(path, f"cannot read the image of unlabeled case {case_id}: {exc}") from exc
+    if changed:
+        raise InputError(path, f"changed since data_prepare prepared case {case_id} (size or mtime differ); "
+                               "re-run data_prepare, then the boxes step")
+    image, _, _ = read_canonical_ct(path)
+    shape = tuple(int(v) for v in record["shape_zyx"])
+    if tuple(image.shape) != shape:
+        raise InputError(path, f"canonical shape {tuple(image.shape)} differs from the prepared {shape} of case "
+                               f"{case_id}; re-run data_prepare, then the boxes step")
+    region = region_slices(box, record["spacing_zyx"], margin_mm, shape)
+    out = regions_dir / f"{case_id}.npy"
+    save_npy_atomic(out, np.ascontiguousarray(image[region]))  # np.save of a strided view is very slow
+    return {"region_path": str(out), "region_offset_zyx": [int(s.start) for s in region],
+            "region_shape_zyx": [int(s.stop - s.start) for s in region], "region_margin_mm": float(margin_mm)}
 
 
 def _case_box(case_id: str, record: dict, data_base_dir: str | Path, db: Path,

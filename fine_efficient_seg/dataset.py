@@ -1,8 +1,9 @@
 """Fine-stage data: organ-box crops of the memory-mapped canonical regions, made into samples on the device.
 
-Sources (LMDB records written by data_prepare, `coarse_box` added by the boxes step):
-- labeled cases: box = `organ_bbox` (ground truth), image and mask regions;
-- unlabeled cases: box = `coarse_box` (the coarse model's prediction, or the body box), image region only;
+Sources (LMDB records written by data_prepare, merged with the boxes step's records under output_dir):
+- labeled cases: box = `organ_bbox` (ground truth), image and mask regions (data_prepare's);
+- unlabeled cases: box = `coarse_box` (the coarse model's prediction, or the body box), image region only (the
+  boxes step's: box + the largest extension, under output_dir; the dataset keeps no unlabeled image copy);
 - validation: the fixed 192^3 `fine_image_path` / `fine_mask_path` arrays (GT box + 20 mm, as data_prepare made
   them), resized on the device when the network size differs.
 
@@ -45,7 +46,10 @@ logger = get_logger(__name__)
 
 COARSE_BOX_KEY = "coarse_box"
 BOXES_DB = "db/unlabeled_boxes"
-"""The boxes step's LMDB under the fine stage's output_dir: case id -> {"coarse_box", "coarse_box_source"}."""
+"""The boxes step's LMDB under the fine stage's output_dir: case id -> {"coarse_box", "coarse_box_source",
+"region_path", "region_offset_zyx", "region_shape_zyx", "region_margin_mm"}."""
+BOX_REGIONS_DIR = "db/unlabeled_regions"
+"""The boxes step's unlabeled regions under output_dir: <id>.npy, int16 canonical box + region_margin_mm."""
 UIF_POOL_DB = "db/uif_pool"
 """The uif step's LMDB under output_dir: the kept unlabeled records with their box, uif_score and uif_rank."""
 
@@ -68,6 +72,7 @@ class FineCase:
     region_mask_path: Path | None        # uint8 .npy of the region's labels (labeled cases)
     region_offset_zyx: tuple[int, int, int]
     region_shape_zyx: tuple[int, int, int]
+    region_margin_mm: float | None = None  # the margin the region was cut around the box with (None: not recorded)
 
     @property
     def labeled(self) -> bool:
@@ -92,7 +97,10 @@ def case_from_record(case_id: str, record: Mapping[str, Any], data_base_dir: str
         needed += ["organ_bbox", "region_mask_path"]
     missing = [k for k in needed if record.get(k) is None]
     if missing:
-        raise InputError(db, f"record {case_id!r} lacks {', '.join(missing)} (re-run data_prepare)")
+        # an unlabeled case's region comes from the boxes step (data_prepare keeps no unlabeled image copy)
+        todo = ("re-run data_prepare" if labeled or "shape_zyx" in missing
+                else "run the boxes step: sh run.sh step=boxes")
+        raise InputError(db, f"record {case_id!r} lacks {', '.join(missing)} ({todo})")
     box = as_box(record["organ_bbox"]) if labeled else as_box(record.get(COARSE_BOX_KEY))
     return FineCase(
         case_id=case_id,
@@ -103,6 +111,7 @@ def case_from_record(case_id: str, record: Mapping[str, Any], data_base_dir: str
         region_mask_path=resolve_data_path(record["region_mask_path"], data_base_dir) if labeled else None,
         region_offset_zyx=tuple(int(v) for v in record["region_offset_zyx"]),  # type: ignore[arg-type]
         region_shape_zyx=tuple(int(v) for v in record["region_shape_zyx"]),  # type: ignore[arg-type]
+        region_margin_mm=float(record["region_margin_mm"]) if record.get("region_margin_mm") is not None else None,
     )
 
 
@@ -145,8 +154,9 @@ def load_cases(db: Path, data_base_dir: str | os.PathLike, labeled: bool, need_b
 def read_crop(case: FineCase, slices: Sequence[slice]) -> tuple[np.ndarray, np.ndarray | None]:
     """Read the crop `slices` (canonical raw voxels) from the case's memory-mapped region files.
 
-    The crop is clipped to the stored region (data_prepare stores the organ box plus the largest random
-    extension, or the whole volume, so clipping only trims what lies outside the volume anyway).
+    The crop is clipped to the stored region (the organ box plus the largest random extension, `region_slices`:
+    data_prepare's for labeled cases, the boxes step's for unlabeled ones, so clipping only trims what lies
+    outside the volume anyway).
     Returns contiguous int16 image and uint8 labels (None for unlabeled cases).
     """
     local = []

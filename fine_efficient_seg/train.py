@@ -1,7 +1,8 @@
 """Fine stage entry point: `python -m fine_efficient_seg.train [config=PATH] [key=value ...]` (run.sh wraps it).
 
 Steps (`step=all` runs them in this order; each is skipped when its output is already there):
-  boxes   organ box of every unlabeled case from the exported coarse model     -> <output_dir>/db/unlabeled_boxes
+  boxes   organ box of every unlabeled case from the exported coarse model     -> <output_dir>/db/unlabeled_boxes,
+          and the only copy of its image the stage reads: box + largest extension -> <output_dir>/db/unlabeled_regions
   round1  CPS training of two EfficientSegNets on labeled + all unlabeled crops   -> <output_dir>/round1/
   uif     uncertainty of every unlabeled case, keep the most certain  -> uif_scores.csv, <output_dir>/db/uif_pool
   round2  CPS training on labeled + the kept cases (fresh or warm from round 1)   -> <output_dir>/round2/
@@ -31,8 +32,10 @@ from common.stage_cli import stage_cli
 from common.step_marker import claim_run_folder, file_stamp, marker_matches, write_marker
 from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import (
+    BOX_REGIONS_DIR,
     BOXES_DB,
     UIF_POOL_DB,
+    FineCase,
     FineStream,
     db_path,
     experiment_db,
@@ -86,7 +89,10 @@ def step_boxes(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
         logger.info("boxes: data.unlabeled_db is null; nothing to do")
         return {"skipped": True}
     return compute_boxes(pool, experiment_db(cfg.output_dir, BOXES_DB), cfg.data_base_dir, cfg.boxes.coarse_model_dir,
-                         info.device, cfg.amp.precision)
+                         info.device, cfg.amp.precision, regions_dir=experiment_db(cfg.output_dir, BOX_REGIONS_DIR),
+                         # every crop the stage draws lies inside box + max_extend_size_mm: random extensions are
+                         # smaller, and the config requires extend_size_mm (training and UIF crop) <= it
+                         region_margin_mm=cfg.crop.max_extend_size_mm)
 
 
 def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]:
@@ -124,6 +130,7 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
     unlabeled_stream = None
     if pool is not None:
         unlabeled_cases = load_cases(pool, data_base, labeled=False, boxes_db=boxes)
+        _check_unlabeled_regions(unlabeled_cases, cfg, boxes or pool)
         unlabeled_stream = FineStream(
             unlabeled_cases, name="unlabeled", seed=cfg.seed, batch_size=cfg.data.unlabeled_batch_size,
             size_zyx=size, hu_window=window, settings=settings, device=info.device, labeled=False,
@@ -146,6 +153,17 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]
         snapshot_iterations=snapshots,
     )
     return run_cps_training(job)
+
+
+def _check_unlabeled_regions(cases: Sequence[FineCase], cfg: FineTrainConfig, db: Path) -> None:
+    """InputError unless every unlabeled region holds the crops of this config (cut with a margin >=
+    crop.max_extend_size_mm): a smaller one would clip the random extensions silently."""
+    narrow = [c for c in cases if c.region_margin_mm is None or c.region_margin_mm < cfg.crop.max_extend_size_mm]
+    if narrow:
+        raise InputError(db, f"{len(narrow)} unlabeled region(s) (first: {narrow[0].case_id}, "
+                             f"{narrow[0].region_margin_mm} mm) were cut with less than crop.max_extend_size_mm="
+                             f"{cfg.crop.max_extend_size_mm}; run the boxes step (sh run.sh step=boxes)"
+                             " and, for round 2, the uif step again")
 
 
 def _uif_inputs(cfg: FineTrainConfig) -> dict[str, Any]:

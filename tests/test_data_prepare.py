@@ -125,14 +125,17 @@ def test_end_to_end_tiny_synthetic(dataset: Path) -> None:
     assert sorted(unlabeled) == sorted(raw_u)
     for case_id, rec in unlabeled.items():
         assert rec["labeled"] is False
-        # no unlabeled fine_image: nothing reads it (the fine stage crops the region with the coarse box)
-        for key in ("mask_path", "coarse_mask_path", "fine_image_path", "fine_mask_path", "region_mask_path",
-                    "organ_bbox"):
+        # no unlabeled fine_image and no unlabeled region: the fine stage's boxes step cuts box + margin from the
+        # raw image into its own output_dir once the box is known
+        for key in ("mask_path", "coarse_mask_path", "fine_image_path", "fine_mask_path", "region_path",
+                    "region_mask_path", "region_offset_zyx", "region_shape_zyx", "region_margin_mm", "organ_bbox"):
             assert rec[key] is None, key
         image, _ = canonical_case(rec)
-        assert rec["region_offset_zyx"] == [0, 0, 0] and rec["region_shape_zyx"] == list(image.shape)
-        np.testing.assert_array_equal(np.load(rec["region_path"]), image)
+        assert rec["shape_zyx"] == list(image.shape)
         np.testing.assert_array_equal(np.load(rec["coarse_image_path"]), resize_hu_int16(image, (32, 32, 32)))
+    # the dataset holds no whole-volume copy of an unlabeled case
+    assert sorted(p.name for p in (dataset / "region_image").iterdir()) == sorted(f"{k}.npy" for k in labeled)
+    assert not [p for p in dataset.rglob("*.npy") if "trainu_" in p.name and "coarse_image" not in p.parts]
 
     train = open_store(db / "seg_train_fold_1").to_dict()
     val = open_store(db / "seg_val_fold_1").to_dict()
@@ -187,6 +190,28 @@ def test_rerun_skips_and_overwrite_redoes(dataset: Path) -> None:
     rec = open_store(dataset / "db" / "seg_pre-process_database").get("train_000")
     assert rec["coarse_image_path"].endswith("coarse_image/16_16_16/train_000.npy")
     assert np.load(rec["coarse_image_path"]).shape == (16, 16, 16)
+
+
+def test_rerun_removes_the_whole_volume_region_of_an_earlier_version(dataset: Path) -> None:
+    """An unlabeled record of the earlier layout (a whole-volume region_image/<id>.npy) is prepared again, its
+    record loses the region and the 100+ MB file is deleted; labeled cases are not redone."""
+    assert main(config(dataset)) == 0
+    db = dataset / "db"
+    store = open_store(db / "segu_pre-process_database", readonly=False)
+    old = store.get("trainu_0000")
+    image, _ = canonical_case(old)
+    legacy = dataset / "region_image" / "trainu_0000.npy"
+    np.save(legacy, image)
+    store.put_many({"trainu_0000": {**old, "region_path": str(legacy), "region_offset_zyx": [0, 0, 0],
+                                    "region_shape_zyx": list(image.shape)}})
+    store.close()
+    labeled_npy = sorted((dataset / "region_image").glob("train_*.npy"))
+    stamps = {p: p.stat().st_mtime_ns for p in labeled_npy}
+    assert main(config(dataset)) == 0
+    assert not legacy.exists()
+    assert open_store(db / "segu_pre-process_database").get("trainu_0000")["region_path"] is None
+    assert open_store(db / "seg_trainu").get("trainu_0000")["region_path"] is None
+    assert {p: p.stat().st_mtime_ns for p in labeled_npy} == stamps
 
 
 # ---------------------------------------------------------------------------------------------------- bad inputs

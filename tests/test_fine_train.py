@@ -81,6 +81,12 @@ def test_box_helpers():
     assert grid_box_to_raw(((0, 15), (4, 8), (2, 2)), (16, 16, 16), (40, 80, 100)) == ((0, 37), (20, 40), (12, 12))
 
 
+def run_boxes(db: Path, boxes_db: Path, dataset: Path, model_dir: str | None) -> dict:
+    """The boxes step on the CPU, its regions beside `boxes_db`, with the stage's default margin (40 mm)."""
+    return compute_boxes(db, boxes_db, dataset, model_dir, torch.device("cpu"), "fp32",
+                         regions_dir=boxes_db.parent / "regions", region_margin_mm=40.0)
+
+
 def _db_bytes(db: Path) -> bytes:
     return (db / "data.mdb").read_bytes()
 
@@ -90,7 +96,7 @@ def test_boxes_step_model_and_body_fallback(dataset, tmp_path, caplog):
     before = open_store(db).to_dict()
     boxes_db = tmp_path / "with_model" / "db" / "unlabeled_boxes"
     model_dir = str(dataset.parent / "coarse_model")
-    summary = compute_boxes(db, boxes_db, dataset, model_dir, torch.device("cpu"), "fp32")
+    summary = run_boxes(db, boxes_db, dataset, model_dir)
     assert summary["cases"] == 4 and summary["computed"] == 4 and summary["source"] == "coarse_model"
     boxes = open_store(boxes_db).to_dict()
     assert sorted(boxes) == sorted(before)
@@ -101,12 +107,12 @@ def test_boxes_step_model_and_body_fallback(dataset, tmp_path, caplog):
     # the dataset's database is only read
     assert open_store(db).to_dict() == before
     # Done: a second run computes nothing.
-    again = compute_boxes(db, boxes_db, dataset, model_dir, torch.device("cpu"), "fp32")
+    again = run_boxes(db, boxes_db, dataset, model_dir)
     assert again["computed"] == 0 and again["skipped"] == 4
     # No coarse model: body box with a warning.
     body_db = tmp_path / "no_model" / "db" / "unlabeled_boxes"
     caplog.set_level("WARNING")
-    body = compute_boxes(db, body_db, dataset, None, torch.device("cpu"), "fp32")
+    body = run_boxes(db, body_db, dataset, None)
     assert body["source"] == "body" and body["computed"] == 4
     assert any("body box" in r.getMessage() for r in caplog.records)
     for key, record in open_store(body_db).to_dict().items():
@@ -115,8 +121,7 @@ def test_boxes_step_model_and_body_fallback(dataset, tmp_path, caplog):
         assert record["coarse_box"] == [list(p) for p in grid_box_to_raw(body_box(image), image.shape,
                                                                              before[key]["shape_zyx"])]
     # A folder without model.pt also falls back to the body box.
-    assert compute_boxes(db, tmp_path / "empty_dir" / "boxes", dataset, str(tmp_path),
-                         torch.device("cpu"), "fp32")["source"] == "body"
+    assert run_boxes(db, tmp_path / "empty_dir" / "boxes", dataset, str(tmp_path))["source"] == "body"
 
 
 def test_two_experiments_on_one_dataset_keep_their_own_boxes_and_uif_pool(dataset, tmp_path, monkeypatch):
@@ -175,8 +180,9 @@ def test_streams_are_deterministic_and_resume_exactly(dataset, tmp_path):
     resumed.close()
     assert torch.equal(x2, batches[2][0]) and torch.equal(y2, batches[2][1])
     assert not torch.equal(batches[0][0], batches[1][0])
-    unlabeled = [replace(c, box=tuple((0, n - 1) for n in c.shape_zyx))
-                 for c in load_cases(dataset / "db" / "seg_trainu", dataset, labeled=False, need_box=False)]
+    boxes_db = tmp_path / "db" / "unlabeled_boxes"
+    run_boxes(dataset / "db" / "seg_trainu", boxes_db, dataset, None)
+    unlabeled = load_cases(dataset / "db" / "seg_trainu", dataset, labeled=False, boxes_db=boxes_db)
     u_stream = FineStream(unlabeled, name="unlabeled", labeled=False, **kwargs)(0)
     xu = next(u_stream)
     u_stream.close()
@@ -380,8 +386,7 @@ def _boxes_worker(rank: int, world: int, init_file: str, dataset: str, db: str, 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         try:
-            summary = compute_boxes(Path(db), Path(out_dir) / "boxes", dataset,
-                                    str(Path(dataset).parent / "coarse_model"), torch.device("cpu"), "fp32")
+            summary = run_boxes(Path(db), Path(out_dir) / "boxes", dataset, str(Path(dataset).parent / "coarse_model"))
             outcome = json.dumps(summary)
         except (RankFailedError, Exception) as exc:  # noqa: BLE001 - the test reads what each rank saw
             outcome = f"{type(exc).__name__}: {exc}"
@@ -401,12 +406,17 @@ def _boxes_on_two_ranks(dataset: Path, db: Path, tmp_path: Path, name: str) -> t
 def test_boxes_step_shared_by_two_ranks(dataset, tmp_path):
     source = dataset / "db" / "seg_trainu"
     single = tmp_path / "single" / "boxes"
-    compute_boxes(source, single, dataset, str(dataset.parent / "coarse_model"), torch.device("cpu"), "fp32")
+    run_boxes(source, single, dataset, str(dataset.parent / "coarse_model"))
     outcomes, shared = _boxes_on_two_ranks(dataset, source, tmp_path, "ok")
     for outcome in outcomes:
         assert json.loads(outcome)["computed"] == 4, outcome
     a, b = open_store(single), open_store(shared)
-    assert a.keys() == b.keys() and all(a.get(k) == b.get(k) for k in a.keys())
+    assert a.keys() == b.keys()
+    for key in a.keys():  # the same boxes and regions (each run writes its region files into its own folder)
+        ra, rb = a.get(key), b.get(key)
+        assert Path(rb["region_path"]).parent == shared.parent / "regions"
+        np.testing.assert_array_equal(np.load(ra.pop("region_path")), np.load(rb.pop("region_path")))
+        assert ra == rb
     a.close(), b.close()
     # A case whose coarse array is missing fails on the rank that has it: both ranks stop with that message.
     broken = copy_pool(dataset, tmp_path / "broken")
