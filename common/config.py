@@ -37,6 +37,7 @@ import yaml
 
 from common.amp import PRECISIONS as AMP_PRECISIONS
 from common.fileutil import write_text_atomic
+from common.postprocess import COARSE_MIN_VOLUME_MM3, EXTEND_SIZE_MM, FINE_MIN_VOLUME_MM3, Z_WINDOW_MM
 
 T = TypeVar("T")
 
@@ -562,7 +563,7 @@ class PrepareConfig:
     file_list_dir: str = "file_list"
     coarse_size_zyx: list[int] = cfg_field([160, 160, 160], length=3, gt=0, multiple_of=16)
     fine_size_zyx: list[int] = cfg_field([192, 192, 192], length=3, gt=0, multiple_of=16)
-    extend_size_mm: float = cfg_field(20.0, ge=0)
+    extend_size_mm: float = cfg_field(EXTEND_SIZE_MM, ge=0)
     max_extend_size_mm: float = cfg_field(40.0, ge=0)
     hu_window: list[float] = cfg_field([-325.0, 325.0], length=2)
     val_ratio: float = cfg_field(0.2, ge=0, lt=1)
@@ -684,7 +685,7 @@ class ExportSection:
 class CropSection:
     """Fine-stage training crops: box extension and per-organ HU shift augmentation."""
 
-    extend_size_mm: float = cfg_field(20.0, ge=0)
+    extend_size_mm: float = cfg_field(EXTEND_SIZE_MM, ge=0)
     max_extend_size_mm: float = cfg_field(40.0, ge=0)
     random_extend_prob: float = cfg_field(0.5, ge=0, le=1)
     hu_shift_prob: float = cfg_field(0.5, ge=0, le=1)
@@ -725,8 +726,8 @@ class CoarsePostprocessSection:
     """Coarse prediction -> organ box (reference 6.2 steps 3-4); exported with the model, predict.py flags
     --coarse-min-volume-mm3 / --z-window-mm override it. The fine stage's boxes step uses the same values."""
 
-    min_volume_mm3: float = cfg_field(1000.0, ge=0)
-    z_window_mm: float = cfg_field(240.0, gt=0)
+    min_volume_mm3: float = cfg_field(COARSE_MIN_VOLUME_MM3, ge=0)
+    z_window_mm: float = cfg_field(Z_WINDOW_MM, gt=0)
 
 
 @dataclass
@@ -734,7 +735,7 @@ class FinePostprocessSection:
     """Fine prediction -> mask (reference 6.2 step 7): smallest component kept per organ (mm^3 of the crop grid);
     exported with the model, predict.py --fine-min-volume-mm3 overrides it. The box margin is crop.extend_size_mm."""
 
-    min_volume_mm3: float = cfg_field(2000.0, ge=0)
+    min_volume_mm3: float = cfg_field(FINE_MIN_VOLUME_MM3, ge=0)
 
 
 @dataclass
