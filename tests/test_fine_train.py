@@ -15,20 +15,19 @@ import pytest
 import torch
 from torch import nn
 
-from common.checkpoint import export_model, load_checkpoint, load_exported_model, model_state_dict
-from common.config import FineTrainConfig, PrepareConfig, load_config
+from common.checkpoint import load_checkpoint, load_exported_model
+from common.config import FineTrainConfig, load_config
 from common.errors import InputError
 from common.lmdb_store import open_store
 from common.networks import build_network
 from common.postprocess import grid_box_to_raw
 from common.preprocessing import body_box
-from data_prepare import run as prepare_run
-from data_prepare.synthetic import write_dataset
 from fine_efficient_seg import uif as fine_uif
 from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import FineStream, fixed_crop_input, load_cases, validation_cases
 from fine_efficient_seg.train import augment_settings, main
 from fine_efficient_seg.uif import read_scores_csv, run_uif, snapshot_iterations
+from tiny_models import prepared_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / "fine_efficient_seg"
@@ -38,21 +37,8 @@ TINY = "[2,4,4,8,8]"
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """Tiny synthetic dataset (3 labeled, 4 unlabeled), prepared at 32^3, plus a tiny exported coarse model."""
-    root = tmp_path_factory.mktemp("fine")
-    data = root / "dataset"
-    write_dataset(data, labeled=4, unlabeled=4, val=0, seed=3, size="tiny", hard_fraction=0.5)
-    cfg = load_config(PrepareConfig, REPO / "data_prepare" / "config.yaml",
-                      [f"data_base_dir={data}", f"coarse_size_zyx=[{SIZE},{SIZE},{SIZE}]",
-                       f"fine_size_zyx=[{SIZE},{SIZE},{SIZE}]", "num_workers=0"])
-    assert prepare_run.main(cfg) == 0
-    torch.manual_seed(0)
-    kwargs = {"channels": [2, 4, 4, 8, 8], "dropout": 0.0}
-    net = build_network("unet", **kwargs)
-    export_model(root / "coarse_model", stage="coarse", model={"name": "unet", "kwargs": kwargs},
-                 networks={"a": model_state_dict(net)}, primary="a",
-                 preprocess={"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0]}, config={})
-    return data
+    """Tiny synthetic dataset (4 labeled, 4 unlabeled), prepared at 32^3, plus a tiny exported coarse model."""
+    return prepared_tiny_dataset(tmp_path_factory.mktemp("fine"), labeled=4, unlabeled=4, seed=3, hard_fraction=0.5)
 
 
 def overrides(data: Path, out: Path, *extra: str) -> list[str]:

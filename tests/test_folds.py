@@ -7,19 +7,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from coarse_base_seg.train import cli as coarse_cli
-from common.checkpoint import export_model, model_state_dict
-from common.config import FineTrainConfig, PrepareConfig, load_config
+from common.config import FineTrainConfig, load_config
 from common.errors import InputError
 from common.lmdb_store import open_store
-from common.networks import build_network
-from data_prepare import run as prepare_run
-from data_prepare.synthetic import write_dataset
 from fine_efficient_seg import uif as fine_uif
 from fine_efficient_seg.train import main as fine_main
 from test_fine_train import ThresholdNet
+from tiny_models import prepared_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -29,19 +25,8 @@ TINY = "[2,4,4,8,8]"
 @pytest.fixture(scope="module")
 def five_fold_dataset(tmp_path_factory) -> Path:
     """Tiny synthetic dataset prepared with all five folds, and a tiny exported coarse model beside it."""
-    root = tmp_path_factory.mktemp("folds")
-    data = root / "dataset"
-    write_dataset(data, labeled=5, unlabeled=3, val=0, seed=5, size="tiny", hard_fraction=0.0)
-    cfg = load_config(PrepareConfig, REPO / "data_prepare" / "config.yaml",
-                      [f"data_base_dir={data}", f"coarse_size_zyx=[{SIZE},{SIZE},{SIZE}]",
-                       f"fine_size_zyx=[{SIZE},{SIZE},{SIZE}]", "num_workers=0", "split_5fold=true"])
-    assert prepare_run.main(cfg) == 0
-    torch.manual_seed(0)
-    kwargs = {"channels": [2, 4, 4, 8, 8], "dropout": 0.0}
-    export_model(root / "coarse_model", stage="coarse", model={"name": "unet", "kwargs": kwargs},
-                 networks={"a": model_state_dict(build_network("unet", **kwargs))}, primary="a",
-                 preprocess={"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0]}, config={})
-    return data
+    return prepared_tiny_dataset(tmp_path_factory.mktemp("folds"), labeled=5, unlabeled=3, seed=5, hard_fraction=0.0,
+                                 prepare_overrides=("split_5fold=true",))
 
 
 def _fine(data: Path, out: Path, fold: int, keep: int) -> FineTrainConfig:

@@ -31,3 +31,28 @@ def export_tiny_stage(weights_dir: Path, stage: str, name: str, size: int, seed:
     export_model(folder, stage=stage, model={"name": name, "kwargs": kwargs}, networks=nets, primary="a",
                  preprocess=preprocess, config=config or {"model": {"name": name}})
     return folder
+
+
+def prepared_tiny_dataset(root: Path, *, labeled: int, unlabeled: int, seed: int, hard_fraction: float,
+                          size: int = 32, prepare_overrides: tuple[str, ...] = ()) -> Path:
+    """A `tiny` synthetic dataset in root/dataset, prepared by data_prepare at size^3 (plus `prepare_overrides`),
+    and an exported coarse model of one random tiny U-Net (torch seed 0) in root/coarse_model. Returns the dataset."""
+    from common.checkpoint import model_state_dict
+    from common.config import PrepareConfig, load_config
+    from data_prepare import run as prepare_run
+    from data_prepare.synthetic import write_dataset
+
+    data = Path(root) / "dataset"
+    write_dataset(data, labeled=labeled, unlabeled=unlabeled, val=0, seed=seed, size="tiny",
+                  hard_fraction=hard_fraction)
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(PrepareConfig, repo / "data_prepare" / "config.yaml",
+                      [f"data_base_dir={data}", f"coarse_size_zyx=[{size},{size},{size}]",
+                       f"fine_size_zyx=[{size},{size},{size}]", "num_workers=0", *prepare_overrides])
+    assert prepare_run.main(cfg) == 0
+    torch.manual_seed(0)
+    kwargs = {"channels": TINY, "dropout": 0.0}
+    export_model(Path(root) / "coarse_model", stage="coarse", model={"name": "unet", "kwargs": kwargs},
+                 networks={"a": model_state_dict(build_network("unet", **kwargs))}, primary="a",
+                 preprocess={"size_zyx": [size] * 3, "hu_window": [-325.0, 325.0]}, config={})
+    return data
