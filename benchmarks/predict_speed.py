@@ -57,7 +57,7 @@ from common.inference import (
     upsample_labels,
 )
 from common.networks import build_network
-from common.postprocess import keep_largest_component, organ_box, probs_to_labels
+from common.postprocess import FINE_MIN_VOLUME_MM3, keep_largest_component, organ_box, probs_to_labels
 from common.preprocessing import crop_box_with_margin, normalize_hu, resize_volume
 
 logger = logging.getLogger("predict_speed")
@@ -185,7 +185,7 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     del probs
     t4 = time.perf_counter()
     times["fine_s"] = t4 - t3
-    labels = keep_largest_component(labels, spacing, 2000.0)
+    labels = keep_largest_component(labels, spacing, FINE_MIN_VOLUME_MM3)
     mask = np.zeros(ct.shape, dtype=np.uint8)
     mask[crop] = labels
     mask = np.ascontiguousarray(mask[tuple(slice(None, None, -1) if f else slice(None) for f in flips)])
@@ -249,7 +249,7 @@ def phantom_postprocess(mask_zyx: np.ndarray, spacing_zyx, predictor: Predictor)
     t0 = time.perf_counter()
     labels = upsample_labels(scores, mask_zyx.shape, 0.0, predictor.chunk_elements).cpu().numpy()
     t1 = time.perf_counter()
-    keep_largest_component(labels, spacing_zyx, 2000.0)
+    keep_largest_component(labels, spacing_zyx, FINE_MIN_VOLUME_MM3)
     t2 = time.perf_counter()
     agree = float((labels == mask_zyx).mean())
     return {"labels_s": t1 - t0, "components_s": t2 - t1, "voxel_agreement": agree}

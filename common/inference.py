@@ -11,7 +11,7 @@ Pipeline per case (DESIGN 4, decisions 7-9; reference 6.2):
 4. the fine network runs on the crop resized to 192^3 (or 160^3); its scores are resized back to the crop size
    on the device, chunk by chunk and only inside each organ's support, straight into a uint8 label map
    (no full-resolution 13-channel float tensor ever exists);
-5. largest component per organ >= 2000 mm^3 of the crop grid (DESIGN 5.8), on each organ's bounding box;
+5. largest component per organ >= 500 mm^3 of the crop grid (FINE_MIN_VOLUME_MM3), on each organ's bounding box;
 6. paste into a zero uint8 volume in the file's own orientation and write it (background thread) with the
    input's exact size, spacing, origin and direction.
 

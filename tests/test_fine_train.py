@@ -20,7 +20,7 @@ from common.config import FineTrainConfig, load_config
 from common.errors import InputError
 from common.lmdb_store import open_store
 from common.networks import build_network
-from common.postprocess import grid_box_to_raw
+from common.postprocess import FINE_MIN_VOLUME_MM3, grid_box_to_raw
 from common.preprocessing import body_box
 from fine_efficient_seg import uif as fine_uif
 from fine_efficient_seg.boxes import compute_boxes
@@ -327,7 +327,7 @@ def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     model = load_exported_model(tmp_path / "export", "cpu", stage="fine")
     assert set(model.networks) == {"a", "b"} and model.primary == "a"
     assert model.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0,
-                                "min_volume_mm3": 2000.0}
+                                "min_volume_mm3": FINE_MIN_VOLUME_MM3}
     assert (tmp_path / "export" / "config.yaml").is_file()
     with torch.no_grad():
         assert model.net(torch.zeros(1, 1, SIZE, SIZE, SIZE)).shape == (1, 13, SIZE, SIZE, SIZE)
