@@ -29,7 +29,7 @@ COARSE_MIN_VOLUME_MM3 = 1000.0   # step 3: smallest coarse component kept, mm^3 
 Z_WINDOW_MM = 240.0              # step 4: half height of the z-window around the largest region
 EXTEND_SIZE_MM = 20.0            # step 5: margin around the organ box (crop_box_with_margin)
 # step 7: smallest fine component kept, mm^3 of the crop grid. DESIGN 5.8 said 2000; measured 500 (BENCHMARKS.md,
-# "Fine minimum component volume": 500 >= 2000 in DSC on 5 seeds, the original's effective value on its crops).
+# "Fine minimum component volume": 500 beats 2000 on 5 seeds; the original's effective value on its crops).
 FINE_MIN_VOLUME_MM3 = 500.0
 
 
