@@ -35,9 +35,9 @@ different settings into the same folder is refused (pick another --out).
 
 Cost: every subprocess runs with `--threads` (default 1) OMP/MKL threads and `--jobs` (default 2) seeds run in
 parallel. The CPU defaults (5 seeds; channels 8..128; coarse 32^3 x 300, fine 32^3 x 250 iterations per training;
-six trainings a seed) are estimated at ~40 min on two idle cores from the single-thread step times (coarse CPS
-32^3 ~0.45 s, fine ~0.4 s); that was not measured on an idle machine. Below about 150 iterations of channels
-4..64 the networks learn nothing (validation Dice < 0.1) and the table says nothing (BENCHMARKS.md).
+six trainings a seed) took 6079 s on two loaded cores (about 2200 s of steps per seed; BENCHMARKS.md), and the
+networks reach DSC 0.24-0.39. Below about 150 iterations of channels 4..64 they learn nothing (validation Dice
+< 0.1) and the table says nothing.
 
     python -m benchmarks.semi_supervised                      # CPU defaults: 5 seeds, L=4, U=12 -> K=6
     python -m benchmarks.semi_supervised --stop-after lu --seeds 0 1 --cps-weight 0.5   # probe L/U vs L/0 only
