@@ -1,8 +1,8 @@
 """The command line of a training stage (`python -m coarse_base_seg.train`, `python -m fine_efficient_seg.train`).
 
 Parses the stage's config, runs its `main`, and turns the known failures into a one-line message and an exit code:
-2 for a bad config or input, 1 for a non-finite loss or a failed rank, 128 + signal after an interruption (the
-engine has already logged where last.pt is). The process group is torn down on every path.
+2 for a bad config or input, 1 for a non-finite loss or a failed rank, 128 + signal after an interruption (with
+where last.pt is). The process group is torn down on every path.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def stage_cli(config_cls: type, default_config: Path, main: Callable[[Any], Any]
     except (NonFiniteLossError, RankFailedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except TrainingInterrupted as exc:
+    except TrainingInterrupted as exc:  # the engine logged it too; stderr tells a caller that keeps only that
+        print(exc.message, file=sys.stderr)
         return int(exc.code)
     finally:
         destroy_distributed()

@@ -27,6 +27,7 @@ from common.config import FineTrainConfig
 from common.distributed import DistInfo, init_distributed, run_on_every_rank
 from common.engine import DONE_FILE, CPSJob, run_cps_training
 from common.errors import InputError
+from common.lmdb_store import open_store
 from common.logger import get_logger, setup_logging
 from common.stage_cli import stage_cli
 from common.step_marker import claim_run_folder, file_stamp, marker_matches, write_marker
@@ -237,6 +238,8 @@ def main(cfg: FineTrainConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     setup_logging(Path(cfg.output_dir) / (STEPS_LOG if info.is_main else f"steps.rank{info.rank}.log"),
                   rank=info.rank)
+    # the dataset first (a wrong data_base_dir must not claim the folder for the wrong run), then the folder
+    open_store(db_path(cfg.data.labeled_db, cfg.data_base_dir, cfg.fold)).close()
     claim_run_folder(cfg.output_dir, cfg.run_identity("fine"), write=info.is_main)
     for step in steps:
         logger.info("fine stage: step %s", step)

@@ -115,8 +115,7 @@ def test_two_experiments_on_one_dataset_keep_their_own_boxes_and_uif_pool(datase
     coarse model, another keep_count) leaves the first one's untouched, and the dataset's db/ is only read."""
     seg_trainu = dataset / "db" / "seg_trainu"
     dataset_before = open_store(seg_trainu).to_dict()
-    monkeypatch.setattr(fine_uif, "load_round_networks", lambda round_dir, device: (ThresholdNet(0.0),
-                                                                                    ThresholdNet(0.5)))
+    monkeypatch.setattr(fine_uif, "load_round_networks", _threshold_pair)
     cfg_a = fine_config(dataset, tmp_path / "a", "uif.keep_count=1")
     cfg_b = fine_config(dataset, tmp_path / "b", "uif.keep_count=3", "boxes.coarse_model_dir=null")
     for cfg in (cfg_a, cfg_b):
@@ -246,8 +245,7 @@ def make_pool(root: Path) -> Path:
 @pytest.mark.parametrize("method", ["disagreement", "entropy"])
 def test_uif_step_keeps_agreeing_cases(tmp_path, monkeypatch, method):
     db = make_pool(tmp_path)
-    monkeypatch.setattr(fine_uif, "load_round_networks", lambda round_dir, device: (ThresholdNet(0.0),
-                                                                                    ThresholdNet(0.5)))
+    monkeypatch.setattr(fine_uif, "load_round_networks", _threshold_pair)
     pool_db = tmp_path / "out" / "db" / "uif_pool"
     common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, boxes_db=None, pool_db=pool_db,
                   data_base_dir=tmp_path, output_dir=tmp_path / "out",

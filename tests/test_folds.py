@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from coarse_base_seg.train import cli as coarse_cli
-from common.config import FineTrainConfig, load_config
+from common.config import FineTrainConfig
 from common.errors import InputError
 from common.lmdb_store import open_store
 from fine_efficient_seg import uif as fine_uif
 from fine_efficient_seg.train import main as fine_main
-from test_fine_train import ThresholdNet
+from test_fine_train import _threshold_pair, fine_config
 from tiny_models import prepared_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,10 +30,8 @@ def five_fold_dataset(tmp_path_factory) -> Path:
 
 
 def _fine(data: Path, out: Path, fold: int, keep: int) -> FineTrainConfig:
-    return load_config(FineTrainConfig, REPO / "fine_efficient_seg" / "config.yaml", [
-        f"data_base_dir={data}", f"output_dir={out}", f"fold={fold}", "device=cpu",
-        f"data.size_zyx=[{SIZE},{SIZE},{SIZE}]", f"model.channels={TINY}", "amp.precision=fp32", "data.num_workers=0",
-        f"uif.keep_count={keep}", f"boxes.coarse_model_dir={data.parent / 'coarse_model'}"])
+    """The fine-stage test config of test_fine_train for `fold`, its run folder out/output."""
+    return fine_config(data, out, f"fold={fold}", f"uif.keep_count={keep}")
 
 
 def _bytes(db: Path) -> bytes:
@@ -46,9 +44,8 @@ def test_two_fine_folds_keep_their_own_boxes_and_pool(five_fold_dataset, tmp_pat
     train_2 = set(open_store(data / "db" / "seg_train_fold_2").keys())
     assert train_1 != train_2  # the folds really differ
     dataset_db = {name: _bytes(data / "db" / name) for name in ("seg_trainu", "seg_train_fold_1", "seg_train_fold_2")}
-    monkeypatch.setattr(fine_uif, "load_round_networks", lambda round_dir, device: (ThresholdNet(0.0),
-                                                                                    ThresholdNet(0.5)))
-    cfgs = {fold: _fine(data, tmp_path / "output" / f"fold_{fold}", fold, keep) for fold, keep in ((1, 1), (2, 2))}
+    monkeypatch.setattr(fine_uif, "load_round_networks", _threshold_pair)
+    cfgs = {fold: _fine(data, tmp_path / f"fold_{fold}", fold, keep) for fold, keep in ((1, 1), (2, 2))}
     for cfg in cfgs.values():  # round 1 stands in as finished: the test is about the boxes and the pool
         (Path(cfg.output_dir) / "round1").mkdir(parents=True)
         (Path(cfg.output_dir) / "round1" / "DONE").write_text('{"iteration": 3}')
@@ -72,6 +69,13 @@ def test_two_fine_folds_keep_their_own_boxes_and_pool(five_fold_dataset, tmp_pat
     with pytest.raises(InputError, match=r"run\.json.*fold 1 \(this command: 2\)"):
         fine_main(replace(cfgs[2], output_dir=str(out_1), step="uif"))
     assert (out_1 / "uif_scores.csv").read_text() == fold_1[2]
+    # a wrong data_base_dir fails on the dataset and claims no folder: the corrected command then runs
+    fresh = tmp_path / "fresh"
+    with pytest.raises(InputError, match="check data_base_dir"):
+        fine_main(replace(cfgs[2], data_base_dir=str(tmp_path / "no_dataset"), output_dir=str(fresh), step="boxes"))
+    assert not (fresh / "run.json").exists()
+    fine_main(replace(cfgs[2], output_dir=str(fresh), step="boxes"))
+    assert (fresh / "run.json").is_file()
 
 
 def test_coarse_fold_into_another_folds_folder_exits_2(five_fold_dataset, tmp_path, capsys):
