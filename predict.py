@@ -13,10 +13,11 @@ import logging
 import sys
 from pathlib import Path
 
-from common.backends import BACKENDS
-from common.errors import InputError
-from common.inference import DEFAULT_UNCERTAINTY_THRESHOLD, PredictOptions, WeightsError, predict_folder
-from common.logger import get_logger, setup_logging
+from common.core.errors import InputError, WeightsError
+from common.core.logger import get_logger, setup_logging
+from common.infer.backends import BACKENDS
+from common.infer.folder import predict_folder
+from common.infer.predictor import DEFAULT_UNCERTAINTY_THRESHOLD, PredictOptions
 
 REPO_ROOT = Path(__file__).resolve().parent
 logger = get_logger("predict")

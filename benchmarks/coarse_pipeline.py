@@ -1,8 +1,8 @@
 """Coarse-stage training speed: CPS iterations per second with the real data pipeline vs the bare CPS step.
 
 Both are measured in one run with the same two networks, optimisers and AMP settings:
-- bare: `common.cps.cps_step` on normalised tensors that already sit on the device (the ceiling);
-- pipeline: what training does every iteration (common.engine's loop): next batch from the coarse stage's
+- bare: `common.train.cps.cps_step` on normalised tensors that already sit on the device (the ceiling);
+- pipeline: what training does every iteration (common.train.engine's loop): next batch from the coarse stage's
   DataLoader streams (memory-mapped int16 npy files read in worker processes, pinned), copy to the device, clip +
   z-score and one-hot on the device, then the same CPS step. The time spent waiting for data is reported too.
 The gap between the two is what data loading costs. The prepared data are written by this script (random int16
@@ -26,13 +26,15 @@ import numpy as np
 import torch
 
 from coarse_base_seg.dataset import CoarseData
-from common.amp import amp_settings, make_grad_scaler
-from common.config import CoarseTrainConfig, load_config
-from common.cps import cps_step
-from common.distributed import DistInfo, resolve_device
-from common.engine import build_cps_networks
-from common.lmdb_store import LmdbStore
-from common.losses import build_loss, one_hot_organs
+from common.config import CoarseTrainConfig
+from common.core.amp import amp_settings, make_grad_scaler
+from common.core.labelmaps import one_hot_organs
+from common.core.typed_config import load_config
+from common.storage.lmdb_store import LmdbStore
+from common.train.cps import cps_step
+from common.train.distributed import DistInfo, resolve_device
+from common.train.engine import build_cps_networks
+from common.train.losses import build_loss
 
 STAGE_CONFIG = Path(__file__).resolve().parents[1] / "coarse_base_seg" / "config.yaml"
 

@@ -9,7 +9,7 @@ synthetic phantom CT resized and windowed to the network size, times one forward
 - torch_jit_freeze: torch.jit.freeze of the traced network (constant folding, conv + norm fusion where possible);
 - torch_jit_onednn: torch.jit.optimize_for_inference (freeze + oneDNN weight prepacking);
 - torch_bf16: autocast bf16, only when the CPU has native bf16 (avx512_bf16 or amx_bf16 in the flags);
-- onnxruntime: `common.backends` (ONNX export opset 17, ONNX Runtime CPU, torch's thread count).
+- onnxruntime: `common.infer.backends` (ONNX export opset 17, ONNX Runtime CPU, torch's thread count).
 Agreement with torch eager per variant: voxel label agreement (labels as the predictor makes them, logit >= 0,
 highest wins), mean DSC over the organs present in either, and the largest logit difference. The fraction of the
 CPU's peak (benchmarks.cpu_floor) is printed beside each time.
@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from benchmarks.cpu_floor import count_macs, cpu_peak, full_network
-from common.backends import OnnxRuntimeForward, export_onnx, onnxruntime_available
-from common.postprocess import probs_to_labels
-from common.preprocessing import normalize_hu, resize_volume
-from common.uif import labels_disagreement
+from common.core.labelmaps import probs_to_labels
+from common.evaluation.uncertainty import labels_disagreement
+from common.infer.backends import OnnxRuntimeForward, export_onnx, onnxruntime_available
+from common.volume.intensity import normalize_hu
+from common.volume.resize import resize_volume
 
 VARIANTS = ("torch_eager", "torch_channels_last", "torch_jit_freeze", "torch_jit_onednn", "torch_bf16", "onnxruntime")
 HU_WINDOW = (-325.0, 325.0)

@@ -4,8 +4,8 @@
 
 Needs a CUDA device (exits 2 without one). Checks, each printed beside its baseline from the same run:
 1. fine-pipeline syncs: one labeled fine sample built on the GPU under torch.cuda.set_sync_debug_mode("error")
-   (any host sync raises), the per-sample path of training (common.augment.make_fine_sample);
-2. predictor memory as FLARE measures it (total - free, plus allocated and reserved peaks, common.gpu_memory)
+   (any host sync raises), the per-sample path of training (fine_efficient_seg.augment.make_fine_sample);
+2. predictor memory as FLARE measures it (total - free, plus allocated and reserved peaks, common.core.gpu_memory)
    and time per case, with cuDNN autotuning on (the default, as in training) and off: decides whether the
    autotuned kernels' workspace keeps gpu_used_mb under gpu_memory.MEMORY_BAR_MB; randomly initialised full-size
    networks on a synthetic CT (benchmarks.predict_speed's inputs), so the figures are the worst case.
@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import gpu_memory
-from common.augment import make_fine_sample
-from common.image_io import read_image
-from common.inference import PredictOptions, Predictor
+from common.core import gpu_memory
+from common.infer.predictor import PredictOptions, Predictor
+from common.storage.image_io import read_image
+from fine_efficient_seg.augment import make_fine_sample
 
 
 def check_fine_sample_syncs(device: torch.device) -> dict[str, object]:

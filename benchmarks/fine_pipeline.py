@@ -4,7 +4,7 @@ Both pipelines make the same samples (same case, random box extension and per-or
 `FineStream.plan` from (seed, stream, index)) from the same memory-mapped canonical regions of full-size
 synthetic CTs (512 x 512 x 80..200, prepared by data_prepare with its default sizes):
 - ours: int16 crop read on the CPU -> device -> trilinear resize (align_corners) of the image, per-label
-  resize of the mask, HU shift, window + z-score, all in torch on the device (common.augment); measured per
+  resize of the mask, HU shift, window + z-score, all in torch on the device (fine_efficient_seg.augment); measured per
   sample, and through `FineStream` as training uses it (background reader threads, batch 1);
 - baseline (reference 4.6, the original's way): the same crop -> scipy.ndimage.zoom order 1 of the image,
   per-label zoom order 1 + 0.5 threshold of the mask, HU shift, window + z-score in numpy, then to a tensor on
@@ -28,12 +28,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from common.augment import FineAugmentSettings, make_fine_sample
-from common.config import PrepareConfig, load_config
-from common.distributed import resolve_device
-from common.labels import NUM_ORGANS
-from data_prepare.run import STAGE_DIR, main as prepare_main
+from common.config import PrepareConfig
+from common.core.labels import NUM_ORGANS
+from common.core.typed_config import load_config
+from common.train.distributed import resolve_device
+from data_prepare.run import STAGE_DIR
+from data_prepare.run import main as prepare_main
 from data_prepare.synthetic import write_dataset
+from fine_efficient_seg.augment import FineAugmentSettings, make_fine_sample
 from fine_efficient_seg.dataset import FineCase, FineStream, load_cases, read_crop
 
 SIZE_ZYX = (192, 192, 192)

@@ -5,7 +5,7 @@ a FAILED row with its message, the other parts still run; exit code 1 then):
 1. train: the CPS training step of both stages at 160^3 (U-Net) / 192^3 (EfficientSegNet), full channels, in
    fp32 eager, bf16 autocast, fp16 autocast + GradScaler and bf16 + torch.compile (benchmarks.train_step: same
    weights and data, compiled graphs and cached memory dropped between variants, cuDNN autotuning as in
-   training): seconds per step, the three GPU memory figures of common.gpu_memory, ratio to fp32 eager;
+   training): seconds per step, the three GPU memory figures of common.core.gpu_memory, ratio to fp32 eager;
 2. predict: the predictor warm (after one warm-up case) on 3 full-size synthetic CTs (.nii.gz, 512 x 512 x
    ~200, random full-size networks): per-phase seconds and GPU memory (allocated / reserved peak, total - free)
    next to the bars, 1.5 s per case and 1.5 GB against total - free (FLARE's measure);
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from common.gpu_memory import MEMORY_BAR_MB
+from common.core.gpu_memory import MEMORY_BAR_MB
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("train", "predict", "pipeline", "ddp", "cuda")
@@ -122,8 +122,9 @@ def part_train(setup: Setup, work: Path, state: dict) -> list[Row]:
 def part_predict(setup: Setup, work: Path, state: dict) -> list[Row]:
     """Predictor warm on 3 synthetic CTs; per-phase times and the three memory figures against the bars."""
     from benchmarks.predict_speed import export_random_models, make_ct, write_ct
-    from common.gpu_memory import MEMORY_FIELDS, reset_peak, snapshot
-    from common.inference import PredictOptions, Predictor, predict_folder
+    from common.core.gpu_memory import MEMORY_FIELDS, reset_peak, snapshot
+    from common.infer.folder import predict_folder
+    from common.infer.predictor import PredictOptions, Predictor
 
     weights = work / "predict_weights"
     export_random_models(weights, channels=setup.channels, sizes=(setup.coarse_size, setup.fine_size))
@@ -167,9 +168,11 @@ def part_predict(setup: Setup, work: Path, state: dict) -> list[Row]:
 
 def _tiny_dataset(work: Path, size: int, channels: list[int] | None) -> Path:
     """Tiny synthetic dataset prepared at size^3 for both stages, and a random coarse model for the fine boxes."""
-    from common.checkpoint import export_model, model_state_dict
-    from common.config import PrepareConfig, load_config
+    from common.config import PrepareConfig
+    from common.core.typed_config import load_config
     from common.networks import build_network
+    from common.storage.checkpoint import model_state_dict
+    from common.storage.model_folder import export_model
     from data_prepare.run import STAGE_DIR
     from data_prepare.run import main as prepare_main
     from data_prepare.synthetic import write_dataset
@@ -193,7 +196,7 @@ def _tiny_dataset(work: Path, size: int, channels: list[int] | None) -> Path:
 
 def part_pipeline(setup: Setup, work: Path, state: dict) -> list[Row]:
     """Fine samples/s through FineStream on the device against the fp32 fine step of part 1."""
-    from common.augment import FineAugmentSettings
+    from fine_efficient_seg.augment import FineAugmentSettings
     from fine_efficient_seg.dataset import FineStream, load_cases
 
     if setup.smoke:
@@ -291,7 +294,7 @@ def _kill_resume(name: str, module: str, args: list[str], last: Path, done: Path
     killed_s = time.perf_counter() - t0
     if done.exists():
         raise RuntimeError(f"{name}: finished before the kill (raise schedule.iterations)")
-    from common.checkpoint import load_checkpoint
+    from common.storage.checkpoint import load_checkpoint
 
     killed_at = int(load_checkpoint(last)["iteration"])
     t1 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Fine minimum component volume: FLARE22 DSC/NSD of the two-stage predictor at several `fine_min_volume_mm3`.
 
 After the fine network the predictor keeps, per organ, only its largest 26-connected component, and drops even
-that when it is smaller than `fine_min_volume_mm3` (mm^3 of the crop grid; `common.postprocess
+that when it is smaller than `fine_min_volume_mm3` (mm^3 of the crop grid; `common.infer.postprocess
 .keep_largest_component`). Every value is scored here from ONE prediction per model: the predictor runs once with
 the minimum at 0 (largest component per organ, nothing dropped for its size), then `keep_largest_component` is
 applied to that mask at each value. This equals a prediction with the value as its flag, because the mask pasted
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 DEFAULT_VALUES_MM3 = (0.0, 500.0, 1000.0, 2000.0, 4000.0)
-SMALL_ORGANS = (7, 8, 9, 10)  # right / left adrenal gland, gallbladder, esophagus (common.labels)
+SMALL_ORGANS = (7, 8, 9, 10)  # right / left adrenal gland, gallbladder, esophagus (common.core.labels)
 PRED_DIR = "pred_min0"
 SETTINGS_FILE = "prediction.json"
 
@@ -75,7 +75,7 @@ def _seed_set(seed_dir: Path, row: str) -> CaseSet:
 
 def case_sets_from_path(path: Path, row: str) -> list[CaseSet]:
     """The case sets a --runs folder stands for (demo output, one seed folder, or a benchmark run folder)."""
-    from common.errors import InputError
+    from common.core.errors import InputError
 
     if (path / "model_weights").is_dir():
         ds = path / "dataset"
@@ -91,8 +91,8 @@ def case_sets_from_path(path: Path, row: str) -> list[CaseSet]:
 
 def check_case_set(cs: CaseSet) -> None:
     """InputError naming the first missing folder."""
-    from common.errors import InputError
-    from common.inference import COARSE_DIR, FINE_DIR
+    from common.core.errors import InputError
+    from common.storage.model_folder import COARSE_DIR, FINE_DIR
 
     for folder, what in ((cs.weights / COARSE_DIR, "coarse model"), (cs.weights / FINE_DIR, "fine model"),
                          (cs.images, "image folder"), (cs.truth, "truth folder")):
@@ -112,7 +112,7 @@ def make_predictor(cs: CaseSet, device: str = "cpu") -> tuple[Any, float]:
     predict with --ensemble)."""
     import dataclasses
 
-    from common.inference import PredictOptions, Predictor
+    from common.infer.predictor import PredictOptions, Predictor
 
     options = PredictOptions(weights_dir=cs.weights, device=device, fine_size=cs.fine_size, ensemble=False,
                              uncertainty="off", fine_min_volume_mm3=0.0, workers=1, progress=False)
@@ -130,9 +130,9 @@ def predict_once(cs: CaseSet, out_dir: Path, device: str = "cpu") -> tuple[dict[
     """Predict the case set's images into out_dir/pred_min0 (kept cases are reused when the settings match).
 
     Returns (predict_folder's summary, the exported model's fine minimum in mm^3)."""
-    from common.errors import InputError
-    from common.fileutil import write_json_atomic
-    from common.inference import predict_folder
+    from common.core.errors import InputError
+    from common.core.files import write_json_atomic
+    from common.infer.folder import predict_folder
 
     predictor, default_mm3 = make_predictor(cs, device)
     settings = {"weights": str(cs.weights.resolve()), "images": str(cs.images.resolve()),
@@ -153,9 +153,9 @@ def apply_min_volume(pred_dir: Path, out_dir: Path, min_volume_mm3: float) -> di
     """Write every mask of pred_dir, filtered by the predictor's fine rule at `min_volume_mm3`, into out_dir.
 
     Returns per mask file name the foreground voxels kept."""
-    from common.evaluate import list_predictions
-    from common.image_io import read_mask, write_mask
-    from common.postprocess import keep_largest_component
+    from common.evaluation.evaluate import list_predictions
+    from common.infer.postprocess import keep_largest_component
+    from common.storage.image_io import read_mask, write_mask
 
     out_dir.mkdir(parents=True, exist_ok=True)
     kept = {}
@@ -185,7 +185,7 @@ def original_threshold_mm3(crop_text: str, fine_size_zyx: Sequence[int], rule_mm
 def score_value(pred_dirs: dict[str, Path], truths: dict[str, Path]) -> tuple[list[dict[str, Any]], list[str]]:
     """Official rows of every case set's predictions in pred_dirs[name] against truths[name], case names prefixed
     with the set's name; and the failures (named)."""
-    from common.evaluate import evaluate_folder
+    from common.evaluation.evaluate import evaluate_folder
 
     rows, failed = [], []
     for name, pred_dir in pred_dirs.items():
@@ -201,8 +201,8 @@ def summarize(rows_by_value: dict[float, list[dict[str, Any]]], kept_by_value: d
     """Per value: means over organs and cases, per-organ means, foreground kept, organs dropped vs value 0, and
     per-case paired differences of mean DSC / NSD to the baseline value with 95 % t-intervals."""
     from benchmarks.uif_quality import t_interval
-    from common.evaluate import column_means
-    from common.labels import ORGANS
+    from common.core.labels import ORGANS
+    from common.evaluation.evaluate import column_means
 
     def per_case(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         return {str(r["Name"]): column_means([r]) for r in rows}
@@ -232,7 +232,7 @@ def summarize(rows_by_value: dict[float, list[dict[str, Any]]], kept_by_value: d
 
 def _dropped(lowest_rows: list[dict[str, Any]], rows: list[dict[str, Any]]) -> int:
     """(case, organ) pairs with DSC > 0 at the lowest value and DSC == 0 here: found, then removed for size."""
-    from common.labels import SHORT_NAMES
+    from common.core.labels import SHORT_NAMES
 
     here = {r["Name"]: r for r in rows}
     count = 0
@@ -256,7 +256,7 @@ def _diff(d: dict[str, float]) -> str:
 
 def format_table(summary: list[dict[str, Any]], baseline_mm3: float) -> str:
     """The markdown table: one row per value."""
-    from common.labels import ORGANS
+    from common.core.labels import ORGANS
 
     small = [ORGANS[label][1] for label in SMALL_ORGANS]
     n = summary[0]["diff_DSC"]["n"] if summary else 0
@@ -280,7 +280,7 @@ def format_table(summary: list[dict[str, Any]], baseline_mm3: float) -> str:
 def run(case_sets: Sequence[CaseSet], values_mm3: Sequence[float], out_root: Path, device: str = "cpu"
         ) -> dict[str, Any]:
     """Predict every case set once, score every value; returns everything (see `summarize`), plus failures."""
-    from common.errors import InputError
+    from common.core.errors import InputError
 
     names = [cs.name for cs in case_sets]
     if len(set(names)) != len(names):
@@ -338,10 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from common.errors import InputError
-    from common.fileutil import write_json_atomic
-    from common.inference import WeightsError
-    from common.logger import setup_logging
+    from common.core.errors import InputError, WeightsError
+    from common.core.files import write_json_atomic
+    from common.core.logger import setup_logging
 
     setup_logging(None)
     torch.set_num_threads(max(1, a.threads))

@@ -5,7 +5,7 @@
 
 Makes a synthetic CT (data_prepare.synthetic, size "full", resampled to --size, default 200x512x512), exports
 randomly initialised FULL-size networks (default channels; coarse UNet at 160^3, fine EfficientSegNet at 192^3)
-through common.checkpoint.export_model, and measures in the same run:
+through common.storage.model_folder.export_model, and measures in the same run:
 - the two networks' forward passes alone on the chosen backend (the floor; DESIGN 6 CPU bar: total <= 1.2x their
   sum), with their multiply-adds as a fraction of the CPU's peak (benchmarks.cpu_floor) on the CPU;
 - our pipeline end to end with organ-shaped outputs: each network runs (its time is paid) but hands on scores
@@ -42,23 +42,20 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from common import gpu_memory
-from common.backends import BACKENDS
-from common.checkpoint import export_model
-from common.image_io import canonical_flips, read_image, write_mask
-from common.inference import (
-    COARSE_DIR,
-    FINE_DIR,
-    PredictOptions,
-    Predictor,
-    predict_folder,
-    resolve_device,
-    resolve_precision,
-    upsample_labels,
-)
+from common.core import gpu_memory
+from common.core.defaults import FINE_MIN_VOLUME_MM3
+from common.core.labelmaps import probs_to_labels
+from common.infer.backends import BACKENDS
+from common.infer.folder import predict_folder
+from common.infer.postprocess import keep_largest_component, organ_box
+from common.infer.predictor import PredictOptions, Predictor, resolve_device, resolve_precision
+from common.infer.upsample import upsample_labels
 from common.networks import build_network
-from common.postprocess import FINE_MIN_VOLUME_MM3, keep_largest_component, organ_box, probs_to_labels
-from common.preprocessing import crop_box_with_margin, normalize_hu, resize_volume
+from common.storage.image_io import canonical_flips, read_image, write_mask
+from common.storage.model_folder import COARSE_DIR, FINE_DIR, export_model
+from common.volume.boxes import crop_box_with_margin
+from common.volume.intensity import normalize_hu
+from common.volume.resize import resize_volume
 
 logger = logging.getLogger("predict_speed")
 HU_WINDOW = (-325.0, 325.0)
@@ -131,7 +128,7 @@ def preload(predictor: Predictor) -> Predictor:
 
 def forward_times(predictor: Predictor, repeats: int) -> dict[str, float]:
     """Seconds per forward pass of the primary coarse and fine networks alone (input already on the device)."""
-    from common.amp import autocast
+    from common.core.amp import autocast
 
     out = {}
     for key, stage in (("coarse_forward_s", predictor.coarse), ("fine_forward_s", predictor.fine)):

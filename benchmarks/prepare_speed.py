@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.config import PrepareConfig, load_config
-from common.lmdb_store import open_store
+from common.config import PrepareConfig
+from common.core.typed_config import load_config
+from common.storage.lmdb_store import open_store
 from data_prepare.run import STAGE_DIR, main
 from data_prepare.synthetic import write_dataset
 

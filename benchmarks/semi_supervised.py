@@ -226,14 +226,14 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
 
 
 def predict_argv(settings: Settings, in_dir: Path, out_dir: Path, weights_dir: Path) -> list[str]:
-    """predict.sh when it exists, else the same API (common.inference.predict_folder) from a subprocess."""
+    """predict.sh when it exists, else the same API (common.infer.folder.predict_folder) from a subprocess."""
     flags = ["--weights-dir", str(weights_dir), "--device", settings.device, "--fine-size", str(settings.fine_size),
              "--workers", "1"]
     if settings.ensemble:
         flags.append("--ensemble")
     if (ROOT / "predict.sh").is_file():
         return ["sh", str(ROOT / "predict.sh"), str(in_dir), str(out_dir), *flags]
-    code = ("import sys; from common.inference import PredictOptions, predict_folder; "
+    code = ("import sys; from common.infer.predictor import PredictOptions, predict_folder; "
             f"r = predict_folder({str(in_dir)!r}, {str(out_dir)!r}, "
             f"PredictOptions(weights_dir={str(weights_dir)!r}, device={settings.device!r}, "
             f"fine_size={settings.fine_size}, ensemble={settings.ensemble}, workers=1)); "
@@ -297,8 +297,8 @@ def check_settings(settings: Settings, seed: int) -> None:
 
 def evaluate_row(pred_dir: Path, gt_dir: Path, out_csv: Path) -> dict[str, Any]:
     """FLARE22 DSC/NSD of one row's predictions: mean over organs and cases, and per case."""
-    from common.evaluate import evaluate_folder
-    from common.labels import SHORT_NAMES
+    from common.core.labels import SHORT_NAMES
+    from common.evaluation.evaluate import evaluate_folder
 
     rows, means = evaluate_folder(pred_dir, gt_dir, out_csv)
     per_case = {}
@@ -394,7 +394,8 @@ def _exported_dice(model_dir: Path) -> dict[str, float] | None:
 
 
 def uif_keep(s: Settings) -> int:
-    """K: how many unlabeled cases UIF keeps (common.uif.keep_size's rule: round half up, at least 1)."""
+    """K: how many unlabeled cases UIF keeps (common.evaluation.uncertainty.keep_size's rule: round half up, at least
+    1)."""
     return max(1, min(s.unlabeled, math.floor(s.keep_ratio * s.unlabeled + 0.5)))
 
 
@@ -677,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload = {"command": command, "settings": asdict(settings), "wall_s": wall, "date": time.strftime("%F %T"),
                "machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
                "summary": summarize(results), "seeds": results}
-    from common.fileutil import write_json_atomic, write_text_atomic
+    from common.core.files import write_json_atomic, write_text_atomic
 
     write_text_atomic(out / "semi_supervised.md", report)
     write_json_atomic(out / "semi_supervised.json", payload)

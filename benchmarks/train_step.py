@@ -12,7 +12,7 @@ full channel widths. Variants: fp32_eager (baseline), bf16_eager, fp16_eager (au
 per network, as training runs it), fp32_compile, bf16_compile, fp32_channels_last (channels_last_3d memory format).
 Between variants compiled graphs, garbage and cached GPU memory are dropped, so no variant inherits the previous
 one's; cuDNN autotuning is on, as the engine sets it for training. GPU memory: the three figures of
-common.gpu_memory (allocated peak, reserved peak, device total - free at the end of the timed steps).
+common.core.gpu_memory (allocated peak, reserved peak, device total - free at the end of the timed steps).
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-from common.amp import AmpSettings, make_grad_scaler
-from common.cps import cps_step
-from common.gpu_memory import reset_peak, snapshot
-from common.losses import build_loss, one_hot_organs
+from common.core.amp import AmpSettings, make_grad_scaler
+from common.core.gpu_memory import reset_peak, snapshot
+from common.core.labelmaps import one_hot_organs
 from common.networks import build_network
+from common.train.cps import cps_step
+from common.train.losses import build_loss
 
 VARIANTS = ("fp32_eager", "bf16_eager", "fp16_eager", "fp32_compile", "bf16_compile", "fp32_channels_last")
 DEFAULT_VARIANTS = {"cuda": "fp32_eager,bf16_eager,fp16_eager,bf16_compile",
@@ -83,7 +84,7 @@ def reset_between_variants(device: torch.device) -> None:
 def time_variant(stage: Stage, variant: str, device: torch.device, warmup: int, steps: int,
                  channels: Sequence[int] | None = None, compile_backend: str = "inductor") -> dict[str, float]:
     """Seconds per CPS step (median of `steps`) after `warmup` steps, the first step's time and the GPU memory
-    figures (MiB, common.gpu_memory) of the run. `channels` overrides the networks' widths and `compile_backend`
+    figures (MiB, common.core.gpu_memory) of the run. `channels` overrides the networks' widths and `compile_backend`
     torch.compile's backend ("eager": dynamo only, for smoke runs)."""
     reset_between_variants(device)
     if device.type == "cuda":
@@ -176,7 +177,7 @@ def main() -> None:
         speedup = results[stage.name]["fp32_eager"]["s_per_step"] / results[stage.name][fastest]["s_per_step"]
         print(f"{stage.name}: fastest {fastest}, speed-up x{speedup:.2f} over fp32_eager")
     if args.json:
-        from common.fileutil import write_json_atomic
+        from common.core.files import write_json_atomic
 
         write_json_atomic(args.json, {"machine": info, "args": vars(args), "results": results})
 

@@ -1,8 +1,8 @@
 """Does UIF rank unlabeled scans by how good their pseudo labels really are? Scores against hidden truth.
 
-Per unlabeled case and per UIF score (disagreement, entropy, stability; common.uif): the score from round 1's
-networks on the case's fixed fine crop (fine_efficient_seg.uif.score_pool), the TRUE quality of its pseudo label
-(FLARE22 DSC, by common.evaluate, of the round-1 A+B ensemble's hard labels predicted by the full two-stage
+Per unlabeled case and per UIF score (disagreement, entropy, stability; common.evaluation.uncertainty): the score from
+round 1's networks on the case's fixed fine crop (fine_efficient_seg.uif.score_pool), the TRUE quality of its pseudo
+label (FLARE22 DSC, by common.evaluate, of the round-1 A+B ensemble's hard labels predicted by the full two-stage
 predictor, against the hidden truth `trainu_mask_hidden/` that data_prepare.synthetic writes and no stage reads),
 and the hard flag (synthetic_meta.json). Printed per score:
   - Spearman correlation of the score with the true pseudo-label error (1 - DSC): > 0 = the score ranks well;
@@ -76,8 +76,8 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
 
 
 def kept_cases(scores: Mapping[str, float], keep: int) -> list[str]:
-    """The `keep` most certain cases by common.uif.select_certain (lowest score, ties by id)."""
-    from common.uif import select_certain
+    """The `keep` most certain cases by common.evaluation.uncertainty.select_certain (lowest score, ties by id)."""
+    from common.evaluation.uncertainty import select_certain
 
     return [r.case for r in select_certain(scores, keep_count=keep) if r.kept]
 
@@ -121,7 +121,8 @@ def round1_scores(fine_dir: Path, device: str = "cpu", methods: Sequence[str] = 
     """{score: {case: value}} of the unlabeled pool from `fine_dir/round1` (its saved config gives the crop)."""
     import torch
 
-    from common.config import FineTrainConfig, load_config
+    from common.config import FineTrainConfig
+    from common.core.typed_config import load_config
     from fine_efficient_seg.dataset import BOXES_DB, db_path, experiment_db, load_cases
     from fine_efficient_seg.uif import load_round_networks, load_snapshots, score_pool
 
@@ -141,7 +142,7 @@ def write_control(seed_dir: Path, row: str, order: Mapping[str, float], keep: in
     """Store a control selection (the `keep` lowest values of `order`) as the round-2 pool of row `row`: the
     experiment folder `seed_dir/<CONTROLS[row]>` gets the pool (with fine_cps's coarse boxes) and uif_scores.csv,
     written by fine_efficient_seg.uif.write_selection, as the uif step writes its own."""
-    from common.uif import select_certain
+    from common.evaluation.uncertainty import select_certain
     from fine_efficient_seg.dataset import BOXES_DB, UIF_POOL_DB, experiment_db
     from fine_efficient_seg.uif import write_selection
 
@@ -171,7 +172,7 @@ def seed_main(seed_dir: Path, keep: int, seed: int, device: str = "cpu") -> dict
     cases = sorted(dsc)
     write_control(seed_dir, "lr", {c: rng.random() for c in cases}, keep)
     write_control(seed_dir, "lo", {c: 1.0 - dsc[c] for c in cases}, keep)
-    from common.fileutil import write_json_atomic
+    from common.core.files import write_json_atomic
 
     write_json_atomic(seed_dir / QUALITY_FILE, result)
     return result

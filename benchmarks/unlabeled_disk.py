@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import FineTrainConfig, load_config
-from common.fileutil import save_npy_atomic
-from common.image_io import canonical_flips, read_image, read_mask, to_canonical
-from common.inference import read_canonical_ct
-from common.lmdb_store import open_store
-from common.preprocessing import organ_bbox
+from common.config import FineTrainConfig
+from common.core.files import save_npy_atomic
+from common.core.typed_config import load_config
+from common.storage.image_io import canonical_flips, read_canonical_ct, read_image, read_mask, to_canonical
+from common.storage.lmdb_store import open_store
+from common.volume.boxes import organ_bbox
 from fine_efficient_seg.dataset import BOXES_DB, experiment_db
 from fine_efficient_seg.train import DEFAULT_CONFIG, main
 

@@ -1,4 +1,4 @@
-"""Peak temporary memory of the fine label resize (`common.inference.upsample_labels`) per chunk element.
+"""Peak temporary memory of the fine label resize (`common.infer.upsample.upsample_labels`) per chunk element.
 
     python -m benchmarks.upsample_memory [--crop Z,Y,X] [--chunk N] [--dtype fp16|fp32]
 
@@ -11,7 +11,7 @@ the crop size:
 - baseline: the straightforward full resize of all 13 channels then argmax (what the chunked resize replaces).
 The figure printed is (peak - before - the uint8 output) / min(chunk, crop voxels), in bytes per chunk element
 (per crop voxel for the baseline);
-`common.inference.UPSAMPLE_BYTES_PER_ELEMENT` is its worst case.
+`common.infer.upsample.UPSAMPLE_BYTES_PER_ELEMENT` is its worst case.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def _scores(kind: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _child(kind: str, crop: tuple[int, int, int], chunk: int, dtype_name: str, queue: mp.Queue) -> None:
-    from common.inference import upsample_labels
-    from common.postprocess import probs_to_labels
+    from common.core.labelmaps import probs_to_labels
+    from common.infer.upsample import upsample_labels
 
     torch.set_num_threads(1)
     dtype = torch.float16 if dtype_name == "fp16" else torch.float32

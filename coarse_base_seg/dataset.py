@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common.data_paths import db_path, resolve_data_path  # noqa: F401 - also this module's API
-from common.distributed import DistInfo, InfiniteSampler, derive_seed, shard
-from common.errors import InputError
-from common.lmdb_store import EMPTY_UNLABELED_PROBLEM, open_store
-from common.logger import get_logger
-from common.preprocessing import window_and_zscore_torch
+from common.core.errors import InputError
+from common.core.logger import get_logger
+from common.storage.data_paths import db_path, resolve_data_path  # noqa: F401 - also this module's API
+from common.storage.lmdb_store import EMPTY_UNLABELED_PROBLEM, open_store
+from common.train.distributed import DistInfo, InfiniteSampler, derive_seed, shard
+from common.volume.intensity import window_and_zscore_torch
 
 logger = get_logger(__name__)
 

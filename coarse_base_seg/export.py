@@ -3,7 +3,7 @@
 
 Copies `<output_dir>/checkpoints/best_model_<export.network>.pt` (the primary network) and the other network's
 best checkpoint (kept for `--ensemble` prediction) with the resolved training config into `export.dir`
-(default ../model_weights/base_coarse_model): model.pt + config.yaml, see common.checkpoint.export_model.
+(default ../model_weights/base_coarse_model): model.pt + config.yaml, see common.storage.model_folder.export_model.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from common.checkpoint import export_best_networks
-from common.config import CoarseTrainConfig, ConfigError, parse_cli
-from common.errors import InputError
-from common.logger import get_logger, setup_logging
+from common.config import CoarseTrainConfig
+from common.core.errors import InputError
+from common.core.logger import get_logger, setup_logging
+from common.core.typed_config import ConfigError, parse_cli
+from common.storage.model_folder import export_best_networks
 
 logger = get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """Coarse stage entry point: `python -m coarse_base_seg.train [config=PATH] [key=value ...]` (run.sh wraps it).
 
-`main(cfg)` trains the two coarse networks with the shared CPS engine (common.engine) on the prepared 160^3
+`main(cfg)` trains the two coarse networks with the shared CPS engine (common.train.engine) on the prepared 160^3
 volumes, or exports the best weights when `step=export`. Tests call `main` directly.
 """
 
@@ -13,11 +13,11 @@ from typing import Any, Sequence
 
 from coarse_base_seg.dataset import CoarseData
 from common.config import CoarseTrainConfig
-from common.distributed import DistInfo, init_distributed
-from common.engine import CPSJob, run_cps_training, run_log_path
-from common.logger import log_to_file, setup_logging
+from common.core.logger import log_to_file, setup_logging
 from common.stage_cli import stage_cli
-from common.step_marker import claim_run_folder
+from common.storage.step_marker import claim_run_folder
+from common.train.distributed import DistInfo, init_distributed
+from common.train.engine import CPSJob, run_cps_training, run_log_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 

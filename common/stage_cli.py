@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from common.config import ConfigError, parse_cli
-from common.distributed import RankFailedError, destroy_distributed
-from common.engine import NonFiniteLossError, TrainingInterrupted
-from common.errors import InputError
+from common.core.errors import InputError
+from common.core.typed_config import ConfigError, parse_cli
+from common.train.distributed import RankFailedError, destroy_distributed
+from common.train.engine import NonFiniteLossError, TrainingInterrupted
 
 
 def stage_cli(config_cls: type, default_config: Path, main: Callable[[Any], Any], argv: Sequence[str] | None = None,

@@ -7,9 +7,9 @@
 - coarse: the whole volume resized to coarse_size_zyx (image int16 HU, mask per-label uint8);
 - fine (labeled only): organ box + extend_size_mm resized to fine_size_zyx;
 - region (labeled only): a canonical int16 copy (and uint8 mask copy) of organ box + max_extend_size_mm
-  (`common.preprocessing.region_slices`: every random box extension fits) the fine stage crops from at training
+  (`common.volume.boxes.region_slices`: every random box extension fits) the fine stage crops from at training
   time. Unlabeled cases get none: their box is only known after the coarse stage, and the fine stage's boxes step
-  cuts box + the same margin from the raw image (`common.inference.read_canonical_ct`, as here) into its own
+  cuts box + the same margin from the raw image (`common.storage.image_io.read_canonical_ct`, as here) into its own
   output_dir; a whole-volume region an earlier version wrote for an unlabeled case is deleted on its rerun.
 Then the deterministic train/val split (fold 1, and folds 2..5 when split_5fold).
 
@@ -74,16 +74,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.config import ConfigError, PrepareConfig, config_to_dict, parse_cli
-from common.errors import InputError
-from common.fileutil import (check_writable, folder_lock, remove_stale_temps, save_npy_atomic, write_json_atomic,
-                             write_text_atomic)
-from common.image_io import list_images, read_mask, to_canonical
-from common.inference import read_canonical_ct
-from common.lmdb_store import LmdbStore
-from common.logger import ROOT_LOGGER_NAME, get_logger, setup_logging
-from common.preprocessing import crop_box_with_margin, label_bboxes, region_slices, resize_hu_int16, resize_mask
-from common.step_marker import file_stamp
+from common.config import PrepareConfig
+from common.core.errors import InputError
+from common.core.files import (
+    check_writable,
+    folder_lock,
+    remove_stale_temps,
+    save_npy_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+from common.core.logger import ROOT_LOGGER_NAME, get_logger, setup_logging
+from common.core.typed_config import ConfigError, config_to_dict, parse_cli
+from common.storage.image_io import list_images, read_canonical_ct, read_mask, to_canonical
+from common.storage.lmdb_store import LmdbStore
+from common.storage.step_marker import file_stamp
+from common.volume.boxes import crop_box_with_margin, label_bboxes, region_slices
+from common.volume.resize import resize_hu_int16, resize_mask
 
 logger = get_logger("data_prepare.run")  # a fixed name also when run as __main__
 

@@ -48,9 +48,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
-from common.fileutil import atomic_path, write_json_atomic, write_text_atomic
-from common.labels import NUM_ORGANS
-from common.logger import get_logger, setup_logging
+from common.core.files import atomic_path, write_json_atomic, write_text_atomic
+from common.core.labels import NUM_ORGANS
+from common.core.logger import get_logger, setup_logging
 
 logger = get_logger(__name__)
 

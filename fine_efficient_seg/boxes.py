@@ -11,9 +11,9 @@ Stored in `<output_dir>/db/unlabeled_boxes` (LMDB, key = case id; the dataset's 
 `coarse_box` [[z0, z1], [y0, y1], [x0, x1]] (inclusive, canonical raw voxels), `coarse_box_source`
 ("coarse_model"; "body": no model; "body_fallback": the model found no organ) and the case's region: the only
 copy of an unlabeled image that fine training and UIF crop from, box + `region_margin_mm`
-(`common.preprocessing.region_slices`, the rule of the labeled regions; the fine stage passes
+(`common.volume.boxes.region_slices`, the rule of the labeled regions; the fine stage passes
 crop.max_extend_size_mm, >= crop.extend_size_mm, so every crop it draws lies inside), cut from the raw image as
-data_prepare reads it (`common.inference.read_canonical_ct`) and written atomically to
+data_prepare reads it (`common.storage.image_io.read_canonical_ct`) and written atomically to
 `<output_dir>/db/unlabeled_regions/<id>.npy` (int16): `region_path`, `region_offset_zyx`, `region_shape_zyx`,
 `region_margin_mm`. The dataset keeps no whole-volume copy of an unlabeled case.
 
@@ -33,27 +33,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.amp import amp_settings, autocast
-from common.checkpoint import ExportedModel, load_exported_model
-from common.data_paths import resolve_data_path
-from common.distributed import get_world_size, is_main_process, run_on_every_rank, shard
-from common.errors import InputError
-from common.fileutil import remove_stale_temps, save_npy_atomic
-from common.inference import read_canonical_ct
-from common.lmdb_store import open_store
-from common.logger import get_logger
-from common.networks.input_layer import prepare_input
-from common.postprocess import (
-    COARSE_MIN_VOLUME_MM3,
-    LOGIT_THRESHOLD,
-    Z_WINDOW_MM,
-    Box,
-    grid_box_to_raw,
-    organ_box,
-    probs_to_labels,
-)
-from common.preprocessing import AIR_HU, body_box, region_slices
-from common.step_marker import file_stamp
+from common.core.amp import amp_settings, autocast
+from common.core.defaults import COARSE_MIN_VOLUME_MM3, Z_WINDOW_MM
+from common.core.errors import InputError
+from common.core.files import remove_stale_temps, save_npy_atomic
+from common.core.labelmaps import LOGIT_THRESHOLD, probs_to_labels
+from common.core.logger import get_logger
+from common.infer.postprocess import organ_box
+from common.storage.data_paths import resolve_data_path
+from common.storage.image_io import read_canonical_ct
+from common.storage.lmdb_store import open_store
+from common.storage.model_folder import ExportedModel, load_exported_model
+from common.storage.step_marker import file_stamp
+from common.train.distributed import get_world_size, is_main_process, run_on_every_rank, shard
+from common.volume.boxes import Box, body_box, grid_box_to_raw, region_slices
+from common.volume.intensity import AIR_HU
+from common.volume.network_input import prepare_input
 from fine_efficient_seg.dataset import COARSE_BOX_KEY, as_box
 
 logger = get_logger(__name__)
@@ -73,7 +68,7 @@ class CoarseBoxFinder:
     @torch.no_grad()
     def __call__(self, image_hu: np.ndarray, spacing_zyx: Sequence[float], raw_shape_zyx: Sequence[int]) -> Box | None:
         """image_hu: the case's coarse array (any size; resized to the model's size on the device).
-        Returns the inclusive box in raw canonical voxels (`common.postprocess.organ_box`, with the coarse
+        Returns the inclusive box in raw canonical voxels (`common.infer.postprocess.organ_box`, with the coarse
         model's own post-processing settings), or None when the model finds no organ."""
         pre = self.model.preprocess
         size = tuple(int(s) for s in pre["size_zyx"])

@@ -8,8 +8,8 @@ Sources (LMDB records written by data_prepare, merged with the boxes step's reco
   them), resized on the device when the network size differs.
 
 Only the int16 crop is read on the CPU (in background threads, so reading overlaps the training step); resize,
-HU shift, window and z-score run on the training device (common.augment). Sample n of a stream depends only on
-(seed, stream name, n), so a resumed run sees exactly the samples an uninterrupted one would.
+HU shift, window and z-score run on the training device (fine_efficient_seg.augment). Sample n of a stream depends
+only on (seed, stream name, n), so a resumed run sees exactly the samples an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from common.augment import (
+from common.core.errors import InputError
+from common.core.labels import NUM_ORGANS
+from common.core.logger import get_logger
+from common.storage.data_paths import db_path, resolve_data_path  # noqa: F401 - also this module's API
+from common.storage.lmdb_store import EMPTY_UNLABELED_PROBLEM, open_store
+from common.train.distributed import InfiniteSampler, derive_seed, shard
+from common.volume.intensity import window_and_zscore_torch
+from common.volume.resize import resize_volume_torch
+from fine_efficient_seg.augment import (
     Box,
     FineAugmentation,
     FineAugmentSettings,
@@ -34,13 +42,6 @@ from common.augment import (
     sample_fine_augmentation,
     sample_rng,
 )
-from common.data_paths import db_path, resolve_data_path  # noqa: F401 - also this module's API
-from common.distributed import InfiniteSampler, derive_seed, shard
-from common.errors import InputError
-from common.labels import NUM_ORGANS
-from common.lmdb_store import EMPTY_UNLABELED_PROBLEM, open_store
-from common.logger import get_logger
-from common.preprocessing import resize_volume_torch, window_and_zscore_torch
 
 logger = get_logger(__name__)
 

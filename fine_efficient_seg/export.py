@@ -12,11 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common.checkpoint import EXPORT_FILE, best_checkpoint_paths, export_best_networks
 from common.config import FineTrainConfig
-from common.errors import InputError
-from common.step_marker import file_stamp, marker_matches, write_marker
-from common.logger import get_logger
+from common.core.errors import InputError
+from common.core.logger import get_logger
+from common.storage.checkpoint import EXPORT_FILE
+from common.storage.model_folder import best_checkpoint_paths, export_best_networks
+from common.storage.step_marker import file_stamp, marker_matches, write_marker
 
 logger = get_logger(__name__)
 

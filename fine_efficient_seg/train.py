@@ -7,7 +7,7 @@ Steps (`step=all` runs them in this order; each is skipped when its output is al
   uif     uncertainty of every unlabeled case, keep the most certain  -> uif_scores.csv, <output_dir>/db/uif_pool
   round2  CPS training on labeled + the kept cases (fresh or warm from round 1)   -> <output_dir>/round2/
   export  best networks (round 2, else round 1) + config                         -> export.dir
-The rounds use the shared engine (common.engine: checkpoints of both networks, resume, DDP, AMP, TensorBoard,
+The rounds use the shared engine (common.train.engine: checkpoints of both networks, resume, DDP, AMP, TensorBoard,
 metrics.jsonl); the crops are made on the training device by fine_efficient_seg.dataset. Tests call `main`.
 Under torchrun, boxes and uif share their cases across the ranks (rank 0 writes) and export runs on rank 0; an
 error on any rank in these steps ends every rank at once with its message.
@@ -22,15 +22,15 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from common.augment import FineAugmentSettings
 from common.config import FineTrainConfig
-from common.distributed import DistInfo, init_distributed, run_on_every_rank
-from common.engine import DONE_FILE, CPSJob, run_cps_training
-from common.errors import InputError
-from common.lmdb_store import open_store
-from common.logger import get_logger, setup_logging
+from common.core.errors import InputError
+from common.core.logger import get_logger, setup_logging
 from common.stage_cli import stage_cli
-from common.step_marker import claim_run_folder, file_stamp, marker_matches, write_marker
+from common.storage.lmdb_store import open_store
+from common.storage.step_marker import claim_run_folder, file_stamp, marker_matches, write_marker
+from common.train.distributed import DistInfo, init_distributed, run_on_every_rank
+from common.train.engine import DONE_FILE, CPSJob, run_cps_training
+from fine_efficient_seg.augment import FineAugmentSettings
 from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import (
     BOX_REGIONS_DIR,
@@ -52,7 +52,7 @@ logger = get_logger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 STEPS = ("boxes", "round1", "uif", "round2", "export")
 STEPS_LOG = "steps.log"
-UIF_MARKER = "uif.json"  # the uif step's marker (common.step_marker): what the pool was made from
+UIF_MARKER = "uif.json"  # the uif step's marker (common.storage.step_marker): what the pool was made from
 
 
 def augment_settings(cfg: FineTrainConfig) -> FineAugmentSettings:

@@ -1,8 +1,8 @@
 """The uif step: score every unlabeled case with the two round-1 networks and keep the most certain ones.
 
 Each case is scored on the crop the fine stage trains and predicts on (its stored coarse box + extend_size_mm,
-resized to the network size) by `common.uif.uncertainty_score` (disagreement of networks A and B by default;
-entropy of their mean sigmoid, or ST++ stability of the final A+B mean against the round-1 snapshots
+resized to the network size) by `common.evaluation.uncertainty.uncertainty_score` (disagreement of networks A and B
+by default; entropy of their mean sigmoid, or ST++ stability of the final A+B mean against the round-1 snapshots
 `checkpoints/snapshot_<it>.pt`, as options). Outputs:
 - `<output_dir>/uif_scores.csv`: case, score, kept, rank (rank 1 = most certain), in rank order;
 - `<output_dir>/db/uif_pool` (LMDB): the kept records, copied from the unlabeled DB with their box (from the
@@ -23,15 +23,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.amp import amp_settings, autocast
-from common.checkpoint import load_checkpoint, load_model_state
-from common.distributed import is_main_process, run_on_every_rank, shard
-from common.errors import InputError
-from common.fileutil import write_text_atomic
-from common.lmdb_store import open_store
-from common.logger import get_logger
+from common.core.amp import amp_settings, autocast
+from common.core.errors import InputError
+from common.core.files import write_text_atomic
+from common.core.logger import get_logger
+from common.evaluation.uncertainty import UifRow, select_certain, uncertainty_score
 from common.networks import build_network
-from common.uif import UifRow, select_certain, uncertainty_score
+from common.storage.checkpoint import load_checkpoint, load_model_state
+from common.storage.lmdb_store import open_store
+from common.train.distributed import is_main_process, run_on_every_rank, shard
 from fine_efficient_seg.dataset import FineCase, fixed_crop_input, load_cases, read_boxes
 
 logger = get_logger(__name__)

@@ -30,7 +30,7 @@ def write_original_checkpoint():
     `write(path, net, network, module_prefix=True)` writes `{"epoch", "state_dict" (original names, optionally
     `module.`-prefixed as from DDP), "optimizer_dict" (a real Adam state after one step), "lr"}` with torch.save.
     """
-    from common.original_weights import NAME_TABLES
+    from common.storage.original_release import NAME_TABLES
 
     def write(path: Path, net: torch.nn.Module, network: str, module_prefix: bool = True) -> Path:
         ours = net.state_dict()

@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common import inference  # noqa: E402
-from tiny_models import export_tiny_stage  # noqa: E402
+from tiny_models import TINY, export_tiny_stage  # noqa: E402
 
-from tiny_models import TINY  # noqa: E402
+from common.storage import model_folder  # noqa: E402
+
 SIZE = 32
 
 
@@ -93,9 +93,11 @@ def checksums(folders: list[Path]) -> dict[str, str]:
 def probes(weights: Path, dataset: Path) -> list[Probe]:
     import predict
     from coarse_base_seg.train import cli as coarse_cli
+    from common.config import PrepareConfig
+    from common.core.typed_config import load_config
     from common.evaluate import main as evaluate
-    from common.config import PrepareConfig, load_config
-    from data_prepare.run import STAGE_DIR, main as prepare
+    from data_prepare.run import STAGE_DIR
+    from data_prepare.run import main as prepare
 
     def predict_cli(in_dir: Path, out_dir: Path, *extra: str, weights_dir: Path = weights) -> int:
         return predict.main(["-i", str(in_dir), "-o", str(out_dir), "--weights-dir", str(weights_dir),
@@ -135,7 +137,7 @@ def probes(weights: Path, dataset: Path) -> list[Probe]:
     def p_random_weights(d: Path) -> int:
         write(d / "in" / "c1_0000.nii.gz", ct_volume())
         shutil.copytree(weights, d / "in" / "weights")
-        (d / "in" / "weights" / inference.FINE_DIR / "model.pt").write_bytes(np.random.default_rng(7).bytes(3000))
+        (d / "in" / "weights" / model_folder.FINE_DIR / "model.pt").write_bytes(np.random.default_rng(7).bytes(3000))
         return predict_cli(d / "in", d / "out", weights_dir=d / "in" / "weights")
 
     def p_empty(d: Path) -> int:
@@ -347,9 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="red_team_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        from data_prepare.run import main as prepare_main
-        from common.config import PrepareConfig, load_config
+        from common.config import PrepareConfig
+        from common.core.typed_config import load_config
         from data_prepare.run import STAGE_DIR
+        from data_prepare.run import main as prepare_main
         from data_prepare.synthetic import write_dataset
 
         weights = export_tiny_weights(work / "weights")
@@ -362,10 +365,10 @@ def main(argv: list[str] | None = None) -> int:
             print("red team: the clean tiny dataset did not prepare", file=sys.stderr)
             return 1
 
-        import predict
         import coarse_base_seg.train as coarse_train
         import common.evaluate as evaluate
         import data_prepare.run as prepare_run
+        import predict
 
         for module, name in ((predict, "main"), (evaluate, "main"), (prepare_run, "main"), (coarse_train, "cli")):
             _wrap_entry(module, name)

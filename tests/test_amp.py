@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from common.amp import AmpSettings, amp_settings, autocast, make_grad_scaler
+from common.core.amp import AmpSettings, amp_settings, autocast, make_grad_scaler
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from common.augment import (
+from common.volume.boxes import crop_box_with_margin
+from common.volume.resize import resize_mask_torch, resize_volume_torch
+from fine_efficient_seg.augment import (
     FineAugmentation,
     FineAugmentSettings,
     apply_hu_shift,
@@ -22,7 +24,6 @@ from common.augment import (
     sample_fine_augmentation,
     sample_rng,
 )
-from common.preprocessing import crop_box_with_margin, resize_mask_torch, resize_volume_torch
 
 SPACING_ZYX = (2.5, 0.8, 0.7)
 SHAPE_ZYX = (33, 47, 45)
@@ -190,7 +191,7 @@ class _RecordOps(TorchDispatchMode):
 
 def test_fine_sample_device_path_never_waits_for_the_device(monkeypatch):
     """The ops the fine sample runs on a GPU (mask resize, HU shift, window) include none that syncs the host."""
-    import common.augment as augment
+    import fine_efficient_seg.augment as augment
 
     monkeypatch.setattr(augment, "resize_labels", lambda labels, size: resize_mask_torch(labels, size, 13))
     gen = torch.Generator().manual_seed(2)

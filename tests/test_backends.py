@@ -1,4 +1,4 @@
-"""common.backends: backend choice, ONNX export cache (atomic, keyed by the model), agreement with torch.
+"""common.infer.backends: backend choice, ONNX export cache (atomic, keyed by the model), agreement with torch.
 
 Tiny networks (channels 2,4,4,8,8; 32^3 inputs) exported through the real `export_model`, CPU only.
 """
@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-import predict
-from common import backends
-from common.backends import cached_onnx, make_forwards, onnx_cache_path, resolve_backend
-from common.inference import COARSE_DIR, FINE_DIR, PredictOptions, Predictor
-from common.postprocess import probs_to_labels
-from common.uif import labels_disagreement
 from tiny_models import export_tiny_stage
 
+import predict
+from common.core.labelmaps import probs_to_labels
+from common.evaluation.uncertainty import labels_disagreement
+from common.infer import backends
+from common.infer.backends import cached_onnx, make_forwards, onnx_cache_path, resolve_backend
+from common.infer.predictor import PredictOptions, Predictor
+from common.storage.model_folder import COARSE_DIR, FINE_DIR
 
 
 @pytest.fixture

@@ -6,18 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from common.checkpoint import (
+from common.core.errors import InputError
+from common.storage.checkpoint import (
     capture_rng_state,
-    export_model,
     load_checkpoint,
-    load_exported_model,
     load_model_state,
     model_state_dict,
     restore_rng_state,
     save_checkpoint,
     strip_prefixes,
 )
-from common.errors import InputError
+from common.storage.model_folder import export_model, load_exported_model
 
 
 def _draw() -> tuple:

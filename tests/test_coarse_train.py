@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from coarse_base_seg.train import cli, main
-from common.checkpoint import load_checkpoint, load_exported_model
-from common.config import CoarseTrainConfig, PrepareConfig, load_config
-from common.lmdb_store import LmdbStore
+from common.config import CoarseTrainConfig, PrepareConfig
+from common.core.typed_config import load_config
+from common.storage.checkpoint import load_checkpoint
+from common.storage.lmdb_store import LmdbStore
+from common.storage.model_folder import load_exported_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "coarse_base_seg"
@@ -24,9 +26,8 @@ ITERATIONS = 6
 def prepared(tmp_path_factory) -> Path:
     """The synthetic "tiny" dataset run through data_prepare at 32^3: fold 1 = 2 train / 1 val, 2 unlabeled."""
     from data_prepare.run import main as prepare
-    from data_prepare.synthetic import write_dataset
-
     from data_prepare.run import split_fold1
+    from data_prepare.synthetic import write_dataset
 
     base = tmp_path_factory.mktemp("dataset")
     write_dataset(base, labeled=3, unlabeled=2, val=0, size="tiny")
@@ -223,7 +224,7 @@ def test_init_from_the_original_release_starts_both_networks_from_it(prepared, t
     assert f"warm start from {release}" in (out / "train.log").read_text()
 
     # the folder's best_model.pt named alone: B still comes from best_model_1.pt beside it
-    from common.engine import read_init_weights
+    from common.train.engine import read_init_weights
 
     weights = read_init_weights(release / "best_model.pt", "unet")
     for name, net in nets.items():
@@ -243,9 +244,9 @@ def test_init_from_a_file_of_the_other_network_is_refused(prepared, tmp_path, wr
 
 
 def test_empty_unlabeled_pool_points_to_unlabeled_db_null(tmp_path):
-    from common.errors import InputError
-    from common.lmdb_store import LmdbStore
     from coarse_base_seg.dataset import read_cases
+    from common.core.errors import InputError
+    from common.storage.lmdb_store import LmdbStore
     from fine_efficient_seg.dataset import load_cases
 
     db = tmp_path / "db" / "seg_trainu"

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import (
-    CoarseTrainConfig,
+from common.config import CoarseTrainConfig, FineTrainConfig, PrepareConfig
+from common.core.typed_config import (
     ConfigError,
-    FineTrainConfig,
-    PrepareConfig,
     cfg_field,
     config_from_dict,
     config_to_dict,
@@ -368,7 +366,8 @@ def test_parse_cli_help(tmp_path, capsys):
 
 
 def test_input_size_too_small_for_the_network_depth_is_refused():
-    from common.config import CoarseTrainConfig, ConfigError, FineTrainConfig, load_config
+    from common.config import CoarseTrainConfig, FineTrainConfig
+    from common.core.typed_config import ConfigError, load_config
 
     root = Path(__file__).resolve().parents[1]
     for schema, stage in ((CoarseTrainConfig, "coarse_base_seg"), (FineTrainConfig, "fine_efficient_seg")):

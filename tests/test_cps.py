@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
-from common.amp import amp_settings, make_grad_scaler
-from common.cps import cps_losses, cps_step, cps_weight_at, pseudo_labels
-from common.losses import build_loss, one_hot_organs
+from common.core.amp import amp_settings, make_grad_scaler
+from common.core.labelmaps import one_hot_organs
 from common.networks import UNet
+from common.train.cps import cps_losses, cps_step, cps_weight_at, pseudo_labels
+from common.train.losses import build_loss
 
 TINY = (2, 4, 4, 8, 8)
 # Tiny nets with a 4-channel top level often start with dead (all-zero ReLU) regions and learn slowly; 16 channels

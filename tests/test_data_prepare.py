@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from common.config import PrepareConfig, load_config
-from common.image_io import canonical_flips, read_image, read_mask, to_canonical
-from common.lmdb_store import open_store
-from common.preprocessing import organ_bbox, resize_hu_int16, resize_mask
+from common.config import PrepareConfig
+from common.core.typed_config import load_config
+from common.storage.image_io import canonical_flips, read_image, read_mask, to_canonical
+from common.storage.lmdb_store import open_store
+from common.volume.boxes import organ_bbox
+from common.volume.resize import resize_hu_int16, resize_mask
 from data_prepare.run import STAGE_DIR, fold_draw, main, split_5fold, split_fold1
 from data_prepare.synthetic import write_dataset
 
@@ -481,8 +483,9 @@ def test_corrupt_database_is_a_setup_error(dataset: Path, caplog) -> None:
 
 
 def test_unwritable_output_folder_fails_before_any_case(dataset: Path, caplog, monkeypatch) -> None:
-    import data_prepare.run as run
     import tempfile
+
+    import data_prepare.run as run
 
     region = dataset / "region_image"
     region.mkdir()

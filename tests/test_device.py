@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from common.device import device_problem, resolve_device
+from common.core.device import device_problem, resolve_device
 
 
 def _fake_cuda(monkeypatch, count: int) -> None:

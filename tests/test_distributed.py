@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from common.distributed import (
+from common.train.distributed import (
     InfiniteSampler,
     RankFailedError,
     all_gather_object,
@@ -102,8 +102,9 @@ def _make_pair():
 
 
 def _step(net_a, net_b, opts, x_l, labels, x_u):
-    from common.cps import cps_step
-    from common.losses import build_loss, one_hot_organs
+    from common.core.labelmaps import one_hot_organs
+    from common.train.cps import cps_step
+    from common.train.losses import build_loss
 
     return cps_step(net_a, net_b, opts[0], opts[1], x_l, one_hot_organs(labels), x_u, build_loss("dice_focal"), 1.0)
 
@@ -175,7 +176,7 @@ def test_shard_splits_items_round_robin():
 
 
 def _failing_step_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    from common.errors import InputError
+    from common.core.errors import InputError
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

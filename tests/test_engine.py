@@ -1,16 +1,17 @@
 import json
-import shutil
 import os
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from common.checkpoint import load_checkpoint, save_checkpoint
-from common.config import CoarseTrainConfig, load_config
-from common.distributed import DistInfo, derive_seed, shard
-from common.engine import (
+from common.config import CoarseTrainConfig
+from common.core.typed_config import load_config
+from common.storage.checkpoint import load_checkpoint, save_checkpoint
+from common.train.distributed import DistInfo, derive_seed, shard
+from common.train.engine import (
     ORGAN_KEYS,
     CPSJob,
     NonFiniteLossError,
@@ -209,7 +210,7 @@ def test_mismatching_checkpoint_is_a_clear_error(tmp_path):
     (out / "checkpoints").mkdir(parents=True)
     save_checkpoint(out / "checkpoints" / "last.pt", {"net_a": {}, "net_b": {}, "opt_a": {}, "opt_b": {},
                                                       "iteration": 1, "model": {"name": "unet", "kwargs": {}}})
-    from common.errors import InputError
+    from common.core.errors import InputError
 
     with pytest.raises(InputError, match="last.pt: was trained with model"):
         run_cps_training(_job(_cfg(out)))
@@ -217,7 +218,7 @@ def test_mismatching_checkpoint_is_a_clear_error(tmp_path):
 
 def test_legacy_cps_shift_reaches_the_step(monkeypatch, tmp_path):
     """`cps.legacy_shift=true` (an ablation of the original's pseudo labels) is passed to every CPS step."""
-    import common.engine as engine_mod
+    import common.train.engine as engine_mod
 
     seen = []
     real_step = engine_mod.cps_step

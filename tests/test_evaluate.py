@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from common.errors import InputError
-from common.evaluate import CSV_COLUMNS, evaluate_folder, format_csv, main
+from common.core.errors import InputError
+from common.evaluate import main
+from common.evaluation.evaluate import CSV_COLUMNS, evaluate_folder, format_csv
 
 
 def _write(path, array_zyx, spacing_xyz=(0.8, 0.9, 2.5), origin=(-10.0, 20.0, 5.0)):

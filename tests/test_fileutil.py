@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from common.fileutil import atomic_path, save_npy_atomic, write_json_atomic
+from common.core.files import atomic_path, save_npy_atomic, write_json_atomic
 
 
 def test_atomic_path_keeps_old_file_on_error(tmp_path):

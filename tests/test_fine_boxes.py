@@ -16,13 +16,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from common.augment import FineAugmentSettings, fine_crop_slices, sample_fine_augmentation, sample_rng
-from common.config import PrepareConfig, load_config
-from common.errors import InputError
-from common.lmdb_store import open_store
+from common.config import PrepareConfig
+from common.core.errors import InputError
+from common.core.typed_config import load_config
+from common.storage.lmdb_store import open_store
 from data_prepare import run as prepare_run
 from data_prepare.synthetic import write_dataset
 from fine_efficient_seg import boxes as fine_boxes
+from fine_efficient_seg.augment import FineAugmentSettings, fine_crop_slices, sample_fine_augmentation, sample_rng
 from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import FineCase, FineStream, fixed_crop_input, load_cases, read_crop
 

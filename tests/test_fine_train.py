@@ -13,21 +13,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import prepared_tiny_dataset
 from torch import nn
 
-from common.checkpoint import load_checkpoint, load_exported_model
-from common.config import FineTrainConfig, load_config
-from common.errors import InputError
-from common.lmdb_store import open_store
+from common.config import FineTrainConfig
+from common.core.defaults import FINE_MIN_VOLUME_MM3
+from common.core.errors import InputError
+from common.core.typed_config import load_config
 from common.networks import build_network
-from common.postprocess import FINE_MIN_VOLUME_MM3, grid_box_to_raw
-from common.preprocessing import body_box
+from common.storage.checkpoint import load_checkpoint
+from common.storage.lmdb_store import open_store
+from common.storage.model_folder import load_exported_model
+from common.volume.boxes import body_box, grid_box_to_raw
 from fine_efficient_seg import uif as fine_uif
 from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import FineStream, fixed_crop_input, load_cases, validation_cases
 from fine_efficient_seg.train import augment_settings, main
 from fine_efficient_seg.uif import read_scores_csv, run_uif, snapshot_iterations
-from tiny_models import prepared_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / "fine_efficient_seg"
@@ -364,7 +366,7 @@ def copy_pool(dataset: Path, target: Path) -> Path:
 
 
 def _boxes_worker(rank: int, world: int, init_file: str, dataset: str, db: str, out_dir: str) -> None:
-    from common.distributed import RankFailedError
+    from common.train.distributed import RankFailedError
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -1,5 +1,5 @@
 """Two folds on one dataset: each fold's run folder holds its own boxes, UIF pool and checkpoints, and a fold
-pointed at another fold's folder is refused (common.step_marker.claim_run_folder)."""
+pointed at another fold's folder is refused (common.storage.step_marker.claim_run_folder)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from test_fine_train import _threshold_pair, fine_config
+from tiny_models import prepared_tiny_dataset
 
 from coarse_base_seg.train import cli as coarse_cli
 from common.config import FineTrainConfig
-from common.errors import InputError
-from common.lmdb_store import open_store
+from common.core.errors import InputError
+from common.storage.lmdb_store import open_store
 from fine_efficient_seg import uif as fine_uif
 from fine_efficient_seg.train import main as fine_main
-from test_fine_train import _threshold_pair, fine_config
-from tiny_models import prepared_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32

@@ -1,6 +1,6 @@
 """GPU memory figures: CPU gives zeros; rows carry all three FLARE-relevant fields."""
 
-from common.gpu_memory import MEMORY_FIELDS, GpuMemory, reset_peak, snapshot
+from common.core.gpu_memory import MEMORY_FIELDS, GpuMemory, reset_peak, snapshot
 
 
 def test_cpu_snapshot_is_zero_and_row_has_all_fields():

@@ -9,7 +9,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from common.config import CoarseTrainConfig, FineTrainConfig, PrepareConfig, load_config
+from common.config import CoarseTrainConfig, FineTrainConfig, PrepareConfig
+from common.core.typed_config import load_config
 from data_prepare import run as prepare_run
 from data_prepare.synthetic import HIDDEN_MASK_DIR, write_dataset
 

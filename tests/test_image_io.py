@@ -1,4 +1,4 @@
-"""Tests of common.image_io: round trips in every supported format, orientation, geometry and bad inputs."""
+"""Tests of common.storage.image_io: round trips in every supported format, orientation, geometry and bad inputs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from common.errors import InputError
-from common.image_io import (
+from common.core.errors import InputError
+from common.storage.image_io import (
     ImageMeta,
     canonical_flips,
     case_id_from_name,

@@ -1,4 +1,4 @@
-"""Tests of common.lmdb_store: records, transactions, read-only use, pickling and multi-process reads."""
+"""Tests of common.storage.lmdb_store: records, transactions, read-only use, pickling and multi-process reads."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common.errors import InputError
-from common.lmdb_store import LmdbStore, decode_record, encode_record, open_store
+from common.core.errors import InputError
+from common.storage.lmdb_store import LmdbStore, decode_record, encode_record, open_store
 
 
 def record(i: int) -> dict:

@@ -1,4 +1,4 @@
-"""Tests for common.logger: stdout on rank 0, a file for every rank, no duplicate handlers."""
+"""Tests for common.core.logger: stdout on rank 0, a file for every rank, no duplicate handlers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from common.logger import get_logger, log_to_file, setup_logging
+from common.core.logger import get_logger, log_to_file, setup_logging
 
 
 @pytest.fixture(autouse=True)

@@ -3,15 +3,8 @@ import math
 import pytest
 import torch
 
-from common.losses import (
-    LOSSES,
-    bce_loss,
-    build_loss,
-    focal_loss,
-    one_hot_organs,
-    reference_focal_loss,
-    soft_dice_loss,
-)
+from common.core.labelmaps import one_hot_organs
+from common.train.losses import LOSSES, bce_loss, build_loss, focal_loss, reference_focal_loss, soft_dice_loss
 
 LN3 = math.log(3.0)
 

@@ -11,10 +11,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from common.labels import NSD_TOLERANCE_MM, SHORT_NAMES
-from common.metrics import flare_case_scores, hard_dice_per_organ, official_round, to_label_uint8
-from common.postprocess import probs_to_labels
-from common.surface_distance import (
+from common.core.labelmaps import probs_to_labels
+from common.core.labels import NSD_TOLERANCE_MM, SHORT_NAMES
+from common.evaluation.metrics import flare_case_scores, hard_dice_per_organ, official_round, to_label_uint8
+from common.evaluation.surface_distance import (
     _contour_loops,
     _polygon_triangulations,
     neighbour_code_normals,
@@ -267,7 +267,7 @@ def test_validation_dice_uses_the_prediction_label_rule():
 def test_distances_match_scipy_edt_bit_for_bit():
     from scipy import ndimage
 
-    from common.surface_distance import _distances_at
+    from common.evaluation.surface_distance import _distances_at
 
     rng = np.random.default_rng(0)
     border = rng.random((17, 13, 11)) > 0.97

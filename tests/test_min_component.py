@@ -14,9 +14,10 @@ import SimpleITK as sitk
 from tiny_models import export_tiny_stage
 
 from benchmarks import min_component as mc
-from common.errors import InputError
-from common.inference import PredictOptions, predict_folder
-from common.postprocess import FINE_MIN_VOLUME_MM3
+from common.core.defaults import FINE_MIN_VOLUME_MM3
+from common.core.errors import InputError
+from common.infer.folder import predict_folder
+from common.infer.predictor import PredictOptions
 
 # The tiny fine network (seed 3) finds organs of ~40 mm^3 up to ~70 ml on these phantoms: each value drops some.
 VALUES = (0.0, 100.0, 1000.0, 30000.0)

@@ -5,11 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from common.labels import NUM_ORGANS
+from common.core.labels import NUM_ORGANS
 from common.networks import NETWORKS, EfficientSegNet, UNet, build_network
 from common.networks.blocks import AnisoBlock, ConvIN, ConvINReLU, ResBaseBlock
-from common.networks.input_layer import prepare_input
-from common.preprocessing import normalize_hu, resize_volume
+from common.volume.intensity import normalize_hu
+from common.volume.network_input import prepare_input
+from common.volume.resize import resize_volume
 
 TINY = (4, 8, 8, 16, 16)
 

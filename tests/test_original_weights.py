@@ -20,12 +20,14 @@ import SimpleITK as sitk
 import torch
 
 import predict
-from common import original_weights as ow
-from common.backends import make_forwards
-from common.checkpoint import export_model, load_checkpoint, load_exported_model
-from common.errors import InputError
-from common.inference import COARSE_DIR, FINE_DIR, PredictOptions, Predictor, WeightsError
+from common import original_weights as ow_cli
+from common.core.errors import InputError, WeightsError
+from common.infer.backends import make_forwards
+from common.infer.predictor import PredictOptions, Predictor
 from common.networks import build_network
+from common.storage import original_release as ow
+from common.storage.checkpoint import load_checkpoint
+from common.storage.model_folder import COARSE_DIR, FINE_DIR, export_model, load_exported_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = REPO_ROOT.parent / "shared" / "data" / "original_release"
@@ -223,7 +225,7 @@ def test_cli_writes_model_folders_that_predict_sh_runs_on_a_real_ct(tmp_path, ti
     original fine stage never saved. (Tiny networks at 32^3: the full-size networks take minutes per CT here.)"""
     out = tmp_path / "weights"
     fine_file = tiny_release / FINE_DIR / "best_model.pt"
-    code = ow.main(["--coarse", str(tiny_release / COARSE_DIR), "--fine", str(fine_file), "--out", str(out),
+    code = ow_cli.main(["--coarse", str(tiny_release / COARSE_DIR), "--fine", str(fine_file), "--out", str(out),
                     "--coarse-size", str(SIZE), "--fine-size", str(SIZE)])
     assert code == 0, capsys.readouterr().err
     coarse = load_exported_model(out / COARSE_DIR, stage="coarse")
@@ -264,7 +266,7 @@ def test_cli_writes_model_folders_that_predict_sh_runs_on_a_real_ct(tmp_path, ti
 def test_predictor_reads_the_original_layout_directly(tmp_path, tiny_release, monkeypatch):
     """--weights-dir at the original folders: the same networks and settings as the converted folders (default
     sizes), so the prediction is the converter's. (The full-size run on case_0003 gave identical masks.)"""
-    assert ow.main(["--coarse", str(tiny_release / COARSE_DIR), "--fine", str(tiny_release / FINE_DIR),
+    assert ow_cli.main(["--coarse", str(tiny_release / COARSE_DIR), "--fine", str(tiny_release / FINE_DIR),
                     "--out", str(tmp_path / "converted")]) == 0
     direct = Predictor(PredictOptions(tiny_release, device="cpu", backend="torch"))
     converted = Predictor(PredictOptions(tmp_path / "converted", device="cpu", backend="torch"))
@@ -292,12 +294,12 @@ def test_predictor_reads_the_original_layout_directly(tmp_path, tiny_release, mo
 
 def test_cli_refuses_a_swapped_file_and_writes_nothing(tmp_path, tiny_release, capsys):
     out = tmp_path / "weights"
-    code = ow.main(["--coarse", str(tiny_release / FINE_DIR / "best_model.pt"), "--fine", str(tiny_release / FINE_DIR),
-                    "--out", str(out)])
+    code = ow_cli.main(["--coarse", str(tiny_release / FINE_DIR / "best_model.pt"),
+                        "--fine", str(tiny_release / FINE_DIR), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "looks like the original fine EfficientSegNet" in err and "best_model.pt" in err
     assert not out.exists()
-    assert ow.main(["--out", str(out)]) == 2 and "--coarse and/or --fine" in capsys.readouterr().err
+    assert ow_cli.main(["--out", str(out)]) == 2 and "--coarse and/or --fine" in capsys.readouterr().err
 
 
 def test_exported_folder_round_trips_through_export_model(tmp_path, tiny_release):

@@ -1,4 +1,4 @@
-"""common.overlay: PNG encoding (checked by decoding it back), text, rendering and the file writer."""
+"""common.infer.overlay: PNG encoding (checked by decoding it back), text, rendering and the file writer."""
 
 from __future__ import annotations
 
@@ -8,9 +8,16 @@ import zlib
 import numpy as np
 import pytest
 
-from common.labels import NUM_ORGANS, ORGANS
-from common.overlay import (_GLYPHS, ORGAN_COLOURS, draw_text, encode_png, organ_centre, render_overlay,
-                            write_overlay)
+from common.core.labels import NUM_ORGANS, ORGANS
+from common.infer.overlay import (
+    _GLYPHS,
+    ORGAN_COLOURS,
+    draw_text,
+    encode_png,
+    organ_centre,
+    render_overlay,
+    write_overlay,
+)
 
 
 def decode_png(data: bytes) -> np.ndarray:

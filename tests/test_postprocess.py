@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.postprocess import coarse_box, keep_largest_component, organ_box, probs_to_labels
-from common.preprocessing import crop_box_with_margin
+from common.core.labelmaps import probs_to_labels
+from common.infer.postprocess import coarse_box, keep_largest_component, organ_box
+from common.volume.boxes import crop_box_with_margin
 
 
 def test_probs_to_labels_highest_wins_and_threshold():

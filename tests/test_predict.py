@@ -1,4 +1,4 @@
-"""predict.py / common.inference: geometry, fallback, bad inputs, skip/overwrite, ensemble, overlays, weights errors.
+"""predict.py / common.infer: geometry, fallback, bad inputs, skip/overwrite, ensemble, overlays, weights errors.
 
 Tiny networks (channels 2,4,4,8,8; 32^3 inputs) exported through the real `export_model`, CPU only.
 """
@@ -19,17 +19,22 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from tiny_models import export_tiny_stage
 from torch import nn
 
 import predict
-from common import inference
-from tiny_models import export_tiny_stage
-from common.errors import InputError
-from common.fileutil import is_temp_name
-from common.image_io import ImageMeta, read_image
-from common.inference import PredictOptions, Predictor, check_ct, predict_folder, upsample_labels
-from common.postprocess import keep_largest_component, probs_to_labels
-from common.uif import labels_disagreement
+from common.core.errors import InputError
+from common.core.files import is_temp_name
+from common.core.labelmaps import probs_to_labels
+from common.evaluation.uncertainty import labels_disagreement
+from common.infer import predictor as predictor_module
+from common.infer import upsample
+from common.infer.folder import predict_folder
+from common.infer.postprocess import keep_largest_component
+from common.infer.predictor import PredictOptions, Predictor
+from common.infer.upsample import upsample_labels
+from common.storage import model_folder
+from common.storage.image_io import ImageMeta, check_ct, read_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_CASES = ("case_0001", "case_0002", "case_0003")
@@ -186,7 +191,8 @@ def test_upsample_labels_empty_and_single_organ():
 
 
 def test_disagreement():
-    """The predictor's column uses UIF's definition (common.uif): organs present in either, none = least certain."""
+    """The predictor's column uses UIF's definition (common.evaluation.uncertainty): organs present in either,
+    none = least certain."""
     a = torch.zeros(4, 4, 4, dtype=torch.uint8)
     assert labels_disagreement(a, a) == 1.0  # nothing present: no usable label, least certain
     a[0, :2] = 1
@@ -398,10 +404,10 @@ def test_cuda_oom_twice_goes_to_the_cpu_and_other_errors_fail_the_case(tmp_path,
 
 
 def test_chunk_size_follows_the_device(predictor):
-    assert inference.default_chunk_elements(torch.device("cpu")) == inference.UPSAMPLE_CPU_CHUNK
-    assert predictor.chunk_elements == inference.UPSAMPLE_CPU_CHUNK
-    cuda_chunk = inference.default_chunk_elements(torch.device("cuda"))
-    assert cuda_chunk * inference.UPSAMPLE_BYTES_PER_ELEMENT <= inference.UPSAMPLE_CUDA_BUDGET_MB * 2**20
+    assert upsample.default_chunk_elements(torch.device("cpu")) == upsample.UPSAMPLE_CPU_CHUNK
+    assert predictor.chunk_elements == upsample.UPSAMPLE_CPU_CHUNK
+    cuda_chunk = upsample.default_chunk_elements(torch.device("cuda"))
+    assert cuda_chunk * upsample.UPSAMPLE_BYTES_PER_ELEMENT <= upsample.UPSAMPLE_CUDA_BUDGET_MB * 2**20
     assert cuda_chunk < 1 << 24 and cuda_chunk > 1 << 20
 
 
@@ -421,7 +427,7 @@ def test_upsample_labels_organ_shaped_scores_per_voxel_path():
 
 
 def test_first_resize_in_slabs_and_float64_input():
-    from common.networks.input_layer import resize_in_slabs
+    from common.volume.network_input import resize_in_slabs
 
     gen = torch.Generator().manual_seed(3)
     raw = torch.randint(-1024, 2000, (1, 1, 37, 29, 31), generator=gen).to(torch.int16)
@@ -430,7 +436,7 @@ def test_first_resize_in_slabs_and_float64_input():
         torch.testing.assert_close(resize_in_slabs(raw, (16, 12, 20), slab), expected, rtol=1e-5, atol=1e-3)
     assert resize_in_slabs(raw.double(), (16, 12, 20)).dtype == torch.float32
     # float64 volumes are handed to the device as float32 (half the upload, no float64 resize)
-    friendly = inference._torch_friendly(np.zeros((3, 4, 5), dtype=np.float64))
+    friendly = predictor_module._torch_friendly(np.zeros((3, 4, 5), dtype=np.float64))
     assert friendly.dtype == np.float32 and friendly.flags.c_contiguous
 
 
@@ -449,7 +455,7 @@ def test_missing_and_corrupt_weights_exit_2(tmp_path, weights_dir, capsys):
 
     broken = tmp_path / "broken"
     shutil.copytree(weights_dir, broken)
-    model = broken / inference.FINE_DIR / "model.pt"
+    model = broken / model_folder.FINE_DIR / "model.pt"
     model.write_bytes(model.read_bytes()[:1000])
     code = predict.main(["-i", str(in_dir), "-o", str(tmp_path / "out"), "--weights-dir", str(broken), "--quiet"])
     err = capsys.readouterr().err
@@ -530,7 +536,7 @@ def test_unwritable_output_fails_before_any_case(tmp_path, weights_dir, capsys, 
             return real(*args, dir=dir, **kwargs)
 
         monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    monkeypatch.setattr(inference.Predictor, "predict",
+    monkeypatch.setattr(predictor_module.Predictor, "predict",
                         lambda *a, **k: pytest.fail("predicted into a read-only folder"))
     try:
         assert _cli(in_dir, out, weights_dir) == 2
@@ -606,20 +612,20 @@ def test_unusable_weights_are_setup_errors(tmp_path, weights_dir, capsys):
     _write_ct(in_dir / "c3_0000.nii.gz", _ct_volume((17, 20, 19)))
     random_bytes = tmp_path / "random"
     shutil.copytree(weights_dir, random_bytes)
-    (random_bytes / inference.FINE_DIR / "model.pt").write_bytes(np.random.default_rng(3).bytes(2000))
+    (random_bytes / model_folder.FINE_DIR / "model.pt").write_bytes(np.random.default_rng(3).bytes(2000))
     zero = tmp_path / "zero"
     export_tiny_stage(zero, "coarse", "unet", 32, seed=1)
     export_tiny_stage(zero, "fine", "efficient_seg_net", 32, seed=3)
-    payload = torch.load(zero / inference.FINE_DIR / "model.pt", weights_only=True)
+    payload = torch.load(zero / model_folder.FINE_DIR / "model.pt", weights_only=True)
     payload["preprocess"]["size_zyx"] = [0, 0, 0]
-    torch.save(payload, zero / inference.FINE_DIR / "model.pt")
+    torch.save(payload, zero / model_folder.FINE_DIR / "model.pt")
     nan = tmp_path / "nan"
     shutil.copytree(weights_dir, nan)
-    payload = torch.load(nan / inference.COARSE_DIR / "model.pt", weights_only=True)
+    payload = torch.load(nan / model_folder.COARSE_DIR / "model.pt", weights_only=True)
     networks = payload["networks"] if "networks" in payload else payload
     first = next(iter(networks.values()))
     next(v for v in first.values() if torch.is_tensor(v) and v.is_floating_point()).fill_(float("nan"))
-    torch.save(payload, nan / inference.COARSE_DIR / "model.pt")
+    torch.save(payload, nan / model_folder.COARSE_DIR / "model.pt")
     for weights, problem in ((random_bytes, "cannot read checkpoint"), (zero, "must be 3 sizes divisible by 16"),
                              (nan, "NaN or infinite weights")):
         assert _cli(in_dir, tmp_path / f"out_{weights.name}", weights) == 2

@@ -1,4 +1,4 @@
-"""Tests of common.preprocessing: numpy and torch paths agree, corner-aligned semantics, masks, boxes."""
+"""Tests of common.volume.intensity: numpy and torch paths agree, corner-aligned semantics, masks, boxes."""
 
 from __future__ import annotations
 
@@ -7,19 +7,9 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from common.preprocessing import (
-    crop_box_with_margin,
-    label_bboxes,
-    margin_voxels,
-    normalize_hu,
-    organ_bbox,
-    resize_hu_int16,
-    resize_mask,
-    resize_mask_torch,
-    resize_volume,
-    resize_volume_torch,
-    window_and_zscore_torch,
-)
+from common.volume.boxes import crop_box_with_margin, label_bboxes, margin_voxels, organ_bbox
+from common.volume.intensity import normalize_hu, window_and_zscore_torch
+from common.volume.resize import resize_hu_int16, resize_mask, resize_mask_torch, resize_volume, resize_volume_torch
 
 SHAPES = [(32, 32, 32), (17, 60, 23), (45, 47, 33), (90, 20, 71), (16, 16, 16)]
 

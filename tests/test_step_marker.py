@@ -1,10 +1,10 @@
-"""Tests for common.step_marker: the one way steps record that they are done and from what."""
+"""Tests for common.storage.step_marker: the one way steps record that they are done and from what."""
 
 from __future__ import annotations
 
 import os
 
-from common.step_marker import file_stamp, marker_matches, read_marker, write_marker
+from common.storage.step_marker import file_stamp, marker_matches, read_marker, write_marker
 
 
 def test_marker_matches_its_inputs_and_a_changed_input_does_not(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from common.labels import NUM_ORGANS
+from common.core.labels import NUM_ORGANS
 from data_prepare import synthetic
 from data_prepare.synthetic import MIN_ORGAN_VOXELS, draw_plan, generate_case, is_hard, make_case, write_dataset
 

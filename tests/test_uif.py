@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from common.uif import (
+from common.evaluation.uncertainty import (
     binary_entropy,
     disagreement_score,
     entropy_score,

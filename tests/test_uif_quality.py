@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import uif_quality as q
-from common.lmdb_store import open_store
+from common.storage.lmdb_store import open_store
 from fine_efficient_seg.uif import SCORES_FILE, read_scores_csv
 
 

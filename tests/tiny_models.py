@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from common import inference
-from common.checkpoint import export_model
 from common.networks import build_network
+from common.storage import model_folder
+from common.storage.model_folder import export_model
 
 TINY = [2, 4, 4, 8, 8]
-STAGE_DIRS = {"coarse": inference.COARSE_DIR, "fine": inference.FINE_DIR}
+STAGE_DIRS = {"coarse": model_folder.COARSE_DIR, "fine": model_folder.FINE_DIR}
 
 
 def export_tiny_stage(weights_dir: Path, stage: str, name: str, size: int, seed: int,
@@ -37,8 +37,9 @@ def prepared_tiny_dataset(root: Path, *, labeled: int, unlabeled: int, seed: int
                           size: int = 32, prepare_overrides: tuple[str, ...] = ()) -> Path:
     """A `tiny` synthetic dataset in root/dataset, prepared by data_prepare at size^3 (plus `prepare_overrides`),
     and an exported coarse model of one random tiny U-Net (torch seed 0) in root/coarse_model. Returns the dataset."""
-    from common.checkpoint import model_state_dict
-    from common.config import PrepareConfig, load_config
+    from common.config import PrepareConfig
+    from common.core.typed_config import load_config
+    from common.storage.checkpoint import model_state_dict
     from data_prepare import run as prepare_run
     from data_prepare.synthetic import write_dataset
 

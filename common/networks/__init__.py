@@ -1,8 +1,11 @@
-"""Segmentation networks of both stages, built by name from plain keyword arguments."""
+"""Segmentation networks of both stages, built by name from plain keyword arguments (imports common.core only).
+
+`NETWORKS` is the registry the configs choose from; `input_size_problem` is the one rule for a network input size.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -11,7 +14,13 @@ from common.networks.unet import UNet
 
 NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "efficient_seg_net": EfficientSegNet}
 
-__all__ = ["NETWORKS", "EfficientSegNet", "UNet", "build_network"]
+# Both networks (U-Net and EfficientSegNet, 5 channel levels) halve the input 4 times: the bottleneck is size / 16,
+# and instance norm needs at least 2 voxels per axis there.
+DOWNSAMPLING = 16
+MIN_INPUT_SIZE = 2 * DOWNSAMPLING
+
+__all__ = ["DOWNSAMPLING", "MIN_INPUT_SIZE", "NETWORKS", "EfficientSegNet", "UNet", "build_network",
+           "input_size_problem"]
 
 
 def build_network(name: str, **kwargs: Any) -> nn.Module:
@@ -21,3 +30,17 @@ def build_network(name: str, **kwargs: Any) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown network {name!r}; choose one of {sorted(NETWORKS)}") from None
     return cls(**kwargs)
+
+
+def input_size_problem(size_zyx: Sequence[int]) -> str | None:
+    """What is wrong with `size_zyx` as a network input size (3 sizes, each a multiple of 16 and >= 32), or None."""
+    sizes = list(size_zyx)
+    if len(sizes) != 3:
+        return f"{sizes} is not 3 sizes (z, y, x)"
+    if any(int(s) % DOWNSAMPLING for s in sizes):
+        return f"{sizes}: every size must be a multiple of {DOWNSAMPLING} (the networks halve the input 4 times)"
+    if any(int(s) < MIN_INPUT_SIZE for s in sizes):
+        bottleneck = [int(s) // DOWNSAMPLING for s in sizes]
+        return (f"{sizes} leaves a bottleneck of {bottleneck} voxels after the networks' x{DOWNSAMPLING} downsampling; "
+                f"instance norm needs at least 2 per axis: use sizes >= {MIN_INPUT_SIZE}")
+    return None

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.labels import NUM_ORGANS
+from common.core.labels import NUM_ORGANS
 from common.networks.blocks import AnisoBlock, ConvIN, ConvINReLU, ResBaseBlock, init_weights, res_layer, upsample_to
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from common.labels import NUM_ORGANS
+from common.core.labels import NUM_ORGANS
 from common.networks.blocks import ResFourLayerBlock, ResTwoLayerBlock, init_weights, upsample_to
 
 

@@ -12,9 +12,9 @@ import math
 import torch
 from torch import nn
 
-from common.amp import AmpSettings, autocast
-from common.losses import LossFn, one_hot_organs
-from common.postprocess import LABEL_THRESHOLD, logit, probs_to_labels
+from common.core.amp import AmpSettings, autocast
+from common.core.labelmaps import LABEL_THRESHOLD, logit, one_hot_organs, probs_to_labels
+from common.train.losses import LossFn
 
 
 @torch.no_grad()
@@ -22,7 +22,7 @@ def pseudo_labels(logits: torch.Tensor, threshold: float = LABEL_THRESHOLD,
                   legacy_shift: bool = False) -> torch.Tensor:
     """Hard one-hot pseudo labels (N, C, D, H, W) float32 from logits of the same shape, without gradient.
 
-    Default (DESIGN 5.1): the project's label rule `common.postprocess.probs_to_labels` (the channel with the
+    Default (DESIGN 5.1): the project's label rule `common.core.labelmaps.probs_to_labels` (the channel with the
     highest sigmoid if that sigmoid >= `threshold`, else background = all-zero vector), one-hot.
     `legacy_shift=True` reproduces the reference (3.1 [BUG]): argmax over the channels, one-hot with C+1
     channels, channel 0 dropped -- argmax k lands on channel k-1, argmax 0 gives all zeros, the last channel

@@ -1,6 +1,6 @@
 """Network input layer for prediction: resize + HU window + per-volume z-score on the tensor's device.
 
-Same result as the data-preparation path `normalize_hu(resize_volume(...))` of `common.preprocessing`
+Same result as the data-preparation path `normalize_hu(resize_volume(...))` of `common.volume.intensity`
 (corner-aligned trilinear resize, clip, subtract the mean, divide by population std + 1e-5), so a network sees
 the same intensities at training and at prediction time (reference 1.4, 2.3).
 """
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from common.preprocessing import resize_volume_torch, window_and_zscore_torch
-
+from common.volume.intensity import window_and_zscore_torch
+from common.volume.resize import resize_volume_torch
 
 SLAB_SLICES = 16  # input slices converted to float32 at a time by `resize_in_slabs`
 

@@ -19,9 +19,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from common.labels import NUM_ORGANS
-from common.logger import get_logger
-from common.postprocess import LABEL_THRESHOLD, probs_to_labels
+from common.core.labelmaps import LABEL_THRESHOLD, probs_to_labels
+from common.core.labels import NUM_ORGANS
+from common.core.logger import get_logger
 
 logger = get_logger(__name__)
 
@@ -32,7 +32,7 @@ EMPTY_SCORE = 1.0
 
 
 def hard_organ_masks(probs: torch.Tensor, threshold: float = LABEL_THRESHOLD) -> torch.Tensor:
-    """Per-organ masks of the project's label rule (`common.postprocess.probs_to_labels`).
+    """Per-organ masks of the project's label rule (`common.core.labelmaps.probs_to_labels`).
 
     probs: (13, D, H, W) sigmoids. Returns bool (13, D, H, W); the organ masks are disjoint.
     """

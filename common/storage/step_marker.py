@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.errors import InputError
-from common.fileutil import write_json_atomic
+from common.core.errors import InputError
+from common.core.files import write_json_atomic
 
 RUN_FILE = "run.json"
 

@@ -69,9 +69,9 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int | None =
 def set_cudnn_benchmark(device: str | torch.device, enabled: bool = True) -> None:
     """Let cuDNN time its convolution algorithms at the first call of each input shape and keep the fastest.
 
-    One setting for training (common.engine) and prediction (common.inference), both of which run fixed shapes,
-    so the timing is paid once. No-op off CUDA. Cost to watch: the fastest algorithm may want a larger workspace,
-    which the caching allocator then keeps reserved, so it counts in total - free, the figure the 1.5 GB
+    One setting for training (common.train.engine) and prediction (common.infer.predictor), both of which run fixed
+    shapes, so the timing is paid once. No-op off CUDA. Cost to watch: the fastest algorithm may want a larger
+    workspace, which the caching allocator then keeps reserved, so it counts in total - free, the figure the 1.5 GB
     prediction bar is held against; benchmarks/gpu_check.py measures gpu_used_mb with it on and off, and
     cuDNN's CUDNN_CONV_WSCAP_DBG=<MiB> environment variable caps the workspace it may choose.
     """

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.device import resolve_device
-from common.logger import get_logger
+from common.core.device import resolve_device
+from common.core.logger import get_logger
 
 logger = get_logger(__name__)
 
@@ -58,7 +58,7 @@ def _env_int(name: str, default: int) -> int:
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Start the process group described by the torchrun environment, or nothing for a single process.
 
-    NCCL is used when the device is CUDA, gloo otherwise. The device follows `common.device.resolve_device`
+    NCCL is used when the device is CUDA, gloo otherwise. The device follows `common.core.device.resolve_device`
     (each CUDA rank on cuda:(LOCAL_RANK % device_count); an explicit cuda:N is refused with several processes).
     Calling it again once a group exists returns the current state.
     """

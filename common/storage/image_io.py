@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
-from common.errors import InputError
-from common.fileutil import atomic_path
-from common.logger import get_logger
-from common.labels import NUM_ORGANS
+from common.core.errors import InputError
+from common.core.files import atomic_path
+from common.core.labels import NUM_ORGANS
+from common.core.logger import get_logger
+from common.volume.intensity import AIR_HU, to_int16_hu
 
 logger = get_logger(__name__)
 
@@ -550,3 +552,39 @@ def list_images(folder: str | os.PathLike) -> tuple[dict[str, Path], list[tuple[
     conflicts = {case_id: (f"duplicate case id '{case_id}': given by " + " and ".join(str(p) for p in paths)
                            + "; remove or rename all but one") for case_id, paths in sorted(duplicates.items())}
     return dict(sorted(found.items())), skipped, conflicts
+
+
+# ------------------------------------------------------------------------------------------------ CT checks
+
+
+def check_ct(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) -> None:
+    """Raise InputError naming `path` if the volume cannot be a CT in HU (spacing, shape, intensities)."""
+    check_spacing(meta.spacing_zyx, path)
+    if array_zyx.ndim != 3 or min(array_zyx.shape) < 2:
+        raise InputError(path, f"array shape {array_zyx.shape} is not a 3D volume")
+    if array_zyx.dtype.kind not in "iuf":
+        raise InputError(path, f"voxel type {array_zyx.dtype} is not numeric")
+    lo, hi = float(array_zyx.min()), float(array_zyx.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InputError(path, "voxel values contain NaN or infinity")
+    if hi <= lo:
+        raise InputError(path, f"non-CT intensities: every voxel is {lo:g}")
+    if lo > AIR_HU:
+        raise InputError(path, f"non-CT intensities: minimum {lo:g} > {AIR_HU:g} (no air), range "
+                               f"{lo:g}..{hi:g}; expected a CT in Hounsfield units (rescale slope/intercept applied)")
+
+
+def read_canonical_ct(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta, tuple[bool, bool, bool]]:
+    """Read a CT through the checked reader, check it (`check_ct`), store it as int16 HU (`to_int16_hu`) and flip
+    it to the canonical orientation: the one way a raw image becomes the canonical int16 volume that every
+    stored region (data_prepare's, the fine boxes step's) is cut from.
+
+    Returns (image int16 (z, y, x) canonical and contiguous, the file's meta, the flips applied (z, y, x)).
+    """
+    image_raw, meta = read_image(path)
+    check_ct(image_raw, meta, path)
+    flips = canonical_flips(meta)
+    image = torch.from_numpy(to_int16_hu(image_raw, path))
+    flip_dims = [axis for axis, f in enumerate(flips) if f]
+    # torch's flip makes a contiguous canonical copy much faster than np.ascontiguousarray of a reversed view
+    return (image.flip(flip_dims) if flip_dims else image).numpy(), meta, flips

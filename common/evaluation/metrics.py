@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from common.labels import NSD_TOLERANCE_MM, NUM_ORGANS, ORGAN_LABELS, Z_CROPPED_LABELS
-from common.losses import one_hot_organs
-from common.postprocess import LABEL_THRESHOLD, logit, probs_to_labels
-from common.surface_distance import surface_dice
+from common.core.labelmaps import LABEL_THRESHOLD, logit, one_hot_organs, probs_to_labels
+from common.core.labels import NSD_TOLERANCE_MM, NUM_ORGANS, ORGAN_LABELS, Z_CROPPED_LABELS
+from common.evaluation.surface_distance import surface_dice
 
 # DSC below this: NSD is not computed and set to 0 (official rule).
 NSD_DSC_GATE = 0.2
@@ -113,7 +112,7 @@ def hard_dice_per_organ(
 
     logits: (N, C, D, H, W) network outputs (or sigmoid probabilities with from_logits=False);
     target_onehot: (N, C, D, H, W) 0/1. The predicted label map is made by the prediction's rule
-    (`common.postprocess.probs_to_labels`: the highest channel wins where its sigmoid >= threshold), so the
+    (`common.core.labelmaps.probs_to_labels`: the highest channel wins where its sigmoid >= threshold), so the
     organ masks are disjoint, as in a predicted mask. A channel empty in both prediction and target scores 1.
     """
     if logits.shape != target_onehot.shape:

@@ -11,21 +11,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from common.labels import NUM_ORGANS
-
 DICE_EPS = 1e-8
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def one_hot_organs(label_map: torch.Tensor, num_organs: int = NUM_ORGANS,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Label map (N, D, H, W) with values 0..num_organs -> (N, num_organs, D, H, W); channel c = label c+1.
-
-    Background (0) is the all-zero vector.
-    """
-    labels = torch.arange(1, num_organs + 1, device=label_map.device).view(1, num_organs, *([1] * (label_map.ndim - 1)))
-    return (label_map.unsqueeze(1) == labels).to(dtype)
 
 
 def _check(logits: torch.Tensor, target: torch.Tensor) -> None:

@@ -12,8 +12,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from common.errors import InputError
-from common.logger import get_logger
+from common.core.errors import InputError
+from common.core.logger import get_logger
 
 logger = get_logger(__name__)
 

@@ -1,19 +1,14 @@
-"""Volume preprocessing shared by data preparation, training and prediction (reference 1.3-1.5, 2.3).
+"""Resizing volumes and label masks to a fixed shape (reference 1.3), on numpy arrays or on torch tensors.
 
 Resizing is to a fixed output *shape* with corner-aligned trilinear interpolation: output voxel o along an
 axis of n input / m output voxels samples input coordinate o * (n - 1) / (m - 1). This is scipy's
 `zoom(..., grid_mode=False)` and torch's `F.interpolate(..., align_corners=True)`; both paths here agree
 to float32 rounding. Masks are resized label by label (binary linear resize, > 0.5), later labels
 overwriting earlier ones where they overlap.
-
-Intensity normalisation: clip to the HU window, subtract the volume's mean and divide by (std + 1e-5),
-with the *population* std (numpy's default; `correction=0` in torch) on both paths so they match.
-The reference used torch's unbiased std at test time only; the difference is ~1/(2N) relative.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -21,63 +16,9 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
-from common.errors import InputError
-from common.labels import NUM_ORGANS
-from common.logger import get_logger
-
-logger = get_logger(__name__)
-
-Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # inclusive (min, max) per axis (z, y, x)
-EPS_STD = 1e-5
-AIR_HU = -500.0
-"""HU below which a voxel is air (outside the body, lungs, bowel gas): a CT holds some (the predictor's and
-data_prepare's sanity checks), and the body is what lies above it (`body_box`)."""
-INT16_MIN, INT16_MAX = -32768, 32767
-
-
-# --------------------------------------------------------------------------------------------------------------
-# intensities
-
-
-def to_int16_hu(array: np.ndarray, path: str | os.PathLike) -> np.ndarray:
-    """The image as int16 HU: rounded if stored as float, clipped to the int16 range with a warning naming `path`
-    (InputError for NaN/infinite values or a non-numeric voxel type). The array itself when it is int16."""
-    if array.dtype == np.int16:
-        return array
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)):
-            raise InputError(path, "image holds NaN or infinite values")
-        array = np.rint(array)
-    elif array.dtype.kind not in "iub":
-        raise InputError(path, f"image has voxel type {array.dtype}; expected CT numbers (HU)")
-    lo, hi = array.min(), array.max()
-    if lo < INT16_MIN or hi > INT16_MAX:
-        logger.warning("%s: intensities %s..%s exceed int16; clipped to %d..%d", path, lo, hi, INT16_MIN, INT16_MAX)
-        array = np.clip(array, INT16_MIN, INT16_MAX)
-    return array.astype(np.int16)
-
-
-def normalize_hu(array: np.ndarray, window_hu: Sequence[float] = (-325.0, 325.0)) -> np.ndarray:
-    """Clip to `window_hu` then z-score over the whole volume (population std + 1e-5); float32, same shape."""
-    x = np.clip(np.asarray(array, dtype=np.float32), float(window_hu[0]), float(window_hu[1]))
-    mean = x.mean(dtype=np.float64)
-    std = x.std(dtype=np.float64)
-    return ((x - np.float32(mean)) / np.float32(std + EPS_STD)).astype(np.float32, copy=False)
-
-
-def window_and_zscore_torch(t: torch.Tensor, window_hu: Sequence[float] = (-325.0, 325.0)) -> torch.Tensor:
-    """Clip to `window_hu` and z-score per volume (per sample of a batch), float32.
-
-    t: (D, H, W) -> one volume; (N, ...) with t.dim() >= 4 -> statistics per sample n.
-    """
-    x = t.float().clamp(float(window_hu[0]), float(window_hu[1]))
-    dims = tuple(range(x.dim())) if x.dim() <= 3 else tuple(range(1, x.dim()))
-    std, mean = torch.std_mean(x, dim=dims, correction=0, keepdim=True)
-    return (x - mean) / (std + EPS_STD)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# image resize
+from common.core.labels import NUM_ORGANS
+from common.volume.boxes import Box, label_bboxes
+from common.volume.intensity import INT16_MAX, INT16_MIN
 
 
 def _check_shape(out_shape_zyx: Sequence[int]) -> tuple[int, int, int]:
@@ -136,8 +77,6 @@ def resize_hu_int16(array: np.ndarray | torch.Tensor, out_shape_zyx: Sequence[in
     return out.to(torch.int16).numpy()
 
 
-# --------------------------------------------------------------------------------------------------------------
-# mask resize
 
 
 def _axis_coords(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -162,20 +101,6 @@ def _interp_axis(x: torch.Tensor, axis: int, i0: np.ndarray, i1: np.ndarray, lam
     x0 = x.index_select(axis, torch.from_numpy(i0).to(x.device))
     x1 = x.index_select(axis, torch.from_numpy(i1).to(x.device))
     return x0 * w0 + x1 * w1
-
-
-def label_bboxes(mask: np.ndarray, num_labels: int = NUM_ORGANS) -> dict[int, Box]:
-    """Inclusive bounding box (z, y, x) of every label 1..num_labels present in `mask` (one pass)."""
-    m = np.asarray(mask)
-    if m.dtype.kind not in "iub":
-        raise ValueError(f"mask must hold integers, got {m.dtype}")
-    boxes: dict[int, Box] = {}
-    if m.dtype == np.bool_:
-        m = m.view(np.uint8)
-    for index, slices in enumerate(ndi.find_objects(m, max_label=num_labels)):
-        if slices is not None:
-            boxes[index + 1] = tuple((s.start, s.stop - 1) for s in slices)  # type: ignore[assignment]
-    return boxes
 
 
 def resize_mask(mask: np.ndarray, out_shape_zyx: Sequence[int], num_labels: int = NUM_ORGANS,
@@ -236,70 +161,3 @@ def resize_mask_torch(mask_t: torch.Tensor, out_shape_zyx: Sequence[int], num_la
         resized = F.interpolate(binary, size=shape, mode="trilinear", align_corners=True)[0, 0]
         out.masked_fill_(resized > 0.5, label)
     return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# boxes
-
-
-def organ_bbox(mask: np.ndarray) -> Box | None:
-    """Inclusive (min, max) per axis (z, y, x) of all voxels with mask > 0; None if the mask is empty."""
-    m = np.asarray(mask) != 0
-    zy = m.any(axis=2)
-    z_any = zy.any(axis=1)
-    if not z_any.any():
-        return None
-    y_any = zy.any(axis=0)
-    x_any = m.any(axis=(0, 1))
-    box = []
-    for profile in (z_any, y_any, x_any):
-        idx = np.flatnonzero(profile)
-        box.append((int(idx[0]), int(idx[-1])))
-    return tuple(box)  # type: ignore[return-value]
-
-
-def margin_voxels(spacing_zyx: Sequence[float], margin_mm: float) -> tuple[int, int, int]:
-    """Margin per axis in voxels: int(margin_mm / spacing) (reference 1.5)."""
-    return tuple(int(float(margin_mm) / float(s)) for s in spacing_zyx)  # type: ignore[return-value]
-
-
-def region_slices(bbox: Box, spacing_zyx: Sequence[float], margin_mm: float,
-                  shape_zyx: Sequence[int]) -> tuple[slice, slice, slice]:
-    """The stored region of a case: bbox +/- M voxels inclusive per axis, M = int(margin_mm / spacing), clipped to
-    the volume. With margin_mm = max_extend_size_mm it holds every crop the fine stage can draw around the box
-    (random extensions e < M per face, `crop_box_with_margin` with extend_size_mm <= margin_mm), so crops read from
-    the region equal crops of the whole volume. Used for the labeled regions (data_prepare) and the unlabeled ones
-    (the fine stage's boxes step)."""
-    slices = []
-    for (lo, hi), m, n in zip(bbox, margin_voxels(spacing_zyx, margin_mm), shape_zyx):
-        slices.append(slice(max(0, int(lo) - m), min(int(n), int(hi) + m + 1)))
-    return tuple(slices)  # type: ignore[return-value]
-
-
-def crop_box_with_margin(
-    bbox: Box, spacing_zyx: Sequence[float], margin_mm: float, shape_zyx: Sequence[int]
-) -> tuple[slice, slice, slice]:
-    """Crop slices [max(0, min - m), min(shape, max + m)) per axis with m = int(margin_mm / spacing).
-
-    As in the reference the upper end is exclusive (the high side gets m - 1 voxels past the box); it is
-    never allowed to cut the box itself (when m = 0 the crop still ends at max + 1).
-    """
-    slices = []
-    for (lo, hi), m, n in zip(bbox, margin_voxels(spacing_zyx, margin_mm), shape_zyx):
-        start = max(0, int(lo) - m)
-        stop = min(int(n), max(int(hi) + m, int(hi) + 1))
-        slices.append(slice(start, stop))
-    return tuple(slices)  # type: ignore[return-value]
-
-
-def body_box(image_hu: np.ndarray, threshold_hu: float = AIR_HU) -> Box | None:
-    """Inclusive bbox of the voxels above `threshold_hu` (the body), or None if there are none."""
-    inside = np.asarray(image_hu) > threshold_hu
-    if not inside.any():
-        return None
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(inside.any(axis=other))
-        box.append((int(hits[0]), int(hits[-1])))
-    return tuple(box)  # type: ignore[return-value]

@@ -1,73 +1,23 @@
-"""Post-processing of network outputs: the label rule, largest component, the organ box of a coarse prediction.
+"""Post-processing of network outputs: largest component per organ, and the organ box of a coarse prediction.
 
-Arrays are (z, y, x); spacings in mm in the same order.
+Arrays are (z, y, x); spacings in mm in the same order. The label rule itself is `common.core.labelmaps`.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
-import torch
 from scipy import ndimage
 
-from common.labels import NUM_ORGANS
-from common.logger import get_logger
+from common.core.defaults import COARSE_MIN_VOLUME_MM3, Z_WINDOW_MM
+from common.core.labels import NUM_ORGANS
+from common.core.logger import get_logger
+from common.volume.boxes import Box, grid_box_to_raw
 
 logger = get_logger(__name__)
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
-# Inclusive (min, max) index per axis (z, y, x).
-Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
-
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
-
-# Post-processing defaults (reference 6.2); an exported model carries its own values (its `preprocess` record),
-# and the predictor's flags override them.
-COARSE_MIN_VOLUME_MM3 = 1000.0   # step 3: smallest coarse component kept, mm^3 of the coarse grid
-Z_WINDOW_MM = 240.0              # step 4: half height of the z-window around the largest region
-EXTEND_SIZE_MM = 20.0            # step 5: margin around the organ box (crop_box_with_margin)
-# step 7: smallest fine component kept, mm^3 of the crop grid. DESIGN 5.8 said 2000; measured 500 (BENCHMARKS.md,
-# "Fine minimum component volume": 500 beats 2000 on 5 seeds; the original's effective value on its crops).
-FINE_MIN_VOLUME_MM3 = 500.0
-
-
-LABEL_THRESHOLD = 0.5
-"""Sigmoid probability the best organ needs to win a voxel (DESIGN 5.1); below it the voxel is background."""
-
-
-def logit(probability: float) -> float:
-    """log(p / (1 - p)): the logit-space cut equal to a sigmoid threshold (sigmoid(x) >= p <=> x >= logit(p))."""
-    if not 0.0 < probability < 1.0:
-        raise ValueError(f"a sigmoid threshold must lie in (0, 1), got {probability}")
-    return math.log(probability / (1.0 - probability))
-
-
-LOGIT_THRESHOLD = logit(LABEL_THRESHOLD)  # 0.0
-
-
-def probs_to_labels(probs: ArrayLike, threshold: float = LABEL_THRESHOLD, dim: int = 0) -> ArrayLike:
-    """The label decision rule of the project (DESIGN 5.1, 7): per voxel the organ with the highest score wins
-    if that score is >= threshold, else background. Prediction, validation Dice, CPS pseudo labels and the box
-    step all decide labels here.
-
-    probs: per-organ scores with the organ channels on axis `dim` (e.g. (13, D, H, W) with dim=0, or
-    (N, 13, D, H, W) with dim=1); channel c = label c+1. Sigmoid probabilities with a probability threshold, or
-    logits with `logit(threshold)` (LOGIT_THRESHOLD for 0.5). Torch tensor (any device, any float dtype) or
-    numpy array. Ties go to the lower label. Returns uint8 labels without the channel axis, of the same kind
-    (tensor on the same device, or numpy).
-    """
-    if probs.ndim < 2:
-        raise ValueError(f"probs must have a channel axis and spatial axes, got shape {tuple(probs.shape)}")
-    if isinstance(probs, torch.Tensor):
-        best, index = probs.max(dim=dim)
-        labels = (index + 1).to(torch.uint8)
-        return torch.where(best >= threshold, labels, torch.zeros_like(labels))
-    probs = np.asarray(probs)
-    index = np.argmax(probs, axis=dim)
-    best = np.take_along_axis(probs, np.expand_dims(index, dim), axis=dim).squeeze(dim)
-    return np.where(best >= threshold, index + 1, 0).astype(np.uint8)
 
 
 def keep_largest_component(
@@ -144,18 +94,6 @@ def coarse_box(
     return ((z0, z1), (all_box[1].start, all_box[1].stop - 1), (all_box[2].start, all_box[2].stop - 1))
 
 
-def grid_box_to_raw(box: Sequence[Sequence[int]], grid_shape_zyx: Sequence[int], raw_shape_zyx: Sequence[int]) -> Box:
-    """Map an inclusive box on a resized grid (e.g. the 160^3 coarse grid) to raw voxels (reference 6.2 step 5):
-    int(index * raw/grid) for each end, clipped to the volume. Returns an inclusive raw box."""
-    out = []
-    for (lo, hi), n_grid, n_raw in zip(box, grid_shape_zyx, raw_shape_zyx):
-        zoom = float(n_raw) / float(n_grid)
-        lo_raw = min(max(int(lo * zoom), 0), int(n_raw) - 1)
-        hi_raw = min(max(int(hi * zoom), lo_raw), int(n_raw) - 1)
-        out.append((lo_raw, hi_raw))
-    return tuple(out)  # type: ignore[return-value]
-
-
 def organ_box(
     labels_coarse: np.ndarray,
     raw_shape_zyx: Sequence[int],
@@ -170,7 +108,7 @@ def organ_box(
     `raw_spacing_zyx` mm; coarse spacing = raw spacing * raw shape / coarse shape. Largest component per organ
     >= `min_volume_mm3` (mm^3 of the coarse grid), then `coarse_box` with `z_window_mm`, then `grid_box_to_raw`.
     Returns the inclusive raw box, or None when no organ survives. The crop around it is
-    `common.preprocessing.crop_box_with_margin` (the training crop rule).
+    `common.volume.boxes.crop_box_with_margin` (the training crop rule).
     """
     grid_shape = tuple(int(n) for n in labels_coarse.shape)
     spacing = tuple(float(s) * float(n) / float(m) for s, n, m in zip(raw_spacing_zyx, raw_shape_zyx, grid_shape))

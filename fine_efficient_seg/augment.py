@@ -20,15 +20,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from common.distributed import derive_seed
-from common.labels import NUM_ORGANS
-from common.preprocessing import (
-    crop_box_with_margin,
-    resize_mask,
-    resize_mask_torch,
-    resize_volume_torch,
-    window_and_zscore_torch,
-)
+from common.core.labels import NUM_ORGANS
+from common.train.distributed import derive_seed
+from common.volume.boxes import crop_box_with_margin
+from common.volume.intensity import window_and_zscore_torch
+from common.volume.resize import resize_mask, resize_mask_torch, resize_volume_torch
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 

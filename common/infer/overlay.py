@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from common.fileutil import atomic_path
-from common.labels import NUM_ORGANS, ORGANS
+from common.core.files import atomic_path
+from common.core.labels import NUM_ORGANS, ORGANS
 
 # Display window for abdominal soft tissue, in HU.
 DISPLAY_WINDOW_HU = (-160.0, 240.0)

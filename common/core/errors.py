@@ -15,3 +15,7 @@ class InputError(Exception):
 
     def __reduce__(self):  # keep the two-argument form across process boundaries (worker pools)
         return (type(self), (self.path, self.problem))
+
+
+class WeightsError(Exception):
+    """Missing, corrupt or unusable model weights; the message names the file."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.fileutil import atomic_path
+from common.core.files import atomic_path
 
 logger = logging.getLogger(__name__)
 

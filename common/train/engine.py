@@ -2,8 +2,8 @@
 
 How a stage uses it (see coarse_base_seg/train.py for a complete example):
 
-    from common.distributed import init_distributed
-    from common.engine import CPSJob, run_cps_training
+    from common.train.distributed import init_distributed
+    from common.train.engine import CPSJob, run_cps_training
 
     dist_info = init_distributed(cfg.device)             # torchrun env -> process group; no-op for one process
     job = CPSJob(
@@ -26,15 +26,15 @@ Streams. `labeled_stream(k)` must yield, from iteration k on, this rank's batche
 or raw HU with an `input_transform`) and y either a label map (B, D, H, W) of integers 0..13 or a one-hot float
 (B, 13, D, H, W). Tensors may live on the CPU (the engine moves them with non_blocking copies; pin them) or on the
 training device already. Sample n of a stream must depend only on (seed, stream name, n) -- e.g. items from
-`common.distributed.InfiniteSampler(start=k, batch_size=B)` and per-sample generators seeded with
+`common.train.distributed.InfiniteSampler(start=k, batch_size=B)` and per-sample generators seeded with
 `derive_seed(seed, name, position)` -- so a resumed run sees the same data as an uninterrupted one without
 saving loader state. `val_cases(rank, world_size)` yields only that rank's validation cases, chosen before
-anything is loaded (`common.distributed.shard`: case i on rank i % world_size); they are evaluated with the plain
+anything is loaded (`common.train.distributed.shard`: case i on rank i % world_size); they are evaluated with the plain
 (unwrapped) networks in eval mode and the Dice sums are added over ranks.
 
 What the engine does: seeds (torch.manual_seed(model.seed_a) before building net A, seed_b before B; the
 dropout RNG is reseeded every iteration from (seed, rank, iteration)), Adam per network, the step LR schedule of
-`cfg.schedule` (factor lr_drop_factor[i] from lr_drop_at[i] * iterations on), `common.cps.cps_step` with
+`cfg.schedule` (factor lr_drop_factor[i] from lr_drop_at[i] * iterations on), `common.train.cps.cps_step` with
 the configured loss, CPS weight ramp-up and AMP, optional torch.compile, DDP when world_size > 1, tqdm bar on
 rank 0, text log, TensorBoard scalars (train/<every named loss>, train/lr, train/cps_weight, time/iter_s,
 time/data_s, val/dice_{a,b}_<organ>, val/mean_dice_{a,b}) and one metrics.jsonl line per validation.
@@ -91,8 +91,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.amp import AmpSettings, amp_settings, autocast, make_grad_scaler
-from common.checkpoint import (
+from common.core.amp import AmpSettings, amp_settings, autocast, make_grad_scaler
+from common.core.device import set_cudnn_benchmark
+from common.core.errors import InputError
+from common.core.files import remove_stale_temps, write_text_atomic
+from common.core.labelmaps import one_hot_organs
+from common.core.labels import NUM_ORGANS, ORGANS
+from common.core.logger import get_logger, log_to_file
+from common.core.typed_config import config_to_dict, save_config
+from common.evaluation.metrics import hard_dice_per_organ
+from common.networks import build_network
+from common.storage.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     load_model_state,
@@ -101,10 +110,10 @@ from common.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
-from common.config import config_to_dict, save_config
-from common.cps import cps_step, cps_weight_at
-from common.device import set_cudnn_benchmark
-from common.distributed import (
+from common.storage.original_release import init_sources, original_state_dict
+from common.storage.step_marker import read_marker, write_marker
+from common.train.cps import cps_step, cps_weight_at
+from common.train.distributed import (
     DistInfo,
     all_gather_object,
     all_reduce_max,
@@ -114,15 +123,7 @@ from common.distributed import (
     derive_seed,
     init_distributed,
 )
-from common.errors import InputError
-from common.fileutil import remove_stale_temps, write_text_atomic
-from common.labels import NUM_ORGANS, ORGANS
-from common.logger import get_logger, log_to_file
-from common.losses import build_loss, one_hot_organs
-from common.metrics import hard_dice_per_organ
-from common.networks import build_network
-from common.original_weights import init_sources, original_state_dict
-from common.step_marker import read_marker, write_marker
+from common.train.losses import build_loss
 
 logger = get_logger(__name__)
 
@@ -557,7 +558,7 @@ class _Trainer:
         })
 
     def save_snapshot(self, iteration: int) -> None:
-        """Both networks at `iteration`, kept for UIF's stability score (common.checkpoint's layout)."""
+        """Both networks at `iteration`, kept for UIF's stability score (common.storage.checkpoint's layout)."""
         if not self.main:
             return
         save_checkpoint(self.ckpt_dir / f"snapshot_{iteration}.pt", {
@@ -575,7 +576,7 @@ class _Trainer:
         count = 0
         try:
             assert self.job.val_cases is not None
-            # val_cases shards before loading (common.distributed.shard), so no rank reads another's cases
+            # val_cases shards before loading (common.train.distributed.shard), so no rank reads another's cases
             for case_id, x, y in self.job.val_cases(self.info.rank, self.info.world_size):
                 x = _to_device(x, self.device)
                 if self.job.input_transform is not None:

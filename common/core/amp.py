@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.logger import get_logger
+from common.core.logger import get_logger
 
 logger = get_logger(__name__)
 

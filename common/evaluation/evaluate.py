@@ -1,0 +1,181 @@
+"""FLARE22 DSC/NSD of a folder of predictions against a folder of ground truths, as the official script.
+
+The command line is `python -m common.evaluate --pred DIR --gt DIR --out results.csv` (common/evaluate.py).
+Writes the official CSV (Name, <Organ>_DSC x13, <Organ>_NSD x13; the official script's value formatting)
+and prints per-organ means. Unlike the official script, it reads every file through the project's checked reader
+(truncation, labels outside 0..13), checks that each prediction lies on its ground truth's grid, and a missing,
+unreadable or bad file fails only that case (named, exit code 1; a ground truth without a prediction fails too).
+Exit code 2: setup error (a folder missing, no predictions, --out a folder or not writable).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from common.core.errors import InputError
+from common.core.files import atomic_path
+from common.core.labels import ORGAN_LABELS, SHORT_NAMES
+from common.core.logger import get_logger
+from common.evaluation.metrics import Score, flare_case_scores
+from common.storage.image_io import IMAGE_SUFFIXES, read_mask, same_grid
+
+logger = get_logger(__name__)
+
+CSV_COLUMNS: tuple[str, ...] = (
+    ("Name",) + tuple(f"{name}_DSC" for name in SHORT_NAMES) + tuple(f"{name}_NSD" for name in SHORT_NAMES)
+)
+
+Row = dict[str, object]
+
+
+def _case_id(name: str) -> str | None:
+    """File name without its image suffix, or None for a file that is not an image."""
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def list_predictions(pred_dir: Path) -> list[Path]:
+    """Image files of the prediction folder, sorted by name (hidden files are skipped)."""
+    return sorted(p for p in pred_dir.iterdir() if p.is_file() and not p.name.startswith(".") and _case_id(p.name))
+
+
+def find_ground_truth(pred_path: Path, gt_dir: Path) -> Path:
+    """Ground truth of a prediction: same file name, else the same case id with another image suffix."""
+    same = gt_dir / pred_path.name
+    if same.is_file():
+        return same
+    case_id = _case_id(pred_path.name)
+    for suffix in IMAGE_SUFFIXES:
+        candidate = gt_dir / f"{case_id}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise InputError(same, f"ground truth missing for prediction {pred_path.name}")
+
+
+def evaluate_case(pred_path: Path, gt_path: Path) -> dict[int, tuple[Score, Score]]:
+    """Official scores of one prediction file against its ground-truth file (spacing from the ground truth).
+
+    Both are read by the project's checked reader (`read_mask`: complete file, integer labels 0..13, plausible
+    spacing) and must lie on the same grid (`same_grid`); InputError names the file otherwise.
+    """
+    gt_array, gt_meta = read_mask(gt_path)
+    pred_array, pred_meta = read_mask(pred_path)
+    diff = same_grid(pred_meta, gt_meta)
+    if diff is not None:
+        raise InputError(pred_path, f"not on the grid of ground truth {gt_path.name}: {diff} (prediction vs "
+                                    "ground truth)")
+    # the official script's (i, j, k) = (x, y, z) array order (nibabel) and spacing
+    return flare_case_scores(pred_array.transpose(2, 1, 0), gt_array.transpose(2, 1, 0), gt_meta.spacing_xyz)
+
+
+def missing_predictions(pred_dir: Path, gt_dir: Path) -> list[tuple[str, str]]:
+    """(ground-truth file name, message) for every ground truth without a prediction of the same case id."""
+    predicted = {_case_id(p.name) for p in list_predictions(pred_dir)}
+    return [(gt.name, str(InputError(pred_dir / gt.name, f"prediction missing for ground truth {gt}")))
+            for gt in list_predictions(gt_dir) if _case_id(gt.name) not in predicted]
+
+
+def scores_to_row(name: str, scores: dict[int, tuple[Score, Score]]) -> Row:
+    """One CSV row: Name, then <Organ>_DSC x13, <Organ>_NSD x13."""
+    row: Row = {"Name": name}
+    for label, short in zip(ORGAN_LABELS, SHORT_NAMES):
+        row[f"{short}_DSC"] = scores[label][0]
+    for label, short in zip(ORGAN_LABELS, SHORT_NAMES):
+        row[f"{short}_NSD"] = scores[label][1]
+    return row
+
+
+def format_csv(rows: Sequence[Row]) -> str:
+    """The CSV text exactly as the official script's pandas writer formats it.
+
+    A column whose values are all ints (the empty-organ branches) is written as ints ("1", "0"); any other
+    column is a float column: shortest repr ("0.914", "1.0", "0.0"), NaN as an empty field.
+    """
+    lines = [",".join(CSV_COLUMNS)]
+    int_columns = {c for c in CSV_COLUMNS[1:] if rows and all(isinstance(r[c], (int, np.integer)) for r in rows)}
+    for row in rows:
+        fields = [str(row["Name"])]
+        for column in CSV_COLUMNS[1:]:
+            value = row[column]
+            if column in int_columns:
+                fields.append(str(int(value)))
+            else:
+                fields.append("" if math.isnan(float(value)) else repr(float(value)))
+        lines.append(",".join(fields))
+    return "\n".join(lines) + "\n"
+
+
+def column_means(rows: Sequence[Row]) -> dict[str, float]:
+    """Mean of every metric column over cases, plus mean_DSC / mean_NSD over all organs and cases (NaN skipped)."""
+    means: dict[str, float] = {}
+    for column in CSV_COLUMNS[1:]:
+        values = np.array([float(r[column]) for r in rows], dtype=np.float64)
+        means[column] = float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
+    for metric in ("DSC", "NSD"):
+        values = np.array([float(r[f"{s}_{metric}"]) for r in rows for s in SHORT_NAMES], dtype=np.float64)
+        means[f"mean_{metric}"] = float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
+    return means
+
+
+def evaluate_folder(
+    pred_dir: str | Path,
+    gt_dir: str | Path,
+    out_csv: str | Path | None = None,
+    failures: list[tuple[str, str]] | None = None,
+) -> tuple[list[Row], dict[str, float]]:
+    """Score every prediction in pred_dir against gt_dir, write the official CSV, return (rows, means).
+
+    rows: one dict per scored case (keys = CSV_COLUMNS); means: `column_means(rows)`.
+    A case that fails (missing prediction or ground truth, unreadable file, labels outside 0..13, grid mismatch)
+    is logged and skipped; its
+    (file name, message) is appended to `failures` when a list is given, otherwise an InputError naming the
+    failed files is raised after the CSV of the other cases is written.
+    """
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    for folder in (pred_dir, gt_dir):
+        if not folder.is_dir():
+            raise InputError(folder, "folder not found")
+    predictions = list_predictions(pred_dir)
+    if not predictions:
+        raise InputError(pred_dir, f"no prediction files ({', '.join(IMAGE_SUFFIXES)})")
+    rows: list[Row] = []
+    failed: list[tuple[str, str]] = missing_predictions(pred_dir, gt_dir)
+    for name, message in failed:
+        logger.error("%s", message)
+    for pred_path in predictions:
+        try:
+            gt_path = find_ground_truth(pred_path, gt_dir)
+            start = time.perf_counter()
+            scores = evaluate_case(pred_path, gt_path)
+            logger.info("%s scored in %.2f s", pred_path.name, time.perf_counter() - start)
+        except InputError as err:
+            logger.error("%s", err)
+            failed.append((pred_path.name, str(err)))
+            continue
+        rows.append(scores_to_row(pred_path.name, scores))
+    if out_csv is not None and rows:
+        out_csv = Path(out_csv)
+        with atomic_path(out_csv, suffix=".csv") as tmp:
+            tmp.write_text(format_csv(rows), encoding="utf-8")
+    means = column_means(rows) if rows else {}
+    if failures is not None:
+        failures.extend(failed)
+    elif failed:
+        raise InputError(pred_dir, f"{len(failed)} case(s) failed: {', '.join(name for name, _ in failed)}")
+    return rows, means
+
+
+def format_means_table(means: dict[str, float], num_cases: int) -> str:
+    """Per-organ mean DSC and NSD, then the overall means, as a text table."""
+    lines = [f"{'organ':<12} {'DSC':>7} {'NSD':>7}   ({num_cases} case(s))"]
+    for short in SHORT_NAMES:
+        lines.append(f"{short:<12} {means[f'{short}_DSC']:7.4f} {means[f'{short}_NSD']:7.4f}")
+    lines.append(f"{'mean':<12} {means['mean_DSC']:7.4f} {means['mean_NSD']:7.4f}")
+    return "\n".join(lines)

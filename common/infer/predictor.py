@@ -1,0 +1,359 @@
+"""Two-stage prediction of one CT: coarse network on the whole volume -> organ box -> fine network on the crop.
+
+Pipeline per case (DESIGN 4, decisions 7-9; reference 6.2):
+1. read (background thread), check the volume looks like a CT;
+2. the raw HU volume goes to the device once, as it is stored (int16/int32); the coarse input is resized,
+   windowed and z-scored there (`prepare_input`) and flipped to the canonical orientation at 160^3;
+3. coarse labels (`probs_to_labels`: highest sigmoid >= 0.5 wins), organ box (`organ_box`: largest
+   26-connected component per organ >= 1000 mm^3 of the coarse grid, 240 mm z-window around the largest region)
+   -> raw crop with a 20 mm margin by the training crop rule (`crop_box_with_margin`); an empty coarse mask
+   falls back to the whole volume;
+4. the fine network runs on the crop resized to 192^3 (or 160^3); its scores are resized back to the crop size
+   on the device, chunk by chunk and only inside each organ's support, straight into a uint8 label map
+   (no full-resolution 13-channel float tensor ever exists);
+5. largest component per organ >= 500 mm^3 of the crop grid (FINE_MIN_VOLUME_MM3), on each organ's bounding box;
+6. paste into a zero uint8 volume in the file's own orientation and write it (background thread) with the
+   input's exact size, spacing, origin and direction.
+
+All large arrays stay in the file's orientation: only network-grid tensors are flipped (a corner-aligned resize
+commutes with a flip), so no full-volume flip copy is made.
+
+`--ensemble` averages the sigmoid probabilities of networks A and B in both stages. The uncertainty score is the
+disagreement of A and B on the fine grid, by UIF's definition (`common.evaluation.uncertainty.labels_disagreement`: 1 -
+mean per-organ Dice of their hard masks over the organs present in either; 1.0 when neither finds an organ; DESIGN 5.6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.core import gpu_memory
+from common.core.amp import PRECISIONS as TRAIN_PRECISIONS
+from common.core.amp import amp_settings, autocast
+from common.core.defaults import COARSE_MIN_VOLUME_MM3, EXTEND_SIZE_MM, FINE_MIN_VOLUME_MM3, Z_WINDOW_MM
+from common.core.device import resolve_device, set_cudnn_benchmark
+from common.core.errors import InputError, WeightsError
+from common.core.labelmaps import LOGIT_THRESHOLD, probs_to_labels
+from common.core.logger import get_logger
+from common.evaluation.uncertainty import labels_disagreement
+from common.infer.backends import Forward, make_forwards, resolve_backend
+from common.infer.postprocess import keep_largest_component, organ_box
+from common.infer.upsample import default_chunk_elements, upsample_labels
+from common.storage.image_io import ImageMeta, canonical_flips
+from common.storage.model_folder import COARSE_DIR, FINE_DIR, load_exported_model
+from common.storage.original_release import is_original_layout, load_original_stage
+from common.volume.boxes import canonical_to_file_slices, crop_box_with_margin
+from common.volume.network_input import prepare_input
+
+logger = get_logger(__name__)
+
+DEFAULT_UNCERTAINTY_THRESHOLD = 0.2
+PRECISIONS = ("auto",) + TRAIN_PRECISIONS  # the training vocabulary (common.core.amp) plus auto = by device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> fp16 on CUDA, fp32 on CPU; fp16/bf16 on CPU fall back to fp32 (slower there)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    if device.type != "cuda":
+        if precision in ("fp16", "bf16"):
+            logger.info("precision %s is not used on the CPU; running fp32", precision)
+        return "fp32"
+    return "fp16" if precision == "auto" else precision
+
+
+def _flip(t: torch.Tensor, flips: Sequence[bool]) -> torch.Tensor:
+    """Flip the last three axes (z, y, x) of `t` where `flips` says so (no copy when nothing flips)."""
+    dims = [t.ndim - 3 + i for i, f in enumerate(flips) if f]
+    return torch.flip(t, dims) if dims else t
+
+
+
+@dataclass
+class Stage:
+    """One exported stage ready for prediction."""
+
+    name: str
+    path: Path
+    networks: dict[str, Forward]  # name -> x (1, 1, *size_zyx) -> logits (1, C, ...), on the predictor's backend
+    primary: str
+    size_zyx: tuple[int, int, int]
+    hu_window: tuple[float, float]
+    min_volume_mm3: float  # smallest component kept after this stage, mm^3 of its output grid
+    z_window_mm: float     # coarse: half height of the box's z-window
+    extend_size_mm: float  # fine: margin around the organ box
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # the torch networks behind `networks`
+
+
+def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequence[int] | None = None) -> Stage:
+    """Load an exported model folder (model.pt + config.yaml), or an original release stage folder (best_model.pt),
+    converted in memory; WeightsError naming the file on any problem."""
+    try:
+        if is_original_layout(model_dir):  # the original release's best_model.pt files, converted in memory
+            exported = load_original_stage(model_dir, stage, device)
+        else:
+            exported = load_exported_model(model_dir, device, stage=stage)
+    except InputError as e:
+        raise WeightsError(str(e)) from None
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
+        raise WeightsError(f"{model_dir / 'model.pt'}: cannot build the {stage} network: {e}") from None
+    for key, network in exported.networks.items():  # NaN weights would give empty masks marked "ok"
+        bad = [name for name, t in network.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise WeightsError(f"{model_dir / 'model.pt'}: network {key} holds NaN or infinite weights ({bad[0]}"
+                               f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); export a good checkpoint")
+    pre = exported.preprocess
+    try:
+        size = tuple(int(s) for s in (size_zyx if size_zyx is not None else pre["size_zyx"]))
+        window = (float(pre["hu_window"][0]), float(pre["hu_window"][1]))
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise WeightsError(f"{model_dir / 'model.pt'}: preprocess settings incomplete ({e!r}); re-export") from None
+    if len(size) != 3 or any(s % 16 or s < 32 for s in size):
+        raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16 and >= 32 "
+                           "(preprocess.size_zyx); re-export the model")
+    return Stage(stage, Path(model_dir), dict(exported.networks), exported.primary,
+                 size, window,  # type: ignore[arg-type]
+                 float(pre.get("min_volume_mm3", COARSE_MIN_VOLUME_MM3 if stage == "coarse" else FINE_MIN_VOLUME_MM3)),
+                 float(pre.get("z_window_mm", Z_WINDOW_MM)), float(pre.get("extend_size_mm", EXTEND_SIZE_MM)))
+
+
+@dataclass
+class CaseResult:
+    """What `Predictor.predict` returns for one volume."""
+
+    mask: np.ndarray                       # (z, y, x) uint8 in the file's orientation
+    crop: tuple[slice, slice, slice]       # fine crop, canonical coordinates
+    fallback: bool                         # coarse mask was empty: the whole volume was used
+    uncertainty: float | None
+    times: dict[str, float] = field(default_factory=dict)  # coarse_s, fine_s, post_s
+    gpu: gpu_memory.GpuMemory = field(default_factory=gpu_memory.GpuMemory)  # peaks over both stages (zeros: CPU)
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Every option of a prediction run, in one place: predict.py fills it, `predict_folder` and `Predictor` read it.
+
+    Network options (weights_dir .. chunk_elements) are used by `Predictor`; folder options (overwrite ..
+    progress) by `predict_folder`.
+    """
+
+    weights_dir: str | os.PathLike = "model_weights"  # folder with base_coarse_model/ and efficient_fine_model/
+    device: str | torch.device = "auto"                # auto = cuda if available, else cpu
+    precision: str = "auto"                            # one of PRECISIONS; auto = fp16 on CUDA, fp32 on CPU
+    fine_size: int | None = None                       # fine input size per axis (multiple of 16); None = model's
+    ensemble: bool = False                             # average networks A and B in both stages
+    uncertainty: str = "auto"                          # auto / on / off: A/B disagreement score
+    # Post-processing (reference 6.2 steps 3-7); None = the value the exported model carries (its training
+    # config's postprocess section), or common.infer.postprocess's default for an older export.
+    z_window_mm: float | None = None                   # coarse box: half height of the z-window
+    coarse_min_volume_mm3: float | None = None         # smallest coarse component kept (mm^3, coarse grid)
+    extend_size_mm: float | None = None                # margin around the organ box (mm)
+    fine_min_volume_mm3: float | None = None           # smallest fine component kept (mm^3, crop grid)
+    chunk_elements: int | None = None                  # elements per resize chunk; None = by device
+    cudnn_benchmark: bool = True                       # let cuDNN pick the fastest kernels (fixed input sizes)
+    backend: str = "auto"                              # common.infer.backends.BACKENDS; auto = fastest installed
+    overwrite: bool = False                            # redo cases whose output exists
+    overlays: bool = False                             # also write <id>_overlay.png
+    workers: int = 2                                   # background reader threads = cases read ahead
+    uncertainty_threshold: float = DEFAULT_UNCERTAINTY_THRESHOLD  # flag cases above it
+    progress: bool = True                              # tqdm progress bar
+
+
+class Predictor:
+    """Coarse + fine networks on one device, set up from the network fields of a `PredictOptions`."""
+
+    def __init__(self, options: PredictOptions | None = None) -> None:
+        options = options if options is not None else PredictOptions()
+        self.options = options
+        self.weights_dir = Path(options.weights_dir)
+        device, fine_size, ensemble, uncertainty = (options.device, options.fine_size, options.ensemble,
+                                                    options.uncertainty)
+        self.device = resolve_device(device)
+        self.backend = resolve_backend(options.backend, self.device)
+        # Fixed network input sizes: cuDNN times its algorithms once per shape and keeps the fastest, as in
+        # training. Its workspace counts in total - free; gpu_check measures gpu_used_mb with it on and off.
+        set_cudnn_benchmark(self.device, options.cudnn_benchmark)
+        self.precision = resolve_precision(options.precision, self.device)
+        self.amp = amp_settings(self.precision, self.device)
+        # Scores are resized in fp16 on the GPU (half the memory); bf16's 8-bit mantissa is too coarse for the
+        # channel comparisons at organ borders, so bf16 networks hand fp32 scores on.
+        self.score_dtype = torch.float16 if self.amp.dtype == torch.float16 else torch.float32
+        if fine_size is not None and (fine_size < 32 or fine_size % 16):
+            raise ValueError(f"fine size must be a multiple of 16 and >= 32 (192 trained, 160 faster), got {fine_size}")
+        self.fine_size = fine_size
+        self.ensemble = ensemble
+        self.chunk_elements = options.chunk_elements or default_chunk_elements(self.device)
+        self.coarse = load_stage(self.weights_dir / COARSE_DIR, "coarse", self.device)
+        self.fine = load_stage(self.weights_dir / FINE_DIR, "fine", self.device,
+                               None if fine_size is None else (fine_size,) * 3)
+
+        def pick(flag: float | None, exported: float) -> float:
+            return float(exported if flag is None else flag)
+
+        self.z_window_mm = pick(options.z_window_mm, self.coarse.z_window_mm)
+        self.coarse_min_volume_mm3 = pick(options.coarse_min_volume_mm3, self.coarse.min_volume_mm3)
+        self.extend_size_mm = pick(options.extend_size_mm, self.fine.extend_size_mm)
+        self.fine_min_volume_mm3 = pick(options.fine_min_volume_mm3, self.fine.min_volume_mm3)
+        for stage in (self.coarse, self.fine):
+            stage.modules = dict(stage.networks)
+            stage.networks = make_forwards(self.backend, stage.modules, stage.path, stage.size_zyx)
+        if ensemble:
+            for stage in (self.coarse, self.fine):
+                if len(stage.networks) < 2:
+                    raise WeightsError(
+                        f"{stage.path}: --ensemble needs networks a and b, this {stage.name} model holds "
+                        f"only network {stage.primary} (the original release's fine stage saved network A only); "
+                        "predict without --ensemble")
+        if uncertainty not in ("auto", "on", "off"):
+            raise ValueError(f"uncertainty must be auto, on or off, got {uncertainty!r}")
+        both = len(self.fine.networks) >= 2
+        if uncertainty == "on" and not both:
+            logger.warning("uncertainty needs networks a and b in %s; not computed", self.fine.path / "model.pt")
+        # auto: free with --ensemble; on a GPU one more fine forward (~0.1 s); on a CPU it would double the fine
+        # stage, so it is left to "on" there.
+        self.uncertainty = both and (uncertainty == "on" or (uncertainty == "auto" and (
+            ensemble or self.device.type == "cuda")))
+
+    def on_cpu(self) -> "Predictor":
+        """The same predictor on the CPU (fp32), for cases that do not fit in GPU memory."""
+        return Predictor(dataclasses.replace(self.options, device="cpu", precision="fp32",
+                                             uncertainty="on" if self.uncertainty else "off"))
+
+    # -------------------------------------------------------------------------------------------- stages
+
+    def _scores(self, stage: Stage, x: torch.Tensor, want_pair: bool
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Logit scores (C, D, H, W) for input x (1, 1, D, H, W) (labels: LOGIT_THRESHOLD); A/B label maps if
+        asked."""
+        names = ["a", "b"] if "a" in stage.networks and "b" in stage.networks else [stage.primary]
+        use = names if self.ensemble else [stage.primary]
+        run = names if (want_pair and len(names) == 2) else use
+        outputs: dict[str, torch.Tensor] = {}
+        with autocast(self.amp):
+            for name in run:
+                outputs[name] = stage.networks[name](x)[0].to(self.score_dtype)
+        pair = None
+        if want_pair and len(names) == 2:
+            pair = (probs_to_labels(outputs["a"], LOGIT_THRESHOLD), probs_to_labels(outputs["b"], LOGIT_THRESHOLD))
+        if len(use) == 1:
+            return outputs[use[0]], pair
+        # Average the probabilities (fp32), then back to logits: the ensemble's score map is resized as logits,
+        # like a single network's, and equals it when A and B agree.
+        probs = outputs.pop(use[0]).float().sigmoid_()
+        for name in use[1:]:
+            probs.add_(outputs.pop(name).float().sigmoid_())
+        probs.div_(len(use)).clamp_(1e-7, 1 - 1e-7)
+        return torch.logit(probs).to(self.score_dtype), pair
+
+    @torch.inference_mode()
+    def predict(self, raw_zyx: np.ndarray, meta: ImageMeta, case: str = "") -> CaseResult:
+        """Segment one volume given in the file's array order; returns the uint8 mask in the same order.
+
+        `raw_zyx` may be a view of page-locked memory (`pinned_copy`): its upload is then asynchronous.
+        GPU memory is read at the end of each stage, while its tensors are still alive (`common.core.gpu_memory`).
+        """
+        gpu_memory.reset_peak(self.device)
+        times: dict[str, float] = {}
+        shape = tuple(int(s) for s in raw_zyx.shape)
+        spacing = np.asarray(meta.spacing_zyx, dtype=np.float64)
+        flips = canonical_flips(meta)
+        t0 = time.perf_counter()
+
+        # ---- coarse: whole volume, resized on the device (slab by slab), flipped at network size
+        raw = torch.from_numpy(_torch_friendly(raw_zyx)).to(self.device, non_blocking=True)
+        x = _flip(prepare_input(raw[None, None], self.coarse.size_zyx, self.coarse.hu_window), flips)
+        scores, _ = self._scores(self.coarse, x, want_pair=False)
+        del x
+        coarse_labels = probs_to_labels(scores, LOGIT_THRESHOLD).cpu().numpy()
+        memory = gpu_memory.snapshot(self.device)
+        del scores
+        t1 = time.perf_counter()
+        times["coarse_s"] = t1 - t0
+
+        box = organ_box(coarse_labels, shape, tuple(spacing), self.coarse_min_volume_mm3, self.z_window_mm)
+        fallback = box is None
+        if fallback:
+            logger.warning("%s: coarse mask is empty; the fine network runs on the whole volume", case or "case")
+            crop = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+        else:
+            crop = crop_box_with_margin(box, tuple(spacing), self.extend_size_mm, shape)
+        file_crop = canonical_to_file_slices(crop, flips, shape)
+        t2 = time.perf_counter()
+        times["post_s"] = t2 - t1
+
+        # ---- fine: crop (a view of the device volume), network at 192^3, labels resized back on the device
+        region = raw[file_crop]
+        crop_shape = tuple(region.shape)
+        x = _flip(prepare_input(region[None, None], self.fine.size_zyx, self.fine.hu_window), flips)
+        del raw, region
+        scores, pair = self._scores(self.fine, x, want_pair=self.uncertainty)
+        del x
+        uncertainty = labels_disagreement(*pair) if pair is not None else None
+        del pair
+        scores = _flip(scores, flips)  # the canonical-order scores are dropped here, not kept beside the copy
+        crop_labels = upsample_labels(scores, crop_shape, LOGIT_THRESHOLD, self.chunk_elements)
+        memory = memory.max(gpu_memory.snapshot(self.device))
+        del scores
+        crop_labels = crop_labels.cpu().numpy()
+        t3 = time.perf_counter()
+        times["fine_s"] = t3 - t2
+
+        crop_labels = keep_largest_component(crop_labels, spacing, self.fine_min_volume_mm3)
+        mask = np.zeros(shape, dtype=np.uint8)
+        mask[file_crop] = crop_labels
+        times["post_s"] += time.perf_counter() - t3
+        if memory.used_mb > gpu_memory.MEMORY_BAR_MB:
+            logger.warning("%s: GPU memory in use (total - free) reached %.0f MB, above the %.0f MB bar",
+                           case or "case", memory.used_mb, gpu_memory.MEMORY_BAR_MB)
+        return CaseResult(mask, crop, fallback, uncertainty, times, memory, str(self.device))
+
+
+def _torch_friendly(array: np.ndarray) -> np.ndarray:
+    """The array in a dtype torch holds without a float copy (int16/int32 stay), C-contiguous and writable.
+
+    float64 becomes float32 (HU need no more; half the upload and no float64 resize), uint16 int32.
+    """
+    if array.dtype in (np.int16, np.int32, np.float32, np.uint8, np.int8):
+        out = array
+    elif array.dtype == np.uint16:
+        out = array.astype(np.int32)
+    else:
+        out = array.astype(np.float32)
+    if not out.flags.writeable:
+        return np.array(out, order="C")
+    return np.ascontiguousarray(out)
+
+
+def pinned_copy(array: np.ndarray) -> np.ndarray:
+    """`_torch_friendly(array)` in page-locked memory (a numpy view that keeps the pinned tensor alive), so the
+    predictor's upload to the GPU is asynchronous; done in the reader thread, off the GPU's critical path."""
+    return torch.from_numpy(_torch_friendly(array)).pin_memory().numpy()
+
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error: torch's OutOfMemoryError, or the plain RuntimeError that cuDNN's allocation
+    failures (CUDNN_STATUS_ALLOC_FAILED) and some CUDA kernels raise with "out of memory" in the text."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("CUDNN_STATUS_ALLOC_FAILED" in text or "out of memory" in text)
+
+
+def free_cuda_memory() -> None:
+    """Collect what a failed attempt left (reference cycles included) and hand the cached blocks back to CUDA."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

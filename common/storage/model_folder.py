@@ -1,0 +1,181 @@
+"""Exported model folders: what prediction needs of a trained stage, and the one way to load a network.
+
+A model folder (`model_weights/base_coarse_model/`, `model_weights/efficient_fine_model/`) holds `model.pt`, a plain
+dict written by `export_model`:
+    {"format_version": 1, "stage": "coarse"|"fine", "model": {"name", "kwargs"}, "networks": {"a": state dict,
+     "b": state dict (optional)}, "primary": "a"|"b", "preprocess": {...} (see `PreprocessSpec`),
+     "best_dice": {"a": float, ...}, "config": the resolved training config}
+and `config.yaml`, the same config for the reader.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import yaml
+from torch import nn
+
+from common.core.errors import InputError
+from common.core.files import write_text_atomic
+from common.core.logger import get_logger
+from common.networks import build_network
+from common.storage.checkpoint import load_checkpoint, load_model_state, save_checkpoint, strip_prefixes
+
+logger = get_logger(__name__)
+
+COARSE_DIR = "base_coarse_model"
+FINE_DIR = "efficient_fine_model"
+EXPORT_FORMAT_VERSION = 1
+EXPORT_FILE = "model.pt"
+EXPORT_CONFIG_FILE = "config.yaml"
+
+
+
+@dataclass
+class ExportedModel:
+    """A model folder loaded for prediction: networks in eval mode on the requested device."""
+
+    stage: str
+    networks: dict[str, nn.Module]
+    primary: str
+    preprocess: dict[str, Any]
+    config: dict[str, Any]
+    model: dict[str, Any] = field(default_factory=dict)
+    best_dice: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def net(self) -> nn.Module:
+        """The primary network."""
+        return self.networks[self.primary]
+
+
+def export_model(
+    out_dir: str | os.PathLike,
+    *,
+    stage: str,
+    model: Mapping[str, Any],
+    networks: Mapping[str, Mapping[str, torch.Tensor]],
+    primary: str,
+    preprocess: Mapping[str, Any],
+    config: Mapping[str, Any],
+    best_dice: Mapping[str, float] | None = None,
+) -> Path:
+    """Write `<out_dir>/model.pt` and `<out_dir>/config.yaml` atomically; returns the model.pt path.
+
+    Args:
+        stage: "coarse" or "fine".
+        model: {"name": network name for common.networks.build_network, "kwargs": its keyword arguments}.
+        networks: {"a": state dict, "b": state dict (optional)}; `primary` must be one of the keys.
+        preprocess: what prediction needs to rebuild the input, e.g. {"size_zyx": [160,160,160],
+            "hu_window": [-325.0, 325.0]} (+ "extend_size_mm" for the fine stage).
+        config: the resolved training config (config_to_dict), stored in model.pt and as config.yaml.
+    """
+    if stage not in ("coarse", "fine"):
+        raise ValueError(f"stage must be 'coarse' or 'fine', got {stage!r}")
+    if primary not in networks:
+        raise ValueError(f"primary network {primary!r} not among the exported networks {sorted(networks)}")
+    out_dir = Path(out_dir)
+    payload = {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "stage": stage,
+        "model": {"name": str(model["name"]), "kwargs": dict(model.get("kwargs", {}))},
+        "networks": {name: strip_prefixes(sd) for name, sd in networks.items()},
+        "primary": primary,
+        "preprocess": dict(preprocess),
+        "best_dice": {k: float(v) for k, v in (best_dice or {}).items()},
+        "config": dict(config),
+    }
+    path = out_dir / EXPORT_FILE
+    save_checkpoint(path, payload)
+    write_text_atomic(out_dir / EXPORT_CONFIG_FILE, yaml.safe_dump(dict(config), sort_keys=False))
+    logger.info("exported %s model (%s, primary %s) to %s", stage, "+".join(sorted(networks)), primary, path)
+    return path
+
+
+def load_exported_model(
+    model_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    stage: str | None = None,
+    networks: tuple[str, ...] | None = None,
+) -> ExportedModel:
+    """Load `<model_dir>/model.pt` (or the file itself) written by `export_model`.
+
+    Args:
+        stage: when given, a file of another stage is an InputError.
+        networks: which networks to build (default: all stored).
+    """
+    model_dir = Path(model_dir)
+    path = model_dir if model_dir.suffix == ".pt" else model_dir / EXPORT_FILE
+    if not path.is_file():
+        raise InputError(path, "exported model not found (train the stage and run its export step, "
+                               "or download the weights into this folder)")
+    payload = load_checkpoint(path, map_location="cpu")
+    missing = [k for k in ("stage", "model", "networks", "primary", "preprocess") if k not in payload]
+    if missing:
+        raise InputError(path, f"not an exported model: missing {', '.join(missing)}")
+    if payload.get("format_version", 0) > EXPORT_FORMAT_VERSION:
+        raise InputError(path, f"exported with a newer format_version {payload['format_version']}")
+    if stage is not None and payload["stage"] != stage:
+        raise InputError(path, f"holds a {payload['stage']} model, expected a {stage} model")
+    spec = payload["model"]
+    wanted = tuple(payload["networks"]) if networks is None else networks
+    built: dict[str, nn.Module] = {}
+    for name in wanted:
+        if name not in payload["networks"]:
+            raise InputError(path, f"has no network {name!r} (stored: {sorted(payload['networks'])})")
+        net = build_network(spec["name"], **spec.get("kwargs", {}))
+        load_model_state(net, payload["networks"][name], source=path)
+        built[name] = net.to(device).eval()
+    primary = payload["primary"] if payload["primary"] in built else next(iter(built))
+    return ExportedModel(
+        stage=payload["stage"],
+        networks=built,
+        primary=primary,
+        preprocess=dict(payload["preprocess"]),
+        config=dict(payload.get("config", {})),
+        model=dict(spec),
+        best_dice=dict(payload.get("best_dice", {})),
+    )
+
+
+def best_checkpoint_paths(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """The best-checkpoint files of networks a and b that the engine writes under `run_dir/checkpoints/`."""
+    return {name: Path(run_dir) / "checkpoints" / f"best_model_{name}.pt" for name in ("a", "b")}
+
+
+def export_best_networks(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, stage: str, primary: str,
+                         preprocess: Callable[[dict], dict]) -> tuple[Path, dict]:
+    """Export a training run's best networks (the primary one required, the other kept for ensembles).
+
+    `preprocess(config_dict)` builds the model's preprocessing record from the run's resolved config. Returns the
+    path of the written model.pt and the primary network's best-checkpoint payload.
+    """
+    sources = best_checkpoint_paths(run_dir)
+    payloads = {}
+    for name, path in sources.items():
+        if path.is_file():
+            payloads[name] = load_checkpoint(path)
+        elif name == primary:
+            raise InputError(path, "not found: train first (sh run.sh), or point output_dir at a finished run")
+        else:
+            logger.warning("%s not found: exporting network %s only", path, primary)
+    spec = payloads[primary]["model"]
+    for name, payload in payloads.items():
+        if payload.get("model") != spec:
+            raise InputError(sources[name], f"model {payload.get('model')} differs from network {primary}'s {spec}")
+    config = payloads[primary]["config"]
+    path = export_model(
+        out_dir,
+        stage=stage,
+        model=spec,
+        networks={name: payload["net"] for name, payload in payloads.items()},
+        primary=primary,
+        preprocess=preprocess(config),
+        config=config,
+        best_dice={name: float("nan") if p.get("dice") is None else float(p["dice"]) for name, p in payloads.items()},
+    )
+    return path, payloads[primary]
