@@ -43,8 +43,9 @@ from common.infer.postprocess import organ_box
 from common.storage.data_paths import resolve_data_path
 from common.storage.image_io import read_canonical_ct
 from common.storage.lmdb_store import open_store
-from common.storage.model_folder import ExportedModel, load_exported_model
+from common.storage.model_folder import ExportedModel
 from common.storage.step_marker import file_stamp
+from common.storage.weights import load_model
 from common.train.distributed import get_world_size, is_main_process, run_on_every_rank, shard
 from common.volume.boxes import Box, body_box, grid_box_to_raw, region_slices
 from common.volume.intensity import AIR_HU
@@ -93,7 +94,7 @@ def load_coarse_model(model_dir: str | None, device: torch.device) -> ExportedMo
         logger.warning("no coarse model in %s: unlabeled cases are cropped around the body box (HU > %.0f); "
                        "train coarse_base_seg and export it for organ boxes", model_dir, AIR_HU)
         return None
-    return load_exported_model(model_dir, device, stage="coarse", networks=None)
+    return load_model(model_dir, "coarse", device)
 
 
 def compute_boxes(

@@ -28,9 +28,8 @@ from common.core.errors import InputError
 from common.core.files import write_text_atomic
 from common.core.logger import get_logger
 from common.evaluation.uncertainty import UifRow, select_certain, uncertainty_score
-from common.networks import build_network
-from common.storage.checkpoint import load_checkpoint, load_model_state
 from common.storage.lmdb_store import open_store
+from common.storage.weights import load_network
 from common.train.distributed import is_main_process, run_on_every_rank, shard
 from fine_efficient_seg.dataset import FineCase, fixed_crop_input, load_cases, read_boxes
 
@@ -44,20 +43,12 @@ def load_round_networks(round_dir: Path, device: torch.device) -> tuple[nn.Modul
     """Networks A and B of a finished CPS round: its best checkpoints, else the nets of `last.pt`; eval mode."""
     ckpt_dir = round_dir / "checkpoints"
     nets = []
-    last = None
     for name in ("a", "b"):
-        best = ckpt_dir / f"best_model_{name}.pt"
-        if best.is_file():
-            state = load_checkpoint(best)
-            spec, weights, source = state["model"], state["net"], best
-        else:
-            if last is None:
-                last = load_checkpoint(ckpt_dir / "last.pt")
-            logger.warning("uif: no %s; using network %s of %s", best.name, name, ckpt_dir / "last.pt")
-            spec, weights, source = last["model"], last[f"net_{name}"], ckpt_dir / "last.pt"
-        net = build_network(spec["name"], **spec.get("kwargs", {}))
-        load_model_state(net, weights, source=source)
-        nets.append(net.to(device).eval())
+        source = ckpt_dir / f"best_model_{name}.pt"
+        if not source.is_file():
+            source = ckpt_dir / "last.pt"
+            logger.warning("uif: no best_model_%s.pt; using network %s of %s", name, name, source)
+        nets.append(load_network(source, name, device))
     return nets[0], nets[1]
 
 
@@ -70,16 +61,7 @@ def snapshot_iterations(iterations: int, count: int) -> tuple[int, ...]:
 def load_snapshots(round_dir: Path, device: torch.device) -> list[tuple[nn.Module, nn.Module]]:
     """Networks A and B of every `checkpoints/snapshot_<it>.pt` of a round, oldest first; eval mode."""
     paths = sorted((round_dir / "checkpoints").glob("snapshot_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    pairs = []
-    for path in paths:
-        state = load_checkpoint(path)
-        pair = []
-        for name in ("a", "b"):
-            net = build_network(state["model"]["name"], **state["model"].get("kwargs", {}))
-            load_model_state(net, state[f"net_{name}"], source=path)
-            pair.append(net.to(device).eval())
-        pairs.append((pair[0], pair[1]))
-    return pairs
+    return [(load_network(path, "a", device), load_network(path, "b", device)) for path in paths]
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ from common.storage.checkpoint import (
     save_checkpoint,
     strip_prefixes,
 )
-from common.storage.model_folder import export_model, load_exported_model
+from common.storage.model_folder import export_model
+from common.storage.weights import load_model
 
 
 def _draw() -> tuple:
@@ -105,7 +106,7 @@ def test_strip_prefixes_and_wrapped_models():
         load_model_state(nn.Linear(3, 2), inner.state_dict(), source="src.pt")
 
 
-def test_export_and_load_exported_model(tmp_path):
+def test_export_and_load_model(tmp_path):
     from common.networks import build_network
 
     spec = {"name": "unet", "kwargs": {"channels": [2, 4, 4, 8, 8], "dropout": 0.0}}
@@ -120,7 +121,7 @@ def test_export_and_load_exported_model(tmp_path):
         best_dice={"a": 0.4, "b": 0.5},
     )
     assert path.name == "model.pt" and (path.parent / "config.yaml").is_file()
-    loaded = load_exported_model(path.parent, device="cpu", stage="coarse")
+    loaded = load_model(path.parent, "coarse")
     assert loaded.primary == "b" and set(loaded.networks) == {"a", "b"}
     assert loaded.preprocess["size_zyx"] == [32, 32, 32] and loaded.config == config
     assert not loaded.net.training
@@ -128,9 +129,9 @@ def test_export_and_load_exported_model(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded.networks["a"](x), net_a.eval()(x))
     with pytest.raises(InputError, match="holds a coarse model, expected a fine model"):
-        load_exported_model(path.parent, stage="fine")
+        load_model(path.parent, "fine")
     with pytest.raises(InputError, match="exported model not found"):
-        load_exported_model(tmp_path / "nowhere")
+        load_model(tmp_path / "nowhere")
 
 
 def test_random_bytes_always_give_a_message_and_never_unsafe_advice(tmp_path):

@@ -14,7 +14,7 @@ from common.config import CoarseTrainConfig, PrepareConfig
 from common.core.typed_config import load_config
 from common.storage.checkpoint import load_checkpoint
 from common.storage.lmdb_store import LmdbStore
-from common.storage.model_folder import load_exported_model
+from common.storage.weights import load_model, read_weight_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "coarse_base_seg"
@@ -87,7 +87,7 @@ def test_training_writes_every_output_file_and_exports(trained, prepared, capsys
 
     # export: the chosen network's best weights + the other one + the resolved config
     assert cli(_overrides(prepared, out, "step=export", "export.network=b")) == 0
-    model = load_exported_model(out / "exported", device="cpu", stage="coarse")
+    model = load_model(out / "exported", "coarse")
     assert model.primary == "b" and set(model.networks) == {"a", "b"}
     assert model.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "min_volume_mm3": 1000.0,
                                 "z_window_mm": 240.0}
@@ -224,9 +224,8 @@ def test_init_from_the_original_release_starts_both_networks_from_it(prepared, t
     assert f"warm start from {release}" in (out / "train.log").read_text()
 
     # the folder's best_model.pt named alone: B still comes from best_model_1.pt beside it
-    from common.train.engine import read_init_weights
 
-    weights = read_init_weights(release / "best_model.pt", "unet")
+    weights = read_weight_pair(release / "best_model.pt", "unet")
     for name, net in nets.items():
         assert all(torch.equal(weights[name][k], v) for k, v in net.state_dict().items())
 

@@ -10,6 +10,7 @@ import torch
 from common.config import CoarseTrainConfig
 from common.core.typed_config import load_config
 from common.storage.checkpoint import load_checkpoint, save_checkpoint
+from common.storage.weights import read_weight_pair
 from common.train.distributed import DistInfo, derive_seed, shard
 from common.train.engine import (
     ORGAN_KEYS,
@@ -18,7 +19,6 @@ from common.train.engine import (
     TrainingInterrupted,
     lr_at,
     model_spec_from_config,
-    read_init_weights,
     run_cps_training,
 )
 
@@ -188,9 +188,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_warm_start_from_a_checkpoint(straight_run, tmp_path):
     source = straight_run / "checkpoints" / "last.pt"
-    weights = read_init_weights(source)
+    weights = read_weight_pair(source)
     assert set(weights) == {"a", "b"}
-    best = read_init_weights({"a": straight_run / "checkpoints" / "best_model_a.pt",
+    best = read_weight_pair({"a": straight_run / "checkpoints" / "best_model_a.pt",
                               "b": straight_run / "checkpoints" / "best_model_b.pt"})
     assert set(best["b"]) == set(weights["b"])
     out = tmp_path / "warm"

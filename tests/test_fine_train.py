@@ -23,7 +23,7 @@ from common.core.typed_config import load_config
 from common.networks import build_network
 from common.storage.checkpoint import load_checkpoint
 from common.storage.lmdb_store import open_store
-from common.storage.model_folder import load_exported_model
+from common.storage.weights import load_model
 from common.volume.boxes import body_box, grid_box_to_raw
 from fine_efficient_seg import uif as fine_uif
 from fine_efficient_seg.boxes import compute_boxes
@@ -324,7 +324,7 @@ def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     filtered = open_store(out / "db" / "uif_pool")
     assert filtered.keys() == sorted(r.case for r in rows if r.kept)
     filtered.close()
-    model = load_exported_model(tmp_path / "export", "cpu", stage="fine")
+    model = load_model(tmp_path / "export", "fine")
     assert set(model.networks) == {"a", "b"} and model.primary == "a"
     assert model.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0,
                                 "min_volume_mm3": FINE_MIN_VOLUME_MM3}

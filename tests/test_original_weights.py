@@ -27,7 +27,8 @@ from common.infer.predictor import PredictOptions, Predictor
 from common.networks import build_network
 from common.storage import original_release as ow
 from common.storage.checkpoint import load_checkpoint
-from common.storage.model_folder import COARSE_DIR, FINE_DIR, export_model, load_exported_model
+from common.storage.model_folder import COARSE_DIR, FINE_DIR, export_model
+from common.storage.weights import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = REPO_ROOT.parent / "shared" / "data" / "original_release"
@@ -228,8 +229,8 @@ def test_cli_writes_model_folders_that_predict_sh_runs_on_a_real_ct(tmp_path, ti
     code = ow_cli.main(["--coarse", str(tiny_release / COARSE_DIR), "--fine", str(fine_file), "--out", str(out),
                     "--coarse-size", str(SIZE), "--fine-size", str(SIZE)])
     assert code == 0, capsys.readouterr().err
-    coarse = load_exported_model(out / COARSE_DIR, stage="coarse")
-    fine = load_exported_model(out / FINE_DIR, stage="fine")
+    coarse = load_model(out / COARSE_DIR, "coarse")
+    fine = load_model(out / FINE_DIR, "fine")
     assert set(coarse.networks) == {"a", "b"} and set(fine.networks) == {"a"}
     assert coarse.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0]}
     assert fine.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0}

@@ -50,8 +50,8 @@ from common.infer.backends import Forward, make_forwards, resolve_backend
 from common.infer.postprocess import keep_largest_component, organ_box
 from common.infer.upsample import default_chunk_elements, upsample_labels
 from common.storage.image_io import ImageMeta, canonical_flips
-from common.storage.model_folder import COARSE_DIR, FINE_DIR, load_exported_model
-from common.storage.original_release import is_original_layout, load_original_stage
+from common.storage.model_folder import COARSE_DIR, FINE_DIR
+from common.storage.weights import load_model
 from common.volume.boxes import canonical_to_file_slices, crop_box_with_margin
 from common.volume.network_input import prepare_input
 
@@ -99,10 +99,7 @@ def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequ
     """Load an exported model folder (model.pt + config.yaml), or an original release stage folder (best_model.pt),
     converted in memory; WeightsError naming the file on any problem."""
     try:
-        if is_original_layout(model_dir):  # the original release's best_model.pt files, converted in memory
-            exported = load_original_stage(model_dir, stage, device)
-        else:
-            exported = load_exported_model(model_dir, device, stage=stage)
+        exported = load_model(model_dir, stage, device)
     except InputError as e:
         raise WeightsError(str(e)) from None
     except (RuntimeError, ValueError, TypeError, KeyError) as e:

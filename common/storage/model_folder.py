@@ -1,7 +1,7 @@
-"""Exported model folders: what prediction needs of a trained stage, and the one way to load a network.
+"""Exported model folders: what prediction needs of a trained stage, written by `export_model`.
 
 A model folder (`model_weights/base_coarse_model/`, `model_weights/efficient_fine_model/`) holds `model.pt`, a plain
-dict written by `export_model`:
+dict written by `export_model` (read back by `common.storage.weights.load_model`):
     {"format_version": 1, "stage": "coarse"|"fine", "model": {"name", "kwargs"}, "networks": {"a": state dict,
      "b": state dict (optional)}, "primary": "a"|"b", "preprocess": {...} (see `PreprocessSpec`),
      "best_dice": {"a": float, ...}, "config": the resolved training config}
@@ -22,8 +22,7 @@ from torch import nn
 from common.core.errors import InputError
 from common.core.files import write_text_atomic
 from common.core.logger import get_logger
-from common.networks import build_network
-from common.storage.checkpoint import load_checkpoint, load_model_state, save_checkpoint, strip_prefixes
+from common.storage.checkpoint import load_checkpoint, save_checkpoint, strip_prefixes
 
 logger = get_logger(__name__)
 
@@ -94,52 +93,6 @@ def export_model(
     write_text_atomic(out_dir / EXPORT_CONFIG_FILE, yaml.safe_dump(dict(config), sort_keys=False))
     logger.info("exported %s model (%s, primary %s) to %s", stage, "+".join(sorted(networks)), primary, path)
     return path
-
-
-def load_exported_model(
-    model_dir: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    stage: str | None = None,
-    networks: tuple[str, ...] | None = None,
-) -> ExportedModel:
-    """Load `<model_dir>/model.pt` (or the file itself) written by `export_model`.
-
-    Args:
-        stage: when given, a file of another stage is an InputError.
-        networks: which networks to build (default: all stored).
-    """
-    model_dir = Path(model_dir)
-    path = model_dir if model_dir.suffix == ".pt" else model_dir / EXPORT_FILE
-    if not path.is_file():
-        raise InputError(path, "exported model not found (train the stage and run its export step, "
-                               "or download the weights into this folder)")
-    payload = load_checkpoint(path, map_location="cpu")
-    missing = [k for k in ("stage", "model", "networks", "primary", "preprocess") if k not in payload]
-    if missing:
-        raise InputError(path, f"not an exported model: missing {', '.join(missing)}")
-    if payload.get("format_version", 0) > EXPORT_FORMAT_VERSION:
-        raise InputError(path, f"exported with a newer format_version {payload['format_version']}")
-    if stage is not None and payload["stage"] != stage:
-        raise InputError(path, f"holds a {payload['stage']} model, expected a {stage} model")
-    spec = payload["model"]
-    wanted = tuple(payload["networks"]) if networks is None else networks
-    built: dict[str, nn.Module] = {}
-    for name in wanted:
-        if name not in payload["networks"]:
-            raise InputError(path, f"has no network {name!r} (stored: {sorted(payload['networks'])})")
-        net = build_network(spec["name"], **spec.get("kwargs", {}))
-        load_model_state(net, payload["networks"][name], source=path)
-        built[name] = net.to(device).eval()
-    primary = payload["primary"] if payload["primary"] in built else next(iter(built))
-    return ExportedModel(
-        stage=payload["stage"],
-        networks=built,
-        primary=primary,
-        preprocess=dict(payload["preprocess"]),
-        config=dict(payload.get("config", {})),
-        model=dict(spec),
-        best_dice=dict(payload.get("best_dice", {})),
-    )
 
 
 def best_checkpoint_paths(run_dir: str | os.PathLike) -> dict[str, Path]:

@@ -11,10 +11,10 @@ Three ways in:
 - `python -m common.original_weights --coarse DIR_OR_FILE --fine DIR_OR_FILE --out model_weights/` writes this
   project's exported model folders (common.storage.model_folder.export_model), after which `sh predict.sh IN OUT`
   works;
-- `sh predict.sh IN OUT --weights-dir ORIGINAL_DIR` reads the original layout directly (converted in memory,
-  see `load_original_stage`);
+- `sh predict.sh IN OUT --weights-dir ORIGINAL_DIR` reads the original layout directly (converted in memory by
+  `common.storage.weights.load_model`);
 - `model.init_from: PATH` of both training stages starts networks A and B from an original or converted model
-  (see `read_init_networks`, used by common.train.engine).
+  (`common.storage.weights.read_weights`, used by common.train.engine).
 
 Files are read with `torch.load(weights_only=True)` (common.storage.checkpoint.load_checkpoint): the original
 checkpoints hold only tensors, numbers and dicts, and a file that would import or call anything is refused before any of
@@ -34,8 +34,8 @@ from common.core.defaults import EXTEND_SIZE_MM
 from common.core.errors import InputError
 from common.core.labels import NUM_ORGANS
 from common.core.logger import get_logger
-from common.storage.checkpoint import load_checkpoint, load_model_state, strip_prefixes
-from common.storage.model_folder import ExportedModel, export_model
+from common.storage.checkpoint import load_checkpoint, strip_prefixes
+from common.storage.model_folder import export_model
 
 logger = get_logger("common.original_weights")  # also under `python -m`
 
@@ -368,43 +368,3 @@ def convert_release(out_dir: str | os.PathLike, coarse: str | os.PathLike | None
             logger.info("%s: network a only (the original %s stage saved no network b): predict without "
                         "--ensemble", written[stage], stage)
     return written
-
-
-def load_original_stage(model_dir: str | os.PathLike, stage: str, device: str | torch.device = "cpu",
-                        size: int | None = None) -> ExportedModel:
-    """An original stage folder (best_model.pt [+ best_model_1.pt]) as an ExportedModel, converted in memory."""
-    from common.networks import build_network
-
-    record = original_stage(stage, original_files(model_dir), size)
-    built = {}
-    for name, state in record["networks"].items():
-        net = build_network(record["model"]["name"], **record["model"]["kwargs"])
-        load_model_state(net, state, source=Path(model_dir) / (CHECKPOINT_A if name == "a" else CHECKPOINT_B))
-        built[name] = net.to(device).eval()
-    return ExportedModel(stage=stage, networks=built, primary="a", preprocess=record["preprocess"],
-                         config=record["config"], model=record["model"])
-
-
-# ------------------------------------------------------------------------------------------------ warm start
-
-
-def original_state_dict(payload: Mapping[str, Any], path: str | os.PathLike, network: str | None = None
-                        ) -> dict[str, torch.Tensor]:
-    """Our state dict from an original checkpoint's loaded payload (for `model.init_from`, see common.train.engine).
-
-    `network` is the configured network's name; None: the original network the file looks like.
-    """
-    state = checked_state_dict(payload, path)
-    return to_project_state_dict(state, network or looks_like(state) or "unet", path)[0]
-
-
-def init_sources(path: str | os.PathLike) -> dict[str, Path] | None:
-    """For `model.init_from`: {"a", "b"} files of an original stage folder or its best_model.pt (B from
-    best_model_1.pt beside it; B = A when there is none, as for the fine stage), or None for any other path."""
-    path = Path(path)
-    if not (is_original_layout(path) or (path.is_file() and path.name == CHECKPOINT_A)):
-        return None
-    files = original_files(path)
-    if "b" not in files:
-        logger.info("%s: no %s, so network b starts from network a's weights too", path, CHECKPOINT_B)
-    return {"a": files["a"], "b": files.get("b", files["a"])}

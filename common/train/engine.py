@@ -65,11 +65,10 @@ Resume and stop:
   iteration.
 - A NaN/inf loss raises `NonFiniteLossError` naming the iteration and the loss; last.pt is not overwritten,
   so it keeps the last good weights.
-- Warm start: `init_weights` is a checkpoint path (last.pt: net_a/net_b; exported model.pt: networks a/b;
-  best_model_x.pt: its net into both; the original release's best_model.pt or stage folder, converted by
-  common.original_weights: best_model.pt into A, best_model_1.pt (if there) into B, else A's into both) or a dict
-  {"a": path, "b": path} (each file's matching or only network). The stages pass `model.init_from` here.
-  It only applies to a fresh run: an existing last.pt wins.
+- Warm start: `init_weights` is any weights file or folder `common.storage.weights.read_weights` reads (last.pt,
+  an exported model, best_model_x.pt into both, the original release's files) or a dict {"a": path, "b": path}
+  (each file's matching or only network). The stages pass `model.init_from` here. It only applies to a fresh run:
+  an existing last.pt wins.
 """
 
 from __future__ import annotations
@@ -110,8 +109,8 @@ from common.storage.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
-from common.storage.original_release import init_sources, original_state_dict
 from common.storage.step_marker import read_marker, write_marker
+from common.storage.weights import read_weight_pair
 from common.train.cps import cps_step, cps_weight_at
 from common.train.distributed import (
     DistInfo,
@@ -213,40 +212,6 @@ def build_cps_networks(spec: Mapping[str, Any], seed_a: int, seed_b: int) -> tup
     torch.manual_seed(seed_b)
     net_b = build_network(spec["name"], **spec["kwargs"])
     return net_a, net_b
-
-
-def read_init_weights(source: str | os.PathLike | Mapping[str, str | os.PathLike],
-                      network: str | None = None) -> dict[str, dict]:
-    """State dicts {"a", "b"} for a warm start (see the module docstring for the accepted files); `network` is the
-    configured network's name, which an original release file must be (None: the one it looks like)."""
-
-    def pick(payload: Mapping[str, Any], name: str, path: Path) -> dict:
-        if "state_dict" in payload:  # the original release's best_model.pt
-            return original_state_dict(payload, path, network)
-        if f"net_{name}" in payload:
-            return payload[f"net_{name}"]
-        if "networks" in payload:
-            nets = payload["networks"]
-            return nets[name] if name in nets else nets[payload.get("primary", next(iter(nets)))]
-        if "net" in payload:
-            return payload["net"]
-        raise InputError(path, "holds no network weights (expected net_a/net_b, networks or net)")
-
-    if not isinstance(source, Mapping):
-        source = init_sources(source) or source  # an original release stage folder: its A and B files
-    if isinstance(source, Mapping):
-        out = {}
-        for name in ("a", "b"):
-            path = Path(source[name])
-            out[name] = pick(load_checkpoint(_model_file(path)), name, path)
-        return out
-    path = _model_file(Path(source))
-    payload = load_checkpoint(path)
-    return {name: pick(payload, name, path) for name in ("a", "b")}
-
-
-def _model_file(path: Path) -> Path:
-    return path / "model.pt" if path.is_dir() else path
 
 
 # ------------------------------------------------------------------------------------------------ signals
@@ -504,7 +469,7 @@ class _Trainer:
             logger.info("resuming from %s at iteration %d/%d", self.last_path, self.state.iteration,
                         self.job.iterations)
         elif self.job.init_weights is not None:
-            weights = read_init_weights(self.job.init_weights, self.spec["name"])
+            weights = read_weight_pair(self.job.init_weights, self.spec["name"])
             for name, net in self.nets.items():
                 load_model_state(net, weights[name], str(self.job.init_weights))
             logger.info("warm start from %s", self.job.init_weights)

@@ -1,0 +1,81 @@
+"""common.storage.weights: every weights file the project reads, through one reader and one network loader."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.core.errors import InputError
+from common.networks import build_network
+from common.storage.checkpoint import load_checkpoint
+from common.storage.model_folder import COARSE_DIR
+from common.storage.weights import load_model, load_network, read_weight_pair, read_weights
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "pre_refactor"
+RUN = FIXTURE / "coarse_run" / "checkpoints"
+TINY = [2, 4, 4, 8, 8]
+
+
+def _same(net: torch.nn.Module, state: dict) -> bool:
+    return all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+def test_every_project_format():
+    last = load_checkpoint(RUN / "last.pt")
+    exported = load_checkpoint(FIXTURE / "model_weights" / COARSE_DIR / "model.pt")
+    for name in ("a", "b"):
+        assert _same(load_network(RUN / "last.pt", name), last[f"net_{name}"])
+        assert _same(load_network(FIXTURE / "model_weights" / COARSE_DIR, name), exported["networks"][name])
+        assert _same(load_network(FIXTURE / "model_weights" / COARSE_DIR / "model.pt", name),
+                     exported["networks"][name])
+    best_a = load_checkpoint(RUN / "best_model_a.pt")
+    # a best-network checkpoint holds one network: it is both a and b
+    assert _same(load_network(RUN / "best_model_a.pt", "b"), best_a["net"])
+    pair = read_weight_pair({"a": RUN / "best_model_a.pt", "b": RUN / "best_model_b.pt"})
+    best_b = load_checkpoint(RUN / "best_model_b.pt")["net"]
+    assert pair["b"].keys() == best_b.keys() and all(torch.equal(pair["b"][k], best_b[k]) for k in best_b)
+    assert read_weights(RUN / "last.pt").spec == last["model"]
+    assert not load_network(RUN / "last.pt").training  # eval mode
+
+
+def test_original_release_files(tmp_path, write_original_checkpoint):
+    torch.manual_seed(0)
+    net_a = build_network("unet", channels=TINY)
+    torch.manual_seed(1)
+    net_b = build_network("unet", channels=TINY)
+    stage = tmp_path / "base_coarse_model"
+    write_original_checkpoint(stage / "best_model.pt", net_a, "unet")
+    # the folder, and its best_model.pt alone (no best_model_1.pt: b is a)
+    for source in (stage, stage / "best_model.pt"):
+        assert _same(load_network(source, "a"), net_a.state_dict())
+        assert _same(load_network(source, "b"), net_a.state_dict())
+    write_original_checkpoint(stage / "best_model_1.pt", net_b, "unet", module_prefix=False)
+    assert _same(load_network(stage, "b"), net_b.state_dict())
+    model = load_model(stage, "coarse")
+    assert _same(model.networks["b"], net_b.state_dict()) and model.preprocess["hu_window"] == [-325.0, 325.0]
+    with pytest.raises(ValueError, match="stage"):
+        load_model(stage)
+
+
+def test_refusals_name_the_file(tmp_path):
+    with pytest.raises(InputError, match="weights not found"):
+        read_weights(tmp_path / "nowhere.pt")
+    with pytest.raises(InputError, match="model.pt"):
+        read_weights(tmp_path)  # an empty folder
+    torch.save({"iteration": 3}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="holds no network weights"):
+        read_weights(tmp_path / "other.pt")
+    torch.save({"net": build_network("unet", channels=TINY).state_dict()}, tmp_path / "nameless.pt")
+    with pytest.raises(InputError, match="which network"):
+        read_weights(tmp_path / "nameless.pt")
+    with pytest.raises(ValueError):
+        read_weights(RUN / "last.pt", "c")
+    folder = tmp_path / "model"
+    shutil.copytree(FIXTURE / "model_weights" / COARSE_DIR, folder)
+    with pytest.raises(InputError, match="expected a fine model"):
+        load_model(folder, "fine")
+    with pytest.raises(InputError, match="no network 'c'"):
+        load_model(folder, "coarse", networks=("c",))
