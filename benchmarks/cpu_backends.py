@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from benchmarks.cpu_floor import count_macs, cpu_peak, full_network
+from common.core.defaults import HU_WINDOW
 from common.core.labelmaps import probs_to_labels
 from common.evaluation.uncertainty import labels_disagreement
 from common.infer.backends import OnnxRuntimeForward, export_onnx, onnxruntime_available
@@ -36,7 +37,6 @@ from common.volume.intensity import normalize_hu
 from common.volume.resize import resize_volume
 
 VARIANTS = ("torch_eager", "torch_channels_last", "torch_jit_freeze", "torch_jit_onednn", "torch_bf16", "onnxruntime")
-HU_WINDOW = (-325.0, 325.0)
 
 
 def phantom_input(size: int) -> torch.Tensor:

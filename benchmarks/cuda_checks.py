@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from common.core import gpu_memory
+from common.core.defaults import HU_WINDOW
 from common.infer.predictor import PredictOptions, Predictor
 from common.storage.image_io import read_image
 from fine_efficient_seg.augment import make_fine_sample
@@ -42,11 +43,11 @@ def check_fine_sample_syncs(device: torch.device) -> dict[str, object]:
     shift[1], shift[11] = 40, -25
     image_t = crop.to(device, non_blocking=True)
     labels_t = labels.pin_memory().to(device, non_blocking=True)
-    make_fine_sample(image_t, labels_t, (192, 192, 192), (-325.0, 325.0), shift)  # warm-up (kernels, caches)
+    make_fine_sample(image_t, labels_t, (192, 192, 192), HU_WINDOW, shift)  # warm-up (kernels, caches)
     torch.cuda.synchronize(device)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        make_fine_sample(image_t, labels_t, (192, 192, 192), (-325.0, 325.0), shift)
+        make_fine_sample(image_t, labels_t, (192, 192, 192), HU_WINDOW, shift)
         result = {"ok": True, "error": ""}
     except RuntimeError as exc:
         result = {"ok": False, "error": str(exc).splitlines()[0]}

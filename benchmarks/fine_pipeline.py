@@ -29,6 +29,7 @@ import torch
 from scipy import ndimage
 
 from common.config import PrepareConfig
+from common.core.defaults import HU_WINDOW
 from common.core.labels import NUM_ORGANS
 from common.core.typed_config import load_config
 from common.train.distributed import resolve_device
@@ -39,7 +40,6 @@ from fine_efficient_seg.augment import FineAugmentSettings, make_fine_sample
 from fine_efficient_seg.dataset import FineCase, FineStream, load_cases, read_crop
 
 SIZE_ZYX = (192, 192, 192)
-HU_WINDOW = (-325.0, 325.0)
 
 
 def prepare_dataset(base: Path, cases: int) -> Path:

@@ -40,7 +40,9 @@ from pathlib import Path
 
 import torch
 
+from common.core.defaults import HU_WINDOW
 from common.core.gpu_memory import MEMORY_BAR_MB
+from common.storage.model_folder import PreprocessSpec
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("train", "predict", "pipeline", "ddp", "cuda")
@@ -190,7 +192,7 @@ def _tiny_dataset(work: Path, size: int, channels: list[int] | None) -> Path:
     torch.manual_seed(0)
     export_model(work / "tiny_coarse_model", stage="coarse", model={"name": "unet", "kwargs": kwargs},
                  networks={"a": model_state_dict(build_network("unet", **kwargs))}, primary="a",
-                 preprocess={"size_zyx": [size] * 3, "hu_window": [-325.0, 325.0]}, config={})
+                 preprocess=PreprocessSpec("coarse", (size,) * 3), config={})
     return data
 
 
@@ -209,7 +211,7 @@ def part_pipeline(setup: Setup, work: Path, state: dict) -> list[Row]:
         db = prepare_dataset(data, cases=2)
     cases = load_cases(db, data, labeled=True)
     size = (setup.fine_size,) * 3
-    stream = FineStream(cases, name="labeled", seed=0, batch_size=1, size_zyx=size, hu_window=(-325.0, 325.0),
+    stream = FineStream(cases, name="labeled", seed=0, batch_size=1, size_zyx=size, hu_window=HU_WINDOW,
                         settings=FineAugmentSettings(), device=setup.device, labeled=True, read_threads=2, rank=0,
                         world_size=1)
     samples, warmup = (4, 1) if setup.smoke else (12, 2)

@@ -113,11 +113,13 @@ def make_predictor(cs: CaseSet, device: str = "cpu") -> tuple[Any, float]:
     import dataclasses
 
     from common.infer.predictor import PredictOptions, Predictor
+    from common.storage.model_folder import FINE_DIR
+    from common.storage.weights import load_model
 
     options = PredictOptions(weights_dir=cs.weights, device=device, fine_size=cs.fine_size, ensemble=False,
                              uncertainty="off", fine_min_volume_mm3=0.0, workers=1, progress=False)
     predictor = Predictor(options)
-    default_mm3 = predictor.fine.min_volume_mm3
+    default_mm3 = load_model(cs.weights / FINE_DIR, "fine").preprocess.min_volume_mm3  # the model's own value
     ensemble = cs.ensemble
     if ensemble is None:
         ensemble = len(predictor.coarse.networks) >= 2 and len(predictor.fine.networks) >= 2

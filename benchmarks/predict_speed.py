@@ -43,22 +43,21 @@ import torch
 import torch.nn.functional as F
 
 from common.core import gpu_memory
-from common.core.defaults import FINE_MIN_VOLUME_MM3
+from common.core.defaults import COARSE_MIN_VOLUME_MM3, FINE_MIN_VOLUME_MM3, Z_WINDOW_MM
 from common.core.labelmaps import probs_to_labels
 from common.infer.backends import BACKENDS
 from common.infer.folder import predict_folder
-from common.infer.postprocess import keep_largest_component, organ_box
+from common.infer.postprocess import coarse_organ_box, keep_largest_component, organ_box
 from common.infer.predictor import PredictOptions, Predictor, resolve_device, resolve_precision
 from common.infer.upsample import upsample_labels
 from common.networks import build_network
 from common.storage.image_io import canonical_flips, read_image, write_mask
-from common.storage.model_folder import COARSE_DIR, FINE_DIR, export_model
+from common.storage.model_folder import COARSE_DIR, FINE_DIR, PreprocessSpec, export_model
 from common.volume.boxes import crop_box_with_margin
 from common.volume.intensity import normalize_hu
 from common.volume.resize import resize_volume
 
 logger = logging.getLogger("predict_speed")
-HU_WINDOW = (-325.0, 325.0)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -103,9 +102,8 @@ def export_random_models(weights_dir: Path, empty: bool = False, channels: list[
             if empty:
                 state["head.weight"] = -state["head.weight"].abs() - 1e-3
             nets[key] = state
-        preprocess = {"size_zyx": [size] * 3, "hu_window": list(HU_WINDOW), "extend_size_mm": 20.0}
         export_model(weights_dir / folder, stage=stage, model={"name": name, "kwargs": kwargs}, networks=nets,
-                     primary="a", preprocess=preprocess, config={"benchmark": "random weights"})
+                     primary="a", preprocess=PreprocessSpec(stage, (size,) * 3), config={"benchmark": "random weights"})
 
 
 # ------------------------------------------------------------------------------------------------ measurements
@@ -166,7 +164,7 @@ def straightforward_case(path: Path, out_path: Path, predictor: Predictor) -> di
     labels = probs_to_labels(torch.sigmoid(logits).numpy(), 0.5)
     t2 = time.perf_counter()
     times["coarse_s"] = t2 - t1
-    box = organ_box(labels, ct.shape, tuple(spacing), 1000.0, 240.0)
+    box = organ_box(labels, ct.shape, tuple(spacing), COARSE_MIN_VOLUME_MM3, Z_WINDOW_MM)
     crop = (tuple(slice(0, n) for n in ct.shape) if box is None
             else crop_box_with_margin(box, tuple(spacing), 20.0, ct.shape))
     t3 = time.perf_counter()
@@ -227,10 +225,9 @@ def organ_shaped_predictor(predictor: Predictor, mask_zyx: np.ndarray, ct_path: 
     coarse, fine = predictor.coarse, predictor.fine
     coarse_scores = organ_scores(canonical, coarse.size_zyx)
     spacing = np.asarray(meta.spacing_zyx, dtype=np.float64)
-    box = organ_box(probs_to_labels(coarse_scores, 0.0).numpy(), canonical.shape, tuple(spacing),
-                    predictor.coarse_min_volume_mm3, predictor.z_window_mm)
-    crop = (tuple(slice(0, n) for n in canonical.shape) if box is None else
-            crop_box_with_margin(box, tuple(spacing), fine.extend_size_mm, canonical.shape))
+    box, _ = coarse_organ_box(probs_to_labels(coarse_scores, 0.0).numpy(), canonical.shape, tuple(spacing),
+                              coarse.preprocess)
+    crop = crop_box_with_margin(box, tuple(spacing), fine.preprocess.extend_size_mm, canonical.shape)
     fine_scores = organ_scores(np.ascontiguousarray(canonical[crop]), fine.size_zyx)
     for stage, scores in ((coarse, coarse_scores), (fine, fine_scores)):
         stage.networks = {name: OrganShapedForward(fwd, scores) for name, fwd in stage.networks.items()}

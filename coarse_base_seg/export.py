@@ -27,11 +27,7 @@ def export(cfg: CoarseTrainConfig) -> Path:
     """Write the model folder `cfg.export.dir`; returns the path of its model.pt."""
     path, best = export_best_networks(
         cfg.output_dir, cfg.export.dir, stage="coarse", primary=cfg.export.network,
-        preprocess=lambda config: {"size_zyx": list(config["data"]["size_zyx"]),
-                                   "hu_window": list(config["data"]["hu_window"]),
-                                   # prediction settings: this config's, so changing them needs no retraining
-                                   "min_volume_mm3": float(cfg.postprocess.min_volume_mm3),
-                                   "z_window_mm": float(cfg.postprocess.z_window_mm)})
+        preprocess=cfg.preprocess_spec)
     logger.info("exported coarse network %s (validation mean Dice %s, iteration %s) to %s", cfg.export.network,
                 best.get("dice"), best.get("iteration"), path.parent)
     return path

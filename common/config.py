@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from common.core.amp import PRECISIONS
 from common.core.defaults import (
@@ -27,6 +27,7 @@ from common.core.device import device_problem
 from common.core.typed_config import cfg_field, choice_field, path_field, section
 from common.evaluation.uncertainty import UIF_SCORES, WEIGHTINGS
 from common.networks import NETWORKS, input_size_problem
+from common.storage.model_folder import PreprocessSpec
 from common.train.losses import LOSSES
 
 
@@ -257,6 +258,12 @@ class CoarseTrainConfig(TrainConfigBase):
     step: str = choice_field("train", ("train", "export"))
     export: ExportSection = section(ExportSection)
 
+    def preprocess_spec(self, trained: Mapping[str, Any]) -> PreprocessSpec:
+        """The exported model's preprocessing: input size and HU window as `trained` (the run's saved config),
+        post-processing as this config (a prediction setting: changing it needs no retraining)."""
+        return PreprocessSpec("coarse", trained["data"]["size_zyx"], trained["data"]["hu_window"],
+                              self.postprocess.min_volume_mm3, z_window_mm=self.postprocess.z_window_mm)
+
 
 @dataclass
 class FineTrainConfig(TrainConfigBase):
@@ -274,5 +281,11 @@ class FineTrainConfig(TrainConfigBase):
     postprocess: FinePostprocessSection = section(FinePostprocessSection)
     step: str = choice_field("all", ("all", "boxes", "round1", "uif", "round2", "export"))
     export: ExportSection = section(ExportSection, dir="../model_weights/efficient_fine_model")
+
+    def preprocess_spec(self, trained: Mapping[str, Any]) -> PreprocessSpec:
+        """The exported model's preprocessing: input size, HU window and box margin as `trained` (the round's saved
+        config), the smallest component kept as this config (a prediction setting: changing it needs no retraining)."""
+        return PreprocessSpec("fine", trained["data"]["size_zyx"], trained["data"]["hu_window"],
+                              self.postprocess.min_volume_mm3, extend_size_mm=trained["crop"]["extend_size_mm"])
 
 

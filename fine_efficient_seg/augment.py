@@ -22,11 +22,9 @@ import torch
 
 from common.core.labels import NUM_ORGANS
 from common.train.distributed import derive_seed
-from common.volume.boxes import crop_box_with_margin
+from common.volume.boxes import Box, crop_box_with_margin
 from common.volume.intensity import window_and_zscore_torch
 from common.volume.resize import resize_mask, resize_mask_torch, resize_volume_torch
-
-Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,15 @@
 """The boxes step: an organ box for every unlabeled case, stored under the experiment's output_dir (DESIGN 5.5).
 
 The fine stage crops unlabeled cases where prediction will crop them: around the organs the coarse model finds
-(reference 6.2 steps 2-5). The exported coarse model runs on each case's prepared coarse array (160^3 npy),
-followed by sigmoid, largest component per organ, `coarse_box` (largest region's z-window intersected with the
-labelled bbox) and the mapping to raw canonical voxels (index x raw/coarse zoom, as prediction does). Without a
-coarse model (null or missing folder), or where the coarse prediction is empty, the body box (HU > AIR_HU on the
-coarse array) is used and a warning says so.
+(reference 6.2 steps 2-5). The exported coarse model runs on each case's prepared coarse array (160^3 npy), and
+the predictor's rule `common.infer.postprocess.coarse_organ_box` gives the box in raw canonical voxels (largest
+component per organ, the largest region's z-window, index x raw/coarse zoom), or, where the coarse prediction is
+empty, the whole volume, as prediction does. Without a coarse model (null or missing folder) the body box (HU >
+AIR_HU on the coarse array) is used and a warning says so.
 
 Stored in `<output_dir>/db/unlabeled_boxes` (LMDB, key = case id; the dataset's databases are only read):
 `coarse_box` [[z0, z1], [y0, y1], [x0, x1]] (inclusive, canonical raw voxels), `coarse_box_source`
-("coarse_model"; "body": no model; "body_fallback": the model found no organ) and the case's region: the only
+("coarse_model"; "whole_volume": the model found no organ; "body": no model) and the case's region: the only
 copy of an unlabeled image that fine training and UIF crop from, box + `region_margin_mm`
 (`common.volume.boxes.region_slices`, the rule of the labeled regions; the fine stage passes
 crop.max_extend_size_mm, >= crop.extend_size_mm, so every crop it draws lies inside), cut from the raw image as
@@ -34,12 +34,11 @@ import torch
 from tqdm import tqdm
 
 from common.core.amp import amp_settings, autocast
-from common.core.defaults import COARSE_MIN_VOLUME_MM3, Z_WINDOW_MM
 from common.core.errors import InputError
 from common.core.files import remove_stale_temps, save_npy_atomic
 from common.core.labelmaps import LOGIT_THRESHOLD, probs_to_labels
 from common.core.logger import get_logger
-from common.infer.postprocess import organ_box
+from common.infer.postprocess import coarse_organ_box
 from common.storage.data_paths import resolve_data_path
 from common.storage.image_io import read_canonical_ct
 from common.storage.lmdb_store import open_store
@@ -55,6 +54,10 @@ from fine_efficient_seg.dataset import COARSE_BOX_KEY, as_box
 logger = get_logger(__name__)
 
 BOX_SOURCE_KEY = "coarse_box_source"
+# Where a stored box came from: the coarse model's organ box; the whole volume where that model found no organ (the
+# predictor's fallback; "body_fallback" in records of earlier versions); the body box when no coarse model is given.
+COARSE_MODEL, WHOLE_VOLUME, BODY = "coarse_model", "whole_volume", "body"
+MODEL_SOURCES = (COARSE_MODEL, WHOLE_VOLUME, "body_fallback")
 WRITE_BATCH = 32
 
 
@@ -67,21 +70,18 @@ class CoarseBoxFinder:
     precision: str = "bf16"
 
     @torch.no_grad()
-    def __call__(self, image_hu: np.ndarray, spacing_zyx: Sequence[float], raw_shape_zyx: Sequence[int]) -> Box | None:
+    def __call__(self, image_hu: np.ndarray, spacing_zyx: Sequence[float],
+                 raw_shape_zyx: Sequence[int]) -> tuple[Box, bool]:
         """image_hu: the case's coarse array (any size; resized to the model's size on the device).
-        Returns the inclusive box in raw canonical voxels (`common.infer.postprocess.organ_box`, with the coarse
-        model's own post-processing settings), or None when the model finds no organ."""
+        Returns the inclusive box in raw canonical voxels and whether it is the whole-volume fallback
+        (`common.infer.postprocess.coarse_organ_box`, the predictor's rule, with the coarse model's settings)."""
         pre = self.model.preprocess
-        size = tuple(int(s) for s in pre["size_zyx"])
-        window = tuple(float(v) for v in pre["hu_window"])
         x = torch.from_numpy(np.ascontiguousarray(image_hu)).to(self.device)[None, None]
-        x = prepare_input(x, size, window)
+        x = prepare_input(x, pre.size_zyx, pre.hu_window)
         with autocast(amp_settings(self.precision, self.device)):
             logits = self.model.net(x)
         labels = probs_to_labels(logits[0].float(), LOGIT_THRESHOLD).cpu().numpy()
-        return organ_box(labels, raw_shape_zyx, spacing_zyx,
-                         float(pre.get("min_volume_mm3", COARSE_MIN_VOLUME_MM3)),
-                         float(pre.get("z_window_mm", Z_WINDOW_MM)))
+        return coarse_organ_box(labels, raw_shape_zyx, spacing_zyx, pre)
 
 
 def load_coarse_model(model_dir: str | None, device: torch.device) -> ExportedModel | None:
@@ -115,7 +115,7 @@ def compute_boxes(
     Under DDP the ranks share the work: each computes the boxes and writes the region files of its share (`shard`)
     of WRITE_BATCH cases per rank at a time, and rank 0 writes the records, so the step resumes where it stopped.
     A failure on any rank ends every rank at once with its message (`run_on_every_rank`). Returns a summary
-    {"cases", "computed" (boxes), "regions" (region files written), "skipped", "body_fallback", "source"} (the same
+    {"cases", "computed" (boxes), "regions" (region files written), "skipped", "fallback", "source"} (the same
     on every rank).
     """
     planned: dict[str, Any] = {}
@@ -124,7 +124,7 @@ def compute_boxes(
 
     def plan() -> list[tuple[str, dict | None]] | None:  # every rank: model, (read-only) source; rank 0: the store
         model = load_coarse_model(coarse_model_dir, device)
-        planned["wanted"] = "coarse_model" if model is not None else "body"
+        planned["wanted"] = COARSE_MODEL if model is not None else BODY
         planned["finder"] = CoarseBoxFinder(model, device, precision) if model is not None else None
         planned["source"] = source = open_store(unlabeled_db, readonly=True)
         planned["cases"] = len(source.keys())
@@ -146,7 +146,7 @@ def compute_boxes(
         source = planned["source"]
         finder, wanted = planned["finder"], planned["wanted"]
         summary = {"cases": planned["cases"], "computed": 0, "regions": 0, "skipped": planned["cases"] - len(todo),
-                   "body_fallback": 0, "source": wanted}
+                   "fallback": 0, "source": wanted}
         if not todo:
             logger.info("boxes: all %d unlabeled cases already have a %s box and a %g mm region in %s",
                         summary["cases"], wanted, margin_mm, boxes_db)
@@ -178,7 +178,7 @@ def compute_boxes(
                 computed = entry.pop("_computed")
                 summary["computed"] += int(computed)
                 summary["regions"] += 1
-                summary["body_fallback"] += int(computed and entry[BOX_SOURCE_KEY] != wanted)
+                summary["fallback"] += int(computed and entry[BOX_SOURCE_KEY] != wanted)
                 pending[case_id] = entry
             # The write runs through run_on_every_rank too, so a failing write on rank 0 stops every rank.
             run_on_every_rank(lambda pending=pending: planned["store"].put_many(pending)
@@ -189,9 +189,9 @@ def compute_boxes(
         for name in ("store", "source"):
             if name in planned:
                 planned[name].close()
-    if summary["body_fallback"]:
-        logger.warning("boxes: %d case(s) fell back to the body box (empty coarse prediction)",
-                       summary["body_fallback"])
+    if summary["fallback"]:
+        logger.warning("boxes: %d case(s) fell back to the whole volume (empty coarse prediction)",
+                       summary["fallback"])
     return summary
 
 
@@ -201,7 +201,7 @@ def _has_box(record: dict | None, wanted: str) -> bool:
     source = record.get(BOX_SOURCE_KEY)
     # A model box (or the body box the model fell back to) is kept; a no-model body box is redone once a model
     # exists. Delete `coarse_box` from the records to recompute them with another coarse model.
-    return source in ("coarse_model", "body_fallback") or source == wanted
+    return source in MODEL_SOURCES or source == wanted
 
 
 def _has_region(record: dict, margin_mm: float) -> bool:
@@ -255,13 +255,12 @@ def _case_box(case_id: str, record: dict, data_base_dir: str | Path, db: Path,
         raise InputError(path, f"cannot read the coarse image of case {case_id}: {exc}") from exc
     raw_shape = tuple(int(s) for s in record["shape_zyx"])
     if finder is not None:
-        box = finder(image, record["spacing_zyx"], raw_shape)
-        if box is not None:
-            return box, "coarse_model"
-        logger.warning("boxes: the coarse model finds no organ in %s; using its body box", case_id)
-    source = "body" if finder is None else "body_fallback"
+        box, fallback = finder(image, record["spacing_zyx"], raw_shape)
+        if fallback:
+            logger.warning("boxes: the coarse model finds no organ in %s; using the whole volume", case_id)
+        return box, WHOLE_VOLUME if fallback else COARSE_MODEL
     grid_box = body_box(image)
     if grid_box is None:
         logger.warning("boxes: %s has no voxel above %.0f HU; using the whole volume", case_id, AIR_HU)
-        return tuple((0, n - 1) for n in raw_shape), source  # type: ignore[return-value]
-    return grid_box_to_raw(grid_box, image.shape, raw_shape), source
+        return tuple((0, n - 1) for n in raw_shape), BODY  # type: ignore[return-value]
+    return grid_box_to_raw(grid_box, image.shape, raw_shape), BODY

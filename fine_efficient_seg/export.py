@@ -15,8 +15,7 @@ from typing import Any
 from common.config import FineTrainConfig
 from common.core.errors import InputError
 from common.core.logger import get_logger
-from common.storage.checkpoint import EXPORT_FILE
-from common.storage.model_folder import best_checkpoint_paths, export_best_networks
+from common.storage.model_folder import EXPORT_FILE, best_checkpoint_paths, export_best_networks
 from common.storage.step_marker import file_stamp, marker_matches, write_marker
 
 logger = get_logger(__name__)
@@ -64,11 +63,7 @@ def export(cfg: FineTrainConfig) -> Path:
     primary = cfg.export.network
     path, best = export_best_networks(
         round_dir, cfg.export.dir, stage="fine", primary=primary,
-        preprocess=lambda config: {"size_zyx": [int(s) for s in config["data"]["size_zyx"]],
-                                   "hu_window": [float(v) for v in config["data"]["hu_window"]],
-                                   "extend_size_mm": float(config["crop"]["extend_size_mm"]),
-                                   # a prediction setting: this config's, so changing it needs no retraining
-                                   "min_volume_mm3": float(cfg.postprocess.min_volume_mm3)})
+        preprocess=cfg.preprocess_spec)
     write_marker(Path(cfg.output_dir) / EXPORT_MARKER, _fingerprint(round_dir, Path(cfg.export.dir), primary,
                                                                     cfg.postprocess.min_volume_mm3))
     logger.info("exported fine network %s of %s (validation mean Dice %s, iteration %s) to %s", primary,

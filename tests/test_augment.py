@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from common.core.defaults import HU_WINDOW
 from common.volume.boxes import crop_box_with_margin
 from common.volume.resize import resize_mask_torch, resize_volume_torch
 from fine_efficient_seg.augment import (
@@ -130,7 +131,7 @@ def test_make_fine_sample_shift_and_normalization():
     expected = (expected - expected.mean()) / (expected.std(unbiased=False) + 1e-5)
     assert torch.allclose(x[0], expected, atol=1e-4)
     # Unlabeled: no labels, no shift.
-    x_u, y_u = make_fine_sample(crop, None, (8, 8, 8), (-325.0, 325.0), shift)
+    x_u, y_u = make_fine_sample(crop, None, (8, 8, 8), HU_WINDOW, shift)
     assert y_u is None and x_u.shape == (1, 8, 8, 8)
 
 
@@ -203,6 +204,6 @@ def test_fine_sample_device_path_never_waits_for_the_device(monkeypatch):
     shift[3] = 100
     expected_y = resize_mask_torch(labels, (16, 16, 16), 13)
     with _RecordOps() as recorder:
-        x, y = make_fine_sample(crop, labels, (16, 16, 16), (-325.0, 325.0), shift)
+        x, y = make_fine_sample(crop, labels, (16, 16, 16), HU_WINDOW, shift)
     assert recorder.syncing == []
     assert torch.equal(y, expected_y.long()) and set(np.unique(y.numpy()).tolist()) == {0, 3, 9}

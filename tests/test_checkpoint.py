@@ -16,7 +16,7 @@ from common.storage.checkpoint import (
     save_checkpoint,
     strip_prefixes,
 )
-from common.storage.model_folder import export_model
+from common.storage.model_folder import PreprocessSpec, export_model
 from common.storage.weights import load_model
 
 
@@ -117,13 +117,13 @@ def test_export_and_load_model(tmp_path):
     path = export_model(
         tmp_path / "base_coarse_model", stage="coarse", model=spec,
         networks={"a": {"module." + k: v for k, v in net_a.state_dict().items()}, "b": net_b.state_dict()},
-        primary="b", preprocess={"size_zyx": [32, 32, 32], "hu_window": [-325.0, 325.0]}, config=config,
+        primary="b", preprocess=PreprocessSpec("coarse", (32, 32, 32)), config=config,
         best_dice={"a": 0.4, "b": 0.5},
     )
     assert path.name == "model.pt" and (path.parent / "config.yaml").is_file()
     loaded = load_model(path.parent, "coarse")
     assert loaded.primary == "b" and set(loaded.networks) == {"a", "b"}
-    assert loaded.preprocess["size_zyx"] == [32, 32, 32] and loaded.config == config
+    assert loaded.preprocess.size_zyx == (32, 32, 32) and loaded.config == config
     assert not loaded.net.training
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():

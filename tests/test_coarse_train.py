@@ -11,6 +11,7 @@ import torch
 
 from coarse_base_seg.train import cli, main
 from common.config import CoarseTrainConfig, PrepareConfig
+from common.core.defaults import HU_WINDOW
 from common.core.typed_config import load_config
 from common.storage.checkpoint import load_checkpoint
 from common.storage.lmdb_store import LmdbStore
@@ -89,8 +90,8 @@ def test_training_writes_every_output_file_and_exports(trained, prepared, capsys
     assert cli(_overrides(prepared, out, "step=export", "export.network=b")) == 0
     model = load_model(out / "exported", "coarse")
     assert model.primary == "b" and set(model.networks) == {"a", "b"}
-    assert model.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "min_volume_mm3": 1000.0,
-                                "z_window_mm": 240.0}
+    assert model.preprocess.to_json() == {"size_zyx": [SIZE] * 3, "hu_window": list(HU_WINDOW),
+                                          "min_volume_mm3": 1000.0, "z_window_mm": 240.0}
     assert model.config["model"]["channels"] == [2, 4, 4, 8, 8]
     assert (out / "exported" / "config.yaml").is_file()
     best_b = load_checkpoint(out / "checkpoints" / "best_model_b.pt")

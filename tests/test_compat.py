@@ -18,7 +18,7 @@ import torch
 from common.infer.folder import predict_folder
 from common.infer.predictor import PredictOptions
 from common.storage.checkpoint import load_checkpoint, restore_rng_state
-from common.storage.model_folder import COARSE_DIR, FINE_DIR, export_best_networks
+from common.storage.model_folder import COARSE_DIR, FINE_DIR, PreprocessSpec, export_best_networks
 from common.storage.weights import load_model, load_network, read_weights
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "pre_refactor"
@@ -59,7 +59,7 @@ def test_old_checkpoints_export_and_predict_the_same_labels(weights, tmp_path):
     shutil.rmtree(weights / COARSE_DIR)
     old = load_checkpoint(FIXTURE / "model_weights" / COARSE_DIR / "model.pt")
     export_best_networks(run, weights / COARSE_DIR, stage="coarse", primary="a",
-                         preprocess=lambda config: dict(old["preprocess"]))
+                         preprocess=lambda config: PreprocessSpec.from_json(old["preprocess"], "coarse", "fixture"))
     for name in ("a", "b"):
         new = load_network(weights / COARSE_DIR, name)
         for key, value in new.state_dict().items():
@@ -89,4 +89,4 @@ def test_old_model_folder_metadata_loads(weights):
     coarse = load_model(weights / COARSE_DIR, "coarse")
     fine = load_model(weights / FINE_DIR, "fine")
     assert sorted(coarse.networks) == sorted(fine.networks) == ["a", "b"]
-    assert coarse.preprocess["size_zyx"] == [32, 32, 32] and fine.preprocess["extend_size_mm"] == 20.0
+    assert coarse.preprocess.size_zyx == (32, 32, 32) and fine.preprocess.extend_size_mm == 20.0

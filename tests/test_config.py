@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.config import CoarseTrainConfig, FineTrainConfig, PrepareConfig
+from common.core.defaults import HU_WINDOW
 from common.core.typed_config import (
     ConfigError,
     cfg_field,
@@ -65,7 +66,7 @@ def test_coarse_defaults_match_interfaces():
     assert cfg.data.labeled_db == "db/seg_train_fold_{fold}"
     assert cfg.data.unlabeled_db == "db/seg_trainu"
     assert cfg.data.val_db == "db/seg_val_fold_{fold}"
-    assert cfg.data.size_zyx == [160, 160, 160] and cfg.data.hu_window == [-325.0, 325.0]
+    assert cfg.data.size_zyx == [160, 160, 160] and cfg.data.hu_window == list(HU_WINDOW)
     assert (cfg.data.labeled_batch_size, cfg.data.unlabeled_batch_size, cfg.data.num_workers) == (1, 1, 2)
     assert cfg.model.name == "unet" and cfg.model.channels == [16, 32, 64, 128, 256]
     assert (cfg.model.dropout, cfg.model.seed_a, cfg.model.seed_b) == (0.2, 1, 2)
@@ -101,7 +102,7 @@ def test_prepare_defaults_match_interfaces():
                                                                               "trainu_images")
     assert (cfg.test_image_dir, cfg.test_mask_dir, cfg.file_list_dir) == ("val_images", None, "file_list")
     assert cfg.coarse_size_zyx == [160, 160, 160] and cfg.fine_size_zyx == [192, 192, 192]
-    assert (cfg.extend_size_mm, cfg.max_extend_size_mm, cfg.hu_window) == (20.0, 40.0, [-325.0, 325.0])
+    assert (cfg.extend_size_mm, cfg.max_extend_size_mm, cfg.hu_window) == (20.0, 40.0, list(HU_WINDOW))
     assert (cfg.val_ratio, cfg.split_seed, cfg.split_5fold, cfg.num_workers, cfg.overwrite) == (0.2, 0, False, 2, False)
 
 

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from common.config import PrepareConfig
+from common.core.defaults import HU_WINDOW
 from common.core.errors import InputError
 from common.core.typed_config import load_config
 from common.storage.lmdb_store import open_store
@@ -145,9 +146,9 @@ def test_training_and_uif_crops_equal_the_whole_volume_crops(prepared, tmp_path,
             assert labels is None and crop.dtype == np.int16
             np.testing.assert_array_equal(crop, full[slices])
         for extend_mm in (0.0, SETTINGS.extend_size_mm, MARGIN_MM):
-            assert torch.equal(fixed_crop_input(case, (9, 11, 13), (-325.0, 325.0), extend_mm, "cpu"),
-                               fixed_crop_input(ref, (9, 11, 13), (-325.0, 325.0), extend_mm, "cpu"))
-    kwargs = dict(name="unlabeled", seed=3, batch_size=2, size_zyx=(9, 11, 13), hu_window=(-325.0, 325.0),
+            assert torch.equal(fixed_crop_input(case, (9, 11, 13), HU_WINDOW, extend_mm, "cpu"),
+                               fixed_crop_input(ref, (9, 11, 13), HU_WINDOW, extend_mm, "cpu"))
+    kwargs = dict(name="unlabeled", seed=3, batch_size=2, size_zyx=(9, 11, 13), hu_window=HU_WINDOW,
                   settings=replace(SETTINGS, random_extend_prob=0.5), device="cpu", labeled=False, rank=0,
                   world_size=1)
     new, old = FineStream(cases, **kwargs)(0), FineStream(whole, **kwargs)(0)

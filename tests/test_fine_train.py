@@ -17,7 +17,7 @@ from tiny_models import prepared_tiny_dataset
 from torch import nn
 
 from common.config import FineTrainConfig
-from common.core.defaults import FINE_MIN_VOLUME_MM3
+from common.core.defaults import FINE_MIN_VOLUME_MM3, HU_WINDOW
 from common.core.errors import InputError
 from common.core.typed_config import load_config
 from common.networks import build_network
@@ -89,7 +89,7 @@ def test_boxes_step_model_and_body_fallback(dataset, tmp_path, caplog):
     boxes = open_store(boxes_db).to_dict()
     assert sorted(boxes) == sorted(before)
     for key, record in boxes.items():
-        assert record["coarse_box_source"] in ("coarse_model", "body_fallback")
+        assert record["coarse_box_source"] in ("coarse_model", "whole_volume")
         for (lo, hi), n in zip(record["coarse_box"], before[key]["shape_zyx"]):
             assert 0 <= lo <= hi < n
     # the dataset's database is only read
@@ -151,7 +151,7 @@ def test_two_experiments_on_one_dataset_keep_their_own_boxes_and_uif_pool(datase
 def test_streams_are_deterministic_and_resume_exactly(dataset, tmp_path):
     cfg = fine_config(dataset, tmp_path)
     labeled = load_cases(dataset / "db" / "seg_train_fold_1", dataset, labeled=True)
-    kwargs = dict(seed=5, batch_size=2, size_zyx=[SIZE] * 3, hu_window=[-325.0, 325.0],
+    kwargs = dict(seed=5, batch_size=2, size_zyx=[SIZE] * 3, hu_window=list(HU_WINDOW),
                   settings=augment_settings(cfg), device="cpu", rank=0, world_size=1)
     stream = FineStream(labeled, name="labeled", labeled=True, **kwargs)
     first = stream(0)
@@ -180,10 +180,10 @@ def test_fixed_crop_matches_prepared_fine_array(dataset):
     """The crop read from the region (with its offset) is the GT box + 20 mm crop data_prepare made."""
     labeled = load_cases(dataset / "db" / "seg_train_fold_1", dataset, labeled=True)
     val = {case_id: x for case_id, x, _ in validation_cases(dataset / "db" / "seg_train_fold_1", dataset,
-                                                                 [SIZE] * 3, [-325.0, 325.0], "cpu")}
+                                                                 [SIZE] * 3, list(HU_WINDOW), "cpu")}
     assert any(case.region_offset_zyx != (0, 0, 0) for case in labeled)    # regions are sub-volumes
     for case in labeled:
-        x = fixed_crop_input(case, [SIZE] * 3, [-325.0, 325.0], 20.0, "cpu")
+        x = fixed_crop_input(case, [SIZE] * 3, list(HU_WINDOW), 20.0, "cpu")
         # data_prepare rounds the resized HU to int16; our crop is resized in float: tiny differences only
         assert torch.allclose(x, val[case.case_id], atol=0.02)
 
@@ -192,13 +192,13 @@ def test_validation_cases_load_only_this_ranks_share(dataset, monkeypatch):
     import fine_efficient_seg.dataset as fine_dataset
 
     db = dataset / "db" / "seg_pre-process_database"  # the 4 labeled cases with their fixed fine arrays
-    every = [case_id for case_id, _, _ in validation_cases(db, dataset, [SIZE] * 3, [-325.0, 325.0], "cpu")]
+    every = [case_id for case_id, _, _ in validation_cases(db, dataset, [SIZE] * 3, list(HU_WINDOW), "cpu")]
     assert len(every) == 4
     loaded: list[str] = []
     real_load = np.load
     monkeypatch.setattr(fine_dataset.np, "load", lambda path, *a, **k: loaded.append(str(path)) or real_load(path, *a,
                                                                                                               **k))
-    mine = [case_id for case_id, _, _ in validation_cases(db, dataset, [SIZE] * 3, [-325.0, 325.0], "cpu", 1, 2)]
+    mine = [case_id for case_id, _, _ in validation_cases(db, dataset, [SIZE] * 3, list(HU_WINDOW), "cpu", 1, 2)]
     assert mine == every[1::2]
     assert len(loaded) == 2 * len(mine)  # image + mask of its own cases only
 
@@ -251,7 +251,7 @@ def test_uif_step_keeps_agreeing_cases(tmp_path, monkeypatch, method):
     pool_db = tmp_path / "out" / "db" / "uif_pool"
     common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, boxes_db=None, pool_db=pool_db,
                   data_base_dir=tmp_path, output_dir=tmp_path / "out",
-                  method=method, keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=[-325.0, 325.0], extend_size_mm=20.0,
+                  method=method, keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=list(HU_WINDOW), extend_size_mm=20.0,
                   device=torch.device("cpu"), precision="fp32")
     rows = run_uif(keep_count=3, **common)
     kept = {r.case for r in rows if r.kept}
@@ -326,7 +326,7 @@ def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     filtered.close()
     model = load_model(tmp_path / "export", "fine")
     assert set(model.networks) == {"a", "b"} and model.primary == "a"
-    assert model.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0,
+    assert model.preprocess.to_json() == {"size_zyx": [SIZE] * 3, "hu_window": list(HU_WINDOW), "extend_size_mm": 20.0,
                                 "min_volume_mm3": FINE_MIN_VOLUME_MM3}
     assert (tmp_path / "export" / "config.yaml").is_file()
     with torch.no_grad():
@@ -441,7 +441,7 @@ def test_uif_step_shared_by_two_ranks(tmp_path, monkeypatch):
     db = make_pool(tmp_path)
     monkeypatch.setattr(fine_uif, "load_round_networks", _threshold_pair)
     common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, boxes_db=None, data_base_dir=tmp_path,
-                  method="disagreement", keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=[-325.0, 325.0],
+                  method="disagreement", keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=list(HU_WINDOW),
                   extend_size_mm=20.0, device=torch.device("cpu"), precision="fp32")
     single = run_uif(keep_count=2, output_dir=tmp_path / "single", pool_db=tmp_path / "single" / "db" / "uif_pool",
                      **common)
@@ -501,5 +501,5 @@ def test_round1_snapshots_and_stability_score(dataset, tmp_path):
     assert all(0.0 <= r.score <= 1.0 for r in rows)
     # No snapshots saved (uif.snapshots=0): the stability score says what is missing.
     with pytest.raises(InputError, match="snapshots"):
-        fine_uif.score_pool([], final, final, methods=("stability",), size_zyx=[SIZE] * 3, hu_window=[-325, 325],
+        fine_uif.score_pool([], final, final, methods=("stability",), size_zyx=[SIZE] * 3, hu_window=list(HU_WINDOW),
                             extend_size_mm=20.0, device=torch.device("cpu"))

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from common.core.defaults import HU_WINDOW
 from common.core.labels import NUM_ORGANS
 from common.networks import NETWORKS, EfficientSegNet, UNet, build_network
 from common.networks.blocks import AnisoBlock, ConvIN, ConvINReLU, ResBaseBlock
@@ -156,7 +157,7 @@ def test_prepare_input_matches_numpy_path():
     rng = np.random.default_rng(0)
     raws = [rng.integers(-1024, 1500, size=(33, 47, 45)).astype(np.int16) for _ in range(2)]
     raws[1][:10] = -1000  # a second sample with different statistics
-    size_zyx, window = (32, 48, 40), (-325.0, 325.0)
+    size_zyx, window = (32, 48, 40), HU_WINDOW
     out = prepare_input(torch.from_numpy(np.stack(raws)[:, None]), size_zyx, window)
     assert out.dtype == torch.float32 and out.shape == (2, 1) + size_zyx
     for i, raw in enumerate(raws):
@@ -166,7 +167,7 @@ def test_prepare_input_matches_numpy_path():
 
 def test_prepare_input_same_size_and_constant_volume():
     raw = torch.full((1, 1, 32, 32, 32), 2000, dtype=torch.int32)
-    out = prepare_input(raw, (32, 32, 32), (-325, 325))
+    out = prepare_input(raw, (32, 32, 32), HU_WINDOW)
     assert torch.equal(out, torch.zeros_like(out, dtype=torch.float32))  # no division by zero
     with pytest.raises(ValueError, match="N, C, D, H, W"):
-        prepare_input(raw[0], (32, 32, 32), (-325, 325))
+        prepare_input(raw[0], (32, 32, 32), HU_WINDOW)

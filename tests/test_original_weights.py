@@ -21,13 +21,14 @@ import torch
 
 import predict
 from common import original_weights as ow_cli
+from common.core.defaults import HU_WINDOW
 from common.core.errors import InputError, WeightsError
 from common.infer.backends import make_forwards
 from common.infer.predictor import PredictOptions, Predictor
 from common.networks import build_network
 from common.storage import original_release as ow
 from common.storage.checkpoint import load_checkpoint
-from common.storage.model_folder import COARSE_DIR, FINE_DIR, export_model
+from common.storage.model_folder import COARSE_DIR, FINE_DIR, PreprocessSpec, export_model
 from common.storage.weights import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -232,8 +233,8 @@ def test_cli_writes_model_folders_that_predict_sh_runs_on_a_real_ct(tmp_path, ti
     coarse = load_model(out / COARSE_DIR, "coarse")
     fine = load_model(out / FINE_DIR, "fine")
     assert set(coarse.networks) == {"a", "b"} and set(fine.networks) == {"a"}
-    assert coarse.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0]}
-    assert fine.preprocess == {"size_zyx": [SIZE] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0}
+    assert coarse.preprocess == PreprocessSpec("coarse", (SIZE,) * 3, HU_WINDOW)
+    assert fine.preprocess == PreprocessSpec("fine", (SIZE,) * 3, HU_WINDOW, extend_size_mm=20.0)
     assert fine.model == {"name": "efficient_seg_net",
                           "kwargs": {"channels": TINY, "dropout": 0.2, "input_size_zyx": [SIZE] * 3}}
     x = torch.randn(1, 1, SIZE, SIZE, SIZE)
@@ -272,8 +273,7 @@ def test_predictor_reads_the_original_layout_directly(tmp_path, tiny_release, mo
     direct = Predictor(PredictOptions(tiny_release, device="cpu", backend="torch"))
     converted = Predictor(PredictOptions(tmp_path / "converted", device="cpu", backend="torch"))
     for ours, theirs in ((direct.coarse, converted.coarse), (direct.fine, converted.fine)):
-        assert (ours.size_zyx, ours.hu_window, ours.extend_size_mm, ours.primary) == (
-            theirs.size_zyx, theirs.hu_window, theirs.extend_size_mm, theirs.primary)
+        assert (ours.preprocess, ours.primary) == (theirs.preprocess, theirs.primary)
         assert ours.modules.keys() == theirs.modules.keys() == ours.networks.keys()
         for name, net in ours.modules.items():
             mine, other = net.state_dict(), theirs.modules[name].state_dict()
@@ -311,7 +311,7 @@ def test_exported_folder_round_trips_through_export_model(tmp_path, tiny_release
     assert payload["primary"] == "a" and set(payload["networks"]) == {"a", "b"}
     assert payload["config"]["networks"]["a"]["epoch"] == 42
     fine = ow.original_stage("fine", ow.original_files(tiny_release / FINE_DIR))
-    assert fine["preprocess"] == {"size_zyx": [192] * 3, "hu_window": [-325.0, 325.0], "extend_size_mm": 20.0}
+    assert fine["preprocess"] == PreprocessSpec("fine", (192,) * 3, HU_WINDOW, extend_size_mm=20.0)
     assert set(fine["networks"]) == {"a"} and fine["model"]["kwargs"]["input_size_zyx"] == [192] * 3
     faster = ow.original_stage("fine", ow.original_files(tiny_release / FINE_DIR), size=ow.ORIGINAL_PREDICTOR_FINE_SIZE)
-    assert faster["preprocess"]["size_zyx"] == [160] * 3
+    assert faster["preprocess"].size_zyx == (160,) * 3

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from common.core.labelmaps import probs_to_labels
-from common.infer.postprocess import coarse_box, keep_largest_component, organ_box
+from common.infer.postprocess import coarse_box, coarse_organ_box, keep_largest_component, organ_box
+from common.storage.model_folder import PreprocessSpec
 from common.volume.boxes import crop_box_with_margin
 
 
@@ -96,3 +97,18 @@ def test_probs_to_labels_on_device(device):
     got = probs_to_labels(probs.to(device))
     assert got.device.type == device
     np.testing.assert_array_equal(got.cpu().numpy(), expected)
+
+
+def test_coarse_organ_box_is_organ_box_with_the_models_settings_or_the_whole_volume():
+    """The one box rule of the predictor and the fine boxes step: the organ box with the coarse model's settings,
+    the whole volume (and fallback) when no organ survives."""
+    labels = np.zeros((16, 16, 16), dtype=np.uint8)
+    labels[4:9, 5:10, 6:12] = 1
+    labels[12, 12, 12] = 3  # one voxel: dropped by the minimum volume below
+    raw_shape, spacing = (40, 64, 64), (2.5, 0.8, 0.8)
+    coarse = PreprocessSpec("coarse", (32, 32, 32), min_volume_mm3=100.0, z_window_mm=100.0)  # a voxel: 64 mm^3
+    box, fallback = coarse_organ_box(labels, raw_shape, spacing, coarse)
+    assert not fallback and box == organ_box(labels, raw_shape, spacing, 100.0, 100.0)
+    assert box != organ_box(labels, raw_shape, spacing, 0.0, 100.0)  # the settings are the model's
+    empty, fallback = coarse_organ_box(np.zeros_like(labels), raw_shape, spacing, coarse)
+    assert fallback and empty == ((0, 39), (0, 63), (0, 63))

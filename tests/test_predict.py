@@ -626,7 +626,7 @@ def test_unusable_weights_are_setup_errors(tmp_path, weights_dir, capsys):
     first = next(iter(networks.values()))
     next(v for v in first.values() if torch.is_tensor(v) and v.is_floating_point()).fill_(float("nan"))
     torch.save(payload, nan / model_folder.COARSE_DIR / "model.pt")
-    for weights, problem in ((random_bytes, "cannot read checkpoint"), (zero, "must be 3 sizes divisible by 16"),
+    for weights, problem in ((random_bytes, "cannot read checkpoint"), (zero, "preprocess settings unusable"),
                              (nan, "NaN or infinite weights")):
         assert _cli(in_dir, tmp_path / f"out_{weights.name}", weights) == 2
         err = capsys.readouterr().err

@@ -7,6 +7,7 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
+from common.core.defaults import HU_WINDOW
 from common.volume.boxes import crop_box_with_margin, label_bboxes, margin_voxels, organ_bbox
 from common.volume.intensity import normalize_hu, window_and_zscore_torch
 from common.volume.resize import resize_hu_int16, resize_mask, resize_mask_torch, resize_volume, resize_volume_torch
@@ -45,18 +46,18 @@ def reference_resize_mask(mask: np.ndarray, shape) -> np.ndarray:
 
 def test_normalize_hu_numpy_equals_torch() -> None:
     image = ct()
-    a = normalize_hu(image, (-325, 325))
-    b = window_and_zscore_torch(torch.from_numpy(image), (-325, 325)).numpy()
+    a = normalize_hu(image, HU_WINDOW)
+    b = window_and_zscore_torch(torch.from_numpy(image), HU_WINDOW).numpy()
     assert a.dtype == np.float32 and b.dtype == np.float32
     np.testing.assert_allclose(a, b, atol=1e-4)
     assert abs(float(a.mean())) < 1e-4 and float(a.std()) == pytest.approx(1.0, abs=1e-3)
-    clipped = np.clip(image.astype(np.float64), -325, 325)
+    clipped = np.clip(image.astype(np.float64), *HU_WINDOW)
     np.testing.assert_allclose(a, (clipped - clipped.mean()) / (clipped.std() + 1e-5), atol=1e-4)
 
 
 def test_window_and_zscore_per_sample() -> None:
     batch = torch.from_numpy(np.stack([ct(seed=1), ct(seed=2) // 2]))[:, None]  # (2,1,D,H,W) int16
-    out = window_and_zscore_torch(batch, (-325, 325))
+    out = window_and_zscore_torch(batch, HU_WINDOW)
     assert out.shape == batch.shape and out.dtype == torch.float32
     for n in range(2):
         np.testing.assert_allclose(out[n, 0].numpy(), normalize_hu(batch[n, 0].numpy()), atol=1e-4)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.core.defaults import HU_WINDOW
 from common.core.errors import InputError
 from common.networks import build_network
 from common.storage.checkpoint import load_checkpoint
@@ -55,7 +56,7 @@ def test_original_release_files(tmp_path, write_original_checkpoint):
     write_original_checkpoint(stage / "best_model_1.pt", net_b, "unet", module_prefix=False)
     assert _same(load_network(stage, "b"), net_b.state_dict())
     model = load_model(stage, "coarse")
-    assert _same(model.networks["b"], net_b.state_dict()) and model.preprocess["hu_window"] == [-325.0, 325.0]
+    assert _same(model.networks["b"], net_b.state_dict()) and model.preprocess.hu_window == HU_WINDOW
     with pytest.raises(ValueError, match="stage"):
         load_model(stage)
 

@@ -8,7 +8,7 @@ import torch
 
 from common.networks import build_network
 from common.storage import model_folder
-from common.storage.model_folder import export_model
+from common.storage.model_folder import PreprocessSpec, export_model
 
 TINY = [2, 4, 4, 8, 8]
 STAGE_DIRS = {"coarse": model_folder.COARSE_DIR, "fine": model_folder.FINE_DIR}
@@ -24,12 +24,9 @@ def export_tiny_stage(weights_dir: Path, stage: str, name: str, size: int, seed:
     for i, key in enumerate(("a", "b")):
         torch.manual_seed(seed + i)
         nets[key] = build_network(name, **kwargs).state_dict()
-    preprocess = {"size_zyx": [size] * 3, "hu_window": [-325.0, 325.0]}
-    if stage == "fine":
-        preprocess["extend_size_mm"] = 20.0
     folder = Path(weights_dir) / STAGE_DIRS[stage]
     export_model(folder, stage=stage, model={"name": name, "kwargs": kwargs}, networks=nets, primary="a",
-                 preprocess=preprocess, config=config or {"model": {"name": name}})
+                 preprocess=PreprocessSpec(stage, (size,) * 3), config=config or {"model": {"name": name}})
     return folder
 
 
@@ -55,5 +52,5 @@ def prepared_tiny_dataset(root: Path, *, labeled: int, unlabeled: int, seed: int
     kwargs = {"channels": TINY, "dropout": 0.0}
     export_model(Path(root) / "coarse_model", stage="coarse", model={"name": "unet", "kwargs": kwargs},
                  networks={"a": model_state_dict(build_network("unet", **kwargs))}, primary="a",
-                 preprocess={"size_zyx": [size] * 3, "hu_window": [-325.0, 325.0]}, config={})
+                 preprocess=PreprocessSpec("coarse", (size,) * 3), config={})
     return data

@@ -28,7 +28,8 @@ def device_problem(value: str) -> str | None:
     return f"got {value!r}; expected one of 'auto', 'cpu', 'cuda', 'cuda:N'"
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
+    """An integer environment variable (torchrun's RANK, WORLD_SIZE, LOCAL_RANK), `default` when unset or empty."""
     value = os.environ.get(name)
     return default if value in (None, "") else int(value)
 
@@ -52,8 +53,8 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int | None =
     if not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available on this machine (use device=cpu or auto)")
     count = torch.cuda.device_count()
-    local_rank = _env_int("LOCAL_RANK", 0) if local_rank is None else int(local_rank)
-    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else int(world_size)
+    local_rank = env_int("LOCAL_RANK", 0) if local_rank is None else int(local_rank)
+    world_size = env_int("WORLD_SIZE", 1) if world_size is None else int(world_size)
     if ":" not in name:
         return torch.device("cuda", local_rank % count)
     index = int(name.split(":", 1)[1])

@@ -13,6 +13,7 @@ from scipy import ndimage
 from common.core.defaults import COARSE_MIN_VOLUME_MM3, Z_WINDOW_MM
 from common.core.labels import NUM_ORGANS
 from common.core.logger import get_logger
+from common.storage.model_folder import PreprocessSpec
 from common.volume.boxes import Box, grid_box_to_raw
 
 logger = get_logger(__name__)
@@ -115,3 +116,17 @@ def organ_box(
     labels = keep_largest_component(labels_coarse, spacing, min_volume_mm3)
     box = coarse_box(labels, spacing, z_window_mm)
     return None if box is None else grid_box_to_raw(box, grid_shape, raw_shape_zyx)
+
+
+def coarse_organ_box(labels_coarse: np.ndarray, raw_shape_zyx: Sequence[int], raw_spacing_zyx: Sequence[float],
+                     coarse: PreprocessSpec) -> tuple[Box, bool]:
+    """The box the fine network crops around, and whether it is the fallback: the one rule of the predictor and the
+    fine stage's boxes step.
+
+    `organ_box` with the coarse model's post-processing settings (`coarse.min_volume_mm3`, `coarse.z_window_mm`);
+    when no organ survives, the whole volume (DESIGN 5.9), with fallback True. Inclusive raw (canonical) voxels.
+    """
+    box = organ_box(labels_coarse, raw_shape_zyx, raw_spacing_zyx, coarse.min_volume_mm3, coarse.z_window_mm)
+    if box is None:
+        return tuple((0, int(n) - 1) for n in raw_shape_zyx), True  # type: ignore[return-value]
+    return box, False

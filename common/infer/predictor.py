@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,17 +40,17 @@ from torch import nn
 from common.core import gpu_memory
 from common.core.amp import PRECISIONS as TRAIN_PRECISIONS
 from common.core.amp import amp_settings, autocast
-from common.core.defaults import COARSE_MIN_VOLUME_MM3, EXTEND_SIZE_MM, FINE_MIN_VOLUME_MM3, Z_WINDOW_MM
 from common.core.device import resolve_device, set_cudnn_benchmark
 from common.core.errors import InputError, WeightsError
 from common.core.labelmaps import LOGIT_THRESHOLD, probs_to_labels
 from common.core.logger import get_logger
 from common.evaluation.uncertainty import labels_disagreement
 from common.infer.backends import Forward, make_forwards, resolve_backend
-from common.infer.postprocess import keep_largest_component, organ_box
+from common.infer.postprocess import coarse_organ_box, keep_largest_component
 from common.infer.upsample import default_chunk_elements, upsample_labels
+from common.networks import input_size_problem
 from common.storage.image_io import ImageMeta, canonical_flips
-from common.storage.model_folder import COARSE_DIR, FINE_DIR
+from common.storage.model_folder import COARSE_DIR, FINE_DIR, PreprocessSpec
 from common.storage.weights import load_model
 from common.volume.boxes import canonical_to_file_slices, crop_box_with_margin
 from common.volume.network_input import prepare_input
@@ -87,17 +87,23 @@ class Stage:
     path: Path
     networks: dict[str, Forward]  # name -> x (1, 1, *size_zyx) -> logits (1, C, ...), on the predictor's backend
     primary: str
-    size_zyx: tuple[int, int, int]
-    hu_window: tuple[float, float]
-    min_volume_mm3: float  # smallest component kept after this stage, mm^3 of its output grid
-    z_window_mm: float     # coarse: half height of the box's z-window
-    extend_size_mm: float  # fine: margin around the organ box
+    preprocess: PreprocessSpec    # the model's, with predict.sh's overrides applied
     modules: dict[str, nn.Module] = field(default_factory=dict)  # the torch networks behind `networks`
 
+    @property
+    def size_zyx(self) -> tuple[int, int, int]:
+        return self.preprocess.size_zyx
 
-def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequence[int] | None = None) -> Stage:
-    """Load an exported model folder (model.pt + config.yaml), or an original release stage folder (best_model.pt),
-    converted in memory; WeightsError naming the file on any problem."""
+    @property
+    def hu_window(self) -> tuple[float, float]:
+        return self.preprocess.hu_window
+
+
+def load_stage(model_dir: Path, stage: str, device: torch.device,
+               overrides: Mapping[str, Any] | None = None) -> Stage:
+    """Load a stage's model folder (exported, or the original release's, converted in memory) with its
+    preprocessing, `overrides` (keys of PreprocessSpec; None values keep the model's) applied; WeightsError naming
+    the file on any problem."""
     try:
         exported = load_model(model_dir, stage, device)
     except InputError as e:
@@ -110,19 +116,9 @@ def load_stage(model_dir: Path, stage: str, device: torch.device, size_zyx: Sequ
         if bad:
             raise WeightsError(f"{model_dir / 'model.pt'}: network {key} holds NaN or infinite weights ({bad[0]}"
                                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); export a good checkpoint")
-    pre = exported.preprocess
-    try:
-        size = tuple(int(s) for s in (size_zyx if size_zyx is not None else pre["size_zyx"]))
-        window = (float(pre["hu_window"][0]), float(pre["hu_window"][1]))
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise WeightsError(f"{model_dir / 'model.pt'}: preprocess settings incomplete ({e!r}); re-export") from None
-    if len(size) != 3 or any(s % 16 or s < 32 for s in size):
-        raise WeightsError(f"{model_dir / 'model.pt'}: input size {size} must be 3 sizes divisible by 16 and >= 32 "
-                           "(preprocess.size_zyx); re-export the model")
+    chosen = {k: v for k, v in (overrides or {}).items() if v is not None}
     return Stage(stage, Path(model_dir), dict(exported.networks), exported.primary,
-                 size, window,  # type: ignore[arg-type]
-                 float(pre.get("min_volume_mm3", COARSE_MIN_VOLUME_MM3 if stage == "coarse" else FINE_MIN_VOLUME_MM3)),
-                 float(pre.get("z_window_mm", Z_WINDOW_MM)), float(pre.get("extend_size_mm", EXTEND_SIZE_MM)))
+                 dataclasses.replace(exported.preprocess, **chosen))
 
 
 @dataclass
@@ -187,22 +183,17 @@ class Predictor:
         # Scores are resized in fp16 on the GPU (half the memory); bf16's 8-bit mantissa is too coarse for the
         # channel comparisons at organ borders, so bf16 networks hand fp32 scores on.
         self.score_dtype = torch.float16 if self.amp.dtype == torch.float16 else torch.float32
-        if fine_size is not None and (fine_size < 32 or fine_size % 16):
+        fine_size_zyx = None if fine_size is None else (int(fine_size),) * 3
+        if fine_size_zyx is not None and input_size_problem(fine_size_zyx) is not None:
             raise ValueError(f"fine size must be a multiple of 16 and >= 32 (192 trained, 160 faster), got {fine_size}")
         self.fine_size = fine_size
         self.ensemble = ensemble
         self.chunk_elements = options.chunk_elements or default_chunk_elements(self.device)
-        self.coarse = load_stage(self.weights_dir / COARSE_DIR, "coarse", self.device)
-        self.fine = load_stage(self.weights_dir / FINE_DIR, "fine", self.device,
-                               None if fine_size is None else (fine_size,) * 3)
-
-        def pick(flag: float | None, exported: float) -> float:
-            return float(exported if flag is None else flag)
-
-        self.z_window_mm = pick(options.z_window_mm, self.coarse.z_window_mm)
-        self.coarse_min_volume_mm3 = pick(options.coarse_min_volume_mm3, self.coarse.min_volume_mm3)
-        self.extend_size_mm = pick(options.extend_size_mm, self.fine.extend_size_mm)
-        self.fine_min_volume_mm3 = pick(options.fine_min_volume_mm3, self.fine.min_volume_mm3)
+        self.coarse = load_stage(self.weights_dir / COARSE_DIR, "coarse", self.device, {
+            "min_volume_mm3": options.coarse_min_volume_mm3, "z_window_mm": options.z_window_mm})
+        self.fine = load_stage(self.weights_dir / FINE_DIR, "fine", self.device, {
+            "size_zyx": fine_size_zyx, "min_volume_mm3": options.fine_min_volume_mm3,
+            "extend_size_mm": options.extend_size_mm})
         for stage in (self.coarse, self.fine):
             stage.modules = dict(stage.networks)
             stage.networks = make_forwards(self.backend, stage.modules, stage.path, stage.size_zyx)
@@ -279,13 +270,10 @@ class Predictor:
         t1 = time.perf_counter()
         times["coarse_s"] = t1 - t0
 
-        box = organ_box(coarse_labels, shape, tuple(spacing), self.coarse_min_volume_mm3, self.z_window_mm)
-        fallback = box is None
+        box, fallback = coarse_organ_box(coarse_labels, shape, tuple(spacing), self.coarse.preprocess)
         if fallback:
             logger.warning("%s: coarse mask is empty; the fine network runs on the whole volume", case or "case")
-            crop = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
-        else:
-            crop = crop_box_with_margin(box, tuple(spacing), self.extend_size_mm, shape)
+        crop = crop_box_with_margin(box, tuple(spacing), self.fine.preprocess.extend_size_mm, shape)
         file_crop = canonical_to_file_slices(crop, flips, shape)
         t2 = time.perf_counter()
         times["post_s"] = t2 - t1
@@ -307,7 +295,7 @@ class Predictor:
         t3 = time.perf_counter()
         times["fine_s"] = t3 - t2
 
-        crop_labels = keep_largest_component(crop_labels, spacing, self.fine_min_volume_mm3)
+        crop_labels = keep_largest_component(crop_labels, spacing, self.fine.preprocess.min_volume_mm3)
         mask = np.zeros(shape, dtype=np.uint8)
         mask[file_crop] = crop_labels
         times["post_s"] += time.perf_counter() - t3

@@ -34,9 +34,6 @@ from common.core.logger import get_logger
 logger = get_logger(__name__)
 
 CHECKPOINT_FORMAT_VERSION = 1
-EXPORT_FORMAT_VERSION = 1
-EXPORT_FILE = "model.pt"
-EXPORT_CONFIG_FILE = "config.yaml"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 

@@ -3,7 +3,7 @@
 A model folder (`model_weights/base_coarse_model/`, `model_weights/efficient_fine_model/`) holds `model.pt`, a plain
 dict written by `export_model` (read back by `common.storage.weights.load_model`):
     {"format_version": 1, "stage": "coarse"|"fine", "model": {"name", "kwargs"}, "networks": {"a": state dict,
-     "b": state dict (optional)}, "primary": "a"|"b", "preprocess": {...} (see `PreprocessSpec`),
+     "b": state dict (optional)}, "primary": "a"|"b", "preprocess": `PreprocessSpec.to_json()`,
      "best_dice": {"a": float, ...}, "config": the resolved training config}
 and `config.yaml`, the same config for the reader.
 """
@@ -19,9 +19,17 @@ import torch
 import yaml
 from torch import nn
 
+from common.core.defaults import (
+    COARSE_MIN_VOLUME_MM3,
+    EXTEND_SIZE_MM,
+    FINE_MIN_VOLUME_MM3,
+    HU_WINDOW,
+    Z_WINDOW_MM,
+)
 from common.core.errors import InputError
 from common.core.files import write_text_atomic
 from common.core.logger import get_logger
+from common.networks import input_size_problem
 from common.storage.checkpoint import load_checkpoint, save_checkpoint, strip_prefixes
 
 logger = get_logger(__name__)
@@ -34,6 +42,63 @@ EXPORT_CONFIG_FILE = "config.yaml"
 
 
 
+STAGES = ("coarse", "fine")
+_STAGE_KEYS = {"coarse": ("size_zyx", "hu_window", "min_volume_mm3", "z_window_mm"),
+               "fine": ("size_zyx", "hu_window", "extend_size_mm", "min_volume_mm3")}
+_DEFAULT_MIN_VOLUME_MM3 = {"coarse": COARSE_MIN_VOLUME_MM3, "fine": FINE_MIN_VOLUME_MM3}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a stage's network input is made and its output post-processed: stored with the model as `preprocess`.
+
+    size_zyx: network input size; hu_window: clip window (HU) before the per-volume z-score; min_volume_mm3: smallest
+    component kept per organ (coarse: mm^3 of the coarse grid, before the organ box is taken; fine: mm^3 of the crop
+    grid, the final mask); z_window_mm (coarse): half height of the organ box's z-window; extend_size_mm (fine):
+    margin around the organ box. The post-processing values are the exporting config's, so changing them needs no
+    retraining, and predict.sh's flags override them for one run.
+    """
+
+    stage: str
+    size_zyx: tuple[int, int, int]
+    hu_window: tuple[float, float] = HU_WINDOW
+    min_volume_mm3: float | None = None  # None: the stage's default (common.core.defaults)
+    z_window_mm: float = Z_WINDOW_MM
+    extend_size_mm: float = EXTEND_SIZE_MM
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        object.__setattr__(self, "size_zyx", tuple(int(s) for s in self.size_zyx))
+        object.__setattr__(self, "hu_window", (float(self.hu_window[0]), float(self.hu_window[1])))
+        volume = _DEFAULT_MIN_VOLUME_MM3[self.stage] if self.min_volume_mm3 is None else self.min_volume_mm3
+        object.__setattr__(self, "min_volume_mm3", float(volume))
+        object.__setattr__(self, "z_window_mm", float(self.z_window_mm))
+        object.__setattr__(self, "extend_size_mm", float(self.extend_size_mm))
+        problem = input_size_problem(self.size_zyx)
+        if problem is not None:
+            raise ValueError(f"input size {problem}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored record: the stage's keys only, lists for the sizes and the window."""
+        values = {"size_zyx": list(self.size_zyx), "hu_window": list(self.hu_window),
+                  "min_volume_mm3": self.min_volume_mm3, "z_window_mm": self.z_window_mm,
+                  "extend_size_mm": self.extend_size_mm}
+        return {key: values[key] for key in _STAGE_KEYS[self.stage]}
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any], stage: str, source: str | os.PathLike) -> "PreprocessSpec":
+        """The spec of a stored record; keys an older export lacks take their defaults. InputError naming `source`
+        when the record is incomplete or its values are unusable."""
+        try:
+            known = {key: record[key] for key in _STAGE_KEYS[stage] if key in record}
+            return cls(stage=stage, **known)
+        except KeyError as exc:
+            raise InputError(source, f"preprocess settings incomplete ({exc}); re-export the model") from None
+        except (TypeError, ValueError, IndexError) as exc:
+            raise InputError(source, f"preprocess settings unusable ({exc}); re-export the model") from None
+
+
 @dataclass
 class ExportedModel:
     """A model folder loaded for prediction: networks in eval mode on the requested device."""
@@ -41,7 +106,7 @@ class ExportedModel:
     stage: str
     networks: dict[str, nn.Module]
     primary: str
-    preprocess: dict[str, Any]
+    preprocess: PreprocessSpec
     config: dict[str, Any]
     model: dict[str, Any] = field(default_factory=dict)
     best_dice: dict[str, float] = field(default_factory=dict)
@@ -59,7 +124,7 @@ def export_model(
     model: Mapping[str, Any],
     networks: Mapping[str, Mapping[str, torch.Tensor]],
     primary: str,
-    preprocess: Mapping[str, Any],
+    preprocess: PreprocessSpec,
     config: Mapping[str, Any],
     best_dice: Mapping[str, float] | None = None,
 ) -> Path:
@@ -69,14 +134,16 @@ def export_model(
         stage: "coarse" or "fine".
         model: {"name": network name for common.networks.build_network, "kwargs": its keyword arguments}.
         networks: {"a": state dict, "b": state dict (optional)}; `primary` must be one of the keys.
-        preprocess: what prediction needs to rebuild the input, e.g. {"size_zyx": [160,160,160],
-            "hu_window": [-325.0, 325.0]} (+ "extend_size_mm" for the fine stage).
+        preprocess: what prediction needs to rebuild the input and post-process the output (its `stage` must be
+            `stage`).
         config: the resolved training config (config_to_dict), stored in model.pt and as config.yaml.
     """
     if stage not in ("coarse", "fine"):
         raise ValueError(f"stage must be 'coarse' or 'fine', got {stage!r}")
     if primary not in networks:
         raise ValueError(f"primary network {primary!r} not among the exported networks {sorted(networks)}")
+    if preprocess.stage != stage:
+        raise ValueError(f"preprocess spec of the {preprocess.stage} stage given for a {stage} model")
     out_dir = Path(out_dir)
     payload = {
         "format_version": EXPORT_FORMAT_VERSION,
@@ -84,7 +151,7 @@ def export_model(
         "model": {"name": str(model["name"]), "kwargs": dict(model.get("kwargs", {}))},
         "networks": {name: strip_prefixes(sd) for name, sd in networks.items()},
         "primary": primary,
-        "preprocess": dict(preprocess),
+        "preprocess": preprocess.to_json(),
         "best_dice": {k: float(v) for k, v in (best_dice or {}).items()},
         "config": dict(config),
     }
@@ -101,11 +168,11 @@ def best_checkpoint_paths(run_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def export_best_networks(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, stage: str, primary: str,
-                         preprocess: Callable[[dict], dict]) -> tuple[Path, dict]:
+                         preprocess: Callable[[dict], PreprocessSpec]) -> tuple[Path, dict]:
     """Export a training run's best networks (the primary one required, the other kept for ensembles).
 
-    `preprocess(config_dict)` builds the model's preprocessing record from the run's resolved config. Returns the
-    path of the written model.pt and the primary network's best-checkpoint payload.
+    `preprocess(config_dict)` builds the model's `PreprocessSpec` from the run's resolved config (as trained).
+    Returns the path of the written model.pt and the primary network's best-checkpoint payload.
     """
     sources = best_checkpoint_paths(run_dir)
     payloads = {}

@@ -30,20 +30,22 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from common.core.defaults import EXTEND_SIZE_MM
+from common.core.defaults import COARSE_SIZE_ZYX, EXTEND_SIZE_MM, FINE_SIZE_ZYX, HU_WINDOW
 from common.core.errors import InputError
 from common.core.labels import NUM_ORGANS
 from common.core.logger import get_logger
+from common.networks import build_network
 from common.storage.checkpoint import load_checkpoint, strip_prefixes
-from common.storage.model_folder import export_model
+from common.storage.model_folder import COARSE_DIR, FINE_DIR, PreprocessSpec, export_model
 
 logger = get_logger("common.original_weights")  # also under `python -m`
 
 CHECKPOINT_A = "best_model.pt"      # the original's network A of a stage
 CHECKPOINT_B = "best_model_1.pt"    # the original coarse stage's network B (the fine stage never saved one)
-HU_WINDOW = (-325.0, 325.0)         # the original's clip window before the per-volume z-score
-COARSE_SIZE = 160                   # coarse network input size per axis (trained and predicted)
-FINE_SIZE = 192                     # fine network input size per axis the original was trained at
+# The original's clip window before the per-volume z-score and its input sizes are the project's defaults
+# (common.core.defaults): HU_WINDOW, COARSE_SIZE_ZYX (trained and predicted), FINE_SIZE_ZYX (trained).
+COARSE_SIZE = COARSE_SIZE_ZYX[0]
+FINE_SIZE = FINE_SIZE_ZYX[0]
 ORIGINAL_PREDICTOR_FINE_SIZE = 160  # what the original predictor's predict_config.yaml ran the fine network at
 DROPOUT = 0.2                       # the original networks' Dropout3d probability (inactive at prediction)
 STAGE_NETWORK = {"coarse": "unet", "fine": "efficient_seg_net"}
@@ -234,8 +236,6 @@ def _channels(state_dict: Mapping[str, torch.Tensor], network: str, source: Path
 
 
 def _expected_shapes(spec: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    from common.networks import build_network  # network code only where shapes are needed
-
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         net = build_network(spec["name"], **spec["kwargs"])
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
@@ -321,8 +321,7 @@ def original_stage(stage: str, files: Mapping[str, str | os.PathLike], size: int
     """
     network = STAGE_NETWORK[stage]
     size = int(size if size is not None else (COARSE_SIZE if stage == "coarse" else FINE_SIZE))
-    if size < 32 or size % 16:
-        raise ValueError(f"{stage} input size must be a multiple of 16 and >= 32, got {size}")
+    preprocess = PreprocessSpec(stage, (size,) * 3, HU_WINDOW, extend_size_mm=EXTEND_SIZE_MM)  # checks the size
     networks: dict[str, dict[str, torch.Tensor]] = {}
     sources: dict[str, dict[str, Any]] = {}
     spec: dict[str, Any] | None = None
@@ -335,13 +334,10 @@ def original_stage(stage: str, files: Mapping[str, str | os.PathLike], size: int
         networks[name] = state
         sources[name] = {"file": str(Path(path).resolve()), **info}
     assert spec is not None, "no files given"
-    preprocess: dict[str, Any] = {"size_zyx": [size] * 3, "hu_window": list(HU_WINDOW)}
-    if stage == "fine":
-        preprocess["extend_size_mm"] = EXTEND_SIZE_MM
     # No training config exists for these weights; the record says where they came from.
     config = {"converted_from": "original SemiSeg-CSSN release (common.original_weights)", "stage": stage,
               "networks": sources, "model": {"name": network, "channels": spec["kwargs"]["channels"]},
-              "preprocess": preprocess}
+              "preprocess": preprocess.to_json()}
     return {"stage": stage, "model": spec, "networks": networks, "primary": "a", "preprocess": preprocess,
             "config": config}
 
@@ -354,8 +350,6 @@ def convert_release(out_dir: str | os.PathLike, coarse: str | os.PathLike | None
 
     Every given file is read and checked before anything is written. Returns {stage: model.pt path}.
     """
-    from common.storage.model_folder import COARSE_DIR, FINE_DIR
-
     wanted = {"coarse": (coarse, coarse_b, coarse_size, COARSE_DIR), "fine": (fine, fine_b, fine_size, FINE_DIR)}
     stages = {stage: original_stage(stage, original_files(a, b), size)
               for stage, (a, b, size, _) in wanted.items() if a is not None}

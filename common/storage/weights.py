@@ -26,7 +26,7 @@ from common.core.errors import InputError
 from common.core.logger import get_logger
 from common.networks import build_network
 from common.storage.checkpoint import load_checkpoint, load_model_state
-from common.storage.model_folder import EXPORT_FILE, EXPORT_FORMAT_VERSION, ExportedModel
+from common.storage.model_folder import EXPORT_FILE, EXPORT_FORMAT_VERSION, ExportedModel, PreprocessSpec
 from common.storage.original_release import (
     CHECKPOINT_A,
     CHECKPOINT_B,
@@ -164,7 +164,8 @@ def load_model(model_dir: str | os.PathLike, stage: str | None = None, device: s
         built[name] = load_network(_from_payload(payload, name, path, None), device=device)
     primary = payload["primary"] if payload["primary"] in built else next(iter(built))
     return ExportedModel(stage=payload["stage"], networks=built, primary=primary,
-                         preprocess=dict(payload["preprocess"]), config=dict(payload.get("config", {})),
+                         preprocess=PreprocessSpec.from_json(payload["preprocess"], payload["stage"], path),
+                         config=dict(payload.get("config", {})),
                          model=dict(payload["model"]), best_dice=dict(payload.get("best_dice", {})))
 
 

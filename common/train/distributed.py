@@ -15,7 +15,6 @@ starting the sampler at k. Rank r of W with per-rank batch B takes, at iteration
 from __future__ import annotations
 
 import datetime
-import os
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.core.device import resolve_device
+from common.core.device import env_int, resolve_device
 from common.core.logger import get_logger
 
 logger = get_logger(__name__)
@@ -50,11 +49,6 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return default if value in (None, "") else int(value)
-
-
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Start the process group described by the torchrun environment, or nothing for a single process.
 
@@ -62,9 +56,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
     (each CUDA rank on cuda:(LOCAL_RANK % device_count); an explicit cuda:N is refused with several processes).
     Calling it again once a group exists returns the current state.
     """
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    world_size = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0)
+    local_rank = env_int("LOCAL_RANK", 0)
     dev = resolve_device(device, local_rank, world_size)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

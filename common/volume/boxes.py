@@ -6,7 +6,7 @@ Records on disk store a box as [[z0, z1], [y0, y1], [x0, x1]] (`box_to_json` / `
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -119,3 +119,19 @@ def canonical_to_file_slices(box: Sequence[slice], flips: Sequence[bool],
 def format_box(box: Sequence[slice] | None) -> str:
     """"z0:z1,y0:y1,x0:x1" (upper ends exclusive) or "" for no box."""
     return "" if box is None else ",".join(f"{s.start}:{s.stop}" for s in box)
+
+
+def as_box(value: Any) -> Box | None:
+    """A stored box ([[z0, z1], [y0, y1], [x0, x1]], inclusive) as a `Box`, or None for None; ValueError when the
+    value is not an inclusive 3-D box."""
+    if value is None:
+        return None
+    box = tuple((int(lo), int(hi)) for lo, hi in value)
+    if len(box) != 3 or any(hi < lo for lo, hi in box):
+        raise ValueError(f"not an inclusive 3-D box: {value!r}")
+    return box  # type: ignore[return-value]
+
+
+def box_to_json(box: Box | None) -> list[list[int]] | None:
+    """The stored form of a box: [[z0, z1], [y0, y1], [x0, x1]] (inclusive), or None."""
+    return None if box is None else [[int(lo), int(hi)] for lo, hi in box]

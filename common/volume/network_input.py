@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from common.core.defaults import HU_WINDOW
 from common.volume.intensity import window_and_zscore_torch
 from common.volume.resize import resize_volume_torch
 
@@ -40,7 +41,7 @@ def resize_in_slabs(raw: torch.Tensor, size_zyx: Sequence[int], slab_slices: int
 
 
 def prepare_input(raw_hu: torch.Tensor, size_zyx: Sequence[int],
-                  window_hu: Sequence[float] = (-325.0, 325.0)) -> torch.Tensor:
+                  window_hu: Sequence[float] = HU_WINDOW) -> torch.Tensor:
     """Resize raw HU (N, 1, D, H, W) of any dtype to (N, 1, *size_zyx) float32, clip, z-score per sample.
 
     The resize is trilinear with align_corners=True (= scipy.ndimage.zoom order 1, grid_mode=False), computed
