@@ -23,6 +23,7 @@ from common.core.errors import InputError
 from common.core.logger import get_logger
 from common.storage.data_paths import db_path, resolve_data_path  # noqa: F401 - also this module's API
 from common.storage.lmdb_store import EMPTY_UNLABELED_PROBLEM, open_store
+from common.storage.records import PreparedCase
 from common.train.distributed import DistInfo, InfiniteSampler, derive_seed, shard
 from common.volume.intensity import window_and_zscore_torch
 
@@ -65,10 +66,11 @@ def read_cases(db: Path, data_base_dir: str | os.PathLike, labeled: bool,
         raise InputError(db, "database is empty; run data_prepare first (or check the fold and the database names)")
     cases = []
     for case_id, record in items:
+        case = PreparedCase.from_json(case_id, record, db)
         keys = (IMAGE_KEY, MASK_KEY) if labeled else (IMAGE_KEY,)
         paths: list[Path] = []
         for key in keys:
-            value = record.get(key)
+            value = getattr(case, key)
             if not value:
                 raise InputError(db, f"record {case_id!r} has no {key}; rerun data_prepare")
             path = resolve_data_path(value, data_base_dir)

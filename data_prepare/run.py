@@ -66,7 +66,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -88,6 +88,7 @@ from common.core.logger import ROOT_LOGGER_NAME, get_logger, setup_logging
 from common.core.typed_config import ConfigError, config_to_dict, parse_cli
 from common.storage.image_io import list_images, read_canonical_ct, read_mask, to_canonical
 from common.storage.lmdb_store import LmdbStore
+from common.storage.records import RECORD_VERSION, PreparedCase, Region
 from common.storage.step_marker import file_stamp
 from common.volume.boxes import crop_box_with_margin, label_bboxes, region_slices
 from common.volume.resize import resize_hu_int16, resize_mask
@@ -95,7 +96,6 @@ from common.volume.resize import resize_hu_int16, resize_mask
 logger = get_logger("data_prepare.run")  # a fixed name also when run as __main__
 
 STAGE_DIR = Path(__file__).resolve().parent
-RECORD_VERSION = 1
 DB_RAW = {"labeled": "seg_raw_train", "unlabeled": "seg_raw_trainu", "test": "seg_raw_test"}
 DB_PRE = {"labeled": "seg_pre-process_database", "unlabeled": "segu_pre-process_database"}
 FILE_LISTS = {"labeled": "train_series_uids.txt", "unlabeled": "trainu_series_uids.txt", "test": "val_series_uids.txt"}
@@ -152,97 +152,68 @@ def _size_dir(size_zyx: Sequence[int]) -> str:
     return "_".join(str(int(v)) for v in size_zyx)
 
 
-def _source_stamp(path: str) -> dict[str, int]:
-    """Size and modification time of the input (a changed input file is prepared again)."""
-    return file_stamp(path)
-
-
-def _box_list(box) -> list[list[int]]:
-    return [[int(a), int(b)] for a, b in box]
+def _source_stamps(task: CaseTask) -> dict[str, Any]:
+    """Size and modification time of the inputs (a changed input file is prepared again)."""
+    return {"image": file_stamp(task.image_path), "mask": file_stamp(task.mask_path) if task.mask_path else None}
 
 
 def prepare_case(task: CaseTask) -> dict:
-    """Prepare one case and return its record (raises InputError for bad input).
+    """Prepare one case and return its record (`PreparedCase.to_json`; raises InputError for bad input).
 
     All arrays are canonical (flipped) and (z, y, x); boxes are in canonical raw voxels.
     """
     # the one CT rule and canonical int16 volume, the same as predict's checks and the fine boxes step's regions
     image, meta, flips = read_canonical_ct(task.image_path)
-    mask_raw = None
-    if task.kind == "labeled":
+    image_f = torch.from_numpy(image).float()  # converted once for every resize of this case
+    case = PreparedCase(
+        case_id=task.case_id, labeled=task.kind == "labeled", image_path=task.image_path, mask_path=task.mask_path,
+        coarse_image_path=_save(task, "coarse_image", resize_hu_int16(image_f, task.coarse_size_zyx)),
+        spacing_zyx=tuple(float(v) for v in meta.spacing_zyx), shape_zyx=tuple(int(v) for v in image.shape),
+        direction=tuple(float(v) for v in meta.direction), origin=tuple(float(v) for v in meta.origin_xyz),
+        flips=tuple(bool(f) for f in flips), hu_range=(int(image.min()), int(image.max())),
+        source=_source_stamps(task), settings=task.settings())
+    if case.labeled:
         assert task.mask_path is not None
         mask_raw, _ = read_mask(task.mask_path, meta)
-    hu_min, hu_max = int(image.min()), int(image.max())
-    shape = tuple(int(v) for v in image.shape)
-    spacing = tuple(float(v) for v in meta.spacing_zyx)
-
-    image_f = torch.from_numpy(image).float()  # converted once for every resize of this case
-    arrays: dict[str, np.ndarray] = {"coarse_image": resize_hu_int16(image_f, task.coarse_size_zyx)}
-    organ_box = fine_crop = None
-    labels_present: list[int] = []
-    if mask_raw is not None:
-        mask = np.ascontiguousarray(to_canonical(mask_raw, flips))
-        del mask_raw
-        boxes = label_bboxes(mask)
-        if not boxes:
-            raise InputError(task.mask_path, "mask is empty (no organ labels 1..13)")
-        labels_present = sorted(boxes)
-        organ_box = tuple((min(b[a][0] for b in boxes.values()), max(b[a][1] for b in boxes.values()))
-                          for a in range(3))
-        fine_crop = crop_box_with_margin(organ_box, spacing, task.extend_size_mm, shape)
-        region = region_slices(organ_box, spacing, task.max_extend_size_mm, shape)
-        # the fine crop holds every organ box: shift the boxes instead of searching the crop again
-        crop_boxes = {label: tuple((lo - s.start, hi - s.start) for (lo, hi), s in zip(box, fine_crop))
-                      for label, box in boxes.items()}
-        arrays["coarse_mask"] = resize_mask(mask, task.coarse_size_zyx, label_boxes=boxes)
-        arrays["fine_image"] = resize_hu_int16(image_f[fine_crop], task.fine_size_zyx)
-        arrays["fine_mask"] = resize_mask(mask[fine_crop], task.fine_size_zyx, label_boxes=crop_boxes)
-        arrays["region_image"] = image[region]
-        arrays["region_mask"] = mask[region]
+        case = _prepare_labeled(task, case, image, image_f, np.ascontiguousarray(to_canonical(mask_raw, flips)))
     else:
         # Nothing of an unlabeled case but its coarse array is needed here: the fine stage's boxes step cuts the
         # unlabeled region (coarse box + max_extend_size_mm) from the raw image into its own output_dir once the
         # box is known (DESIGN 5.5), and no unlabeled fine_image is written (nothing reads it).
-        region = None
         _remove_unlabeled_region(task)
-    del image_f
+    return case.to_json()
 
-    paths: dict[str, str | None] = {}
-    for kind, array in arrays.items():
-        path = task.out_path(kind)
-        save_npy_atomic(path, np.ascontiguousarray(array))  # np.save of a strided view is very slow
-        paths[kind] = str(path)
 
-    return {
-        "case_id": task.case_id,
-        "labeled": task.kind == "labeled",
-        # the seven keys of the reference records
-        "image_path": task.image_path,
-        "mask_path": task.mask_path,
-        "smooth_mask_path": None,
-        "coarse_image_path": paths["coarse_image"],
-        "coarse_mask_path": paths.get("coarse_mask"),
-        "fine_image_path": paths.get("fine_image"),
-        "fine_mask_path": paths.get("fine_mask"),
-        # ours
-        "spacing_zyx": list(spacing),
-        "shape_zyx": list(shape),
-        "direction": [float(v) for v in meta.direction],
-        "origin": [float(v) for v in meta.origin_xyz],
-        "flips": [bool(f) for f in flips],
-        "organ_bbox": _box_list(organ_box) if organ_box is not None else None,
-        "fine_crop_zyx": [[s.start, s.stop] for s in fine_crop] if fine_crop is not None else None,
-        "region_path": paths.get("region_image"),
-        "region_mask_path": paths.get("region_mask"),
-        "region_offset_zyx": [int(s.start) for s in region] if region is not None else None,
-        "region_shape_zyx": [int(s.stop - s.start) for s in region] if region is not None else None,
-        "region_margin_mm": float(task.max_extend_size_mm) if region is not None else None,
-        "labels_present": labels_present,
-        "hu_range": [hu_min, hu_max],
-        "source": {"image": _source_stamp(task.image_path),
-                   "mask": _source_stamp(task.mask_path) if task.mask_path else None},
-        "settings": task.settings(),
-    }
+def _prepare_labeled(task: CaseTask, case: PreparedCase, image: np.ndarray, image_f: torch.Tensor,
+                     mask: np.ndarray) -> PreparedCase:
+    """The labeled arrays of a case (coarse mask, fine image and mask, region copies) and its boxes."""
+    boxes = label_bboxes(mask)
+    if not boxes:
+        raise InputError(task.mask_path, "mask is empty (no organ labels 1..13)")
+    shape, spacing = case.shape_zyx, case.spacing_zyx
+    organ_box = tuple((min(b[a][0] for b in boxes.values()), max(b[a][1] for b in boxes.values())) for a in range(3))
+    fine_crop = crop_box_with_margin(organ_box, spacing, task.extend_size_mm, shape)
+    region = region_slices(organ_box, spacing, task.max_extend_size_mm, shape)
+    # the fine crop holds every organ box: shift the boxes instead of searching the crop again
+    crop_boxes = {label: tuple((lo - s.start, hi - s.start) for (lo, hi), s in zip(box, fine_crop))
+                  for label, box in boxes.items()}
+    return replace(
+        case,
+        coarse_mask_path=_save(task, "coarse_mask", resize_mask(mask, task.coarse_size_zyx, label_boxes=boxes)),
+        fine_image_path=_save(task, "fine_image", resize_hu_int16(image_f[fine_crop], task.fine_size_zyx)),
+        fine_mask_path=_save(task, "fine_mask", resize_mask(mask[fine_crop], task.fine_size_zyx,
+                                                            label_boxes=crop_boxes)),
+        organ_box=organ_box, fine_crop=tuple((s.start, s.stop - 1) for s in fine_crop),
+        region=Region.from_slices(_save(task, "region_image", image[region]),
+                                  _save(task, "region_mask", mask[region]), region, task.max_extend_size_mm),
+        labels_present=tuple(sorted(boxes)))
+
+
+def _save(task: CaseTask, kind: str, array: np.ndarray) -> str:
+    """Write one output array of the case (atomically) and return its path."""
+    path = task.out_path(kind)
+    save_npy_atomic(path, np.ascontiguousarray(array))  # np.save of a strided view is very slow
+    return str(path)
 
 
 def _remove_unlabeled_region(task: CaseTask) -> None:
@@ -316,24 +287,22 @@ def run_case(task: CaseTask) -> CaseResult:
 
 def _is_finished(task: CaseTask, record: dict | None) -> bool:
     """True if `record` was made from the same input files with the same settings and its files exist."""
-    if not record or record.get("image_path") != task.image_path or record.get("mask_path") != task.mask_path:
-        return False
-    if record.get("settings") != task.settings():
+    if not record:
         return False
     try:
-        stamps = {"image": _source_stamp(task.image_path),
-                  "mask": _source_stamp(task.mask_path) if task.mask_path else None}
-    except OSError:
+        case = PreparedCase.from_json(task.case_id, record, DB_PRE[task.kind])
+        stamps = _source_stamps(task)
+    except (InputError, OSError):
         return False
-    if record.get("source") != stamps:
+    if (case.image_path, case.mask_path) != (task.image_path, task.mask_path) or case.settings != task.settings():
         return False
-    expected: dict[str, str | None] = {"coarse_image_path": str(task.out_path("coarse_image"))}
-    if task.kind == "labeled":  # an unlabeled record of an earlier version may still name its unused fine_image
-        expected["fine_image_path"] = str(task.out_path("fine_image"))
-        expected["region_path"] = str(task.out_path("region_image"))
-    else:  # an unlabeled record of an earlier version names a whole-volume region: prepared again, region removed
-        expected["region_path"] = None
-    if any(record.get(k) != p for k, p in expected.items()):
+    if case.source != stamps or case.coarse_image_path != str(task.out_path("coarse_image")):
+        return False
+    if case.labeled:  # an unlabeled record of an earlier version may still name its unused fine_image
+        if case.fine_image_path != str(task.out_path("fine_image")) or case.region is None \
+                or case.region.image_path != str(task.out_path("region_image")):
+            return False
+    elif case.region is not None:  # an earlier version's whole-volume region: prepared again, region removed
         return False
     return all(record.get(k) is None or Path(record[k]).is_file() for k in NPY_KEYS)
 

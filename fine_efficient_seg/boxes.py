@@ -43,17 +43,16 @@ from common.storage.data_paths import resolve_data_path
 from common.storage.image_io import read_canonical_ct
 from common.storage.lmdb_store import open_store
 from common.storage.model_folder import ExportedModel
+from common.storage.records import CaseBox, PreparedCase, Region
 from common.storage.step_marker import file_stamp
 from common.storage.weights import load_model
 from common.train.distributed import get_world_size, is_main_process, run_on_every_rank, shard
 from common.volume.boxes import Box, body_box, grid_box_to_raw, region_slices
 from common.volume.intensity import AIR_HU
 from common.volume.network_input import prepare_input
-from fine_efficient_seg.dataset import COARSE_BOX_KEY, as_box
 
 logger = get_logger(__name__)
 
-BOX_SOURCE_KEY = "coarse_box_source"
 # Where a stored box came from: the coarse model's organ box; the whole volume where that model found no organ (the
 # predictor's fallback; "body_fallback" in records of earlier versions); the body box when no coarse model is given.
 COARSE_MODEL, WHOLE_VOLUME, BODY = "coarse_model", "whole_volume", "body"
@@ -118,149 +117,161 @@ def compute_boxes(
     {"cases", "computed" (boxes), "regions" (region files written), "skipped", "fallback", "source"} (the same
     on every rank).
     """
-    planned: dict[str, Any] = {}
-    regions_dir = Path(regions_dir).absolute()
-    margin_mm = float(region_margin_mm)
-
-    def plan() -> list[tuple[str, dict | None]] | None:  # every rank: model, (read-only) source; rank 0: the store
-        model = load_coarse_model(coarse_model_dir, device)
-        planned["wanted"] = COARSE_MODEL if model is not None else BODY
-        planned["finder"] = CoarseBoxFinder(model, device, precision) if model is not None else None
-        planned["source"] = source = open_store(unlabeled_db, readonly=True)
-        planned["cases"] = len(source.keys())
-        if not is_main_process():
-            return None
-        planned["store"] = store = open_store(boxes_db, readonly=False)  # only rank 0 opens (and writes) it
-        remove_stale_temps(regions_dir)  # left by a killed run; no rank writes a region before this plan returns
-        todo: list[tuple[str, dict | None]] = []
-        for key in source.keys():
-            record = store.get(key)
-            if not _has_box(record, planned["wanted"]):
-                todo.append((key, None))      # box and region
-            elif not _has_region(record, margin_mm):
-                todo.append((key, record))    # the region of the stored box only
-        return todo
-
+    step = _BoxesStep(unlabeled_db, boxes_db, Path(data_base_dir), Path(regions_dir).absolute(),
+                      float(region_margin_mm))
     try:
-        todo = run_on_every_rank(plan, "boxes")[0]  # rank 0's list: the boxes store is read there only
-        source = planned["source"]
-        finder, wanted = planned["finder"], planned["wanted"]
-        summary = {"cases": planned["cases"], "computed": 0, "regions": 0, "skipped": planned["cases"] - len(todo),
-                   "fallback": 0, "source": wanted}
+        todo = run_on_every_rank(lambda: step.plan(coarse_model_dir, device, precision), "boxes")[0]
+        summary = {"cases": step.cases, "computed": 0, "regions": 0, "skipped": step.cases - len(todo),
+                   "fallback": 0, "source": step.wanted}
         if not todo:
             logger.info("boxes: all %d unlabeled cases already have a %s box and a %g mm region in %s",
-                        summary["cases"], wanted, margin_mm, boxes_db)
+                        step.cases, step.wanted, step.margin_mm, boxes_db)
             return summary
         logger.info("boxes: %d of %d unlabeled cases need a box or region (source: %s, margin %g mm) -> %s, %s",
-                    len(todo), summary["cases"], wanted, margin_mm, boxes_db, regions_dir)
+                    len(todo), step.cases, step.wanted, step.margin_mm, boxes_db, step.regions_dir)
         per_round = WRITE_BATCH * get_world_size()
         bar = tqdm(total=len(todo), desc="boxes", unit="case", disable=not is_main_process())
         for start in range(0, len(todo), per_round):
             chunk = todo[start:start + per_round]
-
-            def boxes_here(chunk: list[tuple[str, dict | None]] = chunk) -> dict[str, dict[str, Any]]:
-                out = {}
-                for case_id, stored in shard(chunk):
-                    record = source.get(case_id)
-                    if stored is None:
-                        box, kind = _case_box(case_id, record, data_base_dir, unlabeled_db, finder)
-                    else:
-                        box, kind = as_box(stored[COARSE_BOX_KEY]), stored[BOX_SOURCE_KEY]
-                    region = write_region(case_id, record, box, regions_dir, margin_mm, data_base_dir, unlabeled_db)
-                    out[case_id] = {COARSE_BOX_KEY: [list(pair) for pair in box], BOX_SOURCE_KEY: kind, **region,
-                                    "_computed": stored is None}
-                return out
-
-            results = {k: v for part in run_on_every_rank(boxes_here, "boxes") for k, v in part.items()}
-            pending: dict[str, dict] = {}
-            for case_id, _ in chunk:
-                entry = results[case_id]
-                computed = entry.pop("_computed")
+            results = {k: v for part in run_on_every_rank(lambda chunk=chunk: step.boxes(chunk), "boxes")
+                       for k, v in part.items()}
+            for case_id, stored in chunk:
+                computed = stored is None
                 summary["computed"] += int(computed)
                 summary["regions"] += 1
-                summary["fallback"] += int(computed and entry[BOX_SOURCE_KEY] != wanted)
-                pending[case_id] = entry
+                summary["fallback"] += int(computed and results[case_id].source != step.wanted)
             # The write runs through run_on_every_rank too, so a failing write on rank 0 stops every rank.
-            run_on_every_rank(lambda pending=pending: planned["store"].put_many(pending)
-                              if is_main_process() else None, "boxes")
+            run_on_every_rank(lambda results=results: step.store_boxes(results), "boxes")
             bar.update(len(chunk))
         bar.close()
     finally:
-        for name in ("store", "source"):
-            if name in planned:
-                planned[name].close()
+        step.close()
     if summary["fallback"]:
         logger.warning("boxes: %d case(s) fell back to the whole volume (empty coarse prediction)",
                        summary["fallback"])
     return summary
 
 
-def _has_box(record: dict | None, wanted: str) -> bool:
-    if record is None or record.get(COARSE_BOX_KEY) is None:
-        return False
-    source = record.get(BOX_SOURCE_KEY)
-    # A model box (or the body box the model fell back to) is kept; a no-model body box is redone once a model
-    # exists. Delete `coarse_box` from the records to recompute them with another coarse model.
-    return source in MODEL_SOURCES or source == wanted
+class _BoxesStep:
+    """The boxes step's state on one rank: the model's box finder, the (read-only) unlabeled database and, on rank 0,
+    the boxes database."""
+
+    def __init__(self, unlabeled_db: Path, boxes_db: Path, data_base_dir: Path, regions_dir: Path,
+                 margin_mm: float) -> None:
+        self.unlabeled_db, self.boxes_db, self.data_base_dir = unlabeled_db, boxes_db, data_base_dir
+        self.regions_dir, self.margin_mm = regions_dir, margin_mm
+        self.finder: CoarseBoxFinder | None = None
+        self.wanted = BODY
+        self.cases = 0
+        self.source: Any = None
+        self.store: Any = None
+
+    def plan(self, coarse_model_dir: str | None, device: torch.device,
+             precision: str) -> list[tuple[str, CaseBox | None]] | None:
+        """Every rank: load the model, open the source. Rank 0: the cases to do, with the stored box of a case that
+        needs only its region (None: box and region)."""
+        model = load_coarse_model(coarse_model_dir, device)
+        self.wanted = COARSE_MODEL if model is not None else BODY
+        self.finder = CoarseBoxFinder(model, device, precision) if model is not None else None
+        self.source = open_store(self.unlabeled_db, readonly=True)
+        self.cases = len(self.source.keys())
+        if not is_main_process():
+            return None
+        self.store = open_store(self.boxes_db, readonly=False)  # only rank 0 opens (and writes) it
+        remove_stale_temps(self.regions_dir)  # left by a killed run; no rank writes a region before plan returns
+        todo: list[tuple[str, CaseBox | None]] = []
+        for key in self.source.keys():
+            stored = self.store.get(key)
+            box = CaseBox.from_json(stored) if stored is not None else None
+            if box is None or not _keeps_box(box, self.wanted):
+                todo.append((key, None))
+            elif not _has_region(box, self.margin_mm):
+                todo.append((key, box))
+        return todo
+
+    def boxes(self, chunk: Sequence[tuple[str, CaseBox | None]]) -> dict[str, CaseBox]:
+        """This rank's share of `chunk`: each case's box (computed, or the stored one) with its region written."""
+        out = {}
+        for case_id, stored in shard(chunk):
+            case = PreparedCase.from_json(case_id, self.source.get(case_id), self.unlabeled_db)
+            box, kind = (stored.coarse_box, stored.source) if stored is not None else \
+                _case_box(case, self.data_base_dir, self.unlabeled_db, self.finder)
+            region = write_region(case, box, self.regions_dir, self.margin_mm, self.data_base_dir, self.unlabeled_db)
+            out[case_id] = CaseBox(box, kind, region)
+        return out
+
+    def store_boxes(self, boxes: dict[str, CaseBox]) -> None:
+        if is_main_process():
+            self.store.put_many({case_id: box.to_json() for case_id, box in boxes.items()})
+
+    def close(self) -> None:
+        for store in (self.store, self.source):
+            if store is not None:
+                store.close()
 
 
-def _has_region(record: dict, margin_mm: float) -> bool:
+def _keeps_box(box: CaseBox, wanted: str) -> bool:
+    # A model box (or the fallback the model led to) is kept; a no-model body box is redone once a model exists.
+    # Delete `coarse_box` from the records to recompute them with another coarse model.
+    return box.source in MODEL_SOURCES or box.source == wanted
+
+
+def _has_region(box: CaseBox, margin_mm: float) -> bool:
     """The stored box's region is there, cut with `margin_mm` (region files are written atomically: present means
     complete)."""
-    path = record.get("region_path")
-    return (path is not None and record.get("region_margin_mm") == margin_mm
-            and record.get("region_offset_zyx") is not None and record.get("region_shape_zyx") is not None
-            and Path(path).is_file())
+    region = box.region
+    return region is not None and region.margin_mm == margin_mm and Path(region.image_path).is_file()
 
 
-def write_region(case_id: str, record: dict, box: Box, regions_dir: Path, margin_mm: float,
-                 data_base_dir: str | Path, db: Path) -> dict[str, Any]:
+def _needs(case: PreparedCase, db: Path, *keys: str) -> None:
+    missing = [key for key in keys if getattr(case, key) is None]
+    if missing:
+        raise InputError(db, f"record {case.case_id!r} lacks {', '.join(missing)} (re-run data_prepare)")
+
+
+def write_region(case: PreparedCase, box: Box, regions_dir: Path, margin_mm: float, data_base_dir: str | Path,
+                 db: Path) -> Region:
     """Cut box + `margin_mm` (`region_slices`) from the case's raw image, canonical int16 as data_prepare reads it
-    (`read_canonical_ct`), and write it atomically to `regions_dir/<id>.npy`; returns the record's region fields.
+    (`read_canonical_ct`), and write it atomically to `regions_dir/<id>.npy`; returns the region.
 
     InputError when the raw image changed since data_prepare prepared the case (its box would not fit it)."""
-    for key in ("image_path", "shape_zyx", "spacing_zyx"):
-        if record.get(key) is None:
-            raise InputError(db, f"record {case_id!r} lacks {key} (re-run data_prepare)")
-    path = resolve_data_path(record["image_path"], data_base_dir)
-    stamp = (record.get("source") or {}).get("image")
+    _needs(case, db, "image_path", "shape_zyx", "spacing_zyx")
+    path = resolve_data_path(case.image_path, data_base_dir)
+    stamp = (case.source or {}).get("image")
     try:
         changed = stamp is not None and file_stamp(path) != stamp
     except OSError as exc:
-        raise InputError(path, f"cannot read the image of unlabeled case {case_id}: {exc}") from exc
+        raise InputError(path, f"cannot read the image of unlabeled case {case.case_id}: {exc}") from exc
     if changed:
-        raise InputError(path, f"changed since data_prepare prepared case {case_id} (size or mtime differ); "
+        raise InputError(path, f"changed since data_prepare prepared case {case.case_id} (size or mtime differ); "
                                "re-run data_prepare, then the boxes step")
     image, _, _ = read_canonical_ct(path)
-    shape = tuple(int(v) for v in record["shape_zyx"])
-    if tuple(image.shape) != shape:
-        raise InputError(path, f"canonical shape {tuple(image.shape)} differs from the prepared {shape} of case "
-                               f"{case_id}; re-run data_prepare, then the boxes step")
-    region = region_slices(box, record["spacing_zyx"], margin_mm, shape)
-    out = regions_dir / f"{case_id}.npy"
+    if tuple(image.shape) != case.shape_zyx:
+        raise InputError(path, f"canonical shape {tuple(image.shape)} differs from the prepared {case.shape_zyx} of "
+                               f"case {case.case_id}; re-run data_prepare, then the boxes step")
+    region = region_slices(box, case.spacing_zyx, margin_mm, case.shape_zyx)  # type: ignore[arg-type]
+    out = regions_dir / f"{case.case_id}.npy"
     save_npy_atomic(out, np.ascontiguousarray(image[region]))  # np.save of a strided view is very slow
-    return {"region_path": str(out), "region_offset_zyx": [int(s.start) for s in region],
-            "region_shape_zyx": [int(s.stop - s.start) for s in region], "region_margin_mm": float(margin_mm)}
+    return Region.from_slices(str(out), None, region, margin_mm)
 
 
-def _case_box(case_id: str, record: dict, data_base_dir: str | Path, db: Path,
+def _case_box(case: PreparedCase, data_base_dir: str | Path, db: Path,
               finder: CoarseBoxFinder | None) -> tuple[Box, str]:
-    for key in ("coarse_image_path", "shape_zyx", "spacing_zyx"):
-        if record.get(key) is None:
-            raise InputError(db, f"record {case_id!r} lacks {key} (re-run data_prepare)")
-    path = resolve_data_path(record["coarse_image_path"], data_base_dir)
+    _needs(case, db, "coarse_image_path", "shape_zyx", "spacing_zyx")
+    path = resolve_data_path(case.coarse_image_path, data_base_dir)  # type: ignore[arg-type]
     try:
         image = np.load(path)
     except (OSError, ValueError) as exc:
-        raise InputError(path, f"cannot read the coarse image of case {case_id}: {exc}") from exc
-    raw_shape = tuple(int(s) for s in record["shape_zyx"])
+        raise InputError(path, f"cannot read the coarse image of case {case.case_id}: {exc}") from exc
+    raw_shape = case.shape_zyx
+    assert raw_shape is not None and case.spacing_zyx is not None
     if finder is not None:
-        box, fallback = finder(image, record["spacing_zyx"], raw_shape)
+        box, fallback = finder(image, case.spacing_zyx, raw_shape)
         if fallback:
-            logger.warning("boxes: the coarse model finds no organ in %s; using the whole volume", case_id)
+            logger.warning("boxes: the coarse model finds no organ in %s; using the whole volume", case.case_id)
         return box, WHOLE_VOLUME if fallback else COARSE_MODEL
     grid_box = body_box(image)
     if grid_box is None:
-        logger.warning("boxes: %s has no voxel above %.0f HU; using the whole volume", case_id, AIR_HU)
+        logger.warning("boxes: %s has no voxel above %.0f HU; using the whole volume", case.case_id, AIR_HU)
         return tuple((0, n - 1) for n in raw_shape), BODY  # type: ignore[return-value]
     return grid_box_to_raw(grid_box, image.shape, raw_shape), BODY

@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from common.core.labels import NUM_ORGANS
 from common.core.logger import get_logger
 from common.storage.data_paths import db_path, resolve_data_path  # noqa: F401 - also this module's API
 from common.storage.lmdb_store import EMPTY_UNLABELED_PROBLEM, open_store
+from common.storage.records import CaseBox, PreparedCase
 from common.train.distributed import InfiniteSampler, derive_seed, shard
 from common.volume.intensity import window_and_zscore_torch
 from common.volume.resize import resize_volume_torch
@@ -45,7 +46,6 @@ from fine_efficient_seg.augment import (
 
 logger = get_logger(__name__)
 
-COARSE_BOX_KEY = "coarse_box"
 BOXES_DB = "db/unlabeled_boxes"
 """The boxes step's LMDB under the fine stage's output_dir: case id -> {"coarse_box", "coarse_box_source",
 "region_path", "region_offset_zyx", "region_shape_zyx", "region_margin_mm"}."""
@@ -80,49 +80,46 @@ class FineCase:
         return self.region_mask_path is not None
 
 
-def as_box(value: Any) -> Box | None:
-    """A record box ([[z0, z1], [y0, y1], [x0, x1]], inclusive) as a tuple of int pairs, or None."""
-    if value is None:
-        return None
-    box = tuple((int(lo), int(hi)) for lo, hi in value)
-    if len(box) != 3 or any(hi < lo for lo, hi in box):
-        raise ValueError(f"not an inclusive 3-D box: {value!r}")
-    return box  # type: ignore[return-value]
-
-
-def case_from_record(case_id: str, record: Mapping[str, Any], data_base_dir: str | os.PathLike, db: Path,
-                     labeled: bool) -> FineCase:
-    """Build a FineCase from a prepared LMDB record; InputError naming the database and case on missing keys."""
-    needed = ["spacing_zyx", "shape_zyx", "region_path", "region_offset_zyx", "region_shape_zyx"]
-    if labeled:
-        needed += ["organ_bbox", "region_mask_path"]
-    missing = [k for k in needed if record.get(k) is None]
+def fine_case(case: PreparedCase, data_base_dir: str | os.PathLike, db: Path) -> FineCase:
+    """The fine stage's view of a prepared case (with its box when unlabeled); InputError naming the database and
+    the case when what the stage needs is missing."""
+    region = case.region
+    missing = [key for key, value in (("spacing_zyx", case.spacing_zyx), ("shape_zyx", case.shape_zyx),
+                                      ("region_path", region)) if value is None]
+    if case.labeled:
+        missing += [key for key, value in (("organ_bbox", case.organ_box),
+                                           ("region_mask_path", region and region.mask_path)) if value is None]
     if missing:
         # an unlabeled case's region comes from the boxes step (data_prepare keeps no unlabeled image copy)
-        todo = ("re-run data_prepare" if labeled or "shape_zyx" in missing
+        todo = ("re-run data_prepare" if case.labeled or "shape_zyx" in missing
                 else "run the boxes step: sh run.sh step=boxes")
-        raise InputError(db, f"record {case_id!r} lacks {', '.join(missing)} ({todo})")
-    box = as_box(record["organ_bbox"]) if labeled else as_box(record.get(COARSE_BOX_KEY))
+        raise InputError(db, f"record {case.case_id!r} lacks {', '.join(missing)} ({todo})")
+    assert region is not None and case.spacing_zyx is not None and case.shape_zyx is not None
     return FineCase(
-        case_id=case_id,
-        spacing_zyx=tuple(float(s) for s in record["spacing_zyx"]),  # type: ignore[arg-type]
-        shape_zyx=tuple(int(s) for s in record["shape_zyx"]),  # type: ignore[arg-type]
-        box=box,
-        region_path=resolve_data_path(record["region_path"], data_base_dir),
-        region_mask_path=resolve_data_path(record["region_mask_path"], data_base_dir) if labeled else None,
-        region_offset_zyx=tuple(int(v) for v in record["region_offset_zyx"]),  # type: ignore[arg-type]
-        region_shape_zyx=tuple(int(v) for v in record["region_shape_zyx"]),  # type: ignore[arg-type]
-        region_margin_mm=float(record["region_margin_mm"]) if record.get("region_margin_mm") is not None else None,
-    )
+        case_id=case.case_id, spacing_zyx=case.spacing_zyx, shape_zyx=case.shape_zyx, box=case.crop_box,
+        region_path=resolve_data_path(region.image_path, data_base_dir),
+        region_mask_path=resolve_data_path(region.mask_path, data_base_dir) if case.labeled else None,
+        region_offset_zyx=region.offset_zyx, region_shape_zyx=region.shape_zyx, region_margin_mm=region.margin_mm)
 
 
-def read_boxes(boxes_db: Path | None) -> dict[str, dict]:
-    """The records of a boxes database ({} when it is None or does not exist yet)."""
+def read_boxes(boxes_db: Path | None) -> dict[str, CaseBox]:
+    """The boxes of a boxes database ({} when it is None or does not exist yet)."""
     if boxes_db is None or not (Path(boxes_db) / "data.mdb").is_file():
         return {}
     store = open_store(boxes_db, readonly=True)
     try:
-        return store.to_dict()
+        return {key: box for key, record in store.items() if (box := CaseBox.from_json(record)) is not None}
+    finally:
+        store.close()
+
+
+def read_prepared(db: Path, boxes_db: Path | None = None) -> list[PreparedCase]:
+    """Every case of a database, sorted by id, with its box from `boxes_db` when given (else the record's own, as
+    in a UIF pool)."""
+    boxes = read_boxes(boxes_db)
+    store = open_store(db, readonly=True)
+    try:
+        return [PreparedCase.from_json(key, record, db).with_box(boxes.get(key)) for key, record in store.items()]
     finally:
         store.close()
 
@@ -132,20 +129,16 @@ def load_cases(db: Path, data_base_dir: str | os.PathLike, labeled: bool, need_b
     """All cases of a database, sorted by id; unlabeled cases take their box from `boxes_db` when given (else
     from the record itself, as in a UIF pool). With `need_box`, an unlabeled case without a box is an
     InputError telling to run the boxes step."""
-    boxes = read_boxes(boxes_db)
-    store = open_store(db, readonly=True)
-    try:
-        cases = [case_from_record(key, {**store.get(key), **boxes.get(key, {})}, data_base_dir, db, labeled)
-                 for key in store.keys()]
-    finally:
-        store.close()
+    cases = [fine_case(case, data_base_dir, db) for case in read_prepared(db, boxes_db)]
+    if labeled and any(c.region_mask_path is None for c in cases):
+        raise InputError(db, "holds unlabeled cases, expected labeled ones (check data.labeled_db)")
     if not cases and not labeled:
         raise InputError(db, EMPTY_UNLABELED_PROBLEM)
     if need_box:
         missing = [c.case_id for c in cases if c.box is None]
         if missing:
-            raise InputError(boxes_db or db, f"{len(missing)} case(s) have no {COARSE_BOX_KEY} (first: {missing[0]}); "
-                                 "run the boxes step first (sh run.sh step=boxes)")
+            raise InputError(boxes_db or db, f"{len(missing)} case(s) have no coarse_box (first: {missing[0]}); "
+                                             "run the boxes step first (sh run.sh step=boxes)")
     return cases
 
 
@@ -311,10 +304,11 @@ def validation_cases(db: Path, data_base_dir: str | os.PathLike, size_zyx: Seque
     finally:
         store.close()
     for case_id, record in records:
-        if record.get("fine_image_path") is None or record.get("fine_mask_path") is None:
+        case = PreparedCase.from_json(case_id, record, db)
+        if case.fine_image_path is None or case.fine_mask_path is None:
             raise InputError(db, f"record {case_id!r} lacks fine_image_path/fine_mask_path (re-run data_prepare)")
-        image = np.load(resolve_data_path(record["fine_image_path"], data_base_dir))
-        labels = np.load(resolve_data_path(record["fine_mask_path"], data_base_dir))
+        image = np.load(resolve_data_path(case.fine_image_path, data_base_dir))
+        labels = np.load(resolve_data_path(case.fine_mask_path, data_base_dir))
         image_t = torch.from_numpy(image).to(device).float()
         labels_t = torch.from_numpy(labels.astype(np.uint8)).to(device)
         if tuple(image_t.shape) != size:

@@ -172,7 +172,7 @@ def _uif_inputs(cfg: FineTrainConfig) -> dict[str, Any]:
     ckpts = _round_dir(cfg, "round1") / "checkpoints"
     files = {name: ckpts / name for name in ("best_model_a.pt", "best_model_b.pt", "last.pt")}
     # the boxes by content: opening an LMDB for writing may touch data.mdb without changing a record
-    boxes = read_boxes(experiment_db(cfg.output_dir, BOXES_DB))
+    boxes = {key: box.to_json() for key, box in read_boxes(experiment_db(cfg.output_dir, BOXES_DB)).items()}
     return {
         "round1": {name: file_stamp(p) for name, p in files.items() if p.is_file()},
         "boxes": hashlib.sha256(json.dumps(boxes, sort_keys=True).encode()).hexdigest(),

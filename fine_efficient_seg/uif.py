@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +32,7 @@ from common.evaluation.uncertainty import UifRow, select_certain, uncertainty_sc
 from common.storage.lmdb_store import open_store
 from common.storage.weights import load_network
 from common.train.distributed import is_main_process, run_on_every_rank, shard
-from fine_efficient_seg.dataset import FineCase, fixed_crop_input, load_cases, read_boxes
+from fine_efficient_seg.dataset import FineCase, fixed_crop_input, load_cases, read_prepared
 
 logger = get_logger(__name__)
 
@@ -123,22 +124,14 @@ def write_filtered_db(unlabeled_db: Path, out_db: Path, rows: Sequence[UifRow],
                       boxes_db: Path | None = None) -> int:
     """Make `out_db` hold exactly the kept records of `unlabeled_db` with their box from `boxes_db` (one
     transaction); returns their number."""
-    boxes = read_boxes(boxes_db)
-    source = open_store(unlabeled_db, readonly=True)
-    try:
-        kept = {}
-        for row in rows:
-            if not row.kept:
-                continue
-            record = source.get(row.case)
-            if record is None:
-                raise InputError(unlabeled_db, f"case {row.case!r} vanished from the database during uif")
-            record.update(boxes.get(row.case, {}))
-            record["uif_score"] = row.score
-            record["uif_rank"] = row.rank
-            kept[row.case] = record
-    finally:
-        source.close()
+    cases = {case.case_id: case for case in read_prepared(unlabeled_db, boxes_db)}
+    kept = {}
+    for row in rows:
+        if not row.kept:
+            continue
+        if row.case not in cases:
+            raise InputError(unlabeled_db, f"case {row.case!r} vanished from the database during uif")
+        kept[row.case] = replace(cases[row.case], uif_score=row.score, uif_rank=row.rank).to_json()
     target = open_store(out_db, readonly=False)
     try:
         target.replace_all(kept)
