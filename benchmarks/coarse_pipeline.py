@@ -31,7 +31,7 @@ from common.core.amp import amp_settings, make_grad_scaler
 from common.core.labelmaps import one_hot_organs
 from common.core.typed_config import load_config
 from common.storage.lmdb_store import LmdbStore
-from common.train.cps import cps_step
+from common.train.cps import CPSSettings, Learner, Pair, cps_step
 from common.train.distributed import DistInfo, resolve_device
 from common.train.engine import build_cps_networks
 from common.train.losses import build_loss
@@ -117,11 +117,11 @@ def main() -> None:
         amp = amp_settings(args.precision, device)
         scaler_a, scaler_b = make_grad_scaler(amp), make_grad_scaler(amp)
         model_a, model_b = (torch.compile(n) for n in (net_a, net_b)) if args.compile else (net_a, net_b)
-        loss_fn = build_loss(cfg.loss.name)
+        learners = Pair(Learner(model_a, opt_a, scaler_a), Learner(model_b, opt_b, scaler_b))
+        settings = CPSSettings(build_loss(cfg.loss.name), cfg.cps.weight, amp)
 
         def step(x_l, y_l, x_u):
-            return cps_step(model_a, model_b, opt_a, opt_b, x_l, y_l, x_u, loss_fn, cfg.cps.weight, amp,
-                            scaler_a, scaler_b)
+            return cps_step(learners, x_l, y_l, x_u, settings)
 
         # bare: one fixed batch, already normalised and on the device
         labeled = data.labeled_stream(0)

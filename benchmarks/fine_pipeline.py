@@ -37,7 +37,7 @@ from data_prepare.run import STAGE_DIR
 from data_prepare.run import main as prepare_main
 from data_prepare.synthetic import write_dataset
 from fine_efficient_seg.augment import FineAugmentSettings, make_fine_sample
-from fine_efficient_seg.dataset import FineCase, FineStream, load_cases, read_crop
+from fine_efficient_seg.dataset import FineCase, FineStream, SampleSpec, StreamSpec, load_cases, read_crop
 
 SIZE_ZYX = (192, 192, 192)
 
@@ -75,8 +75,8 @@ def _sync(device: torch.device) -> None:
 
 def run(cases: list[FineCase], samples: int, warmup: int, device: torch.device, seed: int) -> dict:
     settings = FineAugmentSettings()
-    stream = FineStream(cases, name="labeled", seed=seed, batch_size=1, size_zyx=SIZE_ZYX, hu_window=HU_WINDOW,
-                        settings=settings, device=device, labeled=True, read_threads=2, rank=0, world_size=1)
+    stream = FineStream(cases, StreamSpec("labeled", seed, batch_size=1, labeled=True, read_threads=2),
+                        SampleSpec(SIZE_ZYX, HU_WINDOW, settings), device, rank=0, world_size=1)
     sampler = stream.sampler(0)
     plans = [stream.plan(pos, sampler.item_at(pos)) for pos in range(warmup + samples)]
 

@@ -199,7 +199,7 @@ def _tiny_dataset(work: Path, size: int, channels: list[int] | None) -> Path:
 def part_pipeline(setup: Setup, work: Path, state: dict) -> list[Row]:
     """Fine samples/s through FineStream on the device against the fp32 fine step of part 1."""
     from fine_efficient_seg.augment import FineAugmentSettings
-    from fine_efficient_seg.dataset import FineStream, load_cases
+    from fine_efficient_seg.dataset import FineStream, SampleSpec, StreamSpec, load_cases
 
     if setup.smoke:
         data = _tiny_dataset(work, setup.fine_size, setup.channels)
@@ -211,9 +211,8 @@ def part_pipeline(setup: Setup, work: Path, state: dict) -> list[Row]:
         db = prepare_dataset(data, cases=2)
     cases = load_cases(db, data, labeled=True)
     size = (setup.fine_size,) * 3
-    stream = FineStream(cases, name="labeled", seed=0, batch_size=1, size_zyx=size, hu_window=HU_WINDOW,
-                        settings=FineAugmentSettings(), device=setup.device, labeled=True, read_threads=2, rank=0,
-                        world_size=1)
+    stream = FineStream(cases, StreamSpec("labeled", 0, batch_size=1, labeled=True, read_threads=2),
+                        SampleSpec(size, HU_WINDOW, FineAugmentSettings()), setup.device, rank=0, world_size=1)
     samples, warmup = (4, 1) if setup.smoke else (12, 2)
     it = stream(0)
     try:

@@ -9,7 +9,7 @@ into the zero volume holds exactly one component per organ, the one the predicto
 the same size (the test compares both). Each value is scored by the project's evaluator (`common.evaluate`) against
 the truth; the table gives mean DSC / NSD over organs and cases, the small organs' DSC, the organs dropped and the
 per-case paired difference to the value the exported model carries (the predictor's default), with a 95 %
-Student-t interval over cases (`benchmarks.uif_quality.t_interval`).
+Student-t interval over cases (`benchmarks.stats.t_interval`).
 
 Inputs (each a model folder with base_coarse_model/ + efficient_fine_model/, an image folder, a truth folder):
   --runs DEMO_OUT      a finished `sh demo.sh` output: model_weights/, dataset/val_images/, dataset/val_mask/
@@ -202,7 +202,7 @@ def summarize(rows_by_value: dict[float, list[dict[str, Any]]], kept_by_value: d
               baseline_mm3: float) -> list[dict[str, Any]]:
     """Per value: means over organs and cases, per-organ means, foreground kept, organs dropped vs value 0, and
     per-case paired differences of mean DSC / NSD to the baseline value with 95 % t-intervals."""
-    from benchmarks.uif_quality import t_interval
+    from benchmarks.stats import t_interval
     from common.core.labels import ORGANS
     from common.evaluation.evaluate import column_means
 

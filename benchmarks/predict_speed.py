@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from common.core import gpu_memory
 from common.core.defaults import COARSE_MIN_VOLUME_MM3, FINE_MIN_VOLUME_MM3, Z_WINDOW_MM
 from common.core.labelmaps import probs_to_labels
+from common.core.logger import get_logger, setup_logging
 from common.infer.backends import BACKENDS
 from common.infer.folder import predict_folder
 from common.infer.postprocess import coarse_organ_box, keep_largest_component, organ_box
@@ -57,7 +58,7 @@ from common.volume.boxes import crop_box_with_margin
 from common.volume.intensity import normalize_hu
 from common.volume.resize import resize_volume
 
-logger = logging.getLogger("predict_speed")
+logger = get_logger("benchmarks.predict_speed")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(None, level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = (100, 256, 256) if args.quick else tuple(int(v) for v in args.size.split(","))

@@ -63,6 +63,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks.stats import evaluate_row
+
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ("l0", "lu", "lk", "lr", "lo")
 SETTINGS_FILE = "settings.json"
@@ -295,28 +297,6 @@ def check_settings(settings: Settings, seed: int) -> None:
     path.write_text(json.dumps(current, indent=1) + "\n", encoding="utf-8")
 
 
-def evaluate_row(pred_dir: Path, gt_dir: Path, out_csv: Path) -> dict[str, Any]:
-    """FLARE22 DSC/NSD of one row's predictions: mean over organs and cases, and per case."""
-    from common.core.labels import SHORT_NAMES
-    from common.evaluation.evaluate import evaluate_folder
-
-    rows, means = evaluate_folder(pred_dir, gt_dir, out_csv)
-    per_case = {}
-    for r in rows:
-        dsc = [float(r[f"{s}_DSC"]) for s in SHORT_NAMES]
-        nsd = [float(r[f"{s}_NSD"]) for s in SHORT_NAMES]
-        per_case[str(r["Name"])] = {
-            "DSC": _nanmean(dsc), "NSD": _nanmean(nsd)}
-    organs = {s: {"DSC": means[f"{s}_DSC"], "NSD": means[f"{s}_NSD"]} for s in SHORT_NAMES}
-    return {"DSC": means["mean_DSC"], "NSD": means["mean_NSD"], "cases": len(rows), "per_case": per_case,
-            "per_organ": organs}
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    ok = [v for v in values if not math.isnan(v)]
-    return sum(ok) / len(ok) if ok else float("nan")
-
-
 def uif_hard_share(scores_csv: Path, meta_json: Path) -> dict[str, Any]:
     """Share of hard cases among the unlabeled cases UIF kept vs. dropped (from uif_scores.csv + the meta)."""
     meta = json.loads(meta_json.read_text(encoding="utf-8"))
@@ -465,7 +445,7 @@ def paired(results: Sequence[dict[str, Any]], row: str, base: str, metric: str) 
 
 
 def format_diffs(results: Sequence[dict[str, Any]], settings: Settings) -> str:
-    from benchmarks.uif_quality import t_interval
+    from benchmarks.stats import t_interval
 
     lines = ["| paired difference (by seed) | ΔDSC mean [95 % t-interval] | ΔNSD mean [95 % t-interval] "
              "| ΔDSC per seed |", "|---|---|---|---|"]

@@ -31,7 +31,7 @@ from common.core.amp import AmpSettings, make_grad_scaler
 from common.core.gpu_memory import reset_peak, snapshot
 from common.core.labelmaps import one_hot_organs
 from common.networks import build_network
-from common.train.cps import cps_step
+from common.train.cps import CPSSettings, Learner, Pair, cps_step
 from common.train.losses import build_loss
 
 VARIANTS = ("fp32_eager", "bf16_eager", "fp16_eager", "fp32_compile", "bf16_compile", "fp32_channels_last")
@@ -115,8 +115,8 @@ def time_variant(stage: Stage, variant: str, device: torch.device, warmup: int, 
     for _ in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
-        cps_step(nets[0], nets[1], opts[0], opts[1], x_l, y_l, x_u, loss_fn, cps_weight=1.0, amp=amp,
-                 scaler_a=scalers[0], scaler_b=scalers[1])
+        cps_step(Pair(*(Learner(n, o, s) for n, o, s in zip(nets, opts, scalers))), x_l, y_l, x_u,
+                 CPSSettings(loss_fn, weight=1.0, amp=amp))
         _sync(device)
         times.append(time.perf_counter() - start)
     timed = sorted(times[warmup:])

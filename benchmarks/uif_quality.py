@@ -29,50 +29,13 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from benchmarks.stats import auroc, spearman, t_interval
+
 SCORES = ("disagreement", "entropy", "stability")
 QUALITY_FILE = "uif_quality.json"
 RANDOM_DRAWS = 2000
 # Control selections written by `seed` for round 2: row name -> (output folder, unlabeled DB copy) of the seed.
 CONTROLS = {"lr": "fine_random", "lo": "fine_oracle"}  # row -> output_dir of its round 2 (beside fine_cps)
-
-
-# --------------------------------------------------------------------------------------------- statistics
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (ties get mean ranks); NaN for fewer than 3 points or a constant input."""
-    if len(x) != len(y):
-        raise ValueError("x and y differ in length")
-    if len(x) < 3:
-        return float("nan")
-    from scipy.stats import spearmanr
-
-    if len(set(x)) < 2 or len(set(y)) < 2:
-        return float("nan")
-    return float(spearmanr(x, y).statistic)
-
-
-def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
-    """P(score of a random positive (hard) case > that of a random negative one), ties half; NaN if a side is
-    empty."""
-    if not positive or not negative:
-        return float("nan")
-    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
-    return wins / (len(positive) * len(negative))
-
-
-def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): Student-t interval of the mean over `values` (NaNs dropped); NaN bounds for n < 2."""
-    ok = [v for v in values if not math.isnan(v)]
-    if not ok:
-        return float("nan"), float("nan"), float("nan")
-    mean = statistics.fmean(ok)
-    if len(ok) < 2:
-        return mean, float("nan"), float("nan")
-    from scipy.stats import t
-
-    half = float(t.ppf(0.5 + level / 2, len(ok) - 1)) * statistics.stdev(ok) / math.sqrt(len(ok))
-    return mean, mean - half, mean + half
 
 
 def kept_cases(scores: Mapping[str, float], keep: int) -> list[str]:
@@ -110,7 +73,7 @@ def score_quality(scores: Mapping[str, float], dsc: Mapping[str, float], hard: s
 
 def pool_truth(pred_dir: Path, dataset: Path, out_csv: Path) -> dict[str, float]:
     """{case: FLARE22 mean DSC} of the pool predictions against the hidden truth (common.evaluate)."""
-    from benchmarks.semi_supervised import evaluate_row
+    from benchmarks.stats import evaluate_row
     from data_prepare.synthetic import HIDDEN_MASK_DIR
 
     per_case = evaluate_row(pred_dir, dataset / HIDDEN_MASK_DIR, out_csv)["per_case"]
@@ -123,19 +86,19 @@ def round1_scores(fine_dir: Path, device: str = "cpu", methods: Sequence[str] = 
 
     from common.config import FineTrainConfig
     from common.core.typed_config import load_config
-    from fine_efficient_seg.dataset import BOXES_DB, db_path, experiment_db, load_cases
+    from fine_efficient_seg.dataset import db_path, load_cases
+    from fine_efficient_seg.layout import RunLayout
+    from fine_efficient_seg.train import uif_options
     from fine_efficient_seg.uif import load_round_networks, load_snapshots, score_pool
 
     round_dir = fine_dir / "round1"
     cfg = load_config(FineTrainConfig, round_dir / "config.yaml")
     dev = torch.device(device)
     pool = db_path(cfg.data.unlabeled_db, cfg.data_base_dir, cfg.fold)
-    cases = load_cases(pool, cfg.data_base_dir, labeled=False, boxes_db=experiment_db(fine_dir, BOXES_DB))
+    cases = load_cases(pool, cfg.data_base_dir, labeled=False, boxes_db=RunLayout(fine_dir).boxes_db)
     net_a, net_b = load_round_networks(round_dir, dev)
     snapshots = load_snapshots(round_dir, dev) if "stability" in methods else []
-    return score_pool(cases, net_a, net_b, methods=methods, size_zyx=cfg.data.size_zyx, hu_window=cfg.data.hu_window,
-                      extend_size_mm=cfg.crop.extend_size_mm, device=dev, precision=cfg.amp.precision,
-                      snapshots=snapshots, weighting=cfg.uif.weighting)
+    return score_pool(cases, net_a, net_b, uif_options(cfg), dev, methods=methods, snapshots=snapshots)
 
 
 def write_control(seed_dir: Path, row: str, order: Mapping[str, float], keep: int) -> None:
@@ -143,14 +106,14 @@ def write_control(seed_dir: Path, row: str, order: Mapping[str, float], keep: in
     experiment folder `seed_dir/<CONTROLS[row]>` gets the pool (with fine_cps's coarse boxes) and uif_scores.csv,
     written by fine_efficient_seg.uif.write_selection, as the uif step writes its own."""
     from common.evaluation.uncertainty import select_certain
-    from fine_efficient_seg.dataset import BOXES_DB, UIF_POOL_DB, experiment_db
+    from fine_efficient_seg.layout import RunLayout
     from fine_efficient_seg.uif import write_selection
 
-    out_dir = seed_dir / CONTROLS[row]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = RunLayout(seed_dir / CONTROLS[row])
+    out.output_dir.mkdir(parents=True, exist_ok=True)
     write_selection(select_certain(order, keep_count=keep), unlabeled_db=seed_dir / "dataset" / "db" / "seg_trainu",
-                    boxes_db=experiment_db(seed_dir / "fine_cps", BOXES_DB),
-                    pool_db=experiment_db(out_dir, UIF_POOL_DB), output_dir=out_dir)
+                    boxes_db=RunLayout(seed_dir / "fine_cps").boxes_db, pool_db=out.pool_db(1),
+                    output_dir=out.uif_dir(1))
 
 
 def seed_main(seed_dir: Path, keep: int, seed: int, device: str = "cpu") -> dict[str, Any]:

@@ -28,7 +28,7 @@ from common.core.typed_config import load_config
 from common.storage.image_io import canonical_flips, read_canonical_ct, read_image, read_mask, to_canonical
 from common.storage.lmdb_store import open_store
 from common.volume.boxes import organ_bbox
-from fine_efficient_seg.dataset import BOXES_DB, experiment_db
+from fine_efficient_seg.layout import RunLayout
 from fine_efficient_seg.train import DEFAULT_CONFIG, main
 
 MB = 1e6
@@ -71,13 +71,13 @@ def main_cli() -> None:
     data, out = Path(args.data).absolute(), Path(args.out).absolute()
     records = open_store(data / "db" / "seg_trainu").to_dict()
     if args.boxes == "truth":
-        store = open_store(experiment_db(out, BOXES_DB), readonly=False)
+        store = open_store(RunLayout(out).boxes_db, readonly=False)
         store.put_many(truth_boxes(data, records))
         store.close()
     cfg = load_config(FineTrainConfig, DEFAULT_CONFIG, [f"data_base_dir={data}", f"output_dir={out}", "device=cpu",
                                                         "boxes.coarse_model_dir=null", "step=boxes"])
     summary = main(cfg)["boxes"]
-    boxes = open_store(experiment_db(out, BOXES_DB)).to_dict()
+    boxes = open_store(RunLayout(out).boxes_db).to_dict()
     print(f"boxes step: {summary}; margin crop.max_extend_size_mm = {cfg.crop.max_extend_size_mm} mm")
     print("| unlabeled case | shape (z, y, x) | box region shape | before: coarse + whole-volume region (bytes) | "
           "after: dataset + box region (bytes) | after / before |")

@@ -15,7 +15,7 @@ from typing import Sequence
 from common.config import CoarseTrainConfig
 from common.core.errors import InputError
 from common.core.logger import get_logger, setup_logging
-from common.core.typed_config import ConfigError, parse_cli
+from common.core.typed_config import ConfigError, HelpRequested, parse_cli
 from common.storage.model_folder import export_best_networks
 
 logger = get_logger(__name__)
@@ -39,6 +39,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_cli(CoarseTrainConfig, DEFAULT_CONFIG, argv)
         export(cfg)
+    except HelpRequested as help_text:
+        print(help_text.text)
+        return 0
     except (ConfigError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

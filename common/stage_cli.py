@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from common.core.errors import InputError
-from common.core.typed_config import ConfigError, parse_cli
+from common.core.typed_config import ConfigError, HelpRequested, parse_cli
 from common.train.distributed import RankFailedError, destroy_distributed
 from common.train.engine import NonFiniteLossError, TrainingInterrupted
 
@@ -24,6 +24,9 @@ def stage_cli(config_cls: type, default_config: Path, main: Callable[[Any], Any]
         cfg = parse_cli(config_cls, default_config, argv)
         if not skip(cfg):
             main(cfg)
+    except HelpRequested as help_text:
+        print(help_text.text)
+        return 0
     except (ConfigError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

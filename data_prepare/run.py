@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import logging
 import multiprocessing
 import os
 import shutil
@@ -84,8 +83,8 @@ from common.core.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from common.core.logger import ROOT_LOGGER_NAME, get_logger, setup_logging
-from common.core.typed_config import ConfigError, config_to_dict, parse_cli
+from common.core.logger import WarningCollector, collect_warnings, get_logger, setup_logging
+from common.core.typed_config import ConfigError, HelpRequested, config_to_dict, parse_cli
 from common.storage.image_io import list_images, read_canonical_ct, read_mask, to_canonical
 from common.storage.lmdb_store import LmdbStore
 from common.storage.records import RECORD_VERSION, PreparedCase, Region
@@ -225,18 +224,7 @@ def _remove_unlabeled_region(task: CaseTask) -> None:
         logger.info("%s: removed the whole-volume region of unlabeled case %s (no longer used)", path, task.case_id)
 
 
-class _ListHandler(logging.Handler):
-    """Collects a worker's warnings so the main process logs them (worker processes have no log handlers)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-_WORKER_HANDLER: _ListHandler | None = None
+_WORKER_HANDLER: WarningCollector | None = None
 
 
 PARENT_CHECK_S = 0.5  # how often a worker checks that the process that started it is alive
@@ -261,11 +249,7 @@ def _init_worker(parent_pid: int | None = None) -> None:
     if parent_pid is not None:
         _exit_with_parent(parent_pid)
     torch.set_num_threads(1)
-    _WORKER_HANDLER = _ListHandler()
-    root = logging.getLogger(ROOT_LOGGER_NAME)
-    root.addHandler(_WORKER_HANDLER)
-    root.setLevel(logging.WARNING)
-    root.propagate = False
+    _WORKER_HANDLER = collect_warnings()
 
 
 def run_case(task: CaseTask) -> CaseResult:
@@ -634,17 +618,7 @@ def _prepare(cfg: PrepareConfig, base: Path, db_dir: Path) -> int:
     split = write_splits(db_dir, cfg, labeled, unlabeled)
     write_json_atomic(db_dir / "data_prepare_config.json", config_to_dict(cfg))
 
-    failed_path = db_dir / FAILED_FILE
-    if failures or found.skipped:
-        lines = [f"# data_prepare {time.strftime('%Y-%m-%d %H:%M:%S')}: {len(failures)} failed cases "
-                 "(fix the input and rerun: finished cases are skipped)"]
-        lines += [f"{case_id}\t{message.splitlines()[0]}" for case_id, message in sorted(failures.items())]
-        if found.skipped:
-            lines.append(f"# {len(found.skipped)} files skipped (not cases)")
-            lines += [f"# skipped\t{entry}" for entry in found.skipped]
-        write_text_atomic(failed_path, "\n".join(lines) + "\n")
-    elif failed_path.exists():
-        failed_path.unlink()
+    failed_path = write_failures(db_dir, failures, found.skipped)
 
     n_new = len(results) - sum(r.record is None for r in results)
     rate = f" ({len(results) / work_seconds * 60.0:.1f} cases/min)" if results and work_seconds > 0 else ""
@@ -660,10 +634,30 @@ def _prepare(cfg: PrepareConfig, base: Path, db_dir: Path) -> int:
     return 0
 
 
+def write_failures(db_dir: Path, failures: dict[str, str], skipped: list[str]) -> Path:
+    """db/failed_cases.txt: every failed case with its reason and every skipped file (removed when there are none);
+    returns its path."""
+    failed_path = db_dir / FAILED_FILE
+    if failures or skipped:
+        lines = [f"# data_prepare {time.strftime('%Y-%m-%d %H:%M:%S')}: {len(failures)} failed cases "
+                 "(fix the input and rerun: finished cases are skipped)"]
+        lines += [f"{case_id}\t{message.splitlines()[0]}" for case_id, message in sorted(failures.items())]
+        if skipped:
+            lines.append(f"# {len(skipped)} files skipped (not cases)")
+            lines += [f"# skipped\t{entry}" for entry in skipped]
+        write_text_atomic(failed_path, "\n".join(lines) + "\n")
+    elif failed_path.exists():
+        failed_path.unlink()
+    return failed_path
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
     """Command line: `python -m data_prepare.run [config=PATH] [key=value ...]`."""
     try:
         cfg = parse_cli(PrepareConfig, STAGE_DIR / "config.yaml", list(sys.argv[1:] if argv is None else argv))
+    except HelpRequested as help_text:
+        print(help_text.text)
+        return 0
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -46,21 +46,6 @@ from fine_efficient_seg.augment import (
 
 logger = get_logger(__name__)
 
-BOXES_DB = "db/unlabeled_boxes"
-"""The boxes step's LMDB under the fine stage's output_dir: case id -> {"coarse_box", "coarse_box_source",
-"region_path", "region_offset_zyx", "region_shape_zyx", "region_margin_mm"}."""
-BOX_REGIONS_DIR = "db/unlabeled_regions"
-"""The boxes step's unlabeled regions under output_dir: <id>.npy, int16 canonical box + region_margin_mm."""
-UIF_POOL_DB = "db/uif_pool"
-"""The uif step's LMDB under output_dir: the kept unlabeled records with their box, uif_score and uif_rank."""
-
-
-def experiment_db(output_dir: str | os.PathLike, name: str) -> Path:
-    """A database derived by one experiment (BOXES_DB, UIF_POOL_DB): it lives under that experiment's output_dir,
-    never in the dataset's db/, so two folds or experiments on one dataset cannot overwrite each other's."""
-    return Path(output_dir) / name
-
-
 @dataclass(frozen=True)
 class FineCase:
     """What the fine stage needs of one case. Boxes and offsets are canonical raw voxels (z, y, x)."""
@@ -190,48 +175,56 @@ def read_crop_tensors(case: FineCase, slices: Sequence[slice], pin: bool) -> tup
     return image_t, labels_t
 
 
+@dataclass(frozen=True)
+class SampleSpec:
+    """How a fine sample is made from a case's crop: network input size, HU window, augmentation settings."""
+
+    size_zyx: tuple[int, int, int]
+    hu_window: tuple[float, float]
+    augment: FineAugmentSettings
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One stream of samples: its name (it seeds the case order and the augmentation with `seed`), batch size,
+    whether its cases are labeled, and how many crops are read ahead in how many threads."""
+
+    name: str
+    seed: int
+    batch_size: int
+    labeled: bool
+    read_threads: int = 2
+    prefetch: int = 4
+
+
 class FineStream:
     """Endless batches of fine training samples, built on `device`; `stream(start)` starts at iteration `start`.
 
     Labeled: yields (x float (B, 1, D, H, W) normalized, labels int64 (B, D, H, W)).
-    Unlabeled: yields x only. Cases are visited in the order of an `InfiniteSampler` (seeded by `seed` and the
-    stream `name`), and each sample's augmentation is drawn from (seed, name, global position).
+    Unlabeled: yields x only. Cases are visited in the order of an `InfiniteSampler` (seeded by the seed and the
+    stream name), and each sample's augmentation is drawn from (seed, name, global position). `rank`/`world_size`
+    default to the process group's.
     """
 
-    def __init__(
-        self,
-        cases: Sequence[FineCase],
-        *,
-        name: str,
-        seed: int,
-        batch_size: int,
-        size_zyx: Sequence[int],
-        hu_window: Sequence[float],
-        settings: FineAugmentSettings,
-        device: torch.device | str,
-        labeled: bool,
-        read_threads: int = 2,
-        prefetch: int = 4,
-        rank: int | None = None,
-        world_size: int | None = None,
-    ) -> None:
+    def __init__(self, cases: Sequence[FineCase], stream: StreamSpec, sample: SampleSpec,
+                 device: torch.device | str, rank: int | None = None, world_size: int | None = None) -> None:
         if not cases:
-            raise ValueError(f"stream {name!r} has no cases")
-        if labeled and any(not c.labeled for c in cases):
-            raise ValueError(f"stream {name!r} is labeled but some cases have no mask")
+            raise ValueError(f"stream {stream.name!r} has no cases")
+        if stream.labeled and any(not c.labeled for c in cases):
+            raise ValueError(f"stream {stream.name!r} is labeled but some cases have no mask")
         if any(c.box is None for c in cases):
-            raise ValueError(f"stream {name!r}: every case needs a box")
+            raise ValueError(f"stream {stream.name!r}: every case needs a box")
         self.cases = list(cases)
-        self.name = name
-        self.seed = int(seed)
-        self.batch_size = int(batch_size)
-        self.size_zyx = tuple(int(s) for s in size_zyx)
-        self.hu_window = tuple(float(v) for v in hu_window)
-        self.settings = settings
+        self.name = stream.name
+        self.seed = int(stream.seed)
+        self.batch_size = int(stream.batch_size)
+        self.labeled = stream.labeled
+        self.read_threads = max(1, int(stream.read_threads))
+        self.prefetch = max(1, int(stream.prefetch))
+        self.size_zyx = tuple(int(s) for s in sample.size_zyx)
+        self.hu_window = tuple(float(v) for v in sample.hu_window)
+        self.settings = sample.augment
         self.device = torch.device(device)
-        self.labeled = labeled
-        self.read_threads = max(1, int(read_threads))
-        self.prefetch = max(1, int(prefetch))
         self.rank = rank
         self.world_size = world_size
 

@@ -17,20 +17,21 @@ from common.core.errors import InputError
 from common.core.logger import get_logger
 from common.storage.model_folder import EXPORT_FILE, best_checkpoint_paths, export_best_networks
 from common.storage.step_marker import file_stamp, marker_matches, write_marker
+from fine_efficient_seg.layout import RunLayout
 
 logger = get_logger(__name__)
 
-EXPORT_MARKER = "export.json"
-ROUNDS = ("round2", "round1")
+LAST_ROUND = 2
 
 
 def best_round_dir(cfg: FineTrainConfig) -> Path:
-    """The round whose best checkpoints are exported: round 2 if it has any, else round 1."""
-    for name in ROUNDS:
-        round_dir = Path(cfg.output_dir) / name
+    """The round whose best checkpoints are exported: the last round that has any (round 2, else round 1)."""
+    layout = RunLayout(cfg.output_dir)
+    for k in range(LAST_ROUND, 0, -1):
+        round_dir = layout.round_dir(k)
         if (round_dir / "checkpoints" / f"best_model_{cfg.export.network}.pt").is_file():
             return round_dir
-    raise InputError(Path(cfg.output_dir) / "round1" / "checkpoints",
+    raise InputError(layout.round_dir(1) / "checkpoints",
                      "no best checkpoint in round2/ or round1/: train first (sh run.sh)")
 
 
@@ -54,7 +55,7 @@ def export_is_current(cfg: FineTrainConfig) -> bool:
         current = _fingerprint(best_round_dir(cfg), export_dir, cfg.export.network, cfg.postprocess.min_volume_mm3)
     except (OSError, InputError):
         return False
-    return marker_matches(Path(cfg.output_dir) / EXPORT_MARKER, current)
+    return marker_matches(RunLayout(cfg.output_dir).export_marker, current)
 
 
 def export(cfg: FineTrainConfig) -> Path:
@@ -64,7 +65,7 @@ def export(cfg: FineTrainConfig) -> Path:
     path, best = export_best_networks(
         round_dir, cfg.export.dir, stage="fine", primary=primary,
         preprocess=cfg.preprocess_spec)
-    write_marker(Path(cfg.output_dir) / EXPORT_MARKER, _fingerprint(round_dir, Path(cfg.export.dir), primary,
+    write_marker(RunLayout(cfg.output_dir).export_marker, _fingerprint(round_dir, Path(cfg.export.dir), primary,
                                                                     cfg.postprocess.min_volume_mm3))
     logger.info("exported fine network %s of %s (validation mean Dice %s, iteration %s) to %s", primary,
                 round_dir.name, best.get("dice"), best.get("iteration"), path.parent)

@@ -26,6 +26,7 @@ from common.config import FineTrainConfig
 from common.core.errors import InputError
 from common.core.logger import get_logger, setup_logging
 from common.stage_cli import stage_cli
+from common.storage.data_paths import db_path
 from common.storage.lmdb_store import open_store
 from common.storage.step_marker import claim_run_folder, file_stamp, marker_matches, write_marker
 from common.train.distributed import DistInfo, init_distributed, run_on_every_rank
@@ -33,37 +34,39 @@ from common.train.engine import DONE_FILE, CPSJob, run_cps_training
 from fine_efficient_seg.augment import FineAugmentSettings
 from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import (
-    BOX_REGIONS_DIR,
-    BOXES_DB,
-    UIF_POOL_DB,
     FineCase,
     FineStream,
-    db_path,
-    experiment_db,
+    SampleSpec,
+    StreamSpec,
     load_cases,
     read_boxes,
     validation_cases,
 )
 from fine_efficient_seg.export import export, export_is_current
-from fine_efficient_seg.uif import SCORES_FILE, run_uif, snapshot_iterations
+from fine_efficient_seg.layout import RunLayout
+from fine_efficient_seg.uif import UifOptions, run_uif, snapshot_iterations
 
 logger = get_logger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 STEPS = ("boxes", "round1", "uif", "round2", "export")
-STEPS_LOG = "steps.log"
-UIF_MARKER = "uif.json"  # the uif step's marker (common.storage.step_marker): what the pool was made from
 
 
-def augment_settings(cfg: FineTrainConfig) -> FineAugmentSettings:
-    """The crop section as the augmentation's settings."""
-    return FineAugmentSettings(
-        extend_size_mm=cfg.crop.extend_size_mm,
-        max_extend_size_mm=cfg.crop.max_extend_size_mm,
-        random_extend_prob=cfg.crop.random_extend_prob,
-        hu_shift_prob=cfg.crop.hu_shift_prob,
-        hu_shift_max=int(cfg.crop.hu_shift_max),
-    )
+def sample_spec(cfg: FineTrainConfig) -> SampleSpec:
+    """How the training samples are made: network input size, HU window and the crop section's augmentation."""
+    crop = cfg.crop
+    augment = FineAugmentSettings(extend_size_mm=crop.extend_size_mm, max_extend_size_mm=crop.max_extend_size_mm,
+                                  random_extend_prob=crop.random_extend_prob, hu_shift_prob=crop.hu_shift_prob,
+                                  hu_shift_max=int(crop.hu_shift_max))
+    return SampleSpec(tuple(cfg.data.size_zyx), tuple(cfg.data.hu_window), augment)  # type: ignore[arg-type]
+
+
+def uif_options(cfg: FineTrainConfig) -> UifOptions:
+    """The uif section, with the fixed fine crop (box + crop.extend_size_mm at data.size_zyx) it scores on."""
+    return UifOptions(method=cfg.uif.score, keep_count=cfg.uif.keep_count, keep_ratio=cfg.uif.keep_ratio,
+                      weighting=cfg.uif.weighting, size_zyx=tuple(cfg.data.size_zyx),  # type: ignore[arg-type]
+                      hu_window=tuple(cfg.data.hu_window), extend_size_mm=cfg.crop.extend_size_mm,  # type: ignore
+                      precision=cfg.amp.precision)
 
 
 def unlabeled_db(cfg: FineTrainConfig) -> Path | None:
@@ -73,12 +76,8 @@ def unlabeled_db(cfg: FineTrainConfig) -> Path | None:
     return db_path(cfg.data.unlabeled_db, cfg.data_base_dir, cfg.fold)
 
 
-def _round_dir(cfg: FineTrainConfig, name: str) -> Path:
-    return Path(cfg.output_dir) / name
-
-
-def _round_done(cfg: FineTrainConfig, name: str) -> bool:
-    return (_round_dir(cfg, name) / DONE_FILE).is_file()
+def _round_done(layout: RunLayout, k: int) -> bool:
+    return (layout.round_dir(k) / DONE_FILE).is_file()
 
 
 # ----------------------------------------------------------------------------------------------------- steps
@@ -89,70 +88,64 @@ def step_boxes(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
     if pool is None:
         logger.info("boxes: data.unlabeled_db is null; nothing to do")
         return {"skipped": True}
-    return compute_boxes(pool, experiment_db(cfg.output_dir, BOXES_DB), cfg.data_base_dir, cfg.boxes.coarse_model_dir,
-                         info.device, cfg.amp.precision, regions_dir=experiment_db(cfg.output_dir, BOX_REGIONS_DIR),
+    layout = RunLayout(cfg.output_dir)
+    return compute_boxes(pool, layout.boxes_db, cfg.data_base_dir, cfg.boxes.coarse_model_dir, info.device,
+                         cfg.amp.precision, regions_dir=layout.regions_dir,
                          # every crop the stage draws lies inside box + max_extend_size_mm: random extensions are
                          # smaller, and the config requires extend_size_mm (training and UIF crop) <= it
                          region_margin_mm=cfg.crop.max_extend_size_mm)
 
 
-def run_round(cfg: FineTrainConfig, info: DistInfo, name: str) -> dict[str, Any]:
-    """One CPS round through the engine (which resumes from last.pt and returns at once when DONE)."""
-    out_dir = _round_dir(cfg, name)
-    if name == "round1":
+def _round_inputs(cfg: FineTrainConfig, k: int) -> tuple[Path | None, Path | None, Any, int, tuple[int, ...]]:
+    """(unlabeled pool, boxes database, start weights, iterations, snapshot iterations) of round k."""
+    layout = RunLayout(cfg.output_dir)
+    if k == 1:
         pool = unlabeled_db(cfg)
-        boxes = experiment_db(cfg.output_dir, BOXES_DB)
-        iterations = cfg.schedule.iterations
-        init_weights = cfg.model.init_from
-        snapshots = snapshot_iterations(iterations, cfg.uif.snapshots) if pool is not None else ()
-    else:
-        snapshots = ()
-        pool = experiment_db(cfg.output_dir, UIF_POOL_DB) if unlabeled_db(cfg) is not None else None
-        boxes = None  # the pool's records carry their boxes
-        if pool is not None and not (Path(cfg.output_dir) / SCORES_FILE).is_file():
-            raise InputError(Path(cfg.output_dir) / SCORES_FILE, "not found: run the uif step first "
-                                                                 "(sh run.sh step=uif)")
-        iterations = cfg.round2.iterations or cfg.schedule.iterations
-        init_weights = cfg.model.init_from  # fresh: where round 1 started from
-        if cfg.round2.init == "warm":
-            ckpts = _round_dir(cfg, "round1") / "checkpoints"
-            init_weights = {n: ckpts / f"best_model_{n}.pt" for n in ("a", "b")}
-            for path in init_weights.values():
-                if not path.is_file():
-                    raise InputError(path, "not found: round2.init=warm needs a finished round 1")
+        snapshots = snapshot_iterations(cfg.schedule.iterations, cfg.uif.snapshots) if pool is not None else ()
+        return pool, layout.boxes_db, cfg.model.init_from, cfg.schedule.iterations, snapshots
+    # round k trains on filter k - 1's pool, whose records carry their boxes
+    pool = layout.pool_db(k - 1) if unlabeled_db(cfg) is not None else None
+    if pool is not None and not layout.scores_csv(k - 1).is_file():
+        raise InputError(layout.scores_csv(k - 1), "not found: run the uif step first (sh run.sh step=uif)")
+    init_weights: Any = cfg.model.init_from  # fresh: where round 1 started from
+    if cfg.round2.init == "warm":
+        ckpts = layout.round_dir(k - 1) / "checkpoints"
+        init_weights = {n: ckpts / f"best_model_{n}.pt" for n in ("a", "b")}
+        for path in init_weights.values():
+            if not path.is_file():
+                raise InputError(path, f"not found: round2.init=warm needs a finished round {k - 1}")
+    return pool, None, init_weights, cfg.round2.iterations or cfg.schedule.iterations, ()
+
+
+def run_round(cfg: FineTrainConfig, info: DistInfo, k: int) -> dict[str, Any]:
+    """CPS round k through the engine (which resumes from last.pt and returns at once when DONE)."""
+    pool, boxes, init_weights, iterations, snapshots = _round_inputs(cfg, k)
     data_base = cfg.data_base_dir
-    size, window = cfg.data.size_zyx, cfg.data.hu_window
-    settings = augment_settings(cfg)
+    sample = sample_spec(cfg)
+
+    def stream(cases: Sequence[FineCase], name: str, labeled: bool, batch_size: int) -> FineStream:
+        spec = StreamSpec(name, cfg.seed, batch_size, labeled, read_threads=cfg.data.num_workers)
+        return FineStream(cases, spec, sample, info.device, rank=info.rank, world_size=info.world_size)
+
     labeled_cases = load_cases(db_path(cfg.data.labeled_db, data_base, cfg.fold), data_base, labeled=True)
-    labeled_stream = FineStream(
-        labeled_cases, name="labeled", seed=cfg.seed, batch_size=cfg.data.labeled_batch_size, size_zyx=size,
-        hu_window=window, settings=settings, device=info.device, labeled=True, read_threads=cfg.data.num_workers,
-        rank=info.rank, world_size=info.world_size)
+    labeled_stream = stream(labeled_cases, "labeled", True, cfg.data.labeled_batch_size)
     unlabeled_stream = None
     if pool is not None:
         unlabeled_cases = load_cases(pool, data_base, labeled=False, boxes_db=boxes)
         _check_unlabeled_regions(unlabeled_cases, cfg, boxes or pool)
-        unlabeled_stream = FineStream(
-            unlabeled_cases, name="unlabeled", seed=cfg.seed, batch_size=cfg.data.unlabeled_batch_size,
-            size_zyx=size, hu_window=window, settings=settings, device=info.device, labeled=False,
-            read_threads=cfg.data.num_workers, rank=info.rank, world_size=info.world_size)
-        logger.info("%s: %d labeled + %d unlabeled cases (%s)", name, len(labeled_cases), len(unlabeled_cases), pool)
+        unlabeled_stream = stream(unlabeled_cases, "unlabeled", False, cfg.data.unlabeled_batch_size)
+        logger.info("round%d: %d labeled + %d unlabeled cases (%s)", k, len(labeled_cases), len(unlabeled_cases),
+                    pool)
     else:
-        logger.info("%s: %d labeled cases, no unlabeled pool", name, len(labeled_cases))
+        logger.info("round%d: %d labeled cases, no unlabeled pool", k, len(labeled_cases))
     val_db = db_path(cfg.data.val_db, data_base, cfg.fold)
     job = CPSJob(
-        cfg=cfg,
-        out_dir=out_dir,
-        labeled_stream=labeled_stream,
-        unlabeled_stream=unlabeled_stream,
-        val_cases=lambda rank, world: validation_cases(val_db, data_base, size, window, info.device, rank, world),
-        iterations=iterations,
-        init_weights=init_weights,
-        dist=info,
-        stage="fine",
-        extra_checkpoint={"round": name},
-        snapshot_iterations=snapshots,
-    )
+        cfg=cfg, out_dir=RunLayout(cfg.output_dir).round_dir(k),
+        labeled_stream=labeled_stream, unlabeled_stream=unlabeled_stream,
+        val_cases=lambda rank, world: validation_cases(val_db, data_base, sample.size_zyx, sample.hu_window,
+                                                       info.device, rank, world),
+        iterations=iterations, init_weights=init_weights, dist=info, stage="fine",
+        extra_checkpoint={"round": f"round{k}"}, snapshot_iterations=snapshots)
     return run_cps_training(job)
 
 
@@ -167,14 +160,15 @@ def _check_unlabeled_regions(cases: Sequence[FineCase], cfg: FineTrainConfig, db
                              " and, for round 2, the uif step again")
 
 
-def _uif_inputs(cfg: FineTrainConfig) -> dict[str, Any]:
-    """What the UIF pool depends on: the round-1 networks, the boxes and the UIF and crop settings."""
-    ckpts = _round_dir(cfg, "round1") / "checkpoints"
+def _uif_inputs(cfg: FineTrainConfig, k: int) -> dict[str, Any]:
+    """What filter k's pool depends on: the networks of round k, the boxes and the UIF and crop settings."""
+    layout = RunLayout(cfg.output_dir)
+    ckpts = layout.round_dir(k) / "checkpoints"
     files = {name: ckpts / name for name in ("best_model_a.pt", "best_model_b.pt", "last.pt")}
     # the boxes by content: opening an LMDB for writing may touch data.mdb without changing a record
-    boxes = {key: box.to_json() for key, box in read_boxes(experiment_db(cfg.output_dir, BOXES_DB)).items()}
+    boxes = {key: box.to_json() for key, box in read_boxes(layout.boxes_db).items()}
     return {
-        "round1": {name: file_stamp(p) for name, p in files.items() if p.is_file()},
+        f"round{k}": {name: file_stamp(p) for name, p in files.items() if p.is_file()},
         "boxes": hashlib.sha256(json.dumps(boxes, sort_keys=True).encode()).hexdigest(),
         "uif": {"score": cfg.uif.score, "keep_count": cfg.uif.keep_count, "keep_ratio": cfg.uif.keep_ratio,
                 "weighting": cfg.uif.weighting, "snapshots": cfg.uif.snapshots},
@@ -183,29 +177,22 @@ def _uif_inputs(cfg: FineTrainConfig) -> dict[str, Any]:
     }
 
 
-def step_uif(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
+def step_uif(cfg: FineTrainConfig, info: DistInfo, k: int = 1) -> dict[str, Any]:
     pool = unlabeled_db(cfg)
     if pool is None:
         logger.info("uif: data.unlabeled_db is null; nothing to filter")
         return {"skipped": True}
-    pool_db = experiment_db(cfg.output_dir, UIF_POOL_DB)
-    if not _round_done(cfg, "round1"):
-        raise InputError(_round_dir(cfg, "round1") / DONE_FILE, "not found: finish round 1 first "
-                                                                "(sh run.sh step=round1)")
-    marker = Path(cfg.output_dir) / UIF_MARKER
-    inputs = _uif_inputs(cfg)
-    if marker_matches(marker, inputs) and (pool_db / "data.mdb").is_file():
-        logger.info("uif: %s is current (%s); skipping", pool_db, marker)
+    layout = RunLayout(cfg.output_dir)
+    if not _round_done(layout, k):
+        raise InputError(layout.round_dir(k) / DONE_FILE, f"not found: finish round {k} first "
+                                                          f"(sh run.sh step=round{k})")
+    inputs = _uif_inputs(cfg, k)
+    if marker_matches(layout.uif_marker(k), inputs) and (layout.pool_db(k) / "data.mdb").is_file():
+        logger.info("uif: %s is current (%s); skipping", layout.pool_db(k), layout.uif_marker(k))
         return {"skipped": True}
-    rows = run_uif(
-        round_dir=_round_dir(cfg, "round1"), unlabeled_db=pool, boxes_db=experiment_db(cfg.output_dir, BOXES_DB),
-        pool_db=pool_db, data_base_dir=cfg.data_base_dir,
-        output_dir=Path(cfg.output_dir), method=cfg.uif.score, keep_count=cfg.uif.keep_count,
-        keep_ratio=cfg.uif.keep_ratio, size_zyx=cfg.data.size_zyx, hu_window=cfg.data.hu_window,
-        extend_size_mm=cfg.crop.extend_size_mm, device=info.device, precision=cfg.amp.precision,
-        weighting=cfg.uif.weighting)
+    rows = run_uif(layout, k, pool, cfg.data_base_dir, uif_options(cfg), info.device)
     if info.is_main:
-        write_marker(marker, inputs)
+        write_marker(layout.uif_marker(k), inputs)
     return {"cases": len(rows), "kept": sum(r.kept for r in rows)}
 
 
@@ -213,7 +200,7 @@ def step_round2(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
     if unlabeled_db(cfg) is None:
         logger.info("round2: data.unlabeled_db is null, so there is no filtered pool; round 1 is final")
         return {"skipped": True}
-    return run_round(cfg, info, "round2")
+    return run_round(cfg, info, 2)
 
 
 def step_export(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
@@ -228,7 +215,7 @@ def step_export(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
 _SHARED_STEPS: dict[str, Callable[[FineTrainConfig, DistInfo], dict[str, Any]]] = {
     "boxes": step_boxes, "uif": step_uif, "export": lambda cfg, info: step_export(cfg, info) if info.is_main else {}}
 _ALL_RANK_STEPS: dict[str, Callable[[FineTrainConfig, DistInfo], dict[str, Any]]] = {
-    "round1": lambda cfg, info: run_round(cfg, info, "round1"), "round2": step_round2}
+    "round1": lambda cfg, info: run_round(cfg, info, 1), "round2": step_round2}
 
 
 def main(cfg: FineTrainConfig) -> dict[str, Any]:
@@ -236,8 +223,9 @@ def main(cfg: FineTrainConfig) -> dict[str, Any]:
     info = init_distributed(cfg.device)
     steps = STEPS if cfg.step == "all" else (cfg.step,)
     results: dict[str, Any] = {}
-    setup_logging(Path(cfg.output_dir) / (STEPS_LOG if info.is_main else f"steps.rank{info.rank}.log"),
-                  rank=info.rank)
+    layout = RunLayout(cfg.output_dir)
+    log = layout.steps_log if info.is_main else layout.steps_log.with_name(f"steps.rank{info.rank}.log")
+    setup_logging(log, rank=info.rank)
     # the dataset first (a wrong data_base_dir must not claim the folder for the wrong run), then the folder
     open_store(db_path(cfg.data.labeled_db, cfg.data_base_dir, cfg.fold)).close()
     claim_run_folder(cfg.output_dir, cfg.run_identity("fine"), write=info.is_main)

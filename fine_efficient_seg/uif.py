@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.core.amp import amp_settings, autocast
+from common.core.defaults import EXTEND_SIZE_MM, FINE_SIZE_ZYX, HU_WINDOW
 from common.core.errors import InputError
 from common.core.files import write_text_atomic
 from common.core.logger import get_logger
@@ -33,10 +34,10 @@ from common.storage.lmdb_store import open_store
 from common.storage.weights import load_network
 from common.train.distributed import is_main_process, run_on_every_rank, shard
 from fine_efficient_seg.dataset import FineCase, fixed_crop_input, load_cases, read_prepared
+from fine_efficient_seg.layout import SCORES_FILE, RunLayout
 
 logger = get_logger(__name__)
 
-SCORES_FILE = "uif_scores.csv"
 CSV_HEADER = ("case", "score", "kept", "rank")
 
 
@@ -65,24 +66,30 @@ def load_snapshots(round_dir: Path, device: torch.device) -> list[tuple[nn.Modul
     return [(load_network(path, "a", device), load_network(path, "b", device)) for path in paths]
 
 
+@dataclass(frozen=True)
+class UifOptions:
+    """How the uif step scores and selects: the score and its organ weighting, how many cases to keep
+    (`keep_count` wins over `keep_ratio`), the fixed fine crop the networks see, and the networks' precision."""
+
+    method: str = "disagreement"
+    keep_count: int | None = None
+    keep_ratio: float = 0.1
+    weighting: str = "organ"
+    size_zyx: tuple[int, int, int] = FINE_SIZE_ZYX
+    hu_window: tuple[float, float] = HU_WINDOW
+    extend_size_mm: float = EXTEND_SIZE_MM
+    precision: str = "bf16"
+
+
 @torch.no_grad()
-def score_pool(
-    cases: Sequence[FineCase],
-    net_a: nn.Module,
-    net_b: nn.Module,
-    *,
-    methods: Sequence[str],
-    size_zyx: Sequence[int],
-    hu_window: Sequence[float],
-    extend_size_mm: float,
-    device: torch.device,
-    precision: str = "bf16",
-    snapshots: Sequence[tuple[nn.Module, nn.Module]] = (),
-    weighting: str = "organ",
-) -> dict[str, dict[str, float]]:
+def score_pool(cases: Sequence[FineCase], net_a: nn.Module, net_b: nn.Module, options: UifOptions,
+               device: torch.device, methods: Sequence[str] | None = None,
+               snapshots: Sequence[tuple[nn.Module, nn.Module]] = ()) -> dict[str, dict[str, float]]:
     """{method: {case: uncertainty score}} (lower = more certain) of every case on its fixed fine crop, for
-    several UIF scores in one pass over the pool; "stability" needs `snapshots` (see `load_snapshots`)."""
-    amp = amp_settings(precision, device)
+    several UIF scores in one pass over the pool (default: `options.method`); "stability" needs `snapshots`
+    (see `load_snapshots`)."""
+    methods = (options.method,) if methods is None else tuple(methods)
+    amp = amp_settings(options.precision, device)
     if "stability" in methods and not snapshots:
         raise InputError(Path("checkpoints/snapshot_*.pt"), "the stability score needs round-1 snapshots "
                                                              "(uif.snapshots >= 1 before round 1 runs)")
@@ -94,12 +101,12 @@ def score_pool(
 
     scores: dict[str, dict[str, float]] = {m: {} for m in methods}
     for case in tqdm(cases, desc="uif", unit="case", disable=not is_main_process()):
-        x = fixed_crop_input(case, size_zyx, hu_window, extend_size_mm, device)
+        x = fixed_crop_input(case, options.size_zyx, options.hu_window, options.extend_size_mm, device)
         probs_a, probs_b = probs(net_a, x), probs(net_b, x)
         snaps = [0.5 * (probs(a, x) + probs(b, x)) for a, b in snapshots] if "stability" in methods else []
         for method in methods:
             scores[method][case.case_id] = uncertainty_score(method, probs_a, probs_b, snapshots=snaps,
-                                                             weighting=weighting)
+                                                             weighting=options.weighting)
     return scores
 
 
@@ -152,53 +159,37 @@ def write_selection(rows: Sequence[UifRow], *, unlabeled_db: Path, boxes_db: Pat
     return kept
 
 
-def run_uif(
-    *,
-    round_dir: Path,
-    unlabeled_db: Path,
-    boxes_db: Path | None,
-    pool_db: Path,
-    data_base_dir: str | Path,
-    output_dir: Path,
-    method: str,
-    keep_count: int | None,
-    keep_ratio: float,
-    size_zyx: Sequence[int],
-    hu_window: Sequence[float],
-    extend_size_mm: float,
-    device: torch.device,
-    precision: str = "bf16",
-    weighting: str = "organ",
-) -> list[UifRow]:
-    """Score the pool, write the filtered database `pool_db` and then `uif_scores.csv`; returns the rows in rank
-    order. Boxes come from `boxes_db` (None: from the unlabeled records themselves).
+def run_uif(layout: RunLayout, k: int, unlabeled_db: Path, data_base_dir: str | Path, options: UifOptions,
+            device: torch.device) -> list[UifRow]:
+    """Filter k: score every case of `unlabeled_db` (boxes from the layout's boxes database, else the records' own)
+    with the networks of round k, write the pool `layout.pool_db(k)` and then `layout.scores_csv(k)`; returns the
+    rows in rank order.
 
     Under DDP every rank scores its share of the cases (`shard`) and rank 0 writes; a failure on any rank ends
     every rank at once with its message (`run_on_every_rank`).
     """
+    round_dir = layout.round_dir(k)
+
     def score_here() -> dict[str, float]:
-        cases = load_cases(unlabeled_db, data_base_dir, labeled=False, boxes_db=boxes_db)
+        cases = load_cases(unlabeled_db, data_base_dir, labeled=False, boxes_db=layout.boxes_db)
         if not cases:
             raise InputError(unlabeled_db, "no unlabeled cases to filter")
         net_a, net_b = load_round_networks(round_dir, device)
-        snapshots = load_snapshots(round_dir, device) if method == "stability" else []
-        return score_pool(shard(cases), net_a, net_b, methods=(method,), size_zyx=size_zyx, hu_window=hu_window,
-                          extend_size_mm=extend_size_mm, device=device, precision=precision, snapshots=snapshots,
-                          weighting=weighting)[method]
+        snapshots = load_snapshots(round_dir, device) if options.method == "stability" else []
+        return score_pool(shard(cases), net_a, net_b, options, device, snapshots=snapshots)[options.method]
 
-    scores = {k: v for part in run_on_every_rank(score_here, "uif") for k, v in part.items()}
-    rows = select_certain(scores, keep_count, keep_ratio)
-    out_db = pool_db
+    scores = {key: v for part in run_on_every_rank(score_here, "uif") for key, v in part.items()}
+    rows = select_certain(scores, options.keep_count, options.keep_ratio)
 
     def write_here() -> int:
         if is_main_process():
-            write_selection(rows, unlabeled_db=unlabeled_db, boxes_db=boxes_db, pool_db=out_db, output_dir=output_dir)
+            write_selection(rows, unlabeled_db=unlabeled_db, boxes_db=layout.boxes_db, pool_db=layout.pool_db(k),
+                            output_dir=layout.uif_dir(k))
         return 0
 
     run_on_every_rank(write_here, "uif")
-    kept = sum(r.kept for r in rows)
     kept_scores = [r.score for r in rows if r.kept]
     logger.info("uif (%s): kept %d of %d unlabeled cases in %s (scores %.4f..%.4f; pool median %.4f)",
-                method, kept, len(rows), out_db, min(kept_scores), max(kept_scores),
+                options.method, len(kept_scores), len(rows), layout.pool_db(k), min(kept_scores), max(kept_scores),
                 sorted(scores.values())[len(scores) // 2])
     return rows

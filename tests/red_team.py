@@ -90,163 +90,62 @@ def checksums(folders: list[Path]) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ probes
 
 
-def probes(weights: Path, dataset: Path) -> list[Probe]:
+def _predict_cli(in_dir: Path, out_dir: Path, weights_dir: Path, *extra: str) -> int:
     import predict
-    from coarse_base_seg.train import cli as coarse_cli
-    from common.config import PrepareConfig
-    from common.core.typed_config import load_config
+
+    return predict.main(["-i", str(in_dir), "-o", str(out_dir), "--weights-dir", str(weights_dir), "--device", "cpu",
+                         "--quiet", *extra])
+
+
+def _evaluate_cli(d: Path, out: Path | None = None) -> int:
     from common.evaluate import main as evaluate
-    from data_prepare.run import STAGE_DIR
-    from data_prepare.run import main as prepare
 
-    def predict_cli(in_dir: Path, out_dir: Path, *extra: str, weights_dir: Path = weights) -> int:
-        return predict.main(["-i", str(in_dir), "-o", str(out_dir), "--weights-dir", str(weights_dir),
-                             "--device", "cpu", "--quiet", *extra])
+    return evaluate(["--pred", str(d / "in" / "pred"), "--gt", str(d / "in" / "gt"), "--out", str(out or d / "r.csv")])
 
+
+def predict_probes(weights: Path) -> list[Probe]:
     def p_out_is_in(d: Path) -> int:
         write(d / "in" / "c1.nii.gz", ct_volume())  # no _0000: its mask would have its very name
-        return predict_cli(d / "in", d / "in", "--overwrite")
+        return _predict_cli(d / "in", d / "in", weights, "--overwrite")
 
     def p_nan(d: Path) -> int:
         vol = ct_volume().astype(np.float32)
         vol[3:8] = np.nan
         write(d / "in" / "nan_0000.nii.gz", vol)
-        return predict_cli(d / "in", d / "out")
+        return _predict_cli(d / "in", d / "out", weights)
 
     def p_spacing(d: Path) -> int:
         write(d / "in" / "tiny_spacing.mha", ct_volume(), spacing=(1e-6, 0.8, 2.0))
-        return predict_cli(d / "in", d / "out")
+        return _predict_cli(d / "in", d / "out", weights)
 
     def p_duplicate(d: Path) -> int:
         write(d / "in" / "dup.nii.gz", ct_volume())
         write(d / "in" / "dup_0000.nii.gz", ct_volume(seed=1))
-        return predict_cli(d / "in", d / "out")
+        return _predict_cli(d / "in", d / "out", weights)
 
     def p_truncated(d: Path) -> int:
         data = write(d / "tmp" / "t.nii.gz", np.random.default_rng(0).integers(-1000, 1000, (40, 50, 60))
                      .astype(np.int16)).read_bytes()
         (d / "in").mkdir()
         (d / "in" / "trunc_0000.nii.gz").write_bytes(data[: len(data) // 2])
-        return predict_cli(d / "in", d / "out")
+        return _predict_cli(d / "in", d / "out", weights)
 
     def p_out_file(d: Path) -> int:
         write(d / "in" / "c1_0000.nii.gz", ct_volume())
         (d / "in" / "out.txt").write_text("an existing file")
-        return predict_cli(d / "in", d / "in" / "out.txt")
+        return _predict_cli(d / "in", d / "in" / "out.txt", weights)
 
     def p_random_weights(d: Path) -> int:
         write(d / "in" / "c1_0000.nii.gz", ct_volume())
         shutil.copytree(weights, d / "in" / "weights")
         (d / "in" / "weights" / model_folder.FINE_DIR / "model.pt").write_bytes(np.random.default_rng(7).bytes(3000))
-        return predict_cli(d / "in", d / "out", weights_dir=d / "in" / "weights")
+        return _predict_cli(d / "in", d / "out", d / "in" / "weights")
 
     def p_empty(d: Path) -> int:
         (d / "in" / "sub").mkdir(parents=True)
         write(d / "in" / "sub" / "c1_0000.nii.gz", ct_volume())
-        return predict_cli(d / "in", d / "out")
+        return _predict_cli(d / "in", d / "out", weights)
 
-    def labels(seed: int = 0) -> np.ndarray:
-        mask = np.zeros((9, 17, 15), np.uint8)
-        mask[2:7, 3:12, 4:11] = 1
-        mask[3:6, 12:15, 2 + seed:6] = 3
-        return mask
-
-    def e_missing(d: Path) -> int:
-        write(d / "in" / "gt" / "a.nii.gz", labels())
-        write(d / "in" / "gt" / "b.nii.gz", labels())
-        write(d / "in" / "pred" / "a.nii.gz", labels(1))
-        return evaluate(["--pred", str(d / "in" / "pred"), "--gt", str(d / "in" / "gt"), "--out", str(d / "r.csv")])
-
-    def e_truncated(d: Path) -> int:
-        big = (np.random.default_rng(0).random((30, 40, 50)) < 0.3).astype(np.uint8)
-        write(d / "in" / "gt" / "t.nii.gz", big)
-        data = write(d / "tmp" / "t.nii.gz", big).read_bytes()
-        (d / "in" / "pred").mkdir(parents=True)
-        (d / "in" / "pred" / "t.nii.gz").write_bytes(data[: len(data) // 2])
-        return evaluate(["--pred", str(d / "in" / "pred"), "--gt", str(d / "in" / "gt"), "--out", str(d / "r.csv")])
-
-    def e_label14(d: Path) -> int:
-        high = labels()
-        high[0, 0, 0] = 14
-        write(d / "in" / "gt" / "h.nii.gz", high)
-        write(d / "in" / "pred" / "h.nii.gz", labels())
-        return evaluate(["--pred", str(d / "in" / "pred"), "--gt", str(d / "in" / "gt"), "--out", str(d / "r.csv")])
-
-    def e_out_dir(d: Path) -> int:
-        write(d / "in" / "gt" / "a.nii.gz", labels())
-        write(d / "in" / "pred" / "a.nii.gz", labels())
-        return evaluate(["--pred", str(d / "in" / "pred"), "--gt", str(d / "in" / "gt"), "--out", str(d)])
-
-    def copy_dataset(d: Path) -> Path:
-        return Path(shutil.copytree(dataset, d / "in"))
-
-    def prepare_cfg(base: Path):
-        return load_config(PrepareConfig, STAGE_DIR / "config.yaml", [
-            f"data_base_dir={base}", "num_workers=1", f"coarse_size_zyx=[{SIZE},{SIZE},{SIZE}]",
-            f"fine_size_zyx=[{SIZE},{SIZE},{SIZE}]"])
-
-    def add_labeled(base: Path, case_id: str, image: sitk.Image, file_name: str | None = None) -> None:
-        like = sitk.ReadImage(str(base / "train_mask" / "train_000.nii.gz"))
-        sitk.WriteImage(image, str(base / "train_images" / (file_name or f"{case_id}_0000.nii.gz")))
-        sitk.WriteImage(like, str(base / "train_mask" / f"{case_id}.nii.gz"))
-        with open(base / "file_list" / "train_series_uids.txt", "a", encoding="utf-8") as f:
-            f.write(f"{case_id}\n")
-
-    def good_image(base: Path) -> sitk.Image:
-        return sitk.ReadImage(str(base / "train_images" / "train_000_0000.nii.gz"))
-
-    def d_nan(d: Path) -> int:
-        base = copy_dataset(d)
-        image = good_image(base)
-        array = sitk.GetArrayFromImage(image).astype(np.float32)
-        array[1:11] = np.nan  # a 10-slice NaN slab
-        slab = sitk.GetImageFromArray(array)
-        slab.CopyInformation(image)
-        add_labeled(base, "nan_slab", slab)
-        return prepare(prepare_cfg(base))
-
-    def d_spacing(d: Path) -> int:
-        base = copy_dataset(d)
-        image = good_image(base)
-        for key in image.GetMetaDataKeys():  # NIfTI header fields MetaImage cannot store (ITK would warn)
-            image.EraseMetaData(key)
-        image.SetSpacing((1e6, 0.8, 2.0))
-        add_labeled(base, "huge", image, "huge.mha")
-        return prepare(prepare_cfg(base))
-
-    def d_duplicate(d: Path) -> int:
-        base = copy_dataset(d)
-        shutil.copy(base / "train_images" / "train_001_0000.nii.gz", base / "train_images" / "train_001.nii.gz")
-        return prepare(prepare_cfg(base))
-
-    def d_constant(d: Path) -> int:
-        base = copy_dataset(d)
-        image = good_image(base)
-        air = sitk.GetImageFromArray(np.full(sitk.GetArrayFromImage(image).shape, -1024, np.int16))
-        air.CopyInformation(image)
-        add_labeled(base, "air", air)
-        return prepare(prepare_cfg(base))
-
-    def d_corrupt_lmdb(d: Path) -> int:
-        base = copy_dataset(d)
-        data = base / "db" / "seg_pre-process_database" / "data.mdb"
-        data.write_bytes(np.random.default_rng(1).bytes(data.stat().st_size))
-        return prepare(prepare_cfg(base))
-
-    def train_args(base: Path, out: Path, *extra: str) -> list[str]:
-        return [f"data_base_dir={base}", f"output_dir={out}", "device=cpu", f"model.channels={TINY}".replace(" ", ""),
-                f"data.size_zyx=[{SIZE},{SIZE},{SIZE}]", "data.num_workers=0", "schedule.iterations=2", *extra]
-
-    def t_size(d: Path) -> int:
-        return coarse_cli(train_args(copy_dataset(d), d / "out", "data.size_zyx=[16,16,16]"))
-
-    def t_random_last(d: Path) -> int:
-        base = copy_dataset(d)
-        (d / "out" / "checkpoints").mkdir(parents=True)
-        (d / "out" / "checkpoints" / "last.pt").write_bytes(np.random.default_rng(5).bytes(5000))
-        return coarse_cli(train_args(base, d / "out"))
-
-    data_inputs = ("in/train_images", "in/train_mask", "in/trainu_images", "in/file_list")
     return [
         Probe("predict: output folder = input folder", 2, ("output folder is the input folder",), p_out_is_in),
         Probe("predict: NaN slab in a float NIfTI", 1, ("nan_0000.nii.gz", "NaN or infinite"), p_nan),
@@ -256,21 +155,155 @@ def probes(weights: Path, dataset: Path) -> list[Probe]:
         Probe("predict: output path is a file", 2, ("out.txt", "existing file"), p_out_file),
         Probe("predict: random-bytes weights", 2, ("model.pt", "cannot read checkpoint"), p_random_weights),
         Probe("predict: folder of folders", 2, ("no CT images in the folder",), p_empty),
+    ]
+
+
+def _labels(seed: int = 0) -> np.ndarray:
+    mask = np.zeros((9, 17, 15), np.uint8)
+    mask[2:7, 3:12, 4:11] = 1
+    mask[3:6, 12:15, 2 + seed:6] = 3
+    return mask
+
+
+def evaluate_probes() -> list[Probe]:
+    def e_missing(d: Path) -> int:
+        write(d / "in" / "gt" / "a.nii.gz", _labels())
+        write(d / "in" / "gt" / "b.nii.gz", _labels())
+        write(d / "in" / "pred" / "a.nii.gz", _labels(1))
+        return _evaluate_cli(d)
+
+    def e_truncated(d: Path) -> int:
+        big = (np.random.default_rng(0).random((30, 40, 50)) < 0.3).astype(np.uint8)
+        write(d / "in" / "gt" / "t.nii.gz", big)
+        data = write(d / "tmp" / "t.nii.gz", big).read_bytes()
+        (d / "in" / "pred").mkdir(parents=True)
+        (d / "in" / "pred" / "t.nii.gz").write_bytes(data[: len(data) // 2])
+        return _evaluate_cli(d)
+
+    def e_label14(d: Path) -> int:
+        high = _labels()
+        high[0, 0, 0] = 14
+        write(d / "in" / "gt" / "h.nii.gz", high)
+        write(d / "in" / "pred" / "h.nii.gz", _labels())
+        return _evaluate_cli(d)
+
+    def e_out_dir(d: Path) -> int:
+        write(d / "in" / "gt" / "a.nii.gz", _labels())
+        write(d / "in" / "pred" / "a.nii.gz", _labels())
+        return _evaluate_cli(d, out=d)
+
+    return [
         Probe("evaluate: missing prediction", 1, ("b.nii.gz", "prediction missing"), e_missing),
         Probe("evaluate: truncated prediction", 1, ("t.nii.gz", "truncated"), e_truncated),
         Probe("evaluate: label 14 in ground truth", 1, ("h.nii.gz", "outside 0..13"), e_label14),
         Probe("evaluate: --out is a folder", 2, ("--out is a folder",), e_out_dir),
-        Probe("data_prepare: 10-slice NaN slab", 1, ("nan_slab_0000.nii.gz", "NaN or infinite"), d_nan,
-              data_inputs),
-        Probe("data_prepare: 1e6 mm spacing", 1, ("huge.mha", "implausible voxel spacing"), d_spacing, data_inputs),
-        Probe("data_prepare: duplicate case id", 1, ("train_001.nii.gz", "train_001_0000.nii.gz", "duplicate"),
-              d_duplicate, data_inputs),
-        Probe("data_prepare: all -1024 HU image", 1, ("air_0000.nii.gz", "every voxel is -1024"), d_constant,
-              data_inputs),
-        Probe("data_prepare: damaged LMDB", 2, ("seg_pre-process_database", "damaged"), d_corrupt_lmdb, data_inputs),
-        Probe("train: data.size_zyx 16^3", 2, ("data.size_zyx", "bottleneck"), t_size, data_inputs),
-        Probe("train: random-bytes last.pt", 2, ("last.pt", "cannot read checkpoint"), t_random_last, data_inputs),
     ]
+
+
+DATA_INPUTS = ("in/train_images", "in/train_mask", "in/trainu_images", "in/file_list")
+
+
+def _prepare(base: Path) -> int:
+    from common.config import PrepareConfig
+    from common.core.typed_config import load_config
+    from data_prepare.run import STAGE_DIR
+    from data_prepare.run import main as prepare
+
+    return prepare(load_config(PrepareConfig, STAGE_DIR / "config.yaml", [
+        f"data_base_dir={base}", "num_workers=1", f"coarse_size_zyx=[{SIZE},{SIZE},{SIZE}]",
+        f"fine_size_zyx=[{SIZE},{SIZE},{SIZE}]"]))
+
+
+def _add_labeled(base: Path, case_id: str, image: sitk.Image, file_name: str | None = None) -> None:
+    like = sitk.ReadImage(str(base / "train_mask" / "train_000.nii.gz"))
+    sitk.WriteImage(image, str(base / "train_images" / (file_name or f"{case_id}_0000.nii.gz")))
+    sitk.WriteImage(like, str(base / "train_mask" / f"{case_id}.nii.gz"))
+    with open(base / "file_list" / "train_series_uids.txt", "a", encoding="utf-8") as f:
+        f.write(f"{case_id}\n")
+
+
+def _good_image(base: Path) -> sitk.Image:
+    return sitk.ReadImage(str(base / "train_images" / "train_000_0000.nii.gz"))
+
+
+def prepare_probes(dataset: Path) -> list[Probe]:
+    def copy_dataset(d: Path) -> Path:
+        return Path(shutil.copytree(dataset, d / "in"))
+
+    def d_nan(d: Path) -> int:
+        base = copy_dataset(d)
+        image = _good_image(base)
+        array = sitk.GetArrayFromImage(image).astype(np.float32)
+        array[1:11] = np.nan  # a 10-slice NaN slab
+        slab = sitk.GetImageFromArray(array)
+        slab.CopyInformation(image)
+        _add_labeled(base, "nan_slab", slab)
+        return _prepare(base)
+
+    def d_spacing(d: Path) -> int:
+        base = copy_dataset(d)
+        image = _good_image(base)
+        for key in image.GetMetaDataKeys():  # NIfTI header fields MetaImage cannot store (ITK would warn)
+            image.EraseMetaData(key)
+        image.SetSpacing((1e6, 0.8, 2.0))
+        _add_labeled(base, "huge", image, "huge.mha")
+        return _prepare(base)
+
+    def d_duplicate(d: Path) -> int:
+        base = copy_dataset(d)
+        shutil.copy(base / "train_images" / "train_001_0000.nii.gz", base / "train_images" / "train_001.nii.gz")
+        return _prepare(base)
+
+    def d_constant(d: Path) -> int:
+        base = copy_dataset(d)
+        image = _good_image(base)
+        air = sitk.GetImageFromArray(np.full(sitk.GetArrayFromImage(image).shape, -1024, np.int16))
+        air.CopyInformation(image)
+        _add_labeled(base, "air", air)
+        return _prepare(base)
+
+    def d_corrupt_lmdb(d: Path) -> int:
+        base = copy_dataset(d)
+        data = base / "db" / "seg_pre-process_database" / "data.mdb"
+        data.write_bytes(np.random.default_rng(1).bytes(data.stat().st_size))
+        return _prepare(base)
+
+    return [
+        Probe("data_prepare: 10-slice NaN slab", 1, ("nan_slab_0000.nii.gz", "NaN or infinite"), d_nan, DATA_INPUTS),
+        Probe("data_prepare: 1e6 mm spacing", 1, ("huge.mha", "implausible voxel spacing"), d_spacing, DATA_INPUTS),
+        Probe("data_prepare: duplicate case id", 1, ("train_001.nii.gz", "train_001_0000.nii.gz", "duplicate"),
+              d_duplicate, DATA_INPUTS),
+        Probe("data_prepare: all -1024 HU image", 1, ("air_0000.nii.gz", "every voxel is -1024"), d_constant,
+              DATA_INPUTS),
+        Probe("data_prepare: damaged LMDB", 2, ("seg_pre-process_database", "damaged"), d_corrupt_lmdb, DATA_INPUTS),
+    ]
+
+
+def train_probes(dataset: Path) -> list[Probe]:
+    from coarse_base_seg.train import cli as coarse_cli
+
+    def train_args(base: Path, out: Path, *extra: str) -> list[str]:
+        return [f"data_base_dir={base}", f"output_dir={out}", "device=cpu", f"model.channels={TINY}".replace(" ", ""),
+                f"data.size_zyx=[{SIZE},{SIZE},{SIZE}]", "data.num_workers=0", "schedule.iterations=2", *extra]
+
+    def t_size(d: Path) -> int:
+        return coarse_cli(train_args(Path(shutil.copytree(dataset, d / "in")), d / "out", "data.size_zyx=[16,16,16]"))
+
+    def t_random_last(d: Path) -> int:
+        base = Path(shutil.copytree(dataset, d / "in"))
+        (d / "out" / "checkpoints").mkdir(parents=True)
+        (d / "out" / "checkpoints" / "last.pt").write_bytes(np.random.default_rng(5).bytes(5000))
+        return coarse_cli(train_args(base, d / "out"))
+
+    return [
+        Probe("train: data.size_zyx 16^3", 2, ("data.size_zyx", "bottleneck"), t_size, DATA_INPUTS),
+        Probe("train: random-bytes last.pt", 2, ("last.pt", "cannot read checkpoint"), t_random_last, DATA_INPUTS),
+    ]
+
+
+def probes(weights: Path, dataset: Path) -> list[Probe]:
+    """Every probe: one representative bad input of each kind per entry point."""
+    return predict_probes(weights) + evaluate_probes() + prepare_probes(dataset) + train_probes(dataset)
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -12,6 +12,7 @@ from common.config import CoarseTrainConfig, FineTrainConfig, PrepareConfig
 from common.core.defaults import HU_WINDOW
 from common.core.typed_config import (
     ConfigError,
+    HelpRequested,
     cfg_field,
     config_from_dict,
     config_to_dict,
@@ -361,9 +362,14 @@ def test_parse_cli_default_and_other_config(tmp_path, monkeypatch):
 
 
 def test_parse_cli_help(tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(HelpRequested) as info:
         parse_cli(CoarseTrainConfig, write_yaml(tmp_path, ""), ["--help"])
-    assert info.value.code == 0 and "optim" in capsys.readouterr().out
+    assert "optim.lr" in info.value.text and "keys and schema defaults" in info.value.text
+    from coarse_base_seg.train import cli as coarse_cli
+    from data_prepare.run import cli as prepare_cli
+
+    for cli in (coarse_cli, prepare_cli):
+        assert cli(["-h"]) == 0 and "default config file" in capsys.readouterr().out
 
 
 def test_input_size_too_small_for_the_network_depth_is_refused():

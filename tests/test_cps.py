@@ -6,7 +6,7 @@ import torch
 from common.core.amp import amp_settings, make_grad_scaler
 from common.core.labelmaps import one_hot_organs
 from common.networks import UNet
-from common.train.cps import cps_losses, cps_step, cps_weight_at, pseudo_labels
+from common.train.cps import CPSSettings, Learner, Pair, cps_losses, cps_step, cps_weight_at, pseudo_labels
 from common.train.losses import build_loss
 
 TINY = (2, 4, 4, 8, 8)
@@ -75,7 +75,7 @@ def test_no_gradient_crosses_between_networks():
     net_a, net_b = _pair()
     x_l, y_l, x_u = _batch()
     x = torch.cat([x_l, x_u])
-    losses = cps_losses(net_a(x), net_b(x), y_l, build_loss("dice_bce"), cps_weight=1.0)
+    losses = cps_losses(Pair(net_a(x), net_b(x)), y_l, CPSSettings(build_loss("dice_bce"), weight=1.0))
     losses["loss_a"].backward()
     assert all(p.grad is not None for p in net_a.parameters())
     assert all(p.grad is None for p in net_b.parameters())
@@ -99,7 +99,8 @@ def test_each_network_steps_only_its_own_optimizer():
     opt_a = torch.optim.Adam(net_a.parameters(), lr=1e-2)
     opt_b = torch.optim.SGD(net_b.parameters(), lr=0.0)  # B must not move: nothing else may step it
     a0, b0 = _snapshot(net_a), _snapshot(net_b)
-    out = cps_step(net_a, net_b, opt_a, opt_b, x_l, y_l, x_u, build_loss("dice_focal"), cps_weight=0.5)
+    out = cps_step(Pair(Learner(net_a, opt_a), Learner(net_b, opt_b)), x_l, y_l, x_u,
+                   CPSSettings(build_loss("dice_focal"), weight=0.5))
     assert set(out) == {"loss_a", "loss_b", "sup_a", "sup_b", "cps_a", "cps_b"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in out.values())
     assert out["loss_a"] == pytest.approx(out["sup_a"] + 0.5 * out["cps_a"], rel=1e-5)
@@ -117,8 +118,8 @@ def test_cps_step_labeled_only_and_with_disabled_scalers():
     amp = amp_settings("bf16", "cpu")  # disabled on CPU
     scaler_a, scaler_b = make_grad_scaler(amp), make_grad_scaler(amp)
     a0, b0 = _snapshot(net_a), _snapshot(net_b)
-    out = cps_step(net_a, net_b, opt_a, opt_b, x_l, y_l, None, build_loss("dice_bce"), cps_weight=1.0,
-                   amp=amp, scaler_a=scaler_a, scaler_b=scaler_b)
+    out = cps_step(Pair(Learner(net_a, opt_a, scaler_a), Learner(net_b, opt_b, scaler_b)), x_l, y_l, None,
+                   CPSSettings(build_loss("dice_bce"), weight=1.0, amp=amp))
     assert math.isfinite(out["loss_a"]) and math.isfinite(out["loss_b"])
     assert all(_changed(a0, net_a)) and all(_changed(b0, net_b))
 
@@ -149,7 +150,8 @@ def test_tiny_pair_overfits_one_case():
     opt_a = torch.optim.Adam(net_a.parameters(), lr=1e-2, betas=(0.9, 0.99))
     opt_b = torch.optim.Adam(net_b.parameters(), lr=1e-2, betas=(0.9, 0.99))
     loss_fn = build_loss("dice_bce")
-    history = [cps_step(net_a, net_b, opt_a, opt_b, x_l, y_l, x_u, loss_fn, cps_weight=1.0)
+    learners = Pair(Learner(net_a, opt_a), Learner(net_b, opt_b))
+    history = [cps_step(learners, x_l, y_l, x_u, CPSSettings(loss_fn, weight=1.0))
                for _ in range(OVERFIT_STEPS)]
     for key in ("sup_a", "sup_b", "cps_a", "cps_b"):
         assert history[-1][key] < 0.5 * history[0][key], key

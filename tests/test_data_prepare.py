@@ -228,7 +228,8 @@ def _write(array: np.ndarray, path: Path, like: sitk.Image | None = None, spacin
     sitk.WriteImage(image, str(path))
 
 
-def test_bad_inputs_fail_with_messages_and_the_rest_finishes(dataset: Path) -> None:
+def _write_bad_inputs(dataset: Path) -> list[str]:
+    """One labeled case of each kind of bad input (listed in the file list), a stray file; returns their ids."""
     images, masks = dataset / "train_images", dataset / "train_mask"
     good_image = sitk.ReadImage(str(images / "train_000_0000.nii.gz"))
     good_mask = sitk.ReadImage(str(masks / "train_000.nii.gz"))
@@ -263,7 +264,12 @@ def test_bad_inputs_fail_with_messages_and_the_rest_finishes(dataset: Path) -> N
     bad = ["bad_trunc", "bad_2d", "bad_4d", "bad_grid", "bad_label", "bad_empty", "bad_nomask", "bad_missing"]
     with open(dataset / "file_list" / "train_series_uids.txt", "a", encoding="utf-8") as f:
         f.write("".join(f"{case_id}\n" for case_id in bad))
+    return bad
 
+
+def test_bad_inputs_fail_with_messages_and_the_rest_finishes(dataset: Path) -> None:
+    images, masks = dataset / "train_images", dataset / "train_mask"
+    bad = _write_bad_inputs(dataset)
     assert main(config(dataset, "num_workers=2")) == 1  # worker processes report failures too
 
     report = (dataset / "db" / "failed_cases.txt").read_text(encoding="utf-8")

@@ -103,10 +103,11 @@ def _make_pair():
 
 def _step(net_a, net_b, opts, x_l, labels, x_u):
     from common.core.labelmaps import one_hot_organs
-    from common.train.cps import cps_step
+    from common.train.cps import CPSSettings, Learner, Pair, cps_step
     from common.train.losses import build_loss
 
-    return cps_step(net_a, net_b, opts[0], opts[1], x_l, one_hot_organs(labels), x_u, build_loss("dice_focal"), 1.0)
+    return cps_step(Pair(Learner(net_a, opts[0]), Learner(net_b, opts[1])), x_l, one_hot_organs(labels), x_u,
+                    CPSSettings(build_loss("dice_focal"), weight=1.0))
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

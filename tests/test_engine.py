@@ -223,9 +223,9 @@ def test_legacy_cps_shift_reaches_the_step(monkeypatch, tmp_path):
     seen = []
     real_step = engine_mod.cps_step
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("legacy_shift"))
-        return real_step(*args, **kwargs)
+    def spy(learners, x_l, y_l, x_u, settings):
+        seen.append(settings.legacy_shift)
+        return real_step(learners, x_l, y_l, x_u, settings)
 
     monkeypatch.setattr(engine_mod, "cps_step", spy)
     assert _cfg(tmp_path / "default").cps.legacy_shift is False

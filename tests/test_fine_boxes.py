@@ -26,7 +26,15 @@ from data_prepare.synthetic import write_dataset
 from fine_efficient_seg import boxes as fine_boxes
 from fine_efficient_seg.augment import FineAugmentSettings, fine_crop_slices, sample_fine_augmentation, sample_rng
 from fine_efficient_seg.boxes import compute_boxes
-from fine_efficient_seg.dataset import FineCase, FineStream, fixed_crop_input, load_cases, read_crop
+from fine_efficient_seg.dataset import (
+    FineCase,
+    FineStream,
+    SampleSpec,
+    StreamSpec,
+    fixed_crop_input,
+    load_cases,
+    read_crop,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MARGIN_MM = 12.0  # a few voxels at these spacings, so the regions are true sub-volumes
@@ -148,9 +156,9 @@ def test_training_and_uif_crops_equal_the_whole_volume_crops(prepared, tmp_path,
         for extend_mm in (0.0, SETTINGS.extend_size_mm, MARGIN_MM):
             assert torch.equal(fixed_crop_input(case, (9, 11, 13), HU_WINDOW, extend_mm, "cpu"),
                                fixed_crop_input(ref, (9, 11, 13), HU_WINDOW, extend_mm, "cpu"))
-    kwargs = dict(name="unlabeled", seed=3, batch_size=2, size_zyx=(9, 11, 13), hu_window=HU_WINDOW,
-                  settings=replace(SETTINGS, random_extend_prob=0.5), device="cpu", labeled=False, rank=0,
-                  world_size=1)
+    kwargs = dict(stream=StreamSpec("unlabeled", seed=3, batch_size=2, labeled=False),
+                  sample=SampleSpec((9, 11, 13), HU_WINDOW, replace(SETTINGS, random_extend_prob=0.5)), device="cpu",
+                  rank=0, world_size=1)
     new, old = FineStream(cases, **kwargs)(0), FineStream(whole, **kwargs)(0)
     for _ in range(4):
         assert torch.equal(next(new), next(old))

@@ -27,9 +27,10 @@ from common.storage.weights import load_model
 from common.volume.boxes import body_box, grid_box_to_raw
 from fine_efficient_seg import uif as fine_uif
 from fine_efficient_seg.boxes import compute_boxes
-from fine_efficient_seg.dataset import FineStream, fixed_crop_input, load_cases, validation_cases
-from fine_efficient_seg.train import augment_settings, main
-from fine_efficient_seg.uif import read_scores_csv, run_uif, snapshot_iterations
+from fine_efficient_seg.dataset import FineStream, StreamSpec, fixed_crop_input, load_cases, validation_cases
+from fine_efficient_seg.layout import RunLayout
+from fine_efficient_seg.train import main, sample_spec
+from fine_efficient_seg.uif import UifOptions, read_scores_csv, run_uif, snapshot_iterations
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / "fine_efficient_seg"
@@ -151,9 +152,9 @@ def test_two_experiments_on_one_dataset_keep_their_own_boxes_and_uif_pool(datase
 def test_streams_are_deterministic_and_resume_exactly(dataset, tmp_path):
     cfg = fine_config(dataset, tmp_path)
     labeled = load_cases(dataset / "db" / "seg_train_fold_1", dataset, labeled=True)
-    kwargs = dict(seed=5, batch_size=2, size_zyx=[SIZE] * 3, hu_window=list(HU_WINDOW),
-                  settings=augment_settings(cfg), device="cpu", rank=0, world_size=1)
-    stream = FineStream(labeled, name="labeled", labeled=True, **kwargs)
+    kwargs = dict(sample=sample_spec(cfg), device="cpu", rank=0, world_size=1)
+    spec = StreamSpec("labeled", seed=5, batch_size=2, labeled=True)
+    stream = FineStream(labeled, spec, **kwargs)
     first = stream(0)
     batches = [next(first) for _ in range(3)]
     first.close()
@@ -162,7 +163,7 @@ def test_streams_are_deterministic_and_resume_exactly(dataset, tmp_path):
     assert y.shape == (2, SIZE, SIZE, SIZE) and y.dtype == torch.int64
     assert 0 <= int(y.min()) and int(y.max()) <= 13 and int(y.max()) > 0
     assert torch.allclose(x.mean(dim=(1, 2, 3, 4)), torch.zeros(2), atol=1e-4)     # per-sample z-score
-    resumed = FineStream(labeled, name="labeled", labeled=True, **kwargs)(2)
+    resumed = FineStream(labeled, spec, **kwargs)(2)
     x2, y2 = next(resumed)
     resumed.close()
     assert torch.equal(x2, batches[2][0]) and torch.equal(y2, batches[2][1])
@@ -170,7 +171,7 @@ def test_streams_are_deterministic_and_resume_exactly(dataset, tmp_path):
     boxes_db = tmp_path / "db" / "unlabeled_boxes"
     run_boxes(dataset / "db" / "seg_trainu", boxes_db, dataset, None)
     unlabeled = load_cases(dataset / "db" / "seg_trainu", dataset, labeled=False, boxes_db=boxes_db)
-    u_stream = FineStream(unlabeled, name="unlabeled", labeled=False, **kwargs)(0)
+    u_stream = FineStream(unlabeled, StreamSpec("unlabeled", seed=5, batch_size=2, labeled=False), **kwargs)(0)
     xu = next(u_stream)
     u_stream.close()
     assert isinstance(xu, torch.Tensor) and xu.shape == (2, 1, SIZE, SIZE, SIZE)
@@ -249,11 +250,10 @@ def test_uif_step_keeps_agreeing_cases(tmp_path, monkeypatch, method):
     db = make_pool(tmp_path)
     monkeypatch.setattr(fine_uif, "load_round_networks", _threshold_pair)
     pool_db = tmp_path / "out" / "db" / "uif_pool"
-    common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, boxes_db=None, pool_db=pool_db,
-                  data_base_dir=tmp_path, output_dir=tmp_path / "out",
-                  method=method, keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=list(HU_WINDOW), extend_size_mm=20.0,
-                  device=torch.device("cpu"), precision="fp32")
-    rows = run_uif(keep_count=3, **common)
+    options = UifOptions(method=method, keep_ratio=0.1, size_zyx=(SIZE,) * 3, precision="fp32")
+    common = dict(layout=RunLayout(tmp_path / "out"), k=1, unlabeled_db=db, data_base_dir=tmp_path,
+                  device=torch.device("cpu"))
+    rows = run_uif(options=replace(options, keep_count=3), **common)
     kept = {r.case for r in rows if r.kept}
     assert kept == {"agree_a", "agree_b", "agree_c"}
     assert [r.rank for r in rows] == [1, 2, 3, 4, 5]
@@ -264,13 +264,13 @@ def test_uif_step_keeps_agreeing_cases(tmp_path, monkeypatch, method):
     assert filtered.get("agree_a")["coarse_box"] == [[2, 9], [2, 11], [2, 13]]
     filtered.close()
     # The three agree_* tie: the lower ids win; the database shrinks to the new selection.
-    rows = run_uif(keep_count=1, **common)
+    rows = run_uif(options=replace(options, keep_count=1), **common)
     assert [r.case for r in rows if r.kept] == ["agree_a"]
     filtered = open_store(pool_db)
     assert filtered.keys() == ["agree_a"]
     filtered.close()
     # keep_ratio 0.4 of 5 -> 2
-    rows = run_uif(keep_count=None, **{**common, "keep_ratio": 0.4})
+    rows = run_uif(options=replace(options, keep_count=None, keep_ratio=0.4), **common)
     assert [r.case for r in rows if r.kept] == ["agree_a", "agree_b"]
 
 
@@ -429,8 +429,7 @@ def _uif_worker(rank: int, world: int, init_file: str, common: dict, out_dir: st
     score_pool = fine_uif.score_pool  # this child's copy: record which cases this rank scores
     fine_uif.score_pool = lambda cases, *a, **k: seen.extend(c.case_id for c in cases) or score_pool(cases, *a, **k)
     try:
-        rows = run_uif(keep_count=2, **{**common, "output_dir": Path(out_dir) / "out",
-                                        "pool_db": Path(out_dir) / "out" / "db" / "uif_pool"})
+        rows = run_uif(layout=RunLayout(Path(out_dir) / "out"), **common)
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(
             {"rows": [(r.case, r.score, r.kept, r.rank) for r in rows], "scored": seen}))
     finally:
@@ -440,11 +439,9 @@ def _uif_worker(rank: int, world: int, init_file: str, common: dict, out_dir: st
 def test_uif_step_shared_by_two_ranks(tmp_path, monkeypatch):
     db = make_pool(tmp_path)
     monkeypatch.setattr(fine_uif, "load_round_networks", _threshold_pair)
-    common = dict(round_dir=tmp_path / "round1", unlabeled_db=db, boxes_db=None, data_base_dir=tmp_path,
-                  method="disagreement", keep_ratio=0.1, size_zyx=[SIZE] * 3, hu_window=list(HU_WINDOW),
-                  extend_size_mm=20.0, device=torch.device("cpu"), precision="fp32")
-    single = run_uif(keep_count=2, output_dir=tmp_path / "single", pool_db=tmp_path / "single" / "db" / "uif_pool",
-                     **common)
+    options = UifOptions(keep_count=2, size_zyx=(SIZE,) * 3, precision="fp32")
+    common = dict(k=1, unlabeled_db=db, data_base_dir=tmp_path, options=options, device=torch.device("cpu"))
+    single = run_uif(layout=RunLayout(tmp_path / "single"), **common)
     torch.multiprocessing.start_processes(_uif_worker, args=(2, str(tmp_path / "init"), common, str(tmp_path)),
                                           nprocs=2, join=True, start_method="spawn")
     expected = [[r.case, r.score, r.kept, r.rank] for r in single]
@@ -501,5 +498,5 @@ def test_round1_snapshots_and_stability_score(dataset, tmp_path):
     assert all(0.0 <= r.score <= 1.0 for r in rows)
     # No snapshots saved (uif.snapshots=0): the stability score says what is missing.
     with pytest.raises(InputError, match="snapshots"):
-        fine_uif.score_pool([], final, final, methods=("stability",), size_zyx=[SIZE] * 3, hu_window=list(HU_WINDOW),
-                            extend_size_mm=20.0, device=torch.device("cpu"))
+        fine_uif.score_pool([], final, final, UifOptions(size_zyx=(SIZE,) * 3), torch.device("cpu"),
+                            methods=("stability",))

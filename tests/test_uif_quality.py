@@ -7,24 +7,25 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import stats
 from benchmarks import uif_quality as q
 from common.storage.lmdb_store import open_store
-from fine_efficient_seg.uif import SCORES_FILE, read_scores_csv
+from fine_efficient_seg.uif import read_scores_csv
 
 
 def test_spearman_and_auroc():
-    assert q.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert q.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert math.isnan(q.spearman([1, 1, 1], [1, 2, 3]))  # constant: undefined
-    assert q.auroc([0.9, 0.8], [0.1, 0.2]) == 1.0
-    assert q.auroc([0.1], [0.1, 0.5]) == pytest.approx(0.25)  # one tie (half), one loss
-    assert math.isnan(q.auroc([], [0.1]))
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(stats.spearman([1, 1, 1], [1, 2, 3]))  # constant: undefined
+    assert stats.auroc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert stats.auroc([0.1], [0.1, 0.5]) == pytest.approx(0.25)  # one tie (half), one loss
+    assert math.isnan(stats.auroc([], [0.1]))
 
 
 def test_t_interval():
-    mean, low, high = q.t_interval([1.0, 2.0, 3.0])
+    mean, low, high = stats.t_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and high - mean == pytest.approx(4.302653 * 1.0 / math.sqrt(3))
-    assert math.isnan(q.t_interval([1.0])[1])
+    assert math.isnan(stats.t_interval([1.0])[1])
 
 
 def test_score_quality_perfect_and_inverted_scores():
@@ -42,19 +43,19 @@ def test_score_quality_perfect_and_inverted_scores():
 
 def test_write_control_selection(tmp_path: Path):
     """A control selection: the control's own pool (with fine_cps's boxes) + uif_scores.csv in its folder."""
-    from fine_efficient_seg.dataset import BOXES_DB, UIF_POOL_DB, experiment_db
+    from fine_efficient_seg.layout import RunLayout
 
     seed_dir = tmp_path / "seed0"
     pool = seed_dir / "dataset" / "db" / "seg_trainu"
     records = {f"u{i}": {"case": f"u{i}"} for i in range(4)}
     open_store(pool, readonly=False).put_many(records)
     boxes = {f"u{i}": {"coarse_box": [[0, i + 1], [0, 2], [0, 2]]} for i in range(4)}
-    open_store(experiment_db(seed_dir / "fine_cps", BOXES_DB), readonly=False).put_many(boxes)
+    open_store(RunLayout(seed_dir / "fine_cps").boxes_db, readonly=False).put_many(boxes)
     q.write_control(seed_dir, "lo", {"u0": 0.5, "u1": 0.1, "u2": 0.9, "u3": 0.2}, keep=2)
-    store = open_store(experiment_db(seed_dir / "fine_oracle", UIF_POOL_DB))
+    store = open_store(RunLayout(seed_dir / "fine_oracle").pool_db(1))
     assert store.keys() == ["u1", "u3"]
     assert store.get("u3")["coarse_box"] == [[0, 4], [0, 2], [0, 2]]
     store.close()
-    rows = read_scores_csv(seed_dir / "fine_oracle" / SCORES_FILE)
+    rows = read_scores_csv(RunLayout(seed_dir / "fine_oracle").scores_csv(1))
     assert [(r.case, r.kept) for r in rows] == [("u1", True), ("u3", True), ("u0", False), ("u2", False)]
     assert open_store(pool).keys() == sorted(records)  # the original pool is untouched

@@ -96,3 +96,25 @@ def get_logger(name: str) -> logging.Logger:
     if name == ROOT_LOGGER_NAME or name.startswith(ROOT_LOGGER_NAME + "."):
         return logging.getLogger(name)
     return logging.getLogger(f"{ROOT_LOGGER_NAME}.{name}")
+
+
+class WarningCollector(logging.Handler):
+    """Keeps the messages of WARNING and above, for a worker process that hands them to its parent to log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def collect_warnings() -> WarningCollector:
+    """Set up a worker process's logging (its entry point): the "semiseg" records of WARNING and above go to the
+    returned collector only, none to a console or file of their own."""
+    collector = WarningCollector()
+    logger = logging.getLogger(ROOT_LOGGER_NAME)
+    logger.addHandler(collector)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    return collector

@@ -503,17 +503,25 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     write_text_atomic(path, config_to_yaml(cfg))
 
 
+class HelpRequested(Exception):
+    """`-h`/`--help` on a stage's command line; `text` is the usage with every key and its default, which the entry
+    point prints before it exits with 0."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
 def parse_cli(schema: type[T], default_yaml: str | os.PathLike, argv: Sequence[str] | None = None) -> T:
     """Config for a stage's command line: `config=PATH` picks another YAML file, other items are overrides.
 
-    `-h`/`--help` prints the keys with their default values and exits.
+    `-h`/`--help` raises HelpRequested with the keys and their default values.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(arg in ("-h", "--help") for arg in argv):
-        print("usage: [config=PATH.yaml] [key=value ...]   (dotted keys for sections, e.g. optim.lr=1.0e-3)")
-        print(f"default config file: {default_yaml}\nkeys and schema defaults:")
-        print(config_to_yaml(schema()))
-        raise SystemExit(0)
+        raise HelpRequested("usage: [config=PATH.yaml] [key=value ...]   (dotted keys for sections, e.g. "
+                            f"optim.lr=1.0e-3)\ndefault config file: {default_yaml}\nkeys and schema defaults:\n"
+                            + config_to_yaml(schema()))
     yaml_path: str | os.PathLike = default_yaml
     overrides: list[str] = []
     for arg in argv:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -26,8 +25,9 @@ import torch
 from torch import nn
 
 from common.core.files import atomic_path
+from common.core.logger import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 ONNX_OPSET = 17

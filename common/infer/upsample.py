@@ -163,60 +163,76 @@ def upsample_labels(scores: torch.Tensor, out_shape_zyx: Sequence[int], threshol
     for axis in range(1, 4):  # a 1-voxel axis has no cells: repeat it (resizing it is a copy anyway)
         if scores.shape[axis] == 1:
             scores = torch.cat([scores, scores], dim=axis)
-    channels, d, h, w = scores.shape
-    device, dtype = scores.device, scores.dtype
-    maps = [_axis_map(n_in, n_out) for n_in, n_out in zip((d, h, w), out_shape)]
+    device = scores.device
+    maps = [_axis_map(n_in, n_out) for n_in, n_out in zip(scores.shape[1:], out_shape)]
     corner = probs_to_labels(scores, threshold)
     box = _labelled_box(corner, maps)
     if box is None:
         return torch.zeros(out_shape, dtype=torch.uint8, device=device)
     (zl, zh), (yl, yh), (xl, xh) = box
-    index_dtype = torch.int32 if max(d * h * w, (zh - zl) * (yh - yl) * (xh - xl)) < 2**31 else torch.int64
     i0_long = [torch.from_numpy(m[0]).to(device) for m in maps]
-    i0 = [t.to(index_dtype) for t in i0_long]
-    frac = [torch.from_numpy(m[2]).to(device=device, dtype=dtype) for m in maps]
     # Cell labels expanded to the output voxels of the box (broadcast advanced indexing: the fast gather on CPU
     # and GPU; int64 index vectors, since int32 ones are widened after broadcasting): final wherever the corners
     # agree, MIXED on boundaries.
     sub = _cell_labels(corner)[i0_long[0][zl:zh, None, None], i0_long[1][None, yl:yh, None],
                                i0_long[2][None, None, xl:xh]]
-    del i0_long
-    del corner
-    reach = _reach_bits(scores, threshold)
-    patterns = torch.arange(1 << channels, device=device)[:, None]
-    bit_table = ((patterns >> torch.arange(channels, device=device)[None, :]) & 1).double()  # (2^C, C)
-    flat_scores = scores.reshape(channels, -1)
-    nx = xh - xl
-    plane = (yh - yl) * nx
-    chunk_z = max(1, chunk_elements // max(plane, 1))
+    del i0_long, corner
+    boundary = _Boundary(scores, maps, box, out_shape, threshold, chunk_elements)
+    chunk_z = max(1, chunk_elements // max((yh - yl) * (xh - xl), 1))
     for z0 in range(0, zh - zl, chunk_z):
         z1 = min(z0 + chunk_z, zh - zl)
-        block = sub[z0:z1].reshape(-1)
-        todo = (block == MIXED).nonzero().squeeze(1).to(index_dtype)
+        boundary.resolve(sub[z0:z1].reshape(-1), z0, z1)
+    labels = torch.zeros(out_shape, dtype=torch.uint8, device=device)
+    labels[zl:zh, yl:yh, xl:xh] = sub
+    return labels
+
+
+class _Boundary:
+    """Labels of the boundary voxels (MIXED) of `upsample_labels`' output box, chunk by chunk of output slices."""
+
+    def __init__(self, scores: torch.Tensor, maps: Sequence[tuple[np.ndarray, ...]], box: Sequence[tuple[int, int]],
+                 out_shape: tuple[int, ...], threshold: float, chunk_elements: int) -> None:
+        channels, d, h, w = scores.shape
+        device = scores.device
+        (zl, zh), (yl, yh), (xl, xh) = box
+        self.scores, self.maps, self.box, self.out_shape = scores, maps, box, out_shape
+        self.threshold, self.chunk_elements = threshold, chunk_elements
+        self.index_dtype = torch.int32 if max(d * h * w, (zh - zl) * (yh - yl) * (xh - xl)) < 2**31 else torch.int64
+        self.i0 = [torch.from_numpy(m[0]).to(device).to(self.index_dtype) for m in maps]
+        self.frac = [torch.from_numpy(m[2]).to(device=device, dtype=scores.dtype) for m in maps]
+        self.reach = _reach_bits(scores, threshold)
+        patterns = torch.arange(1 << channels, device=device)[:, None]
+        self.bit_table = ((patterns >> torch.arange(channels, device=device)[None, :]) & 1).double()  # (2^C, C)
+        self.flat_scores = scores.reshape(channels, -1)
+
+    def resolve(self, block: torch.Tensor, z0: int, z1: int) -> None:
+        """Replace the MIXED entries of `block` (the flat output box slices [z0, z1) relative to the box) by labels."""
+        todo = (block == MIXED).nonzero().squeeze(1).to(self.index_dtype)
         if todo.numel() == 0:
-            continue
+            return
+        channels, _, h, w = self.scores.shape
+        (zl, _), (yl, yh), (xl, xh) = self.box
+        nx = xh - xl
+        plane = (yh - yl) * nx
         # Output (z, y, x) of each boundary voxel, and its source cell.
         oz = todo // plane + (z0 + zl)
         oy = (todo % plane) // nx + yl
         ox = todo % nx + xl
-        cz, cy, cx = i0[0][oz], i0[1][oy], i0[2][ox]
-        bits = reach.index_select(0, (cz * (h - 1) + cy) * (w - 1) + cx)
+        cz, cy, cx = self.i0[0][oz], self.i0[1][oy], self.i0[2][ox]
+        bits = self.reach.index_select(0, (cz * (h - 1) + cy) * (w - 1) + cx)
         # Voxels per channel to resize, from a histogram of the bit patterns (one pass instead of one per channel).
         histogram = torch.bincount(bits, minlength=1 << channels).double()
-        counts = (histogram[:, None] * bit_table).sum(0).tolist()
+        counts = (histogram[:, None] * self.bit_table).sum(0).tolist()
         wanted = [c for c in range(channels) if counts[c]]
         if SPARSE_COST * sum(counts) > len(wanted) * block.numel():
             # Boundaries everywhere (e.g. an untrained network): a separable resize of the whole chunk, for
             # the channels that reach a boundary cell in it, is cheaper than 8 gathers per voxel and channel.
             del oz, oy, ox, cz, cy, cx, bits
-            dense = _resize_channels_chunk(scores, wanted, maps, out_shape[1:], z0 + zl, z1 + zl, threshold,
-                                           chunk_elements)
+            dense = _resize_channels_chunk(self.scores, wanted, self.maps, self.out_shape[1:], z0 + zl, z1 + zl,
+                                           self.threshold, self.chunk_elements)
             block[todo] = dense[:, yl:yh, xl:xh].reshape(-1)[todo]
-            continue
-        weights = (frac[0][oz], frac[1][oy], frac[2][ox])
+            return
+        weights = (self.frac[0][oz], self.frac[1][oy], self.frac[2][ox])
         base = (cz * h + cy) * w + cx
         del oz, oy, ox, cz, cy, cx
-        block[todo] = _interpolate_boundary(flat_scores, wanted, bits, base, weights, (h, w), threshold)
-    labels = torch.zeros(out_shape, dtype=torch.uint8, device=device)
-    labels[zl:zh, yl:yh, xl:xh] = sub
-    return labels
+        block[todo] = _interpolate_boundary(self.flat_scores, wanted, bits, base, weights, (h, w), self.threshold)

@@ -73,7 +73,7 @@ class CaseBox:
     """The fine boxes step's record of an unlabeled case: its organ box, where the box came from, its region."""
 
     coarse_box: Box
-    source: str                # "coarse_model", "whole_volume" ("body_fallback" before), "body"
+    source: str | None         # "coarse_model", "whole_volume" ("body_fallback" before), "body"
     region: Region | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -90,7 +90,7 @@ class CaseBox:
         box = as_box(record.get("coarse_box"))
         if box is None:
             return None
-        return cls(box, str(record.get("coarse_box_source")), Region.from_json(record))
+        return cls(box, record.get("coarse_box_source"), Region.from_json(record))
 
 
 @dataclass(frozen=True)

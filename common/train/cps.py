@@ -8,6 +8,8 @@ pseudo labels on all outputs; each network back-propagates its own loss and step
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, Generic, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -15,6 +17,9 @@ from torch import nn
 from common.core.amp import AmpSettings, autocast
 from common.core.labelmaps import LABEL_THRESHOLD, logit, one_hot_organs, probs_to_labels
 from common.train.losses import LossFn
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 @torch.no_grad()
@@ -38,55 +43,86 @@ def pseudo_labels(logits: torch.Tensor, threshold: float = LABEL_THRESHOLD,
     return one_hot_organs(labels, num_organs=logits.shape[1])
 
 
-def cps_losses(out_a: torch.Tensor, out_b: torch.Tensor, y_l: torch.Tensor, loss_fn: LossFn, cps_weight: float,
-               legacy_shift: bool = False) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class Pair(Generic[T]):
+    """The two CPS networks' objects of one kind (networks, optimisers, learners, outputs, ...), named "a" and "b"."""
+
+    a: T
+    b: T
+
+    def items(self) -> tuple[tuple[str, T], tuple[str, T]]:
+        return (("a", self.a), ("b", self.b))
+
+    def map(self, fn: Callable[[T], U]) -> Pair[U]:
+        return Pair(fn(self.a), fn(self.b))
+
+    def __iter__(self) -> Iterator[T]:
+        return iter((self.a, self.b))
+
+
+@dataclass
+class Learner:
+    """One CPS network as trained (possibly DDP-wrapped or compiled), its optimiser and its GradScaler (fp16)."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None = None
+
+
+@dataclass(frozen=True)
+class CPSSettings:
+    """How a CPS step computes: the supervised loss, the CPS weight, mixed precision, the ablation flag."""
+
+    loss_fn: LossFn
+    weight: float = 1.0
+    amp: AmpSettings | None = None
+    legacy_shift: bool = False  # the original release's shifted pseudo labels (see `pseudo_labels`)
+
+
+def cps_losses(out: Pair[torch.Tensor], y_l: torch.Tensor, settings: CPSSettings) -> dict[str, torch.Tensor]:
     """Loss tensors of both networks from their outputs on concat(labeled, unlabeled) (N_l + N_u, C, ...).
 
     `y_l` (N_l, C, ...) holds the targets of the first N_l outputs. Returns loss_a, loss_b (to back-propagate),
     sup_a, sup_b, cps_a, cps_b. The pseudo labels are detached, so loss_a has no path into network B.
     """
     n_l = y_l.shape[0]
-    target_from_b = pseudo_labels(out_b, legacy_shift=legacy_shift)
-    target_from_a = pseudo_labels(out_a, legacy_shift=legacy_shift)
-    sup_a = loss_fn(out_a[:n_l], y_l)
-    sup_b = loss_fn(out_b[:n_l], y_l)
-    cps_a = loss_fn(out_a, target_from_b)
-    cps_b = loss_fn(out_b, target_from_a)
-    return {"loss_a": sup_a + cps_weight * cps_a, "loss_b": sup_b + cps_weight * cps_b,
+    target_from_b = pseudo_labels(out.b, legacy_shift=settings.legacy_shift)
+    target_from_a = pseudo_labels(out.a, legacy_shift=settings.legacy_shift)
+    sup_a = settings.loss_fn(out.a[:n_l], y_l)
+    sup_b = settings.loss_fn(out.b[:n_l], y_l)
+    cps_a = settings.loss_fn(out.a, target_from_b)
+    cps_b = settings.loss_fn(out.b, target_from_a)
+    return {"loss_a": sup_a + settings.weight * cps_a, "loss_b": sup_b + settings.weight * cps_b,
             "sup_a": sup_a, "sup_b": sup_b, "cps_a": cps_a, "cps_b": cps_b}
 
 
-def _backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                       scaler: torch.amp.GradScaler | None) -> None:
-    if scaler is None:
+def _backward_and_step(loss: torch.Tensor, learner: Learner) -> None:
+    if learner.scaler is None:
         loss.backward()
-        optimizer.step()
+        learner.optimizer.step()
     else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        learner.scaler.scale(loss).backward()
+        learner.scaler.step(learner.optimizer)
+        learner.scaler.update()
 
 
-def cps_step(net_a: nn.Module, net_b: nn.Module, opt_a: torch.optim.Optimizer, opt_b: torch.optim.Optimizer,
-             x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor | None, loss_fn: LossFn, cps_weight: float,
-             amp: AmpSettings | None = None, scaler_a: torch.amp.GradScaler | None = None,
-             scaler_b: torch.amp.GradScaler | None = None, legacy_shift: bool = False) -> dict[str, float]:
+def cps_step(learners: Pair[Learner], x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor | None,
+             settings: CPSSettings) -> dict[str, float]:
     """One CPS training step of both networks; returns loss_a, loss_b, sup_a, sup_b, cps_a, cps_b as floats.
 
     x_l (N_l, 1, D, H, W) normalised labeled images, y_l (N_l, C, D, H, W) one-hot targets, x_u
     (N_u, 1, D, H, W) unlabeled images or None (CPS then acts on the labeled outputs only). The networks must
-    be in train mode; they may be DDP-wrapped (each separately). `scaler_*` are GradScalers (fp16) or None.
+    be in train mode; they may be DDP-wrapped (each separately).
     """
     x = x_l if x_u is None else torch.cat([x_l, x_u], dim=0)
-    opt_a.zero_grad(set_to_none=True)
-    opt_b.zero_grad(set_to_none=True)
-    with autocast(amp):
-        out_a = net_a(x)
-        out_b = net_b(x)
+    for learner in learners:
+        learner.optimizer.zero_grad(set_to_none=True)
+    with autocast(settings.amp):
+        out = learners.map(lambda learner: learner.net(x))
     # Losses compute in float32 (the loss functions upcast), outside autocast.
-    losses = cps_losses(out_a, out_b, y_l, loss_fn, cps_weight, legacy_shift=legacy_shift)
-    _backward_and_step(losses["loss_a"], opt_a, scaler_a)
-    _backward_and_step(losses["loss_b"], opt_b, scaler_b)
+    losses = cps_losses(out, y_l, settings)
+    _backward_and_step(losses["loss_a"], learners.a)
+    _backward_and_step(losses["loss_b"], learners.b)
     names = list(losses)
     values = torch.stack([losses[k].detach().float() for k in names]).tolist()  # one device sync
     return dict(zip(names, values))

@@ -81,9 +81,9 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -111,7 +111,7 @@ from common.storage.checkpoint import (
 )
 from common.storage.step_marker import read_marker, write_marker
 from common.storage.weights import read_weight_pair
-from common.train.cps import cps_step, cps_weight_at
+from common.train.cps import CPSSettings, Learner, Pair, cps_step, cps_weight_at
 from common.train.distributed import (
     DistInfo,
     all_gather_object,
@@ -134,8 +134,6 @@ DONE_FILE = "DONE"
 METRICS_FILE = "metrics.jsonl"
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-T = TypeVar("T")
-U = TypeVar("U")
 ValCase = tuple[str, torch.Tensor, torch.Tensor]
 
 
@@ -292,23 +290,6 @@ def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: 
     return out
 
 
-@dataclass(frozen=True)
-class Pair(Generic[T]):
-    """The two CPS networks' objects of one kind (networks, optimisers, scalers, ...), named "a" and "b"."""
-
-    a: T
-    b: T
-
-    def items(self) -> tuple[tuple[str, T], tuple[str, T]]:
-        return (("a", self.a), ("b", self.b))
-
-    def map(self, fn: Callable[[T], U]) -> "Pair[U]":
-        return Pair(fn(self.a), fn(self.b))
-
-    def __iter__(self) -> Iterator[T]:
-        return iter((self.a, self.b))
-
-
 @dataclass
 class _State:
     iteration: int = 0
@@ -426,7 +407,7 @@ class _Trainer:
             net.parameters(), lr=cfg.optim.lr, betas=betas, weight_decay=cfg.optim.weight_decay))
         self.amp: AmpSettings = amp_settings(cfg.amp.precision, self.device)
         self.scalers: Pair[torch.amp.GradScaler] = self.nets.map(lambda _: make_grad_scaler(self.amp))
-        self.loss_fn = build_loss(cfg.loss.name)
+        self.cps = CPSSettings(build_loss(cfg.loss.name), cfg.cps.weight, self.amp, cfg.cps.legacy_shift)
         set_cudnn_benchmark(self.device)  # fixed input sizes: cuDNN picks the fastest kernels, as the predictor
 
     def restore(self) -> None:
@@ -475,13 +456,16 @@ class _Trainer:
             logger.info("warm start from %s", self.job.init_weights)
 
     def wrap(self) -> None:
-        """`self.models`: the networks as trained (DDP-wrapped with world_size > 1, compiled with amp.compile)."""
-        self.models: Pair[nn.Module] = self.nets
+        """`self.learners`: the networks as trained (DDP-wrapped with world_size > 1, compiled with amp.compile) with
+        their optimisers and scalers."""
+        models: Pair[nn.Module] = self.nets
         if self.info.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.models = self.models.map(lambda net: nn.parallel.DistributedDataParallel(net, device_ids=ids))
+            models = models.map(lambda net: nn.parallel.DistributedDataParallel(net, device_ids=ids))
         if self.cfg.amp.compile:
-            self.models = self.models.map(torch.compile)
+            models = models.map(torch.compile)
+        self.learners = Pair(*(Learner(model, opt, scaler)
+                               for model, opt, scaler in zip(models, self.opts, self.scalers)))
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_last(self, iteration: int) -> None:
@@ -617,22 +601,9 @@ class _Trainer:
             raise ValueError(f"iterations must be >= 1, got {job.iterations}")
 
         done_path = self.out_dir / DONE_FILE
-        if done_path.is_file():
-            with contextlib.suppress(KeyError, TypeError, ValueError):
-                done = read_marker(done_path) or {}
-                if int(done["iteration"]) >= job.iterations:
-                    logger.info("training in %s already finished at iteration %d (%s exists); nothing to do. "
-                                "Use another output_dir, or raise the number of iterations to continue.",
-                                self.out_dir, int(done["iteration"]), done_path)
-                    best = done.get("best", {})
-                    return {"iteration": int(done["iteration"]), "best_a": best.get("a"), "best_b": best.get("b"),
-                            "out_dir": str(self.out_dir), "already_done": True}
-                logger.warning("%s says the run finished at iteration %s; continuing to %d iterations",
-                               done_path, done["iteration"], job.iterations)
-            barrier()
-            if self.main:
-                with contextlib.suppress(FileNotFoundError):
-                    done_path.unlink()
+        finished = self._finished(done_path)
+        if finished is not None:
+            return finished
 
         if self.main:  # partial checkpoints (full size) a kill left between write and rename
             remove_stale_temps(self.ckpt_dir)
@@ -683,6 +654,28 @@ class _Trainer:
                 "best_iteration_b": self.state.best_iteration["b"], "out_dir": str(self.out_dir),
                 "already_done": False}
 
+    def _finished(self, done_path: Path) -> dict[str, Any] | None:
+        """The summary of a run DONE at >= the wanted iterations, else None (a DONE below them is removed, and the
+        run continues from last.pt)."""
+        if not done_path.is_file():
+            return None
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            done = read_marker(done_path) or {}
+            if int(done["iteration"]) >= self.job.iterations:
+                logger.info("training in %s already finished at iteration %d (%s exists); nothing to do. "
+                            "Use another output_dir, or raise the number of iterations to continue.",
+                            self.out_dir, int(done["iteration"]), done_path)
+                best = done.get("best", {})
+                return {"iteration": int(done["iteration"]), "best_a": best.get("a"), "best_b": best.get("b"),
+                        "out_dir": str(self.out_dir), "already_done": True}
+            logger.warning("%s says the run finished at iteration %s; continuing to %d iterations",
+                           done_path, done["iteration"], self.job.iterations)
+        barrier()
+        if self.main:
+            with contextlib.suppress(FileNotFoundError):
+                done_path.unlink()
+        return None
+
     def _loop(self, start: int) -> None:
         """Iterations start..iterations-1: fetch, step both networks, log, validate, checkpoint, maybe stop."""
         job = self.job
@@ -695,9 +688,7 @@ class _Trainer:
                     with progress.timing_data():
                         x_l, target, x_u = self._fetch(data, stop, it)
                     weight = cps_weight_at(it, self.cfg.cps.weight, self.cfg.cps.rampup_iterations)
-                    losses = cps_step(self.models.a, self.models.b, self.opts.a, self.opts.b, x_l, target, x_u,
-                                      self.loss_fn, weight, self.amp, self.scalers.a, self.scalers.b,
-                                      legacy_shift=self.cfg.cps.legacy_shift)
+                    losses = cps_step(self.learners, x_l, target, x_u, replace(self.cps, weight=weight))
                     done = it + 1
                     stop_agreed = self._check_losses(losses, stop, done)
                     self.state.add_losses(losses)

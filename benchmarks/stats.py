@@ -1,0 +1,67 @@
+"""What the accuracy benchmarks share: the FLARE22 scores of a folder of predictions, rank statistics and
+Student-t intervals of paired differences."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (ties get mean ranks); NaN for fewer than 3 points or a constant input."""
+    if len(x) != len(y):
+        raise ValueError("x and y differ in length")
+    if len(x) < 3:
+        return float("nan")
+    from scipy.stats import spearmanr
+
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """P(score of a random positive (hard) case > that of a random negative one), ties half; NaN if a side is
+    empty."""
+    if not positive or not negative:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student-t interval of the mean over `values` (NaNs dropped); NaN bounds for n < 2."""
+    ok = [v for v in values if not math.isnan(v)]
+    if not ok:
+        return float("nan"), float("nan"), float("nan")
+    mean = statistics.fmean(ok)
+    if len(ok) < 2:
+        return mean, float("nan"), float("nan")
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + level / 2, len(ok) - 1)) * statistics.stdev(ok) / math.sqrt(len(ok))
+    return mean, mean - half, mean + half
+
+
+def evaluate_row(pred_dir: Path, gt_dir: Path, out_csv: Path) -> dict[str, Any]:
+    """FLARE22 DSC/NSD of one row's predictions: mean over organs and cases, and per case."""
+    from common.core.labels import SHORT_NAMES
+    from common.evaluation.evaluate import evaluate_folder
+
+    rows, means = evaluate_folder(pred_dir, gt_dir, out_csv)
+    per_case = {}
+    for r in rows:
+        dsc = [float(r[f"{s}_DSC"]) for s in SHORT_NAMES]
+        nsd = [float(r[f"{s}_NSD"]) for s in SHORT_NAMES]
+        per_case[str(r["Name"])] = {
+            "DSC": _nanmean(dsc), "NSD": _nanmean(nsd)}
+    organs = {s: {"DSC": means[f"{s}_DSC"], "NSD": means[f"{s}_NSD"]} for s in SHORT_NAMES}
+    return {"DSC": means["mean_DSC"], "NSD": means["mean_NSD"], "cases": len(rows), "per_case": per_case,
+            "per_organ": organs}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    ok = [v for v in values if not math.isnan(v)]
+    return sum(ok) / len(ok) if ok else float("nan")
