@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 from common.config import CoarseTrainConfig
-from common.core.errors import InputError
 from common.core.logger import get_logger, setup_logging
-from common.core.typed_config import ConfigError, HelpRequested, parse_cli
+from common.stage_cli import stage_cli
 from common.storage.model_folder import export_best_networks
 
 logger = get_logger(__name__)
@@ -34,18 +33,9 @@ def export(cfg: CoarseTrainConfig) -> Path:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """Command line: same config and overrides as training; step is ignored."""
+    """Command line: same config and overrides as training; step is ignored (common.stage_cli's exit codes)."""
     setup_logging(None)
-    try:
-        cfg = parse_cli(CoarseTrainConfig, DEFAULT_CONFIG, argv)
-        export(cfg)
-    except HelpRequested as help_text:
-        print(help_text.text)
-        return 0
-    except (ConfigError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return stage_cli(CoarseTrainConfig, DEFAULT_CONFIG, export, argv)
 
 
 if __name__ == "__main__":
