@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from common.core.errors import InputError, WeightsError
+from common.core.errors import InputError, WeightsError, WriteError
 from common.core.logger import get_logger, setup_logging
 from common.infer.backends import BACKENDS
 from common.infer.folder import predict_folder
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:  # the report itself could not be written (full disk): the masks written are complete
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print_summary(summary)
     return 1 if summary["failed"] else 0
 

@@ -74,7 +74,7 @@ import torch
 from tqdm import tqdm
 
 from common.config import PrepareConfig
-from common.core.errors import InputError
+from common.core.errors import InputError, WriteError
 from common.core.files import (
     check_writable,
     folder_lock,
@@ -258,7 +258,7 @@ def run_case(task: CaseTask) -> CaseResult:
     result = CaseResult(task.case_id, task.kind)
     try:
         result.record = prepare_case(task)
-    except InputError as e:
+    except (InputError, WriteError) as e:  # a bad input, or an output a full disk cut short (nothing left of it)
         result.error = str(e)
     except Exception as e:  # noqa: BLE001 - a case must never take the run down or vanish silently
         result.error = (f"{task.image_path}: unexpected error {type(e).__name__}: {e}\n"
@@ -569,6 +569,9 @@ def main(cfg: PrepareConfig) -> int:
     except InputError as e:
         logger.error("%s", e)
         return 2
+    except WriteError as e:  # a database or list a full disk cut short: finished cases are kept, a rerun goes on
+        logger.error("%s", e)
+        return 1
 
 
 def _prepare(cfg: PrepareConfig, base: Path, db_dir: Path) -> int:

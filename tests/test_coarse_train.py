@@ -255,3 +255,21 @@ def test_empty_unlabeled_pool_points_to_unlabeled_db_null(tmp_path):
         read_cases(db, tmp_path, labeled=False)
     with pytest.raises(InputError, match=r"data\.unlabeled_db=null"):
         load_cases(db, tmp_path, labeled=False)
+
+
+def test_a_checkpoint_a_full_disk_cuts_short_stops_with_one_line_and_exit_1(prepared, tmp_path, capsys,
+                                                                             monkeypatch):
+    """torch's writer raises a bare C++ error on a full disk or `ulimit -f`: the user gets the file and the cause."""
+    from common.core.files import is_temp_name
+    from common.storage import checkpoint
+
+    def full_disk(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    out = tmp_path / "run"
+    assert cli(_overrides(prepared, out)) == 1
+    err = capsys.readouterr().err
+    assert f"{out / 'checkpoints'}" in err and "could not be written completely" in err and "Traceback" not in err
+    assert not [p for p in out.rglob("*") if is_temp_name(p.name)]

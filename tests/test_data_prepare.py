@@ -566,3 +566,33 @@ def test_a_constant_image_fails_by_the_same_rule_as_predict(dataset: Path) -> No
     assert main(config(dataset)) == 1
     report = (dataset / "db" / "failed_cases.txt").read_text(encoding="utf-8")
     assert "air_0000.nii.gz: non-CT intensities: every voxel is -1024" in report
+
+
+# ------------------------------------------------------------------------------------------------ issue 21
+
+
+def test_a_npy_write_cut_short_fails_its_case_cleanly_and_a_rerun_redoes_it(dataset: Path, caplog,
+                                                                            monkeypatch) -> None:
+    """A full disk or `ulimit -f`: numpy raises ("N requested and M written") or a write comes out short. The case
+    fails with one line naming the file (no traceback), nothing partial is left, and a plain rerun prepares it."""
+    from common.core import files
+
+    real_save = np.save
+
+    def full_disk(path, array, **kwargs):
+        if "train_001" in str(path):
+            real_save(path, array, **kwargs)
+            os.truncate(path, os.path.getsize(path) // 2)
+            return
+        real_save(path, array, **kwargs)
+
+    monkeypatch.setattr(files.np, "save", full_disk)
+    assert main(config(dataset)) == 1
+    failed = (dataset / "db" / "failed_cases.txt").read_text()
+    assert "could not be written completely" in failed and ".npy" in failed
+    assert "Traceback" not in caplog.text and "unexpected error" not in caplog.text
+    assert not [p for p in dataset.rglob("*.npy") if files.is_temp_name(p.name)]
+    monkeypatch.undo()
+    caplog.clear()
+    assert main(config(dataset)) == 0
+    assert "to prepare" in caplog.text and not (dataset / "db" / "failed_cases.txt").exists()

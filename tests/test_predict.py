@@ -644,3 +644,33 @@ def test_empty_input_folder_or_folder_of_folders_is_a_setup_error(tmp_path, weig
         assert _cli(folder, tmp_path / "out", weights_dir) == 2
         err = capsys.readouterr().err
         assert "no CT images in the folder" in err and str(folder) in err
+
+
+# ------------------------------------------------------------------------------------------------ issue 21
+
+
+def test_a_mask_cut_short_by_a_full_disk_fails_its_case_and_a_rerun_redoes_it(tmp_path, weights_dir, capsys,
+                                                                              monkeypatch):
+    """SimpleITK returns without an error from a write a full disk or `ulimit -f` cut short: the mask must be checked
+    before it is renamed into place, the case reported failed (exit 1) and a plain rerun must predict it again."""
+    from common.storage import image_io
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c1_0000.nii.gz", _ct_volume((17, 20, 19)))
+    real_write = image_io.sitk.WriteImage
+
+    def cut_short(image, path, *args, **kwargs):
+        real_write(image, path, *args, **kwargs)
+        os.truncate(path, os.path.getsize(path) // 2)
+
+    monkeypatch.setattr(image_io.sitk, "WriteImage", cut_short)
+    assert _cli(in_dir, out_dir, weights_dir, "--backend", "torch") == 1
+    out = capsys.readouterr().out
+    assert "FAILED c1" in out and "c1.nii.gz: could not be written completely" in out and "Traceback" not in out
+    assert _rows(out_dir)["c1"]["status"] == "failed"
+    assert not (out_dir / "c1.nii.gz").exists() and not [p for p in out_dir.iterdir() if is_temp_name(p.name)]
+    monkeypatch.undo()
+    assert _cli(in_dir, out_dir, weights_dir, "--backend", "torch") == 0
+    assert _rows(out_dir)["c1"]["status"] == "ok"
+    assert read_image(out_dir / "c1.nii.gz")[0].shape == (17, 20, 19)

@@ -6,13 +6,14 @@ import contextlib
 import json
 import os
 import re
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from common.core.errors import InputError
+from common.core.errors import InputError, WriteError
 from common.core.logger import get_logger
 
 logger = get_logger(__name__)
@@ -21,11 +22,35 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+def write_failure(path: str | os.PathLike, cause: BaseException | str) -> WriteError:
+    """The one message for an output that could not be written completely (`cause`: the writer's error, or what a
+    check of the written file found). Python ignores SIGXFSZ, so a file-size limit shows up here too."""
+    if isinstance(cause, OSError) and cause.errno is not None:
+        reason = os.strerror(cause.errno)
+    else:
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    return WriteError(path, f"could not be written completely ({reason}); the disk may be full, or a quota or the "
+                            "file-size limit (ulimit -f) was reached. The partial file was removed: free space or "
+                            "raise the limit and run again")
 
-    `suffix` keeps the file extension for writers that infer the format from it (".nii.gz", ".npy").
+
+def _fsync(path: Path) -> None:
+    """Flush `path` to the disk: a full disk or quota that the writes did not report shows up here."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None,
+                verify: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds and the written file
+    passes `verify` (which returns what is wrong with it, or None).
+
+    `suffix` keeps the file extension for writers that infer the format from it (".nii.gz", ".npy"). An OSError of
+    the block, a failed check or flush becomes a `WriteError` naming `path`; the temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,24 +62,57 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     # mkstemp creates 0600; give the final file the permissions an ordinary open() would (0666 minus umask).
     os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            problem = verify(tmp_path) if verify is not None else None
+            if problem:
+                raise write_failure(path, problem)
+            _fsync(tmp_path)
+            os.replace(tmp_path, path)
+        except WriteError:
+            raise
+        except OSError as e:
+            raise write_failure(path, e) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
 
 
+def expect_size(expected: int) -> Callable[[Path], str | None]:
+    """A `verify` for `atomic_path`: the written file must hold exactly `expected` bytes."""
+    def check(tmp: Path) -> str | None:
+        actual = tmp.stat().st_size
+        return None if actual == expected else f"the file is incomplete: {actual} of {expected} bytes"
+    return check
+
+
+def _npy_size_problem(tmp: Path, nbytes: int) -> str | None:
+    """What is wrong with a written .npy file of an array of `nbytes` (its header says where the data starts)."""
+    try:
+        with open(tmp, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            read_header(f)
+            data_start = f.tell()
+    except (ValueError, OSError, EOFError) as e:
+        return f"the file is incomplete: its header cannot be read ({e})"
+    return expect_size(data_start + nbytes)(tmp)
+
+
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write `array` as a .npy file atomically (the name must end with .npy)."""
-    with atomic_path(path, suffix=".npy") as tmp:
+    """Write `array` as a .npy file atomically (the name must end with .npy); the file's size is checked before the
+    rename (WriteError naming `path` when it came out short)."""
+    with atomic_path(path, suffix=".npy", verify=lambda tmp: _npy_size_problem(tmp, array.nbytes)) as tmp:
         np.save(tmp, array, allow_pickle=False)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a UTF-8 text file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write a UTF-8 text file atomically (its size checked before the rename)."""
+    data = text.encode("utf-8")
+    with atomic_path(path, verify=expect_size(len(data))) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -111,10 +169,20 @@ def check_writable(folder: str | os.PathLike, what: str = "folder") -> None:
                                  "check its permissions and free space, or choose another") from None
 
 
+def _lock_holder(fd: int) -> str:
+    """ "pid N on host H" as the lock's holder wrote it into the lock file, or "" when it wrote nothing."""
+    try:
+        words = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+    except OSError:
+        return ""
+    return f"pid {words[0]} on host {words[1]}" if len(words) >= 2 else ""
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (file `.lock` in it) for the block; InputError if another process
-    holds it. The operating system drops the lock when the process dies, so a kill never leaves it stale.
+    """Hold an exclusive lock on `folder` (file `.lock` in it, created with the folder) for the block; InputError
+    naming the holder's pid and host if another process holds it. The holder writes "<pid> <host>" into the file.
+    The operating system drops the lock when the process dies, so a kill never leaves it stale.
     Where `fcntl` is missing (Windows) no lock is taken."""
     folder = Path(folder)
     try:
@@ -122,13 +190,19 @@ def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
+    folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InputError(folder, f"another {what} is writing into this folder (it holds {folder / '.lock'}); "
-                                     "wait for it to finish or use another folder") from None
+            holder = _lock_holder(fd)
+            raise InputError(folder, f"another {what} ({holder or 'another process'}) is writing into this folder "
+                                     f"(it holds {folder / '.lock'}); wait for it to finish or use another "
+                                     "folder") from None
+        with contextlib.suppress(OSError):  # only for the message of a second run
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)

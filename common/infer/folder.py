@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from common.core import gpu_memory
-from common.core.errors import InputError, WeightsError
+from common.core.errors import InputError, WeightsError, WriteError
 from common.core.files import check_writable, folder_lock, remove_stale_temps, write_json_atomic, write_text_atomic
 from common.core.logger import get_logger
 from common.infer.predictor import CaseResult, PredictOptions, Predictor, free_cuda_memory, is_cuda_oom, pinned_copy
@@ -64,7 +64,7 @@ def output_name(case_id: str) -> str:
 
 
 def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, (InputError, WeightsError)):
+    if isinstance(exc, (InputError, WeightsError, WriteError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}".strip()
 

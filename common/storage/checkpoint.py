@@ -20,6 +20,7 @@ import os
 import random
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from common.core.errors import InputError
-from common.core.files import atomic_path
+from common.core.files import atomic_path, write_failure
 from common.core.logger import get_logger
 
 logger = get_logger(__name__)
@@ -38,9 +39,25 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
-    """torch.save `state` (a plain dict) to `path` atomically: a kill mid-write leaves the old file intact."""
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(dict(state), tmp)
+    """torch.save `state` (a plain dict) to `path` atomically: a kill mid-write leaves the old file intact. A write
+    that fails or comes out short (full disk, file-size limit) raises WriteError naming `path`, the old file kept."""
+    with atomic_path(path, suffix=".pt", verify=_zip_problem) as tmp:
+        try:
+            torch.save(dict(state), tmp)
+        except RuntimeError as e:  # torch's C++ writer: "unexpected pos ...", "file write failed", ...
+            raise write_failure(path, e) from None
+
+
+def _zip_problem(path: Path) -> str | None:
+    """What is wrong with a torch file just written (a zip archive: a cut one has no central directory at its end)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            size = path.stat().st_size
+            if any(info.header_offset + info.compress_size > size for info in archive.infolist()):
+                return "the file is incomplete"
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"the file is incomplete ({e})"
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

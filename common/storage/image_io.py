@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from common.core.errors import InputError
-from common.core.files import atomic_path
+from common.core.files import atomic_path, write_failure
 from common.core.labels import NUM_ORGANS
 from common.core.logger import get_logger
 from common.volume.intensity import AIR_HU, to_int16_hu
@@ -483,8 +483,27 @@ def write_image(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
     meta.apply_to(image)
     suffix = image_suffix(path) or "".join(path.suffixes)
-    with atomic_path(path, suffix=suffix) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+    with atomic_path(path, suffix=suffix, verify=lambda tmp: _written_image_problem(tmp, meta)) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+        except RuntimeError as e:
+            raise write_failure(path, _sitk_message(e)) from None
+
+
+def _written_image_problem(path: Path, meta: ImageMeta) -> str | None:
+    """What is wrong with an image file just written (None: complete): SimpleITK returns without an error from a
+    write that a full disk or a file-size limit cut short, so the file is checked before it is renamed into place.
+    NIfTI: the header and the gzip trailer against the data (cheap); other formats: read back."""
+    try:
+        if image_suffix(path) in (".nii.gz", ".nii"):
+            _check_nifti_complete(path)
+            return None
+        size = tuple(int(v) for v in sitk.ReadImage(str(path)).GetSize())
+    except InputError as e:
+        return e.problem
+    except RuntimeError as e:
+        return f"cannot read it back: {_sitk_message(e)}"
+    return None if size == tuple(meta.size_xyz) else f"reads back with size {size}, expected {meta.size_xyz}"
 
 
 def write_mask(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) -> None:
