@@ -17,7 +17,7 @@ from common.core.logger import log_to_file, setup_logging
 from common.stage_cli import stage_cli
 from common.storage.step_marker import claim_run_folder
 from common.train.distributed import DistInfo, init_distributed
-from common.train.engine import CPSJob, run_cps_training, run_log_path
+from common.train.engine import CPSJob, run_cps_training, run_folder_lock, run_log_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 
@@ -32,7 +32,7 @@ def main(cfg: CoarseTrainConfig) -> dict[str, Any]:
         return {"export_dir": str(export(cfg).parent)}
     info = init_distributed(cfg.device)
     setup_logging(None, rank=info.rank)  # console; train.log holds the data set-up and the engine's run
-    with log_to_file(run_log_path(out_dir, info), rank=info.rank):
+    with run_folder_lock(out_dir, info), log_to_file(run_log_path(out_dir, info), rank=info.rank):
         job = _job(cfg, info, out_dir)  # checks the dataset first: a bad data_base_dir claims no folder
         claim_run_folder(out_dir, cfg.run_identity("coarse"), write=info.is_main)
         return run_cps_training(job)

@@ -30,7 +30,7 @@ from common.storage.data_paths import db_path
 from common.storage.lmdb_store import open_store
 from common.storage.step_marker import claim_run_folder, file_stamp, marker_matches, write_marker
 from common.train.distributed import DistInfo, init_distributed, run_on_every_rank
-from common.train.engine import DONE_FILE, CPSJob, run_cps_training
+from common.train.engine import DONE_FILE, CPSJob, run_cps_training, run_folder_lock
 from fine_efficient_seg.augment import FineAugmentSettings
 from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import (
@@ -228,13 +228,15 @@ def main(cfg: FineTrainConfig) -> dict[str, Any]:
     setup_logging(log, rank=info.rank)
     # the dataset first (a wrong data_base_dir must not claim the folder for the wrong run), then the folder
     open_store(db_path(cfg.data.labeled_db, cfg.data_base_dir, cfg.fold)).close()
-    claim_run_folder(cfg.output_dir, cfg.run_identity("fine"), write=info.is_main)
-    for step in steps:
-        logger.info("fine stage: step %s", step)
-        if step in _ALL_RANK_STEPS:
-            results[step] = _ALL_RANK_STEPS[step](cfg, info)
-        else:
-            results[step] = run_on_every_rank(functools.partial(_SHARED_STEPS[step], cfg, info), f"step {step}")[0]
+    with run_folder_lock(cfg.output_dir, info):
+        claim_run_folder(cfg.output_dir, cfg.run_identity("fine"), write=info.is_main)
+        for step in steps:
+            logger.info("fine stage: step %s", step)
+            if step in _ALL_RANK_STEPS:
+                results[step] = _ALL_RANK_STEPS[step](cfg, info)
+            else:
+                results[step] = run_on_every_rank(functools.partial(_SHARED_STEPS[step], cfg, info),
+                                                  f"step {step}")[0]
     return results
 
 

@@ -273,3 +273,25 @@ def test_a_checkpoint_a_full_disk_cuts_short_stops_with_one_line_and_exit_1(prep
     err = capsys.readouterr().err
     assert f"{out / 'checkpoints'}" in err and "could not be written completely" in err and "Traceback" not in err
     assert not [p for p in out.rglob("*") if is_temp_name(p.name)]
+
+
+def test_a_second_trainer_on_the_same_output_dir_stops_at_once_naming_the_first(prepared, tmp_path, capsys):
+    """Two trainers on one output_dir interleave their logs and delete each other's checkpoints: the second must
+    stop before it touches anything, saying which process (pid, host) holds the folder."""
+    import socket
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(  # the first trainer, as far as the folder is concerned
+        [sys.executable, "-c", "import sys, time\nfrom common.core.files import folder_lock\n"
+         "with folder_lock(sys.argv[1], 'training run'):\n    print('locked', flush=True)\n    time.sleep(60)\n",
+         str(out)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert cli(_overrides(prepared, out)) == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in err and str(out) in err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"], "the second trainer wrote into the folder"
+    finally:
+        holder.kill()
+        holder.wait()

@@ -93,7 +93,7 @@ from tqdm import tqdm
 from common.core.amp import AmpSettings, amp_settings, autocast, make_grad_scaler
 from common.core.device import set_cudnn_benchmark
 from common.core.errors import InputError
-from common.core.files import remove_stale_temps, write_text_atomic
+from common.core.files import folder_lock, remove_stale_temps, write_text_atomic
 from common.core.labelmaps import one_hot_organs
 from common.core.labels import NUM_ORGANS, ORGANS
 from common.core.logger import get_logger, log_to_file
@@ -175,6 +175,13 @@ class CPSJob:
     extra_checkpoint: dict[str, Any] = field(default_factory=dict)
     # Iterations after which both networks are also kept as checkpoints/snapshot_<iteration>.pt (UIF stability).
     snapshot_iterations: tuple[int, ...] = ()
+
+
+def run_folder_lock(output_dir: str | os.PathLike, info: DistInfo) -> contextlib.AbstractContextManager:
+    """The lock a training stage holds on its output_dir for the whole run (the main rank; the other ranks of the same
+    run share it): a second trainer on the folder stops at once with InputError naming the first's pid and host,
+    before it writes anything (two trainers would interleave their logs and delete each other's checkpoints)."""
+    return folder_lock(output_dir, "training run") if info.is_main else contextlib.nullcontext()
 
 
 def run_log_path(out_dir: Path, info: DistInfo) -> Path:
