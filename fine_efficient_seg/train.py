@@ -25,12 +25,13 @@ from typing import Any, Callable, Sequence
 from common.config import FineTrainConfig
 from common.core.errors import InputError
 from common.core.logger import get_logger, setup_logging
+from common.core.typed_config import config_to_dict
 from common.stage_cli import stage_cli
 from common.storage.data_paths import db_path
 from common.storage.lmdb_store import open_store
-from common.storage.step_marker import claim_run_folder, file_stamp, marker_matches, write_marker
+from common.storage.step_marker import claim_run_folder, file_stamp, marker_matches, read_marker, write_marker
 from common.train.distributed import DistInfo, init_distributed, run_on_every_rank
-from common.train.engine import DONE_FILE, CPSJob, run_cps_training, run_folder_lock
+from common.train.engine import DONE_FILE, INPUTS_FILE, CPSJob, run_cps_training, run_folder_lock
 from fine_efficient_seg.augment import FineAugmentSettings
 from fine_efficient_seg.boxes import compute_boxes
 from fine_efficient_seg.dataset import (
@@ -42,7 +43,7 @@ from fine_efficient_seg.dataset import (
     read_boxes,
     validation_cases,
 )
-from fine_efficient_seg.export import export, export_is_current
+from fine_efficient_seg.export import best_round_dir, export, export_is_current
 from fine_efficient_seg.layout import RunLayout
 from fine_efficient_seg.uif import UifOptions, run_uif, snapshot_iterations
 
@@ -117,8 +118,40 @@ def _round_inputs(cfg: FineTrainConfig, k: int) -> tuple[Path | None, Path | Non
     return pool, None, init_weights, cfg.round2.iterations or cfg.schedule.iterations, ()
 
 
+def _records_digest(db: Path | None) -> str | None:
+    """A hash of every record of an LMDB database (None for none): what a round learns from changes it."""
+    if db is None:
+        return None
+    store = open_store(db, readonly=True)
+    try:
+        return hashlib.sha256(json.dumps(store.to_dict(), sort_keys=True).encode()).hexdigest()
+    finally:
+        store.close()
+
+
+def round_inputs(cfg: FineTrainConfig, k: int) -> dict[str, Any]:
+    """What round k's networks depend on besides the iteration count: its unlabeled pool (round 1: the unlabeled
+    database and the boxes; round k > 1: filter k - 1's pool), its start weights and the config keys training reads.
+    The engine redoes a round whose folder was trained from other inputs, and the export refuses one."""
+    pool, boxes, init_weights, _, _ = _round_inputs(cfg, k)
+    if isinstance(init_weights, dict):  # warm: round k - 1's best networks
+        init_weights = {name: file_stamp(path) for name, path in init_weights.items()}
+    settings = config_to_dict(cfg)
+    return {
+        "pool": {"records": _records_digest(pool), "boxes": _records_digest(boxes)},
+        "init": init_weights,
+        "settings": {"seed": settings["seed"], "data": {key: settings["data"][key] for key in (
+            "labeled_db", "unlabeled_db", "val_db", "size_zyx", "hu_window", "labeled_batch_size",
+            "unlabeled_batch_size")}, "model": settings["model"], "optim": settings["optim"],
+            "schedule": {key: settings["schedule"][key] for key in ("lr_drop_at", "lr_drop_factor")},
+            "loss": settings["loss"], "cps": settings["cps"], "amp": {"precision": settings["amp"]["precision"]},
+            "crop": settings["crop"]},
+    }
+
+
 def run_round(cfg: FineTrainConfig, info: DistInfo, k: int) -> dict[str, Any]:
-    """CPS round k through the engine (which resumes from last.pt and returns at once when DONE)."""
+    """CPS round k through the engine (which resumes from last.pt, returns at once when DONE, and starts anew when
+    the round's inputs changed)."""
     pool, boxes, init_weights, iterations, snapshots = _round_inputs(cfg, k)
     data_base = cfg.data_base_dir
     sample = sample_spec(cfg)
@@ -145,7 +178,7 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, k: int) -> dict[str, Any]:
         val_cases=lambda rank, world: validation_cases(val_db, data_base, sample.size_zyx, sample.hu_window,
                                                        info.device, rank, world),
         iterations=iterations, init_weights=init_weights, dist=info, stage="fine",
-        extra_checkpoint={"round": f"round{k}"}, snapshot_iterations=snapshots)
+        extra_checkpoint={"round": f"round{k}"}, snapshot_iterations=snapshots, inputs=round_inputs(cfg, k))
     return run_cps_training(job)
 
 
@@ -203,7 +236,22 @@ def step_round2(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
     return run_round(cfg, info, 2)
 
 
+def _check_round_current(cfg: FineTrainConfig) -> None:
+    """InputError unless the round the export takes its networks from was trained from the current inputs (its
+    inputs.json; a folder of an earlier version, without one, is taken as it is)."""
+    round_dir = best_round_dir(cfg)
+    recorded = read_marker(round_dir / INPUTS_FILE)
+    if recorded is None:
+        return
+    k = int(round_dir.name.removeprefix("round"))
+    if recorded != json.loads(json.dumps(round_inputs(cfg, k))):
+        raise InputError(round_dir / INPUTS_FILE, f"{round_dir.name} was trained from other inputs than the current "
+                                                  f"ones (its pool or settings changed); train it again first (sh "
+                                                  f"run.sh step={round_dir.name}, or step=all)")
+
+
 def step_export(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
+    _check_round_current(cfg)
     if export_is_current(cfg):
         logger.info("export: %s is current; skipping", cfg.export.dir)
         return {"skipped": True, "export_dir": cfg.export.dir}

@@ -338,6 +338,18 @@ def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     assert results["round1"]["already_done"] and results["round2"]["already_done"]
     assert results["uif"]["skipped"] and results["export"]["skipped"]
     assert (tmp_path / "export" / "model.pt").stat().st_mtime_ns == stamp
+    # A changed UIF setting changes the pool: round 2 and the export depend on it, so both are done again (the stale
+    # round 2 is kept aside); round 1 does not depend on it.
+    results = main(fine_config(dataset, tmp_path, "uif.keep_count=3"))
+    assert results["uif"]["kept"] == 3 and results["round1"]["already_done"]
+    assert not results["round2"]["already_done"] and not results["export"].get("skipped")
+    assert (out / "round2" / "previous" / "DONE").is_file()
+    assert "labeled + 3 unlabeled" in (out / "steps.log").read_text()
+    assert (tmp_path / "export" / "model.pt").stat().st_mtime_ns != stamp
+    # the pool changed again, but only the uif step ran: the export refuses the stale round 2
+    main(fine_config(dataset, tmp_path, "uif.keep_count=1", "step=uif"))
+    with pytest.raises(InputError, match="round2 was trained from other inputs"):
+        main(fine_config(dataset, tmp_path, "uif.keep_count=1", "step=export"))
 
 
 def test_run_sh_execs_the_trainer(tmp_path):

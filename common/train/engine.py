@@ -49,6 +49,8 @@ Output folder `out_dir`:
     checkpoints/best_model_a.pt     on a strictly better validation mean Dice of net A (same for B)
     checkpoints/snapshot_<it>.pt    both networks after each iteration in `job.snapshot_iterations` (UIF stability)
     DONE                            JSON {"iteration", "best"} once the schedule has finished
+    inputs.json                     `job.inputs` when given: the run is done only while they are unchanged
+    previous/                       the outputs of a run trained from other inputs (set aside when they changed)
 Checkpoint contents are described in common/checkpoint.py.
 
 Resume and stop:
@@ -57,6 +59,8 @@ Resume and stop:
   after that iteration (written before a kill) are dropped so the logs read as one uninterrupted run.
 - If out_dir holds DONE for >= `iterations`, the run logs that it has finished and returns at once
   (summary["already_done"] is True). With a larger `iterations` it continues from last.pt.
+- With `job.inputs` (the fine rounds: their pool and settings), a folder trained from other inputs is not done: its
+  outputs move to previous/ and the run starts from scratch (or from `init_weights`).
 - SIGINT / SIGTERM: the current iteration finishes, last.pt is written, and `TrainingInterrupted` (a SystemExit
   with code 130 for SIGINT and 143 for SIGTERM, the shell's 128 + signal convention) is raised after a one-line
   log message, so an uncaught interruption exits the process with that code and no traceback. A second SIGINT
@@ -78,6 +82,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -132,6 +137,10 @@ ORGAN_KEYS: tuple[str, ...] = tuple(ORGANS[label][0].replace(" ", "_") for label
 LAST_CHECKPOINT = "last.pt"
 DONE_FILE = "DONE"
 METRICS_FILE = "metrics.jsonl"
+INPUTS_FILE = "inputs.json"
+PREVIOUS_DIR = "previous"
+# What a run writes into its folder besides its log: set aside together when its inputs change.
+_RUN_OUTPUTS = ("checkpoints", DONE_FILE, METRICS_FILE, "tb", "config.yaml", INPUTS_FILE)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 ValCase = tuple[str, torch.Tensor, torch.Tensor]
@@ -175,6 +184,9 @@ class CPSJob:
     extra_checkpoint: dict[str, Any] = field(default_factory=dict)
     # Iterations after which both networks are also kept as checkpoints/snapshot_<iteration>.pt (UIF stability).
     snapshot_iterations: tuple[int, ...] = ()
+    # What the trained networks depend on besides `iterations` (plain JSON data, e.g. the pool and the settings read):
+    # a run folder trained from other inputs is not "done"; its outputs are set aside in previous/ and it trains anew.
+    inputs: Mapping[str, Any] | None = None
 
 
 def run_folder_lock(output_dir: str | os.PathLike, info: DistInfo) -> contextlib.AbstractContextManager:
@@ -607,6 +619,7 @@ class _Trainer:
         if job.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {job.iterations}")
 
+        self._set_aside_if_stale()
         done_path = self.out_dir / DONE_FILE
         finished = self._finished(done_path)
         if finished is not None:
@@ -660,6 +673,29 @@ class _Trainer:
                 "best_iteration_a": self.state.best_iteration["a"],
                 "best_iteration_b": self.state.best_iteration["b"], "out_dir": str(self.out_dir),
                 "already_done": False}
+
+    def _set_aside_if_stale(self) -> None:
+        """With `job.inputs`: a folder whose inputs.json records other inputs was trained from them, so its outputs
+        (checkpoints, DONE, metrics, TensorBoard) move to previous/ (replacing an older one) and the run starts anew;
+        then inputs.json records this run's. A folder of an earlier version (no inputs.json) is kept as it is."""
+        if self.job.inputs is None:
+            return
+        path = self.out_dir / INPUTS_FILE
+        wanted = json.loads(json.dumps(dict(self.job.inputs)))
+        recorded = read_marker(path)
+        trained = any((self.out_dir / name).exists() for name in ("checkpoints", DONE_FILE))
+        if self.main and recorded is not None and recorded != wanted and trained:
+            previous = self.out_dir / PREVIOUS_DIR
+            shutil.rmtree(previous, ignore_errors=True)
+            previous.mkdir()
+            for name in _RUN_OUTPUTS:
+                if (self.out_dir / name).exists():
+                    os.replace(self.out_dir / name, previous / name)
+            logger.warning("%s was trained from other inputs (%s): training it again; its outputs are kept in %s",
+                           self.out_dir, "; ".join(_config_differences(recorded, wanted)), previous)
+        barrier()
+        if self.main:
+            write_marker(path, wanted)
 
     def _finished(self, done_path: Path) -> dict[str, Any] | None:
         """The summary of a run DONE at >= the wanted iterations, else None (a DONE below them is removed, and the
