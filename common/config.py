@@ -26,9 +26,22 @@ from common.core.defaults import (
 from common.core.device import device_problem
 from common.core.typed_config import cfg_field, choice_field, path_field, section
 from common.evaluation.uncertainty import UIF_SCORES, WEIGHTINGS
-from common.networks import NETWORKS, input_size_problem
+from common.networks import MAX_INPUT_SIZE, NETWORKS, input_size_problem
 from common.storage.model_folder import PreprocessSpec
 from common.train.losses import LOSSES
+
+# ------------------------------------------------------------------------------------------------- bounds
+# Upper bounds of the sizes and counts that reach an allocator, a thread pool or a loop: far beyond any real setting,
+# they turn a typo into a config error naming the key instead of a traceback per case or an hour of swapping.
+MAX_WORKERS = 128
+MAX_BATCH_SIZE = 256
+MAX_CHANNELS = 1024
+MAX_ITERATIONS = 10_000_000
+MAX_MARGIN_MM = 500.0            # box margins: more than a whole abdomen
+MAX_VOLUME_MM3 = 1.0e7           # smallest component kept: 10 litres, more than any organ
+MAX_Z_WINDOW_MM = 2000.0
+HU_LIMITS = (-32768.0, 32767.0)  # what int16 HU can hold
+MAX_SEED = 2**32 - 1             # numpy's seeds are 32-bit
 
 
 # ------------------------------------------------------------------------------------------------- checks
@@ -54,15 +67,15 @@ class PrepareConfig:
     test_image_dir: str = "val_images"
     test_mask_dir: str | None = None
     file_list_dir: str = "file_list"
-    coarse_size_zyx: list[int] = cfg_field(list(COARSE_SIZE_ZYX), length=3, gt=0, multiple_of=16)
-    fine_size_zyx: list[int] = cfg_field(list(FINE_SIZE_ZYX), length=3, gt=0, multiple_of=16)
-    extend_size_mm: float = cfg_field(EXTEND_SIZE_MM, ge=0)
-    max_extend_size_mm: float = cfg_field(MAX_EXTEND_SIZE_MM, ge=0)
-    hu_window: list[float] = cfg_field(list(HU_WINDOW), length=2)
+    coarse_size_zyx: list[int] = cfg_field(list(COARSE_SIZE_ZYX), length=3, gt=0, le=MAX_INPUT_SIZE, multiple_of=16)
+    fine_size_zyx: list[int] = cfg_field(list(FINE_SIZE_ZYX), length=3, gt=0, le=MAX_INPUT_SIZE, multiple_of=16)
+    extend_size_mm: float = cfg_field(EXTEND_SIZE_MM, ge=0, le=MAX_MARGIN_MM)
+    max_extend_size_mm: float = cfg_field(MAX_EXTEND_SIZE_MM, ge=0, le=MAX_MARGIN_MM)
+    hu_window: list[float] = cfg_field(list(HU_WINDOW), length=2, ge=HU_LIMITS[0], le=HU_LIMITS[1])
     val_ratio: float = cfg_field(0.2, ge=0, lt=1)
-    split_seed: int = 0
+    split_seed: int = cfg_field(0, ge=0, le=MAX_SEED)
     split_5fold: bool = False
-    num_workers: int = cfg_field(2, ge=0)
+    num_workers: int = cfg_field(2, ge=0, le=MAX_WORKERS)
     overwrite: bool = False
 
     def _cross_check(self) -> Iterable[tuple[str, str]]:
@@ -78,10 +91,10 @@ class DataSection:
     unlabeled_db: str | None = "db/seg_trainu"
     val_db: str = "db/seg_val_fold_{fold}"
     size_zyx: list[int] = cfg_field(list(COARSE_SIZE_ZYX), length=3, gt=0, multiple_of=16)
-    hu_window: list[float] = cfg_field(list(HU_WINDOW), length=2)
-    labeled_batch_size: int = cfg_field(1, ge=1)
-    unlabeled_batch_size: int = cfg_field(1, ge=1)
-    num_workers: int = cfg_field(2, ge=0)
+    hu_window: list[float] = cfg_field(list(HU_WINDOW), length=2, ge=HU_LIMITS[0], le=HU_LIMITS[1])
+    labeled_batch_size: int = cfg_field(1, ge=1, le=MAX_BATCH_SIZE)
+    unlabeled_batch_size: int = cfg_field(1, ge=1, le=MAX_BATCH_SIZE)
+    num_workers: int = cfg_field(2, ge=0, le=MAX_WORKERS)
 
     def _cross_check(self) -> Iterable[tuple[str, str]]:
         yield from _window_problems("hu_window", self.hu_window)
@@ -95,10 +108,10 @@ class ModelSection:
     """Network architecture (built by name from common.networks) and the two CPS networks' seeds."""
 
     name: str = choice_field("unet", tuple(NETWORKS))
-    channels: list[int] = cfg_field([16, 32, 64, 128, 256], length=5, gt=0)
+    channels: list[int] = cfg_field([16, 32, 64, 128, 256], length=5, gt=0, le=MAX_CHANNELS)
     dropout: float = cfg_field(0.2, ge=0, lt=1)
-    seed_a: int = 1
-    seed_b: int = 2
+    seed_a: int = cfg_field(1, ge=0, le=MAX_SEED)
+    seed_b: int = cfg_field(2, ge=0, le=MAX_SEED)
     # Weights networks A and B start from (a fresh run only): an exported model folder or model.pt, or the
     # original release's stage folder or best_model.pt (common.train.engine.read_init_weights); null = random init.
     init_from: str | None = path_field(None)
@@ -112,18 +125,18 @@ class ModelSection:
 class OptimSection:
     """Adam settings."""
 
-    lr: float = cfg_field(1.0e-2, gt=0)
+    lr: float = cfg_field(1.0e-2, gt=0, le=10)
     betas: list[float] = cfg_field([0.9, 0.99], length=2, ge=0, lt=1)
-    weight_decay: float = cfg_field(5.0e-5, ge=0)
+    weight_decay: float = cfg_field(5.0e-5, ge=0, le=10)
 
 
 @dataclass
 class ScheduleSection:
     """Iteration-based schedule: LR multiplied by lr_drop_factor[i] after lr_drop_at[i] of the iterations."""
 
-    iterations: int = cfg_field(20000, ge=1)
+    iterations: int = cfg_field(20000, ge=1, le=MAX_ITERATIONS)
     lr_drop_at: list[float] = cfg_field([0.66, 0.86], gt=0, lt=1)
-    lr_drop_factor: list[float] = cfg_field([0.1, 0.05], gt=0)
+    lr_drop_factor: list[float] = cfg_field([0.1, 0.05], gt=0, le=10)
     val_interval: int = cfg_field(500, ge=1)
     checkpoint_interval: int = cfg_field(100, ge=1)
     log_interval: int = cfg_field(10, ge=1)
@@ -147,8 +160,8 @@ class LossSection:
 class CPSSection:
     """Weight of the cross pseudo supervision loss and its sigmoid ramp-up (0 = no ramp-up)."""
 
-    weight: float = cfg_field(1.0, ge=0)
-    rampup_iterations: int = cfg_field(0, ge=0)
+    weight: float = cfg_field(1.0, ge=0, le=1000)
+    rampup_iterations: int = cfg_field(0, ge=0, le=MAX_ITERATIONS)
     legacy_shift: bool = False  # ablation: the original release's shifted pseudo labels (see common/cps.py)
 
 
@@ -172,11 +185,11 @@ class ExportSection:
 class CropSection:
     """Fine-stage training crops: box extension and per-organ HU shift augmentation."""
 
-    extend_size_mm: float = cfg_field(EXTEND_SIZE_MM, ge=0)
-    max_extend_size_mm: float = cfg_field(MAX_EXTEND_SIZE_MM, ge=0)
+    extend_size_mm: float = cfg_field(EXTEND_SIZE_MM, ge=0, le=MAX_MARGIN_MM)
+    max_extend_size_mm: float = cfg_field(MAX_EXTEND_SIZE_MM, ge=0, le=MAX_MARGIN_MM)
     random_extend_prob: float = cfg_field(0.5, ge=0, le=1)
     hu_shift_prob: float = cfg_field(0.5, ge=0, le=1)
-    hu_shift_max: float = cfg_field(200.0, ge=0)
+    hu_shift_max: float = cfg_field(200.0, ge=0, le=HU_LIMITS[1])
 
     def _cross_check(self) -> Iterable[tuple[str, str]]:
         yield from _extend_problems(self.extend_size_mm, self.max_extend_size_mm)
@@ -194,10 +207,10 @@ class UIFSection:
     """Uncertainty-based image filtering: score, and how many unlabeled cases to keep (count wins over ratio)."""
 
     score: str = choice_field("disagreement", UIF_SCORES)
-    keep_count: int | None = cfg_field(None, ge=1)
+    keep_count: int | None = cfg_field(None, ge=1, le=MAX_ITERATIONS)
     keep_ratio: float = cfg_field(0.1, gt=0, le=1)
     weighting: str = choice_field("organ", WEIGHTINGS)
-    snapshots: int = cfg_field(3, ge=0)
+    snapshots: int = cfg_field(3, ge=0, le=100)
 
 
 @dataclass
@@ -205,7 +218,7 @@ class Round2Section:
     """Second CPS round on the filtered pool: fresh or warm-started networks; null iterations = schedule's."""
 
     init: str = choice_field("fresh", ("fresh", "warm"))
-    iterations: int | None = cfg_field(None, ge=1)
+    iterations: int | None = cfg_field(None, ge=1, le=MAX_ITERATIONS)
 
 
 @dataclass
@@ -213,8 +226,8 @@ class CoarsePostprocessSection:
     """Coarse prediction -> organ box (reference 6.2 steps 3-4); exported with the model, predict.py flags
     --coarse-min-volume-mm3 / --z-window-mm override it. The fine stage's boxes step uses the same values."""
 
-    min_volume_mm3: float = cfg_field(COARSE_MIN_VOLUME_MM3, ge=0)
-    z_window_mm: float = cfg_field(Z_WINDOW_MM, gt=0)
+    min_volume_mm3: float = cfg_field(COARSE_MIN_VOLUME_MM3, ge=0, le=MAX_VOLUME_MM3)
+    z_window_mm: float = cfg_field(Z_WINDOW_MM, gt=0, le=MAX_Z_WINDOW_MM)
 
 
 @dataclass
@@ -222,7 +235,7 @@ class FinePostprocessSection:
     """Fine prediction -> mask (reference 6.2 step 7): smallest component kept per organ (mm^3 of the crop grid);
     exported with the model, predict.py --fine-min-volume-mm3 overrides it. The box margin is crop.extend_size_mm."""
 
-    min_volume_mm3: float = cfg_field(FINE_MIN_VOLUME_MM3, ge=0)
+    min_volume_mm3: float = cfg_field(FINE_MIN_VOLUME_MM3, ge=0, le=MAX_VOLUME_MM3)
 
 
 @dataclass
@@ -234,7 +247,7 @@ class TrainConfigBase:
     output_dir: str = path_field("output")
     fold: int = cfg_field(1, ge=1, le=5)
     device: str = cfg_field("auto", check=device_problem)
-    seed: int = 0
+    seed: int = cfg_field(0, ge=0, le=MAX_SEED)
     data: DataSection = section(DataSection)
     model: ModelSection = section(ModelSection)
     optim: OptimSection = section(OptimSection)

@@ -381,3 +381,63 @@ def test_input_size_too_small_for_the_network_depth_is_refused():
         with pytest.raises(ConfigError, match=r"data\.size_zyx: \[16, 16, 16\] leaves a bottleneck of \[1, 1, 1\]"):
             load_config(schema, root / stage / "config.yaml", ["data.size_zyx=[16,16,16]"])
         load_config(schema, root / stage / "config.yaml", ["data.size_zyx=[32,32,48]"])
+
+
+# ---------------------------------------------------------------------------------------------- issue 21
+def _alias_bomb(levels: int) -> str:
+    """YAML whose `data.hu_window` expands to 9**levels values through nested aliases (a billion laughs)."""
+    lines = ["bomb0: &b0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"bomb{i}: &b{i} [*b{i - 1}, *b{i - 1}, *b{i - 1}, *b{i - 1}, *b{i - 1}, *b{i - 1}, *b{i - 1}, "
+              f"*b{i - 1}, *b{i - 1}]" for i in range(1, levels)]
+    return "x-anchors:\n" + "".join(f"  {line}\n" for line in lines) + f"data:\n  hu_window: *b{levels - 1}\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    """A 9-level anchor bomb used to take minutes and end in a MemoryError inside the error message, which printed the
+    expanded value: it is refused at once, naming the file, and nothing of the value is shown."""
+    path = write_yaml(tmp_path, _alias_bomb(9))
+    err = load_error(CoarseTrainConfig, path)
+    assert str(path) in str(err) and "aliases" in str(err) and len(str(err)) < 500
+    err = load_error(CoarseTrainConfig, write_yaml(tmp_path, ""), [f"data.hu_window={'[' * 200}"])
+    assert len(str(err)) < 1000
+
+
+def test_anchors_aliases_and_merge_keys_are_ordinary_yaml(tmp_path):
+    text = ("optim: &adam\n  lr: 1.0e-3\n  weight_decay: 0.0\ncps:\n  <<: {weight: 0.5}\n  rampup_iterations: 2\n"
+            "data:\n  hu_window: &w [-300.0, 300.0]\n")
+    cfg = load_config(FineTrainConfig, write_yaml(tmp_path, text))
+    assert (cfg.cps.weight, cfg.cps.rampup_iterations, cfg.optim.lr) == (0.5, 2, 1.0e-3)
+    err = load_error(FineTrainConfig, write_yaml(tmp_path, "cps:\n  <<: {weight: 0.5}\n  weight: 1.0\n  weight: 2.0\n"))
+    assert "duplicate key 'weight'" in str(err)
+
+
+@pytest.mark.parametrize("schema, yaml_text, key", [
+    (CoarseTrainConfig, "data:\n  size_zyx: [100000, 100000, 100000]\n", "data.size_zyx"),
+    (PrepareConfig, "fine_size_zyx: [4096, 4096, 4096]\n", "fine_size_zyx[0]"),
+    (PrepareConfig, "coarse_size_zyx: [160, 160, 100000]\n", "coarse_size_zyx[2]"),
+    (CoarseTrainConfig, "model:\n  channels: [16, 32, 64, 128, 1000000]\n", "model.channels[4]"),
+    (CoarseTrainConfig, "data:\n  labeled_batch_size: 100000\n", "data.labeled_batch_size"),
+    (CoarseTrainConfig, "data:\n  num_workers: 100000\n", "data.num_workers"),
+    (PrepareConfig, "num_workers: 100000\n", "num_workers"),
+    (FineTrainConfig, "crop:\n  extend_size_mm: 1.0e+9\n  max_extend_size_mm: 2.0e+9\n", "crop.extend_size_mm"),
+    (PrepareConfig, "extend_size_mm: .inf\nmax_extend_size_mm: .inf\n", "extend_size_mm"),
+    (FineTrainConfig, "postprocess:\n  min_volume_mm3: .inf\n", "postprocess.min_volume_mm3"),
+    (CoarseTrainConfig, "postprocess:\n  z_window_mm: .nan\n", "postprocess.z_window_mm"),
+    (CoarseTrainConfig, "optim:\n  lr: .inf\n", "optim.lr"),
+    (CoarseTrainConfig, "schedule:\n  iterations: 1000000000000\n", "schedule.iterations"),
+    (FineTrainConfig, "uif:\n  snapshots: 1000000\n", "uif.snapshots"),
+    (CoarseTrainConfig, "data:\n  hu_window: [-1.0e+30, 1.0e+30]\n", "data.hu_window[0]"),
+])
+def test_sizes_and_numbers_without_an_upper_bound_are_config_errors(tmp_path, schema, yaml_text, key):
+    """Values that used to reach the allocator (a traceback per case or an hour of swapping) or silently empty every
+    mask (an infinite minimum volume) are refused at start-up, naming the key."""
+    err = load_error(schema, write_yaml(tmp_path, yaml_text))
+    assert key in err.keys, str(err)
+
+
+def test_an_empty_config_file_warns_and_a_folder_is_named_as_one(tmp_path, caplog):
+    caplog.set_level("WARNING")
+    load_config(CoarseTrainConfig, write_yaml(tmp_path, "# nothing but a comment\n"))
+    assert "config.yaml is empty: every key takes its default" in caplog.text
+    err = load_error(CoarseTrainConfig, tmp_path)
+    assert f"{tmp_path}: is a folder, not a config file" in str(err)

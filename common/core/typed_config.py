@@ -13,9 +13,11 @@ Field metadata (declare with `cfg_field`, `path_field`, `choice_field`, or `data
 A section may define `_cross_check(self) -> Iterable[tuple[str, str]]` yielding (field name, problem) pairs
 for checks that involve several fields.
 
-YAML is read with PyYAML's safe loader (duplicate keys are an error). A float field also takes a number PyYAML
-leaves as a string, such as `1e-3` (YAML 1.1 wants `1.0e-3`); no config value needs quoting otherwise (the
-precision names are bf16 | fp16 | fp32, none of them a YAML 1.1 boolean).
+YAML is read with PyYAML's safe loader (duplicate keys are an error; anchors, aliases and `<<` merge keys work, but
+a document whose aliases expand to more than MAX_YAML_VALUES values, an alias bomb, is refused before it is built).
+A float field also takes a number PyYAML leaves as a string, such as `1e-3` (YAML 1.1 wants `1.0e-3`), and must be
+finite; no config value needs quoting otherwise (the precision names are bf16 | fp16 | fp32, none of them a YAML
+1.1 boolean). Messages show at most a short excerpt of a value.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import re
 import sys
@@ -36,8 +39,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar, Union
 import yaml
 
 from common.core.files import write_text_atomic
+from common.core.logger import get_logger
 
 T = TypeVar("T")
+
+logger = get_logger(__name__)
 
 _NONE_STRINGS = ("none", "None", "NONE")
 
@@ -104,13 +110,23 @@ def section(cls: type[T], **defaults: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------- YAML
+MAX_YAML_VALUES = 100_000  # a stage's config holds about a hundred values: far more can only come from aliases
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class AliasBombError(yaml.YAMLError):
+    """A YAML document whose aliases expand to more than MAX_YAML_VALUES values (or into themselves)."""
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with an error on duplicate mapping keys (no other change)."""
+    """PyYAML's safe loader with an error on duplicate mapping keys (a `<<` merge key's keys may be overridden)."""
 
     def construct_mapping(self, node, deep=False):  # type: ignore[override]
         if isinstance(node, yaml.MappingNode):
             seen: set[Any] = set()
             for key_node, _ in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 if isinstance(key, str) and key in seen:
                     raise yaml.constructor.ConstructorError(
@@ -121,8 +137,49 @@ class _YamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values `node` stands for once every alias is expanded (an alias is the anchored node itself, so
+    each node is counted once and reused); AliasBombError beyond MAX_YAML_VALUES or for a node inside itself."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise AliasBombError("an alias refers to the value that contains it (a recursive structure)")
+    open_nodes.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes, open_nodes)
+        if total > MAX_YAML_VALUES:
+            raise AliasBombError(f"its aliases expand to more than {MAX_YAML_VALUES} values (an alias bomb?); "
+                                 "refused without reading on. Write the values out")
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 -- a SafeLoader subclass
+    """The YAML document of `text`, composed and size-checked (`_expanded_size`) before it is built."""
+    loader = _YamlLoader(text)  # noqa: S506 -- a SafeLoader subclass
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _excerpt(value: Any, limit: int = 120) -> str:
+    """repr of `value`, cut to `limit` characters: a message never prints a huge value."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class _YamlDumper(yaml.SafeDumper):
@@ -170,7 +227,7 @@ def _type_name(tp: Any) -> str:
 def _got(value: Any) -> str:
     if value is None:
         return "null"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {_excerpt(value)}"
 
 
 def _is_section(tp: Any) -> bool:
@@ -326,6 +383,9 @@ class _Builder:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if ok:
                 value = float(value)
+                if not math.isfinite(value):
+                    self.error(key, f"must be a finite number, got {value!r}")
+                    return _INVALID
         elif base is str:
             ok = isinstance(value, str)
         else:
@@ -401,8 +461,8 @@ def _apply_overrides(schema: type, raw: dict, overrides: Sequence[str]) -> dict[
         try:
             value = _yaml_load(value_text) if value_text else None
         except yaml.YAMLError as exc:
-            problems.append(f"{full}: cannot parse value {value_text!r} as YAML: {exc} (command-line override "
-                            f"'{text}')")
+            problems.append(f"{full}: cannot parse value {_excerpt(value_text)} as YAML: "
+                            f"{_excerpt(str(exc).splitlines()[0] if str(exc) else exc, 200)} (command-line override)")
             keys.append(full)
             continue
         base, _ = _strip(tp)
@@ -461,15 +521,20 @@ def load_config(schema: type[T], yaml_path: str | os.PathLike, overrides: Sequen
     in `overrides` resolve against the current working directory. Raises ConfigError naming every bad key.
     """
     path = Path(yaml_path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file; give the YAML file (config={path}/config.yaml)")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         raw = _yaml_load(path.read_text(encoding="utf-8"))
+    except AliasBombError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
     if raw is None:
+        logger.warning("%s is empty: every key takes its default (see the stage's config.yaml)", path)
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {_got(raw)}")

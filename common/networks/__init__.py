@@ -18,8 +18,11 @@ NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "efficient_seg_net": Effic
 # and instance norm needs at least 2 voxels per axis there.
 DOWNSAMPLING = 16
 MIN_INPUT_SIZE = 2 * DOWNSAMPLING
+# Largest input size per axis: 512^3 already needs tens of GB for one forward pass (192 is trained, 160 the original's);
+# a larger value is a typo that would reach the allocator.
+MAX_INPUT_SIZE = 512
 
-__all__ = ["DOWNSAMPLING", "MIN_INPUT_SIZE", "NETWORKS", "EfficientSegNet", "UNet", "build_network",
+__all__ = ["DOWNSAMPLING", "MAX_INPUT_SIZE", "MIN_INPUT_SIZE", "NETWORKS", "EfficientSegNet", "UNet", "build_network",
            "input_size_problem"]
 
 
@@ -33,7 +36,7 @@ def build_network(name: str, **kwargs: Any) -> nn.Module:
 
 
 def input_size_problem(size_zyx: Sequence[int]) -> str | None:
-    """What is wrong with `size_zyx` as a network input size (3 sizes, each a multiple of 16 and >= 32), or None."""
+    """What is wrong with `size_zyx` as a network input size (3 sizes, each a multiple of 16 in 32..512), or None."""
     sizes = list(size_zyx)
     if len(sizes) != 3:
         return f"{sizes} is not 3 sizes (z, y, x)"
@@ -43,4 +46,6 @@ def input_size_problem(size_zyx: Sequence[int]) -> str | None:
         bottleneck = [int(s) // DOWNSAMPLING for s in sizes]
         return (f"{sizes} leaves a bottleneck of {bottleneck} voxels after the networks' x{DOWNSAMPLING} downsampling; "
                 f"instance norm needs at least 2 per axis: use sizes >= {MIN_INPUT_SIZE}")
+    if any(int(s) > MAX_INPUT_SIZE for s in sizes):
+        return f"{sizes}: every size must be <= {MAX_INPUT_SIZE} (192 is trained, 160 the original predictor's)"
     return None
