@@ -12,15 +12,30 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from common.core.errors import InputError, WeightsError, WriteError
 from common.core.logger import get_logger, setup_logging
 from common.infer.backends import BACKENDS
 from common.infer.folder import predict_folder
-from common.infer.predictor import DEFAULT_UNCERTAINTY_THRESHOLD, PredictOptions
+from common.infer.predictor import DEFAULT_UNCERTAINTY_THRESHOLD, PredictOptions, option_problem
 
 REPO_ROOT = Path(__file__).resolve().parent
 logger = get_logger("predict")
+
+
+def _checked(name: str, cast: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type for option `name` of PredictOptions: a bad value exits with 2 and names the flag."""
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        problem = option_problem(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,28 +55,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="where the networks run: auto = onnxruntime on the CPU when installed (faster, see "
                              "BENCHMARKS.md), torch otherwise and on CUDA (default: %(default)s)")
-    parser.add_argument("--fine-size", type=int, default=None,
+    parser.add_argument("--fine-size", type=_checked("fine_size", int), default=None,
                         help="fine network input size per axis: 192 (trained, default from the model) or 160 "
                              "(faster); any multiple of 16")
     parser.add_argument("--ensemble", action="store_true",
                         help="average networks A and B (both stages; both must hold network B)")
     parser.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
     parser.add_argument("--overlays", action="store_true", help="also write <id>_overlay.png (axial + coronal)")
-    parser.add_argument("--workers", type=int, default=2,
+    parser.add_argument("--workers", type=_checked("workers", int), default=2,
                         help="background reader threads = cases read ahead (default: %(default)s)")
     parser.add_argument("--uncertainty", default="auto", choices=("auto", "on", "off"),
                         help="A/B disagreement score: auto = with --ensemble or on CUDA (on the CPU it costs a "
                              "second fine forward pass) (default: %(default)s)")
-    parser.add_argument("--uncertainty-threshold", type=float, default=DEFAULT_UNCERTAINTY_THRESHOLD,
+    parser.add_argument("--uncertainty-threshold", type=_checked("uncertainty_threshold", float),
+                        default=DEFAULT_UNCERTAINTY_THRESHOLD,
                         help="flag cases whose uncertainty is above this (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     post = parser.add_argument_group("post-processing (default: the values each exported model carries)")
-    post.add_argument("--coarse-min-volume-mm3", type=float, default=None,
+    post.add_argument("--coarse-min-volume-mm3", type=_checked("coarse_min_volume_mm3", float), default=None,
                       help="smallest coarse component kept per organ, mm^3 of the coarse grid")
-    post.add_argument("--z-window-mm", type=float, default=None,
+    post.add_argument("--z-window-mm", type=_checked("z_window_mm", float), default=None,
                       help="half height of the organ box's z-window around the largest coarse region, mm")
-    post.add_argument("--extend-size-mm", type=float, default=None, help="margin around the organ box, mm")
-    post.add_argument("--fine-min-volume-mm3", type=float, default=None,
+    post.add_argument("--extend-size-mm", type=_checked("extend_size_mm", float), default=None,
+                      help="margin around the organ box, mm")
+    post.add_argument("--fine-min-volume-mm3", type=_checked("fine_min_volume_mm3", float), default=None,
                       help="smallest fine component kept per organ, mm^3")
     return parser.parse_args(argv)
 

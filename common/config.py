@@ -19,8 +19,17 @@ from common.core.defaults import (
     EXTEND_SIZE_MM,
     FINE_MIN_VOLUME_MM3,
     FINE_SIZE_ZYX,
+    HU_LIMITS,
     HU_WINDOW,
+    MAX_BATCH_SIZE,
+    MAX_CHANNELS,
     MAX_EXTEND_SIZE_MM,
+    MAX_ITERATIONS,
+    MAX_MARGIN_MM,
+    MAX_SEED,
+    MAX_VOLUME_MM3,
+    MAX_WORKERS,
+    MAX_Z_WINDOW_MM,
     Z_WINDOW_MM,
 )
 from common.core.device import device_problem
@@ -29,19 +38,6 @@ from common.evaluation.uncertainty import UIF_SCORES, WEIGHTINGS
 from common.networks import MAX_INPUT_SIZE, NETWORKS, input_size_problem
 from common.storage.model_folder import PreprocessSpec
 from common.train.losses import LOSSES
-
-# ------------------------------------------------------------------------------------------------- bounds
-# Upper bounds of the sizes and counts that reach an allocator, a thread pool or a loop: far beyond any real setting,
-# they turn a typo into a config error naming the key instead of a traceback per case or an hour of swapping.
-MAX_WORKERS = 128
-MAX_BATCH_SIZE = 256
-MAX_CHANNELS = 1024
-MAX_ITERATIONS = 10_000_000
-MAX_MARGIN_MM = 500.0            # box margins: more than a whole abdomen
-MAX_VOLUME_MM3 = 1.0e7           # smallest component kept: 10 litres, more than any organ
-MAX_Z_WINDOW_MM = 2000.0
-HU_LIMITS = (-32768.0, 32767.0)  # what int16 HU can hold
-MAX_SEED = 2**32 - 1             # numpy's seeds are 32-bit
 
 
 # ------------------------------------------------------------------------------------------------- checks
@@ -227,7 +223,7 @@ class CoarsePostprocessSection:
     --coarse-min-volume-mm3 / --z-window-mm override it. The fine stage's boxes step uses the same values."""
 
     min_volume_mm3: float = cfg_field(COARSE_MIN_VOLUME_MM3, ge=0, le=MAX_VOLUME_MM3)
-    z_window_mm: float = cfg_field(Z_WINDOW_MM, gt=0, le=MAX_Z_WINDOW_MM)
+    z_window_mm: float = cfg_field(Z_WINDOW_MM, ge=1, le=MAX_Z_WINDOW_MM)
 
 
 @dataclass

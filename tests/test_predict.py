@@ -294,7 +294,7 @@ def test_ensemble_and_uncertainty(tmp_path, weights_dir):
     assert not single.uncertainty  # auto: not on the CPU without --ensemble
     ensemble = Predictor(PredictOptions(weights_dir, device="cpu", ensemble=True))
     assert ensemble.uncertainty
-    summary = predict_folder(in_dir, tmp_path / "out", PredictOptions(uncertainty_threshold=-1.0, progress=False),
+    summary = predict_folder(in_dir, tmp_path / "out", PredictOptions(uncertainty_threshold=0.0, progress=False),
                              predictor=ensemble)
     row = summary["rows"][0]
     assert row["status"] == "ok" and 0.0 <= row["uncertainty"] <= 1.0 and row["flagged"]
@@ -565,7 +565,7 @@ def test_rerun_keeps_each_cases_row_and_cleans_temporaries(tmp_path, weights_dir
     for i in range(2):
         _write_ct(in_dir / f"c{i}_0000.nii.gz", _ct_volume((17, 20, 19), seed=i))
     ensemble = Predictor(PredictOptions(weights_dir, device="cpu", ensemble=True))
-    options = PredictOptions(uncertainty_threshold=-1.0, progress=False)
+    options = PredictOptions(uncertainty_threshold=0.0, progress=False)
     first = predict_folder(in_dir, out_dir, options, predictor=ensemble)
     assert first["ok"] == 2 and first["flagged"] == 2
     before = _rows(out_dir)
@@ -674,3 +674,25 @@ def test_a_mask_cut_short_by_a_full_disk_fails_its_case_and_a_rerun_redoes_it(tm
     assert _cli(in_dir, out_dir, weights_dir, "--backend", "torch") == 0
     assert _rows(out_dir)["c1"]["status"] == "ok"
     assert read_image(out_dir / "c1.nii.gz")[0].shape == (17, 20, 19)
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--extend-size-mm", "-50"), ("--fine-min-volume-mm3", "inf"), ("--workers", "-3"),
+    ("--uncertainty-threshold", "nan"), ("--fine-size", "4096"), ("--coarse-min-volume-mm3", "1e300"),
+    ("--z-window-mm", "0"), ("--fine-size", "100"),
+])
+def test_option_values_out_of_range_stop_at_start_up(tmp_path, weights_dir, capsys, flag, value):
+    """A negative margin changed every mask, an infinite minimum volume emptied them all with status ok, and a
+    4096^3 fine size reached the allocator once per case: each is refused before any work, naming the flag."""
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c1_0000.nii.gz", _ct_volume((17, 20, 19)))
+    try:
+        code = _cli(in_dir, tmp_path / "out", weights_dir, "--backend", "torch", flag, value)
+    except SystemExit as exc:  # argparse's own exit for a bad value
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and flag in err and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "c1.nii.gz").exists()
+    with pytest.raises(ValueError, match=flag.lstrip("-").replace("-", "_")):
+        PredictOptions(**{flag.lstrip("-").replace("-", "_"): float(value)})

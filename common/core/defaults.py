@@ -32,3 +32,18 @@ FINE_MIN_VOLUME_MM3 = 500.0
 """Smallest fine component kept per organ (mm^3 of the crop grid; reference 6.2 step 7). DESIGN 5.8 said 2000; 500
 was measured better on 5 seeds and is the original's effective value on its crops (BENCHMARKS.md, "Fine minimum
 component volume")."""
+
+
+# ---------------------------------------------------------------------------------------------- limits
+# Upper bounds of the settings that reach an allocator, a thread pool or a loop (configs and predict.sh's flags check
+# them at start-up): far beyond any real setting, they turn a typo into an error naming the key or flag instead of a
+# traceback per case, an hour of swapping or a silently emptied mask.
+MAX_WORKERS = 128
+MAX_BATCH_SIZE = 256
+MAX_CHANNELS = 1024
+MAX_ITERATIONS = 10_000_000
+MAX_MARGIN_MM = 500.0            # box margins: more than a whole abdomen
+MAX_VOLUME_MM3 = 1.0e7           # smallest component kept: 10 litres, more than any organ
+MAX_Z_WINDOW_MM = 2000.0
+HU_LIMITS = (-32768.0, 32767.0)  # what int16 HU can hold
+MAX_SEED = 2**32 - 1             # numpy's seeds are 32-bit

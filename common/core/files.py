@@ -197,7 +197,8 @@ def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _lock_holder(fd)
-            raise InputError(folder, f"another {what} ({holder or 'another process'}) is writing into this folder "
+            holder = f" ({holder})" if holder else ""
+            raise InputError(folder, f"another {what}{holder} is writing into this folder "
                                      f"(it holds {folder / '.lock'}); wait for it to finish or use another "
                                      "folder") from None
         with contextlib.suppress(OSError):  # only for the message of a second run

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from torch import nn
 from common.core import gpu_memory
 from common.core.amp import PRECISIONS as TRAIN_PRECISIONS
 from common.core.amp import amp_settings, autocast
+from common.core.defaults import MAX_MARGIN_MM, MAX_VOLUME_MM3, MAX_WORKERS, MAX_Z_WINDOW_MM
 from common.core.device import resolve_device, set_cudnn_benchmark
 from common.core.errors import InputError, WeightsError
 from common.core.labelmaps import LOGIT_THRESHOLD, probs_to_labels
@@ -134,6 +136,33 @@ class CaseResult:
     device: str = "cpu"
 
 
+# The numeric options' inclusive ranges (None: the model's value), the one rule for PredictOptions and predict.py's
+# flags (`--extend-size-mm` is option extend_size_mm); the bounds are the configs' (common.core.defaults).
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "workers": (1, MAX_WORKERS),
+    "uncertainty_threshold": (0.0, 1.0),  # the uncertainty is 1 - a mean Dice
+    "z_window_mm": (1.0, MAX_Z_WINDOW_MM),
+    "coarse_min_volume_mm3": (0.0, MAX_VOLUME_MM3),
+    "extend_size_mm": (0.0, MAX_MARGIN_MM),
+    "fine_min_volume_mm3": (0.0, MAX_VOLUME_MM3),
+    "chunk_elements": (1, float("inf")),
+}
+
+
+def option_problem(name: str, value: Any) -> str | None:
+    """What is wrong with `value` for the option `name` (a key of OPTION_RANGES, or fine_size), or None."""
+    if value is None:
+        return None
+    if name == "fine_size":
+        return input_size_problem((int(value),) * 3) if float(value) == int(value) else f"not an integer: {value}"
+    low, high = OPTION_RANGES[name]
+    if not math.isfinite(float(value)) and not (high == float("inf") and float(value) == high):
+        return f"must be a finite number, got {value}"
+    if not low <= float(value) <= high:
+        return f"must be between {low:g} and {high:g}, got {value}"
+    return None
+
+
 @dataclass(frozen=True)
 class PredictOptions:
     """Every option of a prediction run, in one place: predict.py fills it, `predict_folder` and `Predictor` read it.
@@ -162,6 +191,13 @@ class PredictOptions:
     workers: int = 2                                   # background reader threads = cases read ahead
     uncertainty_threshold: float = DEFAULT_UNCERTAINTY_THRESHOLD  # flag cases above it
     progress: bool = True                              # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        """ValueError naming the first option out of its range (OPTION_RANGES, the input-size rule)."""
+        for name in ("fine_size", *OPTION_RANGES):
+            problem = option_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(f"{name}: {problem}")
 
 
 class Predictor:
