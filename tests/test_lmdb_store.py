@@ -186,3 +186,89 @@ def test_forked_child_and_parent_writer(filled: Path) -> None:
     assert sorted(got) == list(range(20)) + [99]
     writer.put("after_fork", {"index": 100})  # the parent keeps writing normally
     assert open_store(filled).get("after_fork") == {"index": 100}
+
+
+# ------------------------------------------------------------------------------------------------ issue 21
+
+
+def _run(script: str, *args: str) -> "subprocess.CompletedProcess[str]":
+    """`script` in a fresh interpreter (a SIGBUS or an address-space limit must not reach the test process)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+
+
+_READ_ALL = """
+import sys
+from common.core.errors import InputError
+from common.storage.lmdb_store import open_store
+try:
+    print(len(open_store(sys.argv[1]).items()), "records")
+except InputError as e:
+    print("InputError", e)
+"""
+
+
+def test_a_truncated_database_is_a_clear_error_not_a_bus_error(tmp_path: Path) -> None:
+    """Reading a page beyond the end of a truncated data.mdb killed the trainer with SIGBUS and no message."""
+    path = tmp_path / "db" / "seg_train_fold_1"
+    store = LmdbStore(path, readonly=False)
+    store.put_many({f"case_{i:04d}": {"payload": "x" * 500} for i in range(2000)})
+    store.close()
+    data = path / "data.mdb"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    result = _run(_READ_ALL, str(path))
+    assert result.returncode == 0, f"rc {result.returncode}: {result.stderr[-500:]}"
+    assert result.stdout.startswith(f"InputError {path}: database is truncated"), result.stdout
+    assert "delete this folder" in result.stdout
+
+
+def test_a_value_that_is_not_json_names_the_database_and_key(filled: Path) -> None:
+    import lmdb
+
+    env = lmdb.open(str(filled))
+    with env.begin(write=True) as txn:
+        txn.put(b"case_007", b"\xff\xfe not json")
+    env.close()
+    store = open_store(filled)
+    for read in (lambda: store.get("case_007"), store.items, store.to_dict):
+        with pytest.raises(InputError, match=f"{filled}: the record of key 'case_007' is not UTF-8 JSON"):
+            read()
+    assert store.get("case_001") == record(1)
+
+
+_MANY_WRITERS = """
+import os, resource, sys
+from pathlib import Path
+from common.core.errors import InputError
+from common.storage.lmdb_store import LmdbStore
+vm = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+headroom = int(sys.argv[2]) << 20
+resource.setrlimit(resource.RLIMIT_AS, (vm + headroom, resource.RLIM_INFINITY))
+try:
+    for i in range(14):  # as many databases as data_prepare writes, each kept open
+        LmdbStore(f"{sys.argv[1]}/db{i}", readonly=False).put_many({f"k{j}": {"x": "y" * 200} for j in range(50)})
+    print("ok")
+except InputError as e:
+    print("InputError", e)
+"""
+
+
+def test_an_address_space_limit_never_reads_as_damage(tmp_path: Path) -> None:
+    """Under `ulimit -v` (as clusters set) the 1 GiB maps of many open databases did not fit: a good database was
+    called damaged with the advice to delete it. The maps now fit the limit; where even the data cannot, the message
+    names the limit and never asks to delete anything."""
+    result = _run(_MANY_WRITERS, str(tmp_path / "a"), "1536")
+    assert result.stdout.strip() == "ok", result.stdout + result.stderr[-500:]
+    big = tmp_path / "big"
+    store = LmdbStore(big, readonly=False)
+    store.put_many({f"case_{i:05d}": {"payload": "x" * 4000} for i in range(20000)})  # about 100 MB
+    store.close()
+    result = _run(_MANY_WRITERS.replace("db{i}", "../big"), str(tmp_path / "a"), "16")
+    assert "address space" in result.stdout and "ulimit -v" in result.stdout, result.stdout + result.stderr[-500:]
+    assert "is damaged" not in result.stdout and "delete" not in result.stdout

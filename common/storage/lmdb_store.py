@@ -3,6 +3,11 @@
 A store is safe to pickle and to use after fork: the LMDB environment is opened lazily in each process
 (never shared across a fork), so a `Dataset` holding a store works in DataLoader worker processes.
 Every write is one transaction (all or nothing).
+
+Failures say what they are, and only real damage advises deleting: a data.mdb shorter than its last page (a read
+there would kill the process with SIGBUS) or not an LMDB file is damaged; a record that is not UTF-8 JSON is named
+by its key; a map that does not fit the address-space limit (`ulimit -v`) names the limit; a full disk is a
+WriteError. The map of a writable store fits the address space left under such a limit (and grows when full).
 """
 
 from __future__ import annotations
@@ -16,7 +21,13 @@ import lmdb
 import numpy as np
 
 from common.core.errors import InputError
+from common.core.files import write_failure
 from common.core.logger import get_logger
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - not POSIX: no address-space limit to fit
+    resource = None  # type: ignore[assignment]
 
 logger = get_logger(__name__)
 
@@ -47,8 +58,19 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
 
 
 def decode_record(value: bytes) -> dict:
-    """Inverse of `encode_record`."""
+    """Inverse of `encode_record` (ValueError when `value` is not UTF-8 JSON)."""
     return json.loads(bytes(value).decode("utf-8"))
+
+
+def _decoded(path: Path, key: bytes | str, value: bytes) -> dict:
+    """`decode_record(value)`, or InputError naming the database and the key of a value that is not a record."""
+    try:
+        return decode_record(value)
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        key = key if isinstance(key, str) else bytes(key).decode("utf-8", "replace")
+        raise InputError(path, f"the record of key {key!r} is not UTF-8 JSON ({type(e).__name__}); the database "
+                               "is damaged or was not written by this project: run the step that writes it "
+                               "again") from None
 
 
 class _SharedEnv:
@@ -97,6 +119,72 @@ def _corrupt_problem(error: Exception) -> str:
             "again")
 
 
+# LMDB errors that mean the file itself is bad; any other is the machine's (memory, disk) or unknown.
+_DAMAGE = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError, lmdb.VersionMismatchError,
+           lmdb.IncompatibleError, lmdb.BadChecksumError, lmdb.PanicError)
+_DISK_WORDS = ("No space left", "File too large", "Disk quota", "Input/output error")
+
+
+def address_space_left() -> int | None:
+    """Bytes of address space this process may still map under its limit (`ulimit -v`, RLIMIT_AS), or None when
+    there is no limit."""
+    if resource is None:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        used = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        used = soft // 2  # unknown: assume half of it is taken
+    return max(int(soft) - used, 0)
+
+
+def _address_space_problem() -> str:
+    left = address_space_left()
+    limit = f"; the limit leaves {left >> 20} MB" if left is not None else ""
+    return (f"not enough address space to map the database (memory limit ulimit -v{limit}); the database itself is "
+            "not damaged: raise the limit (e.g. ulimit -v unlimited) and run again")
+
+
+def _lmdb_failure(path: Path, error: Exception) -> Exception:
+    """The error to raise for an LMDB error on `path`: damage (delete and rebuild), a memory limit, a full disk, or
+    the library's message (never the advice to delete for anything but damage)."""
+    text = str(error)
+    if isinstance(error, lmdb.MemoryError) or "Cannot allocate memory" in text:
+        return InputError(path, _address_space_problem())
+    if isinstance(error, lmdb.DiskError) or any(word in text for word in _DISK_WORDS):
+        return write_failure(path / "data.mdb", text.split(": ", 1)[-1])
+    if isinstance(error, _DAMAGE):
+        return InputError(path, _corrupt_problem(error))
+    return InputError(path, f"cannot use the database ({text.split(': ', 1)[-1]})")
+
+
+def _check_complete(path: Path, env: lmdb.Environment) -> None:
+    """InputError when data.mdb is shorter than its last committed page: a read there would be a bus error."""
+    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    actual = (path / "data.mdb").stat().st_size
+    if actual < needed:
+        env.close()
+        raise InputError(path, f"database is truncated (data.mdb holds {actual} bytes, its last page ends at "
+                               f"{needed}); it is damaged: delete this folder and run data_prepare again")
+
+
+def _writable_map_size(path: Path, wanted: int) -> int:
+    """The map size to open a writable database with: `wanted` (grown when full), at least twice its data, and
+    under an address-space limit no more than an eighth of what is left (so many open stores fit)."""
+    try:
+        used = (path / "data.mdb").stat().st_size
+    except OSError:
+        used = 0
+    size = max(int(wanted), 2 * used)
+    left = address_space_left()
+    if left is not None:
+        size = min(size, max(left // 8, used + (1 << 20)))
+    page = 1 << 16
+    return max(page, -(-size // page) * page)
+
+
 class LmdbStore:
     """Dict-like LMDB environment (a folder holding data.mdb/lock.mdb) of JSON records keyed by case id.
 
@@ -118,14 +206,20 @@ class LmdbStore:
     def _open(self, writable: bool) -> lmdb.Environment:
         if not writable:
             try:
-                return lmdb.open(str(self.path), readonly=True, lock=True, readahead=False, max_readers=512,
-                                 subdir=True, create=False)
+                env = lmdb.open(str(self.path), readonly=True, lock=True, readahead=False, max_readers=512,
+                                subdir=True, create=False)
+            except lmdb.MemoryError:
+                raise
             except lmdb.Error:
                 # a read-only file system or folder: lock.mdb cannot be opened for writing
-                return lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, subdir=True,
-                                 create=False)
-        self.path.mkdir(parents=True, exist_ok=True)
-        return lmdb.open(str(self.path), map_size=self.map_size, subdir=True, readahead=False, max_readers=512)
+                env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, subdir=True,
+                                create=False)
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            env = lmdb.open(str(self.path), map_size=_writable_map_size(self.path, self.map_size), subdir=True,
+                            readahead=False, max_readers=512)
+        _check_complete(self.path, env)
+        return env
 
     @property
     def env(self) -> lmdb.Environment:
@@ -143,7 +237,7 @@ class LmdbStore:
             except lmdb.Error as e:
                 if not (self.path / "data.mdb").is_file():
                     raise InputError(self.path, _missing_problem(self.path)) from None
-                raise InputError(self.path, _corrupt_problem(e)) from None
+                raise _lmdb_failure(self.path, e) from None
             shared = _SHARED[self._key()] = _SharedEnv(env, writable=not self.readonly)
             shared.users |= users
         shared.users.add(id(self))
@@ -164,7 +258,7 @@ class LmdbStore:
                 with env.begin() as txn:
                     return fn(txn)
         except lmdb.Error as e:  # a damaged file that still opened
-            raise InputError(self.path, _corrupt_problem(e)) from None
+            raise _lmdb_failure(self.path, e) from None
 
     # -- writes ----------------------------------------------------------------------------------------------
     def _write(self, fn) -> Any:
@@ -176,11 +270,17 @@ class LmdbStore:
                 with self.env.begin(write=True) as txn:
                     return fn(txn)
             except lmdb.MapFullError:
-                new_size = self.env.info()["map_size"] * 2
+                size = self.env.info()["map_size"]
+                new_size = _writable_map_size(self.path, 2 * size)
+                if new_size <= size:
+                    raise InputError(self.path, _address_space_problem()) from None
                 logger.info("%s: LMDB map full, growing to %d bytes", self.path, new_size)
-                self.env.set_mapsize(new_size)
+                try:
+                    self.env.set_mapsize(new_size)
+                except lmdb.Error as e:
+                    raise _lmdb_failure(self.path, e) from None
             except lmdb.Error as e:
-                raise InputError(self.path, _corrupt_problem(e)) from None
+                raise _lmdb_failure(self.path, e) from None
 
     def put(self, key: str, record: Mapping[str, Any]) -> None:
         """Store one record (one transaction)."""
@@ -216,7 +316,7 @@ class LmdbStore:
     def get(self, key: str) -> dict | None:
         """The record of `key`, or None."""
         value = self._read(lambda txn: txn.get(key.encode("utf-8")))
-        return None if value is None else decode_record(value)
+        return None if value is None else _decoded(self.path, key, value)
 
     def keys(self) -> list[str]:
         """All keys, sorted (LMDB's bytewise order equals code-point order for UTF-8)."""
@@ -226,7 +326,8 @@ class LmdbStore:
 
     def items(self) -> list[tuple[str, dict]]:
         """All (key, record) pairs in key order."""
-        return self._read(lambda txn: [(bytes(k).decode("utf-8"), decode_record(v)) for k, v in txn.cursor()])
+        return self._read(lambda txn: [(bytes(k).decode("utf-8"), _decoded(self.path, k, v))
+                                       for k, v in txn.cursor()])
 
     def to_dict(self) -> dict[str, dict]:
         """All records as {key: record}."""
