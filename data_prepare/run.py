@@ -580,9 +580,18 @@ def _prepare(cfg: PrepareConfig, base: Path, db_dir: Path) -> int:
     found = discover(cfg, base)
 
     for kind, name in DB_RAW.items():
-        LmdbStore(db_dir / name, readonly=False).replace_all(found.raw[kind])
+        _replace(db_dir / name, found.raw[kind])
 
     stores = {kind: LmdbStore(db_dir / DB_PRE[kind], readonly=False) for kind in DB_PRE}
+    try:
+        return _prepare_cases(cfg, base, db_dir, found, stores, start)
+    finally:
+        for store in stores.values():  # a later run in this process opens them anew (and checks them again)
+            store.close()
+
+
+def _prepare_cases(cfg: PrepareConfig, base: Path, db_dir: Path, found: Discovery, stores: dict[str, LmdbStore],
+                   start: float) -> int:
     tasks: list[CaseTask] = []
     done = 0
     for kind in ("labeled", "unlabeled"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -191,10 +192,9 @@ def test_forked_child_and_parent_writer(filled: Path) -> None:
 # ------------------------------------------------------------------------------------------------ issue 21
 
 
-def _run(script: str, *args: str) -> "subprocess.CompletedProcess[str]":
+def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     """`script` in a fresh interpreter (a SIGBUS or an address-space limit must not reach the test process)."""
     import os
-    import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
@@ -271,4 +271,4 @@ def test_an_address_space_limit_never_reads_as_damage(tmp_path: Path) -> None:
     store.close()
     result = _run(_MANY_WRITERS.replace("db{i}", "../big"), str(tmp_path / "a"), "16")
     assert "address space" in result.stdout and "ulimit -v" in result.stdout, result.stdout + result.stderr[-500:]
-    assert "is damaged" not in result.stdout and "delete" not in result.stdout
+    assert "damaged or not an LMDB" not in result.stdout and "delete" not in result.stdout

@@ -143,16 +143,19 @@ def address_space_left() -> int | None:
 def _address_space_problem() -> str:
     left = address_space_left()
     limit = f"; the limit leaves {left >> 20} MB" if left is not None else ""
-    return (f"not enough address space to map the database (memory limit ulimit -v{limit}); the database itself is "
-            "not damaged: raise the limit (e.g. ulimit -v unlimited) and run again")
+    return (f"not enough address space to map the database under the memory limit (ulimit -v{limit}); this does "
+            "not mean it is damaged: raise the limit (e.g. ulimit -v unlimited) and run again")
 
 
 def _lmdb_failure(path: Path, error: Exception) -> Exception:
     """The error to raise for an LMDB error on `path`: damage (delete and rebuild), a memory limit, a full disk, or
-    the library's message (never the advice to delete for anything but damage)."""
+    the library's message (never the advice to delete for anything but damage). Out of memory is the limit's when
+    one is set; without one, mapping never runs out, and it comes from garbage sizes in a damaged file."""
     text = str(error)
     if isinstance(error, lmdb.MemoryError) or "Cannot allocate memory" in text:
-        return InputError(path, _address_space_problem())
+        if address_space_left() is not None:
+            return InputError(path, _address_space_problem())
+        return InputError(path, _corrupt_problem(error))
     if isinstance(error, lmdb.DiskError) or any(word in text for word in _DISK_WORDS):
         return write_failure(path / "data.mdb", text.split(": ", 1)[-1])
     if isinstance(error, _DAMAGE):
