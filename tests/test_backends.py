@@ -138,3 +138,45 @@ def test_only_the_networks_used_are_exported(weights_dir, tmp_path):
     assert predict.main(argv) == 0
     for folder in (COARSE_DIR, FINE_DIR):  # network b is neither ensembled nor compared: never exported
         assert [p.name.split("_")[0] for p in (weights_dir / folder / "onnx").glob("*.onnx")] == ["a"]
+
+
+# ------------------------------------------------------------------------------------------------ issue 21
+
+
+def test_a_swapped_or_truncated_cached_graph_is_rebuilt_not_trusted(weights_dir, caplog):
+    """The cache was trusted by name: swapping networks A's and B's graphs changed every mask silently, and a
+    truncated graph failed every case and was never rebuilt. Each graph carries its key and is checked on loading."""
+    predictor = Predictor(PredictOptions(weights_dir, device="cpu", backend="torch"))
+    stage = predictor.coarse
+    x = _structured_input(32)
+    first = make_forwards("onnxruntime", stage.modules, stage.path, stage.size_zyx)
+    paths = {name: first[name].path for name in ("a", "b")}
+    with torch.inference_mode():
+        ref = {name: net(x) for name, net in stage.modules.items()}
+    a_bytes, b_bytes = paths["a"].read_bytes(), paths["b"].read_bytes()
+    paths["a"].write_bytes(b_bytes)
+    paths["b"].write_bytes(a_bytes)
+    caplog.set_level("WARNING")
+    swapped = make_forwards("onnxruntime", stage.modules, stage.path, stage.size_zyx)
+    for name in ("a", "b"):
+        assert float((swapped[name](x) - ref[name]).abs().max()) < 1e-2, f"network {name} ran the other's graph"
+    assert "exporting it again" in caplog.text
+    paths["a"].write_bytes(paths["a"].read_bytes()[:1000])  # cut short
+    truncated = make_forwards("onnxruntime", stage.modules, stage.path, stage.size_zyx)
+    assert float((truncated["a"](x) - ref["a"]).abs().max()) < 1e-2
+    assert paths["a"].stat().st_size > 1000
+
+
+def test_no_writable_place_for_the_graphs_runs_torch_with_a_warning(weights_dir, tmp_path, monkeypatch, caplog):
+    """A weights folder that cannot be written and no writable cache gave a PermissionError traceback per case."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(backends, "export_onnx", refuse)
+    predictor = Predictor(PredictOptions(weights_dir, device="cpu", backend="onnxruntime"))
+    x = _structured_input(32)
+    caplog.set_level("WARNING")
+    with torch.inference_mode():
+        ref = predictor.coarse.modules["a"](x)
+        out = predictor.coarse.networks["a"](x)
+    assert torch.equal(out, ref) and "running network a with torch" in caplog.text

@@ -7,8 +7,10 @@ installed, torch eager otherwise and on CUDA (autocast fp16/bf16 there).
 
 The ONNX graph of each network is exported on first use into `<model folder>/onnx/`, written atomically and keyed
 by a hash of the network's weights, its name, the input size, the opset and the torch version, so a changed model (or a
-changed `--fine-size`) exports anew and older graphs of that network are removed. A read-only model folder
-falls back to a per-user cache folder.
+changed `--fine-size`) exports anew and older graphs of that network are removed. The key is also stored inside the
+graph (its metadata) and checked when it is loaded: a graph that is not the network's (files swapped or copied) or
+does not load (truncated) is exported again. A read-only model folder falls back to a per-user cache folder; where
+neither can be written, the network runs with torch (with a warning).
 """
 
 from __future__ import annotations
@@ -71,19 +73,27 @@ def _weights_digest(net: nn.Module) -> str:
     return h.hexdigest()
 
 
+ONNX_KEY_FIELD = "semiseg_cache_key"  # the graph's metadata entry holding the key of its file name
+
+
+def onnx_cache_key(net: nn.Module, network: str, size_zyx: Sequence[int]) -> str:
+    """The key of a network's graph: a hash of its weights, its name, the input size, the opset and torch's version."""
+    size = "x".join(str(int(s)) for s in size_zyx)
+    return hashlib.sha256(
+        f"{_weights_digest(net)}|{network}|{size}|{ONNX_OPSET}|{torch.__version__}".encode()
+    ).hexdigest()[:16]
+
+
 def onnx_cache_path(net: nn.Module, model_dir: Path, network: str, size_zyx: Sequence[int],
                     cache_root: Path | None = None) -> Path:
     """Where the ONNX graph of `network` ("a"/"b") of the model in `model_dir` at `size_zyx` is cached.
 
-    The name holds a key over the network's weights, its name, the size, the opset and the torch version.
+    The name holds `onnx_cache_key`.
     """
     model_dir = Path(model_dir)
     size = "x".join(str(int(s)) for s in size_zyx)
-    key = hashlib.sha256(
-        f"{_weights_digest(net)}|{network}|{size}|{ONNX_OPSET}|{torch.__version__}".encode()
-    ).hexdigest()[:16]
     root = model_dir / ONNX_DIR if cache_root is None else cache_root
-    return root / f"{network}_{size}_{key}.onnx"
+    return root / f"{network}_{size}_{onnx_cache_key(net, network, size_zyx)}.onnx"
 
 
 def _user_cache_root(model_dir: Path) -> Path:
@@ -94,12 +104,17 @@ def _user_cache_root(model_dir: Path) -> Path:
 def export_onnx(net: nn.Module, size_zyx: Sequence[int], path: Path) -> Path:
     """Export `net` (eval mode, CPU) for input (1, 1, *size_zyx) to `path` atomically; remove older graphs of the
     same network and size beside it."""
+    import onnx
+
     net = net.eval()
     x = torch.zeros((1, 1, *(int(s) for s in size_zyx)), dtype=torch.float32)
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings: the graph is checked by its users
         torch.onnx.export(net, (x,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
                           input_names=["x"], output_names=["logits"])
+        graph = onnx.load(str(tmp))
+        graph.metadata_props.add(key=ONNX_KEY_FIELD, value=path.stem.rsplit("_", 1)[-1])
+        onnx.save(graph, str(tmp))
     prefix = path.name.rsplit("_", 1)[0] + "_"
     for old in path.parent.glob(f"{prefix}*.onnx"):
         if old != path:
@@ -144,6 +159,11 @@ class OnnxRuntimeForward:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
+    @property
+    def cache_key(self) -> str | None:
+        """The key the graph was exported under (`onnx_cache_key`), None for a graph without one."""
+        return self.session.get_modelmeta().custom_metadata_map.get(ONNX_KEY_FIELD)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (1, 1, D, H, W) at the exported size -> logits (1, C, D, H, W) float32 on the CPU."""
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -167,9 +187,31 @@ class LazyOnnxRuntimeForward:
         return self._path
 
     def load(self) -> None:
-        """Export (if needed) and open the session now, e.g. before timing."""
-        if self._forward is None:
-            self._forward = OnnxRuntimeForward(self.path)
+        """Export (if needed) and open the session now, e.g. before timing. A cached graph that does not load or is
+        another network's is exported again; where no graph can be written, the torch network runs instead."""
+        if self._forward is not None:
+            return
+        try:
+            self._forward = self._checked_session()
+        except OSError as e:
+            logger.warning("cannot write an ONNX graph of network %s of %s into the model folder or the user cache "
+                           "(%s); running network %s with torch", self.network, self.model_dir, e, self.network)
+            self._forward = self.net.eval()
+
+    def _checked_session(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The session of the cached graph, after checking it holds this network (its key), else exported again."""
+        path = self.path
+        try:
+            forward = OnnxRuntimeForward(path)
+            if forward.cache_key == path.stem.rsplit("_", 1)[-1]:
+                return forward
+            problem = "it is not this network's graph (its key differs: files swapped or copied?)"
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's load errors have no common base (InvalidProtobuf, ...)
+            problem = f"it does not load ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        logger.warning("cached ONNX graph %s: %s; exporting it again", path, problem)
+        path.unlink(missing_ok=True)
+        self._path = None
+        return OnnxRuntimeForward(self.path)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.load()
