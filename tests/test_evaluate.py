@@ -171,3 +171,32 @@ def test_out_that_is_a_folder_is_a_setup_error(folders, tmp_path, capsys):
     assert main(["--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--out is a folder" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------- issue 21
+
+
+def test_results_csv_quotes_a_case_name_with_a_comma(folders, tmp_path):
+    """A comma in a case name shifted every column of results.csv: fields are written by the csv module."""
+    import csv
+
+    pred, gt = folders
+    for name in ("a,b.nii.gz", 'quote"d.nii.gz', "plain.nii.gz"):
+        _write(gt / name, _mask(0))
+        _write(pred / name, _mask(1))
+    out = tmp_path / "results.csv"
+    rows, _ = evaluate_folder(pred, gt, out)
+    with open(out, newline="", encoding="utf-8") as f:
+        read = list(csv.DictReader(f))
+    assert [r["Name"] for r in read] == ["a,b.nii.gz", "plain.nii.gz", 'quote"d.nii.gz']
+    assert all(len(r) == len(CSV_COLUMNS) and None not in r for r in read)
+    assert [float(r["Liver_DSC"]) for r in read] == [row["Liver_DSC"] for row in rows]
+    assert out.read_text().splitlines()[2].startswith("plain.nii.gz,")  # plain names stay as the official script's
+
+
+def test_pred_equal_to_gt_warns(folders, capsys):
+    pred, _ = folders
+    _write(pred / "a.nii.gz", _mask(0))
+    assert main(["--pred", str(pred), "--gt", str(pred), "--out", str(pred.parent / "r.csv")]) == 0
+    captured = capsys.readouterr()
+    assert "--pred and --gt are the same folder" in captured.out + captured.err

@@ -10,6 +10,8 @@ Exit code 2: setup error (a folder missing, no predictions, --out a folder or no
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import time
 from pathlib import Path
@@ -96,9 +98,12 @@ def format_csv(rows: Sequence[Row]) -> str:
     """The CSV text exactly as the official script's pandas writer formats it.
 
     A column whose values are all ints (the empty-organ branches) is written as ints ("1", "0"); any other
-    column is a float column: shortest repr ("0.914", "1.0", "0.0"), NaN as an empty field.
+    column is a float column: shortest repr ("0.914", "1.0", "0.0"), NaN as an empty field. Fields are written by
+    the csv module (quoted where needed, as pandas does: a case name with a comma keeps its columns).
     """
-    lines = [",".join(CSV_COLUMNS)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
     int_columns = {c for c in CSV_COLUMNS[1:] if rows and all(isinstance(r[c], (int, np.integer)) for r in rows)}
     for row in rows:
         fields = [str(row["Name"])]
@@ -108,8 +113,8 @@ def format_csv(rows: Sequence[Row]) -> str:
                 fields.append(str(int(value)))
             else:
                 fields.append("" if math.isnan(float(value)) else repr(float(value)))
-        lines.append(",".join(fields))
-    return "\n".join(lines) + "\n"
+        writer.writerow(fields)
+    return buffer.getvalue()
 
 
 def column_means(rows: Sequence[Row]) -> dict[str, float]:
@@ -140,8 +145,12 @@ def evaluate_folder(
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for folder in (pred_dir, gt_dir):
+        if folder.is_file():
+            raise InputError(folder, "is a file, not a folder; give the folder that holds the label maps")
         if not folder.is_dir():
             raise InputError(folder, "folder not found")
+    if pred_dir.resolve() == gt_dir.resolve():
+        logger.warning("--pred and --gt are the same folder (%s): every case scores 1.0 against itself", pred_dir)
     predictions = list_predictions(pred_dir)
     if not predictions:
         raise InputError(pred_dir, f"no prediction files ({', '.join(IMAGE_SUFFIXES)})")
