@@ -430,3 +430,43 @@ def test_duplicate_ids_name_both_files(tmp_path: Path) -> None:
     assert list(found) == ["c"] and skipped == []
     assert "a.nii and" in conflicts["a"] and "a.nii.gz" in conflicts["a"]
     assert "b.nii.gz" in conflicts["b"] and "b_0000.nii.gz" in conflicts["b"]
+
+
+# ------------------------------------------------------------------------------------------------ issue 21
+
+
+def test_negative_spacing_is_refused_naming_the_axis(tmp_path: Path) -> None:
+    """A negative pixdim or ElementSpacing is read as a silent flip of that axis (NIfTI) or dropped (MetaImage):
+    readers disagree on what it means, so the file is refused, naming the axis."""
+    import struct
+
+    array = ct_array((5, 6, 7))
+    plain = write_sitk(array, tmp_path / "plain.nii")
+    header = bytearray(plain.read_bytes())
+    header[84:88] = struct.pack("<f", -0.9)  # pixdim[2]: y
+    (tmp_path / "neg.nii").write_bytes(header)
+    with pytest.raises(InputError, match=r"neg.nii: negative voxel spacing along y"):
+        read_image(tmp_path / "neg.nii")
+    mha = write_sitk(array, tmp_path / "plain.mha").read_bytes()
+    assert mha.count(b"ElementSpacing = 0.8") == 1
+    (tmp_path / "neg.mha").write_bytes(mha.replace(b"ElementSpacing = 0.8", b"ElementSpacing = -0.8"))
+    with pytest.raises(InputError, match=r"neg.mha: negative voxel spacing along x"):
+        read_image(tmp_path / "neg.mha")
+
+
+def test_a_sheared_grid_is_called_non_orthogonal_and_refused(tmp_path: Path) -> None:
+    path = write_sitk(ct_array((5, 6, 7)), tmp_path / "shear.mha", direction=(1, 0.5, 0, 0, 1, 0, 0, 0, 1))
+    with pytest.raises(InputError, match=r"shear.mha: the direction matrix \(1, 0.5, .*\) is not orthogonal"):
+        read_image(path)
+
+
+def test_an_uncompressed_nifti_named_nii_gz_is_read(tmp_path: Path) -> None:
+    array = ct_array((5, 6, 7))
+    plain = write_sitk(array, tmp_path / "plain.nii")
+    misnamed = tmp_path / "misnamed.nii.gz"
+    misnamed.write_bytes(plain.read_bytes())
+    got, meta = read_image(misnamed)
+    np.testing.assert_array_equal(got, array)
+    misnamed.write_bytes(plain.read_bytes()[:-50])  # and a cut one is still refused
+    with pytest.raises(InputError, match="truncated"):
+        read_image(misnamed)

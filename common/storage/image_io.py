@@ -195,6 +195,40 @@ def _check_nifti_spacing(header: _NiftiHeader, path: Path) -> None:
     if bad:
         raise InputError(path, f"voxel spacing in the NIfTI header (pixdim) is {header.pixdim[:3]} mm: zero or NaN "
                                "spacing would be read as 1 mm; fix the header (e.g. re-export the scan)")
+    _check_spacing_signs(header.pixdim[:3], path, "pixdim")
+
+
+def _check_spacing_signs(spacing_xyz: tuple[float, ...], path: Path, field: str) -> None:
+    """A negative spacing in a header: SimpleITK flips that axis silently (NIfTI) or drops the sign (MetaImage),
+    and readers disagree on it, so the file is refused naming the axis."""
+    for axis, value in zip("xyz", spacing_xyz):
+        if value < 0:
+            raise InputError(path, f"negative voxel spacing along {axis} ({field} {value:g}) in the header: readers "
+                                   "disagree on whether it flips that axis; fix the header (positive spacing, the "
+                                   "orientation in the direction matrix) or re-export the scan")
+
+
+_TEXT_SPACING_FIELDS = {".mha": ("ElementSpacing", "ElementSize"), ".mhd": ("ElementSpacing", "ElementSize"),
+                        ".nrrd": ("spacings",)}
+
+
+def _check_text_header_spacing(path: Path, suffix: str) -> None:
+    """The spacing of a MetaImage or NRRD text header must not be negative (`_check_spacing_signs`)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16).decode("latin-1")
+    except OSError:
+        return  # the reader reports it
+    for line in head.splitlines():
+        key, sep, value = line.replace(":", "=", 1).partition("=")
+        if sep and key.strip() in _TEXT_SPACING_FIELDS[suffix]:
+            try:
+                spacing = tuple(float(v) for v in value.split())
+            except ValueError:
+                continue  # NRRD's "nan" for a non-spatial axis, or text the reader will refuse
+            _check_spacing_signs(spacing, path, key.strip())
+        if key.strip() in ("ElementDataFile", "") and sep or not line:
+            break  # the voxel data follows
 
 
 def _count_nonfinite_nifti(path: Path, header: _NiftiHeader) -> int:
@@ -202,7 +236,7 @@ def _count_nonfinite_nifti(path: Path, header: _NiftiHeader) -> int:
     turns NaN/inf into 0). Streams the data in chunks: one extra decompression pass, no full-volume copy."""
     dtype = np.dtype(header.endian + _NIFTI_FLOAT_TYPES[header.datatype])
     remaining = header.expected_bytes - header.vox_offset
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    opener = gzip.open if _is_gzip(path) else open
     count, tail = 0, b""
     with opener(path, "rb") as f:
         f.seek(header.vox_offset)
@@ -234,15 +268,21 @@ def _check_nifti(path: Path) -> None:
                                    "fix or re-export the image")
 
 
+def _is_gzip(path: Path) -> bool:
+    """True when the file starts with gzip's magic bytes (an uncompressed NIfTI may be named .nii.gz: SimpleITK reads
+    it, so it is checked as what it is)."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
 def _check_nifti_complete(path: Path) -> _NiftiHeader:
     """Raise InputError if a .nii/.nii.gz file holds fewer bytes than its header announces; returns the header.
 
     For .nii.gz the gzip trailer's ISIZE (uncompressed size mod 2^32) is compared with the header; only on a
     mismatch (multi-member gzip, or truncation) is the whole stream decompressed to decide.
     """
-    name = path.name.lower()
     try:
-        if name.endswith(".nii"):
+        if not _is_gzip(path):
             with open(path, "rb") as f:
                 header = _nifti_header(f.read(544), path)
             expected = header.expected_bytes
@@ -327,6 +367,8 @@ def _read_sitk(path: Path) -> sitk.Image:
             raise InputError(path, f"not an image file (supported: {', '.join(IMAGE_SUFFIXES)}, DICOM folders)")
     elif suffix in (".nii.gz", ".nii"):
         _check_nifti(path)
+    elif suffix in _TEXT_SPACING_FIELDS:
+        _check_text_header_spacing(path, suffix)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -366,18 +408,29 @@ def check_spacing(spacing_zyx: tuple[float, ...], path: str | os.PathLike) -> No
                                f"mm; expected {lo:g} to {hi:g} mm per axis (check the header's units)")
 
 
+def check_direction(direction: tuple[float, ...], path: str | os.PathLike) -> None:
+    """Raise InputError naming `path` unless the direction matrix is orthogonal (rotations and flips; a sheared grid
+    has no orthogonal axes to flip into the canonical orientation, and nothing here resamples it)."""
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    if not np.allclose(d.T @ d, np.eye(3), atol=OBLIQUE_TOL):
+        raise InputError(path, f"the direction matrix {_fmt(tuple(direction))} is not orthogonal (a sheared grid); "
+                               "resample the image to an orthogonal grid first")
+
+
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
     """Read a 3D scalar image: array (z, y, x) in the file's voxel type, and its geometry.
 
     `path` is a `.nii.gz`/`.nii`/`.mha`/`.mhd`/`.nrrd` file or a DICOM series folder.
-    Raises InputError for missing, unreadable or truncated files, 2D, 4D and vector images, an implausible
-    spacing (`check_spacing`) and NaN/infinite voxels (in NIfTI found in the raw data: SimpleITK reads them as 0).
+    Raises InputError for missing, unreadable or truncated files, 2D, 4D and vector images, an implausible or negative
+    spacing (`check_spacing`), a sheared grid (`check_direction`) and NaN/infinite voxels (in NIfTI found in the raw
+    data: SimpleITK reads them as 0).
     """
     path = Path(path)
     image = _check_volume(_read_sitk(path), path)
     array = np.array(sitk.GetArrayViewFromImage(image), copy=True)
     meta = ImageMeta.from_sitk(image)
     check_spacing(meta.spacing_zyx, path)
+    check_direction(meta.direction, path)
     if array.dtype.kind == "f":
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         if bad:
