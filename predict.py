@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,9 +106,35 @@ def print_summary(summary: dict) -> None:
           f"{summary['flagged']} flagged for review; {summary['wall_s']:.1f} s; report: {summary['csv']}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt (no case catches it as its failure)."""
+
+    signum = signal.SIGTERM
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(None, level=logging.WARNING if args.quiet else logging.INFO)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return _run(args)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the folder lock is released, finished cases are kept
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"interrupted by {signal.Signals(signum).name}: the cases finished so far are kept (mask and report "
+              "row); run the same command again to continue", file=sys.stderr)
+        return 128 + int(signum)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Predict the folder of `args`; the exit code (0, 1, 2: README's rule)."""
     try:
         options = PredictOptions(
             weights_dir=args.weights_dir, device=args.device, precision=args.precision, fine_size=args.fine_size,

@@ -79,13 +79,14 @@ from common.core.files import (
     check_writable,
     folder_lock,
     remove_stale_temps,
+    require_folder,
     save_npy_atomic,
     write_json_atomic,
     write_text_atomic,
 )
 from common.core.logger import WarningCollector, collect_warnings, get_logger, setup_logging
 from common.core.typed_config import ConfigError, HelpRequested, config_to_dict, parse_cli
-from common.storage.image_io import list_images, read_canonical_ct, read_mask, to_canonical
+from common.storage.image_io import case_id_from_name, list_images, read_canonical_ct, read_mask, to_canonical
 from common.storage.lmdb_store import LmdbStore
 from common.storage.records import RECORD_VERSION, PreparedCase, Region
 from common.storage.step_marker import file_stamp
@@ -364,8 +365,8 @@ def _read_id_list(path: Path) -> list[str]:
 
 def _images_of(folder: Path, kind: str, found: Discovery, required: bool) -> dict[str, Path] | None:
     if not folder.is_dir():
-        if required:
-            raise InputError(folder, f"{kind} image folder not found")
+        if required or folder.is_file():
+            require_folder(folder, f"{kind} image folder")
         logger.info("%s: no folder, no %s cases", folder, kind)
         return None
     images, skipped, conflicts = list_images(folder)
@@ -377,6 +378,16 @@ def _images_of(folder: Path, kind: str, found: Discovery, required: bool) -> dic
         found.failures.setdefault(key, message)
         found.refused.add(key)
     return images
+
+
+def _unlisted_problem(entry: str, image_dir: Path, list_path: Path) -> str:
+    """Why the file list's `entry` has no image: a file name written for an id, or a missing image."""
+    case_id = case_id_from_name(entry)
+    if case_id is not None and case_id != entry:
+        return (f"{list_path}: entry {entry!r} is a file name; list case ids, not file names (write {case_id!r}, "
+                f"the image is {case_id}_0000.nii.gz or another image format)")
+    return (f"{image_dir}: no image for case {entry!r} listed in {list_path} (expected {entry}_0000.nii.gz or "
+            "another image format)")
 
 
 def discover(cfg: PrepareConfig, base: Path) -> Discovery:
@@ -404,8 +415,7 @@ def discover(cfg: PrepareConfig, base: Path) -> Discovery:
             if case_id in found.refused and kind != "test":
                 continue
             if case_id not in images:
-                found.failures[case_id] = (f"{base / image_dir}: no image for case {case_id!r} listed in "
-                                           f"{list_path} (expected {case_id}_0000.nii.gz or another image format)")
+                found.failures[case_id] = _unlisted_problem(case_id, base / image_dir, list_path)
                 continue
             image_path = os.path.abspath(images[case_id])
             mask_path = None
@@ -426,7 +436,7 @@ def discover(cfg: PrepareConfig, base: Path) -> Discovery:
                 continue
             found.cases[kind][case_id] = (image_path, mask_path)
         if kind == "labeled":
-            orphans = sorted(set(masks) - set(images))
+            orphans = sorted(set(masks) - set(images) - found.refused)  # a refused id's failure names its files
             for case_id in orphans:
                 logger.warning("%s: mask without an image in %s", masks[case_id], base / image_dir)
     return found

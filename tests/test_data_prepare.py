@@ -596,3 +596,18 @@ def test_a_npy_write_cut_short_fails_its_case_cleanly_and_a_rerun_redoes_it(data
     caplog.clear()
     assert main(config(dataset)) == 0
     assert "to prepare" in caplog.text and not (dataset / "db" / "failed_cases.txt").exists()
+
+
+def test_a_duplicate_id_is_not_also_called_a_mask_without_an_image(dataset: Path, caplog) -> None:
+    shutil.copy(dataset / "train_images" / "train_001_0000.nii.gz", dataset / "train_images" / "train_001.nii.gz")
+    assert main(config(dataset)) == 1
+    assert "duplicate" in (dataset / "db" / "failed_cases.txt").read_text()
+    assert "mask without an image" not in caplog.text
+
+
+def test_file_list_entries_with_file_suffixes_are_explained(dataset: Path) -> None:
+    listed = dataset / "file_list" / "train_series_uids.txt"
+    listed.write_text(listed.read_text().replace("train_000\n", "train_000_0000.nii.gz\n"))
+    assert main(config(dataset)) == 1
+    failed = (dataset / "db" / "failed_cases.txt").read_text()
+    assert "list case ids, not file names" in failed and "'train_000'" in failed

@@ -34,6 +34,7 @@ from common.infer.postprocess import keep_largest_component
 from common.infer.predictor import PredictOptions, Predictor
 from common.infer.upsample import upsample_labels
 from common.storage import model_folder
+from common.storage.checkpoint import state_digest
 from common.storage.image_io import ImageMeta, check_ct, read_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -625,6 +626,7 @@ def test_unusable_weights_are_setup_errors(tmp_path, weights_dir, capsys):
     networks = payload["networks"] if "networks" in payload else payload
     first = next(iter(networks.values()))
     next(v for v in first.values() if torch.is_tensor(v) and v.is_floating_point()).fill_(float("nan"))
+    payload["weights_sha256"] = {k: state_digest(v) for k, v in networks.items()}  # as exported from NaN weights
     torch.save(payload, nan / model_folder.COARSE_DIR / "model.pt")
     for weights, problem in ((random_bytes, "cannot read checkpoint"), (zero, "preprocess settings unusable"),
                              (nan, "NaN or infinite weights")):
@@ -696,3 +698,56 @@ def test_option_values_out_of_range_stop_at_start_up(tmp_path, weights_dir, caps
     assert not (tmp_path / "out" / "c1.nii.gz").exists()
     with pytest.raises(ValueError, match=flag.lstrip("-").replace("-", "_")):
         PredictOptions(**{flag.lstrip("-").replace("-", "_"): float(value)})
+
+
+def test_an_empty_prediction_is_flagged(tmp_path, weights_dir, monkeypatch):
+    """A scan the networks find no organ in (e.g. 0.1 x 0.1 x 10 mm voxels) gave an empty mask, status ok and no
+    flag: it is flagged for review, with the reason in the row."""
+    predictor = Predictor(PredictOptions(weights_dir, device="cpu", backend="torch"))
+    real = predictor.predict
+
+    def nothing_found(raw, meta, case_id):
+        result = real(raw, meta, case_id)
+        result.mask[:] = 0
+        return result
+
+    monkeypatch.setattr(predictor, "predict", nothing_found)
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c1_0000.nii.gz", _ct_volume((17, 20, 19)))
+    summary = predict_folder(in_dir, tmp_path / "out", QUIET, predictor=predictor)
+    row = _rows(tmp_path / "out")["c1"]
+    assert summary["flagged"] == 1 and row["status"] == "ok" and row["flagged"] == "1"
+    assert "empty mask" in row["error"]
+
+
+def test_sigterm_stops_with_a_message_and_a_mask_without_its_row_is_redone(tmp_path, weights_dir):
+    """SIGTERM exited 143 without a word, and a mask written just before it had no report row (a rerun showed it
+    "skipped" with empty columns): it says what happened, and the rerun predicts such a case again."""
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    for i in range(2):
+        _write_ct(in_dir / f"c{i}_0000.nii.gz", _ct_volume((17, 20, 19), seed=i))
+    script = ("import os, signal, sys\nimport predict\nfrom common.infer import predictor\nreal = predictor.Predictor"
+              ".predict\ndef stop(self, *a):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return real(self, *a)\n"
+              "predictor.Predictor.predict = stop\nsys.exit(predict.main(sys.argv[1:]))\n")
+    args = ["-i", str(in_dir), "-o", str(out_dir), "--weights-dir", str(weights_dir), "--device", "cpu", "--quiet",
+            "--backend", "torch"]
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert "interrupted by SIGTERM" in result.stderr and "Traceback" not in result.stderr
+    assert _cli(in_dir, out_dir, weights_dir, "--backend", "torch") == 0
+    rows = _rows(out_dir)
+    assert rows["c0"]["status"] == rows["c1"]["status"] == "ok"
+    # a mask whose row was never written (a kill between the two) is predicted again, so its row is complete
+    (out_dir / ".predictions" / "c1.json").unlink()
+    assert _cli(in_dir, out_dir, weights_dir, "--backend", "torch") == 0
+    rows = _rows(out_dir)
+    assert rows["c0"]["status"] == "skipped" and rows["c1"]["status"] == "ok" and rows["c1"]["coarse_box"] != ""
+
+
+def test_a_file_given_as_the_input_folder_is_named_as_one(tmp_path, weights_dir, capsys):
+    ct = _write_ct(tmp_path / "c1_0000.nii.gz", _ct_volume((17, 20, 19)))
+    assert _cli(ct, tmp_path / "out", weights_dir) == 2
+    assert f"{ct}: is a file, not a folder; give the image folder" in capsys.readouterr().err

@@ -80,3 +80,26 @@ def test_refusals_name_the_file(tmp_path):
         load_model(folder, "fine")
     with pytest.raises(InputError, match="no network 'c'"):
         load_model(folder, "coarse", networks=("c",))
+
+
+def test_a_bit_flipped_model_is_refused_by_its_weights_hash(tmp_path):
+    """A bit flip in model.pt's tensor data still loads (and may give empty masks marked ok): the export records a
+    hash of each network's weights and loading checks it."""
+    import sys
+    import zipfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_models import export_tiny_stage
+
+    folder = export_tiny_stage(tmp_path, "coarse", "unet", 32, seed=1)
+    assert set(load_model(folder, "coarse").networks) == {"a", "b"}
+    path = folder / "model.pt"
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size >= 64)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    data[info.header_offset + 30 + name_len + extra_len + 5] ^= 0x10  # one bit of one weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"model.pt: network [ab]'s weights do not match the hash recorded"):
+        load_model(folder, "coarse")

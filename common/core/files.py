@@ -151,6 +151,15 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def require_folder(folder: str | os.PathLike, what: str = "folder") -> None:
+    """InputError naming `folder` unless it is an existing folder: "<what> not found", or that it is a file."""
+    folder = Path(folder)
+    if folder.is_file():
+        raise InputError(folder, f"is a file, not a folder; give the {what} (the folder that holds the files)")
+    if not folder.is_dir():
+        raise InputError(folder, f"{what} not found")
+
+
 def check_writable(folder: str | os.PathLike, what: str = "folder") -> None:
     """Raise InputError naming `folder` unless a file can be created in it (created if missing): checked before
     any work, so a read-only output fails at once instead of after a computed case."""

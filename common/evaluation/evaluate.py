@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from common.core.errors import InputError
-from common.core.files import atomic_path
+from common.core.files import atomic_path, require_folder
 from common.core.labels import ORGAN_LABELS, SHORT_NAMES
 from common.core.logger import get_logger
 from common.evaluation.metrics import Score, flare_case_scores
@@ -145,10 +145,7 @@ def evaluate_folder(
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for folder in (pred_dir, gt_dir):
-        if folder.is_file():
-            raise InputError(folder, "is a file, not a folder; give the folder that holds the label maps")
-        if not folder.is_dir():
-            raise InputError(folder, "folder not found")
+        require_folder(folder)
     if pred_dir.resolve() == gt_dir.resolve():
         logger.warning("--pred and --gt are the same folder (%s): every case scores 1.0 against itself", pred_dir)
     predictions = list_predictions(pred_dir)

@@ -28,6 +28,7 @@ from torch import nn
 
 from common.core.files import atomic_path
 from common.core.logger import get_logger
+from common.storage.checkpoint import state_digest
 
 logger = get_logger(__name__)
 
@@ -65,12 +66,7 @@ def _weights_digest(net: nn.Module) -> str:
     Keyed by the weights rather than by model.pt's bytes, so models converted in memory (an original-release
     folder read directly) are cached the same way.
     """
-    h = hashlib.sha256()
-    for name, tensor in net.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return state_digest(net.state_dict())
 
 
 ONNX_KEY_FIELD = "semiseg_cache_key"  # the graph's metadata entry holding the key of its file name

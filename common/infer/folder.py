@@ -23,7 +23,14 @@ import torch
 
 from common.core import gpu_memory
 from common.core.errors import InputError, WeightsError, WriteError
-from common.core.files import check_writable, folder_lock, remove_stale_temps, write_json_atomic, write_text_atomic
+from common.core.files import (
+    check_writable,
+    folder_lock,
+    remove_stale_temps,
+    require_folder,
+    write_json_atomic,
+    write_text_atomic,
+)
 from common.core.logger import get_logger
 from common.infer.predictor import CaseResult, PredictOptions, Predictor, free_cuda_memory, is_cuda_oom, pinned_copy
 from common.storage.image_io import ImageMeta, canonical_flips, check_ct, list_images, read_image, write_mask
@@ -119,8 +126,7 @@ def check_folders(in_dir: Path, out_dir: Path) -> None:
     """Setup errors (InputError) before any work: the output folder must not be the input folder (masks would
     land among the CTs, and a CT named without _0000 would be overwritten) nor an existing file, and must be
     writable."""
-    if not in_dir.is_dir():
-        raise InputError(in_dir, "image folder not found")
+    require_folder(in_dir, "image folder")
     if out_dir.exists() and out_dir.resolve() == in_dir.resolve():
         raise InputError(out_dir, "the output folder is the input folder: masks would be written beside (or over) "
                                   "the CTs; give another output folder")
@@ -157,9 +163,14 @@ def plan_cases(in_dir: Path, out_dir: Path, overwrite: bool) -> tuple[list[Folde
         exists = out_path.is_file() and out_path.stat().st_size > 0
         if out_path.is_file() and not exists:
             logger.warning("%s: %s is empty (an interrupted write?); predicting it again", case_id, out_path)
+        row = _stored_row(out_dir, case_id) if exists and not overwrite else None
+        if exists and not overwrite and row is None:  # a kill between the mask and its row: redone, row and all
+            logger.warning("%s: %s has no report row (its run was interrupted?); predicting it again", case_id,
+                           out_path)
+            exists = False
         if exists and not overwrite:
             logger.info("skipping %s: %s exists (use --overwrite to redo it)", case_id, out_path)
-            row = _stored_row(out_dir, case_id) or {}
+            row = row or {}
             earlier = row.get("error")
             row.update({"case_id": case_id, "input_path": str(path), "output_path": str(out_path),
                         "status": "skipped", "error": "output exists (use --overwrite to redo it)"
@@ -237,6 +248,10 @@ class CaseRunner:
         if result.fallback:
             row["error"] = (row.get("error", "") + "; " if row.get("error") else "") + \
                 "coarse mask empty: whole-volume fallback"
+        if not result.mask.any():  # nothing found is never a result to trust unseen (e.g. 0.1 x 0.1 x 10 mm voxels)
+            row["flagged"] = True
+            row["error"] = (row.get("error", "") + "; " if row.get("error") else "") + \
+                "empty mask: no organ found (check the scan's field of view, spacing and orientation)"
         overlays = self.options.overlays
         overlay_path = self.out_dir / f"{case_id}_overlay.png" if overlays else None
         self.writes.append((row, self.writer.submit(_write_case, result.mask, meta, case.output_path, overlay_path,

@@ -16,6 +16,7 @@ Everything stored is made of tensors, numbers, strings, lists, tuples and dicts,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -98,6 +99,17 @@ def _load_error_text(exc: Exception) -> str:
         reason = ""
     return (f"cannot read checkpoint (truncated, corrupt or not a PyTorch file: {type(exc).__name__}"
             f"{': ' + reason[:200] if reason else ''}); replace the file")
+
+
+def state_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a network's parameters and buffers (names, shapes, dtypes, bytes): its weights' identity, recorded
+    in exported models and keying the ONNX cache."""
+    h = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from common.core.errors import InputError
-from common.core.files import atomic_path, write_failure
+from common.core.files import atomic_path, require_folder, write_failure
 from common.core.labels import NUM_ORGANS
 from common.core.logger import get_logger
 from common.volume.intensity import AIR_HU, to_int16_hu
@@ -589,8 +589,7 @@ def list_images(folder: str | os.PathLike) -> tuple[dict[str, Path], list[tuple[
     with a message naming both files. Raises InputError if `folder` is not a folder.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(folder, "image folder not found")
+    require_folder(folder, "image folder")
     found: dict[str, Path] = {}
     skipped: list[tuple[Path, str]] = []
     duplicates: dict[str, list[Path]] = {}

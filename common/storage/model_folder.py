@@ -4,7 +4,8 @@ A model folder (`model_weights/base_coarse_model/`, `model_weights/efficient_fin
 dict written by `export_model` (read back by `common.storage.weights.load_model`):
     {"format_version": 1, "stage": "coarse"|"fine", "model": {"name", "kwargs"}, "networks": {"a": state dict,
      "b": state dict (optional)}, "primary": "a"|"b", "preprocess": `PreprocessSpec.to_json()`,
-     "best_dice": {"a": float, ...}, "config": the resolved training config}
+     "best_dice": {"a": float, ...}, "config": the resolved training config,
+     "weights_sha256": {"a": `state_digest` of network a, ...} (checked on loading; older exports have none)}
 and `config.yaml`, the same config for the reader.
 """
 
@@ -30,7 +31,7 @@ from common.core.errors import InputError
 from common.core.files import write_text_atomic
 from common.core.logger import get_logger
 from common.networks import input_size_problem
-from common.storage.checkpoint import load_checkpoint, save_checkpoint, strip_prefixes
+from common.storage.checkpoint import load_checkpoint, save_checkpoint, state_digest, strip_prefixes
 
 logger = get_logger(__name__)
 
@@ -150,6 +151,7 @@ def export_model(
         "stage": stage,
         "model": {"name": str(model["name"]), "kwargs": dict(model.get("kwargs", {}))},
         "networks": {name: strip_prefixes(sd) for name, sd in networks.items()},
+        "weights_sha256": {name: state_digest(strip_prefixes(sd)) for name, sd in networks.items()},
         "primary": primary,
         "preprocess": preprocess.to_json(),
         "best_dice": {k: float(v) for k, v in (best_dice or {}).items()},

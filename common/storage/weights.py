@@ -25,7 +25,7 @@ from torch import nn
 from common.core.errors import InputError
 from common.core.logger import get_logger
 from common.networks import build_network
-from common.storage.checkpoint import load_checkpoint, load_model_state
+from common.storage.checkpoint import load_checkpoint, load_model_state, state_digest
 from common.storage.model_folder import EXPORT_FILE, EXPORT_FORMAT_VERSION, ExportedModel, PreprocessSpec
 from common.storage.original_release import (
     CHECKPOINT_A,
@@ -161,12 +161,23 @@ def load_model(model_dir: str | os.PathLike, stage: str | None = None, device: s
     for name in (tuple(payload["networks"]) if networks is None else networks):
         if name not in payload["networks"]:
             raise InputError(path, f"has no network {name!r} (stored: {sorted(payload['networks'])})")
+        _check_weights_hash(payload, name, path)
         built[name] = load_network(_from_payload(payload, name, path, None), device=device)
     primary = payload["primary"] if payload["primary"] in built else next(iter(built))
     return ExportedModel(stage=payload["stage"], networks=built, primary=primary,
                          preprocess=PreprocessSpec.from_json(payload["preprocess"], payload["stage"], path),
                          config=dict(payload.get("config", {})),
                          model=dict(payload["model"]), best_dice=dict(payload.get("best_dice", {})))
+
+
+def _check_weights_hash(payload: Mapping[str, Any], network: str, path: Path) -> None:
+    """InputError when network `network` of an exported model no longer has the weights hash recorded at export (a
+    bit flip or a damaged copy still loads, and may give empty masks reported ok); older exports record none."""
+    recorded = payload.get("weights_sha256", {}).get(network)
+    if recorded is not None and state_digest(payload["networks"][network]) != recorded:
+        raise InputError(path, f"network {network}'s weights do not match the hash recorded at export: the file was "
+                               "damaged after it was written (a flipped bit, a partial copy); export it or download "
+                               "it again")
 
 
 def _load_original(model_dir: Path, stage: str, device: str | torch.device) -> ExportedModel:
