@@ -146,6 +146,25 @@ def predict_probes(weights: Path) -> list[Probe]:
         write(d / "in" / "sub" / "c1_0000.nii.gz", ct_volume())
         return _predict_cli(d / "in", d / "out", weights)
 
+    def p_workers(d: Path) -> int:
+        write(d / "in" / "c1_0000.nii.gz", ct_volume())
+        return _predict_cli(d / "in", d / "out", weights, "--workers", "-3")
+
+    def p_negative_spacing(d: Path) -> int:
+        header = bytearray(write(d / "tmp" / "n.nii", ct_volume()).read_bytes())
+        header[80:84] = np.float32(-0.8).tobytes()  # pixdim[1]: x
+        (d / "in").mkdir()
+        (d / "in" / "neg_0000.nii").write_bytes(bytes(header))
+        return _predict_cli(d / "in", d / "out", weights)
+
+    def p_truncated_onnx(d: Path) -> int:
+        write(d / "in" / "c1_0000.nii.gz", ct_volume())
+        shutil.copytree(weights, d / "weights")
+        assert _predict_cli(d / "in", d / "out0", d / "weights", "--backend", "onnxruntime") == 0
+        for graph in (d / "weights").rglob("*.onnx"):
+            graph.write_bytes(graph.read_bytes()[:500])
+        return _predict_cli(d / "in", d / "out", d / "weights", "--backend", "onnxruntime")
+
     return [
         Probe("predict: output folder = input folder", 2, ("output folder is the input folder",), p_out_is_in),
         Probe("predict: NaN slab in a float NIfTI", 1, ("nan_0000.nii.gz", "NaN or infinite"), p_nan),
@@ -155,6 +174,10 @@ def predict_probes(weights: Path) -> list[Probe]:
         Probe("predict: output path is a file", 2, ("out.txt", "existing file"), p_out_file),
         Probe("predict: random-bytes weights", 2, ("model.pt", "cannot read checkpoint"), p_random_weights),
         Probe("predict: folder of folders", 2, ("no CT images in the folder",), p_empty),
+        Probe("predict: --workers -3", 2, ("--workers", "between 1 and"), p_workers),
+        Probe("predict: negative NIfTI pixdim", 1, ("neg_0000.nii", "negative voxel spacing along x"),
+              p_negative_spacing),
+        Probe("predict: truncated cached ONNX graph", 0, (".onnx", "exporting it again"), p_truncated_onnx),
     ]
 
 
@@ -192,8 +215,17 @@ def evaluate_probes() -> list[Probe]:
         write(d / "in" / "pred" / "a.nii.gz", _labels())
         return _evaluate_cli(d, out=d)
 
+    def e_pred_file(d: Path) -> int:
+        write(d / "in" / "gt" / "a.nii.gz", _labels())
+        write(d / "in" / "pred.nii.gz", _labels())
+        return evaluate_main(["--pred", str(d / "in" / "pred.nii.gz"), "--gt", str(d / "in" / "gt"),
+                              "--out", str(d / "r.csv")])
+
+    from common.evaluate import main as evaluate_main
+
     return [
         Probe("evaluate: missing prediction", 1, ("b.nii.gz", "prediction missing"), e_missing),
+        Probe("evaluate: --pred is a file", 2, ("pred.nii.gz", "is a file, not a folder"), e_pred_file),
         Probe("evaluate: truncated prediction", 1, ("t.nii.gz", "truncated"), e_truncated),
         Probe("evaluate: label 14 in ground truth", 1, ("h.nii.gz", "outside 0..13"), e_label14),
         Probe("evaluate: --out is a folder", 2, ("--out is a folder",), e_out_dir),
@@ -268,7 +300,24 @@ def prepare_probes(dataset: Path) -> list[Probe]:
         data.write_bytes(np.random.default_rng(1).bytes(data.stat().st_size))
         return _prepare(base)
 
+    def d_truncated_lmdb(d: Path) -> int:
+        base = copy_dataset(d)
+        data = base / "db" / "seg_pre-process_database" / "data.mdb"
+        with open(data, "r+b") as f:
+            f.truncate(4096 * 2 + 100)  # the two meta pages survive, the tree is cut
+        return _prepare(base)
+
+    def d_listed_file_names(d: Path) -> int:
+        base = copy_dataset(d)
+        listed = base / "file_list" / "train_series_uids.txt"
+        listed.write_text(listed.read_text().replace("train_000\n", "train_000_0000.nii.gz\n"))
+        return _prepare(base)
+
     return [
+        Probe("data_prepare: truncated data.mdb", 2, ("seg_pre-process_database", "truncated"), d_truncated_lmdb,
+              DATA_INPUTS),
+        Probe("data_prepare: file names in file_list", 1, ("train_000_0000.nii.gz", "list case ids, not file names"),
+              d_listed_file_names, DATA_INPUTS),
         Probe("data_prepare: 10-slice NaN slab", 1, ("nan_slab_0000.nii.gz", "NaN or infinite"), d_nan, DATA_INPUTS),
         Probe("data_prepare: 1e6 mm spacing", 1, ("huge.mha", "implausible voxel spacing"), d_spacing, DATA_INPUTS),
         Probe("data_prepare: duplicate case id", 1, ("train_001.nii.gz", "train_001_0000.nii.gz", "duplicate"),
@@ -295,7 +344,29 @@ def train_probes(dataset: Path) -> list[Probe]:
         (d / "out" / "checkpoints" / "last.pt").write_bytes(np.random.default_rng(5).bytes(5000))
         return coarse_cli(train_args(base, d / "out"))
 
+    def t_alias_bomb(d: Path) -> int:
+        base = Path(shutil.copytree(dataset, d / "in"))
+        levels = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+            f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+        (base / "bomb.yaml").write_text("x:\n" + "".join(f"  {line}\n" for line in levels)
+                                        + "data:\n  hu_window: *a8\n")
+        return coarse_cli([f"config={base / 'bomb.yaml'}", *train_args(base, d / "out")])
+
+    def t_huge_size(d: Path) -> int:
+        return coarse_cli(train_args(Path(shutil.copytree(dataset, d / "in")), d / "out",
+                                     "data.size_zyx=[100000,100000,100000]"))
+
+    def t_truncated_lmdb(d: Path) -> int:
+        base = Path(shutil.copytree(dataset, d / "in"))
+        data = base / "db" / "seg_train_fold_1" / "data.mdb"
+        with open(data, "r+b") as f:
+            f.truncate(4096 * 2 + 100)
+        return coarse_cli(train_args(base, d / "out"))
+
     return [
+        Probe("train: YAML alias bomb", 2, ("bomb.yaml", "aliases expand to more than"), t_alias_bomb, DATA_INPUTS),
+        Probe("train: data.size_zyx 100000^3", 2, ("data.size_zyx", "<= 512"), t_huge_size, DATA_INPUTS),
+        Probe("train: truncated data.mdb", 2, ("seg_train_fold_1", "truncated"), t_truncated_lmdb, DATA_INPUTS),
         Probe("train: data.size_zyx 16^3", 2, ("data.size_zyx", "bottleneck"), t_size, DATA_INPUTS),
         Probe("train: random-bytes last.pt", 2, ("last.pt", "cannot read checkpoint"), t_random_last, DATA_INPUTS),
     ]

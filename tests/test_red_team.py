@@ -16,5 +16,5 @@ def test_every_bad_input_is_handled_and_no_input_changes(tmp_path):
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
     lines = [line for line in result.stdout.splitlines() if line.startswith(("ok  ", "FAIL"))]
-    assert len(lines) == 19, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(lines) == 28, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.returncode == 0 and all(line.startswith("ok") for line in lines), "\n".join(lines)
