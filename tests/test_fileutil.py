@@ -91,3 +91,35 @@ def test_a_short_write_is_caught_before_the_rename(tmp_path, monkeypatch):
     with pytest.raises(WriteError, match="x.npy: .*incomplete"):
         save_npy_atomic(target, np.zeros((20, 20), np.int16))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_lock_dies_with_its_holder_not_with_its_forked_children(tmp_path):
+    """DataLoader workers are forked: had they kept the lock, a rerun right after `kill -9` of a trainer would be
+    refused until the last worker noticed its parent was gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from common.core.errors import InputError
+    from common.core.files import folder_lock
+
+    script = ("import os, sys, time\nfrom common.core.files import folder_lock\nwith folder_lock(sys.argv[1]):\n"
+              "    child = os.fork()\n    if child == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+              "    print(child, flush=True)\n    time.sleep(60)\n")
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(InputError, match=f"pid {holder.pid} on host"):
+            with folder_lock(tmp_path):
+                pass
+        holder.kill()
+        holder.wait()
+        with folder_lock(tmp_path):  # the forked child still lives, the lock is free
+            os.kill(child, 0)
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)

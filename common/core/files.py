@@ -178,6 +178,22 @@ def check_writable(folder: str | os.PathLike, what: str = "folder") -> None:
                                  "check its permissions and free space, or choose another") from None
 
 
+_HELD_LOCKS: set[int] = set()  # descriptors of the folder locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker), close the lock descriptors inherited from the parent: the lock then
+    dies with the parent, not with the last of its workers, and a rerun right after a kill is not refused."""
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 def _lock_holder(fd: int) -> str:
     """ "pid N on host H" as the lock's holder wrote it into the lock file, or "" when it wrote nothing."""
     try:
@@ -210,9 +226,11 @@ def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[None]:
             raise InputError(folder, f"another {what}{holder} is writing into this folder "
                                      f"(it holds {folder / '.lock'}); wait for it to finish or use another "
                                      "folder") from None
+        _HELD_LOCKS.add(fd)
         with contextlib.suppress(OSError):  # only for the message of a second run
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)
