@@ -146,6 +146,20 @@ def predict_probes(weights: Path) -> list[Probe]:
         write(d / "in" / "sub" / "c1_0000.nii.gz", ct_volume())
         return _predict_cli(d / "in", d / "out", weights)
 
+    return [
+        Probe("predict: output folder = input folder", 2, ("output folder is the input folder",), p_out_is_in),
+        Probe("predict: NaN slab in a float NIfTI", 1, ("nan_0000.nii.gz", "NaN or infinite"), p_nan),
+        Probe("predict: 1e-6 mm spacing (.mha)", 1, ("tiny_spacing.mha", "implausible voxel spacing"), p_spacing),
+        Probe("predict: duplicate case id", 1, ("dup.nii.gz", "dup_0000.nii.gz", "duplicate case id"), p_duplicate),
+        Probe("predict: truncated NIfTI", 1, ("trunc_0000.nii.gz", "truncated"), p_truncated),
+        Probe("predict: output path is a file", 2, ("out.txt", "existing file"), p_out_file),
+        Probe("predict: random-bytes weights", 2, ("model.pt", "cannot read checkpoint"), p_random_weights),
+        Probe("predict: folder of folders", 2, ("no CT images in the folder",), p_empty),
+    ] + more_predict_probes(weights)
+
+
+def more_predict_probes(weights: Path) -> list[Probe]:
+    """Issue 21's: option ranges, a negative header spacing, a damaged ONNX cache."""
     def p_workers(d: Path) -> int:
         write(d / "in" / "c1_0000.nii.gz", ct_volume())
         return _predict_cli(d / "in", d / "out", weights, "--workers", "-3")
@@ -166,14 +180,6 @@ def predict_probes(weights: Path) -> list[Probe]:
         return _predict_cli(d / "in", d / "out", d / "weights", "--backend", "onnxruntime")
 
     return [
-        Probe("predict: output folder = input folder", 2, ("output folder is the input folder",), p_out_is_in),
-        Probe("predict: NaN slab in a float NIfTI", 1, ("nan_0000.nii.gz", "NaN or infinite"), p_nan),
-        Probe("predict: 1e-6 mm spacing (.mha)", 1, ("tiny_spacing.mha", "implausible voxel spacing"), p_spacing),
-        Probe("predict: duplicate case id", 1, ("dup.nii.gz", "dup_0000.nii.gz", "duplicate case id"), p_duplicate),
-        Probe("predict: truncated NIfTI", 1, ("trunc_0000.nii.gz", "truncated"), p_truncated),
-        Probe("predict: output path is a file", 2, ("out.txt", "existing file"), p_out_file),
-        Probe("predict: random-bytes weights", 2, ("model.pt", "cannot read checkpoint"), p_random_weights),
-        Probe("predict: folder of folders", 2, ("no CT images in the folder",), p_empty),
         Probe("predict: --workers -3", 2, ("--workers", "between 1 and"), p_workers),
         Probe("predict: negative NIfTI pixdim", 1, ("neg_0000.nii", "negative voxel spacing along x"),
               p_negative_spacing),
