@@ -119,8 +119,9 @@ def _round_inputs(cfg: FineTrainConfig, k: int) -> tuple[Path | None, Path | Non
 
 
 def _records_digest(db: Path | None) -> str | None:
-    """A hash of every record of an LMDB database (None for none): what a round learns from changes it."""
-    if db is None:
+    """A hash of every record of an LMDB database (None for none, or one not written yet): what a round learns from
+    changes it."""
+    if db is None or not (Path(db) / "data.mdb").is_file():
         return None
     store = open_store(db, readonly=True)
     try:
@@ -138,7 +139,7 @@ def round_inputs(cfg: FineTrainConfig, k: int) -> dict[str, Any]:
         init_weights = {name: file_stamp(path) for name, path in init_weights.items()}
     settings = config_to_dict(cfg)
     return {
-        "pool": {"records": _records_digest(pool), "boxes": _records_digest(boxes)},
+        "pool": {"records": _records_digest(pool), "boxes": _records_digest(boxes if pool is not None else None)},
         "init": init_weights,
         "settings": {"seed": settings["seed"], "data": {key: settings["data"][key] for key in (
             "labeled_db", "unlabeled_db", "val_db", "size_zyx", "hu_window", "labeled_batch_size",
