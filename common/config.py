@@ -24,6 +24,7 @@ from common.core.defaults import (
     Z_WINDOW_MM,
 )
 from common.core.device import device_problem
+from common.core.labels import DEFAULT_NSD_TOLERANCE_MM
 from common.core.typed_config import cfg_field, choice_field, path_field, section
 from common.evaluation.uncertainty import UIF_SCORES, WEIGHTINGS
 from common.networks import NETWORKS, input_size_problem
@@ -43,6 +44,15 @@ def _extend_problems(extend_mm: float, max_extend_mm: float) -> Iterable[tuple[s
 
 
 # ------------------------------------------------------------------------------------------------- schemas
+@dataclass
+class NnUNetSection:
+    """Reading an nnU-Net v2 raw dataset (data_base_dir holds a dataset.json): where its unlabeled CTs are (nnU-Net
+    has no such folder), and the NSD tolerance of a label FLARE22 does not know."""
+
+    unlabeled_dir: str = "imagesUnlabeled"
+    default_nsd_tolerance_mm: float = cfg_field(DEFAULT_NSD_TOLERANCE_MM, gt=0)
+
+
 @dataclass
 class PrepareConfig:
     """data_prepare: read, validate, canonicalise, resize and store the dataset (paths under data_base_dir)."""
@@ -64,6 +74,7 @@ class PrepareConfig:
     split_5fold: bool = False
     num_workers: int = cfg_field(2, ge=0)
     overwrite: bool = False
+    nnunet: NnUNetSection = section(NnUNetSection)
 
     def _cross_check(self) -> Iterable[tuple[str, str]]:
         yield from _window_problems("hu_window", self.hu_window)

@@ -71,7 +71,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from common.config import PrepareConfig
 from common.core.errors import InputError
@@ -83,14 +82,17 @@ from common.core.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from common.core.logger import WarningCollector, collect_warnings, get_logger, setup_logging
+from common.core.labels import FLARE22
+from common.core.logger import WarningCollector, collect_warnings, get_logger, progress, setup_logging
 from common.core.typed_config import ConfigError, HelpRequested, config_to_dict, parse_cli
 from common.storage.image_io import list_images, read_canonical_ct, read_mask, to_canonical
+from common.storage.labelsets import write_dataset_labels
 from common.storage.lmdb_store import LmdbStore
 from common.storage.records import RECORD_VERSION, PreparedCase, Region
 from common.storage.step_marker import file_stamp
 from common.volume.boxes import crop_box_with_margin, label_bboxes, region_slices
 from common.volume.resize import resize_hu_int16, resize_mask
+from data_prepare.layouts import DatasetLayout, dataset_layout, verify_nnunet
 
 logger = get_logger("data_prepare.run")  # a fixed name also when run as __main__
 
@@ -119,6 +121,7 @@ class CaseTask:
     fine_size_zyx: tuple[int, int, int]
     extend_size_mm: float
     max_extend_size_mm: float
+    num_labels: int = FLARE22.num_organs  # the label set's: a mask holds labels 0..num_labels
 
     def settings(self) -> dict[str, Any]:
         """What the outputs depend on besides the input files (a rerun with other settings redoes the case)."""
@@ -173,7 +176,7 @@ def prepare_case(task: CaseTask) -> dict:
         source=_source_stamps(task), settings=task.settings())
     if case.labeled:
         assert task.mask_path is not None
-        mask_raw, _ = read_mask(task.mask_path, meta)
+        mask_raw, _ = read_mask(task.mask_path, meta, task.num_labels)
         case = _prepare_labeled(task, case, image, image_f, np.ascontiguousarray(to_canonical(mask_raw, flips)))
     else:
         # Nothing of an unlabeled case but its coarse array is needed here: the fine stage's boxes step cuts the
@@ -188,7 +191,7 @@ def _prepare_labeled(task: CaseTask, case: PreparedCase, image: np.ndarray, imag
     """The labeled arrays of a case (coarse mask, fine image and mask, region copies) and its boxes."""
     boxes = label_bboxes(mask)
     if not boxes:
-        raise InputError(task.mask_path, "mask is empty (no organ labels 1..13)")
+        raise InputError(task.mask_path, f"mask is empty (no organ labels 1..{task.num_labels})")
     shape, spacing = case.shape_zyx, case.spacing_zyx
     organ_box = tuple((min(b[a][0] for b in boxes.values()), max(b[a][1] for b in boxes.values())) for a in range(3))
     fine_crop = crop_box_with_margin(organ_box, spacing, task.extend_size_mm, shape)
@@ -309,7 +312,7 @@ def run_tasks(tasks: Sequence[CaseTask], num_workers: int,
             on_result(result)
         bar.update()
 
-    bar = tqdm(total=len(tasks), desc="prepare", unit="case", file=sys.stdout, dynamic_ncols=True)
+    bar = progress(total=len(tasks), desc="prepare", unit="case", file=sys.stdout)
     try:
         if num_workers <= 1 or len(tasks) == 1:
             for task in tasks:
@@ -379,12 +382,11 @@ def _images_of(folder: Path, kind: str, found: Discovery, required: bool) -> dic
     return images
 
 
-def discover(cfg: PrepareConfig, base: Path) -> Discovery:
-    """List labeled, unlabeled and test cases (file lists if present, else every image of the folders)."""
+def discover(cfg: PrepareConfig, base: Path, layout: DatasetLayout) -> Discovery:
+    """List labeled, unlabeled and test cases of the layout's folders (file lists if the layout has them and they
+    are present, else every image of the folders)."""
     found = Discovery()
-    folders = {"labeled": (cfg.train_image_dir, cfg.train_mask_dir), "unlabeled": (cfg.trainu_image_dir, None),
-               "test": (cfg.test_image_dir, cfg.test_mask_dir)}
-    for kind, (image_dir, mask_dir) in folders.items():
+    for kind, (image_dir, mask_dir) in layout.folders.items():
         images = _images_of(base / image_dir, kind, found, required=(kind == "labeled"))
         if images is None:
             continue
@@ -392,7 +394,7 @@ def discover(cfg: PrepareConfig, base: Path) -> Discovery:
         if mask_dir is not None:
             masks = _images_of(base / mask_dir, f"{kind} mask", found, required=(kind == "labeled")) or {}
         list_path = base / cfg.file_list_dir / FILE_LISTS[kind]
-        if list_path.is_file():
+        if layout.file_lists and list_path.is_file():
             ids = _read_id_list(list_path)
             unlisted = sorted(set(images) - set(ids))
             if unlisted:
@@ -553,10 +555,19 @@ def main(cfg: PrepareConfig) -> int:
         return 2
     db_dir = base / "db"
     try:
-        check_writable(db_dir, "dataset's db folder")
+        layout = dataset_layout(cfg, base)  # a bad dataset.json: one message, nothing written
+        problems = verify_nnunet(layout, base) if layout.name == "nnunet" else []
+        if not problems:
+            check_writable(db_dir, "dataset's db folder")
     except InputError as e:
         setup_logging(None)
         logger.error("%s", e)
+        return 2
+    if problems:
+        setup_logging(None)
+        for problem in problems:
+            logger.error("%s", problem)
+        logger.error("%s: %d problem(s) with the nnU-Net raw dataset; nothing was prepared", base, len(problems))
         return 2
     setup_logging(db_dir / "data_prepare.log")
     try:
@@ -565,16 +576,18 @@ def main(cfg: PrepareConfig) -> int:
                 if folder.exists():  # a read-only output folder fails now, not after a prepared case
                     check_writable(folder, "output folder")
                 remove_stale_temps(folder)  # left by a killed run (full volumes in size)
-            return _prepare(cfg, base, db_dir)
+            return _prepare(cfg, base, db_dir, layout)
     except InputError as e:
         logger.error("%s", e)
         return 2
 
 
-def _prepare(cfg: PrepareConfig, base: Path, db_dir: Path) -> int:
+def _prepare(cfg: PrepareConfig, base: Path, db_dir: Path, layout: DatasetLayout) -> int:
     start = time.perf_counter()
     logger.info("data_prepare: %s (workers %d, overwrite %s)", base, cfg.num_workers, cfg.overwrite)
-    found = discover(cfg, base)
+    logger.info("%s layout, labels %s: %s", layout.name, layout.labels.name,
+                ", ".join(f"{label.id} {label.name}" for label in layout.labels))
+    found = discover(cfg, base, layout)
 
     for kind, name in DB_RAW.items():
         LmdbStore(db_dir / name, readonly=False).replace_all(found.raw[kind])
@@ -589,7 +602,8 @@ def _prepare(cfg: PrepareConfig, base: Path, db_dir: Path) -> int:
             stores[kind].delete(stale)
         for case_id, (image_path, mask_path) in found.cases[kind].items():
             task = CaseTask(case_id, kind, image_path, mask_path, str(base), tuple(cfg.coarse_size_zyx),
-                            tuple(cfg.fine_size_zyx), cfg.extend_size_mm, cfg.max_extend_size_mm)
+                            tuple(cfg.fine_size_zyx), cfg.extend_size_mm, cfg.max_extend_size_mm,
+                            layout.labels.num_organs)
             if not cfg.overwrite and _is_finished(task, existing.get(case_id)):
                 done += 1
                 continue
@@ -613,6 +627,7 @@ def _prepare(cfg: PrepareConfig, base: Path, db_dir: Path) -> int:
     results = run_tasks(tasks, cfg.num_workers, store_result)
     work_seconds = time.perf_counter() - work_start
 
+    write_dataset_labels(db_dir, layout.labels)
     labeled = stores["labeled"].to_dict()
     unlabeled = stores["unlabeled"].to_dict()
     split = write_splits(db_dir, cfg, labeled, unlabeled)

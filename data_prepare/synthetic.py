@@ -37,20 +37,21 @@ import concurrent.futures
 import json
 import math
 import multiprocessing
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
-from tqdm import tqdm
 
 from common.core.files import atomic_path, write_json_atomic, write_text_atomic
-from common.core.labels import NUM_ORGANS
-from common.core.logger import get_logger, setup_logging
+from common.core.labels import FLARE22
+from common.core.logger import get_logger, progress, setup_logging
 
 logger = get_logger(__name__)
 
@@ -73,7 +74,7 @@ NIFTI_COMPRESSION_LEVEL = 1  # gzip level: noisy CT barely compresses better at 
 
 # Internal label ids beyond the 13 organs: sub-regions with their own HU that belong to an organ's mask.
 _STOMACH_GAS, _RK_MEDULLA, _LK_MEDULLA = 14, 15, 16
-_INTERNAL_TO_LABEL = np.array([*range(NUM_ORGANS + 1), 11, 2, 13], dtype=np.uint8)
+_INTERNAL_TO_LABEL = np.array([*range(FLARE22.num_organs + 1), 11, 2, 13], dtype=np.uint8)
 # Nominal HU per internal label (organ values after the design brief; contrast-enhanced portal-venous look).
 _BASE_HU = np.array([0, 60, 150, 50, 45, 180, 120, 30, 30, 10, 40, 20, 30, 150, -850, 95, 95], dtype=np.float32)
 # Amplitude (HU) of the low-frequency texture per internal label.
@@ -644,7 +645,7 @@ def _paint(labels: np.ndarray, grid: _Grid, templates: dict[str, np.ndarray], la
 
 def _ensure_min_voxels(labels: np.ndarray, grid: _Grid, centers: dict[int, np.ndarray]) -> None:
     """Force a small block for any organ left with fewer than MIN_ORGAN_VOXELS voxels (only in tiny grids)."""
-    counts = np.bincount(_INTERNAL_TO_LABEL[labels].ravel(), minlength=NUM_ORGANS + 1)
+    counts = np.bincount(_INTERNAL_TO_LABEL[labels].ravel(), minlength=FLARE22.num_organs + 1)
     for label in _PAINT_ORDER:
         if counts[label] >= MIN_ORGAN_VOXELS or label not in centers:
             continue
@@ -654,7 +655,7 @@ def _ensure_min_voxels(labels: np.ndarray, grid: _Grid, centers: dict[int, np.nd
         owner = _INTERNAL_TO_LABEL[sub]
         take = (owner == 0) | (counts[owner] > 20 * MIN_ORGAN_VOXELS)
         sub[take] = label
-        counts = np.bincount(_INTERNAL_TO_LABEL[labels].ravel(), minlength=NUM_ORGANS + 1)
+        counts = np.bincount(_INTERNAL_TO_LABEL[labels].ravel(), minlength=FLARE22.num_organs + 1)
         logger.debug("organ %d forced to %d voxels", label, counts[label])
 
 
@@ -748,7 +749,7 @@ def render(plan: CasePlan, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     for lab, factor in _phase_contrast(profile.phase, contrast).items():
         hu[lab] = 40.0 + (hu[lab] - 40.0) * factor
     noise_sigma = np.float32(plan.noise_sigma_hu * profile.noise_factor)
-    hu[1:NUM_ORGANS + 1] += rng.normal(0.0, 5.0, size=NUM_ORGANS).astype(np.float32)
+    hu[1:FLARE22.num_organs + 1] += rng.normal(0.0, 5.0, size=FLARE22.num_organs).astype(np.float32)
     metal = _metal_streaks(rng, grid, plan) if "metal" in plan.hard_kinds else None
     vert, disc, cavity = templates["vert"], templates["disc"], templates["cavity"]
     mediastinum, diaphragm_w, psoas = templates["mediastinum"], templates["diaphragm_w"], templates["psoas"]
@@ -914,7 +915,7 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
     meta: dict[str, dict] = {}
     written = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(tasks), desc=f"synthetic {size}", unit="case", disable=len(tasks) == 0)
+    bar = progress(total=len(tasks), desc=f"synthetic {size}", unit="case", disable=len(tasks) == 0)
     if workers > 1 and len(tasks) > 1:
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
         with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
@@ -945,6 +946,61 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
     return meta
 
 
+LAYOUTS = ("original", "nnunet")
+NNUNET_STAGING = ".synthetic_original"  # the original-layout cases an nnU-Net dataset is made from (kept for reruns)
+# Names of the phantoms' organs a chosen subset may use: FLARE22's (with underscores) and common dataset.json keys.
+ORGAN_IDS: dict[str, int] = {label.key: label.id for label in FLARE22} | {
+    "kidney_right": 2, "kidney_left": 13, "ivc": 6, "adrenal_gland_right": 7, "adrenal_gland_left": 8,
+    "gall_bladder": 9}
+
+
+def organ_mapping(organs: Sequence[str] | None) -> tuple[np.ndarray, dict[str, int]]:
+    """(FLARE22 label -> new label lookup (256,), dataset.json `labels`) of a chosen organ subset, in its order
+    (None: all 13 FLARE22 organs under their names). ValueError naming an unknown or repeated organ."""
+    names = [label.key for label in FLARE22] if organs is None else [o.strip() for o in organs if o.strip()]
+    unknown = [n for n in names if n not in ORGAN_IDS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"organs {names}: each must be one of {sorted(ORGAN_IDS)}, once")
+    lookup = np.zeros(256, dtype=np.uint8)
+    for new_id, name in enumerate(names, start=1):
+        lookup[ORGAN_IDS[name]] = new_id
+    return lookup, {"background": 0, **{name: i for i, name in enumerate(names, start=1)}}
+
+
+def write_nnunet_dataset(out: str | Path, organs: Sequence[str] | None = None, **kwargs) -> dict:
+    """The synthetic dataset in nnU-Net v2's raw layout, with `organs` as its labels (see `organ_mapping`):
+    dataset.json, imagesTr/ + labelsTr/ (labeled), imagesTs/ + labelsTs/ (validation), imagesUnlabeled/ (the
+    unlabeled cases; their truth relabelled in trainu_mask_hidden/), synthetic_meta.json. The phantoms are those
+    `write_dataset(**kwargs)` writes, made under out/.synthetic_original/ (images are hard links of those; masks
+    are relabelled, the other organs becoming background). Returns the metadata."""
+    out = Path(out)
+    lookup, labels = organ_mapping(organs)
+    staging = out / NNUNET_STAGING
+    meta = write_dataset(staging, **kwargs)
+    folders = {"train_images": "imagesTr", "val_images": "imagesTs", "trainu_images": "imagesUnlabeled",
+               "train_mask": "labelsTr", "val_mask": "labelsTs", HIDDEN_MASK_DIR: HIDDEN_MASK_DIR}
+    for source, target in folders.items():
+        (out / target).mkdir(parents=True, exist_ok=True)
+        for path in sorted((staging / source).glob("*.nii.gz")):
+            dest = out / target / path.name
+            if dest.exists():
+                continue
+            if source.endswith("images"):
+                os.link(path, dest)
+            else:
+                image = sitk.ReadImage(str(path))
+                relabelled = sitk.GetImageFromArray(lookup[sitk.GetArrayFromImage(image)])
+                relabelled.CopyInformation(image)
+                with atomic_path(dest, suffix=".nii.gz") as tmp:
+                    sitk.WriteImage(relabelled, str(tmp), useCompression=True,
+                                    compressionLevel=NIFTI_COMPRESSION_LEVEL)
+    dataset = {"name": out.name, "channel_names": {"0": "CT"}, "labels": labels,
+               "numTraining": len(list((out / "imagesTr").glob("*.nii.gz"))), "file_ending": ".nii.gz"}
+    write_json_atomic(out / "dataset.json", dataset)
+    write_json_atomic(out / META_NAME, meta)
+    return meta
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prepare.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="dataset root to write (train_images/, train_mask/, ...)")
@@ -959,12 +1015,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="shift: labeled cases from one narrow scan profile, unlabeled and validation cases "
                              "from all (contrast phase, noise, slice thickness, HU offset)")
     parser.add_argument("--workers", type=int, default=1, help="processes generating cases in parallel")
+    parser.add_argument("--layout", choices=LAYOUTS, default="original",
+                        help="original: the release's folders (train_images/, ...); nnunet: nnU-Net v2 raw layout "
+                             "(dataset.json, imagesTr/, labelsTr/, imagesTs/, labelsTs/, imagesUnlabeled/)")
+    parser.add_argument("--organs", default=None,
+                        help="nnunet layout: comma-separated organs in label order, e.g. "
+                             "liver,spleen,kidney_left,kidney_right (default: the 13 FLARE22 organs)")
     parser.add_argument("--overwrite", action="store_true", help="regenerate cases that already exist")
     args = parser.parse_args(argv)
     setup_logging(None)
-    meta = write_dataset(args.out, args.labeled, args.unlabeled, args.val, seed=args.seed, size=args.size,
-                         hard_fraction=args.hard_fraction, overwrite=args.overwrite, workers=args.workers,
-                         profiles=args.scan_profiles)
+    kwargs = dict(labeled=args.labeled, unlabeled=args.unlabeled, val=args.val, seed=args.seed, size=args.size,
+                  hard_fraction=args.hard_fraction, overwrite=args.overwrite, workers=args.workers,
+                  profiles=args.scan_profiles)
+    if args.layout == "nnunet":
+        try:
+            meta = write_nnunet_dataset(args.out, args.organs.split(",") if args.organs else None, **kwargs)
+        except ValueError as exc:
+            print(f"error: --organs: {exc}", file=sys.stderr)
+            return 2
+    else:
+        meta = write_dataset(args.out, **kwargs)
     print(f"{'case':<18} {'split':<7} {'shape_zyx':<16} {'spacing_zyx':<22} {'orient':<6} hard")
     for case_id, entry in meta.items():
         shape = "x".join(str(n) for n in entry["shape_zyx"])

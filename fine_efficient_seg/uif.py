@@ -22,13 +22,12 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from common.core.amp import amp_settings, autocast
 from common.core.defaults import EXTEND_SIZE_MM, FINE_SIZE_ZYX, HU_WINDOW
 from common.core.errors import InputError
 from common.core.files import write_text_atomic
-from common.core.logger import get_logger
+from common.core.logger import get_logger, progress
 from common.evaluation.uncertainty import UifRow, select_certain, uncertainty_score
 from common.storage.lmdb_store import open_store
 from common.storage.weights import load_network
@@ -100,7 +99,7 @@ def score_pool(cases: Sequence[FineCase], net_a: nn.Module, net_b: nn.Module, op
         return torch.sigmoid(logits.float())[0]
 
     scores: dict[str, dict[str, float]] = {m: {} for m in methods}
-    for case in tqdm(cases, desc="uif", unit="case", disable=not is_main_process()):
+    for case in progress(cases, desc="uif", unit="case", disable=not is_main_process()):
         x = fixed_crop_input(case, options.size_zyx, options.hu_window, options.extend_size_mm, device)
         probs_a, probs_b = probs(net_a, x), probs(net_b, x)
         snaps = [0.5 * (probs(a, x) + probs(b, x)) for a, b in snapshots] if "stability" in methods else []

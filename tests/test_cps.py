@@ -67,7 +67,7 @@ def _batch(size: int = 32):
     torch.manual_seed(123)
     x_l = torch.randn(1, 1, size, size, size)
     x_u = torch.randn(1, 1, size, size, size)
-    y_l = one_hot_organs(torch.randint(0, 14, (1, size, size, size)))
+    y_l = one_hot_organs(torch.randint(0, 14, (1, size, size, size)), 13)
     return x_l, y_l, x_u
 
 

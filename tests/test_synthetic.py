@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from common.core.labels import NUM_ORGANS
+from common.core.labels import FLARE22
 from data_prepare import synthetic
 from data_prepare.synthetic import MIN_ORGAN_VOXELS, draw_plan, generate_case, is_hard, make_case, write_dataset
 
@@ -82,21 +82,21 @@ def test_masks_match_images(dataset: Path) -> None:
         assert image.GetOrigin() != (0.0, 0.0, 0.0)
         labels = sitk.GetArrayViewFromImage(mask)
         present = set(np.unique(labels).tolist())
-        assert present == set(range(NUM_ORGANS + 1)), f"{mask_path.name}: labels {sorted(present)}"
-        counts = np.bincount(labels.ravel(), minlength=NUM_ORGANS + 1)
+        assert present == set(range(FLARE22.num_organs + 1)), f"{mask_path.name}: labels {sorted(present)}"
+        counts = np.bincount(labels.ravel(), minlength=FLARE22.num_organs + 1)
         assert counts[1:].min() >= MIN_ORGAN_VOXELS
         case_id = mask_path.name.removesuffix(".nii.gz")
         entry = meta[case_id]
         assert entry["hard"] is False
         np.testing.assert_allclose(image.GetSpacing()[::-1], entry["spacing_zyx"], rtol=1e-5)
         assert list(labels.shape) == entry["shape_zyx"]
-        assert entry["organs_present"] == list(range(1, NUM_ORGANS + 1))
+        assert entry["organs_present"] == list(range(1, FLARE22.num_organs + 1))
 
 
 def test_intensities_match_masks() -> None:
     """Organ voxels carry their organ's HU (noise averages out over the organ)."""
     image, mask, *_ = make_case(np.random.default_rng(3), "demo", hard=False)
-    mean = {label: float(image[mask == label].mean()) for label in range(1, NUM_ORGANS + 1)}
+    mean = {label: float(image[mask == label].mean()) for label in range(1, FLARE22.num_organs + 1)}
     assert 35 < mean[1] < 85  # liver
     assert 25 < mean[3] < 75  # spleen
     assert mean[5] > 120  # aorta (contrast)
@@ -149,7 +149,7 @@ def test_anatomy_in_array_frame() -> None:
     """Cranio-caudal and antero-posterior order in the LPS array (z up = superior, y up = posterior)."""
     case = generate_case(np.random.default_rng(11), "demo", hard=False)
     mask = case.mask if case.plan.lps else case.mask[:, ::-1, ::-1]
-    centroid = {label: np.array(np.nonzero(mask == label)).mean(axis=1) for label in range(1, NUM_ORGANS + 1)}
+    centroid = {label: np.array(np.nonzero(mask == label)).mean(axis=1) for label in range(1, FLARE22.num_organs + 1)}
     assert centroid[7][0] > centroid[2][0] and centroid[8][0] > centroid[13][0]  # adrenals above kidneys
     assert centroid[10][0] > centroid[4][0]  # esophagus above the pancreas
     assert centroid[5][1] < centroid[2][1]  # aorta anterior to the kidneys (smaller y)
@@ -158,7 +158,7 @@ def test_anatomy_in_array_frame() -> None:
 def test_min_voxels_in_tiny_cases() -> None:
     for seed in range(12):
         _, mask, *_ = make_case(np.random.default_rng([seed, 7]), "tiny", hard=False)
-        counts = np.bincount(mask.ravel(), minlength=NUM_ORGANS + 1)
+        counts = np.bincount(mask.ravel(), minlength=FLARE22.num_organs + 1)
         assert counts.max() < mask.size and counts[1:].min() >= MIN_ORGAN_VOXELS, counts.tolist()
 
 
@@ -190,7 +190,7 @@ def test_skip_existing_and_overwrite(tmp_path: Path) -> None:
     path.write_bytes(b"sentinel")  # a kept case is not touched
     meta = write_dataset(out, 1, 0, 0, seed=2, size="tiny")
     assert path.read_bytes() == b"sentinel"
-    assert meta["train_000"]["organs_present"] == list(range(1, NUM_ORGANS + 1))  # carried over from before
+    assert meta["train_000"]["organs_present"] == list(range(1, FLARE22.num_organs + 1))  # carried over from before
     write_dataset(out, 1, 0, 0, seed=2, size="tiny", overwrite=True)
     assert sitk.ReadImage(str(path)).GetSize() == (48, 40, 20)
 

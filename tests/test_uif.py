@@ -69,8 +69,8 @@ def test_one_organ_vs_thirteen_organs():
             b[start + length - shared:start + 2 * length - shared] = organ + 1
         return a, b
 
-    one = labels_disagreement(*pair(1, 0.6))
-    thirteen = labels_disagreement(*pair(13, 0.9))
+    one = labels_disagreement(*pair(1, 0.6), 13)
+    thirteen = labels_disagreement(*pair(13, 0.9), 13)
     assert one == pytest.approx(0.4)
     assert thirteen == pytest.approx(0.1)
     assert one > thirteen
@@ -113,7 +113,7 @@ def test_disagreement_all_empty_is_worst():
     empty = torch.full((13, *SHAPE), 0.1)
     assert disagreement_score(empty, empty) == 1.0
     labels = torch.zeros(4, 4, 4, dtype=torch.uint8)
-    assert labels_disagreement(labels, labels) == 1.0
+    assert labels_disagreement(labels, labels, 13) == 1.0
 
 
 def test_one_network_empty():
@@ -154,8 +154,9 @@ def test_uncertainty_score_dispatch_and_errors():
     assert uncertainty_score("entropy", p, p) == pytest.approx(entropy_score(p, p))
     with pytest.raises(ValueError, match="unknown UIF score"):
         uncertainty_score("variance", p, p)
-    with pytest.raises(ValueError, match="13 organ channels"):
-        uncertainty_score("disagreement", p[:3], p[:3])
+    with pytest.raises(ValueError, match="give 13 and 3 organ channels"):
+        uncertainty_score("disagreement", p, p[:3])
+    assert uncertainty_score("disagreement", p[:3], p[:3]) == 0.0  # a 3-label set: A and B agree on its label 1
 
 
 def test_keep_size():

@@ -20,7 +20,6 @@ from typing import Mapping, Sequence
 import torch
 
 from common.core.labelmaps import LABEL_THRESHOLD, probs_to_labels
-from common.core.labels import NUM_ORGANS
 from common.core.logger import get_logger
 
 logger = get_logger(__name__)
@@ -73,7 +72,7 @@ def masks_disagreement(masks_a: torch.Tensor, masks_b: torch.Tensor, weighting: 
                                     masks_b.sum(dim=dims), weighting)
 
 
-def labels_disagreement(labels_a: torch.Tensor, labels_b: torch.Tensor, num_organs: int = NUM_ORGANS,
+def labels_disagreement(labels_a: torch.Tensor, labels_b: torch.Tensor, num_organs: int,
                         weighting: str = "organ") -> float:
     """`disagreement_from_counts` of two label maps (0 = background, 1..num_organs), any equal shape."""
     if labels_a.shape != labels_b.shape:
@@ -87,7 +86,7 @@ def disagreement_score(probs_a: torch.Tensor, probs_b: torch.Tensor, threshold: 
                        weighting: str = "organ") -> float:
     """Disagreement (`disagreement_from_counts`) of the hard masks of networks A and B on the same crop.
 
-    probs_a, probs_b: (13, D, H, W) sigmoids.
+    probs_a, probs_b: (C, D, H, W) sigmoids, one channel per organ.
     """
     return masks_disagreement(hard_organ_masks(probs_a, threshold), hard_organ_masks(probs_b, threshold), weighting)
 
@@ -134,8 +133,8 @@ def uncertainty_score(method: str, probs_a: torch.Tensor, probs_b: torch.Tensor,
                       snapshots: Sequence[torch.Tensor] = (), weighting: str = "organ") -> float:
     """Dispatch by name (see UIF_SCORES): disagreement of A and B, entropy of their mean, or stability of
     their mean against the `snapshots` (mean sigmoids of the K earlier checkpoints)."""
-    if probs_a.shape[0] != NUM_ORGANS or probs_b.shape[0] != NUM_ORGANS:
-        raise ValueError(f"expected {NUM_ORGANS} organ channels, got {probs_a.shape[0]} and {probs_b.shape[0]}")
+    if probs_a.shape[0] != probs_b.shape[0]:
+        raise ValueError(f"networks A and B give {probs_a.shape[0]} and {probs_b.shape[0]} organ channels")
     if method == "disagreement":
         return disagreement_score(probs_a, probs_b, threshold, weighting)
     if method == "entropy":

@@ -24,7 +24,7 @@ import torch
 
 from common.core.errors import InputError
 from common.core.files import atomic_path
-from common.core.labels import NUM_ORGANS
+from common.core.labels import FLARE22
 from common.core.logger import get_logger
 from common.volume.intensity import AIR_HU, to_int16_hu
 
@@ -385,6 +385,25 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
     return array, meta
 
 
+def read_meta(path: str | os.PathLike) -> ImageMeta:
+    """The geometry of an image file from its header alone (no voxels read); InputError naming the file when it
+    cannot be read or is not 3-D. (`read_image` reads and checks the voxels too.)"""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(path, f"cannot read image header: {_sitk_message(e)}") from None
+    size = reader.GetSize()
+    if len(size) != 3:
+        raise InputError(path, f"is a {len(size)}D image; expected a 3D volume")
+    return ImageMeta(tuple(int(v) for v in size), tuple(float(v) for v in reader.GetSpacing()),  # type: ignore
+                     tuple(float(v) for v in reader.GetOrigin()), tuple(float(v) for v in reader.GetDirection()))
+
+
 def same_grid(a: ImageMeta, b: ImageMeta) -> str | None:
     """None if both grids agree (size exactly; spacing, origin, direction within tolerance), else what differs."""
     if tuple(a.size_xyz) != tuple(b.size_xyz):
@@ -402,8 +421,10 @@ def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
-def read_mask(path: str | os.PathLike, image_meta: ImageMeta | None = None) -> tuple[np.ndarray, ImageMeta]:
-    """Read a label mask as uint8 (z, y, x), checking labels (integers in 0..13) and, if given, the image's grid.
+def read_mask(path: str | os.PathLike, image_meta: ImageMeta | None = None,
+              num_labels: int = FLARE22.num_organs) -> tuple[np.ndarray, ImageMeta]:
+    """Read a label mask as uint8 (z, y, x), checking labels (integers in 0..num_labels: the label set's) and, if
+    given, the image's grid.
 
     Raises InputError naming the offending labels, non-integer values or the grid difference.
     """
@@ -421,14 +442,14 @@ def read_mask(path: str | os.PathLike, image_meta: ImageMeta | None = None) -> t
         if bad.any():
             examples = np.unique(array[bad])[:5]
             raise InputError(path, f"mask holds non-integer values (e.g. {', '.join(f'{v:g}' for v in examples)}); "
-                                   "expected integer labels 0..13")
+                                   f"expected integer labels 0..{num_labels}")
         array = rounded
     elif array.dtype.kind not in "iub":
-        raise InputError(path, f"mask has voxel type {array.dtype}; expected integer labels 0..13")
-    if array.size and (array.min() < 0 or array.max() > NUM_ORGANS):
-        outside = np.unique(array[(array < 0) | (array > NUM_ORGANS)])
+        raise InputError(path, f"mask has voxel type {array.dtype}; expected integer labels 0..{num_labels}")
+    if array.size and (array.min() < 0 or array.max() > num_labels):
+        outside = np.unique(array[(array < 0) | (array > num_labels)])
         shown = ", ".join(str(int(v)) for v in outside[:10]) + (" ..." if outside.size > 10 else "")
-        raise InputError(path, f"mask holds labels outside 0..{NUM_ORGANS}: {shown}")
+        raise InputError(path, f"mask holds labels outside 0..{num_labels}: {shown}")
     return array.astype(np.uint8, copy=False), meta
 
 
