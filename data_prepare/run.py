@@ -371,7 +371,7 @@ def _images_of(folder: Path, kind: str, found: Discovery, required: bool) -> dic
             raise InputError(folder, f"{kind} image folder not found")
         logger.info("%s: no folder, no %s cases", folder, kind)
         return None
-    images, skipped, conflicts = list_images(folder)
+    images, skipped, conflicts = list_images(folder, masks="mask" in kind)
     for path, reason in skipped:
         found.skipped.append(f"{path}: {reason}")
         logger.warning("skipped %s: %s", path, reason)

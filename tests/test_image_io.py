@@ -430,3 +430,17 @@ def test_duplicate_ids_name_both_files(tmp_path: Path) -> None:
     assert list(found) == ["c"] and skipped == []
     assert "a.nii and" in conflicts["a"] and "a.nii.gz" in conflicts["a"]
     assert "b.nii.gz" in conflicts["b"] and "b_0000.nii.gz" in conflicts["b"]
+
+
+def test_a_label_map_name_has_no_channel_suffix(tmp_path):
+    """`case_0000.nii.gz` in a mask folder is case `case_0000` (an id may end in four digits); an image of that case
+    is `case_0000_0000.nii.gz`."""
+    assert case_id_from_name("trainu_0000.nii.gz", channel_suffix=False) == "trainu_0000"
+    assert case_id_from_name("trainu_0000_0000.nii.gz") == "trainu_0000"
+    assert case_id_from_name("trainu_0000.nii.gz") == "trainu"  # an image name: the suffix is the channel
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("trainu_0000.nii.gz", "trainu_0001.nii.gz"):
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.uint8)), str(masks / name))
+    found, _, conflicts = list_images(masks, masks=True)
+    assert sorted(found) == ["trainu_0000", "trainu_0001"] and not conflicts

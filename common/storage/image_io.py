@@ -517,20 +517,23 @@ def write_mask(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) 
 # folders
 
 
-def case_id_from_name(path: str | os.PathLike) -> str | None:
-    """Case id of an image file name: `<id>_0000.nii.gz` -> id, other images -> name without extension."""
+def case_id_from_name(path: str | os.PathLike, channel_suffix: bool = True) -> str | None:
+    """Case id of an image file name: `<id>_0000.nii.gz` -> id, other images -> name without extension. A label
+    map's name carries no channel suffix (`channel_suffix=False`): `case_0000.nii.gz` is case `case_0000`."""
     name = Path(path).name
     suffix = image_suffix(name)
     if suffix is None:
         return None
     stem = name[: -len(suffix)]
-    if stem.endswith(CASE_SUFFIX) and len(stem) > len(CASE_SUFFIX):
+    if channel_suffix and stem.endswith(CASE_SUFFIX) and len(stem) > len(CASE_SUFFIX):
         stem = stem[: -len(CASE_SUFFIX)]
     return stem
 
 
-def list_images(folder: str | os.PathLike) -> tuple[dict[str, Path], list[tuple[Path, str]], dict[str, str]]:
+def list_images(folder: str | os.PathLike,
+                masks: bool = False) -> tuple[dict[str, Path], list[tuple[Path, str]], dict[str, str]]:
     """Images in `folder`: ({case id: path} sorted by id, [(skipped entry, reason)], {case id: problem}).
+    `masks`: a folder of label maps, named `<id>.nii.gz` without a channel suffix.
 
     Image files give `<id>_0000.nii.gz` -> id, other names -> the name without extension; DICOM series
     sub-folders give the folder name. An id given by two entries (`a.nii` and `a.nii.gz`, `a.nii.gz` and
@@ -554,7 +557,7 @@ def list_images(folder: str | os.PathLike) -> tuple[dict[str, Path], list[tuple[
                 skipped.append((entry, "folder without DICOM files"))
                 continue
         else:
-            case_id = case_id_from_name(entry)
+            case_id = case_id_from_name(entry, channel_suffix=not masks)
             if case_id is None:
                 if entry.suffix.lower() in (".raw", ".zraw") and any(
                     (folder / (entry.stem + ext)).exists() for ext in (".mhd", ".MHD")
