@@ -86,6 +86,7 @@ from common.lmdb_store import LmdbStore
 from common.logger import ROOT_LOGGER_NAME, get_logger, setup_logging
 from common.preprocessing import crop_box_with_margin, label_bboxes, region_slices, resize_hu_int16, resize_mask
 from common.step_marker import file_stamp
+from data_prepare import FOLD1_VAL_LIST
 
 logger = get_logger("data_prepare.run")  # a fixed name also when run as __main__
 
@@ -94,9 +95,6 @@ RECORD_VERSION = 1
 DB_RAW = {"labeled": "seg_raw_train", "unlabeled": "seg_raw_trainu", "test": "seg_raw_test"}
 DB_PRE = {"labeled": "seg_pre-process_database", "unlabeled": "segu_pre-process_database"}
 FILE_LISTS = {"labeled": "train_series_uids.txt", "unlabeled": "trainu_series_uids.txt", "test": "val_series_uids.txt"}
-# Optional, in file_list_dir: the labeled cases that validate fold 1, one id a line. When present it replaces the
-# val_ratio draw for fold 1 (exact counts, e.g. for benchmarks whose rows name them); absent: the draw, unchanged.
-FOLD1_VAL_LIST = "fold1_val_series_uids.txt"
 FAILED_FILE = "failed_cases.txt"
 NPY_KEYS = ("coarse_image_path", "coarse_mask_path", "fine_image_path", "fine_mask_path", "region_path",
             "region_mask_path")

@@ -51,6 +51,7 @@ from tqdm import tqdm
 from common.fileutil import atomic_path, write_json_atomic, write_text_atomic
 from common.labels import NUM_ORGANS
 from common.logger import get_logger, setup_logging
+from data_prepare import FOLD1_VAL_LIST
 
 logger = get_logger(__name__)
 
@@ -876,7 +877,7 @@ def _make_and_write(task: tuple[str, str, int, int, str, bool, str, bool, str]) 
 
 def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed: int = 0, size: str = "demo",
                   hard_fraction: float = 0.2, overwrite: bool = False, workers: int = 1,
-                  profiles: str = "fixed") -> dict:
+                  profiles: str = "fixed", fold1_val: int = 0) -> dict:
     """Write a synthetic dataset tree (DESIGN.md section 3) under `out`; returns the metadata written to
     `<out>/synthetic_meta.json`: {case_id: {"hard", "hard_kinds", "spacing_zyx", "lps", "split", ...}}.
 
@@ -884,6 +885,8 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
     trainu_mask_hidden/; a fraction `hard_fraction` of them hard), validation `validation_%03d` (val_images +
     val_mask), and
     file_list/{train,trainu,val}_series_uids.txt. Existing cases are skipped unless `overwrite`.
+    `fold1_val` > 0: the last `fold1_val` labeled cases are listed in file_list/fold1_val_series_uids.txt, so
+    data_prepare validates fold 1 on exactly them and trains on the other labeled cases (0: no such file).
     """
     if size not in _SIZE_SPECS:
         raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
@@ -893,6 +896,8 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
         raise ValueError("case counts must be non-negative")
     if profiles not in PROFILE_MODES:
         raise ValueError(f"unknown scan profiles {profiles!r}; expected one of {PROFILE_MODES}")
+    if not 0 <= fold1_val <= labeled:
+        raise ValueError(f"fold1_val must be within [0, labeled={labeled}], got {fold1_val}")
     out = Path(out)
     counts = {"train": labeled, "trainu": unlabeled, "val": val}
     tasks = []
@@ -935,6 +940,8 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
 
     for split, names in ids.items():
         write_text_atomic(out / "file_list" / SPLITS[split][2], "".join(f"{n}\n" for n in names))
+    if fold1_val:
+        write_text_atomic(out / "file_list" / FOLD1_VAL_LIST, "".join(f"{n}\n" for n in ids["train"][-fold1_val:]))
     for split in ("train", "val"):  # empty splits still get their folders, as the tree expects
         (out / SPLITS[split][0]).mkdir(parents=True, exist_ok=True)
         (out / SPLITS[split][1]).mkdir(parents=True, exist_ok=True)  # type: ignore[operator]
@@ -958,13 +965,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scan-profiles", choices=PROFILE_MODES, default="fixed",
                         help="shift: labeled cases from one narrow scan profile, unlabeled and validation cases "
                              "from all (contrast phase, noise, slice thickness, HU offset)")
+    parser.add_argument("--fold1-val", type=int, default=0,
+                        help="list the last N labeled cases in file_list/fold1_val_series_uids.txt: data_prepare "
+                             "then validates fold 1 on exactly them (0: no list, data_prepare's val_ratio draw)")
     parser.add_argument("--workers", type=int, default=1, help="processes generating cases in parallel")
     parser.add_argument("--overwrite", action="store_true", help="regenerate cases that already exist")
     args = parser.parse_args(argv)
     setup_logging(None)
     meta = write_dataset(args.out, args.labeled, args.unlabeled, args.val, seed=args.seed, size=args.size,
                          hard_fraction=args.hard_fraction, overwrite=args.overwrite, workers=args.workers,
-                         profiles=args.scan_profiles)
+                         profiles=args.scan_profiles, fold1_val=args.fold1_val)
     print(f"{'case':<18} {'split':<7} {'shape_zyx':<16} {'spacing_zyx':<22} {'orient':<6} hard")
     for case_id, entry in meta.items():
         shape = "x".join(str(n) for n in entry["shape_zyx"])
