@@ -20,14 +20,20 @@ Scan profiles (`--scan-profiles shift`, a model of FLARE22, whose labeled scans 
 unlabeled and test scans come from many): the labeled cases keep the one narrow profile (portal-venous phase,
 normal noise, thin slices, no scanner offset); unlabeled and validation cases each draw a profile: contrast phase
 (non-contrast / arterial / portal-venous organ HU), noise level (x1 / x2 / x3), slice thickness (thin, or thick:
-a Gaussian partial-volume blur along z) and a scanner HU offset (-60..60). `fixed` (default): every case is drawn
-as before. The profile is drawn from its own random stream, so geometry and anatomy do not change with it.
+a Gaussian partial-volume blur along z) and a scanner HU offset (-60..60). `strong_shift`: the same with noise
+x1 / x3 / x5, slice blur 0 / 1.2 / 2.4 voxels and offsets -100..100. `fixed` (default): every case is drawn as
+before. The profile is drawn from its own random stream, so geometry and anatomy do not change with it.
+
+Anatomy (`--anatomy varied`): organ centres, radii, rotations, surface deformation, overall organ sizes, organ HU
+and body build vary far more from case to case (`AnatomySpread`), so that a few labeled scans no longer show the
+range the others cover. `standard` (default): the original spreads.
 
 Truth of the unlabeled cases: their masks go to `trainu_mask_hidden/` (`HIDDEN_MASK_DIR`, named per case as
 "hidden_mask" in synthetic_meta.json). No stage reads it; only benchmarks (true pseudo-label quality) do.
 
 CLI: `python -m data_prepare.synthetic --out DIR --labeled N --unlabeled M --val K [--seed S]
-[--size demo|full|tiny] [--hard-fraction 0.2] [--scan-profiles fixed|shift] [--workers W] [--overwrite]`.
+[--size demo|full|tiny] [--hard-fraction 0.2] [--scan-profiles fixed|shift|strong_shift] [--anatomy standard|varied]
+[--fold1-val N] [--workers W] [--overwrite]`.
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ SPLITS: dict[str, tuple[str, str | None, str, str, int]] = {
 }
 META_NAME = "synthetic_meta.json"
 HIDDEN_MASK_DIR = "trainu_mask_hidden"  # truth of the unlabeled cases: for benchmarks only, never read by a stage
-PROFILE_MODES = ("fixed", "shift")
+PROFILE_MODES = ("fixed", "shift", "strong_shift")
 ANATOMY_MODES = ("standard", "varied")
 PHASES = ("non_contrast", "arterial", "portal_venous")
 RAS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -195,6 +201,16 @@ def draw_profile(rng: np.random.Generator) -> ScanProfile:
     """One of the wide set of profiles of the unlabeled and evaluation scans."""
     return ScanProfile(phase=str(rng.choice(PHASES)), noise_factor=float(rng.choice([1.0, 2.0, 3.0])),
                        slice_blur_vox=float(rng.choice([0.0, 1.2])), hu_offset=float(rng.uniform(-60.0, 60.0)))
+
+
+def draw_strong_profile(rng: np.random.Generator) -> ScanProfile:
+    """`strong_shift`: a profile further from the labeled cases' than `draw_profile`'s (low-dose noise up to x5,
+    slices up to twice as thick, larger scanner offsets), which per-crop normalisation does not undo."""
+    return ScanProfile(phase=str(rng.choice(PHASES)), noise_factor=float(rng.choice([1.0, 3.0, 5.0])),
+                       slice_blur_vox=float(rng.choice([0.0, 1.2, 2.4])), hu_offset=float(rng.uniform(-100.0, 100.0)))
+
+
+PROFILE_DRAWS = {"shift": draw_profile, "strong_shift": draw_strong_profile}
 
 
 def _phase_contrast(phase: str, rng_contrast: float) -> dict[int, float]:
@@ -907,8 +923,8 @@ def _make_and_write(task: tuple[str, str, int, int, str, bool, str, bool, str, s
     image_path, mask_path = _case_paths(out_path, split, case_id)
     rng = _case_rng(seed, split, index)
     plan = draw_plan(rng, size, hard, anatomy)
-    if profiles == "shift" and split != "train":
-        plan.profile = draw_profile(np.random.default_rng([seed, SPLITS[split][4], index, 17]))
+    if profiles in PROFILE_DRAWS and split != "train":
+        plan.profile = PROFILE_DRAWS[profiles](np.random.default_rng([seed, SPLITS[split][4], index, 17]))
     meta = {"split": split, **plan.meta()}
     if split == "trainu":
         meta["hidden_mask"] = f"{HIDDEN_MASK_DIR}/{case_id}.nii.gz"
@@ -1018,7 +1034,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hard-fraction", type=float, default=0.2, help="fraction of unlabeled cases made hard")
     parser.add_argument("--scan-profiles", choices=PROFILE_MODES, default="fixed",
                         help="shift: labeled cases from one narrow scan profile, unlabeled and validation cases "
-                             "from all (contrast phase, noise, slice thickness, HU offset)")
+                             "from all (contrast phase, noise, slice thickness, HU offset); strong_shift: the same, "
+                             "further from the labeled profile (noise up to x5, thicker slices, larger offsets)")
     parser.add_argument("--anatomy", choices=ANATOMY_MODES, default="standard",
                         help="varied: organ placement, size, shape and HU vary far more from case to case "
                              "(AnatomySpread); standard: the original spreads")

@@ -311,3 +311,20 @@ def test_varied_anatomy() -> None:
     assert varied.plan.meta()["anatomy"] == "varied" and varied.plan.shape_zyx == plain.plan.shape_zyx
     with pytest.raises(ValueError, match="anatomy"):
         draw_plan(np.random.default_rng(0), "demo", hard=False, anatomy="odd")
+
+
+def test_scan_profiles_strong_shift(tmp_path: Path) -> None:
+    """strong_shift: labeled cases as with shift (the narrow profile), the others from the stronger set."""
+    shift = write_dataset(tmp_path / "shift", labeled=1, unlabeled=6, val=2, seed=4, size="tiny", profiles="shift")
+    strong = write_dataset(tmp_path / "strong", labeled=1, unlabeled=6, val=2, seed=4, size="tiny",
+                           profiles="strong_shift")
+    assert strong["train_000"] == shift["train_000"]
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "shift" / "train_images" / "train_000_0000.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "strong" / "train_images" / "train_000_0000.nii.gz")))
+    np.testing.assert_array_equal(a, b)
+    drawn = [strong[c]["profile"] for c in strong if not c.startswith("train_")]
+    assert {p["noise_factor"] for p in drawn} <= {1.0, 3.0, 5.0} and max(p["noise_factor"] for p in drawn) > 1.0
+    assert all(p["slice_blur_vox"] in (0.0, 1.2, 2.4) and abs(p["hu_offset"]) <= 100.0 for p in drawn)
+    for case in strong:
+        assert strong[case]["shape_zyx"] == shift[case]["shape_zyx"]
+        assert strong[case]["organs_present"] == shift[case]["organs_present"]
