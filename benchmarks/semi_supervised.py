@@ -622,7 +622,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--rampup-fraction", type=float, default=d.rampup_fraction,
                    help="CPS weight ramp-up over this share of each training's iterations (0: none)")
     p.add_argument("--cps-weight", type=float, default=d.cps_weight, help="weight of the CPS loss")
-    p.add_argument("--scan-profiles", choices=("fixed", "shift"), default=d.scan_profiles,
+    p.add_argument("--scan-profiles", choices=("fixed", "shift", "strong_shift"), default=d.scan_profiles,
                    help="shift: labeled cases from one narrow scan profile, unlabeled + evaluation from all")
     p.add_argument("--anatomy", choices=("standard", "varied"), default=d.anatomy,
                    help="synthetic anatomy: varied = organ placement, size and shape far less alike between cases")
