@@ -45,7 +45,9 @@ Record of a prepared case (UTF-8 JSON; canonical = after the flips; boxes in can
 Split: each labeled case's fold follows from its id and split_seed alone (`fold_draw`, a SHA-256 number in
 [0, 1)): fold-1 validation when it is < val_ratio (about val_ratio of the cases), folds 2..5 by quarters of the
 rest. Unlike the reference's permutation of all ids, a case failing or being fixed never moves another case
-between train and val. The ids also go to db/split.json.
+between train and val. An optional file_list/fold1_val_series_uids.txt (FOLD1_VAL_LIST) names the fold-1
+validation cases instead (exact counts; val_ratio is then not used for fold 1, folds 2..5 quarter the rest by
+their draw). The ids also go to db/split.json.
 
 Failures never vanish: each failed case is logged with the file and the reason, listed in
 db/failed_cases.txt, the other cases finish, and the exit code is 1 (2: bad config or no dataset folder).
@@ -92,6 +94,7 @@ from common.storage.records import RECORD_VERSION, PreparedCase, Region
 from common.storage.step_marker import file_stamp
 from common.volume.boxes import crop_box_with_margin, label_bboxes, region_slices
 from common.volume.resize import resize_hu_int16, resize_mask
+from data_prepare import FOLD1_VAL_LIST
 from data_prepare.layouts import DatasetLayout, dataset_layout, verify_nnunet
 
 logger = get_logger("data_prepare.run")  # a fixed name also when run as __main__
@@ -476,6 +479,25 @@ def split_fold1(ids: Sequence[str], val_ratio: float, seed: int) -> tuple[list[s
     return train, val
 
 
+def split_fold1_pinned(ids: Sequence[str], val_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Fold-1 split given by a list of validation ids (FOLD1_VAL_LIST): exactly the listed labeled cases validate,
+    every other labeled case trains. Listed ids that are not (prepared) labeled cases are named and left out; one
+    labeled case in all is both the training and the validation case, as in `split_fold1`."""
+    ids = sorted(ids)
+    wanted = set(val_ids)
+    unknown = sorted(wanted - set(ids))
+    if unknown:
+        logger.warning("%d id(s) of %s are not prepared labeled cases and are left out: %s", len(unknown),
+                       FOLD1_VAL_LIST, ", ".join(unknown))
+    if len(ids) == 1:
+        return list(ids), list(ids)
+    val = [i for i in ids if i in wanted]
+    train = [i for i in ids if i not in wanted]
+    if not train:
+        logger.warning("%s lists every labeled case: fold 1 has no training case", FOLD1_VAL_LIST)
+    return train, val
+
+
 def split_5fold(train1: Sequence[str], val1: Sequence[str], val_ratio: float = 0.2,
                 seed: int = 0) -> dict[int, tuple[list[str], list[str]]]:
     """Folds 2..5: the fold-1 training cases in four quarters by their own draw (`fold_draw`, rescaled from
@@ -506,14 +528,20 @@ def _replace(path: Path, records: dict[str, dict]) -> None:
 
 def write_splits(db_dir: Path, cfg: PrepareConfig, labeled: dict[str, dict], unlabeled: dict[str, dict]) -> dict:
     """Write the fold and seg_trainu databases (values copied from the pre-process records); returns the split."""
-    train1, val1 = split_fold1(list(labeled), cfg.val_ratio, cfg.split_seed)
+    pin_path = db_dir.parent / cfg.file_list_dir / FOLD1_VAL_LIST
+    pinned = pin_path.is_file()
+    if pinned:
+        train1, val1 = split_fold1_pinned(list(labeled), _read_id_list(pin_path))
+        logger.info("fold 1 validation from %s: %d train / %d val", pin_path, len(train1), len(val1))
+    else:
+        train1, val1 = split_fold1(list(labeled), cfg.val_ratio, cfg.split_seed)
     if len(labeled) == 1:
         logger.warning("only one labeled case: it is used for both training and validation")
     elif not val1:
         logger.warning("val_ratio=%s leaves the validation fold empty", cfg.val_ratio)
     folds = {1: (train1, val1)}
-    if cfg.split_5fold:
-        folds.update(split_5fold(train1, val1, cfg.val_ratio, cfg.split_seed))
+    if cfg.split_5fold:  # pinned: the training cases' draws span all of [0, 1), not [val_ratio, 1)
+        folds.update(split_5fold(train1, val1, 0.0 if pinned else cfg.val_ratio, cfg.split_seed))
     for k in range(1, 6):
         for part in ("train", "val"):
             path = db_dir / f"seg_{part}_fold_{k}"
@@ -528,6 +556,8 @@ def write_splits(db_dir: Path, cfg: PrepareConfig, labeled: dict[str, dict], unl
     split = {"split_seed": cfg.split_seed, "val_ratio": cfg.val_ratio, "split_5fold": cfg.split_5fold,
              "folds": {str(k): {"train": tr, "val": va} for k, (tr, va) in folds.items()},
              "trainu": sorted(unlabeled)}
+    if pinned:
+        split["fold1_val_list"] = str(pin_path)
     write_json_atomic(db_dir / "split.json", split)
     return split
 

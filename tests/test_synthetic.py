@@ -268,3 +268,63 @@ def test_scan_profiles_shift(tmp_path: Path) -> None:
         assert np.array_equal(a, b) == (entry["profile"] == narrow), case
     with pytest.raises(ValueError, match="scan profiles"):
         write_dataset(tmp_path / "bad", labeled=1, unlabeled=0, val=0, profiles="wide")
+
+
+def test_fold1_val_list(tmp_path: Path) -> None:
+    """--fold1-val N lists the last N labeled cases for data_prepare's fold-1 validation; 0 writes no list."""
+    from data_prepare import FOLD1_VAL_LIST
+
+    write_dataset(tmp_path / "pinned", labeled=4, unlabeled=0, val=0, seed=1, size="tiny", fold1_val=2)
+    assert (tmp_path / "pinned" / "file_list" / FOLD1_VAL_LIST).read_text().split() == ["train_002", "train_003"]
+    write_dataset(tmp_path / "plain", labeled=2, unlabeled=0, val=0, seed=1, size="tiny")
+    assert not (tmp_path / "plain" / "file_list" / FOLD1_VAL_LIST).exists()
+    with pytest.raises(ValueError, match="fold1_val"):
+        write_dataset(tmp_path / "bad", labeled=1, unlabeled=0, val=0, size="tiny", fold1_val=2)
+
+
+def test_varied_anatomy() -> None:
+    """--anatomy varied: same geometry draws, every organ still there, and organ sizes and places spread more than
+    with the standard anatomy (whose output the option leaves unchanged)."""
+    def organ_stats(anatomy: str) -> tuple[np.ndarray, np.ndarray]:
+        volumes, centres = [], []
+        for seed in range(8):
+            case = generate_case(np.random.default_rng([seed, 21]), "demo", hard=False, anatomy=anatomy)
+            mask = case.mask if case.plan.lps else case.mask[:, ::-1, ::-1]
+            counts = np.bincount(mask.ravel(), minlength=FLARE22.num_organs + 1)
+            assert counts[1:].min() >= MIN_ORGAN_VOXELS, counts.tolist()
+            volumes.append(counts[1:] * np.prod(case.plan.spacing_zyx))
+            origin = np.array([case.plan.center_z_mm, case.plan.center_y_mm, case.plan.center_x_mm])
+            centres.append([np.array(np.nonzero(mask == k)).mean(axis=1) * case.plan.spacing_zyx - origin
+                            for k in range(1, FLARE22.num_organs + 1)])
+        return np.array(volumes), np.array(centres)
+
+    std_vol, std_centre = organ_stats("standard")
+    var_vol, var_centre = organ_stats("varied")
+    cv = lambda v: v.std(axis=0) / v.mean(axis=0)  # noqa: E731 - per-organ coefficient of variation
+    assert np.median(cv(var_vol)) > 1.5 * np.median(cv(std_vol))
+    assert np.median(var_centre.std(axis=0)) > 1.5 * np.median(std_centre.std(axis=0))
+    plain = generate_case(np.random.default_rng([3, 21]), "demo", hard=False)
+    standard = generate_case(np.random.default_rng([3, 21]), "demo", hard=False, anatomy="standard")
+    np.testing.assert_array_equal(plain.image, standard.image)
+    assert "anatomy" not in plain.plan.meta()
+    varied = generate_case(np.random.default_rng([3, 21]), "demo", hard=False, anatomy="varied")
+    assert varied.plan.meta()["anatomy"] == "varied" and varied.plan.shape_zyx == plain.plan.shape_zyx
+    with pytest.raises(ValueError, match="anatomy"):
+        draw_plan(np.random.default_rng(0), "demo", hard=False, anatomy="odd")
+
+
+def test_scan_profiles_strong_shift(tmp_path: Path) -> None:
+    """strong_shift: labeled cases as with shift (the narrow profile), the others from the stronger set."""
+    shift = write_dataset(tmp_path / "shift", labeled=1, unlabeled=6, val=2, seed=4, size="tiny", profiles="shift")
+    strong = write_dataset(tmp_path / "strong", labeled=1, unlabeled=6, val=2, seed=4, size="tiny",
+                           profiles="strong_shift")
+    assert strong["train_000"] == shift["train_000"]
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "shift" / "train_images" / "train_000_0000.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "strong" / "train_images" / "train_000_0000.nii.gz")))
+    np.testing.assert_array_equal(a, b)
+    drawn = [strong[c]["profile"] for c in strong if not c.startswith("train_")]
+    assert {p["noise_factor"] for p in drawn} <= {1.0, 3.0, 5.0} and max(p["noise_factor"] for p in drawn) > 1.0
+    assert all(p["slice_blur_vox"] in (0.0, 1.2, 2.4) and abs(p["hu_offset"]) <= 100.0 for p in drawn)
+    for case in strong:
+        assert strong[case]["shape_zyx"] == shift[case]["shape_zyx"]
+        assert strong[case]["organs_present"] == shift[case]["organs_present"]
