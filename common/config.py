@@ -156,11 +156,20 @@ class LossSection:
 
 @dataclass
 class CPSSection:
-    """Weight of the cross pseudo supervision loss and its sigmoid ramp-up (0 = no ramp-up)."""
+    """Cross pseudo supervision: the weight of its loss and its sigmoid ramp-up (0 = no ramp-up), which pseudo-label
+    voxels count (`confidence`), how the loss spans a labeled + unlabeled batch (`parts`), the ablation flag
+    (common.train.cps.CPSSettings)."""
 
     weight: float = cfg_field(1.0, ge=0)
     rampup_iterations: int = cfg_field(0, ge=0)
+    confidence: float = cfg_field(0.0, ge=0, lt=1)
+    parts: str = choice_field("joint", ("joint", "separate"))
     legacy_shift: bool = False  # ablation: the original release's shifted pseudo labels (see common/cps.py)
+
+    def _cross_check(self) -> Iterable[tuple[str, str]]:
+        if 0.0 < self.confidence <= 0.5:
+            yield "confidence", (f"must be 0 (every voxel) or above 0.5 (a sure organ or background), got "
+                                 f"{self.confidence}")
 
 
 @dataclass

@@ -412,7 +412,8 @@ class _Trainer:
             net.parameters(), lr=cfg.optim.lr, betas=betas, weight_decay=cfg.optim.weight_decay))
         self.amp: AmpSettings = amp_settings(cfg.amp.precision, self.device)
         self.scalers: Pair[torch.amp.GradScaler] = self.nets.map(lambda _: make_grad_scaler(self.amp))
-        self.cps = CPSSettings(build_loss(cfg.loss.name), cfg.cps.weight, self.amp, cfg.cps.legacy_shift)
+        self.cps = CPSSettings(build_loss(cfg.loss.name), cfg.cps.weight, self.amp, cfg.cps.legacy_shift,
+                               cfg.cps.confidence, cfg.cps.parts)
         set_cudnn_benchmark(self.device)  # fixed input sizes: cuDNN picks the fastest kernels, as the predictor
 
     def restore(self) -> None:
