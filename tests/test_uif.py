@@ -9,6 +9,7 @@ import torch
 
 from common.evaluation.uncertainty import (
     binary_entropy,
+    change_score,
     disagreement_score,
     entropy_score,
     hard_organ_masks,
@@ -205,3 +206,19 @@ def test_selection_ties_and_nan_are_deterministic():
     # The input order does not matter.
     shuffled = dict(reversed(list(scores.items())))
     assert [r.case for r in select_certain(shuffled, keep_count=2)] == [r.case for r in rows]
+
+
+def test_change_score_is_the_changed_voxels_over_the_foreground():
+    """The FLARE22 winner's criterion: voxels whose pseudo label changed since the earlier networks, over the
+    current foreground."""
+    now = organ_probs({1: LIVER})  # 36 liver voxels
+    assert change_score(now, now) == 0.0
+    moved = organ_probs({1: SHIFTED_LIVER})  # 27 of them: 9 liver voxels were background before
+    assert change_score(now, moved) == pytest.approx(9 / 36)
+    assert change_score(moved, now) == pytest.approx(9 / 27)
+    assert change_score(organ_probs({}), now) == 1.0  # nothing predicted now: least certain
+    relabelled = organ_probs({3: LIVER})  # same voxels, another organ: every voxel changed
+    assert change_score(now, relabelled) == pytest.approx(1.0)
+    assert uncertainty_score("change", now, now, snapshots=[moved, now]) == 0.0  # the latest snapshot counts
+    with pytest.raises(ValueError, match="earlier networks"):
+        uncertainty_score("change", now, now)
