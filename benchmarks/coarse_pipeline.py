@@ -29,6 +29,7 @@ from coarse_base_seg.dataset import CoarseData
 from common.config import CoarseTrainConfig
 from common.core.amp import amp_settings, make_grad_scaler
 from common.core.labelmaps import one_hot_organs
+from common.core.labels import FLARE22
 from common.core.typed_config import load_config
 from common.storage.lmdb_store import LmdbStore
 from common.train.cps import CPSSettings, Learner, Pair, cps_step
@@ -129,7 +130,7 @@ def main() -> None:
         x_raw, y_raw = next(labeled)
         u_raw = next(unlabeled)
         x_l = data.normalize(x_raw.to(device))
-        y_l = one_hot_organs(y_raw.to(device).long())
+        y_l = one_hot_organs(y_raw.to(device).long(), FLARE22.num_organs)
         x_u = data.normalize(u_raw.to(device))
         for _ in range(args.warmup):
             step(x_l, y_l, x_u)
@@ -146,7 +147,7 @@ def main() -> None:
             xb, yb = next(labeled)
             ub = next(unlabeled)
             xb = data.normalize(xb.to(device, non_blocking=True))
-            yb = one_hot_organs(yb.to(device, non_blocking=True).long())
+            yb = one_hot_organs(yb.to(device, non_blocking=True).long(), FLARE22.num_organs)
             ub = data.normalize(ub.to(device, non_blocking=True))
             wait = time.perf_counter() - t
             step(xb, yb, ub)

@@ -89,7 +89,7 @@ def build_variant(variant: str, net: nn.Module, x: torch.Tensor, work: Path):
 def agreement(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
     """Voxel label agreement, mean organ DSC (1 - disagreement) and max |logit difference| of two (1,C,...) maps."""
     a, b = probs_to_labels(ref[0], 0.0), probs_to_labels(out[0].float(), 0.0)
-    return {"label_agreement": float((a == b).float().mean()), "dsc": 1.0 - labels_disagreement(a, b),
+    return {"label_agreement": float((a == b).float().mean()), "dsc": 1.0 - labels_disagreement(a, b, 13),
             "max_logit_diff": float((ref - out.float()).abs().max())}
 
 

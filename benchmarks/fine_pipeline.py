@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from common.config import PrepareConfig
 from common.core.defaults import HU_WINDOW
-from common.core.labels import NUM_ORGANS
+from common.core.labels import FLARE22
 from common.core.typed_config import load_config
 from common.train.distributed import resolve_device
 from data_prepare.run import STAGE_DIR
@@ -56,7 +56,7 @@ def scipy_sample(image: np.ndarray, labels: np.ndarray, hu_shift: np.ndarray) ->
     zoom = [o / i for o, i in zip(SIZE_ZYX, image.shape)]
     resized = ndimage.zoom(image.astype(np.float32), zoom, order=1, grid_mode=False, mode="nearest")
     out_labels = np.zeros(SIZE_ZYX, dtype=np.uint8)
-    for label in range(1, NUM_ORGANS + 1):
+    for label in range(1, FLARE22.num_organs + 1):
         binary = labels == label
         if not binary.any():
             continue

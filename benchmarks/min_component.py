@@ -203,7 +203,7 @@ def summarize(rows_by_value: dict[float, list[dict[str, Any]]], kept_by_value: d
     """Per value: means over organs and cases, per-organ means, foreground kept, organs dropped vs value 0, and
     per-case paired differences of mean DSC / NSD to the baseline value with 95 % t-intervals."""
     from benchmarks.stats import t_interval
-    from common.core.labels import ORGANS
+    from common.core.labels import FLARE22
     from common.evaluation.evaluate import column_means
 
     def per_case(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -218,8 +218,8 @@ def summarize(rows_by_value: dict[float, list[dict[str, Any]]], kept_by_value: d
         means = column_means(rows)
         entry: dict[str, Any] = {
             "min_volume_mm3": value, "cases": len(rows), "mean_DSC": means["mean_DSC"], "mean_NSD": means["mean_NSD"],
-            "organ_DSC": {ORGANS[label][1]: means[f"{ORGANS[label][1]}_DSC"] for label in ORGANS},
-            "organ_NSD": {ORGANS[label][1]: means[f"{ORGANS[label][1]}_NSD"] for label in ORGANS},
+            "organ_DSC": {lb.short: means[f"{lb.short}_DSC"] for lb in FLARE22},
+            "organ_NSD": {lb.short: means[f"{lb.short}_NSD"] for lb in FLARE22},
             "foreground_voxels": kept_by_value[value],
             "per_case": {c: {"DSC": m["mean_DSC"], "NSD": m["mean_NSD"]} for c, m in cases[value].items()},
         }
@@ -234,7 +234,7 @@ def summarize(rows_by_value: dict[float, list[dict[str, Any]]], kept_by_value: d
 
 def _dropped(lowest_rows: list[dict[str, Any]], rows: list[dict[str, Any]]) -> int:
     """(case, organ) pairs with DSC > 0 at the lowest value and DSC == 0 here: found, then removed for size."""
-    from common.core.labels import SHORT_NAMES
+    from common.core.labels import FLARE22
 
     here = {r["Name"]: r for r in rows}
     count = 0
@@ -242,7 +242,7 @@ def _dropped(lowest_rows: list[dict[str, Any]], rows: list[dict[str, Any]]) -> i
         other = here.get(r["Name"])
         if other is None:
             continue
-        count += sum(1 for s in SHORT_NAMES if float(r[f"{s}_DSC"]) > 0 and float(other[f"{s}_DSC"]) == 0)
+        count += sum(1 for lb in FLARE22 if float(r[f"{lb.short}_DSC"]) > 0 and float(other[f"{lb.short}_DSC"]) == 0)
     return count
 
 
@@ -258,9 +258,9 @@ def _diff(d: dict[str, float]) -> str:
 
 def format_table(summary: list[dict[str, Any]], baseline_mm3: float) -> str:
     """The markdown table: one row per value."""
-    from common.core.labels import ORGANS
+    from common.core.labels import FLARE22
 
-    small = [ORGANS[label][1] for label in SMALL_ORGANS]
+    small = [FLARE22[label].short for label in SMALL_ORGANS]
     n = summary[0]["diff_DSC"]["n"] if summary else 0
     header = (["min volume mm^3", "mean DSC", "mean NSD"] + [f"{s} DSC" for s in small]
               + ["organs dropped", "fg voxels", f"ΔDSC vs {baseline_mm3:g} [95 % t, n={n}]",

@@ -66,13 +66,16 @@ from typing import Any, Sequence
 from benchmarks.stats import evaluate_row
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("l0", "lu", "lk", "lr", "lo")
+ROWS = ("l0", "lu", "lk", "lr", "lo", "lc")
 SETTINGS_FILE = "settings.json"
 # Keys of the settings that change the trained models (a rerun with other values would mix results).
 _RESULT_KEYS = ("labeled", "labeled_val", "unlabeled", "val", "hard_fraction", "keep_ratio", "size",
                 "coarse_size", "fine_size", "coarse_iters", "fine_iters", "round2_iters", "channels",
                 "ensemble", "coarse_lr", "fine_lr", "dropout", "rampup_fraction", "scan_profiles", "snapshots",
-                "cps_weight")
+                "cps_weight", "anatomy", "ceiling")
+# How fold 1 is split: "pinned" = exactly --labeled training and --labeled-val validation cases per seed
+# (file_list/fold1_val_series_uids.txt). Runs made before (data_prepare's per-case hash draw) are refused.
+SPLIT_RULE = "pinned"
 
 
 @dataclass
@@ -103,6 +106,9 @@ class Settings:
     cps_weight: float = 1.0
     # Labeled cases from one narrow scan profile, unlabeled and evaluation cases from all (data_prepare.synthetic).
     scan_profiles: str = "shift"
+    anatomy: str = "standard"  # data_prepare.synthetic --anatomy (varied: organs far less alike between cases)
+    ceiling: bool = True  # the ceiling row: the unlabeled cases trained WITH their hidden truth (labeled-only)
+    regime: str | None = None  # the --regime preset the defaults came from (recorded for the report)
     snapshots: int = 3  # round-1 checkpoints for UIF's stability score
     stop_after: str = "all"  # "quality": stop after round 1 and the UIF quality step
     report_only: bool = False  # build the report from finished seed folders, run nothing
@@ -115,7 +121,7 @@ class Settings:
 
     def result_fingerprint(self) -> dict[str, Any]:
         d = asdict(self)
-        return {k: d[k] for k in _RESULT_KEYS}
+        return {**{k: d[k] for k in _RESULT_KEYS}, "split": SPLIT_RULE}
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -147,9 +153,9 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
     py = sys.executable
     sd = seed_dir(settings, seed)
     ds = sd / "dataset"
+    ds_ceiling = sd / "dataset_ceiling"
     coarse_w = sd / "weights_coarse" / "base_coarse_model"
     n_lab = settings.labeled + settings.labeled_val
-    val_ratio = settings.labeled_val / n_lab
     small = [f"model.channels={_list(settings.channels)}", "data.num_workers=0", f"model.dropout={settings.dropout}",
              f"device={settings.device}", f"seed={seed}",
              f"model.seed_a={100 * seed + 1}", f"model.seed_b={100 * seed + 2}"]
@@ -157,12 +163,18 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
         Step("synthetic", [py, "-m", "data_prepare.synthetic", "--out", str(ds), "--labeled", str(n_lab),
                            "--unlabeled", str(settings.unlabeled), "--val", str(settings.val), "--seed", str(seed),
                            "--size", settings.size, "--hard-fraction", str(settings.hard_fraction),
-                           "--scan-profiles", settings.scan_profiles, "--workers", str(settings.workers)]),
-        Step("prepare", ["sh", str(ROOT / "data_prepare" / "run.sh"), f"data_base_dir={ds}",
-                         f"coarse_size_zyx={_cube(settings.coarse_size)}",
-                         f"fine_size_zyx={_cube(settings.fine_size)}", f"val_ratio={val_ratio:.6g}",
-                         f"split_seed={seed}", f"num_workers={settings.workers}"]),
+                           "--scan-profiles", settings.scan_profiles, "--anatomy", settings.anatomy,
+                           # exactly labeled_val validation cases (the last ones), the rest train: the rows'
+                           # counts, not data_prepare's per-case val_ratio draw
+                           "--fold1-val", str(settings.labeled_val), "--workers", str(settings.workers)]),
+        Step("prepare", prepare_argv(settings, ds, seed)),
     ]
+    if settings.ceiling:
+        # The same cases, the unlabeled ones as labeled cases with their hidden truth (symlinks; same fold-1
+        # validation list), prepared like the dataset.
+        steps += [Step("ceiling_dataset", [py, "-m", "benchmarks.headroom", "ceiling-dataset", "--src", str(ds),
+                                           "--dst", str(ds_ceiling)]),
+                  Step("prepare_ceiling", prepare_argv(settings, ds_ceiling, seed))]
     coarse_common = [f"data_base_dir={ds}", f"output_dir={sd / 'coarse'}",
                      f"data.size_zyx={_cube(settings.coarse_size)}", *small,
                      f"schedule.iterations={settings.coarse_iters}",
@@ -175,8 +187,8 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
     steps += [Step("coarse_train", coarse_sh + coarse_common),
               Step("coarse_export", coarse_sh + coarse_common + ["step=export"])]
 
-    fine_sh = ["sh", str(ROOT / "fine_efficient_seg" / "run.sh")]
-    fine_common = [f"data_base_dir={ds}", f"data.size_zyx={_cube(settings.fine_size)}", *small,
+    fine_sh = ["sh", str(ROOT / "fine_efficient_seg" / "run.sh"), f"data_base_dir={ds}"]
+    fine_common = [f"data.size_zyx={_cube(settings.fine_size)}", *small,
                    f"schedule.iterations={settings.fine_iters}",
                    f"cps.rampup_iterations={int(settings.rampup_fraction * settings.fine_iters)}",
                    f"schedule.val_interval={max(1, settings.fine_iters // 4)}",
@@ -190,11 +202,15 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
     l0 = fine_sh + fine_common + [f"output_dir={sd / 'fine_l0'}", "data.unlabeled_db=null",
                                   f"export.dir={fine_w['l0']}"]
     cps = fine_sh + fine_common + [f"output_dir={sd / 'fine_cps'}"]
+    # The ceiling: row 1's training on the ceiling dataset (labeled + unlabeled cases with their truth).
+    lc = ["sh", str(ROOT / "fine_efficient_seg" / "run.sh"), f"data_base_dir={ds_ceiling}", *fine_common,
+          f"output_dir={sd / 'fine_lc'}", "data.unlabeled_db=null", f"export.dir={fine_w['lc']}"]
     from benchmarks.uif_quality import CONTROLS, QUALITY_FILE
 
     steps += [
         # Row 1: labeled only (boxes, uif and round2 are no-ops without a pool; export takes round 1).
         Step("fine_l0", l0 + ["step=all"]),
+        *([Step("fine_lc", lc + ["step=all"])] if settings.ceiling else []),
         # Rows 2-5 share round 1; round 1's networks are exported BEFORE round 2 exists (the export step
         # takes round 2 when it has a checkpoint), so this step is skipped once its model.pt is there.
         Step("fine_cps_boxes", cps + ["step=boxes"]),
@@ -204,7 +220,7 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
     ]
     if settings.stop_after == "lu":
         return steps + [Step(f"predict_{row}", predict_argv(settings, ds / "val_images", sd / f"pred_{row}",
-                                                            sd / f"weights_{row}")) for row in ("l0", "lu")]
+                                                            sd / f"weights_{row}")) for row in active_rows(settings)]
     steps += [
         # True pseudo-label quality: the round-1 ensemble on the pool, scored against the hidden truth.
         Step("predict_pool", predict_argv(settings, ds / "trainu_images", sd / "pred_pool", sd / "weights_lu")),
@@ -221,10 +237,17 @@ def seed_steps(settings: Settings, seed: int) -> list[Step]:
         control = fine_sh + fine_common + [f"output_dir={sd / out_name}"]
         steps += [Step(f"{out_name}_round2", control + ["step=round2"]),
                   Step(f"fine_{row}_export", control + [f"export.dir={fine_w[row]}", "step=export"])]
-    for row in ROWS:
+    for row in active_rows(settings):
         steps.append(Step(f"predict_{row}", predict_argv(settings, ds / "val_images", sd / f"pred_{row}",
                                                          sd / f"weights_{row}")))
     return steps
+
+
+def prepare_argv(settings: Settings, dataset: Path, seed: int) -> list[str]:
+    """data_prepare of one dataset folder (its fold-1 split comes from file_list/fold1_val_series_uids.txt)."""
+    return ["sh", str(ROOT / "data_prepare" / "run.sh"), f"data_base_dir={dataset}",
+            f"coarse_size_zyx={_cube(settings.coarse_size)}", f"fine_size_zyx={_cube(settings.fine_size)}",
+            f"split_seed={seed}", f"num_workers={settings.workers}"]
 
 
 def predict_argv(settings: Settings, in_dir: Path, out_dir: Path, weights_dir: Path) -> list[str]:
@@ -385,7 +408,8 @@ def row_label(row: str, s: Settings) -> str:
             "lu": f"{s.labeled} / {s.unlabeled}",
             "lk": f"{s.labeled} / {s.unlabeled} -> {k} (UIF)",
             "lr": f"{s.labeled} / {s.unlabeled} -> {k} (random)",
-            "lo": f"{s.labeled} / {s.unlabeled} -> {k} (oracle)"}[row]
+            "lo": f"{s.labeled} / {s.unlabeled} -> {k} (oracle)",
+            "lc": f"{s.labeled} + {s.unlabeled} with truth / 0 (ceiling)"}[row]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -396,8 +420,10 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def active_rows(settings: Settings) -> tuple[str, ...]:
-    """The rows a run makes: all five, or L / 0 and L / U only (`--stop-after lu`, for probing CPS settings)."""
-    return ("l0", "lu") if settings.stop_after == "lu" else ROWS
+    """The rows a run makes: all five, or L / 0 and L / U only (`--stop-after lu`, for probing CPS settings); plus
+    the ceiling row unless --no-ceiling."""
+    rows = ("l0", "lu") if settings.stop_after == "lu" else ROWS[:-1]
+    return rows + (("lc",) if settings.ceiling else ())
 
 
 def _rows_of(results: Sequence[dict[str, Any]]) -> tuple[str, ...]:
@@ -488,7 +514,9 @@ def build_report(results: Sequence[dict[str, Any]], settings: Settings, command:
         "",
         f"Command: `{command}`",
         "",
-        f"Synthetic `{settings.size}` data; per seed: {settings.labeled} labeled training + {settings.labeled_val} "
+        f"Synthetic `{settings.size}` data (anatomy `{settings.anatomy}`"
+        f"{f', regime `{settings.regime}`' if settings.regime else ''}); per seed exactly {settings.labeled} labeled "
+        f"training + {settings.labeled_val} "
         f"labeled validation (checkpoint choice) cases, {settings.unlabeled} unlabeled ({settings.hard_fraction:.0%}"
         f" hard), {settings.val} held-out evaluation cases. Networks with channels {settings.channels}; coarse "
         f"{settings.coarse_size}^3 ({settings.coarse_iters} iterations, CPS on labeled + unlabeled, one model per "
@@ -498,7 +526,10 @@ def build_report(results: Sequence[dict[str, Any]], settings: Settings, command:
         f"from fresh networks ({settings.round2_iters or settings.fine_iters} iterations). Scan profiles "
         f"`{settings.scan_profiles}` (shift: labeled cases from one narrow profile, unlabeled and evaluation cases "
         f"from all); CPS weight {settings.cps_weight}, ramped up over the first {settings.rampup_fraction:.0%} of "
-        f"each training; fine lr {settings.fine_lr or 'of config.yaml'}. Prediction: full "
+        f"each training; fine lr {settings.fine_lr or 'of config.yaml'}."
+        + (f" Ceiling row: row 1's training with the {settings.unlabeled} unlabeled cases added as labeled cases "
+           "with their hidden truth (the most any use of them can give)." if settings.ceiling else "")
+        + " Prediction: full "
         f"two-stage predictor{' (ensemble of A and B)' if settings.ensemble else ''}; DSC/NSD by the FLARE22 rules, "
         "mean over the 13 organs and the evaluation cases; ± is the standard deviation over seeds.",
         "",
@@ -536,6 +567,10 @@ def build_report(results: Sequence[dict[str, Any]], settings: Settings, command:
 # --------------------------------------------------------------------------------------------- CLI
 
 
+# `--regime NAME`: data and training settings found by benchmarks/headroom.py to leave the unlabeled scans room
+# to matter (defaults only; explicit options win). See BENCHMARKS.md, "Label headroom".
+REGIMES: dict[str, dict[str, Any]] = {}
+
 # `--preset cuda`: the full-size run for one GPU (defaults only; explicit options win).
 CUDA_PRESET = {"device": "cuda", "size": "full", "coarse_size": 160, "fine_size": 192, "channels": "16,32,64,128,256",
                "coarse_iters": 4000, "fine_iters": 4000, "unlabeled": 40, "labeled": 8, "val": 10, "jobs": 1,
@@ -568,8 +603,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--rampup-fraction", type=float, default=d.rampup_fraction,
                    help="CPS weight ramp-up over this share of each training's iterations (0: none)")
     p.add_argument("--cps-weight", type=float, default=d.cps_weight, help="weight of the CPS loss")
-    p.add_argument("--scan-profiles", choices=("fixed", "shift"), default=d.scan_profiles,
+    p.add_argument("--scan-profiles", choices=("fixed", "shift", "strong_shift"), default=d.scan_profiles,
                    help="shift: labeled cases from one narrow scan profile, unlabeled + evaluation from all")
+    p.add_argument("--anatomy", choices=("standard", "varied"), default=d.anatomy,
+                   help="synthetic anatomy: varied = organ placement, size and shape far less alike between cases")
+    p.add_argument("--no-ceiling", action="store_true",
+                   help="skip the ceiling row (the unlabeled cases trained with their hidden truth)")
+    p.add_argument("--regime", choices=sorted(REGIMES), default=None,
+                   help="a preset of the data and training settings (REGIMES; explicit options still win)")
     p.add_argument("--snapshots", type=int, default=d.snapshots, help="round-1 snapshots (UIF stability score)")
     p.add_argument("--stop-after", choices=("all", "quality", "lu"), default="all",
                    help="quality: stop after round 1 and the UIF quality step (no round 2, no rows); lu: rows "
@@ -592,6 +633,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--preset" in argv and argv[argv.index("--preset") + 1:argv.index("--preset") + 2] == ["cuda"]:
         p.set_defaults(**CUDA_PRESET)
+    for i, arg in enumerate(argv):  # --regime NAME or --regime=NAME: its settings become the defaults
+        name = argv[i + 1] if arg == "--regime" and i + 1 < len(argv) else arg.partition("--regime=")[2]
+        if name in REGIMES:
+            p.set_defaults(**REGIMES[name])
     a = p.parse_args(argv)
     channels = [int(c) for c in a.channels.replace("[", "").replace("]", "").split(",") if c.strip()]
     for name, edge in (("--coarse-size", a.coarse_size), ("--fine-size", a.fine_size)):
@@ -607,7 +652,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                  fine_iters=a.fine_iters, round2_iters=a.round2_iters, channels=channels,
                  ensemble=not a.no_ensemble, coarse_lr=a.coarse_lr, fine_lr=a.fine_lr, dropout=a.dropout,
                  rampup_fraction=a.rampup_fraction, device=a.device, cps_weight=a.cps_weight,
-                 scan_profiles=a.scan_profiles, snapshots=a.snapshots, stop_after=a.stop_after,
+                 scan_profiles=a.scan_profiles, anatomy=a.anatomy, ceiling=not a.no_ceiling, regime=a.regime,
+                 snapshots=a.snapshots, stop_after=a.stop_after,
                  report_only=a.report_only,
                  workers=a.workers, jobs=a.jobs, threads=a.threads or None, dry_run=a.dry_run,
                  out=str(Path(a.out).resolve()))

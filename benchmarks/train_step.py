@@ -109,7 +109,7 @@ def time_variant(stage: Stage, variant: str, device: torch.device, warmup: int, 
     shape = (1, 1) + (stage.size,) * 3
     x_l = torch.randn(shape, generator=generator).to(device, memory_format=memory_format)
     x_u = torch.randn(shape, generator=generator).to(device, memory_format=memory_format)
-    y_l = one_hot_organs(torch.randint(0, 14, shape[:1] + shape[2:], generator=generator)).to(device)
+    y_l = one_hot_organs(torch.randint(0, 14, shape[:1] + shape[2:], generator=generator), 13).to(device)
     reset_peak(device)
     times = []
     for _ in range(warmup + steps):

@@ -15,6 +15,7 @@ from coarse_base_seg.dataset import CoarseData
 from common.config import CoarseTrainConfig
 from common.core.logger import log_to_file, setup_logging
 from common.stage_cli import stage_cli
+from common.storage.labelsets import dataset_labels
 from common.storage.step_marker import claim_run_folder
 from common.train.distributed import DistInfo, init_distributed
 from common.train.engine import CPSJob, run_cps_training, run_folder_lock, run_log_path
@@ -51,6 +52,7 @@ def _job(cfg: CoarseTrainConfig, info: DistInfo, out_dir: Path) -> CPSJob:
         init_weights=cfg.model.init_from,
         dist=info,
         stage="coarse",
+        labels=dataset_labels(cfg.data_base_dir),
     )
 
 

@@ -33,6 +33,7 @@ from common.core.defaults import (
     Z_WINDOW_MM,
 )
 from common.core.device import device_problem
+from common.core.labels import DEFAULT_NSD_TOLERANCE_MM
 from common.core.typed_config import cfg_field, choice_field, path_field, section
 from common.evaluation.uncertainty import UIF_SCORES, WEIGHTINGS
 from common.networks import MAX_INPUT_SIZE, NETWORKS, input_size_problem
@@ -52,6 +53,15 @@ def _extend_problems(extend_mm: float, max_extend_mm: float) -> Iterable[tuple[s
 
 
 # ------------------------------------------------------------------------------------------------- schemas
+@dataclass
+class NnUNetSection:
+    """Reading an nnU-Net v2 raw dataset (data_base_dir holds a dataset.json): where its unlabeled CTs are (nnU-Net
+    has no such folder), and the NSD tolerance of a label FLARE22 does not know."""
+
+    unlabeled_dir: str = "imagesUnlabeled"
+    default_nsd_tolerance_mm: float = cfg_field(DEFAULT_NSD_TOLERANCE_MM, gt=0)
+
+
 @dataclass
 class PrepareConfig:
     """data_prepare: read, validate, canonicalise, resize and store the dataset (paths under data_base_dir)."""
@@ -73,6 +83,7 @@ class PrepareConfig:
     split_5fold: bool = False
     num_workers: int = cfg_field(2, ge=0, le=MAX_WORKERS)
     overwrite: bool = False
+    nnunet: NnUNetSection = section(NnUNetSection)
 
     def _cross_check(self) -> Iterable[tuple[str, str]]:
         yield from _window_problems("hu_window", self.hu_window)
@@ -154,11 +165,20 @@ class LossSection:
 
 @dataclass
 class CPSSection:
-    """Weight of the cross pseudo supervision loss and its sigmoid ramp-up (0 = no ramp-up)."""
+    """Cross pseudo supervision: the weight of its loss and its sigmoid ramp-up (0 = no ramp-up), which pseudo-label
+    voxels count (`confidence`), how the loss spans a labeled + unlabeled batch (`parts`), the ablation flag
+    (common.train.cps.CPSSettings)."""
 
     weight: float = cfg_field(1.0, ge=0, le=1000)
     rampup_iterations: int = cfg_field(0, ge=0, le=MAX_ITERATIONS)
+    confidence: float = cfg_field(0.0, ge=0, lt=1)
+    parts: str = choice_field("joint", ("joint", "separate"))
     legacy_shift: bool = False  # ablation: the original release's shifted pseudo labels (see common/cps.py)
+
+    def _cross_check(self) -> Iterable[tuple[str, str]]:
+        if 0.0 < self.confidence <= 0.5:
+            yield "confidence", (f"must be 0 (every voxel) or above 0.5 (a sure organ or background), got "
+                                 f"{self.confidence}")
 
 
 @dataclass

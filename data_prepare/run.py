@@ -45,7 +45,9 @@ Record of a prepared case (UTF-8 JSON; canonical = after the flips; boxes in can
 Split: each labeled case's fold follows from its id and split_seed alone (`fold_draw`, a SHA-256 number in
 [0, 1)): fold-1 validation when it is < val_ratio (about val_ratio of the cases), folds 2..5 by quarters of the
 rest. Unlike the reference's permutation of all ids, a case failing or being fixed never moves another case
-between train and val. The ids also go to db/split.json.
+between train and val. An optional file_list/fold1_val_series_uids.txt (FOLD1_VAL_LIST) names the fold-1
+validation cases instead (exact counts; val_ratio is then not used for fold 1, folds 2..5 quarter the rest by
+their draw). The ids also go to db/split.json.
 
 Failures never vanish: each failed case is logged with the file and the reason, listed in
 db/failed_cases.txt, the other cases finish, and the exit code is 1 (2: bad config or no dataset folder).
@@ -71,7 +73,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from common.config import PrepareConfig
 from common.core.errors import InputError, WriteError
@@ -84,14 +85,18 @@ from common.core.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from common.core.logger import WarningCollector, collect_warnings, get_logger, setup_logging
+from common.core.labels import FLARE22
+from common.core.logger import WarningCollector, collect_warnings, get_logger, progress, setup_logging
 from common.core.typed_config import ConfigError, HelpRequested, config_to_dict, parse_cli
 from common.storage.image_io import case_id_from_name, list_images, read_canonical_ct, read_mask, to_canonical
+from common.storage.labelsets import write_dataset_labels
 from common.storage.lmdb_store import LmdbStore
 from common.storage.records import RECORD_VERSION, PreparedCase, Region
 from common.storage.step_marker import file_stamp
 from common.volume.boxes import crop_box_with_margin, label_bboxes, region_slices
 from common.volume.resize import resize_hu_int16, resize_mask
+from data_prepare import FOLD1_VAL_LIST
+from data_prepare.layouts import DatasetLayout, dataset_layout, verify_nnunet
 
 logger = get_logger("data_prepare.run")  # a fixed name also when run as __main__
 
@@ -120,6 +125,7 @@ class CaseTask:
     fine_size_zyx: tuple[int, int, int]
     extend_size_mm: float
     max_extend_size_mm: float
+    num_labels: int = FLARE22.num_organs  # the label set's: a mask holds labels 0..num_labels
 
     def settings(self) -> dict[str, Any]:
         """What the outputs depend on besides the input files (a rerun with other settings redoes the case)."""
@@ -174,7 +180,7 @@ def prepare_case(task: CaseTask) -> dict:
         source=_source_stamps(task), settings=task.settings())
     if case.labeled:
         assert task.mask_path is not None
-        mask_raw, _ = read_mask(task.mask_path, meta)
+        mask_raw, _ = read_mask(task.mask_path, meta, task.num_labels)
         case = _prepare_labeled(task, case, image, image_f, np.ascontiguousarray(to_canonical(mask_raw, flips)))
     else:
         # Nothing of an unlabeled case but its coarse array is needed here: the fine stage's boxes step cuts the
@@ -189,7 +195,7 @@ def _prepare_labeled(task: CaseTask, case: PreparedCase, image: np.ndarray, imag
     """The labeled arrays of a case (coarse mask, fine image and mask, region copies) and its boxes."""
     boxes = label_bboxes(mask)
     if not boxes:
-        raise InputError(task.mask_path, "mask is empty (no organ labels 1..13)")
+        raise InputError(task.mask_path, f"mask is empty (no organ labels 1..{task.num_labels})")
     shape, spacing = case.shape_zyx, case.spacing_zyx
     organ_box = tuple((min(b[a][0] for b in boxes.values()), max(b[a][1] for b in boxes.values())) for a in range(3))
     fine_crop = crop_box_with_margin(organ_box, spacing, task.extend_size_mm, shape)
@@ -310,7 +316,7 @@ def run_tasks(tasks: Sequence[CaseTask], num_workers: int,
             on_result(result)
         bar.update()
 
-    bar = tqdm(total=len(tasks), desc="prepare", unit="case", file=sys.stdout, dynamic_ncols=True)
+    bar = progress(total=len(tasks), desc="prepare", unit="case", file=sys.stdout)
     try:
         if num_workers <= 1 or len(tasks) == 1:
             for task in tasks:
@@ -369,7 +375,7 @@ def _images_of(folder: Path, kind: str, found: Discovery, required: bool) -> dic
             require_folder(folder, f"{kind} image folder")
         logger.info("%s: no folder, no %s cases", folder, kind)
         return None
-    images, skipped, conflicts = list_images(folder)
+    images, skipped, conflicts = list_images(folder, masks="mask" in kind)
     for path, reason in skipped:
         found.skipped.append(f"{path}: {reason}")
         logger.warning("skipped %s: %s", path, reason)
@@ -390,12 +396,11 @@ def _unlisted_problem(entry: str, image_dir: Path, list_path: Path) -> str:
             "another image format)")
 
 
-def discover(cfg: PrepareConfig, base: Path) -> Discovery:
-    """List labeled, unlabeled and test cases (file lists if present, else every image of the folders)."""
+def discover(cfg: PrepareConfig, base: Path, layout: DatasetLayout) -> Discovery:
+    """List labeled, unlabeled and test cases of the layout's folders (file lists if the layout has them and they
+    are present, else every image of the folders)."""
     found = Discovery()
-    folders = {"labeled": (cfg.train_image_dir, cfg.train_mask_dir), "unlabeled": (cfg.trainu_image_dir, None),
-               "test": (cfg.test_image_dir, cfg.test_mask_dir)}
-    for kind, (image_dir, mask_dir) in folders.items():
+    for kind, (image_dir, mask_dir) in layout.folders.items():
         images = _images_of(base / image_dir, kind, found, required=(kind == "labeled"))
         if images is None:
             continue
@@ -403,7 +408,7 @@ def discover(cfg: PrepareConfig, base: Path) -> Discovery:
         if mask_dir is not None:
             masks = _images_of(base / mask_dir, f"{kind} mask", found, required=(kind == "labeled")) or {}
         list_path = base / cfg.file_list_dir / FILE_LISTS[kind]
-        if list_path.is_file():
+        if layout.file_lists and list_path.is_file():
             ids = _read_id_list(list_path)
             unlisted = sorted(set(images) - set(ids))
             if unlisted:
@@ -484,6 +489,25 @@ def split_fold1(ids: Sequence[str], val_ratio: float, seed: int) -> tuple[list[s
     return train, val
 
 
+def split_fold1_pinned(ids: Sequence[str], val_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Fold-1 split given by a list of validation ids (FOLD1_VAL_LIST): exactly the listed labeled cases validate,
+    every other labeled case trains. Listed ids that are not (prepared) labeled cases are named and left out; one
+    labeled case in all is both the training and the validation case, as in `split_fold1`."""
+    ids = sorted(ids)
+    wanted = set(val_ids)
+    unknown = sorted(wanted - set(ids))
+    if unknown:
+        logger.warning("%d id(s) of %s are not prepared labeled cases and are left out: %s", len(unknown),
+                       FOLD1_VAL_LIST, ", ".join(unknown))
+    if len(ids) == 1:
+        return list(ids), list(ids)
+    val = [i for i in ids if i in wanted]
+    train = [i for i in ids if i not in wanted]
+    if not train:
+        logger.warning("%s lists every labeled case: fold 1 has no training case", FOLD1_VAL_LIST)
+    return train, val
+
+
 def split_5fold(train1: Sequence[str], val1: Sequence[str], val_ratio: float = 0.2,
                 seed: int = 0) -> dict[int, tuple[list[str], list[str]]]:
     """Folds 2..5: the fold-1 training cases in four quarters by their own draw (`fold_draw`, rescaled from
@@ -514,14 +538,20 @@ def _replace(path: Path, records: dict[str, dict]) -> None:
 
 def write_splits(db_dir: Path, cfg: PrepareConfig, labeled: dict[str, dict], unlabeled: dict[str, dict]) -> dict:
     """Write the fold and seg_trainu databases (values copied from the pre-process records); returns the split."""
-    train1, val1 = split_fold1(list(labeled), cfg.val_ratio, cfg.split_seed)
+    pin_path = db_dir.parent / cfg.file_list_dir / FOLD1_VAL_LIST
+    pinned = pin_path.is_file()
+    if pinned:
+        train1, val1 = split_fold1_pinned(list(labeled), _read_id_list(pin_path))
+        logger.info("fold 1 validation from %s: %d train / %d val", pin_path, len(train1), len(val1))
+    else:
+        train1, val1 = split_fold1(list(labeled), cfg.val_ratio, cfg.split_seed)
     if len(labeled) == 1:
         logger.warning("only one labeled case: it is used for both training and validation")
     elif not val1:
         logger.warning("val_ratio=%s leaves the validation fold empty", cfg.val_ratio)
     folds = {1: (train1, val1)}
-    if cfg.split_5fold:
-        folds.update(split_5fold(train1, val1, cfg.val_ratio, cfg.split_seed))
+    if cfg.split_5fold:  # pinned: the training cases' draws span all of [0, 1), not [val_ratio, 1)
+        folds.update(split_5fold(train1, val1, 0.0 if pinned else cfg.val_ratio, cfg.split_seed))
     for k in range(1, 6):
         for part in ("train", "val"):
             path = db_dir / f"seg_{part}_fold_{k}"
@@ -536,6 +566,8 @@ def write_splits(db_dir: Path, cfg: PrepareConfig, labeled: dict[str, dict], unl
     split = {"split_seed": cfg.split_seed, "val_ratio": cfg.val_ratio, "split_5fold": cfg.split_5fold,
              "folds": {str(k): {"train": tr, "val": va} for k, (tr, va) in folds.items()},
              "trainu": sorted(unlabeled)}
+    if pinned:
+        split["fold1_val_list"] = str(pin_path)
     write_json_atomic(db_dir / "split.json", split)
     return split
 
@@ -563,10 +595,19 @@ def main(cfg: PrepareConfig) -> int:
         return 2
     db_dir = base / "db"
     try:
-        check_writable(db_dir, "dataset's db folder")
+        layout = dataset_layout(cfg, base)  # a bad dataset.json: one message, nothing written
+        problems = verify_nnunet(layout, base) if layout.name == "nnunet" else []
+        if not problems:
+            check_writable(db_dir, "dataset's db folder")
     except InputError as e:
         setup_logging(None)
         logger.error("%s", e)
+        return 2
+    if problems:
+        setup_logging(None)
+        for problem in problems:
+            logger.error("%s", problem)
+        logger.error("%s: %d problem(s) with the nnU-Net raw dataset; nothing was prepared", base, len(problems))
         return 2
     setup_logging(db_dir / "data_prepare.log")
     try:
@@ -575,7 +616,7 @@ def main(cfg: PrepareConfig) -> int:
                 if folder.exists():  # a read-only output folder fails now, not after a prepared case
                     check_writable(folder, "output folder")
                 remove_stale_temps(folder)  # left by a killed run (full volumes in size)
-            return _prepare(cfg, base, db_dir)
+            return _prepare(cfg, base, db_dir, layout)
     except InputError as e:
         logger.error("%s", e)
         return 2
@@ -584,24 +625,26 @@ def main(cfg: PrepareConfig) -> int:
         return 1
 
 
-def _prepare(cfg: PrepareConfig, base: Path, db_dir: Path) -> int:
+def _prepare(cfg: PrepareConfig, base: Path, db_dir: Path, layout: DatasetLayout) -> int:
     start = time.perf_counter()
     logger.info("data_prepare: %s (workers %d, overwrite %s)", base, cfg.num_workers, cfg.overwrite)
-    found = discover(cfg, base)
+    logger.info("%s layout, labels %s: %s", layout.name, layout.labels.name,
+                ", ".join(f"{label.id} {label.name}" for label in layout.labels))
+    found = discover(cfg, base, layout)
 
     for kind, name in DB_RAW.items():
         _replace(db_dir / name, found.raw[kind])
 
     stores = {kind: LmdbStore(db_dir / DB_PRE[kind], readonly=False) for kind in DB_PRE}
     try:
-        return _prepare_cases(cfg, base, db_dir, found, stores, start)
+        return _prepare_cases(cfg, base, db_dir, layout, found, stores, start)
     finally:
         for store in stores.values():  # a later run in this process opens them anew (and checks them again)
             store.close()
 
 
-def _prepare_cases(cfg: PrepareConfig, base: Path, db_dir: Path, found: Discovery, stores: dict[str, LmdbStore],
-                   start: float) -> int:
+def _prepare_cases(cfg: PrepareConfig, base: Path, db_dir: Path, layout: DatasetLayout, found: Discovery,
+                   stores: dict[str, LmdbStore], start: float) -> int:
     tasks: list[CaseTask] = []
     done = 0
     for kind in ("labeled", "unlabeled"):
@@ -611,7 +654,8 @@ def _prepare_cases(cfg: PrepareConfig, base: Path, db_dir: Path, found: Discover
             stores[kind].delete(stale)
         for case_id, (image_path, mask_path) in found.cases[kind].items():
             task = CaseTask(case_id, kind, image_path, mask_path, str(base), tuple(cfg.coarse_size_zyx),
-                            tuple(cfg.fine_size_zyx), cfg.extend_size_mm, cfg.max_extend_size_mm)
+                            tuple(cfg.fine_size_zyx), cfg.extend_size_mm, cfg.max_extend_size_mm,
+                            layout.labels.num_organs)
             if not cfg.overwrite and _is_finished(task, existing.get(case_id)):
                 done += 1
                 continue
@@ -635,6 +679,7 @@ def _prepare_cases(cfg: PrepareConfig, base: Path, db_dir: Path, found: Discover
     results = run_tasks(tasks, cfg.num_workers, store_result)
     work_seconds = time.perf_counter() - work_start
 
+    write_dataset_labels(db_dir, layout.labels)
     labeled = stores["labeled"].to_dict()
     unlabeled = stores["unlabeled"].to_dict()
     split = write_splits(db_dir, cfg, labeled, unlabeled)

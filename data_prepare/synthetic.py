@@ -20,14 +20,20 @@ Scan profiles (`--scan-profiles shift`, a model of FLARE22, whose labeled scans 
 unlabeled and test scans come from many): the labeled cases keep the one narrow profile (portal-venous phase,
 normal noise, thin slices, no scanner offset); unlabeled and validation cases each draw a profile: contrast phase
 (non-contrast / arterial / portal-venous organ HU), noise level (x1 / x2 / x3), slice thickness (thin, or thick:
-a Gaussian partial-volume blur along z) and a scanner HU offset (-60..60). `fixed` (default): every case is drawn
-as before. The profile is drawn from its own random stream, so geometry and anatomy do not change with it.
+a Gaussian partial-volume blur along z) and a scanner HU offset (-60..60). `strong_shift`: the same with noise
+x1 / x3 / x5, slice blur 0 / 1.2 / 2.4 voxels and offsets -100..100. `fixed` (default): every case is drawn as
+before. The profile is drawn from its own random stream, so geometry and anatomy do not change with it.
+
+Anatomy (`--anatomy varied`): organ centres, radii, rotations, surface deformation, overall organ sizes, organ HU
+and body build vary far more from case to case (`AnatomySpread`), so that a few labeled scans no longer show the
+range the others cover. `standard` (default): the original spreads.
 
 Truth of the unlabeled cases: their masks go to `trainu_mask_hidden/` (`HIDDEN_MASK_DIR`, named per case as
 "hidden_mask" in synthetic_meta.json). No stage reads it; only benchmarks (true pseudo-label quality) do.
 
 CLI: `python -m data_prepare.synthetic --out DIR --labeled N --unlabeled M --val K [--seed S]
-[--size demo|full|tiny] [--hard-fraction 0.2] [--scan-profiles fixed|shift] [--workers W] [--overwrite]`.
+[--size demo|full|tiny] [--hard-fraction 0.2] [--scan-profiles fixed|shift|strong_shift] [--anatomy standard|varied]
+[--fold1-val N] [--workers W] [--overwrite]`.
 """
 
 from __future__ import annotations
@@ -37,20 +43,22 @@ import concurrent.futures
 import json
 import math
 import multiprocessing
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
-from tqdm import tqdm
 
 from common.core.files import atomic_path, write_json_atomic, write_text_atomic
-from common.core.labels import NUM_ORGANS
-from common.core.logger import get_logger, setup_logging
+from common.core.labels import FLARE22
+from common.core.logger import get_logger, progress, setup_logging
+from data_prepare import FOLD1_VAL_LIST
 
 logger = get_logger(__name__)
 
@@ -64,7 +72,8 @@ SPLITS: dict[str, tuple[str, str | None, str, str, int]] = {
 }
 META_NAME = "synthetic_meta.json"
 HIDDEN_MASK_DIR = "trainu_mask_hidden"  # truth of the unlabeled cases: for benchmarks only, never read by a stage
-PROFILE_MODES = ("fixed", "shift")
+PROFILE_MODES = ("fixed", "shift", "strong_shift")
+ANATOMY_MODES = ("standard", "varied")
 PHASES = ("non_contrast", "arterial", "portal_venous")
 RAS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 LPS_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -73,7 +82,7 @@ NIFTI_COMPRESSION_LEVEL = 1  # gzip level: noisy CT barely compresses better at 
 
 # Internal label ids beyond the 13 organs: sub-regions with their own HU that belong to an organ's mask.
 _STOMACH_GAS, _RK_MEDULLA, _LK_MEDULLA = 14, 15, 16
-_INTERNAL_TO_LABEL = np.array([*range(NUM_ORGANS + 1), 11, 2, 13], dtype=np.uint8)
+_INTERNAL_TO_LABEL = np.array([*range(FLARE22.num_organs + 1), 11, 2, 13], dtype=np.uint8)
 # Nominal HU per internal label (organ values after the design brief; contrast-enhanced portal-venous look).
 _BASE_HU = np.array([0, 60, 150, 50, 45, 180, 120, 30, 30, 10, 40, 20, 30, 150, -850, 95, 95], dtype=np.float32)
 # Amplitude (HU) of the low-frequency texture per internal label.
@@ -127,6 +136,7 @@ class CasePlan:
     noise_sigma_hu: float
     truncation: str = ""  # "", "right", "left", "anterior", "top", "bottom"
     profile: "ScanProfile | None" = None  # None: the fixed look (same as NARROW_PROFILE)
+    anatomy: str = "standard"  # how much organ placement, size and shape vary (ANATOMY_SPREADS)
 
     def meta(self) -> dict:
         """JSON-safe description recorded in synthetic_meta.json (geometry as stored)."""
@@ -141,6 +151,7 @@ class CasePlan:
             "noise_sigma_hu": round(self.noise_sigma_hu, 2),
             "truncation": self.truncation,
             "profile": (self.profile or NARROW_PROFILE).meta(),
+            **({"anatomy": self.anatomy} if self.anatomy != "standard" else {}),
         }
 
 
@@ -161,10 +172,46 @@ class ScanProfile:
 NARROW_PROFILE = ScanProfile()
 
 
+@dataclass(frozen=True)
+class AnatomySpread:
+    """How much the anatomy varies from case to case (`--anatomy`). `standard` are the generator's original
+    spreads (its output is unchanged); the others draw the same random numbers with wider ranges, plus (only
+    when `organ_size` differs from (1, 1)) one overall size factor per organ."""
+
+    body_scale: tuple[float, float] = (0.85, 1.08)  # abdominal cavity scale (uniform)
+    position_sd_mm: float = 5.0  # organ centre offset (normal, per axis, times the body scale)
+    radius_range: tuple[float, float] = (0.85, 1.15)  # per-axis radius factor (uniform)
+    angle_sd_deg: float = 8.0  # organ axis rotation (normal, per angle)
+    wave_amp: float = 0.1  # largest amplitude of each of the three shape deformation waves
+    tube_sd_mm: float = 3.0  # tube control point offset (normal, per axis)
+    organ_size: tuple[float, float] = (1.0, 1.0)  # overall size factor per organ (uniform, log scale)
+    organ_hu_sd: float = 5.0  # per-case offset of each organ's HU (normal)
+
+
+ANATOMY_SPREADS = {
+    "standard": AnatomySpread(),
+    # Organs placed, sized and shaped far less alike (a few scans no longer show the range): centres +-12 mm (sd),
+    # radii 0.7-1.4 per axis and 0.75-1.35 per organ (enlarged or small organs), rotations of 20 degrees, twice
+    # the surface deformation, wider body builds and organ HU varying by 15 HU (sd) from case to case.
+    "varied": AnatomySpread(body_scale=(0.78, 1.1), position_sd_mm=12.0, radius_range=(0.7, 1.4), angle_sd_deg=20.0,
+                            wave_amp=0.2, tube_sd_mm=7.0, organ_size=(0.75, 1.35), organ_hu_sd=15.0),
+}
+
+
 def draw_profile(rng: np.random.Generator) -> ScanProfile:
     """One of the wide set of profiles of the unlabeled and evaluation scans."""
     return ScanProfile(phase=str(rng.choice(PHASES)), noise_factor=float(rng.choice([1.0, 2.0, 3.0])),
                        slice_blur_vox=float(rng.choice([0.0, 1.2])), hu_offset=float(rng.uniform(-60.0, 60.0)))
+
+
+def draw_strong_profile(rng: np.random.Generator) -> ScanProfile:
+    """`strong_shift`: a profile further from the labeled cases' than `draw_profile`'s (low-dose noise up to x5,
+    slices up to twice as thick, larger scanner offsets), which per-crop normalisation does not undo."""
+    return ScanProfile(phase=str(rng.choice(PHASES)), noise_factor=float(rng.choice([1.0, 3.0, 5.0])),
+                       slice_blur_vox=float(rng.choice([0.0, 1.2, 2.4])), hu_offset=float(rng.uniform(-100.0, 100.0)))
+
+
+PROFILE_DRAWS = {"shift": draw_profile, "strong_shift": draw_strong_profile}
 
 
 def _phase_contrast(phase: str, rng_contrast: float) -> dict[int, float]:
@@ -208,10 +255,13 @@ def _organ_span_w(scale_w: float) -> tuple[float, float]:
     return (-85.0 * scale_w, 155.0 * scale_w)
 
 
-def draw_plan(rng: np.random.Generator, size: str, hard: bool) -> CasePlan:
+def draw_plan(rng: np.random.Generator, size: str, hard: bool, anatomy: str = "standard") -> CasePlan:
     """Draw the geometry, body build and hard-case kinds of one case (cheap; no voxels)."""
     if size not in _SIZE_SPECS:
         raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    if anatomy not in ANATOMY_SPREADS:
+        raise ValueError(f"unknown anatomy {anatomy!r}; expected one of {ANATOMY_MODES}")
+    spread = ANATOMY_SPREADS[anatomy]
     spec = _SIZE_SPECS[size]
     ny, nx = spec.shape_yx
     base_spacing = float(rng.uniform(0.6, 1.0))
@@ -230,7 +280,7 @@ def draw_plan(rng: np.random.Generator, size: str, hard: bool) -> CasePlan:
             kinds.append("noise")
 
     # Body build: the abdominal cavity (inside the muscle wall) sets the anatomy scale.
-    scale = float(rng.uniform(0.85, 1.08))
+    scale = float(rng.uniform(*spread.body_scale))
     depth_ratio = float(rng.uniform(0.92, 1.08))
     scale_w = scale * float(rng.uniform(0.92, 1.08))
     skin, fat, muscle = 2.0, float(rng.uniform(6.0, 35.0)), float(rng.uniform(8.0, 14.0))
@@ -297,7 +347,7 @@ def draw_plan(rng: np.random.Generator, size: str, hard: bool) -> CasePlan:
         origin_lps_xyz=origin, lps=lps, scale_u=scale, scale_v=scale * depth_ratio, scale_w=scale_w,
         body_half_u_mm=half_u, body_half_v_mm=half_v, body_exponent=exponent, skin_mm=skin, fat_mm=fat,
         muscle_mm=muscle, center_x_mm=cx, center_y_mm=cy, center_z_mm=cz, noise_sigma_hu=sigma,
-        truncation=truncation,
+        truncation=truncation, anatomy=anatomy,
     )
 
 
@@ -508,23 +558,39 @@ def _scaled(plan: CasePlan, uvw: tuple[float, float, float] | np.ndarray) -> np.
     return np.array([uvw[0] * plan.scale_u, uvw[1] * plan.scale_v, uvw[2] * plan.scale_w], dtype=np.float64)
 
 
-def _make_blob(rng: np.random.Generator, plan: CasePlan, spec, min_radius: float) -> _Blob:
+def _organ_size_factor(rng: np.random.Generator, spread: AnatomySpread) -> float:
+    """One overall size factor for an organ (log-uniform); no draw at all for the standard spread's (1, 1)."""
+    lo, hi = spread.organ_size
+    if lo == hi == 1.0:
+        return 1.0
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def _make_blob(rng: np.random.Generator, plan: CasePlan, spec, min_radius: float, size_factor: float = 1.0) -> _Blob:
+    spread = ANATOMY_SPREADS[plan.anatomy]
     center, radii, angles = spec
-    c = _scaled(plan, center) + rng.normal(0.0, 5.0, size=3) * plan.scale_u
+    c = _scaled(plan, center) + rng.normal(0.0, spread.position_sd_mm, size=3) * plan.scale_u
     mean_scale = (plan.scale_u + plan.scale_v + plan.scale_w) / 3
-    r = np.array(radii) * mean_scale * rng.uniform(0.85, 1.15, size=3)
+    r = np.array(radii) * mean_scale * rng.uniform(*spread.radius_range, size=3)
+    if size_factor != 1.0:
+        r = r * size_factor
     r = np.maximum(r, min_radius)
-    rot = _rotation(*(np.array(angles) + rng.normal(0.0, 8.0, size=3)))
-    return _Blob(c, r, rot, float(rng.uniform(1.9, 2.6)), _draw_waves(rng, 0.1))
+    rot = _rotation(*(np.array(angles) + rng.normal(0.0, spread.angle_sd_deg, size=3)))
+    return _Blob(c, r, rot, float(rng.uniform(1.9, 2.6)), _draw_waves(rng, spread.wave_amp))
 
 
 def _make_tube(rng: np.random.Generator, plan: CasePlan, spec, min_radius: float, w_top: float) -> _Tube:
+    spread = ANATOMY_SPREADS[plan.anatomy]
     control, radii = spec
     pts = np.array([_scaled(plan, p) for p in control])
     pts[:, 2] = np.minimum(pts[:, 2], w_top)  # chest-bound tubes end just above the volume
-    pts[:, :2] += rng.normal(0.0, 3.0, size=(len(pts), 2)) * plan.scale_u
-    pts[1:-1, 2] += rng.normal(0.0, 3.0, size=len(pts) - 2) * plan.scale_w
-    r_ctrl = np.maximum(np.array(radii, dtype=np.float64) * plan.scale_u * rng.uniform(0.85, 1.15), min_radius)
+    pts[:, :2] += rng.normal(0.0, spread.tube_sd_mm, size=(len(pts), 2)) * plan.scale_u
+    pts[1:-1, 2] += rng.normal(0.0, spread.tube_sd_mm, size=len(pts) - 2) * plan.scale_w
+    r_ctrl = np.array(radii, dtype=np.float64) * plan.scale_u * rng.uniform(*spread.radius_range)
+    size_factor = _organ_size_factor(rng, spread)
+    if size_factor != 1.0:
+        r_ctrl = r_ctrl * size_factor
+    r_ctrl = np.maximum(r_ctrl, min_radius)
     step = 0.3 * float(r_ctrl.min())
     path = _smooth_path(pts, step)
     # Radius along the path: interpolate the control radii by arc fraction, plus a gentle ripple.
@@ -644,7 +710,7 @@ def _paint(labels: np.ndarray, grid: _Grid, templates: dict[str, np.ndarray], la
 
 def _ensure_min_voxels(labels: np.ndarray, grid: _Grid, centers: dict[int, np.ndarray]) -> None:
     """Force a small block for any organ left with fewer than MIN_ORGAN_VOXELS voxels (only in tiny grids)."""
-    counts = np.bincount(_INTERNAL_TO_LABEL[labels].ravel(), minlength=NUM_ORGANS + 1)
+    counts = np.bincount(_INTERNAL_TO_LABEL[labels].ravel(), minlength=FLARE22.num_organs + 1)
     for label in _PAINT_ORDER:
         if counts[label] >= MIN_ORGAN_VOXELS or label not in centers:
             continue
@@ -654,7 +720,7 @@ def _ensure_min_voxels(labels: np.ndarray, grid: _Grid, centers: dict[int, np.nd
         owner = _INTERNAL_TO_LABEL[sub]
         take = (owner == 0) | (counts[owner] > 20 * MIN_ORGAN_VOXELS)
         sub[take] = label
-        counts = np.bincount(_INTERNAL_TO_LABEL[labels].ravel(), minlength=NUM_ORGANS + 1)
+        counts = np.bincount(_INTERNAL_TO_LABEL[labels].ravel(), minlength=FLARE22.num_organs + 1)
         logger.debug("organ %d forced to %d voxels", label, counts[label])
 
 
@@ -699,6 +765,7 @@ def render(plan: CasePlan, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     templates["psoas_top_w"] = np.float32(15.0 * plan.scale_w)
     min_radius = 0.9 * max(plan.spacing_zyx) if plan.size != "full" else 0.0
     w_top = float(grid.w[-1]) + 20.0
+    spread = ANATOMY_SPREADS[plan.anatomy]
 
     # Organ shapes (drawn in a fixed order so the case is a function of the rng alone).
     shapes: dict[int, tuple[object, tuple[np.ndarray, np.ndarray], np.ndarray]] = {}
@@ -707,10 +774,11 @@ def render(plan: CasePlan, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
             tube = _make_tube(rng, plan, _TUBES[label], min_radius, w_top)
             shapes[label] = (tube, tube.bounds(), tube.points[len(tube.points) // 2])
         elif label in _BLOBS:
-            blob = _make_blob(rng, plan, _BLOBS[label], min_radius)
+            blob = _make_blob(rng, plan, _BLOBS[label], min_radius, _organ_size_factor(rng, spread))
             shapes[label] = (blob, blob.bounds(), blob.center)
         else:  # liver: union of two lobes
-            lobes = [_make_blob(rng, plan, spec, min_radius) for spec in _LIVER_LOBES]
+            factor = _organ_size_factor(rng, spread)
+            lobes = [_make_blob(rng, plan, spec, min_radius, factor) for spec in _LIVER_LOBES]
             bounds = [lobe.bounds() for lobe in lobes]
             lo = np.minimum(bounds[0][0], bounds[1][0])
             hi = np.maximum(bounds[0][1], bounds[1][1])
@@ -748,7 +816,7 @@ def render(plan: CasePlan, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     for lab, factor in _phase_contrast(profile.phase, contrast).items():
         hu[lab] = 40.0 + (hu[lab] - 40.0) * factor
     noise_sigma = np.float32(plan.noise_sigma_hu * profile.noise_factor)
-    hu[1:NUM_ORGANS + 1] += rng.normal(0.0, 5.0, size=NUM_ORGANS).astype(np.float32)
+    hu[1:FLARE22.num_organs + 1] += rng.normal(0.0, spread.organ_hu_sd, size=FLARE22.num_organs).astype(np.float32)
     metal = _metal_streaks(rng, grid, plan) if "metal" in plan.hard_kinds else None
     vert, disc, cavity = templates["vert"], templates["disc"], templates["cavity"]
     mediastinum, diaphragm_w, psoas = templates["mediastinum"], templates["diaphragm_w"], templates["psoas"]
@@ -784,9 +852,10 @@ def render(plan: CasePlan, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     return image, labels
 
 
-def generate_case(rng: np.random.Generator, size: str = "demo", hard: bool = False) -> SyntheticCase:
+def generate_case(rng: np.random.Generator, size: str = "demo", hard: bool = False,
+                  anatomy: str = "standard") -> SyntheticCase:
     """Draw and render one case; arrays and geometry are in the stored orientation (LPS or RAS-like)."""
-    plan = draw_plan(rng, size, hard)
+    plan = draw_plan(rng, size, hard, anatomy)
     image, internal = render(plan, rng)
     mask = _INTERNAL_TO_LABEL[internal]
     direction = LPS_DIRECTION
@@ -847,15 +916,16 @@ def _case_paths(out: Path, split: str, case_id: str) -> tuple[Path, Path | None]
     return image_path, mask_path
 
 
-def _make_and_write(task: tuple[str, str, int, int, str, bool, str, bool, str]) -> tuple[str, dict, bool]:
-    """Worker: (out, split, index, seed, size, hard, case_id, overwrite, profiles) -> (case_id, meta, written)."""
-    out, split, index, seed, size, hard, case_id, overwrite, profiles = task
+def _make_and_write(task: tuple[str, str, int, int, str, bool, str, bool, str, str]) -> tuple[str, dict, bool]:
+    """Worker: (out, split, index, seed, size, hard, case_id, overwrite, profiles, anatomy) -> (case_id, meta,
+    written)."""
+    out, split, index, seed, size, hard, case_id, overwrite, profiles, anatomy = task
     out_path = Path(out)
     image_path, mask_path = _case_paths(out_path, split, case_id)
     rng = _case_rng(seed, split, index)
-    plan = draw_plan(rng, size, hard)
-    if profiles == "shift" and split != "train":
-        plan.profile = draw_profile(np.random.default_rng([seed, SPLITS[split][4], index, 17]))
+    plan = draw_plan(rng, size, hard, anatomy)
+    if profiles in PROFILE_DRAWS and split != "train":
+        plan.profile = PROFILE_DRAWS[profiles](np.random.default_rng([seed, SPLITS[split][4], index, 17]))
     meta = {"split": split, **plan.meta()}
     if split == "trainu":
         meta["hidden_mask"] = f"{HIDDEN_MASK_DIR}/{case_id}.nii.gz"
@@ -876,7 +946,7 @@ def _make_and_write(task: tuple[str, str, int, int, str, bool, str, bool, str]) 
 
 def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed: int = 0, size: str = "demo",
                   hard_fraction: float = 0.2, overwrite: bool = False, workers: int = 1,
-                  profiles: str = "fixed") -> dict:
+                  profiles: str = "fixed", fold1_val: int = 0, anatomy: str = "standard") -> dict:
     """Write a synthetic dataset tree (DESIGN.md section 3) under `out`; returns the metadata written to
     `<out>/synthetic_meta.json`: {case_id: {"hard", "hard_kinds", "spacing_zyx", "lps", "split", ...}}.
 
@@ -884,6 +954,8 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
     trainu_mask_hidden/; a fraction `hard_fraction` of them hard), validation `validation_%03d` (val_images +
     val_mask), and
     file_list/{train,trainu,val}_series_uids.txt. Existing cases are skipped unless `overwrite`.
+    `fold1_val` > 0: the last `fold1_val` labeled cases are listed in file_list/fold1_val_series_uids.txt, so
+    data_prepare validates fold 1 on exactly them and trains on the other labeled cases (0: no such file).
     """
     if size not in _SIZE_SPECS:
         raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
@@ -893,6 +965,10 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
         raise ValueError("case counts must be non-negative")
     if profiles not in PROFILE_MODES:
         raise ValueError(f"unknown scan profiles {profiles!r}; expected one of {PROFILE_MODES}")
+    if anatomy not in ANATOMY_MODES:
+        raise ValueError(f"unknown anatomy {anatomy!r}; expected one of {ANATOMY_MODES}")
+    if not 0 <= fold1_val <= labeled:
+        raise ValueError(f"fold1_val must be within [0, labeled={labeled}], got {fold1_val}")
     out = Path(out)
     counts = {"train": labeled, "trainu": unlabeled, "val": val}
     tasks = []
@@ -902,7 +978,7 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
         ids[split] = [id_format.format(i) for i in range(count)]
         for i, case_id in enumerate(ids[split]):
             hard = split == "trainu" and is_hard(i, seed, hard_fraction)
-            tasks.append((str(out), split, i, seed, size, hard, case_id, overwrite, profiles))
+            tasks.append((str(out), split, i, seed, size, hard, case_id, overwrite, profiles, anatomy))
 
     old_meta: dict = {}
     meta_path = out / META_NAME
@@ -914,7 +990,7 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
     meta: dict[str, dict] = {}
     written = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(tasks), desc=f"synthetic {size}", unit="case", disable=len(tasks) == 0)
+    bar = progress(total=len(tasks), desc=f"synthetic {size}", unit="case", disable=len(tasks) == 0)
     if workers > 1 and len(tasks) > 1:
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
         with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
@@ -935,6 +1011,8 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
 
     for split, names in ids.items():
         write_text_atomic(out / "file_list" / SPLITS[split][2], "".join(f"{n}\n" for n in names))
+    if fold1_val:
+        write_text_atomic(out / "file_list" / FOLD1_VAL_LIST, "".join(f"{n}\n" for n in ids["train"][-fold1_val:]))
     for split in ("train", "val"):  # empty splits still get their folders, as the tree expects
         (out / SPLITS[split][0]).mkdir(parents=True, exist_ok=True)
         (out / SPLITS[split][1]).mkdir(parents=True, exist_ok=True)  # type: ignore[operator]
@@ -942,6 +1020,61 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
     write_json_atomic(meta_path, meta)
     logger.info("synthetic dataset %s: %d cases written, %d kept, %.1f s", out, written, len(tasks) - written,
                 time.perf_counter() - start)
+    return meta
+
+
+LAYOUTS = ("original", "nnunet")
+NNUNET_STAGING = ".synthetic_original"  # the original-layout cases an nnU-Net dataset is made from (kept for reruns)
+# Names of the phantoms' organs a chosen subset may use: FLARE22's (with underscores) and common dataset.json keys.
+ORGAN_IDS: dict[str, int] = {label.key: label.id for label in FLARE22} | {
+    "kidney_right": 2, "kidney_left": 13, "ivc": 6, "adrenal_gland_right": 7, "adrenal_gland_left": 8,
+    "gall_bladder": 9}
+
+
+def organ_mapping(organs: Sequence[str] | None) -> tuple[np.ndarray, dict[str, int]]:
+    """(FLARE22 label -> new label lookup (256,), dataset.json `labels`) of a chosen organ subset, in its order
+    (None: all 13 FLARE22 organs under their names). ValueError naming an unknown or repeated organ."""
+    names = [label.key for label in FLARE22] if organs is None else [o.strip() for o in organs if o.strip()]
+    unknown = [n for n in names if n not in ORGAN_IDS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"organs {names}: each must be one of {sorted(ORGAN_IDS)}, once")
+    lookup = np.zeros(256, dtype=np.uint8)
+    for new_id, name in enumerate(names, start=1):
+        lookup[ORGAN_IDS[name]] = new_id
+    return lookup, {"background": 0, **{name: i for i, name in enumerate(names, start=1)}}
+
+
+def write_nnunet_dataset(out: str | Path, organs: Sequence[str] | None = None, **kwargs) -> dict:
+    """The synthetic dataset in nnU-Net v2's raw layout, with `organs` as its labels (see `organ_mapping`):
+    dataset.json, imagesTr/ + labelsTr/ (labeled), imagesTs/ + labelsTs/ (validation), imagesUnlabeled/ (the
+    unlabeled cases; their truth relabelled in trainu_mask_hidden/), synthetic_meta.json. The phantoms are those
+    `write_dataset(**kwargs)` writes, made under out/.synthetic_original/ (images are hard links of those; masks
+    are relabelled, the other organs becoming background). Returns the metadata."""
+    out = Path(out)
+    lookup, labels = organ_mapping(organs)
+    staging = out / NNUNET_STAGING
+    meta = write_dataset(staging, **kwargs)
+    folders = {"train_images": "imagesTr", "val_images": "imagesTs", "trainu_images": "imagesUnlabeled",
+               "train_mask": "labelsTr", "val_mask": "labelsTs", HIDDEN_MASK_DIR: HIDDEN_MASK_DIR}
+    for source, target in folders.items():
+        (out / target).mkdir(parents=True, exist_ok=True)
+        for path in sorted((staging / source).glob("*.nii.gz")):
+            dest = out / target / path.name
+            if dest.exists():
+                continue
+            if source.endswith("images"):
+                os.link(path, dest)
+            else:
+                image = sitk.ReadImage(str(path))
+                relabelled = sitk.GetImageFromArray(lookup[sitk.GetArrayFromImage(image)])
+                relabelled.CopyInformation(image)
+                with atomic_path(dest, suffix=".nii.gz") as tmp:
+                    sitk.WriteImage(relabelled, str(tmp), useCompression=True,
+                                    compressionLevel=NIFTI_COMPRESSION_LEVEL)
+    dataset = {"name": out.name, "channel_names": {"0": "CT"}, "labels": labels,
+               "numTraining": len(list((out / "imagesTr").glob("*.nii.gz"))), "file_ending": ".nii.gz"}
+    write_json_atomic(out / "dataset.json", dataset)
+    write_json_atomic(out / META_NAME, meta)
     return meta
 
 
@@ -957,14 +1090,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hard-fraction", type=float, default=0.2, help="fraction of unlabeled cases made hard")
     parser.add_argument("--scan-profiles", choices=PROFILE_MODES, default="fixed",
                         help="shift: labeled cases from one narrow scan profile, unlabeled and validation cases "
-                             "from all (contrast phase, noise, slice thickness, HU offset)")
+                             "from all (contrast phase, noise, slice thickness, HU offset); strong_shift: the same, "
+                             "further from the labeled profile (noise up to x5, thicker slices, larger offsets)")
+    parser.add_argument("--anatomy", choices=ANATOMY_MODES, default="standard",
+                        help="varied: organ placement, size, shape and HU vary far more from case to case "
+                             "(AnatomySpread); standard: the original spreads")
+    parser.add_argument("--fold1-val", type=int, default=0,
+                        help="list the last N labeled cases in file_list/fold1_val_series_uids.txt: data_prepare "
+                             "then validates fold 1 on exactly them (0: no list, data_prepare's val_ratio draw)")
     parser.add_argument("--workers", type=int, default=1, help="processes generating cases in parallel")
+    parser.add_argument("--layout", choices=LAYOUTS, default="original",
+                        help="original: the release's folders (train_images/, ...); nnunet: nnU-Net v2 raw layout "
+                             "(dataset.json, imagesTr/, labelsTr/, imagesTs/, labelsTs/, imagesUnlabeled/)")
+    parser.add_argument("--organs", default=None,
+                        help="nnunet layout: comma-separated organs in label order, e.g. "
+                             "liver,spleen,kidney_left,kidney_right (default: the 13 FLARE22 organs)")
     parser.add_argument("--overwrite", action="store_true", help="regenerate cases that already exist")
     args = parser.parse_args(argv)
     setup_logging(None)
-    meta = write_dataset(args.out, args.labeled, args.unlabeled, args.val, seed=args.seed, size=args.size,
-                         hard_fraction=args.hard_fraction, overwrite=args.overwrite, workers=args.workers,
-                         profiles=args.scan_profiles)
+    kwargs = dict(labeled=args.labeled, unlabeled=args.unlabeled, val=args.val, seed=args.seed, size=args.size,
+                  hard_fraction=args.hard_fraction, overwrite=args.overwrite, workers=args.workers,
+                  profiles=args.scan_profiles, fold1_val=args.fold1_val, anatomy=args.anatomy)
+    if args.layout == "nnunet":
+        try:
+            meta = write_nnunet_dataset(args.out, args.organs.split(",") if args.organs else None, **kwargs)
+        except ValueError as exc:
+            print(f"error: --organs: {exc}", file=sys.stderr)
+            return 2
+    else:
+        meta = write_dataset(args.out, **kwargs)
     print(f"{'case':<18} {'split':<7} {'shape_zyx':<16} {'spacing_zyx':<22} {'orient':<6} hard")
     for case_id, entry in meta.items():
         shape = "x".join(str(n) for n in entry["shape_zyx"])

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from common.core.labels import NUM_ORGANS
+from common.core.labels import FLARE22
 from common.train.distributed import derive_seed
 from common.volume.boxes import Box, crop_box_with_margin
 from common.volume.intensity import window_and_zscore_torch
@@ -44,11 +44,11 @@ class FineAugmentation:
 
     extension_vox: ((z_lo, z_hi), (y_lo, y_hi), (x_lo, x_hi)) voxels added beyond each face of the box
     (negative values shrink it), or None for the fixed margin crop.
-    hu_shift: int (14,) HU added to the voxels of each label; index 0 (background) is always 0.
+    hu_shift: int (C + 1,) HU added to the voxels of each label, index 0 (background) always 0; None: no shift.
     """
 
     extension_vox: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None
-    hu_shift: np.ndarray
+    hu_shift: np.ndarray | None
 
 
 def sample_rng(seed: int, stream: str, index: int) -> np.random.Generator:
@@ -69,7 +69,8 @@ def extension_range(m_vox: int) -> tuple[int, int]:
 
 
 def sample_fine_augmentation(
-    rng: np.random.Generator, spacing_zyx: Sequence[float], settings: FineAugmentSettings, labeled: bool
+    rng: np.random.Generator, spacing_zyx: Sequence[float], settings: FineAugmentSettings, labeled: bool,
+    num_organs: int,
 ) -> FineAugmentation:
     """Draw the decisions of one sample: random extension with p `random_extend_prob` (each face
     independently in [floor(-M/3), M) voxels), and for labeled cases an integer HU shift in
@@ -84,9 +85,9 @@ def sample_fine_augmentation(
         lo, hi = extension_range(m)
         e = rng.integers(lo, hi, size=2)
         faces.append((int(e[0]), int(e[1])))
-    shift_on = rng.random(NUM_ORGANS) < settings.hu_shift_prob
-    shift_hu = rng.integers(-settings.hu_shift_max, settings.hu_shift_max, size=NUM_ORGANS)
-    hu_shift = np.zeros(NUM_ORGANS + 1, dtype=np.int64)
+    shift_on = rng.random(num_organs) < settings.hu_shift_prob
+    shift_hu = rng.integers(-settings.hu_shift_max, settings.hu_shift_max, size=num_organs)
+    hu_shift = np.zeros(num_organs + 1, dtype=np.int64)
     if labeled and settings.hu_shift_max > 0:
         hu_shift[1:] = np.where(shift_on, shift_hu, 0)
     return FineAugmentation(tuple(faces) if do_extend else None, hu_shift)  # type: ignore[arg-type]
@@ -120,7 +121,7 @@ def fine_crop_slices(
 def apply_hu_shift(image_hu: torch.Tensor, labels: torch.Tensor, hu_shift: np.ndarray) -> torch.Tensor:
     """Add `hu_shift[label]` to every voxel (0 for background), i.e. one shift per organ.
 
-    image_hu: float (D, H, W) HU; labels: integer (D, H, W) in 0..13 on the same device.
+    image_hu: float (D, H, W) HU; labels: integer (D, H, W) in 0..C on the same device.
     """
     table = torch.from_numpy(np.ascontiguousarray(hu_shift))
     if image_hu.device.type == "cuda":  # a pinned, asynchronous upload: no wait for the GPU per sample
@@ -128,15 +129,15 @@ def apply_hu_shift(image_hu: torch.Tensor, labels: torch.Tensor, hu_shift: np.nd
     return image_hu + table.to(image_hu.dtype)[labels.long()]
 
 
-def resize_labels(labels: torch.Tensor, size_zyx: Sequence[int]) -> torch.Tensor:
+def resize_labels(labels: torch.Tensor, size_zyx: Sequence[int], num_labels: int) -> torch.Tensor:
     """Per-label linear resize + 0.5 threshold (later labels win) of a label map (D, H, W) on its device; uint8.
 
     On the CPU the bounding-box-restricted `resize_mask` (the same result, several times faster there) is used;
     on a GPU `resize_mask_torch`.
     """
     if labels.device.type == "cpu":
-        return torch.from_numpy(resize_mask(labels.numpy(), size_zyx, NUM_ORGANS))
-    return resize_mask_torch(labels, size_zyx, NUM_ORGANS)
+        return torch.from_numpy(resize_mask(labels.numpy(), size_zyx, num_labels))
+    return resize_mask_torch(labels, size_zyx, num_labels)
 
 
 def make_fine_sample(
@@ -145,19 +146,20 @@ def make_fine_sample(
     size_zyx: Sequence[int],
     hu_window: Sequence[float],
     hu_shift: np.ndarray | None = None,
+    num_labels: int = FLARE22.num_organs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Resize a raw crop to the network size, apply the per-organ HU shift, window and z-score.
 
-    crop_hu: (d, h, w) any dtype (int16 from the memmap) on the target device; crop_labels: uint8 (d, h, w)
-    or None (unlabeled). Resize: trilinear with align_corners=True for the image, per-label linear + 0.5
-    threshold for the labels. The HU shift uses the resized labels (reference order: resize, then shift).
+    crop_hu: (d, h, w) any dtype (int16 from the memmap) on the target device; crop_labels: uint8 (d, h, w) with
+    labels 0..num_labels, or None (unlabeled). Resize: trilinear with align_corners=True for the image, per-label
+    linear + 0.5 threshold for the labels. The HU shift uses the resized labels (reference order: resize, then shift).
     Returns x float32 (1, *size_zyx) normalized, labels int64 (*size_zyx) or None.
     """
     size = tuple(int(s) for s in size_zyx)
     image = resize_volume_torch(crop_hu.float(), size)
     labels = None
     if crop_labels is not None:
-        labels = resize_labels(crop_labels, size).long()
+        labels = resize_labels(crop_labels, size, num_labels).long()
         if hu_shift is not None and np.any(hu_shift):
             image = apply_hu_shift(image, labels, hu_shift)
     x = window_and_zscore_torch(image, hu_window)

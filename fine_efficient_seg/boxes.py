@@ -31,13 +31,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from common.core.amp import amp_settings, autocast
 from common.core.errors import InputError
 from common.core.files import remove_stale_temps, save_npy_atomic
 from common.core.labelmaps import LOGIT_THRESHOLD, probs_to_labels
-from common.core.logger import get_logger
+from common.core.logger import get_logger, progress
 from common.infer.postprocess import coarse_organ_box
 from common.storage.data_paths import resolve_data_path
 from common.storage.image_io import read_canonical_ct
@@ -130,7 +129,7 @@ def compute_boxes(
         logger.info("boxes: %d of %d unlabeled cases need a box or region (source: %s, margin %g mm) -> %s, %s",
                     len(todo), step.cases, step.wanted, step.margin_mm, boxes_db, step.regions_dir)
         per_round = WRITE_BATCH * get_world_size()
-        bar = tqdm(total=len(todo), desc="boxes", unit="case", disable=not is_main_process())
+        bar = progress(total=len(todo), desc="boxes", unit="case", disable=not is_main_process())
         for start in range(0, len(todo), per_round):
             chunk = todo[start:start + per_round]
             results = {k: v for part in run_on_every_rank(lambda chunk=chunk: step.boxes(chunk), "boxes")

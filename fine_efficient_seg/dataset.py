@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from common.core.errors import InputError
-from common.core.labels import NUM_ORGANS
+from common.core.labels import FLARE22
 from common.core.logger import get_logger
 from common.storage.data_paths import db_path, resolve_data_path  # noqa: F401 - also this module's API
 from common.storage.lmdb_store import EMPTY_UNLABELED_PROBLEM, open_store
@@ -177,11 +177,13 @@ def read_crop_tensors(case: FineCase, slices: Sequence[slice], pin: bool) -> tup
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """How a fine sample is made from a case's crop: network input size, HU window, augmentation settings."""
+    """How a fine sample is made from a case's crop: network input size, HU window, augmentation settings, and
+    the number of labels of the dataset's label set (one HU shift each; labels 1..num_organs are resized)."""
 
     size_zyx: tuple[int, int, int]
     hu_window: tuple[float, float]
     augment: FineAugmentSettings
+    num_organs: int = FLARE22.num_organs
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,7 @@ class FineStream:
         self.size_zyx = tuple(int(s) for s in sample.size_zyx)
         self.hu_window = tuple(float(v) for v in sample.hu_window)
         self.settings = sample.augment
+        self.num_organs = int(sample.num_organs)
         self.device = torch.device(device)
         self.rank = rank
         self.world_size = world_size
@@ -237,7 +240,7 @@ class FineStream:
         """The case, random decisions and crop of global stream position `position`."""
         case = self.cases[item]
         aug = sample_fine_augmentation(sample_rng(self.seed, self.name, position), case.spacing_zyx,
-                                       self.settings, self.labeled)
+                                       self.settings, self.labeled, self.num_organs)
         slices = fine_crop_slices(case.box, case.spacing_zyx, case.shape_zyx, aug, self.settings)  # type: ignore
         return case, aug, slices
 
@@ -247,7 +250,7 @@ class FineStream:
         image_t = image.to(self.device, non_blocking=True)
         labels_t = labels.to(self.device, non_blocking=True) if self.labeled and labels is not None else None
         return make_fine_sample(image_t, labels_t, self.size_zyx, self.hu_window,
-                                pending.aug.hu_shift if self.labeled else None)
+                                pending.aug.hu_shift if self.labeled else None, self.num_organs)
 
     def __call__(self, start: int = 0) -> Iterator[Any]:
         positions = self.sampler(start).positions()
@@ -276,21 +279,20 @@ def fixed_crop_input(case: FineCase, size_zyx: Sequence[int], hu_window: Sequenc
                      device: torch.device | str) -> torch.Tensor:
     """The deterministic fine input of a case (box + `extend_size_mm`, as at test time): x (1, 1, D, H, W)."""
     settings = FineAugmentSettings(extend_size_mm=extend_size_mm, random_extend_prob=0.0, hu_shift_prob=0.0)
-    aug = FineAugmentation(None, np.zeros(NUM_ORGANS + 1, dtype=np.int64))
+    aug = FineAugmentation(None, None)
     slices = fine_crop_slices(case.box, case.spacing_zyx, case.shape_zyx, aug, settings)  # type: ignore[arg-type]
     image, _ = read_crop(case, slices)
     x, _ = make_fine_sample(torch.from_numpy(image).to(device), None, size_zyx, hu_window)
     return x.unsqueeze(0)
 
 
-def validation_cases(db: Path, data_base_dir: str | os.PathLike, size_zyx: Sequence[int], hu_window: Sequence[float],
-                     device: torch.device | str, rank: int = 0,
-                     world_size: int = 1) -> Iterable[tuple[str, torch.Tensor, torch.Tensor]]:
+def validation_cases(db: Path, data_base_dir: str | os.PathLike, sample: SampleSpec, device: torch.device | str,
+                     rank: int = 0, world_size: int = 1) -> Iterable[tuple[str, torch.Tensor, torch.Tensor]]:
     """(case id, x (1, 1, D, H, W), labels int64 (1, D, H, W)) of the fixed 20 mm GT-box crops made by
-    data_prepare, resized on the device when `size_zyx` differs from the stored size. Only the cases of `rank`
+    data_prepare, resized on the device when `sample.size_zyx` differs from the stored size. Only the cases of `rank`
     (`shard`, case i on rank i % world_size) are loaded."""
     device = torch.device(device)
-    size = tuple(int(s) for s in size_zyx)
+    size = tuple(int(s) for s in sample.size_zyx)
     store = open_store(db, readonly=True)
     try:
         records = [(key, store.get(key)) for key in shard(store.keys(), rank, world_size)]
@@ -306,6 +308,6 @@ def validation_cases(db: Path, data_base_dir: str | os.PathLike, size_zyx: Seque
         labels_t = torch.from_numpy(labels.astype(np.uint8)).to(device)
         if tuple(image_t.shape) != size:
             image_t = resize_volume_torch(image_t, size)
-            labels_t = resize_labels(labels_t, size)
-        x = window_and_zscore_torch(image_t, hu_window)
+            labels_t = resize_labels(labels_t, size, sample.num_organs)
+        x = window_and_zscore_torch(image_t, sample.hu_window)
         yield case_id, x.reshape(1, 1, *size), labels_t.long().reshape(1, *size)

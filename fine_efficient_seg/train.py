@@ -24,10 +24,12 @@ from typing import Any, Callable, Sequence
 
 from common.config import FineTrainConfig
 from common.core.errors import InputError
+from common.core.labels import FLARE22, LabelSet
 from common.core.logger import get_logger, setup_logging
 from common.core.typed_config import config_to_dict
 from common.stage_cli import stage_cli
 from common.storage.data_paths import db_path
+from common.storage.labelsets import dataset_labels
 from common.storage.lmdb_store import open_store
 from common.storage.step_marker import claim_run_folder, file_stamp, marker_matches, read_marker, write_marker
 from common.train.distributed import DistInfo, init_distributed, run_on_every_rank
@@ -53,13 +55,15 @@ DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 STEPS = ("boxes", "round1", "uif", "round2", "export")
 
 
-def sample_spec(cfg: FineTrainConfig) -> SampleSpec:
-    """How the training samples are made: network input size, HU window and the crop section's augmentation."""
+def sample_spec(cfg: FineTrainConfig, labels: LabelSet = FLARE22) -> SampleSpec:
+    """How the training samples are made: network input size, HU window, the crop section's augmentation, and the
+    dataset's label count."""
     crop = cfg.crop
     augment = FineAugmentSettings(extend_size_mm=crop.extend_size_mm, max_extend_size_mm=crop.max_extend_size_mm,
                                   random_extend_prob=crop.random_extend_prob, hu_shift_prob=crop.hu_shift_prob,
                                   hu_shift_max=int(crop.hu_shift_max))
-    return SampleSpec(tuple(cfg.data.size_zyx), tuple(cfg.data.hu_window), augment)  # type: ignore[arg-type]
+    return SampleSpec(tuple(cfg.data.size_zyx), tuple(cfg.data.hu_window), augment,  # type: ignore[arg-type]
+                      labels.num_organs)
 
 
 def uif_options(cfg: FineTrainConfig) -> UifOptions:
@@ -155,7 +159,8 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, k: int) -> dict[str, Any]:
     the round's inputs changed)."""
     pool, boxes, init_weights, iterations, snapshots = _round_inputs(cfg, k)
     data_base = cfg.data_base_dir
-    sample = sample_spec(cfg)
+    labels = dataset_labels(data_base)
+    sample = sample_spec(cfg, labels)
 
     def stream(cases: Sequence[FineCase], name: str, labeled: bool, batch_size: int) -> FineStream:
         spec = StreamSpec(name, cfg.seed, batch_size, labeled, read_threads=cfg.data.num_workers)
@@ -176,9 +181,8 @@ def run_round(cfg: FineTrainConfig, info: DistInfo, k: int) -> dict[str, Any]:
     job = CPSJob(
         cfg=cfg, out_dir=RunLayout(cfg.output_dir).round_dir(k),
         labeled_stream=labeled_stream, unlabeled_stream=unlabeled_stream,
-        val_cases=lambda rank, world: validation_cases(val_db, data_base, sample.size_zyx, sample.hu_window,
-                                                       info.device, rank, world),
-        iterations=iterations, init_weights=init_weights, dist=info, stage="fine",
+        val_cases=lambda rank, world: validation_cases(val_db, data_base, sample, info.device, rank, world),
+        iterations=iterations, init_weights=init_weights, dist=info, stage="fine", labels=labels,
         extra_checkpoint={"round": f"round{k}"}, snapshot_iterations=snapshots, inputs=round_inputs(cfg, k))
     return run_cps_training(job)
 

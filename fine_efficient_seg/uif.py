@@ -2,8 +2,8 @@
 
 Each case is scored on the crop the fine stage trains and predicts on (its stored coarse box + extend_size_mm,
 resized to the network size) by `common.evaluation.uncertainty.uncertainty_score` (disagreement of networks A and B
-by default; entropy of their mean sigmoid, or ST++ stability of the final A+B mean against the round-1 snapshots
-`checkpoints/snapshot_<it>.pt`, as options). Outputs:
+by default; entropy of their mean sigmoid, ST++ stability of the final A+B mean against the round-1 snapshots
+`checkpoints/snapshot_<it>.pt`, or the change of its pseudo label since the earlier networks, as options). Outputs:
 - `<output_dir>/uif_scores.csv`: case, score, kept, rank (rank 1 = most certain), in rank order;
 - `<output_dir>/db/uif_pool` (LMDB): the kept records, copied from the unlabeled DB with their box (from the
   boxes step's database), `uif_score` and `uif_rank` added, written in one transaction. Like the boxes, the
@@ -22,13 +22,12 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from common.core.amp import amp_settings, autocast
 from common.core.defaults import EXTEND_SIZE_MM, FINE_SIZE_ZYX, HU_WINDOW
 from common.core.errors import InputError
 from common.core.files import write_text_atomic
-from common.core.logger import get_logger
+from common.core.logger import get_logger, progress
 from common.evaluation.uncertainty import UifRow, select_certain, uncertainty_score
 from common.storage.lmdb_store import open_store
 from common.storage.weights import load_network
@@ -81,17 +80,25 @@ class UifOptions:
     precision: str = "bf16"
 
 
+def earlier_networks(layout: RunLayout, k: int, device: torch.device) -> list[tuple[nn.Module, nn.Module]]:
+    """The earlier network pairs filter k compares round k's with (oldest first): round 1's snapshots for filter 1
+    (stability uses them all, change the last), the previous round's networks after that."""
+    if k == 1:
+        return load_snapshots(layout.round_dir(1), device)
+    return [load_round_networks(layout.round_dir(k - 1), device)]
+
+
 @torch.no_grad()
 def score_pool(cases: Sequence[FineCase], net_a: nn.Module, net_b: nn.Module, options: UifOptions,
                device: torch.device, methods: Sequence[str] | None = None,
                snapshots: Sequence[tuple[nn.Module, nn.Module]] = ()) -> dict[str, dict[str, float]]:
     """{method: {case: uncertainty score}} (lower = more certain) of every case on its fixed fine crop, for
-    several UIF scores in one pass over the pool (default: `options.method`); "stability" needs `snapshots`
-    (see `load_snapshots`)."""
+    several UIF scores in one pass over the pool (default: `options.method`); "stability" and "change" need
+    `snapshots` (earlier network pairs, oldest first: `earlier_networks`)."""
     methods = (options.method,) if methods is None else tuple(methods)
     amp = amp_settings(options.precision, device)
-    if "stability" in methods and not snapshots:
-        raise InputError(Path("checkpoints/snapshot_*.pt"), "the stability score needs round-1 snapshots "
+    if {"stability", "change"} & set(methods) and not snapshots:
+        raise InputError(Path("checkpoints/snapshot_*.pt"), "the stability and change scores need round-1 snapshots "
                                                              "(uif.snapshots >= 1 before round 1 runs)")
 
     def probs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -100,10 +107,11 @@ def score_pool(cases: Sequence[FineCase], net_a: nn.Module, net_b: nn.Module, op
         return torch.sigmoid(logits.float())[0]
 
     scores: dict[str, dict[str, float]] = {m: {} for m in methods}
-    for case in tqdm(cases, desc="uif", unit="case", disable=not is_main_process()):
+    for case in progress(cases, desc="uif", unit="case", disable=not is_main_process()):
         x = fixed_crop_input(case, options.size_zyx, options.hu_window, options.extend_size_mm, device)
         probs_a, probs_b = probs(net_a, x), probs(net_b, x)
-        snaps = [0.5 * (probs(a, x) + probs(b, x)) for a, b in snapshots] if "stability" in methods else []
+        snaps = ([0.5 * (probs(a, x) + probs(b, x)) for a, b in snapshots]
+                 if {"stability", "change"} & set(methods) else [])
         for method in methods:
             scores[method][case.case_id] = uncertainty_score(method, probs_a, probs_b, snapshots=snaps,
                                                              weighting=options.weighting)
@@ -175,7 +183,7 @@ def run_uif(layout: RunLayout, k: int, unlabeled_db: Path, data_base_dir: str | 
         if not cases:
             raise InputError(unlabeled_db, "no unlabeled cases to filter")
         net_a, net_b = load_round_networks(round_dir, device)
-        snapshots = load_snapshots(round_dir, device) if options.method == "stability" else []
+        snapshots = earlier_networks(layout, k, device) if options.method in ("stability", "change") else []
         return score_pool(shard(cases), net_a, net_b, options, device, snapshots=snapshots)[options.method]
 
     scores = {key: v for part in run_on_every_rank(score_here, "uif") for key, v in part.items()}

@@ -44,7 +44,7 @@ def test_extension_within_bounds_in_voxels_and_mm():
     seen_hi = [-math.inf] * 3
     extended = 0
     for n in range(600):
-        aug = sample_fine_augmentation(sample_rng(7, "labeled", n), SPACING_ZYX, SETTINGS, labeled=True)
+        aug = sample_fine_augmentation(sample_rng(7, "labeled", n), SPACING_ZYX, SETTINGS, labeled=True, num_organs=13)
         if aug.extension_vox is None:
             continue
         extended += 1
@@ -79,24 +79,26 @@ def test_fixed_margin_crop_matches_crop_box_with_margin():
 
 
 def test_hu_shift_sampling():
-    draws = [sample_fine_augmentation(sample_rng(3, "labeled", n), SPACING_ZYX, SETTINGS, labeled=True).hu_shift
-             for n in range(400)]
+    draws = [sample_fine_augmentation(sample_rng(3, "labeled", n), SPACING_ZYX, SETTINGS, labeled=True,
+                                      num_organs=13).hu_shift for n in range(400)]
     shifts = np.stack(draws)
     assert shifts.shape == (400, 14)
     assert np.all(shifts[:, 0] == 0)
     assert shifts.min() >= -200 and shifts.max() < 200
     active = (shifts[:, 1:] != 0).mean()
     assert 0.4 < active < 0.6
-    unlabeled = sample_fine_augmentation(sample_rng(3, "unlabeled", 0), SPACING_ZYX, SETTINGS, labeled=False)
+    unlabeled = sample_fine_augmentation(sample_rng(3, "unlabeled", 0), SPACING_ZYX, SETTINGS, labeled=False,
+                                         num_organs=13)
     assert not np.any(unlabeled.hu_shift)
 
 
 def test_sampling_is_deterministic_per_index():
-    a = sample_fine_augmentation(sample_rng(11, "labeled", 42), SPACING_ZYX, SETTINGS, True)
-    b = sample_fine_augmentation(sample_rng(11, "labeled", 42), SPACING_ZYX, SETTINGS, True)
-    c = sample_fine_augmentation(sample_rng(11, "unlabeled", 42), SPACING_ZYX, SETTINGS, True)
+    a = sample_fine_augmentation(sample_rng(11, "labeled", 42), SPACING_ZYX, SETTINGS, True, num_organs=13)
+    b = sample_fine_augmentation(sample_rng(11, "labeled", 42), SPACING_ZYX, SETTINGS, True, num_organs=13)
+    c = sample_fine_augmentation(sample_rng(11, "unlabeled", 42), SPACING_ZYX, SETTINGS, True, num_organs=13)
     assert a.extension_vox == b.extension_vox and np.array_equal(a.hu_shift, b.hu_shift)
-    different = [sample_fine_augmentation(sample_rng(11, "labeled", n), SPACING_ZYX, SETTINGS, True) for n in range(8)]
+    different = [sample_fine_augmentation(sample_rng(11, "labeled", n), SPACING_ZYX, SETTINGS, True, num_organs=13)
+                 for n in range(8)]
     assert len({(d.extension_vox, tuple(d.hu_shift)) for d in different}) > 1
     assert (a.extension_vox, tuple(a.hu_shift)) != (c.extension_vox, tuple(c.hu_shift))   # streams differ
 
@@ -166,7 +168,7 @@ def test_resize_labels_matches_resize_mask_torch():
     labels[12:14, 18:22, 3:5] = 13
     labels[torch.rand(19, 23, 17, generator=gen) > 0.97] = 4
     for size in ((32, 32, 32), (8, 40, 12)):
-        assert torch.equal(resize_labels(labels, size), resize_mask_torch(labels, size, 13))
+        assert torch.equal(resize_labels(labels, size, 13), resize_mask_torch(labels, size, 13))
 
 
 # Ops that make the host wait for a CUDA device: they need a result's value or size on the CPU.
@@ -194,7 +196,8 @@ def test_fine_sample_device_path_never_waits_for_the_device(monkeypatch):
     """The ops the fine sample runs on a GPU (mask resize, HU shift, window) include none that syncs the host."""
     import fine_efficient_seg.augment as augment
 
-    monkeypatch.setattr(augment, "resize_labels", lambda labels, size: resize_mask_torch(labels, size, 13))
+    monkeypatch.setattr(augment, "resize_labels",
+                        lambda labels, size, num_labels: resize_mask_torch(labels, size, num_labels))
     gen = torch.Generator().manual_seed(2)
     crop = torch.randint(-200, 200, (11, 14, 13), generator=gen).to(torch.int16)
     labels = torch.zeros(11, 14, 13, dtype=torch.uint8)

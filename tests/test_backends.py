@@ -67,7 +67,7 @@ def test_onnxruntime_labels_agree_with_torch(weights_dir, stage):
         a, b = probs_to_labels(ref, 0.0), probs_to_labels(out, 0.0)
         assert len(torch.unique(a)) > 1  # a non-trivial label map, so agreement means something
         assert float((a == b).float().mean()) >= 0.999
-        assert labels_disagreement(a, b) < 0.01
+        assert labels_disagreement(a, b, 13) < 0.01
         assert float((ref - out).abs().max()) < 1e-2  # fp32 reassociation (instance norm of few channels)
 
 

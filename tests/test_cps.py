@@ -6,7 +6,16 @@ import torch
 from common.core.amp import amp_settings, make_grad_scaler
 from common.core.labelmaps import one_hot_organs
 from common.networks import UNet
-from common.train.cps import CPSSettings, Learner, Pair, cps_losses, cps_step, cps_weight_at, pseudo_labels
+from common.train.cps import (
+    CPSSettings,
+    Learner,
+    Pair,
+    confident_voxels,
+    cps_losses,
+    cps_step,
+    cps_weight_at,
+    pseudo_labels,
+)
 from common.train.losses import build_loss
 
 TINY = (2, 4, 4, 8, 8)
@@ -67,7 +76,7 @@ def _batch(size: int = 32):
     torch.manual_seed(123)
     x_l = torch.randn(1, 1, size, size, size)
     x_u = torch.randn(1, 1, size, size, size)
-    y_l = one_hot_organs(torch.randint(0, 14, (1, size, size, size)))
+    y_l = one_hot_organs(torch.randint(0, 14, (1, size, size, size)), 13)
     return x_l, y_l, x_u
 
 
@@ -172,3 +181,53 @@ def test_cps_weight_rampup():
     assert cps_weight_at(50, 1.0, 100) == pytest.approx(math.exp(-5.0 * 0.25))
     assert cps_weight_at(100, 1.0, 100) == 1.0
     assert cps_weight_at(1000, 0.5, 100) == 0.5
+
+
+def _outputs(n: int, seed: int) -> torch.Tensor:
+    return torch.randn((n, 13, 4, 5, 6), generator=torch.Generator().manual_seed(seed)) * 2
+
+
+@pytest.mark.parametrize("loss", ["dice_bce", "dice_focal"])
+def test_separate_parts_give_a_labeled_crop_the_same_cps_weight_with_or_without_unlabeled_data(loss):
+    """The L/0 and L/U rows of the benchmark: with parts=separate the labeled crop's CPS term is the same whether an
+    unlabeled crop shares the batch or not (L/U = L/0 + the unlabeled part's term); with parts=joint (the original)
+    the unlabeled crop dilutes it (for the element-mean BCE term exactly to half)."""
+    out_a, out_b = _outputs(2, 1), _outputs(2, 2)  # sample 0 labeled, sample 1 unlabeled
+    y_l = one_hot_organs(torch.randint(0, 14, (1, 4, 5, 6), generator=torch.Generator().manual_seed(3)), 13)
+    fn = build_loss(loss)
+    for parts in ("joint", "separate"):
+        settings = CPSSettings(fn, weight=1.0, parts=parts)
+        l0 = cps_losses(Pair(out_a[:1], out_b[:1]), y_l, settings)       # labeled only
+        lu = cps_losses(Pair(out_a, out_b), y_l, settings)               # labeled + unlabeled
+        u_only = fn(out_a[1:], pseudo_labels(out_b[1:]))
+        assert lu["sup_a"].item() == pytest.approx(l0["sup_a"].item())  # the supervised term never changes
+        if parts == "separate":
+            assert lu["cps_a"].item() == pytest.approx(l0["cps_a"].item() + u_only.item(), rel=1e-5)
+        else:
+            assert lu["cps_a"].item() != pytest.approx(l0["cps_a"].item() + u_only.item(), rel=1e-3)
+    bce = build_loss("dice_bce")
+    joint = cps_losses(Pair(out_a, out_b), y_l, CPSSettings(lambda o, t, m=None: bce(o, t, m) -
+                                                            build_loss("dice")(o, t, m), parts="joint"))
+    labeled_bce = bce(out_a[:1], pseudo_labels(out_b[:1])) - build_loss("dice")(out_a[:1], pseudo_labels(out_b[:1]))
+    unlabeled_bce = bce(out_a[1:], pseudo_labels(out_b[1:])) - build_loss("dice")(out_a[1:], pseudo_labels(out_b[1:]))
+    assert joint["cps_a"].item() == pytest.approx(0.5 * (labeled_bce + unlabeled_bce).item(), rel=1e-5)
+
+
+def test_confidence_leaves_out_the_voxels_the_partner_is_unsure_of():
+    student, teacher = _outputs(1, 4), torch.full((1, 13, 4, 5, 6), _logit(0.05))
+    teacher[0, 0, :2] = _logit(0.95)  # sure liver in slices 0-1
+    teacher[0, 3, 2] = _logit(0.6)    # unsure pancreas in slice 2
+    mask = confident_voxels(teacher, 0.8)
+    assert mask.shape == (1, 1, 4, 5, 6)
+    assert mask[0, 0, :2].all() and not mask[0, 0, 2].any() and mask[0, 0, 3].all()  # slice 3: sure background
+    assert confident_voxels(teacher, 0.0) is None
+    changed = student.clone()
+    changed[0, :, 2] = 10.0  # the student's outputs where the teacher is unsure
+    no_labeled = torch.zeros(0, 13, 4, 5, 6)
+
+    def cps(out: torch.Tensor, confidence: float) -> float:
+        settings = CPSSettings(build_loss("dice_bce"), confidence=confidence)
+        return cps_losses(Pair(out, teacher), no_labeled, settings)["cps_a"].item()
+
+    assert cps(changed, 0.8) == pytest.approx(cps(student, 0.8), rel=1e-6)  # they do not count
+    assert cps(changed, 0.0) != pytest.approx(cps(student, 0.0), rel=1e-3)  # without the mask they do

@@ -106,7 +106,7 @@ def _step(net_a, net_b, opts, x_l, labels, x_u):
     from common.train.cps import CPSSettings, Learner, Pair, cps_step
     from common.train.losses import build_loss
 
-    return cps_step(Pair(Learner(net_a, opts[0]), Learner(net_b, opts[1])), x_l, one_hot_organs(labels), x_u,
+    return cps_step(Pair(Learner(net_a, opts[0]), Learner(net_b, opts[1])), x_l, one_hot_organs(labels, 13), x_u,
                     CPSSettings(build_loss("dice_focal"), weight=1.0))
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from common.config import CoarseTrainConfig
+from common.core.labels import FLARE22
 from common.core.typed_config import load_config
 from common.storage.checkpoint import load_checkpoint, save_checkpoint
 from common.storage.weights import read_weight_pair
 from common.train.distributed import DistInfo, derive_seed, shard
 from common.train.engine import (
-    ORGAN_KEYS,
     CPSJob,
     NonFiniteLossError,
     TrainingInterrupted,
@@ -125,7 +125,7 @@ def test_run_writes_every_output_and_a_rerun_does_nothing(straight_run, caplog):
     assert load_config(CoarseTrainConfig, out / "config.yaml").model.channels == [2, 4, 4, 8, 8]
     metrics = _metrics(out)
     assert [m["iteration"] for m in metrics] == [2, 4]
-    assert list(metrics[0]["dice_a"]) == list(ORGAN_KEYS) and metrics[0]["num_cases"] == 2
+    assert list(metrics[0]["dice_a"]) == [label.key for label in FLARE22] and metrics[0]["num_cases"] == 2
     last = load_checkpoint(out / "checkpoints" / "last.pt")
     assert {"net_a", "net_b", "opt_a", "opt_b", "scaler_a", "scaler_b", "iteration", "rng", "best", "config",
             "model"} <= set(last)

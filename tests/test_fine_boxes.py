@@ -148,7 +148,8 @@ def test_training_and_uif_crops_equal_the_whole_volume_crops(prepared, tmp_path,
     for case, ref in zip(cases, whole):
         full = np.load(ref.region_path)
         for n in range(40):
-            aug = sample_fine_augmentation(sample_rng(7, "unlabeled", n), case.spacing_zyx, SETTINGS, labeled=False)
+            aug = sample_fine_augmentation(sample_rng(7, "unlabeled", n), case.spacing_zyx, SETTINGS, labeled=False,
+                                           num_organs=13)
             slices = fine_crop_slices(case.box, case.spacing_zyx, case.shape_zyx, aug, SETTINGS)
             crop, labels = read_crop(case, slices)
             assert labels is None and crop.dtype == np.int16

@@ -26,8 +26,16 @@ from common.storage.lmdb_store import open_store
 from common.storage.weights import load_model
 from common.volume.boxes import body_box, grid_box_to_raw
 from fine_efficient_seg import uif as fine_uif
+from fine_efficient_seg.augment import FineAugmentSettings
 from fine_efficient_seg.boxes import compute_boxes
-from fine_efficient_seg.dataset import FineStream, StreamSpec, fixed_crop_input, load_cases, validation_cases
+from fine_efficient_seg.dataset import (
+    FineStream,
+    SampleSpec,
+    StreamSpec,
+    fixed_crop_input,
+    load_cases,
+    validation_cases,
+)
 from fine_efficient_seg.layout import RunLayout
 from fine_efficient_seg.train import main, sample_spec
 from fine_efficient_seg.uif import UifOptions, read_scores_csv, run_uif, snapshot_iterations
@@ -180,8 +188,9 @@ def test_streams_are_deterministic_and_resume_exactly(dataset, tmp_path):
 def test_fixed_crop_matches_prepared_fine_array(dataset):
     """The crop read from the region (with its offset) is the GT box + 20 mm crop data_prepare made."""
     labeled = load_cases(dataset / "db" / "seg_train_fold_1", dataset, labeled=True)
-    val = {case_id: x for case_id, x, _ in validation_cases(dataset / "db" / "seg_train_fold_1", dataset,
-                                                                 [SIZE] * 3, list(HU_WINDOW), "cpu")}
+    sample = SampleSpec((SIZE,) * 3, HU_WINDOW, FineAugmentSettings())
+    val = {case_id: x for case_id, x, _ in validation_cases(dataset / "db" / "seg_train_fold_1", dataset, sample,
+                                                                 "cpu")}
     assert any(case.region_offset_zyx != (0, 0, 0) for case in labeled)    # regions are sub-volumes
     for case in labeled:
         x = fixed_crop_input(case, [SIZE] * 3, list(HU_WINDOW), 20.0, "cpu")
@@ -193,13 +202,14 @@ def test_validation_cases_load_only_this_ranks_share(dataset, monkeypatch):
     import fine_efficient_seg.dataset as fine_dataset
 
     db = dataset / "db" / "seg_pre-process_database"  # the 4 labeled cases with their fixed fine arrays
-    every = [case_id for case_id, _, _ in validation_cases(db, dataset, [SIZE] * 3, list(HU_WINDOW), "cpu")]
+    sample = SampleSpec((SIZE,) * 3, HU_WINDOW, FineAugmentSettings())
+    every = [case_id for case_id, _, _ in validation_cases(db, dataset, sample, "cpu")]
     assert len(every) == 4
     loaded: list[str] = []
     real_load = np.load
     monkeypatch.setattr(fine_dataset.np, "load", lambda path, *a, **k: loaded.append(str(path)) or real_load(path, *a,
                                                                                                               **k))
-    mine = [case_id for case_id, _, _ in validation_cases(db, dataset, [SIZE] * 3, list(HU_WINDOW), "cpu", 1, 2)]
+    mine = [case_id for case_id, _, _ in validation_cases(db, dataset, sample, "cpu", 1, 2)]
     assert mine == every[1::2]
     assert len(loaded) == 2 * len(mine)  # image + mask of its own cases only
 

@@ -470,3 +470,17 @@ def test_an_uncompressed_nifti_named_nii_gz_is_read(tmp_path: Path) -> None:
     misnamed.write_bytes(plain.read_bytes()[:-50])  # and a cut one is still refused
     with pytest.raises(InputError, match="truncated"):
         read_image(misnamed)
+
+
+def test_a_label_map_name_has_no_channel_suffix(tmp_path):
+    """`case_0000.nii.gz` in a mask folder is case `case_0000` (an id may end in four digits); an image of that case
+    is `case_0000_0000.nii.gz`."""
+    assert case_id_from_name("trainu_0000.nii.gz", channel_suffix=False) == "trainu_0000"
+    assert case_id_from_name("trainu_0000_0000.nii.gz") == "trainu_0000"
+    assert case_id_from_name("trainu_0000.nii.gz") == "trainu"  # an image name: the suffix is the channel
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("trainu_0000.nii.gz", "trainu_0001.nii.gz"):
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.uint8)), str(masks / name))
+    found, _, conflicts = list_images(masks, masks=True)
+    assert sorted(found) == ["trainu_0000", "trainu_0001"] and not conflicts

@@ -90,3 +90,34 @@ def test_log_to_file_adds_a_run_log_for_the_block_only(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "inside the run" in out and "after the run" in out
     assert len(logging.getLogger("semiseg").handlers) == 1
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_file(caplog, monkeypatch):
+    import io
+
+    from tqdm import tqdm
+
+    from common.core import logger as logger_module
+    from common.core.logger import PlainProgress, progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(progress(range(3), desc="x", file=Terminal()), tqdm)
+    caplog.set_level("INFO")
+    monkeypatch.setattr(logger_module, "PLAIN_PROGRESS_EVERY_S", 0.0)  # a line per step here
+    stream = io.StringIO()  # a file: no terminal
+    bar = progress(total=4, desc="prepare", unit="case", file=stream)
+    assert isinstance(bar, PlainProgress)
+    for _ in range(4):
+        bar.update()
+    bar.set_postfix_str("case_3")
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "semiseg.progress"]
+    assert lines[0].startswith("prepare: 1/4 case (25 %)") and lines[-1].startswith("prepare: 4/4 case (100 %)")
+    assert "[case_3]" in lines[-1] and stream.getvalue() == ""
+    assert list(progress(range(3), desc="it", file=io.StringIO())) == [0, 1, 2]
+    silent = progress(total=2, file=io.StringIO(), lines=False)  # the engine logs its own lines
+    silent.update()
+    silent.close()

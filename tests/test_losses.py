@@ -15,7 +15,7 @@ def _t(values) -> torch.Tensor:
 
 def test_one_hot_organs():
     label_map = torch.tensor([[[[0, 1], [13, 5]]]])  # (N=1, D=1, H=2, W=2)
-    one_hot = one_hot_organs(label_map)
+    one_hot = one_hot_organs(label_map, 13)
     assert one_hot.shape == (1, 13, 1, 2, 2) and one_hot.dtype == torch.float32
     assert one_hot[0, :, 0, 0, 0].sum() == 0  # background -> all zeros
     assert one_hot[0, 0, 0, 0, 1] == 1 and one_hot[0, :, 0, 0, 1].sum() == 1  # label 1 -> channel 0
@@ -77,7 +77,7 @@ def test_reference_focal_hand_computed():
 def test_build_loss_combinations():
     torch.manual_seed(0)
     logits = torch.randn(2, 13, 3, 4, 5)
-    target = one_hot_organs(torch.randint(0, 14, (2, 3, 4, 5)))
+    target = one_hot_organs(torch.randint(0, 14, (2, 3, 4, 5)), 13)
     dice = soft_dice_loss(logits, target)
     assert build_loss("dice")(logits, target) == dice
     torch.testing.assert_close(build_loss("dice_bce")(logits, target), dice + bce_loss(logits, target))
@@ -93,7 +93,7 @@ def test_build_loss_combinations():
 def test_losses_compute_in_float32_and_have_gradients(name):
     torch.manual_seed(0)
     logits = torch.randn(1, 13, 4, 4, 4).bfloat16().requires_grad_()
-    target = one_hot_organs(torch.randint(0, 14, (1, 4, 4, 4)))
+    target = one_hot_organs(torch.randint(0, 14, (1, 4, 4, 4)), 13)
     loss = build_loss(name)(logits, target)
     assert loss.dtype == torch.float32 and loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()

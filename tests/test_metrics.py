@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from common.core.labelmaps import probs_to_labels
-from common.core.labels import NSD_TOLERANCE_MM, SHORT_NAMES
+from common.core.labels import FLARE22
 from common.evaluation.metrics import flare_case_scores, hard_dice_per_organ, official_round, to_label_uint8
 from common.evaluation.surface_distance import (
     _contour_loops,
@@ -51,7 +51,7 @@ def test_official_values_reproduced(real_data_dir, official_rows, name, gt_file,
     scores = flare_case_scores(pred, gt, spacing)
     official = official_rows[name]
     mismatches = []
-    for label, short in enumerate(SHORT_NAMES, start=1):
+    for label, short in ((lb.id, lb.short) for lb in FLARE22):
         for value, column in zip(scores[label], (f"{short}_DSC", f"{short}_NSD")):
             expected = float(official[column])
             if round(float(value), 4) != expected or value != expected:
@@ -141,7 +141,7 @@ def test_z_cropped_organ_on_one_gt_slice_gives_nan_like_official():
 
 def test_shift_of_exactly_tolerance_counts():
     """A right kidney (tolerance 3 mm) shifted by one 3 mm voxel still has NSD 1; by 3.01 mm it does not."""
-    assert NSD_TOLERANCE_MM[2] == 3.0
+    assert FLARE22[2].nsd_tolerance_mm == 3.0
     gt = _box(_blank(), 2, (6, 5, 4), (16, 15, 12))
     pred = _box(_blank(), 2, (7, 5, 4), (17, 15, 12))  # shift along array axis 0
     assert flare_case_scores(pred, gt, (3.0, 1.0, 1.0))[2][1] == 1.0

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from common.core.defaults import HU_WINDOW
-from common.core.labels import NUM_ORGANS
+from common.core.labels import FLARE22
 from common.networks import NETWORKS, EfficientSegNet, UNet, build_network
 from common.networks.blocks import AnisoBlock, ConvIN, ConvINReLU, ResBaseBlock
 from common.volume.intensity import normalize_hu
@@ -65,7 +65,7 @@ def test_block_structure(name):
         assert unit[2].p == 0.3
     dropouts = [m for m in net.modules() if isinstance(m, (nn.Dropout, nn.Dropout3d))]
     assert len(dropouts) == len(units)  # dropout lives only inside ConvINReLU units
-    assert net.head.kernel_size == (1, 1, 1) and net.head.out_channels == NUM_ORGANS
+    assert net.head.kernel_size == (1, 1, 1) and net.head.out_channels == FLARE22.num_organs
 
 
 def test_unet_topology():
@@ -119,7 +119,7 @@ def test_output_shape_and_gradients(name, shape):
     net.train()
     x = torch.randn(shape, requires_grad=True)
     out = net(x)
-    assert out.shape == (shape[0], NUM_ORGANS) + shape[2:]
+    assert out.shape == (shape[0], FLARE22.num_organs) + shape[2:]
     assert torch.isfinite(out).all()
     out.square().mean().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0

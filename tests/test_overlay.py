@@ -8,12 +8,12 @@ import zlib
 import numpy as np
 import pytest
 
-from common.core.labels import NUM_ORGANS, ORGANS
+from common.core.labels import FLARE22
 from common.infer.overlay import (
     _GLYPHS,
-    ORGAN_COLOURS,
     draw_text,
     encode_png,
+    label_colour,
     organ_centre,
     render_overlay,
     write_overlay,
@@ -50,8 +50,8 @@ def test_png_round_trip():
 
 
 def test_font_covers_organ_names_and_draws():
-    for label in range(1, NUM_ORGANS + 1):
-        assert all(ch.upper() in _GLYPHS for ch in ORGANS[label][0])
+    for label in FLARE22:
+        assert all(ch.upper() in _GLYPHS for ch in label.name)
     assert all(len(rows) == 7 and all(len(r) == 5 for r in rows) for rows in _GLYPHS.values())
     image = np.zeros((20, 80, 3), np.uint8)
     end = draw_text(image, "Liver 1", 2, 2, colour=(255, 0, 0), scale=2)
@@ -74,9 +74,9 @@ def test_render_overlay_colours_legend_and_aspect():
     image = render_overlay(ct, labels, (5.0, 0.8, 0.8), title="case_01", panel_height_px=120)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[0] >= 120
     # organ colours are blended into the panels and drawn as legend swatches
-    swatch = np.array(ORGAN_COLOURS[13], np.uint8)
+    swatch = np.array(label_colour(13), np.uint8)
     assert (image == swatch).all(axis=2).sum() >= 14 * 14
-    assert (image == np.array(ORGAN_COLOURS[1], np.uint8)).all(axis=2).sum() >= 14 * 14
+    assert (image == np.array(label_colour(1), np.uint8)).all(axis=2).sum() >= 14 * 14
     # the axial panel is square-ish (32 x 28.8 mm), the coronal one wide (28.8 mm across, 120 mm high -> narrow)
     assert organ_centre(labels)[0] in range(9, 14)
 

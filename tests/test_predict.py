@@ -26,6 +26,7 @@ import predict
 from common.core.errors import InputError
 from common.core.files import is_temp_name
 from common.core.labelmaps import probs_to_labels
+from common.core.labels import FLARE22
 from common.evaluation.uncertainty import labels_disagreement
 from common.infer import predictor as predictor_module
 from common.infer import upsample
@@ -195,15 +196,15 @@ def test_disagreement():
     """The predictor's column uses UIF's definition (common.evaluation.uncertainty): organs present in either,
     none = least certain."""
     a = torch.zeros(4, 4, 4, dtype=torch.uint8)
-    assert labels_disagreement(a, a) == 1.0  # nothing present: no usable label, least certain
+    assert labels_disagreement(a, a, 13) == 1.0  # nothing present: no usable label, least certain
     a[0, :2] = 1
-    assert labels_disagreement(a, a) == 0.0
+    assert labels_disagreement(a, a, 13) == 0.0
     b = a.clone()
     b[0, :2] = 2  # organ 1 only in A, organ 2 only in B: both Dice 0
-    assert labels_disagreement(a, b) == pytest.approx(1.0)
+    assert labels_disagreement(a, b, 13) == pytest.approx(1.0)
     c = a.clone()
     c[0, 0] = 0  # organ 1: |A| = 8, |B| = 4, overlap 4 -> Dice 2/3
-    assert labels_disagreement(a, c) == pytest.approx(1 / 3)
+    assert labels_disagreement(a, c, 13) == pytest.approx(1 / 3)
 
 
 def test_keep_largest_component_is_used_per_grid(predictor):
@@ -332,6 +333,7 @@ def test_cuda_oom_retries_on_cpu(tmp_path, predictor, monkeypatch):
 
     class Flaky:
         uncertainty = False
+        labels = FLARE22
 
         def predict(self, *args, **kwargs):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
@@ -357,6 +359,7 @@ class _OutOfMemoryOnce:
 
     uncertainty = False
     device = torch.device("cpu")
+    labels = FLARE22
 
     def __init__(self, real: Predictor, failures: int, error: Exception) -> None:
         self.real, self.failures, self.error = real, failures, error

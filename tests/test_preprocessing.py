@@ -126,7 +126,7 @@ def test_resize_hu_int16_rounds() -> None:
 def test_resize_mask_numpy_equals_torch_and_reference(shape, seed) -> None:
     mask = blocks_mask(seed=seed)
     a = resize_mask(mask, shape)
-    b = resize_mask_torch(torch.from_numpy(mask), shape).numpy()
+    b = resize_mask_torch(torch.from_numpy(mask), shape, 13).numpy()
     c = reference_resize_mask(mask, shape)
     assert a.dtype == np.uint8 and b.dtype == np.uint8 and a.shape == tuple(shape)
     np.testing.assert_array_equal(a, b)
@@ -140,7 +140,7 @@ def test_resize_mask_random_shapes_agree() -> None:
         out_shape = tuple(int(v) for v in rng.integers(3, 40, 3))
         mask = blocks_mask(in_shape, seed=int(rng.integers(1000)))
         np.testing.assert_array_equal(resize_mask(mask, out_shape),
-                                      resize_mask_torch(torch.from_numpy(mask), out_shape).numpy())
+                                      resize_mask_torch(torch.from_numpy(mask), out_shape, 13).numpy())
 
 
 def test_resize_mask_threshold_is_strictly_above_half() -> None:
@@ -150,7 +150,7 @@ def test_resize_mask_threshold_is_strictly_above_half() -> None:
     expected = np.zeros((5, 5, 5), np.uint8)
     expected[2, 2, 2] = 4
     np.testing.assert_array_equal(out, expected)
-    np.testing.assert_array_equal(resize_mask_torch(torch.from_numpy(mask), (5, 5, 5)).numpy(), expected)
+    np.testing.assert_array_equal(resize_mask_torch(torch.from_numpy(mask), (5, 5, 5), 13).numpy(), expected)
 
 
 def test_resize_mask_later_labels_win_and_num_labels() -> None:

@@ -19,12 +19,14 @@ def test_steps_cover_the_five_rows_in_order(tmp_path: Path) -> None:
     s = _settings(tmp_path, "--labeled", "4", "--labeled-val", "1", "--keep-ratio", "0.25", "--fine-iters", "7")
     steps = bench.seed_steps(s, 3)
     names = [st.name for st in steps]
-    assert names[:4] == ["synthetic", "prepare", "coarse_train", "coarse_export"]
+    assert names[:6] == ["synthetic", "prepare", "ceiling_dataset", "prepare_ceiling", "coarse_train",
+                         "coarse_export"]
     # round 1 is exported for row 2 before round 2 exists; row 3 is exported after round 2
     assert names.index("fine_cps_round1") < names.index("fine_lu_export") < names.index("fine_cps_round2") \
         < names.index("fine_lk_export")
     assert [n for n in names if n.startswith("predict_")] == ["predict_pool", "predict_l0", "predict_lu",
-                                                               "predict_lk", "predict_lr", "predict_lo"]
+                                                               "predict_lk", "predict_lr", "predict_lo",
+                                                               "predict_lc"]
     # the true pseudo-label quality needs round 1's pool prediction and comes before any round 2, whose control
     # rows read the selections it writes
     assert names.index("fine_lu_export") < names.index("predict_pool") < names.index("uif_quality") \
@@ -46,7 +48,14 @@ def test_steps_cover_the_five_rows_in_order(tmp_path: Path) -> None:
     assert "data.unlabeled_db=null" in argv["fine_l0"]
     assert "data.unlabeled_db=null" not in argv["fine_cps_round1"]
     assert "--labeled" in argv["synthetic"] and argv["synthetic"][argv["synthetic"].index("--labeled") + 1] == "5"
-    assert "val_ratio=0.2" in argv["prepare"]
+    # the split is pinned (the last --labeled-val labeled cases validate), not data_prepare's val_ratio draw
+    assert argv["synthetic"][argv["synthetic"].index("--fold1-val") + 1] == "1"
+    assert not any(a.startswith("val_ratio=") for a in argv["prepare"])
+    # the ceiling row: row 1's training on the ceiling dataset (unlabeled cases with their truth)
+    assert any(a.endswith("seed3/dataset_ceiling") for a in argv["fine_lc"]) and "data.unlabeled_db=null" in \
+        argv["fine_lc"]
+    assert [a for a in argv["fine_lc"] if not a.startswith(("data_base_dir=", "output_dir=", "export.dir="))] == \
+        [a for a in argv["fine_l0"] if not a.startswith(("data_base_dir=", "output_dir=", "export.dir="))]
     assert "uif.keep_ratio=0.25" in argv["fine_cps_uif"]
     assert "schedule.iterations=7" in argv["fine_cps_round1"]
     # every path handed to a stage is absolute (run.sh changes directory)
@@ -129,3 +138,30 @@ def test_paired_deltas_have_t_intervals(tmp_path: Path) -> None:
     line = next(x for x in text.splitlines() if x.startswith("| 4 / 12 -> 6 (UIF) minus 4 / 12 -> 6 (random)"))
     assert f"+0.0200 [{0.02 - half:+.4f}, {0.02 + half:+.4f}]" in line
     assert "+0.0100, +0.0300, +0.0200" in line
+
+
+def test_splits_give_the_counts_the_rows_name(tmp_path: Path) -> None:
+    """Each seed's fold 1 holds exactly --labeled training and --labeled-val validation cases, in the dataset and
+    in the ceiling dataset (which adds the unlabeled cases to training), whatever the seed: the benchmark's own
+    synthetic and prepare steps, run in-process on tiny cases. (data_prepare's per-case val_ratio draw gave seed 0
+    of the 4 + 1 setting 2 training and 3 validation cases.)"""
+    from benchmarks import headroom
+    from data_prepare import run as prepare
+    from data_prepare import synthetic
+
+    for seed, labeled, labeled_val in ((0, 4, 1), (1, 1, 2), (2, 3, 2)):
+        s = bench.parse_args(["--seeds", str(seed), "--out", str(tmp_path / "out"), "--labeled", str(labeled),
+                              "--labeled-val", str(labeled_val), "--unlabeled", "2", "--val", "1", "--size", "tiny",
+                              "--coarse-size", "16", "--fine-size", "16", "--workers", "1"])
+        steps = {st.name: st.argv for st in bench.seed_steps(s, seed)}
+        assert synthetic.main(steps["synthetic"][3:]) == 0
+        assert headroom.main(steps["ceiling_dataset"][3:]) == 0
+        for name in ("prepare", "prepare_ceiling"):
+            assert prepare.cli(steps[name][2:]) == 0
+        sd = bench.seed_dir(s, seed)
+        fold = json.loads((sd / "dataset" / "db" / "split.json").read_text())["folds"]["1"]
+        assert (len(fold["train"]), len(fold["val"])) == (labeled, labeled_val)
+        assert bench.row_label("l0", s) == f"{labeled} / 0"
+        ceiling = json.loads((sd / "dataset_ceiling" / "db" / "split.json").read_text())["folds"]["1"]
+        assert ceiling["val"] == fold["val"] and len(ceiling["train"]) == labeled + 2
+        assert set(fold["train"]) < set(ceiling["train"])

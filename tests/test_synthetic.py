@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from common.core.labels import NUM_ORGANS
+from common.core.labels import FLARE22
 from data_prepare import synthetic
 from data_prepare.synthetic import MIN_ORGAN_VOXELS, draw_plan, generate_case, is_hard, make_case, write_dataset
 
@@ -82,21 +82,21 @@ def test_masks_match_images(dataset: Path) -> None:
         assert image.GetOrigin() != (0.0, 0.0, 0.0)
         labels = sitk.GetArrayViewFromImage(mask)
         present = set(np.unique(labels).tolist())
-        assert present == set(range(NUM_ORGANS + 1)), f"{mask_path.name}: labels {sorted(present)}"
-        counts = np.bincount(labels.ravel(), minlength=NUM_ORGANS + 1)
+        assert present == set(range(FLARE22.num_organs + 1)), f"{mask_path.name}: labels {sorted(present)}"
+        counts = np.bincount(labels.ravel(), minlength=FLARE22.num_organs + 1)
         assert counts[1:].min() >= MIN_ORGAN_VOXELS
         case_id = mask_path.name.removesuffix(".nii.gz")
         entry = meta[case_id]
         assert entry["hard"] is False
         np.testing.assert_allclose(image.GetSpacing()[::-1], entry["spacing_zyx"], rtol=1e-5)
         assert list(labels.shape) == entry["shape_zyx"]
-        assert entry["organs_present"] == list(range(1, NUM_ORGANS + 1))
+        assert entry["organs_present"] == list(range(1, FLARE22.num_organs + 1))
 
 
 def test_intensities_match_masks() -> None:
     """Organ voxels carry their organ's HU (noise averages out over the organ)."""
     image, mask, *_ = make_case(np.random.default_rng(3), "demo", hard=False)
-    mean = {label: float(image[mask == label].mean()) for label in range(1, NUM_ORGANS + 1)}
+    mean = {label: float(image[mask == label].mean()) for label in range(1, FLARE22.num_organs + 1)}
     assert 35 < mean[1] < 85  # liver
     assert 25 < mean[3] < 75  # spleen
     assert mean[5] > 120  # aorta (contrast)
@@ -149,7 +149,7 @@ def test_anatomy_in_array_frame() -> None:
     """Cranio-caudal and antero-posterior order in the LPS array (z up = superior, y up = posterior)."""
     case = generate_case(np.random.default_rng(11), "demo", hard=False)
     mask = case.mask if case.plan.lps else case.mask[:, ::-1, ::-1]
-    centroid = {label: np.array(np.nonzero(mask == label)).mean(axis=1) for label in range(1, NUM_ORGANS + 1)}
+    centroid = {label: np.array(np.nonzero(mask == label)).mean(axis=1) for label in range(1, FLARE22.num_organs + 1)}
     assert centroid[7][0] > centroid[2][0] and centroid[8][0] > centroid[13][0]  # adrenals above kidneys
     assert centroid[10][0] > centroid[4][0]  # esophagus above the pancreas
     assert centroid[5][1] < centroid[2][1]  # aorta anterior to the kidneys (smaller y)
@@ -158,7 +158,7 @@ def test_anatomy_in_array_frame() -> None:
 def test_min_voxels_in_tiny_cases() -> None:
     for seed in range(12):
         _, mask, *_ = make_case(np.random.default_rng([seed, 7]), "tiny", hard=False)
-        counts = np.bincount(mask.ravel(), minlength=NUM_ORGANS + 1)
+        counts = np.bincount(mask.ravel(), minlength=FLARE22.num_organs + 1)
         assert counts.max() < mask.size and counts[1:].min() >= MIN_ORGAN_VOXELS, counts.tolist()
 
 
@@ -190,7 +190,7 @@ def test_skip_existing_and_overwrite(tmp_path: Path) -> None:
     path.write_bytes(b"sentinel")  # a kept case is not touched
     meta = write_dataset(out, 1, 0, 0, seed=2, size="tiny")
     assert path.read_bytes() == b"sentinel"
-    assert meta["train_000"]["organs_present"] == list(range(1, NUM_ORGANS + 1))  # carried over from before
+    assert meta["train_000"]["organs_present"] == list(range(1, FLARE22.num_organs + 1))  # carried over from before
     write_dataset(out, 1, 0, 0, seed=2, size="tiny", overwrite=True)
     assert sitk.ReadImage(str(path)).GetSize() == (48, 40, 20)
 
@@ -268,3 +268,63 @@ def test_scan_profiles_shift(tmp_path: Path) -> None:
         assert np.array_equal(a, b) == (entry["profile"] == narrow), case
     with pytest.raises(ValueError, match="scan profiles"):
         write_dataset(tmp_path / "bad", labeled=1, unlabeled=0, val=0, profiles="wide")
+
+
+def test_fold1_val_list(tmp_path: Path) -> None:
+    """--fold1-val N lists the last N labeled cases for data_prepare's fold-1 validation; 0 writes no list."""
+    from data_prepare import FOLD1_VAL_LIST
+
+    write_dataset(tmp_path / "pinned", labeled=4, unlabeled=0, val=0, seed=1, size="tiny", fold1_val=2)
+    assert (tmp_path / "pinned" / "file_list" / FOLD1_VAL_LIST).read_text().split() == ["train_002", "train_003"]
+    write_dataset(tmp_path / "plain", labeled=2, unlabeled=0, val=0, seed=1, size="tiny")
+    assert not (tmp_path / "plain" / "file_list" / FOLD1_VAL_LIST).exists()
+    with pytest.raises(ValueError, match="fold1_val"):
+        write_dataset(tmp_path / "bad", labeled=1, unlabeled=0, val=0, size="tiny", fold1_val=2)
+
+
+def test_varied_anatomy() -> None:
+    """--anatomy varied: same geometry draws, every organ still there, and organ sizes and places spread more than
+    with the standard anatomy (whose output the option leaves unchanged)."""
+    def organ_stats(anatomy: str) -> tuple[np.ndarray, np.ndarray]:
+        volumes, centres = [], []
+        for seed in range(8):
+            case = generate_case(np.random.default_rng([seed, 21]), "demo", hard=False, anatomy=anatomy)
+            mask = case.mask if case.plan.lps else case.mask[:, ::-1, ::-1]
+            counts = np.bincount(mask.ravel(), minlength=FLARE22.num_organs + 1)
+            assert counts[1:].min() >= MIN_ORGAN_VOXELS, counts.tolist()
+            volumes.append(counts[1:] * np.prod(case.plan.spacing_zyx))
+            origin = np.array([case.plan.center_z_mm, case.plan.center_y_mm, case.plan.center_x_mm])
+            centres.append([np.array(np.nonzero(mask == k)).mean(axis=1) * case.plan.spacing_zyx - origin
+                            for k in range(1, FLARE22.num_organs + 1)])
+        return np.array(volumes), np.array(centres)
+
+    std_vol, std_centre = organ_stats("standard")
+    var_vol, var_centre = organ_stats("varied")
+    cv = lambda v: v.std(axis=0) / v.mean(axis=0)  # noqa: E731 - per-organ coefficient of variation
+    assert np.median(cv(var_vol)) > 1.5 * np.median(cv(std_vol))
+    assert np.median(var_centre.std(axis=0)) > 1.5 * np.median(std_centre.std(axis=0))
+    plain = generate_case(np.random.default_rng([3, 21]), "demo", hard=False)
+    standard = generate_case(np.random.default_rng([3, 21]), "demo", hard=False, anatomy="standard")
+    np.testing.assert_array_equal(plain.image, standard.image)
+    assert "anatomy" not in plain.plan.meta()
+    varied = generate_case(np.random.default_rng([3, 21]), "demo", hard=False, anatomy="varied")
+    assert varied.plan.meta()["anatomy"] == "varied" and varied.plan.shape_zyx == plain.plan.shape_zyx
+    with pytest.raises(ValueError, match="anatomy"):
+        draw_plan(np.random.default_rng(0), "demo", hard=False, anatomy="odd")
+
+
+def test_scan_profiles_strong_shift(tmp_path: Path) -> None:
+    """strong_shift: labeled cases as with shift (the narrow profile), the others from the stronger set."""
+    shift = write_dataset(tmp_path / "shift", labeled=1, unlabeled=6, val=2, seed=4, size="tiny", profiles="shift")
+    strong = write_dataset(tmp_path / "strong", labeled=1, unlabeled=6, val=2, seed=4, size="tiny",
+                           profiles="strong_shift")
+    assert strong["train_000"] == shift["train_000"]
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "shift" / "train_images" / "train_000_0000.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "strong" / "train_images" / "train_000_0000.nii.gz")))
+    np.testing.assert_array_equal(a, b)
+    drawn = [strong[c]["profile"] for c in strong if not c.startswith("train_")]
+    assert {p["noise_factor"] for p in drawn} <= {1.0, 3.0, 5.0} and max(p["noise_factor"] for p in drawn) > 1.0
+    assert all(p["slice_blur_vox"] in (0.0, 1.2, 2.4) and abs(p["hu_offset"]) <= 100.0 for p in drawn)
+    for case in strong:
+        assert strong[case]["shape_zyx"] == shift[case]["shape_zyx"]
+        assert strong[case]["organs_present"] == shift[case]["organs_present"]

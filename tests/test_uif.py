@@ -9,6 +9,7 @@ import torch
 
 from common.evaluation.uncertainty import (
     binary_entropy,
+    change_score,
     disagreement_score,
     entropy_score,
     hard_organ_masks,
@@ -69,8 +70,8 @@ def test_one_organ_vs_thirteen_organs():
             b[start + length - shared:start + 2 * length - shared] = organ + 1
         return a, b
 
-    one = labels_disagreement(*pair(1, 0.6))
-    thirteen = labels_disagreement(*pair(13, 0.9))
+    one = labels_disagreement(*pair(1, 0.6), 13)
+    thirteen = labels_disagreement(*pair(13, 0.9), 13)
     assert one == pytest.approx(0.4)
     assert thirteen == pytest.approx(0.1)
     assert one > thirteen
@@ -113,7 +114,7 @@ def test_disagreement_all_empty_is_worst():
     empty = torch.full((13, *SHAPE), 0.1)
     assert disagreement_score(empty, empty) == 1.0
     labels = torch.zeros(4, 4, 4, dtype=torch.uint8)
-    assert labels_disagreement(labels, labels) == 1.0
+    assert labels_disagreement(labels, labels, 13) == 1.0
 
 
 def test_one_network_empty():
@@ -154,8 +155,9 @@ def test_uncertainty_score_dispatch_and_errors():
     assert uncertainty_score("entropy", p, p) == pytest.approx(entropy_score(p, p))
     with pytest.raises(ValueError, match="unknown UIF score"):
         uncertainty_score("variance", p, p)
-    with pytest.raises(ValueError, match="13 organ channels"):
-        uncertainty_score("disagreement", p[:3], p[:3])
+    with pytest.raises(ValueError, match="give 13 and 3 organ channels"):
+        uncertainty_score("disagreement", p, p[:3])
+    assert uncertainty_score("disagreement", p[:3], p[:3]) == 0.0  # a 3-label set: A and B agree on its label 1
 
 
 def test_keep_size():
@@ -204,3 +206,19 @@ def test_selection_ties_and_nan_are_deterministic():
     # The input order does not matter.
     shuffled = dict(reversed(list(scores.items())))
     assert [r.case for r in select_certain(shuffled, keep_count=2)] == [r.case for r in rows]
+
+
+def test_change_score_is_the_changed_voxels_over_the_foreground():
+    """The FLARE22 winner's criterion: voxels whose pseudo label changed since the earlier networks, over the
+    current foreground."""
+    now = organ_probs({1: LIVER})  # 36 liver voxels
+    assert change_score(now, now) == 0.0
+    moved = organ_probs({1: SHIFTED_LIVER})  # 27 of them: 9 liver voxels were background before
+    assert change_score(now, moved) == pytest.approx(9 / 36)
+    assert change_score(moved, now) == pytest.approx(9 / 27)
+    assert change_score(organ_probs({}), now) == 1.0  # nothing predicted now: least certain
+    relabelled = organ_probs({3: LIVER})  # same voxels, another organ: every voxel changed
+    assert change_score(now, relabelled) == pytest.approx(1.0)
+    assert uncertainty_score("change", now, now, snapshots=[moved, now]) == 0.0  # the latest snapshot counts
+    with pytest.raises(ValueError, match="earlier networks"):
+        uncertainty_score("change", now, now)

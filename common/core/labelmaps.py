@@ -11,8 +11,6 @@ from typing import Union
 import numpy as np
 import torch
 
-from common.core.labels import NUM_ORGANS
-
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 LABEL_THRESHOLD = 0.5
@@ -52,7 +50,7 @@ def probs_to_labels(probs: ArrayLike, threshold: float = LABEL_THRESHOLD, dim: i
     return np.where(best >= threshold, index + 1, 0).astype(np.uint8)
 
 
-def one_hot_organs(label_map: torch.Tensor, num_organs: int = NUM_ORGANS,
+def one_hot_organs(label_map: torch.Tensor, num_organs: int,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Label map (N, D, H, W) with values 0..num_organs -> (N, num_organs, D, H, W); channel c = label c+1.
 

@@ -12,8 +12,10 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -118,3 +120,85 @@ def collect_warnings() -> WarningCollector:
     logger.setLevel(logging.WARNING)
     logger.propagate = False
     return collector
+
+
+PLAIN_PROGRESS_EVERY_S = 30.0
+"""A progress line at most this often when the output is not a terminal (and one at the end)."""
+
+
+def is_terminal(stream: Any) -> bool:
+    """True when `stream` is an interactive terminal (progress bars redraw there; a file or pipe gets lines)."""
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except (OSError, ValueError):  # a closed stream
+        return False
+
+
+class PlainProgress:
+    """The `progress` of a run whose output goes to a file (nohup, SLURM, CI): one plain log line every
+    PLAIN_PROGRESS_EVERY_S seconds and one at the end, instead of a bar redrawn with carriage returns. Offers the
+    part of tqdm's interface the project uses (iteration, update, set_postfix, set_postfix_str, close)."""
+
+    def __init__(self, iterable: Iterable[Any] | None = None, total: int | None = None, desc: str = "",
+                 unit: str = "it", initial: int = 0) -> None:
+        self.iterable = iterable
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.desc, self.unit, self.n = desc, unit, initial
+        self.postfix = ""
+        self.start = self.last = time.monotonic()
+        self.closed = False
+        self.logger = get_logger("progress")
+
+    def __iter__(self) -> Iterator[Any]:
+        assert self.iterable is not None
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        self.postfix = text
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= PLAIN_PROGRESS_EVERY_S:
+            self.last = now
+            self._line()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.n:
+                self._line()
+
+    def _line(self) -> None:
+        elapsed = time.monotonic() - self.start
+        done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        share = f" ({100.0 * self.n / self.total:.0f} %)" if self.total else ""
+        self.logger.info("%s: %s %s%s in %.0f s%s", self.desc, done, self.unit, share, elapsed,
+                         f" [{self.postfix}]" if self.postfix else "")
+
+
+def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
+             disable: bool = False, initial: int = 0, file: Any = None, lines: bool = True) -> Any:
+    """The project's progress display of a long loop: a tqdm bar on a terminal; when the output is a file or a pipe
+    a `PlainProgress` (with `lines`) or nothing (without: the caller logs its own lines, as the training engine
+    does every log_interval). `disable` turns it off either way."""
+    stream = file if file is not None else sys.stderr
+    if disable or is_terminal(stream):
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, initial=initial, file=stream,
+                    dynamic_ncols=True)
+    if not lines:
+        return tqdm(iterable, total=total, disable=True)
+    return PlainProgress(iterable, total, desc, unit, initial)

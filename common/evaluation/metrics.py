@@ -16,7 +16,7 @@ import torch
 from scipy import ndimage
 
 from common.core.labelmaps import LABEL_THRESHOLD, logit, one_hot_organs, probs_to_labels
-from common.core.labels import NSD_TOLERANCE_MM, NUM_ORGANS, ORGAN_LABELS, Z_CROPPED_LABELS
+from common.core.labels import FLARE22, LabelSet
 from common.evaluation.surface_distance import surface_dice
 
 # DSC below this: NSD is not computed and set to 0 (official rule).
@@ -42,9 +42,10 @@ def to_label_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def flare_case_scores(
-    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], labels: LabelSet = FLARE22
 ) -> dict[int, tuple[Score, Score]]:
-    """Official FLARE22 (DSC, NSD) of every organ label 1..13 for one case.
+    """Official FLARE22 (DSC, NSD) of every label of `labels` (FLARE22: organs 1..13) for one case, each with its
+    NSD tolerance and axial crop.
 
     pred, gt: label maps of equal shape in nibabel (i, j, k) order (SimpleITK array.transpose(2, 1, 0));
     spacing: the ground truth's voxel size in mm in the same (i, j, k) order = SimpleITK GetSpacing().
@@ -58,10 +59,10 @@ def flare_case_scores(
     if len(spacing) != 3:
         raise ValueError(f"spacing must have 3 entries, got {tuple(spacing)}")
     # One pass per volume finds every organ's box; all later work is inside the boxes.
-    gt_boxes = _organ_boxes(gt)
-    pred_boxes = _organ_boxes(pred)
+    gt_boxes = _organ_boxes(gt, labels.num_organs)
+    pred_boxes = _organ_boxes(pred, labels.num_organs)
     scores: dict[int, tuple[Score, Score]] = {}
-    for label in ORGAN_LABELS:
+    for label in labels.ids:
         gt_box, pred_box = gt_boxes[label - 1], pred_boxes[label - 1]
         if gt_box is None and pred_box is None:
             scores[label] = (1, 1)
@@ -70,25 +71,25 @@ def flare_case_scores(
             scores[label] = (0, 0)
             continue
         region = [slice(min(g.start, p.start), max(g.stop, p.stop)) for g, p in zip(gt_box, pred_box)]
-        if label in Z_CROPPED_LABELS:
+        if labels[label].z_cropped:
             # Official slicing [:, :, z_lower:z_upper] with z_upper = last GT slice: that slice is left out.
             k_lower, k_upper = gt_box[2].start, gt_box[2].stop - 1
             region[2] = slice(k_lower, k_upper)
         region_t = tuple(region)
         mask_gt = gt[region_t] == label
         mask_pred = pred[region_t] == label
-        scores[label] = _scores_nonempty(mask_gt, mask_pred, spacing, NSD_TOLERANCE_MM[label])
+        scores[label] = _scores_nonempty(mask_gt, mask_pred, spacing, labels[label].nsd_tolerance_mm)
     return scores
 
 
-def _organ_boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None]:
-    """Bounding box per label 1..13 (None if absent), scanning the array in its memory order.
+def _organ_boxes(labels: np.ndarray, num_labels: int) -> list[tuple[slice, ...] | None]:
+    """Bounding box per label 1..num_labels (None if absent), scanning the array in its memory order.
 
     A SimpleITK array transposed to (i, j, k) is Fortran-ordered; scanning its transpose is much faster.
     """
     if not labels.flags.c_contiguous and labels.T.flags.c_contiguous:
-        return [None if box is None else box[::-1] for box in ndimage.find_objects(labels.T, max_label=NUM_ORGANS)]
-    return ndimage.find_objects(np.ascontiguousarray(labels), max_label=NUM_ORGANS)
+        return [None if box is None else box[::-1] for box in ndimage.find_objects(labels.T, max_label=num_labels)]
+    return ndimage.find_objects(np.ascontiguousarray(labels), max_label=num_labels)
 
 
 def _scores_nonempty(

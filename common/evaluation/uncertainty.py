@@ -1,11 +1,12 @@
 """Uncertainty-based image filtering (UIF): image-level uncertainty scores and the selection of certain cases.
 
-Our design (DESIGN 5.6; the original release describes UIF but ships no code for it): after a first CPS round,
-every unlabeled case is scored by how much the two CPS networks disagree on it (`disagreement_from_counts`: the
-mean A/B Dice over the organs present in either network; also the predictor's `uncertainty` column), or, as
-options, by the entropy of their sigmoids inside the predicted organs, or by ST++'s stability (the final networks
-against K checkpoints saved during round 1); the `keep_count` most certain cases form the unlabeled pool of the
-second round. A scan where neither network finds any organ is the least certain (score 1.0).
+Our design (DESIGN 5.6; the original release describes UIF but ships no code for it): after a first CPS round, every
+unlabeled case is scored by how much the two CPS networks disagree on it (`disagreement_from_counts`: the mean A/B
+Dice over the organs present in either network; also the predictor's `uncertainty` column), or, as options, by the
+entropy of their sigmoids inside the predicted organs, by ST++'s stability (the final networks against K checkpoints
+saved during round 1), or by the change of the pseudo label since the previous networks (the voxels whose label
+changed over the foreground: the FLARE22 winner's criterion); the `keep_count` most certain cases form the unlabeled
+pool of the next round. A scan where neither network finds any organ is the least certain (score 1.0).
 
 Everything here works on one case's probability maps at a time and is independent of the networks, the
 crops and the data format, so it can be tested with hand-made maps and reused by any stage.
@@ -20,12 +21,11 @@ from typing import Mapping, Sequence
 import torch
 
 from common.core.labelmaps import LABEL_THRESHOLD, probs_to_labels
-from common.core.labels import NUM_ORGANS
 from common.core.logger import get_logger
 
 logger = get_logger(__name__)
 
-UIF_SCORES = ("disagreement", "entropy", "stability")
+UIF_SCORES = ("disagreement", "entropy", "stability", "change")
 WEIGHTINGS = ("organ", "volume")
 # Score of a case where neither prediction holds any organ: nothing to learn from, so the least certain.
 EMPTY_SCORE = 1.0
@@ -73,7 +73,7 @@ def masks_disagreement(masks_a: torch.Tensor, masks_b: torch.Tensor, weighting: 
                                     masks_b.sum(dim=dims), weighting)
 
 
-def labels_disagreement(labels_a: torch.Tensor, labels_b: torch.Tensor, num_organs: int = NUM_ORGANS,
+def labels_disagreement(labels_a: torch.Tensor, labels_b: torch.Tensor, num_organs: int,
                         weighting: str = "organ") -> float:
     """`disagreement_from_counts` of two label maps (0 = background, 1..num_organs), any equal shape."""
     if labels_a.shape != labels_b.shape:
@@ -87,7 +87,7 @@ def disagreement_score(probs_a: torch.Tensor, probs_b: torch.Tensor, threshold: 
                        weighting: str = "organ") -> float:
     """Disagreement (`disagreement_from_counts`) of the hard masks of networks A and B on the same crop.
 
-    probs_a, probs_b: (13, D, H, W) sigmoids.
+    probs_a, probs_b: (C, D, H, W) sigmoids, one channel per organ.
     """
     return masks_disagreement(hard_organ_masks(probs_a, threshold), hard_organ_masks(probs_b, threshold), weighting)
 
@@ -130,18 +130,35 @@ def entropy_score(probs_a: torch.Tensor, probs_b: torch.Tensor | None = None,
     return float(voxel_entropy[inside].double().sum() / count)
 
 
+def change_score(probs_now: torch.Tensor, probs_before: torch.Tensor, threshold: float = LABEL_THRESHOLD) -> float:
+    """The FLARE22 winner's uncertainty: the voxels whose pseudo label (the label rule) changed between the earlier
+    networks' prediction and the current one, over the current foreground (voxels of any organ). No current
+    foreground -> EMPTY_SCORE (nothing to learn from). probs_*: (C, D, H, W) sigmoids."""
+    now = probs_to_labels(probs_now.float(), threshold)
+    before = probs_to_labels(probs_before.float(), threshold)
+    foreground = int((now > 0).sum())
+    if foreground == 0:
+        return EMPTY_SCORE
+    return float((now != before).sum()) / foreground
+
+
 def uncertainty_score(method: str, probs_a: torch.Tensor, probs_b: torch.Tensor, threshold: float = LABEL_THRESHOLD,
                       snapshots: Sequence[torch.Tensor] = (), weighting: str = "organ") -> float:
-    """Dispatch by name (see UIF_SCORES): disagreement of A and B, entropy of their mean, or stability of
-    their mean against the `snapshots` (mean sigmoids of the K earlier checkpoints)."""
-    if probs_a.shape[0] != NUM_ORGANS or probs_b.shape[0] != NUM_ORGANS:
-        raise ValueError(f"expected {NUM_ORGANS} organ channels, got {probs_a.shape[0]} and {probs_b.shape[0]}")
+    """Dispatch by name (see UIF_SCORES): disagreement of A and B, entropy of their mean, stability of their mean
+    against the `snapshots` (mean sigmoids of the K earlier checkpoints), or the change of the pseudo label of their
+    mean since the latest snapshot (`snapshots[-1]`: the previous round's networks, or round 1's last checkpoint)."""
+    if probs_a.shape[0] != probs_b.shape[0]:
+        raise ValueError(f"networks A and B give {probs_a.shape[0]} and {probs_b.shape[0]} organ channels")
     if method == "disagreement":
         return disagreement_score(probs_a, probs_b, threshold, weighting)
     if method == "entropy":
         return entropy_score(probs_a, probs_b, threshold)
     if method == "stability":
         return stability_score(0.5 * (probs_a.float() + probs_b.float()), snapshots, threshold, weighting)
+    if method == "change":
+        if not snapshots:
+            raise ValueError("change needs the earlier networks' prediction (a snapshot or the previous round)")
+        return change_score(0.5 * (probs_a.float() + probs_b.float()), snapshots[-1], threshold)
     raise ValueError(f"unknown UIF score {method!r}; expected one of {UIF_SCORES}")
 
 

@@ -31,9 +31,12 @@ from common.core.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from common.core.logger import get_logger
+from common.core.labels import LabelSet
+from common.core.logger import get_logger, progress
 from common.infer.predictor import CaseResult, PredictOptions, Predictor, free_cuda_memory, is_cuda_oom, pinned_copy
 from common.storage.image_io import ImageMeta, canonical_flips, check_ct, list_images, read_image, write_mask
+from common.storage.labelsets import read_label_set
+from common.storage.model_folder import FINE_DIR
 from common.volume.boxes import format_box
 
 logger = get_logger(__name__)
@@ -56,18 +59,31 @@ def _read_case(path: Path, pin: bool = False) -> tuple[np.ndarray, ImageMeta, fl
 
 
 def _write_case(mask: np.ndarray, meta: ImageMeta, out_path: Path, overlay_path: Path | None,
-                raw: np.ndarray | None, case_id: str) -> float:
+                raw: np.ndarray | None, case_id: str, labels: LabelSet) -> float:
     t0 = time.perf_counter()
     write_mask(mask, meta, out_path)
     if overlay_path is not None and raw is not None:
         from common.infer.overlay import write_overlay  # only needed with --overlays
-        write_overlay(overlay_path, raw, mask, meta.spacing_zyx, canonical_flips(meta), title=case_id)
+        write_overlay(overlay_path, raw, mask, meta.spacing_zyx, canonical_flips(meta), title=case_id, labels=labels)
     return time.perf_counter() - t0
 
 
-def output_name(case_id: str) -> str:
-    """Output file name of a case: `<id>.nii.gz`."""
-    return f"{case_id}.nii.gz"
+def output_name(case_id: str, file_ending: str = ".nii.gz") -> str:
+    """Output file name of a case: `<id><file_ending>`, the ending of the model's dataset (as nnU-Net names them)."""
+    return f"{case_id}{file_ending}"
+
+
+def output_ending(options: PredictOptions) -> str:
+    """The file ending of the masks: the one the fine model's dataset uses (`.nii.gz` for FLARE22 and for models
+    without a label set, the original release's included). Read without loading the networks, so a rerun with
+    nothing left to do loads none."""
+    model = Path(options.weights_dir) / FINE_DIR / "model.pt"
+    if not model.is_file():
+        return ".nii.gz"  # the original release's folder, or missing weights (the predictor says so, if it runs)
+    try:
+        return read_label_set(model).file_ending
+    except InputError as exc:
+        raise WeightsError(str(exc)) from None
 
 
 def _error_text(exc: BaseException) -> str:
@@ -133,7 +149,8 @@ def check_folders(in_dir: Path, out_dir: Path) -> None:
     check_writable(out_dir, "output folder")
 
 
-def plan_cases(in_dir: Path, out_dir: Path, overwrite: bool) -> tuple[list[FolderCase], list[dict[str, Any]]]:
+def plan_cases(in_dir: Path, out_dir: Path, overwrite: bool,
+               file_ending: str = ".nii.gz") -> tuple[list[FolderCase], list[dict[str, Any]]]:
     """The cases of `in_dir` to predict, and report rows for the rest: entries that are not images (skipped),
     ids given by two files and outputs that would overwrite an input (failed), cases done in an earlier run
     (skipped, with the row that run kept: box, fallback, uncertainty and flag stay in the report)."""
@@ -153,7 +170,7 @@ def plan_cases(in_dir: Path, out_dir: Path, overwrite: bool) -> tuple[list[Folde
     inputs = {p.resolve() for p in cases.values()} | {e.resolve() for e, _ in skipped_entries}
     todo: list[FolderCase] = []
     for case_id, path in cases.items():
-        out_path = out_dir / output_name(case_id)
+        out_path = out_dir / output_name(case_id, file_ending)
         if out_path.resolve() in inputs:
             message = f"{out_path}: the output would overwrite an input file; use another output folder"
             logger.error("%s failed: %s", case_id, message)
@@ -255,7 +272,7 @@ class CaseRunner:
         overlays = self.options.overlays
         overlay_path = self.out_dir / f"{case_id}_overlay.png" if overlays else None
         self.writes.append((row, self.writer.submit(_write_case, result.mask, meta, case.output_path, overlay_path,
-                                                    raw if overlays else None, case_id)))
+                                                    raw if overlays else None, case_id, self.predictor.labels)))
         del raw, result
         while len(self.writes) > 1:  # bounded queue: at most one finished mask waits besides the one writing
             self._finish_write(*self.writes.popleft())
@@ -322,7 +339,8 @@ def summarize(rows: list[dict[str, Any]], csv_path: Path, wall_s: float) -> dict
 
 def predict_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: PredictOptions | None = None,
                    predictor: Predictor | None = None) -> dict[str, Any]:
-    """Segment every CT in `in_dir` into `out_dir/<id>.nii.gz`; write `out_dir/predictions.csv`.
+    """Segment every CT in `in_dir` into `out_dir/<id><file ending>` (`.nii.gz` unless the model's dataset uses
+    another); write `out_dir/predictions.csv`.
 
     `options` (default PredictOptions()) gives the folder options and, unless `predictor` is given, the
     networks'. Cases are read `options.workers` ahead in background threads (`ReadAhead`) and written by a
@@ -333,8 +351,6 @@ def predict_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, option
     Returns {"ok", "failed", "skipped", "flagged": counts, "rows": per-entry dicts (CSV_COLUMNS), "csv": path,
     "wall_s": seconds}.
     """
-    from tqdm import tqdm
-
     options = options if options is not None else PredictOptions()
     t_start = time.perf_counter()
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -343,7 +359,8 @@ def predict_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, option
     with folder_lock(out_dir, "predict run"):
         for folder in (out_dir, out_dir / ROWS_DIR):
             remove_stale_temps(folder)
-        todo, rows = plan_cases(in_dir, out_dir, options.overwrite)
+        ending = predictor.labels.file_ending if predictor is not None else output_ending(options)
+        todo, rows = plan_cases(in_dir, out_dir, options.overwrite, ending)
         if todo and predictor is None:
             predictor = Predictor(options)
 
@@ -355,7 +372,7 @@ def predict_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, option
         reads = ReadAhead(todo, options.workers, pin=pin)
         runner = CaseRunner(predictor, options, out_dir, row_done)  # type: ignore[arg-type]
         try:
-            bar = tqdm(todo, desc="predict", unit="case", disable=not options.progress)
+            bar = progress(todo, desc="predict", unit="case", disable=not options.progress)
             for case in bar:
                 bar.set_postfix_str(case.case_id)
                 row: dict[str, Any] = {"case_id": case.case_id, "input_path": str(case.input_path),

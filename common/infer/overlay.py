@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from common.core.files import atomic_path
-from common.core.labels import NUM_ORGANS, ORGANS
+from common.core.labels import FLARE22, LabelSet
 
 # Display window for abdominal soft tissue, in HU.
 DISPLAY_WINDOW_HU = (-160.0, 240.0)
@@ -24,12 +24,16 @@ ALPHA = 0.45
 PANEL_HEIGHT_PX = 320
 FONT_SCALE = 2
 
-# One colour per label 1..13 (RGB).
-ORGAN_COLOURS: dict[int, tuple[int, int, int]] = {
-    1: (220, 80, 60), 2: (70, 170, 70), 3: (60, 110, 220), 4: (240, 200, 40), 5: (230, 30, 30),
-    6: (60, 200, 220), 7: (240, 120, 200), 8: (190, 100, 240), 9: (120, 230, 120), 10: (240, 150, 60),
-    11: (170, 120, 80), 12: (250, 240, 150), 13: (30, 140, 140),
-}
+# Label colours (RGB): label l gets PALETTE[(l - 1) % 13], so FLARE22's 13 organs each have their own.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (220, 80, 60), (70, 170, 70), (60, 110, 220), (240, 200, 40), (230, 30, 30), (60, 200, 220), (240, 120, 200),
+    (190, 100, 240), (120, 230, 120), (240, 150, 60), (170, 120, 80), (250, 240, 150), (30, 140, 140),
+)
+
+
+def label_colour(label: int) -> tuple[int, int, int]:
+    """The colour of label `label` (>= 1)."""
+    return PALETTE[(int(label) - 1) % len(PALETTE)]
 
 # 5x7 glyphs, one string of 5 cells per row ('#' = ink). Lower case is drawn as upper case.
 _GLYPHS: dict[str, tuple[str, ...]] = {
@@ -142,8 +146,8 @@ def _panel(ct_slice: np.ndarray, label_slice: np.ndarray, spacing_rc: Sequence[f
     grey = np.clip((ct_slice.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255)
     rgb = np.repeat(grey[..., None], 3, axis=2)
     palette = np.zeros((256, 3), dtype=np.float32)
-    for label, colour in ORGAN_COLOURS.items():
-        palette[label] = colour
+    for label in range(1, 256):
+        palette[label] = label_colour(label)
     labelled = label_slice > 0
     rgb[labelled] = (1 - ALPHA) * rgb[labelled] + ALPHA * palette[label_slice[labelled]]
     extent_r, extent_c = ct_slice.shape[0] * spacing_rc[0], ct_slice.shape[1] * spacing_rc[1]
@@ -167,7 +171,7 @@ def organ_centre(labels_zyx: np.ndarray) -> tuple[int, int, int]:
 
 
 def render_overlay(ct_zyx: np.ndarray, labels_zyx: np.ndarray, spacing_zyx: Sequence[float],
-                   title: str = "", panel_height_px: int = PANEL_HEIGHT_PX) -> np.ndarray:
+                   title: str = "", panel_height_px: int = PANEL_HEIGHT_PX, labels: LabelSet = FLARE22) -> np.ndarray:
     """(H, W, 3) uint8 image: axial and coronal slices through the organs' centre plus a legend.
 
     ct_zyx (HU) and labels_zyx (uint8) are in the canonical orientation (reference 1.2: index z towards the head,
@@ -181,10 +185,10 @@ def render_overlay(ct_zyx: np.ndarray, labels_zyx: np.ndarray, spacing_zyx: Sequ
     axial = _panel(ct_zyx[zc][::-1, ::-1], labels_zyx[zc][::-1, ::-1], (sy, sx), panel_height_px)
     coronal = _panel(ct_zyx[:, yc][::-1, ::-1], labels_zyx[:, yc][::-1, ::-1], (sz, sx), panel_height_px)
 
-    counts = np.bincount(np.asarray(labels_zyx, dtype=np.uint8).reshape(-1), minlength=NUM_ORGANS + 1)
-    present = [int(v) for v in np.flatnonzero(counts[:NUM_ORGANS + 1]) if v > 0]
+    counts = np.bincount(np.asarray(labels_zyx, dtype=np.uint8).reshape(-1), minlength=labels.num_organs + 1)
+    present = [int(v) for v in np.flatnonzero(counts[:labels.num_organs + 1]) if v > 0]
     line_h = (GLYPH_H + 3) * FONT_SCALE
-    names = [ORGANS[label][0] for label in range(1, NUM_ORGANS + 1)]
+    names = [label.name for label in labels]
     legend_w = (max(len(n) for n in names) + 3) * (GLYPH_W + 1) * FONT_SCALE + 12
     height = max(panel_height_px, (len(present) + 3) * line_h + 8)
     gap = 6
@@ -204,15 +208,15 @@ def render_overlay(ct_zyx: np.ndarray, labels_zyx: np.ndarray, spacing_zyx: Sequ
         draw_text(image, "no organs", y, x_leg, colour=(200, 200, 200))
     for label in present:
         box = GLYPH_H * FONT_SCALE
-        image[y:y + box, x_leg:x_leg + box] = ORGAN_COLOURS[label]
-        draw_text(image, f"{label} {ORGANS[label][0]}", y, x_leg + box + 6)
+        image[y:y + box, x_leg:x_leg + box] = label_colour(label)
+        draw_text(image, f"{label} {labels[label].name}", y, x_leg + box + 6)
         y += line_h
     return image
 
 
 def write_overlay(path: str | os.PathLike, ct_zyx: np.ndarray, labels_zyx: np.ndarray, spacing_zyx: Sequence[float],
-                  flips: Sequence[bool], title: str = "") -> Path:
+                  flips: Sequence[bool], title: str = "", labels: LabelSet = FLARE22) -> Path:
     """Render an overlay of arrays in the file's order (`flips` from `canonical_flips`) and write it as PNG."""
     index = tuple(slice(None, None, -1) if f else slice(None) for f in flips)
-    write_png(path, render_overlay(ct_zyx[index], labels_zyx[index], spacing_zyx, title=title))
+    write_png(path, render_overlay(ct_zyx[index], labels_zyx[index], spacing_zyx, title=title, labels=labels))
     return Path(path)

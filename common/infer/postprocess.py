@@ -5,13 +5,12 @@ Arrays are (z, y, x); spacings in mm in the same order. The label rule itself is
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from common.core.defaults import COARSE_MIN_VOLUME_MM3, Z_WINDOW_MM
-from common.core.labels import NUM_ORGANS
 from common.core.logger import get_logger
 from common.storage.model_folder import PreprocessSpec
 from common.volume.boxes import Box, grid_box_to_raw
@@ -22,9 +21,11 @@ _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
 def keep_largest_component(
-    labels: np.ndarray, spacing_zyx: Sequence[float], min_volume_mm3: float = 0.0
+    labels: np.ndarray, spacing_zyx: Sequence[float], min_volume_mm3: float = 0.0,
+    all_components: Collection[int] = (),
 ) -> np.ndarray:
-    """Keep, per organ, only its largest 26-connected component, and only if that is >= min_volume_mm3.
+    """Keep, per organ, only its largest 26-connected component, and only if that is >= min_volume_mm3; the labels
+    in `all_components` (a label set's labels whose `keep_largest` is off) keep every component of that size.
 
     labels: uint8 (D, H, W) label map; the volume threshold is in mm^3 of this grid (voxel volume =
     product of spacing_zyx). Components are labelled inside each organ's bounding box only.
@@ -33,7 +34,7 @@ def keep_largest_component(
     labels = np.asarray(labels)
     out = labels.astype(np.uint8, copy=True)
     voxel_mm3 = float(np.prod([float(s) for s in spacing_zyx]))
-    boxes = ndimage.find_objects(out, max_label=max(NUM_ORGANS, int(out.max(initial=0))))
+    boxes = ndimage.find_objects(out)
     for index, box in enumerate(boxes):
         if box is None:
             continue
@@ -44,6 +45,10 @@ def keep_largest_component(
         sizes = np.bincount(components.ravel(), minlength=count + 1)
         sizes[0] = 0
         largest = int(np.argmax(sizes))
+        if label in all_components:
+            small = np.flatnonzero(sizes * voxel_mm3 < min_volume_mm3)
+            view[organ & np.isin(components, small)] = 0
+            continue
         if sizes[largest] * voxel_mm3 < min_volume_mm3:
             view[organ] = 0
             logger.debug("label %d dropped: largest component %.0f mm^3 < %.0f mm^3",
@@ -63,7 +68,7 @@ def coarse_box(
     intersected with the bounding box of all labelled voxels. None if nothing is labelled.
     """
     labels_coarse = np.asarray(labels_coarse)
-    boxes = ndimage.find_objects(labels_coarse, max_label=max(NUM_ORGANS, int(labels_coarse.max(initial=0))))
+    boxes = ndimage.find_objects(labels_coarse)
     present = [(i + 1, box) for i, box in enumerate(boxes) if box is not None]
     if not present:
         return None

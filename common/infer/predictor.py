@@ -45,6 +45,7 @@ from common.core.defaults import MAX_MARGIN_MM, MAX_VOLUME_MM3, MAX_WORKERS, MAX
 from common.core.device import resolve_device, set_cudnn_benchmark
 from common.core.errors import InputError, WeightsError
 from common.core.labelmaps import LOGIT_THRESHOLD, probs_to_labels
+from common.core.labels import LabelSet
 from common.core.logger import get_logger
 from common.evaluation.uncertainty import labels_disagreement
 from common.infer.backends import Forward, make_forwards, resolve_backend
@@ -90,6 +91,7 @@ class Stage:
     networks: dict[str, Forward]  # name -> x (1, 1, *size_zyx) -> logits (1, C, ...), on the predictor's backend
     primary: str
     preprocess: PreprocessSpec    # the model's, with predict.sh's overrides applied
+    labels: LabelSet              # what the networks segment (one output channel per label)
     modules: dict[str, nn.Module] = field(default_factory=dict)  # the torch networks behind `networks`
 
     @property
@@ -120,7 +122,7 @@ def load_stage(model_dir: Path, stage: str, device: torch.device,
                                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); export a good checkpoint")
     chosen = {k: v for k, v in (overrides or {}).items() if v is not None}
     return Stage(stage, Path(model_dir), dict(exported.networks), exported.primary,
-                 dataclasses.replace(exported.preprocess, **chosen))
+                 dataclasses.replace(exported.preprocess, **chosen), exported.labels)
 
 
 @dataclass
@@ -230,6 +232,8 @@ class Predictor:
         self.fine = load_stage(self.weights_dir / FINE_DIR, "fine", self.device, {
             "size_zyx": fine_size_zyx, "min_volume_mm3": options.fine_min_volume_mm3,
             "extend_size_mm": options.extend_size_mm})
+        self.labels = _same_labels(self.coarse, self.fine)
+        self.all_components = frozenset(label.id for label in self.labels if not label.keep_largest)
         for stage in (self.coarse, self.fine):
             stage.modules = dict(stage.networks)
             stage.networks = make_forwards(self.backend, stage.modules, stage.path, stage.size_zyx)
@@ -321,7 +325,7 @@ class Predictor:
         del raw, region
         scores, pair = self._scores(self.fine, x, want_pair=self.uncertainty)
         del x
-        uncertainty = labels_disagreement(*pair) if pair is not None else None
+        uncertainty = labels_disagreement(*pair, self.labels.num_organs) if pair is not None else None
         del pair
         scores = _flip(scores, flips)  # the canonical-order scores are dropped here, not kept beside the copy
         crop_labels = upsample_labels(scores, crop_shape, LOGIT_THRESHOLD, self.chunk_elements)
@@ -331,7 +335,8 @@ class Predictor:
         t3 = time.perf_counter()
         times["fine_s"] = t3 - t2
 
-        crop_labels = keep_largest_component(crop_labels, spacing, self.fine.preprocess.min_volume_mm3)
+        crop_labels = keep_largest_component(crop_labels, spacing, self.fine.preprocess.min_volume_mm3,
+                                             self.all_components)
         mask = np.zeros(shape, dtype=np.uint8)
         mask[file_crop] = crop_labels
         times["post_s"] += time.perf_counter() - t3
@@ -339,6 +344,17 @@ class Predictor:
             logger.warning("%s: GPU memory in use (total - free) reached %.0f MB, above the %.0f MB bar",
                            case or "case", memory.used_mb, gpu_memory.MEMORY_BAR_MB)
         return CaseResult(mask, crop, fallback, uncertainty, times, memory, str(self.device))
+
+
+def _same_labels(coarse: Stage, fine: Stage) -> LabelSet:
+    """The label set both models segment; WeightsError when they differ (their labels would not match)."""
+    def described(stage: Stage) -> str:
+        return f"{stage.labels.name} ({', '.join(f'{lb.id} {lb.name}' for lb in stage.labels)})"
+
+    if [(lb.id, lb.name) for lb in coarse.labels] != [(lb.id, lb.name) for lb in fine.labels]:
+        raise WeightsError(f"{fine.path / 'model.pt'}: the fine model segments {described(fine)}, the coarse model "
+                           f"{coarse.path / 'model.pt'} {described(coarse)}; give two models of one label set")
+    return fine.labels
 
 
 def _torch_friendly(array: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.core.labels import NUM_ORGANS
+from common.core.labels import FLARE22
 from common.networks.blocks import AnisoBlock, ConvIN, ConvINReLU, ResBaseBlock, init_weights, res_layer, upsample_to
 
 
@@ -100,7 +100,7 @@ class EfficientSegNet(nn.Module):
     work too (see AnisotropicAvgPooling).
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = NUM_ORGANS,
+    def __init__(self, in_channels: int = 1, num_classes: int = FLARE22.num_organs,
                  channels: Sequence[int] = (16, 32, 64, 128, 256), num_blocks: Sequence[int] = (2, 2, 2, 2),
                  dropout: float = 0.2, input_size_zyx: Sequence[int] = (192, 192, 192)) -> None:
         super().__init__()

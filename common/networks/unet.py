@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from common.core.labels import NUM_ORGANS
+from common.core.labels import FLARE22
 from common.networks.blocks import ResFourLayerBlock, ResTwoLayerBlock, init_weights, upsample_to
 
 
@@ -19,7 +19,7 @@ class UNet(nn.Module):
     No background channel: channel c is organ label c+1.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = NUM_ORGANS,
+    def __init__(self, in_channels: int = 1, num_classes: int = FLARE22.num_organs,
                  channels: Sequence[int] = (16, 32, 64, 128, 256), dropout: float = 0.2) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)

@@ -24,7 +24,7 @@ import torch
 
 from common.core.errors import InputError
 from common.core.files import atomic_path, require_folder, write_failure
-from common.core.labels import NUM_ORGANS
+from common.core.labels import FLARE22
 from common.core.logger import get_logger
 from common.volume.intensity import AIR_HU, to_int16_hu
 
@@ -438,6 +438,25 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
     return array, meta
 
 
+def read_meta(path: str | os.PathLike) -> ImageMeta:
+    """The geometry of an image file from its header alone (no voxels read); InputError naming the file when it
+    cannot be read or is not 3-D. (`read_image` reads and checks the voxels too.)"""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(path, f"cannot read image header: {_sitk_message(e)}") from None
+    size = reader.GetSize()
+    if len(size) != 3:
+        raise InputError(path, f"is a {len(size)}D image; expected a 3D volume")
+    return ImageMeta(tuple(int(v) for v in size), tuple(float(v) for v in reader.GetSpacing()),  # type: ignore
+                     tuple(float(v) for v in reader.GetOrigin()), tuple(float(v) for v in reader.GetDirection()))
+
+
 def same_grid(a: ImageMeta, b: ImageMeta) -> str | None:
     """None if both grids agree (size exactly; spacing, origin, direction within tolerance), else what differs."""
     if tuple(a.size_xyz) != tuple(b.size_xyz):
@@ -455,8 +474,10 @@ def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
-def read_mask(path: str | os.PathLike, image_meta: ImageMeta | None = None) -> tuple[np.ndarray, ImageMeta]:
-    """Read a label mask as uint8 (z, y, x), checking labels (integers in 0..13) and, if given, the image's grid.
+def read_mask(path: str | os.PathLike, image_meta: ImageMeta | None = None,
+              num_labels: int = FLARE22.num_organs) -> tuple[np.ndarray, ImageMeta]:
+    """Read a label mask as uint8 (z, y, x), checking labels (integers in 0..num_labels: the label set's) and, if
+    given, the image's grid.
 
     Raises InputError naming the offending labels, non-integer values or the grid difference.
     """
@@ -474,14 +495,14 @@ def read_mask(path: str | os.PathLike, image_meta: ImageMeta | None = None) -> t
         if bad.any():
             examples = np.unique(array[bad])[:5]
             raise InputError(path, f"mask holds non-integer values (e.g. {', '.join(f'{v:g}' for v in examples)}); "
-                                   "expected integer labels 0..13")
+                                   f"expected integer labels 0..{num_labels}")
         array = rounded
     elif array.dtype.kind not in "iub":
-        raise InputError(path, f"mask has voxel type {array.dtype}; expected integer labels 0..13")
-    if array.size and (array.min() < 0 or array.max() > NUM_ORGANS):
-        outside = np.unique(array[(array < 0) | (array > NUM_ORGANS)])
+        raise InputError(path, f"mask has voxel type {array.dtype}; expected integer labels 0..{num_labels}")
+    if array.size and (array.min() < 0 or array.max() > num_labels):
+        outside = np.unique(array[(array < 0) | (array > num_labels)])
         shown = ", ".join(str(int(v)) for v in outside[:10]) + (" ..." if outside.size > 10 else "")
-        raise InputError(path, f"mask holds labels outside 0..{NUM_ORGANS}: {shown}")
+        raise InputError(path, f"mask holds labels outside 0..{num_labels}: {shown}")
     return array.astype(np.uint8, copy=False), meta
 
 
@@ -568,20 +589,23 @@ def write_mask(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) 
 # folders
 
 
-def case_id_from_name(path: str | os.PathLike) -> str | None:
-    """Case id of an image file name: `<id>_0000.nii.gz` -> id, other images -> name without extension."""
+def case_id_from_name(path: str | os.PathLike, channel_suffix: bool = True) -> str | None:
+    """Case id of an image file name: `<id>_0000.nii.gz` -> id, other images -> name without extension. A label
+    map's name carries no channel suffix (`channel_suffix=False`): `case_0000.nii.gz` is case `case_0000`."""
     name = Path(path).name
     suffix = image_suffix(name)
     if suffix is None:
         return None
     stem = name[: -len(suffix)]
-    if stem.endswith(CASE_SUFFIX) and len(stem) > len(CASE_SUFFIX):
+    if channel_suffix and stem.endswith(CASE_SUFFIX) and len(stem) > len(CASE_SUFFIX):
         stem = stem[: -len(CASE_SUFFIX)]
     return stem
 
 
-def list_images(folder: str | os.PathLike) -> tuple[dict[str, Path], list[tuple[Path, str]], dict[str, str]]:
+def list_images(folder: str | os.PathLike,
+                masks: bool = False) -> tuple[dict[str, Path], list[tuple[Path, str]], dict[str, str]]:
     """Images in `folder`: ({case id: path} sorted by id, [(skipped entry, reason)], {case id: problem}).
+    `masks`: a folder of label maps, named `<id>.nii.gz` without a channel suffix.
 
     Image files give `<id>_0000.nii.gz` -> id, other names -> the name without extension; DICOM series
     sub-folders give the folder name. An id given by two entries (`a.nii` and `a.nii.gz`, `a.nii.gz` and
@@ -604,7 +628,7 @@ def list_images(folder: str | os.PathLike) -> tuple[dict[str, Path], list[tuple[
                 skipped.append((entry, "folder without DICOM files"))
                 continue
         else:
-            case_id = case_id_from_name(entry)
+            case_id = case_id_from_name(entry, channel_suffix=not masks)
             if case_id is None:
                 if entry.suffix.lower() in (".raw", ".zraw") and any(
                     (folder / (entry.stem + ext)).exists() for ext in (".mhd", ".MHD")

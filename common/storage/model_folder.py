@@ -4,7 +4,8 @@ A model folder (`model_weights/base_coarse_model/`, `model_weights/efficient_fin
 dict written by `export_model` (read back by `common.storage.weights.load_model`):
     {"format_version": 1, "stage": "coarse"|"fine", "model": {"name", "kwargs"}, "networks": {"a": state dict,
      "b": state dict (optional)}, "primary": "a"|"b", "preprocess": `PreprocessSpec.to_json()`,
-     "best_dice": {"a": float, ...}, "config": the resolved training config,
+     "labels": `LabelSet.to_json()` (FLARE22 when absent), "best_dice": {"a": float, ...},
+     "config": the resolved training config,
      "weights_sha256": {"a": `state_digest` of network a, ...} (checked on loading; older exports have none)}
 and `config.yaml`, the same config for the reader.
 """
@@ -29,9 +30,11 @@ from common.core.defaults import (
 )
 from common.core.errors import InputError
 from common.core.files import write_text_atomic
+from common.core.labels import FLARE22, LabelSet
 from common.core.logger import get_logger
 from common.networks import input_size_problem
 from common.storage.checkpoint import load_checkpoint, save_checkpoint, state_digest, strip_prefixes
+from common.storage.labelsets import model_labels
 
 logger = get_logger(__name__)
 
@@ -109,6 +112,7 @@ class ExportedModel:
     primary: str
     preprocess: PreprocessSpec
     config: dict[str, Any]
+    labels: LabelSet = FLARE22
     model: dict[str, Any] = field(default_factory=dict)
     best_dice: dict[str, float] = field(default_factory=dict)
 
@@ -127,6 +131,7 @@ def export_model(
     primary: str,
     preprocess: PreprocessSpec,
     config: Mapping[str, Any],
+    labels: LabelSet = FLARE22,
     best_dice: Mapping[str, float] | None = None,
 ) -> Path:
     """Write `<out_dir>/model.pt` and `<out_dir>/config.yaml` atomically; returns the model.pt path.
@@ -138,6 +143,7 @@ def export_model(
         preprocess: what prediction needs to rebuild the input and post-process the output (its `stage` must be
             `stage`).
         config: the resolved training config (config_to_dict), stored in model.pt and as config.yaml.
+        labels: the label set the networks segment (one output channel per label).
     """
     if stage not in ("coarse", "fine"):
         raise ValueError(f"stage must be 'coarse' or 'fine', got {stage!r}")
@@ -154,6 +160,7 @@ def export_model(
         "weights_sha256": {name: state_digest(strip_prefixes(sd)) for name, sd in networks.items()},
         "primary": primary,
         "preprocess": preprocess.to_json(),
+        "labels": labels.to_json(),
         "best_dice": {k: float(v) for k, v in (best_dice or {}).items()},
         "config": dict(config),
     }
@@ -190,6 +197,7 @@ def export_best_networks(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
         if payload.get("model") != spec:
             raise InputError(sources[name], f"model {payload.get('model')} differs from network {primary}'s {spec}")
     config = payloads[primary]["config"]
+    labels = model_labels(payloads[primary])
     path = export_model(
         out_dir,
         stage=stage,
@@ -198,6 +206,7 @@ def export_best_networks(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
         primary=primary,
         preprocess=preprocess(config),
         config=config,
+        labels=labels,
         best_dice={name: float("nan") if p.get("dice") is None else float(p["dice"]) for name, p in payloads.items()},
     )
     return path, payloads[primary]

@@ -32,7 +32,7 @@ import torch
 
 from common.core.defaults import COARSE_SIZE_ZYX, EXTEND_SIZE_MM, FINE_SIZE_ZYX, HU_WINDOW
 from common.core.errors import InputError
-from common.core.labels import NUM_ORGANS
+from common.core.labels import FLARE22
 from common.core.logger import get_logger
 from common.networks import build_network
 from common.storage.checkpoint import load_checkpoint, strip_prefixes
@@ -229,9 +229,9 @@ def _channels(state_dict: Mapping[str, torch.Tensor], network: str, source: Path
     if first.ndim != 5 or first.shape[1] != 1:
         raise InputError(source, f"{_LEVEL_KEYS[network][0]} has shape {tuple(first.shape)}: expected a 3D "
                                  "convolution over 1 input channel (CT)")
-    if head.ndim != 5 or head.shape[0] != NUM_ORGANS:
-        raise InputError(source, f"{_HEAD_KEY} has shape {tuple(head.shape)}: expected {NUM_ORGANS} output channels "
-                                 "(the 13 FLARE22 organs)")
+    if head.ndim != 5 or head.shape[0] != FLARE22.num_organs:
+        raise InputError(source, f"{_HEAD_KEY} has shape {tuple(head.shape)}: expected {FLARE22.num_organs} output "
+                                 "channels (the 13 FLARE22 organs)")
     return [int(state_dict[k].shape[0]) for k in _LEVEL_KEYS[network]]
 
 

@@ -26,6 +26,7 @@ from common.core.errors import InputError
 from common.core.logger import get_logger
 from common.networks import build_network
 from common.storage.checkpoint import load_checkpoint, load_model_state, state_digest
+from common.storage.labelsets import model_labels
 from common.storage.model_folder import EXPORT_FILE, EXPORT_FORMAT_VERSION, ExportedModel, PreprocessSpec
 from common.storage.original_release import (
     CHECKPOINT_A,
@@ -164,9 +165,18 @@ def load_model(model_dir: str | os.PathLike, stage: str | None = None, device: s
         _check_weights_hash(payload, name, path)
         built[name] = load_network(_from_payload(payload, name, path, None), device=device)
     primary = payload["primary"] if payload["primary"] in built else next(iter(built))
+    try:
+        labels = model_labels(payload)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(path, f"its label set is unreadable ({exc}); re-export the model") from None
+    for name, net in built.items():
+        outputs = _output_channels(net)
+        if outputs is not None and outputs != labels.num_organs:
+            raise InputError(path, f"network {name} has {outputs} output channels but the model's label set "
+                                   f"{labels.name!r} has {labels.num_organs} labels; re-export the model")
     return ExportedModel(stage=payload["stage"], networks=built, primary=primary,
                          preprocess=PreprocessSpec.from_json(payload["preprocess"], payload["stage"], path),
-                         config=dict(payload.get("config", {})),
+                         config=dict(payload.get("config", {})), labels=labels,
                          model=dict(payload["model"]), best_dice=dict(payload.get("best_dice", {})))
 
 
@@ -188,3 +198,10 @@ def _load_original(model_dir: Path, stage: str, device: str | torch.device) -> E
              for name, state in record["networks"].items()}
     return ExportedModel(stage=stage, networks=built, primary="a", preprocess=record["preprocess"],
                          config=record["config"], model=record["model"])
+
+
+def _output_channels(net: nn.Module) -> int | None:
+    """Output channels of a network's last convolution (its `head`), or None when it has no such layer."""
+    head = getattr(net, "head", None)
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None

@@ -43,6 +43,17 @@ def pseudo_labels(logits: torch.Tensor, threshold: float = LABEL_THRESHOLD,
     return one_hot_organs(labels, num_organs=logits.shape[1])
 
 
+@torch.no_grad()
+def confident_voxels(logits: torch.Tensor, confidence: float) -> torch.Tensor | None:
+    """Mask (N, 1, D, H, W) of the voxels whose pseudo label the network is sure of: its highest sigmoid is
+    >= `confidence` (a sure organ) or <= 1 - `confidence` (sure background). None for `confidence` 0 (every voxel
+    counts, the original method)."""
+    if confidence <= 0.0:
+        return None
+    best = logits.detach().float().amax(dim=1, keepdim=True)
+    return (best >= logit(confidence)) | (best <= logit(1.0 - confidence))
+
+
 @dataclass(frozen=True)
 class Pair(Generic[T]):
     """The two CPS networks' objects of one kind (networks, optimisers, learners, outputs, ...), named "a" and "b"."""
@@ -71,12 +82,20 @@ class Learner:
 
 @dataclass(frozen=True)
 class CPSSettings:
-    """How a CPS step computes: the supervised loss, the CPS weight, mixed precision, the ablation flag."""
+    """How a CPS step computes: the supervised loss, the CPS weight, mixed precision, which pseudo-label voxels count
+    and how the CPS loss spans the batch, the ablation flag.
+
+    `parts`: "joint" (the original) takes the CPS loss over concat(labeled, unlabeled), so a labeled crop weighs
+    w / 2 in it beside an unlabeled one and w without; "separate" adds the CPS loss of the labeled part and that of
+    the unlabeled part, so a labeled crop weighs w with or without unlabeled data (L/0 and L/U compare).
+    """
 
     loss_fn: LossFn
     weight: float = 1.0
     amp: AmpSettings | None = None
     legacy_shift: bool = False  # the original release's shifted pseudo labels (see `pseudo_labels`)
+    confidence: float = 0.0     # `confident_voxels`: 0 = every voxel of the partner's pseudo label counts
+    parts: str = "joint"        # "joint" | "separate" (see above)
 
 
 def cps_losses(out: Pair[torch.Tensor], y_l: torch.Tensor, settings: CPSSettings) -> dict[str, torch.Tensor]:
@@ -86,14 +105,26 @@ def cps_losses(out: Pair[torch.Tensor], y_l: torch.Tensor, settings: CPSSettings
     sup_a, sup_b, cps_a, cps_b. The pseudo labels are detached, so loss_a has no path into network B.
     """
     n_l = y_l.shape[0]
-    target_from_b = pseudo_labels(out.b, legacy_shift=settings.legacy_shift)
-    target_from_a = pseudo_labels(out.a, legacy_shift=settings.legacy_shift)
     sup_a = settings.loss_fn(out.a[:n_l], y_l)
     sup_b = settings.loss_fn(out.b[:n_l], y_l)
-    cps_a = settings.loss_fn(out.a, target_from_b)
-    cps_b = settings.loss_fn(out.b, target_from_a)
+    cps_a = _cps_loss(out.a, out.b, n_l, settings)  # A learns from B's pseudo labels
+    cps_b = _cps_loss(out.b, out.a, n_l, settings)
     return {"loss_a": sup_a + settings.weight * cps_a, "loss_b": sup_b + settings.weight * cps_b,
             "sup_a": sup_a, "sup_b": sup_b, "cps_a": cps_a, "cps_b": cps_b}
+
+
+def _cps_loss(student: torch.Tensor, teacher: torch.Tensor, n_l: int, settings: CPSSettings) -> torch.Tensor:
+    """The loss of `student`'s outputs against `teacher`'s detached pseudo labels (its confident voxels only), over
+    the whole batch ("joint") or as the sum of the labeled part's and the unlabeled part's ("separate")."""
+    target = pseudo_labels(teacher, legacy_shift=settings.legacy_shift)
+    mask = confident_voxels(teacher, settings.confidence)
+    if settings.parts == "joint" or n_l == student.shape[0]:
+        return settings.loss_fn(student, target, mask)
+    if settings.parts != "separate":
+        raise ValueError(f"unknown CPS parts {settings.parts!r}; expected 'joint' or 'separate'")
+    labeled, unlabeled = slice(0, n_l), slice(n_l, None)
+    return sum(settings.loss_fn(student[part], target[part], None if mask is None else mask[part])
+               for part in (labeled, unlabeled))
 
 
 def _backward_and_step(loss: torch.Tensor, learner: Learner) -> None:

@@ -93,15 +93,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from common.core.amp import AmpSettings, amp_settings, autocast, make_grad_scaler
 from common.core.device import set_cudnn_benchmark
 from common.core.errors import InputError
 from common.core.files import folder_lock, remove_stale_temps, write_text_atomic
 from common.core.labelmaps import one_hot_organs
-from common.core.labels import NUM_ORGANS, ORGANS
-from common.core.logger import get_logger, log_to_file
+from common.core.labels import FLARE22, LabelSet
+from common.core.logger import get_logger, log_to_file, progress
 from common.core.typed_config import config_to_dict, save_config
 from common.evaluation.metrics import hard_dice_per_organ
 from common.networks import build_network
@@ -131,8 +130,6 @@ from common.train.losses import build_loss
 
 logger = get_logger(__name__)
 
-ORGAN_KEYS: tuple[str, ...] = tuple(ORGANS[label][0].replace(" ", "_") for label in range(1, NUM_ORGANS + 1))
-"""Organ names used in metric keys: liver, right_kidney, ..., left_kidney (channel order)."""
 
 LAST_CHECKPOINT = "last.pt"
 DONE_FILE = "DONE"
@@ -181,6 +178,7 @@ class CPSJob:
     model: Mapping[str, Any] | None = None
     dist: DistInfo | None = None
     stage: str = "train"
+    labels: LabelSet = FLARE22  # what the networks segment: one output channel per label (the dataset's set)
     extra_checkpoint: dict[str, Any] = field(default_factory=dict)
     # Iterations after which both networks are also kept as checkpoints/snapshot_<iteration>.pt (UIF stability).
     snapshot_iterations: tuple[int, ...] = ()
@@ -201,11 +199,15 @@ def run_log_path(out_dir: Path, info: DistInfo) -> Path:
     return Path(out_dir) / ("train.log" if info.is_main else f"train.rank{info.rank}.log")
 
 
-def model_spec_from_config(cfg: Any) -> dict[str, Any]:
-    """{"name", "kwargs"} of the network in `cfg.model` (EfficientSegNet also gets input_size_zyx = data.size_zyx)."""
+def model_spec_from_config(cfg: Any, labels: LabelSet = FLARE22) -> dict[str, Any]:
+    """{"name", "kwargs"} of the network in `cfg.model` (EfficientSegNet also gets input_size_zyx = data.size_zyx)
+    with one output channel per label (`num_classes`, written only when it is not FLARE22's 13, the networks'
+    default, so FLARE22 runs keep the specs of earlier versions)."""
     kwargs: dict[str, Any] = {"channels": [int(c) for c in cfg.model.channels], "dropout": float(cfg.model.dropout)}
     if cfg.model.name == "efficient_seg_net":
         kwargs["input_size_zyx"] = [int(s) for s in cfg.data.size_zyx]
+    if labels.num_organs != FLARE22.num_organs:
+        kwargs["num_classes"] = labels.num_organs
     return {"name": cfg.model.name, "kwargs": kwargs}
 
 
@@ -267,12 +269,12 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-def _targets(y: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One-hot float (B, 13, D, H, W) on `device` from a label map (B, D, H, W) or an already one-hot tensor."""
+def _targets(y: torch.Tensor, device: torch.device, num_organs: int) -> torch.Tensor:
+    """One-hot float (B, C, D, H, W) on `device` from a label map (B, D, H, W) or an already one-hot tensor."""
     y = _to_device(y, device)
-    if y.ndim == 5 and y.shape[1] == NUM_ORGANS and y.is_floating_point():
+    if y.ndim == 5 and y.shape[1] == num_organs and y.is_floating_point():
         return y
-    return one_hot_organs(y.long())
+    return one_hot_organs(y.long(), num_organs)
 
 
 def _close(stream: Any) -> None:
@@ -347,8 +349,9 @@ class _Progress:
         self.trainer = trainer
         self.total = trainer.job.iterations
         self.interval = trainer.cfg.schedule.log_interval
-        self.bar = tqdm(total=self.total, initial=start, disable=not trainer.main, dynamic_ncols=True,
-                        desc=f"{trainer.job.stage} CPS", unit="it")
+        # off a terminal no bar: the log line every log_interval iterations is the progress
+        self.bar = progress(total=self.total, initial=start, disable=not trainer.main,
+                            desc=f"{trainer.job.stage} CPS", unit="it", lines=False)
         self.window_start = time.perf_counter()
         self.window_data_s = 0.0
         self.window_iters = 0
@@ -406,7 +409,9 @@ class _Trainer:
         self.out_dir = Path(job.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.last_path = self.ckpt_dir / LAST_CHECKPOINT
-        self.spec = dict(job.model) if job.model is not None else model_spec_from_config(self.cfg)
+        self.spec = dict(job.model) if job.model is not None else model_spec_from_config(self.cfg, job.labels)
+        self.labels = job.labels
+        self.organ_keys = tuple(label.key for label in job.labels)  # metric keys: liver, right_kidney, ...
         self.config_dict = config_to_dict(self.cfg)
         self.state = _State()
         self.writer: Any = None
@@ -426,7 +431,8 @@ class _Trainer:
             net.parameters(), lr=cfg.optim.lr, betas=betas, weight_decay=cfg.optim.weight_decay))
         self.amp: AmpSettings = amp_settings(cfg.amp.precision, self.device)
         self.scalers: Pair[torch.amp.GradScaler] = self.nets.map(lambda _: make_grad_scaler(self.amp))
-        self.cps = CPSSettings(build_loss(cfg.loss.name), cfg.cps.weight, self.amp, cfg.cps.legacy_shift)
+        self.cps = CPSSettings(build_loss(cfg.loss.name), cfg.cps.weight, self.amp, cfg.cps.legacy_shift,
+                               cfg.cps.confidence, cfg.cps.parts)
         set_cudnn_benchmark(self.device)  # fixed input sizes: cuDNN picks the fastest kernels, as the predictor
 
     def restore(self) -> None:
@@ -505,6 +511,7 @@ class _Trainer:
             "train_accum": {"sums": dict(self.state.loss_sums), "count": self.state.loss_count},
             "config": self.config_dict,
             "model": self.spec,
+            "labels": self.labels.to_json(),
             **self.job.extra_checkpoint,
         }
         save_checkpoint(self.last_path, state)
@@ -523,6 +530,7 @@ class _Trainer:
             "dice_per_organ": per_organ,
             "config": self.config_dict,
             "model": self.spec,
+            "labels": self.labels.to_json(),
         })
 
     def save_snapshot(self, iteration: int) -> None:
@@ -540,7 +548,7 @@ class _Trainer:
         nets = dict(self.nets.map(unwrap_model).items())
         for net in nets.values():
             net.eval()
-        sums = {name: torch.zeros(NUM_ORGANS, dtype=torch.float64) for name in nets}
+        sums = {name: torch.zeros(self.labels.num_organs, dtype=torch.float64) for name in nets}
         count = 0
         try:
             assert self.job.val_cases is not None
@@ -549,7 +557,7 @@ class _Trainer:
                 x = _to_device(x, self.device)
                 if self.job.input_transform is not None:
                     x = self.job.input_transform(x)
-                target = _targets(y, self.device)
+                target = _targets(y, self.device, self.labels.num_organs)
                 for name, net in nets.items():
                     with autocast(self.amp):
                         logits = net(x)
@@ -588,8 +596,8 @@ class _Trainer:
             "num_cases": n_cases,
             "mean_dice_a": means["a"],
             "mean_dice_b": means["b"],
-            "dice_a": dict(zip(ORGAN_KEYS, dice["a"].tolist())),
-            "dice_b": dict(zip(ORGAN_KEYS, dice["b"].tolist())),
+            "dice_a": dict(zip(self.organ_keys, dice["a"].tolist())),
+            "dice_b": dict(zip(self.organ_keys, dice["b"].tolist())),
             "best_a": self.state.best["a"],
             "best_b": self.state.best["b"],
             "improved": improved,
@@ -601,7 +609,7 @@ class _Trainer:
         if self.writer is not None:
             for name in ("a", "b"):
                 self.writer.add_scalar(f"val/mean_dice_{name}", means[name], iteration)
-                for organ, value in zip(ORGAN_KEYS, dice[name].tolist()):
+                for organ, value in zip(self.organ_keys, dice[name].tolist()):
                     self.writer.add_scalar(f"val/dice_{name}_{organ}", value, iteration)
             self.writer.flush()
         logger.info("validation at iteration %d on %d case(s): mean Dice A %.4f (best %.4f) B %.4f (best %.4f)%s",
@@ -768,7 +776,7 @@ class _Trainer:
                 self._stop(stop.signum, it, collective=self.info.world_size == 1)
             raise
         x_l = _to_device(x_l, self.device)
-        target = _targets(y_l, self.device)
+        target = _targets(y_l, self.device, self.labels.num_organs)
         if x_u is not None:
             x_u = _to_device(x_u, self.device)
         transform = self.job.input_transform

@@ -1,7 +1,8 @@
-"""Segmentation losses on 13 sigmoid channels (reference 3, DESIGN 5.3).
+"""Segmentation losses on sigmoid channels, one per label (reference 3, DESIGN 5.3).
 
-All losses take raw logits (N, C, D, H, W) and a float target of the same shape (one-hot organs or CPS pseudo
-labels) and compute in float32, also under autocast.
+All losses take raw logits (N, C, D, H, W), a float target of the same shape (one-hot organs or CPS pseudo labels)
+and an optional voxel mask (N, 1, D, H, W) of the voxels that count (CPS's confident pseudo labels; None: every
+voxel), and compute in float32, also under autocast.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 DICE_EPS = 1e-8
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]  # (logits, target, mask=None) -> scalar
 
 
 def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -21,15 +22,18 @@ def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+                   reduction: str = "mean") -> torch.Tensor:
     """1 - mean over channels of (2 sum(p g) + eps) / (sum(p^2) + sum(g^2) + eps), p = sigmoid(logits).
 
-    Sums run over the spatial axes of each sample and channel; the per-sample losses are averaged
-    (`reduction="mean"`, training) or summed (`"sum"`, the reference's validation loss) over the batch.
+    Sums run over the spatial axes (the voxels of `mask` only) of each sample and channel; the per-sample losses
+    are averaged (`reduction="mean"`, training) or summed (`"sum"`, the reference's validation loss) over the batch.
     """
     _check(logits, target)
     p = torch.sigmoid(logits.float())
     g = target.float()
+    if mask is not None:
+        p, g = p * mask, g * mask
     dims = tuple(range(2, p.ndim))
     intersection = (p * g).sum(dims)
     denominator = (p * p).sum(dims) + (g * g).sum(dims)
@@ -42,13 +46,24 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = 
     raise ValueError(f"unknown reduction {reduction!r}; choose 'mean' or 'sum'")
 
 
-def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-element values over the elements of `mask` (N, 1, ...) broadcast over the channels (all: None)."""
+    if mask is None:
+        return values.mean()
+    weight = mask.to(values.dtype).expand_as(values)
+    return (values * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Binary cross-entropy of sigmoid(logits) vs target, averaged over every element (log-sum-exp stable)."""
     _check(logits, target)
-    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    if mask is None:
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    return _masked_mean(F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none"), mask)
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.5, gamma: float = 2.0) -> torch.Tensor:
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, alpha: float = 0.5,
+               gamma: float = 2.0) -> torch.Tensor:
     """Per-voxel sigmoid focal loss: mean of alpha_t (1 - p_t)^gamma BCE (DESIGN 5.3).
 
     p_t = p where target is 1 and 1 - p where it is 0; alpha_t = alpha for positives, 1 - alpha for negatives
@@ -61,39 +76,41 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.5, g
     p = torch.sigmoid(x)
     p_t = p * t + (1.0 - p) * (1.0 - t)
     alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
-    return (alpha_t * (1.0 - p_t).pow(gamma) * bce).mean()
+    return _masked_mean(alpha_t * (1.0 - p_t).pow(gamma) * bce, mask)
 
 
-def reference_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.5,
-                         gamma: float = 2.0) -> torch.Tensor:
+def reference_focal_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+                         alpha: float = 0.5, gamma: float = 2.0) -> torch.Tensor:
     """The reference's "focal" loss, kept for ablations (reference 3 [QUIRK/BUG]).
 
     p clamped to [1e-4, 1 - 1e-4]; w = alpha (1-p)^gamma on positives, alpha p^gamma elsewhere;
     loss = mean(BCE) * sum(w) / max(#positive target elements, 1) -- a scalar BCE times summed weights,
-    not a per-voxel focal loss.
+    not a per-voxel focal loss. With a `mask` only its voxels count.
     """
     _check(logits, target)
     p = torch.sigmoid(logits.float()).clamp(1e-4, 1.0 - 1e-4)
     t = target.float()
-    positive = t == 1
-    weight = torch.where(positive, alpha * (1.0 - p).pow(gamma), alpha * p.pow(gamma))
-    mean_bce = F.binary_cross_entropy(p, t)
+    keep = torch.ones_like(t, dtype=torch.bool) if mask is None else mask.bool().expand_as(t)
+    positive = (t == 1) & keep
+    weight = torch.where(positive, alpha * (1.0 - p).pow(gamma), alpha * p.pow(gamma)) * keep
+    mean_bce = _masked_mean(F.binary_cross_entropy(p, t, reduction="none"), mask)
     return mean_bce * weight.sum() / positive.sum().clamp(min=1)
 
 
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Soft Dice + BCE, 1:1 (the fine stage's loss)."""
-    return soft_dice_loss(logits, target) + bce_loss(logits, target)
+    return soft_dice_loss(logits, target, mask) + bce_loss(logits, target, mask)
 
 
-def dice_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def dice_focal_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Soft Dice + per-voxel focal loss (alpha 0.5, gamma 2), 1:1 (the coarse stage's loss)."""
-    return soft_dice_loss(logits, target) + focal_loss(logits, target)
+    return soft_dice_loss(logits, target, mask) + focal_loss(logits, target, mask)
 
 
-def dice_reference_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def dice_reference_focal_loss(logits: torch.Tensor, target: torch.Tensor,
+                              mask: torch.Tensor | None = None) -> torch.Tensor:
     """Soft Dice + the reference's scalar-BCE "focal" loss (bug-compatible ablation)."""
-    return soft_dice_loss(logits, target) + reference_focal_loss(logits, target)
+    return soft_dice_loss(logits, target, mask) + reference_focal_loss(logits, target, mask)
 
 
 LOSSES: dict[str, LossFn] = {
@@ -105,7 +122,7 @@ LOSSES: dict[str, LossFn] = {
 
 
 def build_loss(name: str) -> LossFn:
-    """The loss function `name` (see LOSSES): callable(logits, target) -> scalar tensor."""
+    """The loss function `name` (see LOSSES): callable(logits, target, mask=None) -> scalar tensor."""
     try:
         return LOSSES[name]
     except KeyError:

@@ -11,21 +11,21 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.ndimage as ndi
 
-from common.core.labels import NUM_ORGANS
 from common.volume.intensity import AIR_HU
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # inclusive (min, max) per axis (z, y, x)
 
 
-def label_bboxes(mask: np.ndarray, num_labels: int = NUM_ORGANS) -> dict[int, Box]:
-    """Inclusive bounding box (z, y, x) of every label 1..num_labels present in `mask` (one pass)."""
+def label_bboxes(mask: np.ndarray, num_labels: int | None = None) -> dict[int, Box]:
+    """Inclusive bounding box (z, y, x) of every label 1..num_labels (None: every label) present in `mask` (one
+    pass)."""
     m = np.asarray(mask)
     if m.dtype.kind not in "iub":
         raise ValueError(f"mask must hold integers, got {m.dtype}")
     boxes: dict[int, Box] = {}
     if m.dtype == np.bool_:
         m = m.view(np.uint8)
-    for index, slices in enumerate(ndi.find_objects(m, max_label=num_labels)):
+    for index, slices in enumerate(ndi.find_objects(m, max_label=num_labels or 0)):  # 0: every label
         if slices is not None:
             boxes[index + 1] = tuple((s.start, s.stop - 1) for s in slices)  # type: ignore[assignment]
     return boxes

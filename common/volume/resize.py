@@ -16,7 +16,6 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
-from common.core.labels import NUM_ORGANS
 from common.volume.boxes import Box, label_bboxes
 from common.volume.intensity import INT16_MAX, INT16_MIN
 
@@ -103,13 +102,14 @@ def _interp_axis(x: torch.Tensor, axis: int, i0: np.ndarray, i1: np.ndarray, lam
     return x0 * w0 + x1 * w1
 
 
-def resize_mask(mask: np.ndarray, out_shape_zyx: Sequence[int], num_labels: int = NUM_ORGANS,
+def resize_mask(mask: np.ndarray, out_shape_zyx: Sequence[int], num_labels: int | None = None,
                 label_boxes: dict[int, Box] | None = None) -> np.ndarray:
     """Resize a label mask (z, y, x) label by label: binary trilinear resize, > 0.5, later labels win; uint8.
 
     Each label is interpolated only inside the output region its bounding box can reach (elsewhere the
     binary resize is exactly 0), with the same arithmetic as `F.interpolate(align_corners=True)`.
     `label_boxes`: the masks's `label_bboxes` if the caller has them already (saves a pass over the mask).
+    `num_labels`: labels above it are left out (None: none is).
     """
     shape = _check_shape(out_shape_zyx)
     m = np.asarray(mask)
@@ -120,7 +120,7 @@ def resize_mask(mask: np.ndarray, out_shape_zyx: Sequence[int], num_labels: int 
     if label_boxes is None:
         label_boxes = label_bboxes(m, num_labels)
     for label, box in sorted(label_boxes.items()):
-        if not 1 <= label <= num_labels:
+        if label < 1 or (num_labels is not None and label > num_labels):
             continue
         src_slices, out_slices, local = [], [], []
         for axis, (lo, hi) in enumerate(box):
@@ -148,7 +148,7 @@ def resize_mask(mask: np.ndarray, out_shape_zyx: Sequence[int], num_labels: int 
     return out
 
 
-def resize_mask_torch(mask_t: torch.Tensor, out_shape_zyx: Sequence[int], num_labels: int = NUM_ORGANS) -> torch.Tensor:
+def resize_mask_torch(mask_t: torch.Tensor, out_shape_zyx: Sequence[int], num_labels: int) -> torch.Tensor:
     """`resize_mask` on the tensor's device: mask (D, H, W) integer -> uint8 (out D, H, W)."""
     shape = _check_shape(out_shape_zyx)
     if mask_t.dim() != 3:
