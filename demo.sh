@@ -1,6 +1,7 @@
 #!/bin/sh
 # The main job on a machine with no data and no GPU needed: `sh demo.sh`.
-#   synthetic FLARE-like data -> data_prepare -> coarse CPS training -> fine CPS training with UIF (two rounds)
+#   synthetic FLARE-like data -> data_prepare -> coarse CPS training -> fine CPS training with UIF (round 1, then
+#   DEMO_UIF_ROUNDS filter + retrain cycles, 1 by default)
 #   -> export -> predict the held-out validation CTs -> FLARE22 DSC/NSD evaluation + overlays.
 # Everything goes to demo_output/ (override with DEMO_OUT=/path). Running it again reuses every finished step.
 # The demo uses SMALL networks and volumes (see the overrides below) so it finishes in minutes on 2 CPU cores;
@@ -27,6 +28,7 @@ CHANNELS=${DEMO_CHANNELS:-[8,16,32,64,128]}
 COARSE_ITERS=${DEMO_COARSE_ITERS:-500}
 FINE_ITERS=${DEMO_FINE_ITERS:-500}
 VAL_INTERVAL=${DEMO_VAL_INTERVAL:-100}
+UIF_ROUNDS=${DEMO_UIF_ROUNDS:-1}
 start=$(date +%s)
 
 step() {
@@ -59,10 +61,10 @@ sh coarse_base_seg/run.sh $COARSE_ARGS $SMALL
 # shellcheck disable=SC2086
 sh coarse_base_seg/run.sh $COARSE_ARGS $SMALL step=export
 
-step "4/7 fine stage: coarse boxes -> round 1 CPS -> UIF -> round 2 CPS -> export ($FINE_ITERS iterations a round)"
+step "4/7 fine stage: coarse boxes -> round 1 CPS -> $UIF_ROUNDS x (UIF -> CPS round) -> export ($FINE_ITERS iterations a round)"
 FINE_ARGS="data_base_dir=$DS output_dir=$OUT/fine data.size_zyx=$F3 schedule.iterations=$FINE_ITERS
  cps.rampup_iterations=$((FINE_ITERS * 2 / 5)) optim.lr=1.0e-2 boxes.coarse_model_dir=$WEIGHTS/base_coarse_model
- uif.keep_ratio=0.5"
+ uif.keep_ratio=0.5 uif.rounds=$UIF_ROUNDS"
 # Round 1 first, exported on its own, so that its pseudo labels of the unlabeled pool can be checked against the
 # synthetic truth (trainu_mask_hidden/, which no stage reads) in the UIF table below.
 ROUND1="$OUT/round1_weights"
@@ -72,7 +74,7 @@ for s in boxes round1; do
 done
 if [ ! -f "$ROUND1/efficient_fine_model/model.pt" ]; then
     # shellcheck disable=SC2086
-    sh fine_efficient_seg/run.sh $FINE_ARGS $SMALL step=export export.dir="$ROUND1/efficient_fine_model"
+    sh fine_efficient_seg/run.sh $FINE_ARGS $SMALL step=export export.round=1 export.dir="$ROUND1/efficient_fine_model"
 fi
 [ -e "$ROUND1/base_coarse_model" ] || ln -s "$WEIGHTS/base_coarse_model" "$ROUND1/base_coarse_model"
 sh predict.sh "$DS/trainu_images" "$OUT/round1_pool_predictions" --weights-dir "$ROUND1" --device cpu \

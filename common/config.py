@@ -40,6 +40,14 @@ from common.networks import MAX_INPUT_SIZE, NETWORKS, input_size_problem
 from common.storage.model_folder import PreprocessSpec
 from common.train.losses import LOSSES
 
+KEEP_SCHEDULES = ("fixed", "growing")
+MAX_UIF_ROUNDS = 20
+
+
+def uif_step(k: int) -> str:
+    """Name of the fine stage's step that runs filter k: uif, uif2, uif3, ..."""
+    return "uif" if k == 1 else f"uif{k}"
+
 
 # ------------------------------------------------------------------------------------------------- checks
 def _window_problems(name: str, window: list[float]) -> Iterable[tuple[str, str]]:
@@ -198,6 +206,14 @@ class ExportSection:
 
 
 @dataclass
+class FineExportSection(ExportSection):
+    """The export section of the fine stage, which can also export an earlier round than the last."""
+
+    dir: str = path_field("../model_weights/efficient_fine_model")
+    round: int | None = cfg_field(None, ge=1, le=MAX_UIF_ROUNDS + 1)  # null: the last round of the run
+
+
+@dataclass
 class CropSection:
     """Fine-stage training crops: box extension and per-organ HU shift augmentation."""
 
@@ -227,11 +243,22 @@ class UIFSection:
     keep_ratio: float = cfg_field(0.1, gt=0, le=1)
     weighting: str = choice_field("organ", WEIGHTINGS)
     snapshots: int = cfg_field(3, ge=0, le=100)
+    # filter-and-retrain cycles after round 1: filter k scores the whole unlabeled pool with round k's networks and
+    # round k + 1 trains on what it keeps (1 = the original method: one filter, then round 2)
+    rounds: int = cfg_field(1, ge=1, le=MAX_UIF_ROUNDS)
+    # fixed: every filter keeps keep_count (or keep_ratio); growing: filter k keeps k times as many (at most all)
+    keep_schedule: str = choice_field("fixed", KEEP_SCHEDULES)
+
+    def keep(self, k: int) -> tuple[int | None, float]:
+        """(keep_count, keep_ratio) of filter k under the keep schedule."""
+        growth = k if self.keep_schedule == "growing" else 1
+        return (None if self.keep_count is None else self.keep_count * growth), min(1.0, self.keep_ratio * growth)
 
 
 @dataclass
 class Round2Section:
-    """Second CPS round on the filtered pool: fresh or warm-started networks; null iterations = schedule's."""
+    """The CPS rounds on a filtered pool (round 2 and every later one): fresh or warm-started networks (warm: from
+    the previous round's best); null iterations = schedule's."""
 
     init: str = choice_field("fresh", ("fresh", "warm"))
     iterations: int | None = cfg_field(None, ge=1, le=MAX_ITERATIONS)
@@ -296,7 +323,8 @@ class CoarseTrainConfig(TrainConfigBase):
 
 @dataclass
 class FineTrainConfig(TrainConfigBase):
-    """fine_efficient_seg: boxes, CPS round 1, UIF, CPS round 2 and export of two EfficientSegNets on 192^3 crops."""
+    """fine_efficient_seg: boxes, CPS round 1, then uif.rounds times a UIF filter and a CPS round on what it kept,
+    and export of two EfficientSegNets on 192^3 crops."""
 
     data: DataSection = section(DataSection, size_zyx=list(FINE_SIZE_ZYX))
     model: ModelSection = section(ModelSection, name="efficient_seg_net")
@@ -308,8 +336,24 @@ class FineTrainConfig(TrainConfigBase):
     uif: UIFSection = section(UIFSection)
     round2: Round2Section = section(Round2Section)
     postprocess: FinePostprocessSection = section(FinePostprocessSection)
-    step: str = choice_field("all", ("all", "boxes", "round1", "uif", "round2", "export"))
-    export: ExportSection = section(ExportSection, dir="../model_weights/efficient_fine_model")
+    step: str = cfg_field("all")  # all, or one of steps()
+    export: FineExportSection = section(FineExportSection)
+
+    def steps(self) -> tuple[str, ...]:
+        """The steps in the order `step=all` runs them: boxes, round1, then a filter and a round per uif.rounds
+        (uif + round2, uif2 + round3, ...), export."""
+        steps = ["boxes", "round1"]
+        for k in range(1, self.uif.rounds + 1):
+            steps += [uif_step(k), f"round{k + 1}"]
+        return (*steps, "export")
+
+    def _cross_check(self) -> Iterable[tuple[str, str]]:
+        if self.step != "all" and self.step not in self.steps():
+            yield "step", (f"{self.step!r} is not a step of this run; expected 'all' or one of "
+                           f"{', '.join(map(repr, self.steps()))} (uif.rounds={self.uif.rounds})")
+        if self.export.round is not None and self.export.round > 1 + self.uif.rounds:
+            yield "export.round", (f"round {self.export.round} is not a round of this run: it has rounds 1.."
+                                   f"{1 + self.uif.rounds} (uif.rounds={self.uif.rounds})")
 
     def preprocess_spec(self, trained: Mapping[str, Any]) -> PreprocessSpec:
         """The exported model's preprocessing: input size, HU window and box margin as `trained` (the round's saved

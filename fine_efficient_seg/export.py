@@ -1,9 +1,9 @@
 """The export step: the best fine networks + config into `export.dir` (default ../model_weights/efficient_fine_model).
 
-Source: the best checkpoints of round 2 when that round has any, else those of round 1. Both networks are
-stored (A and B, for `--ensemble` prediction); `export.network` is the primary. The model folder's preprocess
-entry tells prediction how to build the fine input and post-process its output: {"size_zyx", "hu_window",
-"extend_size_mm" (box margin), "min_volume_mm3" (smallest component kept)}.
+Source: the best checkpoints of the last round (round 1 + uif.rounds; round 1 without an unlabeled pool), or of
+`export.round`. Both networks are stored (A and B, for `--ensemble` prediction); `export.network` is the primary.
+The model folder's preprocess entry tells prediction how to build the fine input and post-process its output:
+{"size_zyx", "hu_window", "extend_size_mm" (box margin), "min_volume_mm3" (smallest component kept)}.
 `<output_dir>/export.json` records what was exported, so the step is skipped while it is current.
 """
 
@@ -21,18 +21,23 @@ from fine_efficient_seg.layout import RunLayout
 
 logger = get_logger(__name__)
 
-LAST_ROUND = 2
+def export_round(cfg: FineTrainConfig) -> int:
+    """The round the export takes: export.round, else the last of the run (1 + uif.rounds; 1 without an unlabeled
+    pool, where there is nothing to filter)."""
+    if cfg.export.round is not None:
+        return cfg.export.round
+    return 1 if cfg.data.unlabeled_db is None else 1 + cfg.uif.rounds
 
 
-def best_round_dir(cfg: FineTrainConfig) -> Path:
-    """The round whose best checkpoints are exported: the last round that has any (round 2, else round 1)."""
-    layout = RunLayout(cfg.output_dir)
-    for k in range(LAST_ROUND, 0, -1):
-        round_dir = layout.round_dir(k)
-        if (round_dir / "checkpoints" / f"best_model_{cfg.export.network}.pt").is_file():
-            return round_dir
-    raise InputError(layout.round_dir(1) / "checkpoints",
-                     "no best checkpoint in round2/ or round1/: train first (sh run.sh)")
+def export_round_dir(cfg: FineTrainConfig) -> Path:
+    """The folder of the exported round, which must have its best checkpoints (a finished round does)."""
+    k = export_round(cfg)
+    round_dir = RunLayout(cfg.output_dir).round_dir(k)
+    best = round_dir / "checkpoints" / f"best_model_{cfg.export.network}.pt"
+    if not best.is_file():
+        raise InputError(best, f"not found: the export takes round {k} (export.round={cfg.export.round}, uif.rounds="
+                               f"{cfg.uif.rounds}); train it first (sh run.sh step=round{k}, or step=all)")
+    return round_dir
 
 
 def _fingerprint(round_dir: Path, export_dir: Path, primary: str, min_volume_mm3: float) -> dict[str, Any]:
@@ -52,7 +57,7 @@ def export_is_current(cfg: FineTrainConfig) -> bool:
     if not (export_dir / EXPORT_FILE).is_file():
         return False
     try:
-        current = _fingerprint(best_round_dir(cfg), export_dir, cfg.export.network, cfg.postprocess.min_volume_mm3)
+        current = _fingerprint(export_round_dir(cfg), export_dir, cfg.export.network, cfg.postprocess.min_volume_mm3)
     except (OSError, InputError):
         return False
     return marker_matches(RunLayout(cfg.output_dir).export_marker, current)
@@ -60,7 +65,7 @@ def export_is_current(cfg: FineTrainConfig) -> bool:
 
 def export(cfg: FineTrainConfig) -> Path:
     """Write model.pt + config.yaml into cfg.export.dir; returns the model.pt path."""
-    round_dir = best_round_dir(cfg)
+    round_dir = export_round_dir(cfg)
     primary = cfg.export.network
     path, best = export_best_networks(
         round_dir, cfg.export.dir, stage="fine", primary=primary,

@@ -1,6 +1,7 @@
 #!/bin/sh
-# Fine stage: boxes -> round1 -> uif -> round2 -> export, each step skipped when already done. The steps are
-# orchestrated in one place, fine_efficient_seg/train.py; this script only picks the launcher and execs it.
+# Fine stage: boxes -> round1 -> uif -> round2 (-> uif2 -> round3 ... with uif.rounds > 1) -> export, each step
+# skipped when already done. The steps are orchestrated in one place, fine_efficient_seg/train.py; this script only
+# picks the launcher and execs it.
 #   sh run.sh                       all steps (on ${GPUS:-1} GPUs)
 #   sh run.sh step=uif              one step
 #   sh run.sh key=value ...         config overrides (e.g. schedule.iterations=20000 uif.keep_count=200)

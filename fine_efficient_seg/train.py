@@ -6,7 +6,9 @@ Steps (`step=all` runs them in this order; each is skipped when its output is al
   round1  CPS training of two EfficientSegNets on labeled + all unlabeled crops   -> <output_dir>/round1/
   uif     uncertainty of every unlabeled case, keep the most certain  -> uif_scores.csv, <output_dir>/db/uif_pool
   round2  CPS training on labeled + the kept cases (fresh or warm from round 1)   -> <output_dir>/round2/
-  export  best networks (round 2, else round 1) + config                         -> export.dir
+  uif2, round3, ...  with uif.rounds > 1: filter k scores the whole pool with round k's networks and keeps the most
+          certain (keep_schedule growing: k times as many) -> <output_dir>/uif_round<k>/; round k + 1 trains on them
+  export  best networks of the last round (1 + uif.rounds; 1 without an unlabeled pool) or export.round -> export.dir
 The rounds use the shared engine (common.train.engine: checkpoints of both networks, resume, DDP, AMP, TensorBoard,
 metrics.jsonl); the crops are made on the training device by fine_efficient_seg.dataset. Tests call `main`.
 Under torchrun, boxes and uif share their cases across the ranks (rank 0 writes) and export runs on rank 0; an
@@ -20,9 +22,9 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from common.config import FineTrainConfig
+from common.config import FineTrainConfig, uif_step
 from common.core.errors import InputError
 from common.core.labels import FLARE22, LabelSet
 from common.core.logger import get_logger, setup_logging
@@ -45,14 +47,13 @@ from fine_efficient_seg.dataset import (
     read_boxes,
     validation_cases,
 )
-from fine_efficient_seg.export import best_round_dir, export, export_is_current
+from fine_efficient_seg.export import export, export_is_current, export_round_dir
 from fine_efficient_seg.layout import RunLayout
 from fine_efficient_seg.uif import UifOptions, run_uif, snapshot_iterations
 
 logger = get_logger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
-STEPS = ("boxes", "round1", "uif", "round2", "export")
 
 
 def sample_spec(cfg: FineTrainConfig, labels: LabelSet = FLARE22) -> SampleSpec:
@@ -66,9 +67,11 @@ def sample_spec(cfg: FineTrainConfig, labels: LabelSet = FLARE22) -> SampleSpec:
                       labels.num_organs)
 
 
-def uif_options(cfg: FineTrainConfig) -> UifOptions:
-    """The uif section, with the fixed fine crop (box + crop.extend_size_mm at data.size_zyx) it scores on."""
-    return UifOptions(method=cfg.uif.score, keep_count=cfg.uif.keep_count, keep_ratio=cfg.uif.keep_ratio,
+def uif_options(cfg: FineTrainConfig, k: int = 1) -> UifOptions:
+    """The uif section for filter k (its keep under uif.keep_schedule), with the fixed fine crop (box +
+    crop.extend_size_mm at data.size_zyx) it scores on."""
+    keep_count, keep_ratio = cfg.uif.keep(k)
+    return UifOptions(method=cfg.uif.score, keep_count=keep_count, keep_ratio=keep_ratio,
                       weighting=cfg.uif.weighting, size_zyx=tuple(cfg.data.size_zyx),  # type: ignore[arg-type]
                       hu_window=tuple(cfg.data.hu_window), extend_size_mm=cfg.crop.extend_size_mm,  # type: ignore
                       precision=cfg.amp.precision)
@@ -199,26 +202,37 @@ def _check_unlabeled_regions(cases: Sequence[FineCase], cfg: FineTrainConfig, db
 
 
 def _uif_inputs(cfg: FineTrainConfig, k: int) -> dict[str, Any]:
-    """What filter k's pool depends on: the networks of round k, the boxes and the UIF and crop settings."""
+    """What filter k's pool depends on: the networks of round k (and of round k - 1, which the change score compares
+    with), the boxes, and the UIF and crop settings."""
     layout = RunLayout(cfg.output_dir)
-    ckpts = layout.round_dir(k) / "checkpoints"
-    files = {name: ckpts / name for name in ("best_model_a.pt", "best_model_b.pt", "last.pt")}
+    options = uif_options(cfg, k)
+
+    def networks(j: int) -> dict[str, Any]:
+        ckpts = layout.round_dir(j) / "checkpoints"
+        files = {name: ckpts / name for name in ("best_model_a.pt", "best_model_b.pt", "last.pt")}
+        return {name: file_stamp(p) for name, p in files.items() if p.is_file()}
+
     # the boxes by content: opening an LMDB for writing may touch data.mdb without changing a record
     boxes = {key: box.to_json() for key, box in read_boxes(layout.boxes_db).items()}
-    return {
-        f"round{k}": {name: file_stamp(p) for name, p in files.items() if p.is_file()},
+    inputs = {
+        f"round{k}": networks(k),
         "boxes": hashlib.sha256(json.dumps(boxes, sort_keys=True).encode()).hexdigest(),
-        "uif": {"score": cfg.uif.score, "keep_count": cfg.uif.keep_count, "keep_ratio": cfg.uif.keep_ratio,
+        "uif": {"score": cfg.uif.score, "keep_count": options.keep_count, "keep_ratio": options.keep_ratio,
                 "weighting": cfg.uif.weighting, "snapshots": cfg.uif.snapshots},
         "crop": {"extend_size_mm": cfg.crop.extend_size_mm, "size_zyx": list(cfg.data.size_zyx),
                  "hu_window": list(cfg.data.hu_window)},
     }
+    if k > 1 and cfg.uif.score == "change":
+        inputs[f"round{k - 1}"] = networks(k - 1)
+    return inputs
 
 
 def step_uif(cfg: FineTrainConfig, info: DistInfo, k: int = 1) -> dict[str, Any]:
+    """Filter k: score the unlabeled pool with round k's networks and keep the most certain (skipped while current)."""
+    name = uif_step(k)
     pool = unlabeled_db(cfg)
     if pool is None:
-        logger.info("uif: data.unlabeled_db is null; nothing to filter")
+        logger.info("%s: data.unlabeled_db is null; nothing to filter", name)
         return {"skipped": True}
     layout = RunLayout(cfg.output_dir)
     if not _round_done(layout, k):
@@ -226,25 +240,26 @@ def step_uif(cfg: FineTrainConfig, info: DistInfo, k: int = 1) -> dict[str, Any]
                                                           f"(sh run.sh step=round{k})")
     inputs = _uif_inputs(cfg, k)
     if marker_matches(layout.uif_marker(k), inputs) and (layout.pool_db(k) / "data.mdb").is_file():
-        logger.info("uif: %s is current (%s); skipping", layout.pool_db(k), layout.uif_marker(k))
+        logger.info("%s: %s is current (%s); skipping", name, layout.pool_db(k), layout.uif_marker(k))
         return {"skipped": True}
-    rows = run_uif(layout, k, pool, cfg.data_base_dir, uif_options(cfg), info.device)
+    rows = run_uif(layout, k, pool, cfg.data_base_dir, uif_options(cfg, k), info.device)
     if info.is_main:
         write_marker(layout.uif_marker(k), inputs)
     return {"cases": len(rows), "kept": sum(r.kept for r in rows)}
 
 
-def step_round2(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
-    if unlabeled_db(cfg) is None:
-        logger.info("round2: data.unlabeled_db is null, so there is no filtered pool; round 1 is final")
+def step_round(cfg: FineTrainConfig, info: DistInfo, k: int) -> dict[str, Any]:
+    """Round k: round 1 on labeled + every unlabeled case; round k > 1 on labeled + filter k - 1's pool."""
+    if k > 1 and unlabeled_db(cfg) is None:
+        logger.info("round%d: data.unlabeled_db is null, so there is no filtered pool; round 1 is final", k)
         return {"skipped": True}
-    return run_round(cfg, info, 2)
+    return run_round(cfg, info, k)
 
 
 def _check_round_current(cfg: FineTrainConfig) -> None:
     """InputError unless the round the export takes its networks from was trained from the current inputs (its
     inputs.json; a folder of an earlier version, without one, is taken as it is)."""
-    round_dir = best_round_dir(cfg)
+    round_dir = export_round_dir(cfg)
     recorded = read_marker(round_dir / INPUTS_FILE)
     if recorded is None:
         return
@@ -263,18 +278,31 @@ def step_export(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
     return {"export_dir": str(export(cfg).parent)}
 
 
-# Steps whose work is shared across ranks (boxes, uif) or done by rank 0 (export), each ending in one exchange of
-# results and errors (run_on_every_rank); the rounds run on every rank through the engine.
-_SHARED_STEPS: dict[str, Callable[[FineTrainConfig, DistInfo], dict[str, Any]]] = {
-    "boxes": step_boxes, "uif": step_uif, "export": lambda cfg, info: step_export(cfg, info) if info.is_main else {}}
-_ALL_RANK_STEPS: dict[str, Callable[[FineTrainConfig, DistInfo], dict[str, Any]]] = {
-    "round1": lambda cfg, info: run_round(cfg, info, 1), "round2": step_round2}
+def _step_number(step: str, prefix: str) -> int:
+    """k of a step named <prefix><k> (uif alone is filter 1)."""
+    return int(step.removeprefix(prefix) or 1)
+
+
+def run_step(cfg: FineTrainConfig, info: DistInfo, step: str) -> dict[str, Any]:
+    """One step. The rounds run on every rank through the engine; the work of boxes and uif is shared across the
+    ranks and export is done by rank 0, each ending in one exchange of results and errors (run_on_every_rank)."""
+    if step.startswith("round"):
+        return step_round(cfg, info, _step_number(step, "round"))
+    if step == "boxes":
+        work = functools.partial(step_boxes, cfg, info)
+    elif step.startswith("uif"):
+        work = functools.partial(step_uif, cfg, info, _step_number(step, "uif"))
+    elif step == "export":
+        work = functools.partial(step_export, cfg, info) if info.is_main else dict
+    else:
+        raise ValueError(f"unknown fine step {step!r}")
+    return run_on_every_rank(work, f"step {step}")[0]
 
 
 def main(cfg: FineTrainConfig) -> dict[str, Any]:
-    """Run `cfg.step` ("all": every step in order); returns {step: its summary}."""
+    """Run `cfg.step` ("all": every step of `cfg.steps()` in order); returns {step: its summary}."""
     info = init_distributed(cfg.device)
-    steps = STEPS if cfg.step == "all" else (cfg.step,)
+    steps = cfg.steps() if cfg.step == "all" else (cfg.step,)
     results: dict[str, Any] = {}
     layout = RunLayout(cfg.output_dir)
     log = layout.steps_log if info.is_main else layout.steps_log.with_name(f"steps.rank{info.rank}.log")
@@ -285,11 +313,7 @@ def main(cfg: FineTrainConfig) -> dict[str, Any]:
         claim_run_folder(cfg.output_dir, cfg.run_identity("fine"), write=info.is_main)
         for step in steps:
             logger.info("fine stage: step %s", step)
-            if step in _ALL_RANK_STEPS:
-                results[step] = _ALL_RANK_STEPS[step](cfg, info)
-            else:
-                results[step] = run_on_every_rank(functools.partial(_SHARED_STEPS[step], cfg, info),
-                                                  f"step {step}")[0]
+            results[step] = run_step(cfg, info, step)
     return results
 
 

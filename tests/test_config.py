@@ -90,10 +90,20 @@ def test_fine_defaults_match_interfaces():
     assert cfg.boxes.coarse_model_dir == "../model_weights/base_coarse_model"
     assert (cfg.uif.score, cfg.uif.keep_count, cfg.uif.keep_ratio) == ("disagreement", None, 0.1)
     assert (cfg.round2.init, cfg.round2.iterations) == ("fresh", None)
+    assert (cfg.uif.rounds, cfg.uif.keep_schedule) == (1, "fixed")
+    assert cfg.steps() == ("boxes", "round1", "uif", "round2", "export")
     # sections shared with the coarse stage keep the coarse defaults, except the fine stage's own iteration count
     assert cfg.schedule.iterations == 40000
     coarse_schedule = dataclasses.replace(CoarseTrainConfig().schedule, iterations=40000)
     assert cfg.schedule == coarse_schedule and cfg.cps == CoarseTrainConfig().cps
+
+
+def test_filtered_rounds_steps_and_keep_schedule(tmp_path):
+    cfg = load_config(FineTrainConfig, write_yaml(tmp_path, "uif:\n  rounds: 3\n  keep_count: 4\n"), ["step=uif3"])
+    assert cfg.steps() == ("boxes", "round1", "uif", "round2", "uif2", "round3", "uif3", "round4", "export")
+    assert [cfg.uif.keep(k) for k in (1, 2, 3)] == [(4, 0.1)] * 3
+    growing = dataclasses.replace(cfg.uif, keep_schedule="growing", keep_ratio=0.4)
+    assert [growing.keep(k) for k in (1, 2, 3)] == [(4, 0.4), (8, 0.8), (12, 1.0)]
 
 
 def test_prepare_defaults_match_interfaces():
@@ -186,6 +196,11 @@ def test_str_field_override_keeps_numeric_text(tmp_path):
         ("uif:\n  score: variance\n", (), "uif.score", ["'disagreement'", "'entropy'"]),
         ("round2:\n  init: hot\n", (), "round2.init", ["'fresh'", "'warm'"]),
         ("step: predict\n", (), "step", ["'round1'", "'export'"]),
+        ("step: round3\n", (), "step", ["'round2'", "uif.rounds=1"]),
+        ("step: uif2\n", (), "step", ["'uif'", "uif.rounds=1"]),
+        ("uif:\n  rounds: 0\n", (), "uif.rounds", [">= 1"]),
+        ("export:\n  round: 3\n", (), "export.round", ["rounds 1..2", "uif.rounds=1"]),
+        ("uif:\n  keep_schedule: double\n", (), "uif.keep_schedule", ["'fixed'", "'growing'"]),
         ("export:\n  network: c\n", (), "export.network", ["'a'", "'b'"]),
         ("device: gpu\n", (), "device", ["'cuda:N'", "'auto'"]),
         ("model:\n  name: resnet\n", (), "model.name", ["'unet'", "'efficient_seg_net'"]),

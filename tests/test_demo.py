@@ -20,6 +20,7 @@ TINY = {
     "DEMO_COARSE_ITERS": "4",
     "DEMO_FINE_ITERS": "4",
     "DEMO_VAL_INTERVAL": "2",
+    "DEMO_UIF_ROUNDS": "2",
 }
 
 
@@ -43,6 +44,9 @@ def test_demo_runs_every_stage_and_reuses_work(tmp_path):
     assert (out / "coarse" / "checkpoints" / "best_model_a.pt").is_file()
     assert (out / "fine" / "round1" / "checkpoints" / "best_model_b.pt").is_file()
     assert (out / "fine" / "round2" / "checkpoints" / "last.pt").is_file()
+    # DEMO_UIF_ROUNDS=2: a second filter (uif_round2/) and round 3, which is the one exported
+    assert (out / "fine" / "uif_round2" / "uif_scores.csv").is_file()
+    assert str(out / "fine" / "round3") in (out / "fine" / "export.json").read_text()
     with open(out / "fine" / "uif_scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and sum(r["kept"] in ("1", "True", "true") for r in rows) == 2  # keep_ratio 0.5 of 3

@@ -19,7 +19,7 @@ from torch import nn
 from common.config import FineTrainConfig
 from common.core.defaults import FINE_MIN_VOLUME_MM3, HU_WINDOW
 from common.core.errors import InputError
-from common.core.typed_config import load_config
+from common.core.typed_config import ConfigError, load_config
 from common.networks import build_network
 from common.storage.checkpoint import load_checkpoint
 from common.storage.lmdb_store import open_store
@@ -290,28 +290,37 @@ def test_uif_step_keeps_agreeing_cases(tmp_path, monkeypatch, method):
 RUN_ENV = {**os.environ, "GPUS": "1", "OMP_NUM_THREADS": "2"}
 
 
+def kill_run_sh_when(args: list[str], path: Path) -> None:
+    """Start `sh run.sh args` and kill it (SIGKILL to its whole process group) as soon as `path` exists."""
+    proc = subprocess.Popen(["sh", str(STAGE / "run.sh"), *args], cwd=REPO, env=RUN_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not path.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert path.is_file(), f"the run ended (rc {proc.poll()}) or timed out before writing {path}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_sh(args: list[str]) -> None:
+    result = subprocess.run(["sh", str(STAGE / "run.sh"), *args], cwd=REPO, env=RUN_ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     """`sh run.sh` killed in round 1, then `sh run.sh` again: resumes round 1 and runs every later step."""
     args = overrides(dataset, tmp_path)
     out = tmp_path / "output"
     last = out / "round1" / "checkpoints" / "last.pt"
-    proc = subprocess.Popen(["sh", str(STAGE / "run.sh"), *args], cwd=REPO, env=RUN_ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert last.is_file(), "round 1 wrote no checkpoint"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_run_sh_when(args, last)
     killed_at = int(load_checkpoint(last)["iteration"])
     assert not (out / "round1" / "DONE").exists(), "round 1 finished before the kill"
 
-    result = subprocess.run(["sh", str(STAGE / "run.sh"), *args], cwd=REPO, env=RUN_ENV, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_sh(args)
     log = (out / "round1" / "train.log").read_text()
     assert "resuming from" in log and f"at iteration {killed_at}/3" in log
 
@@ -360,6 +369,56 @@ def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     main(fine_config(dataset, tmp_path, "uif.keep_count=1", "step=uif"))
     with pytest.raises(InputError, match="round2 was trained from other inputs"):
         main(fine_config(dataset, tmp_path, "uif.keep_count=1", "step=export"))
+
+
+def _final_state(run: Path, k: int) -> dict[str, torch.Tensor]:
+    checkpoint = load_checkpoint(run / "output" / f"round{k}" / "checkpoints" / "last.pt")
+    return {f"{name}.{key}": value for name in ("a", "b") for key, value in checkpoint[f"net_{name}"].items()}
+
+
+def test_three_filtered_rounds_resumed_after_a_kill_in_round2_equal_an_uninterrupted_run(dataset, tmp_path):
+    """uif.rounds=3 with a growing keep: boxes, round1, uif, round2, uif2, round3, uif3, round4, export. A run killed
+    in round 2 and started again ends with the same selections and networks as one that was never stopped."""
+    extra = ("uif.rounds=3", "uif.keep_count=1", "uif.keep_schedule=growing", "schedule.iterations=2",
+             "round2.iterations=6", "round2.init=warm")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_sh(overrides(dataset, straight, *extra))
+    last = killed / "output" / "round2" / "checkpoints" / "last.pt"
+    kill_run_sh_when(overrides(dataset, killed, *extra), last)
+    assert not (last.parent.parent / "DONE").exists(), "round 2 finished before the kill"
+    assert not (killed / "output" / "round3").exists()
+    killed_at = int(load_checkpoint(last)["iteration"])
+    run_sh(overrides(dataset, killed, *extra))
+    assert f"at iteration {killed_at}/6" in (killed / "output" / "round2" / "train.log").read_text()
+
+    for run in (straight, killed):
+        layout = RunLayout(run / "output")
+        # filter k scored the whole pool (4 cases) and kept k cases; round k + 1 trained on them
+        for k in (1, 2, 3):
+            rows = read_scores_csv(layout.scores_csv(k))
+            assert len(rows) == 4 and sum(r.kept for r in rows) == k
+            assert sorted(open_store(layout.pool_db(k), readonly=True).keys()) == sorted(r.case for r in rows
+                                                                                            if r.kept)
+        for k in (1, 2, 3, 4):
+            assert json.loads((layout.round_dir(k) / "DONE").read_text())["iteration"] == (2 if k == 1 else 6)
+        steps_log = layout.steps_log.read_text()
+        assert all(f"labeled + {k} unlabeled" in steps_log for k in (1, 2, 3))
+        assert json.loads(layout.export_marker.read_text())["round_dir"] == str(layout.round_dir(4))
+        assert (run / "export" / "model.pt").is_file()
+    for k in (1, 2, 3):
+        assert (RunLayout(straight / "output").scores_csv(k).read_text()
+                == RunLayout(killed / "output").scores_csv(k).read_text())
+    for k in (1, 2, 3, 4):
+        a, b = _final_state(straight, k), _final_state(killed, k)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"round{k} {key}")
+    # the run is complete: every step is skipped, and step names past uif.rounds are refused
+    results = main(fine_config(dataset, killed, *extra))
+    assert all(results[f"round{k}"]["already_done"] for k in (1, 2, 3, 4))
+    assert all(results[name]["skipped"] for name in ("uif", "uif2", "uif3", "export"))
+    with pytest.raises(ConfigError, match="'round5' is not a step of this run"):
+        fine_config(dataset, killed, *extra, "step=round5")
 
 
 def test_run_sh_execs_the_trainer(tmp_path):
