@@ -49,6 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ROWS = ("l0", "ceiling")
 PHASES = ("non_contrast", "arterial", "portal_venous")
 SETTINGS_FILE = "headroom_settings.json"
+DATA_KEYS = ("labeled", "labeled_val", "unlabeled", "val", "size", "hard_fraction", "scan_profiles", "gen",
+             "coarse_size", "fine_size", "coarse_iters", "channels", "coarse_lr", "coarse_data")
+SHARED = ("dataset", "dataset_ceiling", "coarse", "weights_coarse")  # what --reuse-data links
 RESULT_FILE = "headroom_result.json"
 SHAPE_MIN_VOXELS = 100  # an organ "has shape" at a fine size when its median voxel count in the crop is this ...
 SHAPE_MIN_EXTENT = 4  # ... and its median bounding box spans at least this many voxels along every axis
@@ -80,12 +83,18 @@ class Settings:
     threads: int = 1
     workers: int = 1
     out: str = str(ROOT / "runs" / "headroom")
+    reuse_data: str | None = None  # another run's folder: take its datasets and coarse model (same data settings)
 
     def fingerprint(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("seeds", "device", "threads", "workers", "out"):
+        for k in ("seeds", "device", "threads", "workers", "out", "reuse_data"):
             d.pop(k)
         return d
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """The settings the datasets and the coarse model depend on."""
+        d = self.fingerprint()
+        return {k: d[k] for k in DATA_KEYS}
 
 
 def _cube(n: int) -> str:
@@ -313,6 +322,21 @@ def seed_result(s: Settings, seed: int, timings: dict[str, float]) -> dict[str, 
 # --------------------------------------------------------------------------------------------- running, report
 
 
+def link_shared(s: Settings, seed: int) -> None:
+    """Link the datasets and the coarse model of the run in --reuse-data (same data settings, checked): the
+    synthetic, prepare and coarse steps then find their work done. The prepared records hold absolute paths into
+    that run, which must stay in place."""
+    src = Path(s.reuse_data).resolve() / f"seed{seed}"
+    recorded = json.loads((src / SETTINGS_FILE).read_text(encoding="utf-8"))
+    diff = {k: (recorded.get(k), v) for k, v in s.data_fingerprint().items() if recorded.get(k) != v}
+    if diff:
+        raise SystemExit(f"error: --reuse-data {src} was made with other data settings {diff}")
+    sd = seed_dir(s, seed)
+    for name in SHARED:
+        if not (sd / name).exists():
+            (sd / name).symlink_to(src / name)
+
+
 def run_seed(s: Settings, seed: int, t0: float) -> dict[str, Any]:
     sd = seed_dir(s, seed)
     sd.mkdir(parents=True, exist_ok=True)
@@ -325,6 +349,8 @@ def run_seed(s: Settings, seed: int, t0: float) -> dict[str, Any]:
             raise SystemExit(f"error: {sd} was made with other settings {diff}; use another --out")
     else:
         path.write_text(json.dumps(current, indent=1) + "\n", encoding="utf-8")
+    if s.reuse_data:
+        link_shared(s, seed)
     timings_path = sd / "timings.json"
     timings = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.is_file() else {}
     for step in seed_steps(s, seed):
@@ -424,6 +450,8 @@ def parse_args(argv: Sequence[str]) -> Settings:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--out", default=d.out)
+    p.add_argument("--reuse-data", default=None,
+                   help="another run's --out with the same data settings: reuse its datasets and coarse model")
     a = p.parse_args(argv)
     if a.labeled < 1 or a.labeled_val < 1 or a.unlabeled < 1 or a.val < 1:
         p.error("need --labeled, --labeled-val, --unlabeled and --val >= 1")
@@ -434,7 +462,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
                     channels=[int(c) for c in a.channels.split(",")], coarse_lr=a.coarse_lr, fine_lr=a.fine_lr,
                     cps_weight=a.cps_weight, coarse_data=a.coarse_data, val_points=a.val_points,
                     ensemble=not a.no_ensemble, device=a.device, threads=a.threads, workers=a.workers,
-                    out=str(Path(a.out).resolve()))
+                    out=str(Path(a.out).resolve()), reuse_data=a.reuse_data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
