@@ -1,45 +1,46 @@
-"""The original README's semi-supervised table, with the controls that let it answer "does UIF help?".
+"""Does the semi-supervised method help, and does UIF choose better than chance? Rows that differ in one thing.
 
-Rows (fine stage; DSC and NSD by the official FLARE22 rules on held-out synthetic validation cases, predicted by
-the full two-stage predictor):
-  1. L / 0             fine round 1 with data.unlabeled_db=null (the two networks see labeled crops only)
-  2. L / U             fine round 1: CPS with the whole unlabeled pool (hard cases included)
-  3. L / U -> K UIF    fine round 2 (fresh networks) on the K unlabeled cases UIF keeps after round 1
-  4. L / U -> K random the control: round 2 on K random cases (same K, same network seeds)
-  5. L / U -> K oracle round 2 on the K cases with the best TRUE pseudo-label DSC (the ceiling of any filter)
-The distribution shift of FLARE22 (labeled scans from few centres, unlabeled and test scans from many) is modelled
-by `data_prepare.synthetic --scan-profiles shift`: labeled cases from one narrow scan profile, unlabeled and
-evaluation cases from all (contrast phase, noise, slice thickness, HU offset). After round 1 the pool is
-predicted by round 1's ensemble and scored against the hidden truth (trainu_mask_hidden/) by
-benchmarks/uif_quality.py, which also ranks the pool by the three UIF scores and writes the random and oracle
-selections. Each seed is a different synthetic dataset and different network, data-order and augmentation seeds;
-the report gives per row the mean and standard deviation over seeds, and paired deltas (each row minus L / 0, UIF
-minus random, oracle minus random) with 95 % Student-t intervals over seeds. ONE coarse model per seed (CPS on
-labeled + all unlabeled) is shared by all rows: the rows differ only in the fine model.
+Rows (fine stage; DSC and NSD by the official FLARE22 rules on held-out synthetic evaluation cases, predicted by
+the full two-stage predictor; one coarse model per seed shared by every row):
+  l0      L / 0            labeled only (data.unlabeled_db=null)
+  lu      L / U            CPS round 1 on labeled + the whole unlabeled pool
+  lu_<v>  L / U, variant   as lu with other CPS settings (`--lu-variant NAME=key=value,...`: confidence, weight)
+  lk      UIF-K            round 2 on the K cases UIF keeps after round 1
+  lk_fresh / lk_warm       as lk, started the other way (fresh from the warm-up, or from round 1's end)
+  lr      random-K         the control: round 2 on K random cases (same K, same start, same seeds)
+  lo      oracle-K         round 2 on the K cases with the best TRUE pseudo-label DSC (the ceiling of any filter)
+  ln      N rounds         `uif.rounds=N`: filter and retrain N times (round N + 1)
+  lc      ceiling          as l0, with the unlabeled cases added as labeled cases with their hidden truth
+Variance is reduced by design: every row of a seed starts from one shared supervised warm-up (`--warmup-iters`,
+exported once and passed as model.init_from), L / 0 and L / U give a labeled crop the same weight
+(`--cps-parts separate`, common.train.cps.CPSSettings), and the K rows start from the end of round 1
+(`--round2-init warm`; the lk_fresh row measures the other start). Each seed is a different synthetic dataset and
+different network, data-order and augmentation seeds; the report gives per row the mean with its 95 % Student-t
+interval over seeds, the paired differences (by seed) with intervals, and the smallest difference the design
+resolves (80 % power, two-sided 5 %) from the spread of those differences. DSC is the mean over all 13 organs and
+over the organs that have shape at the fine size (benchmarks.headroom.shaped_organs).
 
-The labeled cases: `--labeled` L train the networks; `--labeled-val` more labeled cases form the fold-1
-validation set that picks the best checkpoint (as the original's 5-fold split does); the held-out `--val` cases
-(val_images + val_mask) are used for nothing but the final evaluation. A fraction `--hard-fraction` of the
-unlabeled pool is "hard" (heavy noise, metal streaks, truncated field of view; recorded in synthetic_meta.json).
+After round 1 the pool is predicted by round 1's ensemble and scored against the hidden truth (trainu_mask_hidden/)
+by benchmarks/uif_quality.py, which compares the UIF scores (disagreement, entropy, stability, change) and writes
+the random, oracle and other-start selections. With N rounds, each filter's kept cases are scored the same way
+(their true pseudo-label DSC per round).
+
+The labeled cases: `--labeled` L train the networks; `--labeled-val` more labeled cases form the fold-1 validation
+set that picks the best checkpoint (pinned: exactly these counts per seed); the `--val` held-out cases are used for
+nothing but the final evaluation.
 
 Every stage runs through its real entry point as a subprocess (`sh <stage>/run.sh key=value ...`, `sh predict.sh`),
-exactly as demo.sh does. Everything goes to `--out` (default runs/semi_supervised, git-ignored):
-  seed<S>/dataset/  seed<S>/coarse/  seed<S>/fine_l0/  seed<S>/fine_cps/ (round1, uif_scores.csv, round2)
-  seed<S>/fine_random/ seed<S>/fine_oracle/ (the control selections and their round 2)
-  seed<S>/pred_pool/ + eval_pool.csv + uif_quality.json (true pseudo-label quality and the three UIF scores)
-  seed<S>/weights_<row>/{base_coarse_model -> ../weights_coarse/..., efficient_fine_model}
-  seed<S>/pred_<row>/ + eval_<row>.csv   seed<S>/logs/<step>.log   seed<S>/settings.json, timings.json
-  semi_supervised.md (the tables) and semi_supervised.json (every number, the settings, the command, timings).
-A rerun with the same settings reuses everything finished (each stage skips what is done); a rerun with
-different settings into the same folder is refused (pick another --out).
+exactly as demo.sh does. Everything goes to `--out` (default runs/semi_supervised, git-ignored): per seed
+seed<S>/{dataset, dataset_ceiling, coarse, fine_warm, fine_l0, fine_lc, fine_cps, fine_lu_<v>, fine_random,
+fine_oracle, fine_uif_<start>, weights_<row>, pred_<row>, eval_<row>.csv, pred_pool*, logs, settings.json,
+timings.json}; semi_supervised.md (the tables) and semi_supervised.json (every number, the settings, the command,
+timings). A rerun with the same settings reuses everything finished; one with other settings into the same folder
+is refused (pick another --out).
 
 Cost: every subprocess runs with `--threads` (default 1) OMP/MKL threads and `--jobs` (default 2) seeds run in
-parallel. The CPU defaults (5 seeds; channels 8..128; coarse 32^3 x 300, fine 32^3 x 250 iterations per training;
-six trainings a seed) took 6079 s on two loaded cores (about 2200 s of steps per seed; BENCHMARKS.md), and the
-networks reach DSC 0.24-0.39. Below about 150 iterations of channels 4..64 they learn nothing (validation Dice
-< 0.1) and the table says nothing.
+parallel; the report gives the CPU minutes of each row's own steps.
 
-    python -m benchmarks.semi_supervised                      # CPU defaults: 5 seeds, L=4, U=12 -> K=6
+    python -m benchmarks.semi_supervised --regime headroom --seeds 0 1 2 3 4 5   # the BENCHMARKS.md table
     python -m benchmarks.semi_supervised --stop-after lu --seeds 0 1 --cps-weight 0.5   # probe L/U vs L/0 only
     python -m benchmarks.semi_supervised --preset cuda        # full size on one GPU (160^3 / 192^3, 16..256)
     python -m benchmarks.semi_supervised --dry-run            # print the commands only
@@ -59,20 +60,20 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.stats import evaluate_row
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("l0", "lu", "lk", "lr", "lo", "lc")
 SETTINGS_FILE = "settings.json"
 # Keys of the settings that change the trained models (a rerun with other values would mix results).
 _RESULT_KEYS = ("labeled", "labeled_val", "unlabeled", "val", "hard_fraction", "keep_ratio", "size",
                 "coarse_size", "fine_size", "coarse_iters", "fine_iters", "round2_iters", "channels",
                 "ensemble", "coarse_lr", "fine_lr", "dropout", "rampup_fraction", "scan_profiles", "snapshots",
-                "cps_weight", "anatomy", "ceiling")
+                "cps_weight", "anatomy", "ceiling", "warmup_iters", "cps_parts", "cps_confidence", "round2_init",
+                "rounds", "keep_schedule", "lu_variants", "start_control")
 # How fold 1 is split: "pinned" = exactly --labeled training and --labeled-val validation cases per seed
 # (file_list/fold1_val_series_uids.txt). Runs made before (data_prepare's per-case hash draw) are refused.
 SPLIT_RULE = "pinned"
@@ -104,13 +105,21 @@ class Settings:
     dropout: float = 0.0
     rampup_fraction: float = 0.4
     cps_weight: float = 1.0
+    cps_parts: str = "separate"  # the same labeled weight in L / 0 and L / U (the stage's default is joint)
+    cps_confidence: float = 0.0
     # Labeled cases from one narrow scan profile, unlabeled and evaluation cases from all (data_prepare.synthetic).
     scan_profiles: str = "shift"
     anatomy: str = "standard"  # data_prepare.synthetic --anatomy (varied: organs far less alike between cases)
     ceiling: bool = True  # the ceiling row: the unlabeled cases trained WITH their hidden truth (labeled-only)
+    warmup_iters: int = 0  # shared supervised warm-up every row starts from (0: every row starts fresh)
+    round2_init: str = "warm"  # how the K rows start: warm (round 1's end) or fresh (where round 1 started)
+    start_control: bool = True  # the UIF-K row started the other way too (lk_fresh or lk_warm)
+    rounds: int = 1  # uif.rounds of the N-rounds row (1: no such row)
+    keep_schedule: str = "fixed"
+    lu_variants: list[str] = field(default_factory=list)  # "NAME=key=value,key=value": extra L / U rows
     regime: str | None = None  # the --regime preset the defaults came from (recorded for the report)
-    snapshots: int = 3  # round-1 checkpoints for UIF's stability score
-    stop_after: str = "all"  # "quality": stop after round 1 and the UIF quality step
+    snapshots: int = 3  # round-1 checkpoints for UIF's stability and change scores
+    stop_after: str = "all"  # "quality": stop after round 1 and the UIF quality step; "lu": rows l0 and lu only
     report_only: bool = False  # build the report from finished seed folders, run nothing
     device: str = "cpu"
     workers: int = 2
@@ -122,6 +131,49 @@ class Settings:
     def result_fingerprint(self) -> dict[str, Any]:
         d = asdict(self)
         return {**{k: d[k] for k in _RESULT_KEYS}, "split": SPLIT_RULE}
+
+    @property
+    def other_start(self) -> str:
+        return "fresh" if self.round2_init == "warm" else "warm"
+
+    def variants(self) -> dict[str, list[str]]:
+        """{row: its extra fine overrides} of the L / U variants."""
+        out = {}
+        for text in self.lu_variants:
+            name, _, overrides = text.partition("=")
+            out[f"lu_{name}"] = [o for o in overrides.split(",") if o]
+        return out
+
+
+def uif_keep(s: Settings) -> int:
+    """K: how many unlabeled cases UIF keeps (the uif step's own rule)."""
+    from common.evaluation.uncertainty import keep_size
+
+    return keep_size(s.unlabeled, keep_ratio=s.keep_ratio)
+
+
+def rows_of(s: Settings) -> tuple[str, ...]:
+    """The rows a run makes, in table order."""
+    if s.stop_after == "lu":
+        return ("l0", "lu", *s.variants()) + (("lc",) if s.ceiling else ())
+    rows = ["l0", "lu", *s.variants(), "lk"]
+    if s.start_control:
+        rows.append(f"lk_{s.other_start}")
+    rows += ["lr", "lo"] + (["ln"] if s.rounds > 1 else []) + (["lc"] if s.ceiling else [])
+    return tuple(rows)
+
+
+def row_label(row: str, s: Settings) -> str:
+    k, lab, unl = uif_keep(s), s.labeled, s.unlabeled
+    labels = {"l0": f"{lab} / 0", "lu": f"{lab} / {unl}",
+              "lk": f"{lab} / {unl} -> {k} (UIF)", "lr": f"{lab} / {unl} -> {k} (random)",
+              "lo": f"{lab} / {unl} -> {k} (oracle)", f"lk_{s.other_start}": f"{lab} / {unl} -> {k} (UIF, "
+              f"{s.other_start} start)",
+              "ln": f"{lab} / {unl} -> {s.rounds} x {k}{' growing' if s.keep_schedule == 'growing' else ''} (UIF)",
+              "lc": f"{lab} + {unl} with truth / 0 (ceiling)"}
+    for variant, overrides in s.variants().items():
+        labels[variant] = f"{lab} / {unl}, {' '.join(overrides)}"
+    return labels[row]
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -142,105 +194,204 @@ class Step:
     name: str
     argv: list[str]
     done_marker: Path | None = None  # skip the step when this file exists (stages skip themselves otherwise)
+    row: str | None = None  # the row whose own cost this step is (None: shared by several rows)
 
 
 def seed_dir(settings: Settings, seed: int) -> Path:
     return Path(settings.out).resolve() / f"seed{seed}"
 
 
+@dataclass(frozen=True)
+class SeedPaths:
+    """The folders of one seed and the argument lists every fine run shares."""
+
+    settings: Settings
+    seed: int
+
+    @property
+    def sd(self) -> Path:
+        return seed_dir(self.settings, self.seed)
+
+    @property
+    def ds(self) -> Path:
+        return self.sd / "dataset"
+
+    @property
+    def coarse_weights(self) -> Path:
+        return self.sd / "weights_coarse" / "base_coarse_model"
+
+    def weights(self, row: str) -> Path:
+        return self.sd / f"weights_{row}" / "efficient_fine_model"
+
+    def small(self) -> list[str]:
+        s, seed = self.settings, self.seed
+        return [f"model.channels={_list(s.channels)}", "data.num_workers=0", f"model.dropout={s.dropout}",
+                f"device={s.device}", f"seed={seed}", f"model.seed_a={100 * seed + 1}",
+                f"model.seed_b={100 * seed + 2}"]
+
+    def fine(self, out_name: str, dataset: Path | None = None) -> list[str]:
+        """`sh fine_efficient_seg/run.sh` with every shared override, into `<seed>/<out_name>`."""
+        s = self.settings
+        args = ["sh", str(ROOT / "fine_efficient_seg" / "run.sh"), f"data_base_dir={dataset or self.ds}",
+                f"output_dir={self.sd / out_name}", f"data.size_zyx={_cube(s.fine_size)}", *self.small(),
+                f"schedule.iterations={s.fine_iters}",
+                f"cps.rampup_iterations={int(s.rampup_fraction * s.fine_iters)}",
+                f"schedule.val_interval={max(1, s.fine_iters // 4)}", "schedule.checkpoint_interval=50",
+                f"boxes.coarse_model_dir={self.coarse_weights}", f"uif.keep_ratio={s.keep_ratio}",
+                "uif.keep_count=null", f"round2.init={s.round2_init}", f"uif.rounds={s.rounds}",
+                f"uif.keep_schedule={s.keep_schedule}", f"round2.iterations={s.round2_iters or s.fine_iters}",
+                f"uif.snapshots={s.snapshots}", f"cps.weight={s.cps_weight}", f"cps.parts={s.cps_parts}",
+                f"cps.confidence={s.cps_confidence}"]
+        if s.fine_lr is not None:
+            args.append(f"optim.lr={s.fine_lr}")
+        if s.warmup_iters and out_name != "fine_warm":
+            args.append(f"model.init_from={self.weights('warm')}")
+        return args
+
+    def export(self, fine_args: list[str], row: str, k: int) -> Step:
+        """Export round k of a fine run as row `row`'s model (skipped once its model.pt exists)."""
+        return Step(f"fine_{row}_export", fine_args + [f"export.dir={self.weights(row)}", f"export.round={k}",
+                                                       "step=export"], done_marker=self.weights(row) / "model.pt",
+                    row=row)
+
+
 def seed_steps(settings: Settings, seed: int) -> list[Step]:
     """The ordered subprocess commands of one seed (absolute paths everywhere: run.sh cds into its stage)."""
-    py = sys.executable
-    sd = seed_dir(settings, seed)
-    ds = sd / "dataset"
-    ds_ceiling = sd / "dataset_ceiling"
-    coarse_w = sd / "weights_coarse" / "base_coarse_model"
-    n_lab = settings.labeled + settings.labeled_val
-    small = [f"model.channels={_list(settings.channels)}", "data.num_workers=0", f"model.dropout={settings.dropout}",
-             f"device={settings.device}", f"seed={seed}",
-             f"model.seed_a={100 * seed + 1}", f"model.seed_b={100 * seed + 2}"]
-    steps = [
-        Step("synthetic", [py, "-m", "data_prepare.synthetic", "--out", str(ds), "--labeled", str(n_lab),
-                           "--unlabeled", str(settings.unlabeled), "--val", str(settings.val), "--seed", str(seed),
-                           "--size", settings.size, "--hard-fraction", str(settings.hard_fraction),
-                           "--scan-profiles", settings.scan_profiles, "--anatomy", settings.anatomy,
-                           # exactly labeled_val validation cases (the last ones), the rest train: the rows'
-                           # counts, not data_prepare's per-case val_ratio draw
-                           "--fold1-val", str(settings.labeled_val), "--workers", str(settings.workers)]),
-        Step("prepare", prepare_argv(settings, ds, seed)),
-    ]
-    if settings.ceiling:
-        # The same cases, the unlabeled ones as labeled cases with their hidden truth (symlinks; same fold-1
-        # validation list), prepared like the dataset.
-        steps += [Step("ceiling_dataset", [py, "-m", "benchmarks.headroom", "ceiling-dataset", "--src", str(ds),
-                                           "--dst", str(ds_ceiling)]),
-                  Step("prepare_ceiling", prepare_argv(settings, ds_ceiling, seed))]
-    coarse_common = [f"data_base_dir={ds}", f"output_dir={sd / 'coarse'}",
-                     f"data.size_zyx={_cube(settings.coarse_size)}", *small,
-                     f"schedule.iterations={settings.coarse_iters}",
-                     f"cps.rampup_iterations={int(settings.rampup_fraction * settings.coarse_iters)}",
-                     f"schedule.val_interval={max(1, settings.coarse_iters // 4)}",
-                     "schedule.checkpoint_interval=50", f"export.dir={coarse_w}"]
-    if settings.coarse_lr is not None:
-        coarse_common.append(f"optim.lr={settings.coarse_lr}")
-    coarse_sh = ["sh", str(ROOT / "coarse_base_seg" / "run.sh")]
-    steps += [Step("coarse_train", coarse_sh + coarse_common),
-              Step("coarse_export", coarse_sh + coarse_common + ["step=export"])]
-
-    fine_sh = ["sh", str(ROOT / "fine_efficient_seg" / "run.sh"), f"data_base_dir={ds}"]
-    fine_common = [f"data.size_zyx={_cube(settings.fine_size)}", *small,
-                   f"schedule.iterations={settings.fine_iters}",
-                   f"cps.rampup_iterations={int(settings.rampup_fraction * settings.fine_iters)}",
-                   f"schedule.val_interval={max(1, settings.fine_iters // 4)}",
-                   "schedule.checkpoint_interval=50", f"boxes.coarse_model_dir={coarse_w}",
-                   f"uif.keep_ratio={settings.keep_ratio}", "uif.keep_count=null", "round2.init=fresh",
-                   f"round2.iterations={settings.round2_iters or settings.fine_iters}",
-                   f"uif.snapshots={settings.snapshots}", f"cps.weight={settings.cps_weight}"]
-    if settings.fine_lr is not None:
-        fine_common.append(f"optim.lr={settings.fine_lr}")
-    fine_w = {row: sd / f"weights_{row}" / "efficient_fine_model" for row in ROWS}
-    l0 = fine_sh + fine_common + [f"output_dir={sd / 'fine_l0'}", "data.unlabeled_db=null",
-                                  f"export.dir={fine_w['l0']}"]
-    cps = fine_sh + fine_common + [f"output_dir={sd / 'fine_cps'}"]
-    # The ceiling: row 1's training on the ceiling dataset (labeled + unlabeled cases with their truth).
-    lc = ["sh", str(ROOT / "fine_efficient_seg" / "run.sh"), f"data_base_dir={ds_ceiling}", *fine_common,
-          f"output_dir={sd / 'fine_lc'}", "data.unlabeled_db=null", f"export.dir={fine_w['lc']}"]
-    from benchmarks.uif_quality import CONTROLS, QUALITY_FILE
-
-    steps += [
-        # Row 1: labeled only (boxes, uif and round2 are no-ops without a pool; export takes round 1).
-        Step("fine_l0", l0 + ["step=all"]),
-        *([Step("fine_lc", lc + ["step=all"])] if settings.ceiling else []),
-        # Rows 2-5 share round 1; round 1's networks are exported BEFORE round 2 exists (the export step
-        # takes round 2 when it has a checkpoint), so this step is skipped once its model.pt is there.
-        Step("fine_cps_boxes", cps + ["step=boxes"]),
-        Step("fine_cps_round1", cps + ["step=round1"]),
-        Step("fine_lu_export", cps + [f"export.dir={fine_w['lu']}", "step=export"],
-             done_marker=fine_w["lu"] / "model.pt"),
-    ]
+    paths = SeedPaths(settings, seed)
+    steps = data_steps(paths) + coarse_steps(paths) + labeled_row_steps(paths) + round1_steps(paths)
     if settings.stop_after == "lu":
-        return steps + [Step(f"predict_{row}", predict_argv(settings, ds / "val_images", sd / f"pred_{row}",
-                                                            sd / f"weights_{row}")) for row in active_rows(settings)]
-    steps += [
-        # True pseudo-label quality: the round-1 ensemble on the pool, scored against the hidden truth.
-        Step("predict_pool", predict_argv(settings, ds / "trainu_images", sd / "pred_pool", sd / "weights_lu")),
-        Step("fine_cps_uif", cps + ["step=uif"]),
-        Step("uif_quality", [py, "-m", "benchmarks.uif_quality", "seed", "--seed-dir", str(sd), "--keep",
-                             str(uif_keep(settings)), "--seed", str(seed), "--device", settings.device],
-             done_marker=sd / QUALITY_FILE),
-    ]
+        return steps + predict_steps(paths)
+    steps += quality_steps(paths)
     if settings.stop_after == "quality":
         return steps
-    steps += [Step("fine_cps_round2", cps + ["step=round2"]),
-              Step("fine_lk_export", cps + [f"export.dir={fine_w['lk']}", "step=export"])]
-    for row, out_name in CONTROLS.items():
-        control = fine_sh + fine_common + [f"output_dir={sd / out_name}"]
-        steps += [Step(f"{out_name}_round2", control + ["step=round2"]),
-                  Step(f"fine_{row}_export", control + [f"export.dir={fine_w[row]}", "step=export"])]
-    for row in active_rows(settings):
-        steps.append(Step(f"predict_{row}", predict_argv(settings, ds / "val_images", sd / f"pred_{row}",
-                                                         sd / f"weights_{row}")))
+    return steps + round2_steps(paths) + more_round_steps(paths) + predict_steps(paths)
+
+
+def data_steps(paths: SeedPaths) -> list[Step]:
+    """The synthetic dataset and its preparation, and the ceiling dataset (the same cases, the unlabeled ones as
+    labeled cases with their hidden truth: symlinks, the same fold-1 validation list)."""
+    s, py = paths.settings, sys.executable
+    steps = [
+        Step("synthetic", [py, "-m", "data_prepare.synthetic", "--out", str(paths.ds), "--labeled",
+                           str(s.labeled + s.labeled_val), "--unlabeled", str(s.unlabeled), "--val", str(s.val),
+                           "--seed", str(paths.seed), "--size", s.size, "--hard-fraction", str(s.hard_fraction),
+                           "--scan-profiles", s.scan_profiles, "--anatomy", s.anatomy,
+                           # exactly labeled_val validation cases (the last ones), the rest train: the rows'
+                           # counts, not data_prepare's per-case val_ratio draw
+                           "--fold1-val", str(s.labeled_val), "--workers", str(s.workers)]),
+        Step("prepare", prepare_argv(s, paths.ds, paths.seed)),
+    ]
+    if s.ceiling:
+        ceiling = paths.sd / "dataset_ceiling"
+        steps += [Step("ceiling_dataset", [py, "-m", "benchmarks.headroom", "ceiling-dataset", "--src",
+                                           str(paths.ds), "--dst", str(ceiling)], row="lc"),
+                  Step("prepare_ceiling", prepare_argv(s, ceiling, paths.seed), row="lc")]
     return steps
+
+
+def coarse_steps(paths: SeedPaths) -> list[Step]:
+    """One coarse model per seed (CPS on labeled + all unlabeled), shared by every row."""
+    s = paths.settings
+    args = ["sh", str(ROOT / "coarse_base_seg" / "run.sh"), f"data_base_dir={paths.ds}",
+            f"output_dir={paths.sd / 'coarse'}", f"data.size_zyx={_cube(s.coarse_size)}", *paths.small(),
+            f"schedule.iterations={s.coarse_iters}", f"cps.rampup_iterations={int(s.rampup_fraction * s.coarse_iters)}",
+            f"schedule.val_interval={max(1, s.coarse_iters // 4)}", "schedule.checkpoint_interval=50",
+            f"export.dir={paths.coarse_weights}"]
+    if s.coarse_lr is not None:
+        args.append(f"optim.lr={s.coarse_lr}")
+    return [Step("coarse_train", args), Step("coarse_export", args + ["step=export"])]
+
+
+def labeled_row_steps(paths: SeedPaths) -> list[Step]:
+    """The shared warm-up, L / 0 and the ceiling: labeled-only runs (boxes, uif and later rounds are no-ops
+    without a pool; the export takes round 1)."""
+    s = paths.settings
+    steps = []
+    if s.warmup_iters:
+        warm = paths.fine("fine_warm") + ["data.unlabeled_db=null", f"schedule.iterations={s.warmup_iters}",
+                                          f"schedule.val_interval={max(1, s.warmup_iters // 4)}",
+                                          f"export.dir={paths.weights('warm')}"]
+        steps.append(Step("fine_warm", warm + ["step=all"], done_marker=paths.weights("warm") / "model.pt"))
+    steps.append(Step("fine_l0", paths.fine("fine_l0") + ["data.unlabeled_db=null", f"export.dir={paths.weights('l0')}",
+                                                           "step=all"], row="l0"))
+    if s.ceiling:
+        ceiling = paths.fine("fine_lc", paths.sd / "dataset_ceiling")
+        steps.append(Step("fine_lc", ceiling + ["data.unlabeled_db=null", f"export.dir={paths.weights('lc')}",
+                                                "step=all"], row="lc"))
+    return steps
+
+
+def round1_steps(paths: SeedPaths) -> list[Step]:
+    """Round 1 of L / U (shared by the K and N-round rows) and of every L / U variant, each exported."""
+    cps = paths.fine("fine_cps")
+    steps = [Step("fine_cps_boxes", cps + ["step=boxes"]), Step("fine_cps_round1", cps + ["step=round1"], row="lu"),
+             paths.export(cps, "lu", 1)]
+    for row, overrides in paths.settings.variants().items():
+        args = paths.fine(f"fine_{row}") + overrides
+        steps += [Step(f"fine_{row}_boxes", args + ["step=boxes"], row=row),
+                  Step(f"fine_{row}_round1", args + ["step=round1"], row=row), paths.export(args, row, 1)]
+    return steps
+
+
+def quality_steps(paths: SeedPaths) -> list[Step]:
+    """The true pseudo-label quality of round 1 (its ensemble on the pool vs the hidden truth), the uif step, and
+    the UIF scores compared (benchmarks.uif_quality, which also writes the control selections)."""
+    from benchmarks.uif_quality import QUALITY_FILE
+
+    s = paths.settings
+    return [
+        Step("predict_pool", predict_argv(s, paths.ds / "trainu_images", paths.sd / "pred_pool", paths.sd /
+                                          "weights_lu")),
+        Step("fine_cps_uif", paths.fine("fine_cps") + ["step=uif"]),
+        Step("uif_quality", [sys.executable, "-m", "benchmarks.uif_quality", "seed", "--seed-dir", str(paths.sd),
+                             "--keep", str(uif_keep(s)), "--seed", str(paths.seed), "--device", s.device,
+                             *(["--other-start", s.other_start] if s.start_control else [])],
+             done_marker=paths.sd / QUALITY_FILE),
+    ]
+
+
+def round2_steps(paths: SeedPaths) -> list[Step]:
+    """Round 2 of UIF-K (in fine_cps) and of its controls (each in the folder uif_quality wrote its selection to,
+    with the same round 1), each exported."""
+    from benchmarks.uif_quality import CONTROLS
+
+    s = paths.settings
+    cps = paths.fine("fine_cps")
+    steps = [Step("fine_cps_round2", cps + ["step=round2"], row="lk"), paths.export(cps, "lk", 2)]
+    controls = dict(CONTROLS)
+    if s.start_control:
+        controls[f"lk_{s.other_start}"] = f"fine_uif_{s.other_start}"
+    for row, out_name in controls.items():
+        args = paths.fine(out_name) + ([f"round2.init={s.other_start}"] if row.startswith("lk_") else [])
+        steps += [Step(f"{out_name}_round2", args + ["step=round2"], row=row), paths.export(args, row, 2)]
+    return steps
+
+
+def more_round_steps(paths: SeedPaths) -> list[Step]:
+    """The N-rounds row: filters 2..N and rounds 3..N+1 in fine_cps; after each round k <= N its networks predict
+    the pool, so that filter k's kept cases get their true pseudo-label DSC."""
+    s = paths.settings
+    if s.rounds < 2:
+        return []
+    cps = paths.fine("fine_cps")
+    steps = [Step("predict_pool_round2", predict_argv(s, paths.ds / "trainu_images", paths.sd / "pred_pool_round2",
+                                                      paths.sd / "weights_lk"), row="ln")]
+    for k in range(2, s.rounds + 1):
+        steps += [Step(f"fine_cps_uif{k}", cps + [f"step=uif{k}"], row="ln"),
+                  Step(f"fine_cps_round{k + 1}", cps + [f"step=round{k + 1}"], row="ln")]
+        if k < s.rounds:
+            row = f"round{k + 1}"
+            steps += [replace(paths.export(cps, row, k + 1), row="ln"),
+                      Step(f"predict_pool_round{k + 1}", predict_argv(s, paths.ds / "trainu_images",
+                                                                      paths.sd / f"pred_pool_round{k + 1}",
+                                                                      paths.sd / f"weights_{row}"), row="ln")]
+    return steps + [paths.export(cps, "ln", s.rounds + 1)]
+
+
+def predict_steps(paths: SeedPaths) -> list[Step]:
+    s = paths.settings
+    return [Step(f"predict_{row}", predict_argv(s, paths.ds / "val_images", paths.sd / f"pred_{row}",
+                                                paths.sd / f"weights_{row}"), row=row) for row in rows_of(s)]
 
 
 def prepare_argv(settings: Settings, dataset: Path, seed: int) -> list[str]:
@@ -341,45 +492,78 @@ def uif_hard_share(scores_csv: Path, meta_json: Path) -> dict[str, Any]:
                                    "hard_kinds": meta.get(r["case"], {}).get("hard_kinds", [])} for r in rows}}
 
 
+def _link_coarse(step: Step, coarse_weights: Path) -> None:
+    """A predict step's weights folder gets the seed's coarse model beside its fine one (a relative link)."""
+    if "--weights-dir" not in step.argv:
+        return
+    link = Path(step.argv[step.argv.index("--weights-dir") + 1]) / "base_coarse_model"
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(coarse_weights, link.parent))
+
+
 def run_seed(settings: Settings, seed: int, t0: float) -> dict[str, Any]:
-    sd = seed_dir(settings, seed)
+    paths = SeedPaths(settings, seed)
+    sd = paths.sd
     if settings.report_only and not (sd / SETTINGS_FILE).is_file():
         raise StepFailed(f"{sd} holds no finished run (no {SETTINGS_FILE}); --report-only runs nothing")
     check_settings(settings, seed)
-    coarse_w = sd / "weights_coarse" / "base_coarse_model"
     timings: dict[str, float] = {}
-    for step in [] if settings.report_only else seed_steps(settings, seed):
-        if step.name.startswith("fine_lk_export") or step.name == "fine_cps_round2":
-            if not (sd / "weights_lu" / "efficient_fine_model" / "model.pt").is_file():
-                raise StepFailed(f"{sd / 'weights_lu'} has no round-1 export; delete {sd / 'fine_cps' / 'round2'} "
-                                 "and rerun (round 1 must be exported before round 2 exists)")
-        if step.name.startswith("predict_"):
-            row = "lu" if step.name == "predict_pool" else step.name.split("_", 1)[1]
-            link = sd / f"weights_{row}" / "base_coarse_model"
-            if not link.exists():
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(os.path.relpath(coarse_w, link.parent))
+    steps = [] if settings.report_only else seed_steps(settings, seed)
+    for step in steps:
+        _link_coarse(step, paths.coarse_weights)
         timings[step.name] = run_step(step, sd / "logs", t0, settings.threads, f"seed {seed}: ")
-    from benchmarks.uif_quality import QUALITY_FILE
-
-    quality = json.loads((sd / QUALITY_FILE).read_text(encoding="utf-8")) if settings.stop_after != "lu" else None
-    if settings.stop_after == "quality":
-        return {"seed": seed, "rows": {}, "quality": quality, "timings_s": timings}
-    rows = {}
-    for row in active_rows(settings):
-        rows[row] = evaluate_row(sd / f"pred_{row}", sd / "dataset" / "val_mask", sd / f"eval_{row}.csv")
-        rows[row]["fine_val_dice"] = _exported_dice(sd / f"weights_{row}" / "efficient_fine_model")
-    uif = (uif_hard_share(sd / "fine_cps" / "uif_scores.csv", sd / "dataset" / "synthetic_meta.json")
-           if quality is not None else None)
-    coarse_dice = _exported_dice(coarse_w)
     # A rerun reuses finished steps (which then take seconds): keep the longest time seen per step, so the
     # record holds what each step cost when it really ran, whichever invocation that was.
     timings_path = sd / "timings.json"
     recorded = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.is_file() else {}
     steps_s = {**recorded, **{name: max(t, recorded.get(name, 0.0)) for name, t in timings.items()}}
     timings_path.write_text(json.dumps(steps_s, indent=1) + "\n", encoding="utf-8")
-    return {"seed": seed, "rows": rows, "uif": uif, "timings_s": timings, "steps_s_all_runs": steps_s,
-            "coarse_val_dice": coarse_dice, "quality": quality}
+    from benchmarks.uif_quality import QUALITY_FILE
+
+    quality = json.loads((sd / QUALITY_FILE).read_text(encoding="utf-8")) if settings.stop_after != "lu" else None
+    if settings.stop_after == "quality":
+        return {"seed": seed, "rows": {}, "quality": quality, "timings_s": timings}
+    from benchmarks.headroom import organ_sizes, shaped_organs
+
+    shaped = shaped_organs(organ_sizes(paths.ds, settings.fine_size))
+    rows = {}
+    for row in rows_of(settings):
+        rows[row] = evaluate_row(sd / f"pred_{row}", paths.ds / "val_mask", sd / f"eval_{row}.csv")
+        rows[row]["DSC_shaped"] = statistics.fmean(rows[row]["per_organ"][o]["DSC"] for o in shaped)
+        rows[row]["fine_val_dice"] = _exported_dice(paths.weights(row))
+    cost = row_cpu_s(seed_steps(settings, seed), steps_s)
+    uif = uif_hard_share(sd / "fine_cps" / "uif_scores.csv", paths.ds / "synthetic_meta.json") if quality else None
+    return {"seed": seed, "rows": rows, "shaped": shaped, "uif": uif, "timings_s": timings,
+            "steps_s_all_runs": steps_s, "row_cpu_s": cost, "coarse_val_dice": _exported_dice(paths.coarse_weights),
+            "quality": quality, "rounds": round_quality(settings, sd) if settings.rounds > 1 else None}
+
+
+def row_cpu_s(steps: Sequence[Step], steps_s: dict[str, float]) -> dict[str, float]:
+    """CPU seconds (one thread) of each row's own steps, and of the steps several rows share ("shared")."""
+    out: dict[str, float] = {}
+    for step in steps:
+        key = step.row or "shared"
+        out[key] = out.get(key, 0.0) + steps_s.get(step.name, 0.0)
+    return out
+
+
+def round_quality(settings: Settings, sd: Path) -> list[dict[str, Any]]:
+    """Per filter k of the N-rounds row: the true pseudo-label DSC (round k's ensemble vs the hidden truth) of the
+    cases it kept, of the whole pool, and how many it kept."""
+    from benchmarks.uif_quality import pool_truth
+    from fine_efficient_seg.layout import RunLayout
+    from fine_efficient_seg.uif import read_scores_csv
+
+    layout = RunLayout(sd / "fine_cps")
+    out = []
+    for k in range(1, settings.rounds + 1):
+        pred = sd / ("pred_pool" if k == 1 else f"pred_pool_round{k}")
+        dsc = pool_truth(pred, sd / "dataset", sd / f"eval_pool_round{k}.csv")
+        kept = [r.case for r in read_scores_csv(layout.scores_csv(k)) if r.kept]
+        out.append({"filter": k, "kept": len(kept), "kept_dsc": statistics.fmean(dsc[c] for c in kept),
+                    "pool_dsc": statistics.fmean(dsc.values()), "kept_cases": kept})
+    return out
 
 
 def _exported_dice(model_dir: Path) -> dict[str, float] | None:
@@ -396,73 +580,11 @@ def _exported_dice(model_dir: Path) -> dict[str, float] | None:
 # --------------------------------------------------------------------------------------------- report
 
 
-def uif_keep(s: Settings) -> int:
-    """K: how many unlabeled cases UIF keeps (common.evaluation.uncertainty.keep_size's rule: round half up, at least
-    1)."""
-    return max(1, min(s.unlabeled, math.floor(s.keep_ratio * s.unlabeled + 0.5)))
+METRICS = ("DSC", "DSC_shaped", "NSD")
 
 
-def row_label(row: str, s: Settings) -> str:
-    k = uif_keep(s)
-    return {"l0": f"{s.labeled} / 0",
-            "lu": f"{s.labeled} / {s.unlabeled}",
-            "lk": f"{s.labeled} / {s.unlabeled} -> {k} (UIF)",
-            "lr": f"{s.labeled} / {s.unlabeled} -> {k} (random)",
-            "lo": f"{s.labeled} / {s.unlabeled} -> {k} (oracle)",
-            "lc": f"{s.labeled} + {s.unlabeled} with truth / 0 (ceiling)"}[row]
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    ok = [v for v in values if not math.isnan(v)]
-    if not ok:
-        return float("nan"), float("nan")
-    return statistics.fmean(ok), (statistics.stdev(ok) if len(ok) > 1 else float("nan"))
-
-
-def active_rows(settings: Settings) -> tuple[str, ...]:
-    """The rows a run makes: all five, or L / 0 and L / U only (`--stop-after lu`, for probing CPS settings); plus
-    the ceiling row unless --no-ceiling."""
-    rows = ("l0", "lu") if settings.stop_after == "lu" else ROWS[:-1]
-    return rows + (("lc",) if settings.ceiling else ())
-
-
-def _rows_of(results: Sequence[dict[str, Any]]) -> tuple[str, ...]:
-    return tuple(row for row in ROWS if all(row in r["rows"] for r in results))
-
-
-def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per row: mean, std and per-seed values of DSC and NSD, and the per-seed paired differences to row l0."""
-    out: dict[str, dict[str, Any]] = {}
-    for row in _rows_of(results):
-        entry: dict[str, Any] = {"seeds": [r["seed"] for r in results]}
-        for metric in ("DSC", "NSD"):
-            values = [r["rows"][row][metric] for r in results]
-            mean, std = _mean_std(values)
-            entry[metric] = {"mean": mean, "std": std, "per_seed": values}
-            if row != "l0":
-                diffs = [r["rows"][row][metric] - r["rows"]["l0"][metric] for r in results]
-                dmean, dstd = _mean_std(diffs)
-                entry[metric]["diff_vs_l0"] = {"mean": dmean, "std": dstd, "per_seed": diffs}
-        out[row] = entry
-    return out
-
-
-def _fmt(mean: float, std: float) -> str:
-    if math.isnan(std):
-        return f"{mean:.4f}"
-    return f"{mean:.4f} ± {std:.4f}"
-
-
-def format_table(summary: dict[str, dict[str, Any]], settings: Settings) -> str:
-    lines = ["| L / U | DSC mean ± std | NSD mean ± std | n seeds | DSC per seed | NSD per seed |",
-             "|---|---|---|---|---|---|"]
-    for row in summary:
-        e = summary[row]
-        per_dsc = ", ".join(f"{v:.4f}" for v in e["DSC"]["per_seed"])
-        per_nsd = ", ".join(f"{v:.4f}" for v in e["NSD"]["per_seed"])
-        lines.append(f"| {row_label(row, settings)} | {_fmt(e['DSC']['mean'], e['DSC']['std'])} | "
-                     f"{_fmt(e['NSD']['mean'], e['NSD']['std'])} | {len(e['seeds'])} | {per_dsc} | {per_nsd} |")
-    return "\n".join(lines)
+def _rows_in(results: Sequence[dict[str, Any]], settings: Settings) -> tuple[str, ...]:
+    return tuple(row for row in rows_of(settings) if all(row in r["rows"] for r in results))
 
 
 def paired(results: Sequence[dict[str, Any]], row: str, base: str, metric: str) -> list[float]:
@@ -470,23 +592,77 @@ def paired(results: Sequence[dict[str, Any]], row: str, base: str, metric: str) 
     return [r["rows"][row][metric] - r["rows"][base][metric] for r in results]
 
 
-def format_diffs(results: Sequence[dict[str, Any]], settings: Settings) -> str:
+def resolvable(values: Sequence[float], power: float = 0.8, level: float = 0.95) -> float:
+    """The smallest true mean difference a paired design with this spread detects with `power` (two-sided test at
+    1 - level): (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n); NaN for n < 2."""
+    ok = [v for v in values if not math.isnan(v)]
+    if len(ok) < 2:
+        return float("nan")
+    from scipy.stats import t
+
+    n = len(ok)
+    return float(t.ppf(0.5 + level / 2, n - 1) + t.ppf(power, n - 1)) * statistics.stdev(ok) / math.sqrt(n)
+
+
+def _ci(values: Sequence[float], sign: str = "") -> str:
     from benchmarks.stats import t_interval
 
-    lines = ["| paired difference (by seed) | ΔDSC mean [95 % t-interval] | ΔNSD mean [95 % t-interval] "
-             "| ΔDSC per seed |", "|---|---|---|---|"]
-    rows = _rows_of(results)
-    pairs = [(row, base) for row, base in [(row, "l0") for row in ROWS[1:]] + [("lk", "lr"), ("lo", "lr")]
-             if row in rows and base in rows]
+    mean, low, high = t_interval(values)
+    if math.isnan(low):
+        return f"{mean:{sign}.4f}"
+    return f"{mean:{sign}.4f} [{low:{sign}.4f}, {high:{sign}.4f}]"
 
-    def fmt(values: Sequence[float]) -> str:
-        mean, low, high = t_interval(values)
-        return f"{mean:+.4f}" if math.isnan(low) else f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
 
-    for row, base in pairs:
-        d, n = paired(results, row, base, "DSC"), paired(results, row, base, "NSD")
-        label = f"{row_label(row, settings)} minus {row_label(base, settings)}"
-        lines.append(f"| {label} | {fmt(d)} | {fmt(n)} | {', '.join(f'{v:+.4f}' for v in d)} |")
+def summarize(results: Sequence[dict[str, Any]], settings: Settings) -> dict[str, dict[str, Any]]:
+    """Per row and metric: per-seed values, mean, 95 % interval, and the paired differences to row l0."""
+    from benchmarks.stats import t_interval
+
+    out: dict[str, dict[str, Any]] = {}
+    for row in _rows_in(results, settings):
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in results]}
+        for metric in METRICS:
+            values = [r["rows"][row][metric] for r in results]
+            entry[metric] = dict(zip(("mean", "low", "high"), t_interval(values)), per_seed=values)
+            if row != "l0":
+                diffs = paired(results, row, "l0", metric)
+                entry[metric]["diff_vs_l0"] = dict(zip(("mean", "low", "high"), t_interval(diffs)), per_seed=diffs)
+        out[row] = entry
+    return out
+
+
+def format_table(results: Sequence[dict[str, Any]], settings: Settings) -> str:
+    lines = ["| row | DSC, 13 organs [95 % CI] | DSC, shaped organs [95 % CI] | NSD, 13 organs [95 % CI] | "
+             "DSC per seed | CPU min (own steps, mean per seed) |", "|---|---|---|---|---|---|"]
+    for row in _rows_in(results, settings):
+        values = {m: [r["rows"][row][m] for r in results] for m in METRICS}
+        cost = statistics.fmean(r.get("row_cpu_s", {}).get(row, float("nan")) for r in results) / 60
+        lines.append(f"| {row_label(row, settings)} | {_ci(values['DSC'])} | {_ci(values['DSC_shaped'])} | "
+                     f"{_ci(values['NSD'])} | {', '.join(f'{v:.4f}' for v in values['DSC'])} | {cost:.1f} |")
+    shared = statistics.fmean(r.get("row_cpu_s", {}).get("shared", float("nan")) for r in results) / 60
+    lines.append(f"\nSteps shared by several rows (data, coarse model, warm-up, boxes, UIF, pool predictions): "
+                 f"{shared:.1f} CPU min per seed.")
+    return "\n".join(lines)
+
+
+def comparisons(settings: Settings) -> list[tuple[str, str]]:
+    """The paired differences the report gives: (row, base)."""
+    pairs = [("lc", "l0"), ("lu", "l0")] + [(row, "lu") for row in settings.variants()]
+    pairs += [("lk", "lr"), ("lo", "lr"), ("lk", "lu"), ("lr", "lu"), (f"lk_{settings.other_start}", "lk"),
+              ("ln", "lk"), ("ln", "lr"), ("lk", "l0")]
+    return pairs
+
+
+def format_diffs(results: Sequence[dict[str, Any]], settings: Settings) -> str:
+    lines = ["| paired difference (by seed) | ΔDSC 13 [95 % CI] | ΔDSC shaped [95 % CI] | ΔNSD [95 % CI] | "
+             "smallest resolvable ΔDSC 13 (80 % power) | ΔDSC 13 per seed |", "|---|---|---|---|---|---|"]
+    rows = _rows_in(results, settings)
+    for row, base in comparisons(settings):
+        if row not in rows or base not in rows:
+            continue
+        d = {m: paired(results, row, base, m) for m in METRICS}
+        lines.append(f"| {row_label(row, settings)} minus {row_label(base, settings)} | {_ci(d['DSC'], '+')} | "
+                     f"{_ci(d['DSC_shaped'], '+')} | {_ci(d['NSD'], '+')} | {resolvable(d['DSC']):.4f} | "
+                     f"{', '.join(f'{v:+.4f}' for v in d['DSC'])} |")
     return "\n".join(lines)
 
 
@@ -500,67 +676,68 @@ def format_uif(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_rounds(results: Sequence[dict[str, Any]]) -> str:
+    """Per filter of the N-rounds row: true pseudo-label DSC of the kept cases vs the pool, over seeds."""
+    lines = ["| filter (networks of round k) | kept | true DSC of the kept cases [95 % CI] | true DSC of the pool "
+             "[95 % CI] | kept minus pool [95 % CI] |", "|---|---|---|---|---|"]
+    for k in range(len(results[0]["rounds"])):
+        per = [r["rounds"][k] for r in results]
+        gain = [p["kept_dsc"] - p["pool_dsc"] for p in per]
+        lines.append(f"| {k + 1} | {per[0]['kept']} | {_ci([p['kept_dsc'] for p in per])} | "
+                     f"{_ci([p['pool_dsc'] for p in per])} | {_ci(gain, '+')} |")
+    return "\n".join(lines)
+
+
 def quality_table(results: Sequence[dict[str, Any]]) -> str:
     from benchmarks.uif_quality import format_quality
 
-    return format_quality([r["quality"] for r in results if "quality" in r])
+    return format_quality([r["quality"] for r in results if r.get("quality")])
+
+
+def _describe(settings: Settings) -> str:
+    s, k = settings, uif_keep(settings)
+    warm = (f"every row starts from one shared supervised warm-up of {s.warmup_iters} iterations (model.init_from)"
+            if s.warmup_iters else "every row starts from fresh networks")
+    return (
+        f"Synthetic `{s.size}` data (anatomy `{s.anatomy}`, scan profiles `{s.scan_profiles}`"
+        f"{f', regime `{s.regime}`' if s.regime else ''}); per seed exactly {s.labeled} labeled training + "
+        f"{s.labeled_val} labeled validation (checkpoint choice) cases, {s.unlabeled} unlabeled "
+        f"({s.hard_fraction:.0%} hard), {s.val} held-out evaluation cases. Networks with channels {s.channels}; "
+        f"coarse {s.coarse_size}^3 ({s.coarse_iters} iterations, CPS on labeled + unlabeled, one model per seed "
+        f"shared by all rows); fine {s.fine_size}^3, {s.fine_iters} iterations for round 1 and the labeled-only "
+        f"rows, {s.round2_iters or s.fine_iters} for each later round; {warm}. CPS weight {s.cps_weight} "
+        f"(ramped up over the first {s.rampup_fraction:.0%} of each training), parts `{s.cps_parts}`, confidence "
+        f"{s.cps_confidence}; fine lr {s.fine_lr or 'of config.yaml'}. UIF keeps {k} of {s.unlabeled} (disagreement "
+        f"of nets A/B); random and oracle keep {k}; the K rows start `{s.round2_init}`"
+        + (f"; N rounds: uif.rounds={s.rounds}, keep `{s.keep_schedule}`" if s.rounds > 1 else "")
+        + ". Prediction: the full two-stage predictor"
+        f"{' (ensemble of A and B)' if s.ensemble else ''}; DSC/NSD by the FLARE22 rules, mean over the organs and "
+        "the evaluation cases; [..] is the 95 % Student-t interval over seeds.")
 
 
 def build_report(results: Sequence[dict[str, Any]], settings: Settings, command: str, wall_s: float) -> str:
-    summary = summarize(results)
-    k = uif_keep(settings)
-    text = [
-        "## Semi-supervised table on synthetic data",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Synthetic `{settings.size}` data (anatomy `{settings.anatomy}`"
-        f"{f', regime `{settings.regime}`' if settings.regime else ''}); per seed exactly {settings.labeled} labeled "
-        f"training + {settings.labeled_val} "
-        f"labeled validation (checkpoint choice) cases, {settings.unlabeled} unlabeled ({settings.hard_fraction:.0%}"
-        f" hard), {settings.val} held-out evaluation cases. Networks with channels {settings.channels}; coarse "
-        f"{settings.coarse_size}^3 ({settings.coarse_iters} iterations, CPS on labeled + unlabeled, one model per "
-        f"seed shared by all rows); fine {settings.fine_size}^3, {settings.fine_iters} iterations a round; UIF "
-        f"keeps {k} of {settings.unlabeled} (keep_ratio {settings.keep_ratio}, disagreement of nets A/B); the "
-        f"random row keeps {k} random cases, the oracle row the {k} with the best true pseudo-label DSC; round 2 "
-        f"from fresh networks ({settings.round2_iters or settings.fine_iters} iterations). Scan profiles "
-        f"`{settings.scan_profiles}` (shift: labeled cases from one narrow profile, unlabeled and evaluation cases "
-        f"from all); CPS weight {settings.cps_weight}, ramped up over the first {settings.rampup_fraction:.0%} of "
-        f"each training; fine lr {settings.fine_lr or 'of config.yaml'}."
-        + (f" Ceiling row: row 1's training with the {settings.unlabeled} unlabeled cases added as labeled cases "
-           "with their hidden truth (the most any use of them can give)." if settings.ceiling else "")
-        + " Prediction: full "
-        f"two-stage predictor{' (ensemble of A and B)' if settings.ensemble else ''}; DSC/NSD by the FLARE22 rules, "
-        "mean over the 13 organs and the evaluation cases; ± is the standard deviation over seeds.",
-        "",
-        format_table(summary, settings),
-        "",
-        format_diffs(results, settings),
-    ]
+    shaped = results[0].get("shaped") or []
+    text = ["## Semi-supervised table on synthetic data", "", f"Command: `{command}`", "", _describe(settings),
+            f"Shaped organs (median >= 100 voxels and >= 4 along every axis in the fine crop): {', '.join(shaped)}.",
+            "", format_table(results, settings), "", format_diffs(results, settings)]
+    if all(r.get("quality") for r in results):
+        text += ["", "UIF scores side by side (benchmarks/uif_quality.py) on the round-1 pool: per score, the mean "
+                 "over seeds [95 % CI] of the Spearman correlation with the true pseudo-label error (1 - DSC of "
+                 "the round-1 ensemble vs the hidden truth), the AUROC for the worse half of the pool (true DSC "
+                 "below the pool median) and for hard vs normal scans, and the mean true pseudo-label DSC of the "
+                 f"kept {uif_keep(settings)}, the dropped, {uif_keep(settings)} random (mean of many draws) and the "
+                 "oracle's:", "", quality_table(results)]
     if all(r.get("uif") for r in results):
-        text += [
-        "",
-        "UIF: hard unlabeled cases (noise / metal / truncated field of view, from synthetic_meta.json) among the "
-        "cases kept vs. dropped:",
-        "",
-        format_uif(results),
-        "",
-        "UIF quality (benchmarks/uif_quality.py): per score, the mean over seeds [95 % t-interval] of the Spearman "
-        "correlation of the score with the true pseudo-label error (1 - DSC of the round-1 ensemble vs the hidden "
-        f"truth), the AUROC for hard vs normal scans, and the mean true pseudo-label DSC of the kept {k}, the "
-        f"dropped, {k} random (mean of many draws) and the oracle's {k}:",
-        "",
-        quality_table(results),
-        ]
-    text += [
-        "",
-        f"Wall time of this invocation: {wall_s:.0f} s on {platform.node()} ({os.cpu_count()} CPUs, device "
-        f"{settings.device}, {settings.jobs} seed(s) in parallel, {settings.threads or 'default'} thread(s) per "
-        f"process), {time.strftime('%Y-%m-%d')}. Sum of the step times per seed, counting each step when it really "
-        "ran (reruns reuse finished steps): "
-        + ", ".join(f"seed {r['seed']} {sum(r.get('steps_s_all_runs', r.get('timings_s', {})).values()):.0f} s"
-                    for r in results) + ".",
-    ]
+        text += ["", "Hard unlabeled cases (noise / metal / truncated field of view) among the cases UIF kept vs "
+                 "dropped:", "", format_uif(results)]
+    if settings.rounds > 1 and all(r.get("rounds") for r in results):
+        text += ["", "N rounds: the true pseudo-label DSC of each filter's kept cases:", "", format_rounds(results)]
+    text += ["", f"Wall time of this invocation: {wall_s:.0f} s on {platform.node()} ({os.cpu_count()} CPUs, device "
+             f"{settings.device}, {settings.jobs} seed(s) in parallel, {settings.threads or 'default'} thread(s) per "
+             f"process), {time.strftime('%Y-%m-%d')}. Sum of the step times per seed, counting each step when it "
+             "really ran (reruns reuse finished steps): " + ", ".join(
+                 f"seed {r['seed']} {sum(r.get('steps_s_all_runs', r.get('timings_s', {})).values()):.0f} s"
+                 for r in results) + "."]
     return "\n".join(text) + "\n"
 
 
@@ -569,7 +746,13 @@ def build_report(results: Sequence[dict[str, Any]], settings: Settings, command:
 
 # `--regime NAME`: data and training settings found by benchmarks/headroom.py to leave the unlabeled scans room
 # to matter (defaults only; explicit options win). See BENCHMARKS.md, "Label headroom".
-REGIMES: dict[str, dict[str, Any]] = {}
+REGIMES: dict[str, dict[str, Any]] = {
+    # ceiling - L/0 about +0.09 (13 organs) / +0.11 (shaped) in benchmarks/headroom.py's setting F: organs far
+    # less alike between cases, 2 labeled training cases, fine 32^3 trained to its plateau
+    "headroom": {"anatomy": "varied", "labeled": 2, "labeled_val": 2, "unlabeled": 12, "val": 24,
+                 "coarse_iters": 400, "warmup_iters": 400, "fine_iters": 500, "round2_iters": 250, "rounds": 3,
+                 "lu_variants": ["conf09=cps.confidence=0.9", "w03=cps.weight=0.3"]},
+}
 
 # `--preset cuda`: the full-size run for one GPU (defaults only; explicit options win).
 CUDA_PRESET = {"device": "cuda", "size": "full", "coarse_size": 160, "fine_size": 192, "channels": "16,32,64,128,256",
@@ -603,6 +786,20 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--rampup-fraction", type=float, default=d.rampup_fraction,
                    help="CPS weight ramp-up over this share of each training's iterations (0: none)")
     p.add_argument("--cps-weight", type=float, default=d.cps_weight, help="weight of the CPS loss")
+    p.add_argument("--cps-parts", choices=("joint", "separate"), default=d.cps_parts,
+                   help="separate: a labeled crop weighs the same in L / 0 and L / U (cps.parts)")
+    p.add_argument("--cps-confidence", type=float, default=d.cps_confidence, help="cps.confidence of every row")
+    p.add_argument("--lu-variant", dest="lu_variants", action="append", default=None,
+                   help="an extra L / U row with other fine overrides: NAME=key=value[,key=value] (repeatable)")
+    p.add_argument("--warmup-iters", type=int, default=d.warmup_iters,
+                   help="shared supervised warm-up every row starts from (0: none)")
+    p.add_argument("--round2-init", choices=("warm", "fresh"), default=d.round2_init,
+                   help="how the K rows start: warm (round 1's end) or fresh (where round 1 started)")
+    p.add_argument("--no-start-control", action="store_true",
+                   help="skip the UIF-K row started the other way (--round2-init's alternative)")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="uif.rounds of the N-rounds row (1: no such row)")
+    p.add_argument("--keep-schedule", choices=("fixed", "growing"), default=d.keep_schedule,
+                   help="uif.keep_schedule of the N-rounds row")
     p.add_argument("--scan-profiles", choices=("fixed", "shift", "strong_shift"), default=d.scan_profiles,
                    help="shift: labeled cases from one narrow scan profile, unlabeled + evaluation from all")
     p.add_argument("--anatomy", choices=("standard", "varied"), default=d.anatomy,
@@ -633,11 +830,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--preset" in argv and argv[argv.index("--preset") + 1:argv.index("--preset") + 2] == ["cuda"]:
         p.set_defaults(**CUDA_PRESET)
+    regime_variants = None
     for i, arg in enumerate(argv):  # --regime NAME or --regime=NAME: its settings become the defaults
         name = argv[i + 1] if arg == "--regime" and i + 1 < len(argv) else arg.partition("--regime=")[2]
         if name in REGIMES:
-            p.set_defaults(**REGIMES[name])
+            preset = dict(REGIMES[name])
+            regime_variants = preset.pop("lu_variants", None)  # an appending option: applied after parsing
+            p.set_defaults(**preset)
     a = p.parse_args(argv)
+    if a.lu_variants is None:
+        a.lu_variants = regime_variants
     channels = [int(c) for c in a.channels.replace("[", "").replace("]", "").split(",") if c.strip()]
     for name, edge in (("--coarse-size", a.coarse_size), ("--fine-size", a.fine_size)):
         if edge % 16:
@@ -646,6 +848,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         p.error("need --labeled >= 1, --labeled-val >= 1, --unlabeled >= 2 and --val >= 1")
     if not 0.0 < a.keep_ratio < 1.0:
         p.error("--keep-ratio must be within (0, 1)")
+    if a.rounds < 1:
+        p.error("--rounds must be >= 1")
+    for text in a.lu_variants or []:
+        name, _, overrides = text.partition("=")
+        if not name.isidentifier() or "=" not in overrides:
+            p.error(f"--lu-variant {text!r}: expected NAME=key=value[,key=value]")
     s = Settings(seeds=list(dict.fromkeys(a.seeds)), labeled=a.labeled, labeled_val=a.labeled_val,
                  unlabeled=a.unlabeled, val=a.val, hard_fraction=a.hard_fraction, keep_ratio=a.keep_ratio,
                  size=a.size, coarse_size=a.coarse_size, fine_size=a.fine_size, coarse_iters=a.coarse_iters,
@@ -653,6 +861,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                  ensemble=not a.no_ensemble, coarse_lr=a.coarse_lr, fine_lr=a.fine_lr, dropout=a.dropout,
                  rampup_fraction=a.rampup_fraction, device=a.device, cps_weight=a.cps_weight,
                  scan_profiles=a.scan_profiles, anatomy=a.anatomy, ceiling=not a.no_ceiling, regime=a.regime,
+                 cps_parts=a.cps_parts, cps_confidence=a.cps_confidence, lu_variants=list(a.lu_variants or []),
+                 warmup_iters=a.warmup_iters, round2_init=a.round2_init, start_control=not a.no_start_control,
+                 rounds=a.rounds, keep_schedule=a.keep_schedule,
                  snapshots=a.snapshots, stop_after=a.stop_after,
                  report_only=a.report_only,
                  workers=a.workers, jobs=a.jobs, threads=a.threads or None, dry_run=a.dry_run,
@@ -703,7 +914,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = build_report(results, settings, command, wall)
     payload = {"command": command, "settings": asdict(settings), "wall_s": wall, "date": time.strftime("%F %T"),
                "machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
-               "summary": summarize(results), "seeds": results}
+               "summary": summarize(results, settings), "seeds": results}
     from common.core.files import write_json_atomic, write_text_atomic
 
     write_text_atomic(out / "semi_supervised.md", report)

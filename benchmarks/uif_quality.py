@@ -1,12 +1,14 @@
 """Does UIF rank unlabeled scans by how good their pseudo labels really are? Scores against hidden truth.
 
-Per unlabeled case and per UIF score (disagreement, entropy, stability; common.evaluation.uncertainty): the score from
+Per unlabeled case and per UIF score (disagreement, entropy, stability, change; common.evaluation.uncertainty): the
+score from
 round 1's networks on the case's fixed fine crop (fine_efficient_seg.uif.score_pool), the TRUE quality of its pseudo
 label (FLARE22 DSC, by common.evaluate, of the round-1 A+B ensemble's hard labels predicted by the full two-stage
 predictor, against the hidden truth `trainu_mask_hidden/` that data_prepare.synthetic writes and no stage reads),
 and the hard flag (synthetic_meta.json). Printed per score:
   - Spearman correlation of the score with the true pseudo-label error (1 - DSC): > 0 = the score ranks well;
-  - AUROC of the score for hard vs normal scans (0.5 = chance, 1 = every hard scan less certain);
+  - AUROC of the score for the worse half of the pool (true DSC below the pool median) vs the better half, and for
+    hard vs normal scans (0.5 = chance, 1 = every worse / hard scan less certain);
   - mean true pseudo-label DSC of the K kept (lowest scores) vs the dropped vs K random (mean over many draws),
     and the oracle's K (the best true DSC, the ceiling of any filter).
 
@@ -31,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 from benchmarks.stats import auroc, spearman, t_interval
 
-SCORES = ("disagreement", "entropy", "stability")
+SCORES = ("disagreement", "entropy", "stability", "change")
 QUALITY_FILE = "uif_quality.json"
 RANDOM_DRAWS = 2000
 # Control selections written by `seed` for round 2: row name -> (output folder, unlabeled DB copy) of the seed.
@@ -47,14 +49,16 @@ def kept_cases(scores: Mapping[str, float], keep: int) -> list[str]:
 
 def score_quality(scores: Mapping[str, float], dsc: Mapping[str, float], hard: set[str], keep: int,
                   seed: int = 0, draws: int = RANDOM_DRAWS) -> dict[str, Any]:
-    """How well one score ranks the pool: Spearman(score, 1 - DSC), AUROC hard vs normal, mean true DSC of the
-    kept K, the dropped, K random (mean over `draws` draws) and the oracle K."""
+    """How well one score ranks the pool: Spearman(score, 1 - DSC), AUROC worse half vs better half (true DSC below
+    vs at or above the pool median) and hard vs normal, mean true DSC of the kept K, the dropped, K random (mean over
+    `draws` draws) and the oracle K."""
     cases = sorted(c for c in scores if c in dsc and not math.isnan(dsc[c]))
     kept = [c for c in kept_cases({c: scores[c] for c in cases}, keep)]
     dropped = [c for c in cases if c not in kept]
     rng = random.Random(seed)
     random_means = [statistics.fmean(dsc[c] for c in rng.sample(cases, len(kept))) for _ in range(draws)]
     oracle = sorted(cases, key=lambda c: (-dsc[c], c))[:len(kept)]
+    median = statistics.median(dsc[c] for c in cases) if cases else float("nan")
 
     def mean(ids: Sequence[str]) -> float:
         return statistics.fmean(dsc[c] for c in ids) if ids else float("nan")
@@ -62,6 +66,8 @@ def score_quality(scores: Mapping[str, float], dsc: Mapping[str, float], hard: s
     return {
         "n": len(cases), "keep": len(kept),
         "spearman_vs_error": spearman([scores[c] for c in cases], [1.0 - dsc[c] for c in cases]),
+        "auroc_worse": auroc([scores[c] for c in cases if dsc[c] < median], [scores[c] for c in cases
+                                                                             if dsc[c] >= median]),
         "auroc_hard": auroc([scores[c] for c in cases if c in hard], [scores[c] for c in cases if c not in hard]),
         "kept_dsc": mean(kept), "dropped_dsc": mean(dropped), "random_dsc": statistics.fmean(random_means),
         "oracle_dsc": mean(oracle), "kept": kept,
@@ -97,28 +103,36 @@ def round1_scores(fine_dir: Path, device: str = "cpu", methods: Sequence[str] = 
     pool = db_path(cfg.data.unlabeled_db, cfg.data_base_dir, cfg.fold)
     cases = load_cases(pool, cfg.data_base_dir, labeled=False, boxes_db=RunLayout(fine_dir).boxes_db)
     net_a, net_b = load_round_networks(round_dir, dev)
-    snapshots = load_snapshots(round_dir, dev) if "stability" in methods else []
+    snapshots = load_snapshots(round_dir, dev) if {"stability", "change"} & set(methods) else []
     return score_pool(cases, net_a, net_b, uif_options(cfg), dev, methods=methods, snapshots=snapshots)
 
 
-def write_control(seed_dir: Path, row: str, order: Mapping[str, float], keep: int) -> None:
-    """Store a control selection (the `keep` lowest values of `order`) as the round-2 pool of row `row`: the
-    experiment folder `seed_dir/<CONTROLS[row]>` gets the pool (with fine_cps's coarse boxes) and uif_scores.csv,
-    written by fine_efficient_seg.uif.write_selection, as the uif step writes its own."""
+def write_control(seed_dir: Path, out_name: str, order: Mapping[str, float], keep: int) -> None:
+    """Store a control selection (the `keep` lowest values of `order`) as the round-2 pool of the experiment folder
+    `seed_dir/<out_name>`: it gets the pool (with fine_cps's coarse boxes) and uif_scores.csv, written by
+    fine_efficient_seg.uif.write_selection as the uif step writes its own, and fine_cps's round 1 (a link), which a
+    warm round 2 starts from."""
+    import os
+
     from common.evaluation.uncertainty import select_certain
     from fine_efficient_seg.layout import RunLayout
     from fine_efficient_seg.uif import write_selection
 
-    out = RunLayout(seed_dir / CONTROLS[row])
+    out = RunLayout(seed_dir / out_name)
     out.output_dir.mkdir(parents=True, exist_ok=True)
+    round1 = out.round_dir(1)
+    if not round1.is_symlink():
+        round1.symlink_to(os.path.relpath(RunLayout(seed_dir / "fine_cps").round_dir(1), out.output_dir))
     write_selection(select_certain(order, keep_count=keep), unlabeled_db=seed_dir / "dataset" / "db" / "seg_trainu",
                     boxes_db=RunLayout(seed_dir / "fine_cps").boxes_db, pool_db=out.pool_db(1),
                     output_dir=out.uif_dir(1))
 
 
-def seed_main(seed_dir: Path, keep: int, seed: int, device: str = "cpu") -> dict[str, Any]:
+def seed_main(seed_dir: Path, keep: int, seed: int, device: str = "cpu",
+              other_start: str | None = None) -> dict[str, Any]:
     """Score the pool of one benchmark seed with every UIF score, compare with the truth, write QUALITY_FILE and
-    the random and oracle selections."""
+    the random and oracle selections (and, with `other_start`, UIF's own selection for the row that starts round
+    2 the other way, in fine_uif_<other_start>)."""
     dataset = seed_dir / "dataset"
     dsc = pool_truth(seed_dir / "pred_pool", dataset, seed_dir / "eval_pool.csv")
     scores = round1_scores(seed_dir / "fine_cps", device)
@@ -133,8 +147,13 @@ def seed_main(seed_dir: Path, keep: int, seed: int, device: str = "cpu") -> dict
     }
     rng = random.Random(1000 + seed)
     cases = sorted(dsc)
-    write_control(seed_dir, "lr", {c: rng.random() for c in cases}, keep)
-    write_control(seed_dir, "lo", {c: 1.0 - dsc[c] for c in cases}, keep)
+    write_control(seed_dir, CONTROLS["lr"], {c: rng.random() for c in cases}, keep)
+    write_control(seed_dir, CONTROLS["lo"], {c: 1.0 - dsc[c] for c in cases}, keep)
+    if other_start is not None:
+        from fine_efficient_seg.uif import read_scores_csv
+
+        uif_rows = read_scores_csv(seed_dir / "fine_cps" / "uif_scores.csv")
+        write_control(seed_dir, f"fine_uif_{other_start}", {r.case: float(r.rank) for r in uif_rows}, keep)
     from common.core.files import write_json_atomic
 
     write_json_atomic(seed_dir / QUALITY_FILE, result)
@@ -146,8 +165,8 @@ def seed_main(seed_dir: Path, keep: int, seed: int, device: str = "cpu") -> dict
 
 def format_quality(results: Sequence[Mapping[str, Any]]) -> str:
     """Markdown table: per score, the mean over seeds (and the per-seed values) of every quality figure."""
-    lines = ["| score | Spearman(score, true error) | AUROC hard vs normal | true DSC kept K | dropped | random K "
-             "| oracle K | Spearman per seed |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| score | Spearman(score, true error) | AUROC worse half | AUROC hard vs normal | true DSC kept K | "
+             "dropped | random K | oracle K | Spearman per seed |", "|---|---|---|---|---|---|---|---|---|"]
     for m in SCORES:
         per = [r["scores"][m] for r in results if m in r["scores"]]
         if not per:
@@ -158,19 +177,21 @@ def format_quality(results: Sequence[Mapping[str, Any]]) -> str:
             return f"{mean:.3f}" if math.isnan(low) else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
         seeds = ", ".join(f"{p['spearman_vs_error']:+.2f}" for p in per)
-        lines.append(f"| {m} | {avg('spearman_vs_error')} | {avg('auroc_hard')} | {avg('kept_dsc')} | "
+        lines.append(f"| {m} | {avg('spearman_vs_error')} | {avg('auroc_worse')} | {avg('auroc_hard')} | "
+                     f"{avg('kept_dsc')} | "
                      f"{avg('dropped_dsc')} | {avg('random_dsc')} | {avg('oracle_dsc')} | {seeds} |")
     return "\n".join(lines)
 
 
 def format_cases(result: Mapping[str, Any]) -> str:
-    """Per case of one seed: the three scores, true pseudo-label DSC, hard flag, kept by disagreement."""
+    """Per case of one seed: every score, true pseudo-label DSC, hard flag, kept by disagreement."""
     kept = set(result["scores"]["disagreement"]["kept"])
-    lines = [f"{'case':<12} {'disagree':>8} {'entropy':>8} {'stability':>9} {'true DSC':>8} {'hard':<16} kept"]
+    names = [m for m in SCORES if m in result["scores"]]
+    lines = [f"{'case':<12} " + " ".join(f"{m[:9]:>9}" for m in names) + f" {'true DSC':>8} {'hard':<16} kept"]
     for case, e in sorted(result["cases"].items(), key=lambda kv: kv[1]["disagreement"]):
         hard = "+".join(e["hard_kinds"]) if e["hard"] else "-"
-        lines.append(f"{case:<12} {e['disagreement']:8.4f} {e['entropy']:8.4f} {e['stability']:9.4f} "
-                     f"{e['dsc']:8.4f} {hard:<16} {'yes' if case in kept else ''}")
+        lines.append(f"{case:<12} " + " ".join(f"{e[m]:9.4f}" for m in names) +
+                     f" {e['dsc']:8.4f} {hard:<16} {'yes' if case in kept else ''}")
     return "\n".join(lines)
 
 
@@ -208,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--keep", type=int, required=True, help="K: cases kept")
     s.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--other-start", choices=("warm", "fresh"), default=None,
+                   help="also store UIF's selection for a round 2 started this way (fine_uif_<start>)")
     k = sub.add_parser("ranking", help="print a uif_scores.csv beside the true pseudo-label DSC (demo.sh)")
     k.add_argument("--scores", type=Path, required=True, help="uif_scores.csv of the uif step")
     k.add_argument("--dataset", type=Path, required=True, help="synthetic dataset root (hidden truth, meta)")
@@ -217,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--cases", action="store_true", help="also print every case of every seed")
     a = p.parse_args(argv)
     if a.command == "seed":
-        result = seed_main(a.seed_dir.resolve(), a.keep, a.seed, a.device)
+        result = seed_main(a.seed_dir.resolve(), a.keep, a.seed, a.device, a.other_start)
         print(format_quality([result]))
         print(format_cases(result))
         return 0

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from common.config import CoarseTrainConfig
 from common.core.logger import get_logger, setup_logging
+from common.infer.backends import export_model_graphs
 from common.stage_cli import stage_cli
 from common.storage.model_folder import export_best_networks
 
@@ -27,6 +28,7 @@ def export(cfg: CoarseTrainConfig) -> Path:
     path, best = export_best_networks(
         cfg.output_dir, cfg.export.dir, stage="coarse", primary=cfg.export.network,
         preprocess=cfg.preprocess_spec)
+    export_model_graphs(path.parent, "coarse")  # the ONNX Runtime graphs, checked against torch
     logger.info("exported coarse network %s (validation mean Dice %s, iteration %s) to %s", cfg.export.network,
                 best.get("dice"), best.get("iteration"), path.parent)
     return path

@@ -15,6 +15,7 @@ from typing import Any
 from common.config import FineTrainConfig
 from common.core.errors import InputError
 from common.core.logger import get_logger
+from common.infer.backends import export_model_graphs
 from common.storage.model_folder import EXPORT_FILE, best_checkpoint_paths, export_best_networks
 from common.storage.step_marker import file_stamp, marker_matches, write_marker
 from fine_efficient_seg.layout import RunLayout
@@ -70,6 +71,7 @@ def export(cfg: FineTrainConfig) -> Path:
     path, best = export_best_networks(
         round_dir, cfg.export.dir, stage="fine", primary=primary,
         preprocess=cfg.preprocess_spec)
+    export_model_graphs(path.parent, "fine")  # the ONNX Runtime graphs, checked against torch
     write_marker(RunLayout(cfg.output_dir).export_marker, _fingerprint(round_dir, Path(cfg.export.dir), primary,
                                                                     cfg.postprocess.min_volume_mm3))
     logger.info("exported fine network %s of %s (validation mean Dice %s, iteration %s) to %s", primary,

@@ -17,7 +17,14 @@ import predict
 from common.core.labelmaps import probs_to_labels
 from common.evaluation.uncertainty import labels_disagreement
 from common.infer import backends
-from common.infer.backends import cached_onnx, make_forwards, onnx_cache_path, resolve_backend
+from common.infer.backends import (
+    cached_onnx,
+    export_model_graphs,
+    make_forwards,
+    onnx_cache_path,
+    phantom_input,
+    resolve_backend,
+)
 from common.infer.predictor import PredictOptions, Predictor
 from common.storage.model_folder import COARSE_DIR, FINE_DIR
 
@@ -27,12 +34,6 @@ def weights_dir(tmp_path) -> Path:
     export_tiny_stage(tmp_path, "coarse", "unet", 32, seed=1)
     export_tiny_stage(tmp_path, "fine", "efficient_seg_net", 32, seed=3)
     return tmp_path
-
-
-def _structured_input(size: int) -> torch.Tensor:
-    """A smooth blob input (not noise), so labels have organ-like regions and boundaries."""
-    z, y, x = torch.meshgrid(*[torch.linspace(-1, 1, size)] * 3, indexing="ij")
-    return (2.0 - 3.0 * (z**2 + (y / 0.7) ** 2 + (x / 0.8) ** 2)).clamp(-2, 2)[None, None]
 
 
 def test_resolve_backend():
@@ -57,7 +58,7 @@ def test_resolve_backend_without_onnxruntime(monkeypatch):
 def test_onnxruntime_labels_agree_with_torch(weights_dir, stage):
     predictor = Predictor(PredictOptions(weights_dir, device="cpu", backend="torch"))
     st = predictor.coarse if stage == COARSE_DIR else predictor.fine
-    x = _structured_input(32)
+    x = phantom_input((32, 32, 32))
     forwards = make_forwards("onnxruntime", st.modules, st.path, st.size_zyx)
     for name, net in st.modules.items():
         with torch.inference_mode():
@@ -89,7 +90,7 @@ def test_onnx_cache_made_once_and_keyed_by_model(weights_dir):
     assert onnx_cache_path(changed.coarse.modules["a"], folder, "a", (32, 32, 32)) != path
     new_path = changed.coarse.networks["a"].path
     assert new_path != path and new_path.is_file() and not path.exists()
-    x = _structured_input(32)
+    x = phantom_input((32, 32, 32))
     with torch.inference_mode():
         ref = changed.coarse.modules["a"](x)
     assert float((changed.coarse.networks["a"](x) - ref).abs().max()) < 1e-2
@@ -148,7 +149,7 @@ def test_a_swapped_or_truncated_cached_graph_is_rebuilt_not_trusted(weights_dir,
     truncated graph failed every case and was never rebuilt. Each graph carries its key and is checked on loading."""
     predictor = Predictor(PredictOptions(weights_dir, device="cpu", backend="torch"))
     stage = predictor.coarse
-    x = _structured_input(32)
+    x = phantom_input((32, 32, 32))
     first = make_forwards("onnxruntime", stage.modules, stage.path, stage.size_zyx)
     paths = {name: first[name].path for name in ("a", "b")}
     with torch.inference_mode():
@@ -174,9 +175,74 @@ def test_no_writable_place_for_the_graphs_runs_torch_with_a_warning(weights_dir,
 
     monkeypatch.setattr(backends, "export_onnx", refuse)
     predictor = Predictor(PredictOptions(weights_dir, device="cpu", backend="onnxruntime"))
-    x = _structured_input(32)
+    x = phantom_input((32, 32, 32))
     caplog.set_level("WARNING")
     with torch.inference_mode():
         ref = predictor.coarse.modules["a"](x)
         out = predictor.coarse.networks["a"](x)
     assert torch.equal(out, ref) and "running network a with torch" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ issue 20
+
+
+def _graph_metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {entry.key: entry.value for entry in onnx.load(str(path)).metadata_props}
+
+
+def test_export_writes_the_graphs_with_their_label_agreement_and_prediction_reuses_them(weights_dir, tmp_path):
+    """A stage's export step writes each network's graph into the model folder with its agreement with torch on the
+    phantom, so the first prediction exports nothing."""
+    folder = weights_dir / FINE_DIR
+    agreements = export_model_graphs(folder, "fine")
+    assert set(agreements) == {"a", "b"} and all(value >= backends.MIN_LABEL_AGREEMENT for value in agreements.values())
+    graphs = {path.name.split("_")[0]: path for path in (folder / "onnx").glob("*.onnx")}
+    assert set(graphs) == {"a", "b"}
+    for name, path in graphs.items():
+        assert float(_graph_metadata(path)[backends.ONNX_AGREEMENT_FIELD]) == pytest.approx(agreements[name], abs=1e-6)
+    stamps = {path: path.stat().st_mtime_ns for path in graphs.values()}
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c1_0000.nii.gz")
+    argv = ["-i", str(in_dir), "-o", str(tmp_path / "out"), "--weights-dir", str(weights_dir), "--device", "cpu",
+            "--backend", "onnxruntime", "--ensemble", "--quiet"]
+    assert predict.main(argv) == 0
+    assert {path: path.stat().st_mtime_ns for path in (folder / "onnx").glob("*.onnx")} == stamps
+
+
+def test_a_graph_whose_labels_disagree_with_torch_is_not_used(weights_dir, monkeypatch, caplog):
+    """Below 99.9 % agreement on the phantom the network runs with torch, with a warning, at export and prediction."""
+    monkeypatch.setattr(backends, "label_agreement", lambda net, forward, size_zyx: 0.95)
+    caplog.set_level("WARNING")
+    assert export_model_graphs(weights_dir / COARSE_DIR, "coarse") == {"a": 0.95, "b": 0.95}
+    assert "below 99.9 %" in caplog.text
+    caplog.clear()
+    predictor = Predictor(PredictOptions(weights_dir, device="cpu", backend="onnxruntime"))
+    x = phantom_input((32, 32, 32))
+    with torch.inference_mode():
+        ref = predictor.coarse.modules["a"](x)
+        out = predictor.coarse.networks["a"](x)
+    assert torch.equal(out, ref), "the disagreeing graph ran"
+    assert "agree with torch's on 95.00 %" in caplog.text and "running network a with torch" in caplog.text
+
+
+def test_a_graph_without_a_measured_agreement_is_exported_again(weights_dir, monkeypatch, caplog):
+    """Graphs cached before the agreement was stored are measured once (exported again) instead of trusted."""
+    stage = Predictor(PredictOptions(weights_dir, device="cpu", backend="torch")).coarse
+    monkeypatch.setattr(backends, "onnxruntime_available", lambda: False)  # the export stores no agreement
+    path = cached_onnx(stage.modules["a"], stage.path, "a", stage.size_zyx)
+    assert backends.ONNX_AGREEMENT_FIELD not in _graph_metadata(path)
+    monkeypatch.undo()
+    caplog.set_level("WARNING")
+    forwards = make_forwards("onnxruntime", stage.modules, stage.path, stage.size_zyx)
+    forwards["a"].load()
+    assert "no measured label agreement" in caplog.text
+    assert float(_graph_metadata(path)[backends.ONNX_AGREEMENT_FIELD]) >= backends.MIN_LABEL_AGREEMENT
+
+
+def test_export_without_onnxruntime_writes_no_graph(weights_dir, monkeypatch):
+    monkeypatch.setattr(backends, "onnxruntime_available", lambda: False)
+    assert export_model_graphs(weights_dir / COARSE_DIR, "coarse") == {}
+    assert not (weights_dir / COARSE_DIR / "onnx").exists()

@@ -94,6 +94,7 @@ def test_training_writes_every_output_file_and_exports(trained, prepared, capsys
                                           "min_volume_mm3": 1000.0, "z_window_mm": 240.0}
     assert model.config["model"]["channels"] == [2, 4, 4, 8, 8]
     assert (out / "exported" / "config.yaml").is_file()
+    assert sorted(p.name.split("_")[0] for p in (out / "exported" / "onnx").glob("*.onnx")) == ["a", "b"]
     best_b = load_checkpoint(out / "checkpoints" / "best_model_b.pt")
     for key, value in model.networks["b"].state_dict().items():
         assert torch.equal(value, best_b["net"][key])

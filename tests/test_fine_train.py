@@ -348,6 +348,8 @@ def test_run_sh_all_steps_with_resume_after_kill(dataset, tmp_path):
     assert model.preprocess.to_json() == {"size_zyx": [SIZE] * 3, "hu_window": list(HU_WINDOW), "extend_size_mm": 20.0,
                                 "min_volume_mm3": FINE_MIN_VOLUME_MM3}
     assert (tmp_path / "export" / "config.yaml").is_file()
+    # the export wrote the ONNX Runtime graphs of both networks (common.infer.backends.export_model_graphs)
+    assert sorted(p.name.split("_")[0] for p in (tmp_path / "export" / "onnx").glob("*.onnx")) == ["a", "b"]
     with torch.no_grad():
         assert model.net(torch.zeros(1, 1, SIZE, SIZE, SIZE)).shape == (1, 13, SIZE, SIZE, SIZE)
     # Everything is done: a rerun skips every step and changes nothing.

@@ -15,60 +15,92 @@ def _settings(tmp_path: Path, *extra: str) -> bench.Settings:
     return bench.parse_args(["--seeds", "3", "--out", str(tmp_path / "out"), *extra])
 
 
-def test_steps_cover_the_five_rows_in_order(tmp_path: Path) -> None:
-    s = _settings(tmp_path, "--labeled", "4", "--labeled-val", "1", "--keep-ratio", "0.25", "--fine-iters", "7")
+def _without(argv: list[str], *prefixes: str) -> list[str]:
+    return [a for a in argv if not a.startswith(prefixes)]
+
+
+def test_steps_build_every_row_from_one_start_and_in_order(tmp_path: Path) -> None:
+    s = _settings(tmp_path, "--labeled", "4", "--labeled-val", "1", "--keep-ratio", "0.25", "--fine-iters", "7",
+                  "--warmup-iters", "5", "--rounds", "3", "--lu-variant", "conf=cps.confidence=0.9")
+    assert bench.rows_of(s) == ("l0", "lu", "lu_conf", "lk", "lk_fresh", "lr", "lo", "ln", "lc")
+    assert [bench.row_label(row, s) for row in ("l0", "lu_conf", "lk", "lk_fresh", "ln")] == [
+        "4 / 0", "4 / 12, cps.confidence=0.9", "4 / 12 -> 3 (UIF)", "4 / 12 -> 3 (UIF, fresh start)",
+        "4 / 12 -> 3 x 3 (UIF)"]
     steps = bench.seed_steps(s, 3)
     names = [st.name for st in steps]
-    assert names[:6] == ["synthetic", "prepare", "ceiling_dataset", "prepare_ceiling", "coarse_train",
-                         "coarse_export"]
-    # round 1 is exported for row 2 before round 2 exists; row 3 is exported after round 2
-    assert names.index("fine_cps_round1") < names.index("fine_lu_export") < names.index("fine_cps_round2") \
-        < names.index("fine_lk_export")
-    assert [n for n in names if n.startswith("predict_")] == ["predict_pool", "predict_l0", "predict_lu",
-                                                               "predict_lk", "predict_lr", "predict_lo",
-                                                               "predict_lc"]
-    # the true pseudo-label quality needs round 1's pool prediction and comes before any round 2, whose control
-    # rows read the selections it writes
-    assert names.index("fine_lu_export") < names.index("predict_pool") < names.index("uif_quality") \
-        < names.index("fine_cps_round2") < names.index("fine_random_round2") < names.index("fine_oracle_round2")
+    assert names[:9] == ["synthetic", "prepare", "ceiling_dataset", "prepare_ceiling", "coarse_train",
+                         "coarse_export", "fine_warm", "fine_l0", "fine_lc"]
+    order = ["fine_cps_round1", "fine_lu_export", "fine_lu_conf_round1", "predict_pool", "fine_cps_uif", "uif_quality",
+             "fine_cps_round2", "fine_lk_export", "fine_random_round2", "fine_oracle_round2", "fine_uif_fresh_round2",
+             "predict_pool_round2", "fine_cps_uif2", "fine_cps_round3", "fine_round3_export", "predict_pool_round3",
+             "fine_cps_uif3", "fine_cps_round4", "fine_ln_export"]
+    assert [n for n in names if n in order] == order
+    assert [n for n in names if n.startswith("predict_") and "pool" not in n] == [
+        f"predict_{row}" for row in bench.rows_of(s)]
     argv = {st.name: st.argv for st in steps}
-    # each control trains round 2 in its own experiment folder, where uif_quality stored its selection
-    assert any(a.endswith("seed3/fine_random") and a.startswith("output_dir=") for a in argv["fine_random_round2"])
-    assert any(a.endswith("seed3/fine_oracle") and a.startswith("output_dir=") for a in argv["fine_oracle_round2"])
-    assert not any(a.startswith("data.unlabeled_db=") for a in argv["fine_random_round2"])
-    assert any(a.endswith("seed3/fine_oracle") for a in argv["fine_lo_export"])
-    assert "--scan-profiles" in argv["synthetic"] and "shift" in argv["synthetic"]
-    # every round-2 row trains with the same network seeds and iterations: only the selection differs
+    warm = f"model.init_from={tmp_path / 'out' / 'seed3' / 'weights_warm' / 'efficient_fine_model'}"
+    # every row starts from the shared warm-up, which itself starts fresh
+    assert not any(a.startswith("model.init_from=") for a in argv["fine_warm"])
+    for name in ("fine_l0", "fine_lc", "fine_cps_round1", "fine_lu_conf_round1", "fine_random_round2",
+                 "fine_uif_fresh_round2"):
+        assert warm in argv[name], name
+    # L / 0 and L / U differ only in the unlabeled pool, and give a labeled crop the same CPS weight
+    assert "cps.parts=separate" in argv["fine_l0"] and "cps.parts=separate" in argv["fine_cps_round1"]
+    assert _without(argv["fine_l0"], "output_dir=", "export.dir=", "data.unlabeled_db=", "step=") == \
+        _without(argv["fine_cps_round1"], "output_dir=", "step=")
+    # the ceiling: L / 0's training on the ceiling dataset
+    assert _without(argv["fine_lc"], "data_base_dir=", "output_dir=", "export.dir=") == \
+        _without(argv["fine_l0"], "data_base_dir=", "output_dir=", "export.dir=")
+    # a variant differs from L / U in its own override only
+    assert _without(argv["fine_lu_conf_round1"], "output_dir=", "cps.confidence=0.9") == \
+        _without(argv["fine_cps_round1"], "output_dir=")
+    # the K rows: same start (round 1's end), seeds and iterations; only the selection (folder) differs, and the
+    # start control only its start
+    assert "round2.init=warm" in argv["fine_cps_round2"]
     for name in ("fine_random_round2", "fine_oracle_round2"):
-        assert [a for a in argv[name] if "seed" in a.split("=")[0] or "iterations" in a] == \
-            [a for a in argv["fine_cps_round2"] if "seed" in a.split("=")[0] or "iterations" in a]
-    quality = bench.seed_steps(bench.parse_args(["--seeds", "3", "--out", str(tmp_path / "q"), "--stop-after",
-                                                 "quality"]), 3)
-    assert quality[-1].name == "uif_quality" and not any("round2" in st.name for st in quality)
-    assert "data.unlabeled_db=null" in argv["fine_l0"]
-    assert "data.unlabeled_db=null" not in argv["fine_cps_round1"]
-    assert "--labeled" in argv["synthetic"] and argv["synthetic"][argv["synthetic"].index("--labeled") + 1] == "5"
+        assert _without(argv[name], "output_dir=") == _without(argv["fine_cps_round2"], "output_dir=")
+    assert _without(argv["fine_uif_fresh_round2"], "output_dir=", "round2.init=") == \
+        _without(argv["fine_cps_round2"], "output_dir=", "round2.init=")
+    assert argv["fine_uif_fresh_round2"][-2:] == ["round2.init=fresh", "step=round2"]
+    assert "--other-start" in argv["uif_quality"] and "fresh" in argv["uif_quality"]
+    # each export names its round; the N-rounds row is round 4 (uif.rounds=3)
+    assert "export.round=1" in argv["fine_lu_export"] and "export.round=2" in argv["fine_lk_export"]
+    assert "export.round=4" in argv["fine_ln_export"] and "uif.rounds=3" in argv["fine_cps_round4"]
+    assert argv["synthetic"][argv["synthetic"].index("--labeled") + 1] == "5"
     # the split is pinned (the last --labeled-val labeled cases validate), not data_prepare's val_ratio draw
     assert argv["synthetic"][argv["synthetic"].index("--fold1-val") + 1] == "1"
     assert not any(a.startswith("val_ratio=") for a in argv["prepare"])
-    # the ceiling row: row 1's training on the ceiling dataset (unlabeled cases with their truth)
-    assert any(a.endswith("seed3/dataset_ceiling") for a in argv["fine_lc"]) and "data.unlabeled_db=null" in \
-        argv["fine_lc"]
-    assert [a for a in argv["fine_lc"] if not a.startswith(("data_base_dir=", "output_dir=", "export.dir="))] == \
-        [a for a in argv["fine_l0"] if not a.startswith(("data_base_dir=", "output_dir=", "export.dir="))]
-    assert "uif.keep_ratio=0.25" in argv["fine_cps_uif"]
-    assert "schedule.iterations=7" in argv["fine_cps_round1"]
+    assert "uif.keep_ratio=0.25" in argv["fine_cps_uif"] and "schedule.iterations=7" in argv["fine_cps_round1"]
+    assert "schedule.iterations=5" in argv["fine_warm"]
     # every path handed to a stage is absolute (run.sh changes directory)
     for st in steps:
-        if st.name.startswith("predict_"):
-            continue
         for arg in st.argv:
-            if "=" in arg and ("dir=" in arg or "data_base_dir" in arg):
+            if "=" in arg and ("dir=" in arg or "data_base_dir" in arg or "init_from" in arg):
                 assert Path(arg.split("=", 1)[1]).is_absolute(), arg
     # the network seeds differ per seed and between A and B
     assert "model.seed_a=301" in argv["coarse_train"] and "model.seed_b=302" in argv["coarse_train"]
-    lu_export = next(st for st in steps if st.name == "fine_lu_export")
-    assert lu_export.done_marker is not None and lu_export.done_marker.name == "model.pt"
+    # every step's cost goes to its row, or to the shared steps
+    assert {st.row for st in steps} == set(bench.rows_of(s)) | {None}
+    quality = bench.seed_steps(bench.parse_args(["--seeds", "3", "--out", str(tmp_path / "q"), "--stop-after",
+                                                 "quality"]), 3)
+    assert quality[-1].name == "uif_quality" and not any("round2" in st.name for st in quality)
+
+
+def test_regime_preset_and_explicit_options(tmp_path: Path) -> None:
+    s = _settings(tmp_path, "--regime", "headroom")
+    assert (s.anatomy, s.labeled, s.labeled_val, s.val, s.rounds) == ("varied", 2, 2, 24, 3)
+    assert [v.split("=")[0] for v in s.lu_variants] == ["conf09", "w03"]
+    mine = _settings(tmp_path, "--regime", "headroom", "--labeled", "3", "--lu-variant", "w05=cps.weight=0.5")
+    assert mine.labeled == 3 and mine.lu_variants == ["w05=cps.weight=0.5"]
+    with pytest.raises(SystemExit):
+        _settings(tmp_path, "--lu-variant", "no_override")
+
+
+def test_resolvable_difference() -> None:
+    """(t_{0.975,n-1} + t_{0.8,n-1}) * sd / sqrt(n): n = 5, sd 0.02 -> (2.7764 + 0.9410) * 0.02 / sqrt(5)."""
+    values = [0.01, 0.03, 0.05, 0.02, 0.04]
+    assert bench.resolvable(values) == pytest.approx((2.776445 + 0.940965) * 0.0158114 / math.sqrt(5), rel=1e-4)
+    assert math.isnan(bench.resolvable([0.1]))
 
 
 def test_dry_run_prints_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -108,36 +140,44 @@ def test_uif_hard_share(tmp_path: Path) -> None:
     assert share["scores"]["u1"]["hard_kinds"] == ["noise"]
 
 
+def _results(s: bench.Settings, values: dict[int, dict[str, float]]) -> list[dict]:
+    """Fake per-seed results: {seed: {row: DSC}} (shaped DSC = DSC + 0.1, NSD = DSC - 0.1)."""
+    uif = {"pool": 12, "kept": {"n": 6, "hard": 1}, "dropped": {"n": 6, "hard": 3}, "hard_ranks": [5, 8, 9, 12]}
+    return [{"seed": seed, "uif": uif, "shaped": ["Liver"], "row_cpu_s": {"l0": 600.0, "shared": 120.0},
+             "rows": {row: {"DSC": v, "DSC_shaped": v + 0.1, "NSD": v - 0.1} for row, v in rows.items()}}
+            for seed, rows in values.items()]
+
+
 def test_summary_and_table(tmp_path: Path) -> None:
-    s = _settings(tmp_path, "--unlabeled", "12", "--keep-ratio", "0.5")
-    results = []
-    for seed, base in ((0, 0.5), (1, 0.6)):
-        rows = {row: {"DSC": base + 0.1 * i, "NSD": base + 0.05 * i} for i, row in enumerate(bench.ROWS)}
-        uif = {"pool": 12, "kept": {"n": 6, "hard": 1}, "dropped": {"n": 6, "hard": 3}, "hard_ranks": [5, 8, 9, 12]}
-        results.append({"seed": seed, "rows": rows, "uif": uif})
-    summary = bench.summarize(results)
+    s = _settings(tmp_path, "--unlabeled", "12", "--keep-ratio", "0.5", "--no-start-control")
+    rows = bench.rows_of(s)
+    results = _results(s, {0: {row: 0.5 + 0.1 * i for i, row in enumerate(rows)},
+                           1: {row: 0.6 + 0.1 * i for i, row in enumerate(rows)}})
+    summary = bench.summarize(results, s)
+    half = 12.706205 * math.sqrt(0.005) / math.sqrt(2)  # t(0.975, 1) * sd / sqrt(n)
     assert summary["l0"]["DSC"]["mean"] == pytest.approx(0.55)
-    assert summary["l0"]["DSC"]["std"] == pytest.approx(math.sqrt(0.005))
+    assert summary["l0"]["DSC"]["high"] - 0.55 == pytest.approx(half)
     assert summary["lk"]["DSC"]["diff_vs_l0"]["per_seed"] == pytest.approx([0.2, 0.2])
     report = bench.build_report(results, s, "python -m benchmarks.semi_supervised", 12.0)
-    assert "| 4 / 0 |" in report and "| 4 / 12 |" in report and "4 / 12 -> 6 (UIF)" in report
-    assert "0.5500 ± 0.0707" in report
+    assert "| 4 / 0 | 0.5500 [" in report and "| 4 / 12 |" in report and "4 / 12 -> 6 (UIF)" in report
     assert "| 0 | 12 | 1 / 6 | 3 / 6 | 5, 8, 9, 12 |" in report
+    assert "| 10.0 |" in report and "2.0 CPU min per seed" in report  # L / 0's own steps; the shared ones
+    assert "Shaped organs" in report and "Liver" in report
 
 
 def test_paired_deltas_have_t_intervals(tmp_path: Path) -> None:
     """UIF minus random, paired by seed, with the 95 % Student-t interval over seeds (t(0.975, 2) = 4.3027)."""
     s = _settings(tmp_path, "--unlabeled", "12", "--keep-ratio", "0.5")
-    results = []
-    for seed, gain in ((0, 0.01), (1, 0.03), (2, 0.02)):
-        rows = {row: {"DSC": 0.5, "NSD": 0.4} for row in bench.ROWS}
-        rows["lk"] = {"DSC": 0.5 + gain, "NSD": 0.4}
-        results.append({"seed": seed, "rows": rows})
+    results = _results(s, {seed: {**{row: 0.5 for row in bench.rows_of(s)}, "lk": 0.5 + gain}
+                           for seed, gain in ((0, 0.01), (1, 0.03), (2, 0.02))})
     text = bench.format_diffs(results, s)
     half = 4.302653 * 0.01 / math.sqrt(3)
     line = next(x for x in text.splitlines() if x.startswith("| 4 / 12 -> 6 (UIF) minus 4 / 12 -> 6 (random)"))
     assert f"+0.0200 [{0.02 - half:+.4f}, {0.02 + half:+.4f}]" in line
     assert "+0.0100, +0.0300, +0.0200" in line
+    assert f"| {bench.resolvable([0.01, 0.03, 0.02]):.4f} |" in line
+    ceiling = next(x for x in text.splitlines() if x.startswith("| 4 + 12 with truth / 0 (ceiling) minus 4 / 0"))
+    assert "+0.0000" in ceiling
 
 
 def test_splits_give_the_counts_the_rows_name(tmp_path: Path) -> None:

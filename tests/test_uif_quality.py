@@ -34,11 +34,13 @@ def test_score_quality_perfect_and_inverted_scores():
     perfect = {c: 1.0 - v for c, v in dsc.items()}             # score = true error
     r = q.score_quality(perfect, dsc, hard, keep=2, draws=500)
     assert r["spearman_vs_error"] == pytest.approx(1.0) and r["auroc_hard"] == 1.0
+    assert r["auroc_worse"] == 1.0  # u3..u5 (below the median 0.65) all score less certain than u0..u2
     assert r["kept"] == ["u0", "u1"] and r["kept_dsc"] == pytest.approx(0.85) == r["oracle_dsc"]
     assert r["dropped_dsc"] == pytest.approx((0.7 + 0.6 + 0.5 + 0.4) / 4)
     assert r["random_dsc"] == pytest.approx(sum(dsc.values()) / 6, abs=0.02)   # the pool mean, on average
     inverted = q.score_quality({c: -s for c, s in perfect.items()}, dsc, hard, keep=2, draws=10)
     assert inverted["spearman_vs_error"] == pytest.approx(-1.0) and inverted["kept"] == ["u5", "u4"]
+    assert inverted["auroc_worse"] == 0.0
 
 
 def test_write_control_selection(tmp_path: Path):
@@ -51,7 +53,7 @@ def test_write_control_selection(tmp_path: Path):
     open_store(pool, readonly=False).put_many(records)
     boxes = {f"u{i}": {"coarse_box": [[0, i + 1], [0, 2], [0, 2]]} for i in range(4)}
     open_store(RunLayout(seed_dir / "fine_cps").boxes_db, readonly=False).put_many(boxes)
-    q.write_control(seed_dir, "lo", {"u0": 0.5, "u1": 0.1, "u2": 0.9, "u3": 0.2}, keep=2)
+    q.write_control(seed_dir, "fine_oracle", {"u0": 0.5, "u1": 0.1, "u2": 0.9, "u3": 0.2}, keep=2)
     store = open_store(RunLayout(seed_dir / "fine_oracle").pool_db(1))
     assert store.keys() == ["u1", "u3"]
     assert store.get("u3")["coarse_box"] == [[0, 4], [0, 2], [0, 2]]
@@ -59,3 +61,6 @@ def test_write_control_selection(tmp_path: Path):
     rows = read_scores_csv(RunLayout(seed_dir / "fine_oracle").scores_csv(1))
     assert [(r.case, r.kept) for r in rows] == [("u1", True), ("u3", True), ("u0", False), ("u2", False)]
     assert open_store(pool).keys() == sorted(records)  # the original pool is untouched
+    # a warm round 2 of the control starts from fine_cps's round 1, linked into its folder
+    link = RunLayout(seed_dir / "fine_oracle").round_dir(1)
+    assert link.is_symlink() and link.resolve() == (seed_dir / "fine_cps" / "round1").resolve()

@@ -11,6 +11,11 @@ changed `--fine-size`) exports anew and older graphs of that network are removed
 graph (its metadata) and checked when it is loaded: a graph that is not the network's (files swapped or copied) or
 does not load (truncated) is exported again. A read-only model folder falls back to a per-user cache folder; where
 neither can be written, the network runs with torch (with a warning).
+
+Each export also runs the graph in ONNX Runtime beside the torch network on a fixed phantom (`phantom_input`) and
+stores the share of voxels whose labels agree in the graph's metadata. A graph below `MIN_LABEL_AGREEMENT` is not
+used: that network runs with torch, with a warning. The stages' export steps call `export_model_graphs`, so a
+model folder arrives with its graphs and the first prediction does not pay the export.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import torch
 from torch import nn
 
 from common.core.files import atomic_path
+from common.core.labelmaps import LOGIT_THRESHOLD, probs_to_labels
 from common.core.logger import get_logger
 from common.storage.checkpoint import state_digest
+from common.storage.weights import load_model
 
 logger = get_logger(__name__)
 
@@ -70,6 +77,8 @@ def _weights_digest(net: nn.Module) -> str:
 
 
 ONNX_KEY_FIELD = "semiseg_cache_key"  # the graph's metadata entry holding the key of its file name
+ONNX_AGREEMENT_FIELD = "semiseg_label_agreement"  # share of phantom voxels whose labels agree with torch's
+MIN_LABEL_AGREEMENT = 0.999  # below it a graph is not used and its network runs with torch
 
 
 def onnx_cache_key(net: nn.Module, network: str, size_zyx: Sequence[int]) -> str:
@@ -97,19 +106,44 @@ def _user_cache_root(model_dir: Path) -> Path:
     return base / "semiseg_cssn" / "onnx" / hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
 
 
+def phantom_input(size_zyx: Sequence[int]) -> torch.Tensor:
+    """A fixed input (1, 1, *size_zyx) in the networks' normalized units: a body ellipsoid holding brighter and
+    darker blobs, so that the labels have regions and boundaries to agree on (unlike noise or a constant)."""
+    z, y, x = torch.meshgrid(*[torch.linspace(-1, 1, int(s)) for s in size_zyx], indexing="ij")
+    image = torch.where(z**2 + (y / 0.7) ** 2 + (x / 0.85) ** 2 < 0.8, 0.3, -1.8)
+    for cz, cy, cx, radius, value in ((0.1, -0.2, 0.3, 0.3, 1.2), (-0.2, 0.2, -0.3, 0.25, 0.6),
+                                      (0.3, 0.1, 0.0, 0.15, -0.6), (-0.3, -0.1, 0.4, 0.12, 1.8)):
+        image = torch.where((z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 < radius**2, value, image)
+    return image[None, None].float()
+
+
+def label_agreement(net: nn.Module, forward: Forward, size_zyx: Sequence[int]) -> float:
+    """Share of the phantom's voxels where `forward` (e.g. an ONNX Runtime session) gives the torch network's label
+    (the predictor's rule: the organ with the highest logit if it is above the threshold, else background)."""
+    x = phantom_input(size_zyx)
+    with torch.inference_mode():
+        ref = probs_to_labels(net.eval()(x)[0], LOGIT_THRESHOLD)
+        out = probs_to_labels(forward(x)[0].float(), LOGIT_THRESHOLD)
+    return float((ref == out).float().mean())
+
+
 def export_onnx(net: nn.Module, size_zyx: Sequence[int], path: Path) -> Path:
-    """Export `net` (eval mode, CPU) for input (1, 1, *size_zyx) to `path` atomically; remove older graphs of the
-    same network and size beside it."""
+    """Export `net` (eval mode, CPU) for input (1, 1, *size_zyx) to `path` atomically, with its key and (when ONNX
+    Runtime is installed) its label agreement with torch in the graph's metadata; remove older graphs of the same
+    network and size beside it."""
     import onnx
 
     net = net.eval()
     x = torch.zeros((1, 1, *(int(s) for s in size_zyx)), dtype=torch.float32)
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer and deprecation warnings: the graph is checked by its users
+        warnings.simplefilter("ignore")  # tracer and deprecation warnings: the labels are checked below
         torch.onnx.export(net, (x,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
                           input_names=["x"], output_names=["logits"])
         graph = onnx.load(str(tmp))
         graph.metadata_props.add(key=ONNX_KEY_FIELD, value=path.stem.rsplit("_", 1)[-1])
+        if onnxruntime_available():
+            agreement = label_agreement(net, OnnxRuntimeForward(tmp), size_zyx)
+            graph.metadata_props.add(key=ONNX_AGREEMENT_FIELD, value=f"{agreement:.6f}")
         onnx.save(graph, str(tmp))
     prefix = path.name.rsplit("_", 1)[0] + "_"
     for old in path.parent.glob(f"{prefix}*.onnx"):
@@ -160,6 +194,12 @@ class OnnxRuntimeForward:
         """The key the graph was exported under (`onnx_cache_key`), None for a graph without one."""
         return self.session.get_modelmeta().custom_metadata_map.get(ONNX_KEY_FIELD)
 
+    @property
+    def label_agreement(self) -> float | None:
+        """The graph's label agreement with torch measured at its export (`label_agreement`), None if not stored."""
+        value = self.session.get_modelmeta().custom_metadata_map.get(ONNX_AGREEMENT_FIELD)
+        return None if value is None else float(value)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (1, 1, D, H, W) at the exported size -> logits (1, C, D, H, W) float32 on the CPU."""
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -184,24 +224,36 @@ class LazyOnnxRuntimeForward:
 
     def load(self) -> None:
         """Export (if needed) and open the session now, e.g. before timing. A cached graph that does not load or is
-        another network's is exported again; where no graph can be written, the torch network runs instead."""
+        another network's is exported again; where no graph can be written, or the graph's labels disagree with
+        torch's, the torch network runs instead."""
         if self._forward is not None:
             return
         try:
-            self._forward = self._checked_session()
+            session = self._checked_session()
         except OSError as e:
             logger.warning("cannot write an ONNX graph of network %s of %s into the model folder or the user cache "
                            "(%s); running network %s with torch", self.network, self.model_dir, e, self.network)
             self._forward = self.net.eval()
+            return
+        agreement = session.label_agreement
+        if agreement is not None and agreement < MIN_LABEL_AGREEMENT:
+            logger.warning("ONNX graph %s: its labels agree with torch's on %.2f %% of the phantom's voxels (below "
+                           "%.1f %%); running network %s with torch", session.path, 100 * agreement,
+                           100 * MIN_LABEL_AGREEMENT, self.network)
+            self._forward = self.net.eval()
+            return
+        self._forward = session
 
-    def _checked_session(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The session of the cached graph, after checking it holds this network (its key), else exported again."""
+    def _checked_session(self) -> OnnxRuntimeForward:
+        """The session of the cached graph, after checking it holds this network (its key) and its measured label
+        agreement (graphs from before that was stored have none), else exported again."""
         path = self.path
         try:
             forward = OnnxRuntimeForward(path)
-            if forward.cache_key == path.stem.rsplit("_", 1)[-1]:
+            if forward.cache_key == path.stem.rsplit("_", 1)[-1] and forward.label_agreement is not None:
                 return forward
-            problem = "it is not this network's graph (its key differs: files swapped or copied?)"
+            problem = ("it is not this network's graph (its key differs: files swapped or copied?)"
+                       if forward.cache_key != path.stem.rsplit("_", 1)[-1] else "it has no measured label agreement")
         except Exception as e:  # noqa: BLE001 - ONNX Runtime's load errors have no common base (InvalidProtobuf, ...)
             problem = f"it does not load ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
         logger.warning("cached ONNX graph %s: %s; exporting it again", path, problem)
@@ -224,3 +276,30 @@ def make_forwards(backend: str, networks: Mapping[str, nn.Module], model_dir: Pa
     if backend == "onnxruntime":
         return {name: LazyOnnxRuntimeForward(net, Path(model_dir), name, size_zyx) for name, net in networks.items()}
     raise ValueError(f"backend {backend!r} is not resolved; call resolve_backend first")
+
+
+def export_model_graphs(model_dir: str | os.PathLike, stage: str) -> dict[str, float]:
+    """At a stage's export, when ONNX Runtime is installed: write the ONNX graph of every network of the model folder
+    at its input size into the folder's cache, so that prediction finds them; returns {network: label agreement
+    with torch}. An export that fails is a warning (prediction then exports on first use, or runs torch)."""
+    if not onnxruntime_available():
+        logger.info("ONNX Runtime is not installed: no ONNX graphs exported (prediction runs torch)")
+        return {}
+    model_dir = Path(model_dir)
+    cpu = torch.device("cpu")
+    model = load_model(model_dir, stage, cpu)
+    agreements: dict[str, float] = {}
+    for name, net in model.networks.items():
+        try:
+            session = LazyOnnxRuntimeForward(net, model_dir, name, model.preprocess.size_zyx)._checked_session()
+        except Exception as e:  # noqa: BLE001 - torch.onnx and ONNX Runtime raise many unrelated types
+            logger.warning("%s: no ONNX graph of network %s (%s: %s); prediction runs it with torch", model_dir,
+                           name, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            continue
+        agreements[name] = float(session.label_agreement)  # type: ignore[arg-type] - checked by _checked_session
+        usable = agreements[name] >= MIN_LABEL_AGREEMENT
+        (logger.info if usable else logger.warning)(
+            "ONNX graph %s: labels agree with torch on %.3f %% of a phantom's voxels%s", session.path,
+            100 * agreements[name], "" if usable else f" (below {100 * MIN_LABEL_AGREEMENT:.1f} %: prediction runs "
+                                                     f"network {name} with torch)")
+    return agreements
