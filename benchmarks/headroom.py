@@ -43,9 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.semi_supervised import Step, StepFailed, run_step
+from benchmarks.pipeline import ROOT, Step, StepFailed, cube, int_list, run_step
 
-ROOT = Path(__file__).resolve().parent.parent
 ROWS = ("l0", "ceiling")
 PHASES = ("non_contrast", "arterial", "portal_venous")
 SETTINGS_FILE = "headroom_settings.json"
@@ -97,14 +96,6 @@ class Settings:
         return {k: d[k] for k in DATA_KEYS}
 
 
-def _cube(n: int) -> str:
-    return f"[{n},{n},{n}]"
-
-
-def _list(values: Sequence[int]) -> str:
-    return "[" + ",".join(str(v) for v in values) + "]"
-
-
 def seed_dir(s: Settings, seed: int) -> Path:
     return Path(s.out).resolve() / f"seed{seed}"
 
@@ -115,10 +106,10 @@ def seed_steps(s: Settings, seed: int) -> list[Step]:
     sd = seed_dir(s, seed)
     ds, dsc = sd / "dataset", sd / "dataset_ceiling"
     coarse_w = sd / "weights_coarse" / "base_coarse_model"
-    common = [f"model.channels={_list(s.channels)}", "data.num_workers=0", "model.dropout=0.0",
+    common = [f"model.channels={int_list(s.channels)}", "data.num_workers=0", "model.dropout=0.0",
               f"device={s.device}", f"seed={seed}", f"model.seed_a={100 * seed + 1}", f"model.seed_b={100 * seed + 2}",
               "data.unlabeled_db=null", "schedule.checkpoint_interval=100"]
-    prepare = [f"coarse_size_zyx={_cube(s.coarse_size)}", f"fine_size_zyx={_cube(s.fine_size)}",
+    prepare = [f"coarse_size_zyx={cube(s.coarse_size)}", f"fine_size_zyx={cube(s.fine_size)}",
                f"num_workers={s.workers}"]
     steps = [
         Step("synthetic", [py, "-m", "data_prepare.synthetic", "--out", str(ds), "--labeled",
@@ -133,7 +124,7 @@ def seed_steps(s: Settings, seed: int) -> list[Step]:
     ]
     coarse = ["sh", str(ROOT / "coarse_base_seg" / "run.sh"),
               f"data_base_dir={dsc if s.coarse_data == 'ceiling' else ds}", f"output_dir={sd / 'coarse'}",
-              f"data.size_zyx={_cube(s.coarse_size)}", *common, "cps.weight=0.0",
+              f"data.size_zyx={cube(s.coarse_size)}", *common, "cps.weight=0.0",
               f"schedule.iterations={s.coarse_iters}", f"schedule.val_interval={max(1, s.coarse_iters // 4)}",
               f"export.dir={coarse_w}"]
     if s.coarse_lr is not None:
@@ -141,7 +132,7 @@ def seed_steps(s: Settings, seed: int) -> list[Step]:
     steps += [Step("coarse_train", coarse), Step("coarse_export", coarse + ["step=export"])]
     for row in ROWS:
         fine = ["sh", str(ROOT / "fine_efficient_seg" / "run.sh"), f"data_base_dir={dsc if row == 'ceiling' else ds}",
-                f"output_dir={sd / f'fine_{row}'}", f"data.size_zyx={_cube(s.fine_size)}", *common,
+                f"output_dir={sd / f'fine_{row}'}", f"data.size_zyx={cube(s.fine_size)}", *common,
                 f"cps.weight={s.cps_weight}", f"schedule.iterations={s.fine_iters}",
                 f"schedule.val_interval={max(1, s.fine_iters // s.val_points)}", f"optim.lr={s.fine_lr}",
                 f"boxes.coarse_model_dir={coarse_w}",

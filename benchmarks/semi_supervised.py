@@ -56,7 +56,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -64,9 +63,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks.pipeline import ROOT, Step, StepFailed, cube, int_list, run_step
 from benchmarks.stats import evaluate_row
 
-ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_FILE = "settings.json"
 # Keys of the settings that change the trained models (a rerun with other values would mix results).
 _RESULT_KEYS = ("labeled", "labeled_val", "unlabeled", "val", "hard_fraction", "keep_ratio", "size",
@@ -179,24 +178,6 @@ def row_label(row: str, s: Settings) -> str:
 # --------------------------------------------------------------------------------------------- commands
 
 
-def _cube(n: int) -> str:
-    return f"[{n},{n},{n}]"
-
-
-def _list(values: Sequence[int]) -> str:
-    return "[" + ",".join(str(v) for v in values) + "]"
-
-
-@dataclass(frozen=True)
-class Step:
-    """One subprocess of the pipeline: `name` (its log file), argv, and a marker that says it is done."""
-
-    name: str
-    argv: list[str]
-    done_marker: Path | None = None  # skip the step when this file exists (stages skip themselves otherwise)
-    row: str | None = None  # the row whose own cost this step is (None: shared by several rows)
-
-
 def seed_dir(settings: Settings, seed: int) -> Path:
     return Path(settings.out).resolve() / f"seed{seed}"
 
@@ -225,7 +206,7 @@ class SeedPaths:
 
     def small(self) -> list[str]:
         s, seed = self.settings, self.seed
-        return [f"model.channels={_list(s.channels)}", "data.num_workers=0", f"model.dropout={s.dropout}",
+        return [f"model.channels={int_list(s.channels)}", "data.num_workers=0", f"model.dropout={s.dropout}",
                 f"device={s.device}", f"seed={seed}", f"model.seed_a={100 * seed + 1}",
                 f"model.seed_b={100 * seed + 2}"]
 
@@ -233,7 +214,7 @@ class SeedPaths:
         """`sh fine_efficient_seg/run.sh` with every shared override, into `<seed>/<out_name>`."""
         s = self.settings
         args = ["sh", str(ROOT / "fine_efficient_seg" / "run.sh"), f"data_base_dir={dataset or self.ds}",
-                f"output_dir={self.sd / out_name}", f"data.size_zyx={_cube(s.fine_size)}", *self.small(),
+                f"output_dir={self.sd / out_name}", f"data.size_zyx={cube(s.fine_size)}", *self.small(),
                 f"schedule.iterations={s.fine_iters}",
                 f"cps.rampup_iterations={int(s.rampup_fraction * s.fine_iters)}",
                 f"schedule.val_interval={max(1, s.fine_iters // 4)}", "schedule.checkpoint_interval=50",
@@ -293,7 +274,7 @@ def coarse_steps(paths: SeedPaths) -> list[Step]:
     """One coarse model per seed (CPS on labeled + all unlabeled), shared by every row."""
     s = paths.settings
     args = ["sh", str(ROOT / "coarse_base_seg" / "run.sh"), f"data_base_dir={paths.ds}",
-            f"output_dir={paths.sd / 'coarse'}", f"data.size_zyx={_cube(s.coarse_size)}", *paths.small(),
+            f"output_dir={paths.sd / 'coarse'}", f"data.size_zyx={cube(s.coarse_size)}", *paths.small(),
             f"schedule.iterations={s.coarse_iters}", f"cps.rampup_iterations={int(s.rampup_fraction * s.coarse_iters)}",
             f"schedule.val_interval={max(1, s.coarse_iters // 4)}", "schedule.checkpoint_interval=50",
             f"export.dir={paths.coarse_weights}"]
@@ -397,7 +378,7 @@ def predict_steps(paths: SeedPaths) -> list[Step]:
 def prepare_argv(settings: Settings, dataset: Path, seed: int) -> list[str]:
     """data_prepare of one dataset folder (its fold-1 split comes from file_list/fold1_val_series_uids.txt)."""
     return ["sh", str(ROOT / "data_prepare" / "run.sh"), f"data_base_dir={dataset}",
-            f"coarse_size_zyx={_cube(settings.coarse_size)}", f"fine_size_zyx={_cube(settings.fine_size)}",
+            f"coarse_size_zyx={cube(settings.coarse_size)}", f"fine_size_zyx={cube(settings.fine_size)}",
             f"split_seed={seed}", f"num_workers={settings.workers}"]
 
 
@@ -418,42 +399,6 @@ def predict_argv(settings: Settings, in_dir: Path, out_dir: Path, weights_dir: P
 
 
 # --------------------------------------------------------------------------------------------- running
-
-
-class StepFailed(RuntimeError):
-    pass
-
-
-def _env(threads: int | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    if threads:
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[name] = str(threads)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def run_step(step: Step, log_dir: Path, t0: float, threads: int | None = None, tag: str = "") -> float:
-    """Run one step with its output in `log_dir/<name>.log`; returns its wall time (0 when skipped)."""
-    if step.done_marker is not None and step.done_marker.is_file():
-        print(f"  [{time.perf_counter() - t0:7.0f} s] {tag}{step.name}: done before ({step.done_marker.name} "
-              "exists)", flush=True)
-        return 0.0
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"{step.name}.log"
-    print(f"  [{time.perf_counter() - t0:7.0f} s] {tag}{step.name} ...", flush=True)
-    start = time.perf_counter()
-    with open(log, "a", encoding="utf-8") as handle:
-        handle.write(f"\n$ {shlex.join(step.argv)}\n")
-        handle.flush()
-        proc = subprocess.run(step.argv, cwd=ROOT, env=_env(threads), stdout=handle, stderr=subprocess.STDOUT,
-                              check=False)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-25:])
-        raise StepFailed(f"step {step.name} failed with exit code {proc.returncode} after {wall:.0f} s\n"
-                         f"command: {shlex.join(step.argv)}\nlog: {log}\n--- last lines ---\n{tail}")
-    return wall
 
 
 def check_settings(settings: Settings, seed: int) -> None:
