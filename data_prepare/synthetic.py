@@ -255,19 +255,8 @@ def _organ_span_w(scale_w: float) -> tuple[float, float]:
     return (-85.0 * scale_w, 155.0 * scale_w)
 
 
-def draw_plan(rng: np.random.Generator, size: str, hard: bool, anatomy: str = "standard") -> CasePlan:
-    """Draw the geometry, body build and hard-case kinds of one case (cheap; no voxels)."""
-    if size not in _SIZE_SPECS:
-        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
-    if anatomy not in ANATOMY_SPREADS:
-        raise ValueError(f"unknown anatomy {anatomy!r}; expected one of {ANATOMY_MODES}")
-    spread = ANATOMY_SPREADS[anatomy]
-    spec = _SIZE_SPECS[size]
-    ny, nx = spec.shape_yx
-    base_spacing = float(rng.uniform(0.6, 1.0))
-    sxy = round(base_spacing * spec.inplane_factor, 4)
-    lps = bool(rng.random() < 0.5)
-
+def _hard_kinds(rng: np.random.Generator, hard: bool) -> list[str]:
+    """What makes a hard case hard: noise, metal, a truncated field of view (at least one)."""
     kinds: list[str] = []
     if hard:
         if rng.random() < 0.75:
@@ -278,15 +267,30 @@ def draw_plan(rng: np.random.Generator, size: str, hard: bool, anatomy: str = "s
             kinds.append("truncated_xy" if rng.random() < 0.5 else "truncated_z")
         if not kinds:
             kinds.append("noise")
+    return kinds
 
-    # Body build: the abdominal cavity (inside the muscle wall) sets the anatomy scale.
+
+@dataclass(frozen=True)
+class _Build:
+    """Body build: the abdominal cavity (inside the muscle wall) sets the anatomy scale; the body's half axes."""
+
+    scale: float
+    depth_ratio: float
+    scale_w: float
+    skin: float
+    fat: float
+    muscle: float
+    exponent: float
+    half_u: float
+    half_v: float
+
+
+def _draw_build(rng: np.random.Generator, spread: AnatomySpread, fov_x: float, fov_y: float) -> _Build:
     scale = float(rng.uniform(*spread.body_scale))
     depth_ratio = float(rng.uniform(0.92, 1.08))
     scale_w = scale * float(rng.uniform(0.92, 1.08))
     skin, fat, muscle = 2.0, float(rng.uniform(6.0, 35.0)), float(rng.uniform(8.0, 14.0))
     exponent = float(rng.uniform(2.0, 2.6))
-    fov_x, fov_y = (nx - 1) * sxy, (ny - 1) * sxy
-    truncated_xy = "truncated_xy" in kinds
     for _ in range(2):  # shrink the fat first, then the anatomy, until the body fits the field of view
         wall = skin + fat + muscle
         max_scale = min((0.47 * fov_x - wall) / 126.0, (0.47 * fov_y - wall) / (95.0 * depth_ratio))
@@ -294,10 +298,15 @@ def draw_plan(rng: np.random.Generator, size: str, hard: bool, anatomy: str = "s
             break
         fat = 6.0
     scale = min(scale, max_scale)
-    half_u = 126.0 * scale + wall
-    half_v = 95.0 * scale * depth_ratio + wall
+    return _Build(scale, depth_ratio, scale_w, skin, fat, muscle, exponent, half_u=126.0 * scale + wall,
+                  half_v=95.0 * scale * depth_ratio + wall)
 
-    # In-plane placement: centred with a little jitter, or pushed across a border for a truncated FOV.
+
+def _draw_placement(rng: np.random.Generator, fov_x: float, fov_y: float, build: _Build,
+                    truncated_xy: bool) -> tuple[float, float, str]:
+    """In-plane centre (x, y mm) and truncation side: centred with a little jitter, or pushed across a border for a
+    truncated field of view."""
+    half_u, half_v = build.half_u, build.half_v
     slack_x, slack_y = max(0.0, fov_x / 2 - half_u), max(0.0, fov_y / 2 - half_v)
     cx = fov_x / 2 + float(rng.uniform(-0.5, 0.5)) * slack_x
     cy = fov_y / 2 + float(rng.uniform(-0.5, 0.5)) * slack_y
@@ -311,8 +320,14 @@ def draw_plan(rng: np.random.Generator, size: str, hard: bool, anatomy: str = "s
             cx = fov_x - half_u + 2 * half_u * cut
         else:  # anterior = low y
             cy = half_v - 2 * half_v * cut
+    return cx, cy, truncation
 
-    # Slices: full draws the slice spacing; small sizes spread a plausible extent over their slice count.
+
+def _draw_slices(rng: np.random.Generator, size: str, scale_w: float,
+                 truncated_z: bool) -> tuple[int, float, float, str]:
+    """(slice count, spacing, anatomy reference level, "top"/"bottom"/""): full draws the slice spacing; small sizes
+    spread a plausible extent over their slice count; a truncated z cuts through the upper or lower organs."""
+    spec = _SIZE_SPECS[size]
     w_lo, w_hi = _organ_span_w(scale_w)
     need = w_hi - w_lo
     if size == "full":
@@ -326,14 +341,32 @@ def draw_plan(rng: np.random.Generator, size: str, hard: bool, anatomy: str = "s
     extent_z = (nz - 1) * dz
     lo, hi = -w_lo, extent_z - w_hi  # admissible anatomy reference levels keeping the organs inside
     cz = float(rng.uniform(lo, hi)) if hi > lo else (lo + hi) / 2
-    if "truncated_z" in kinds:
+    truncation = ""
+    if truncated_z:
         if rng.random() < 0.5:
             truncation = "top"  # volume ends inside liver, spleen and stomach
             cz = extent_z - float(rng.uniform(40.0, 100.0)) * scale_w
         else:
             truncation = "bottom"  # volume starts inside the kidneys
             cz = -float(rng.uniform(-25.0, 15.0)) * scale_w
+    return nz, dz, cz, truncation
 
+
+def draw_plan(rng: np.random.Generator, size: str, hard: bool, anatomy: str = "standard") -> CasePlan:
+    """Draw the geometry, body build and hard-case kinds of one case (cheap; no voxels)."""
+    if size not in _SIZE_SPECS:
+        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    if anatomy not in ANATOMY_SPREADS:
+        raise ValueError(f"unknown anatomy {anatomy!r}; expected one of {ANATOMY_MODES}")
+    ny, nx = _SIZE_SPECS[size].shape_yx
+    base_spacing = float(rng.uniform(0.6, 1.0))
+    sxy = round(base_spacing * _SIZE_SPECS[size].inplane_factor, 4)
+    lps = bool(rng.random() < 0.5)
+    kinds = _hard_kinds(rng, hard)
+    fov_x, fov_y = (nx - 1) * sxy, (ny - 1) * sxy
+    build = _draw_build(rng, ANATOMY_SPREADS[anatomy], fov_x, fov_y)
+    cx, cy, truncation = _draw_placement(rng, fov_x, fov_y, build, "truncated_xy" in kinds)
+    nz, dz, cz, truncation_z = _draw_slices(rng, size, build.scale_w, "truncated_z" in kinds)
     origin = (
         round(-fov_x / 2 + float(rng.uniform(-30.0, 30.0)), 2),
         round(-fov_y / 2 + float(rng.uniform(-60.0, 20.0)), 2),
@@ -344,10 +377,11 @@ def draw_plan(rng: np.random.Generator, size: str, hard: bool, anatomy: str = "s
     sigma = float(rng.uniform(80.0, 150.0)) if "noise" in kinds else float(rng.uniform(10.0, 20.0))
     return CasePlan(
         size=size, hard=hard, hard_kinds=kinds, shape_zyx=(nz, ny, nx), spacing_zyx=(dz, sxy, sxy),
-        origin_lps_xyz=origin, lps=lps, scale_u=scale, scale_v=scale * depth_ratio, scale_w=scale_w,
-        body_half_u_mm=half_u, body_half_v_mm=half_v, body_exponent=exponent, skin_mm=skin, fat_mm=fat,
-        muscle_mm=muscle, center_x_mm=cx, center_y_mm=cy, center_z_mm=cz, noise_sigma_hu=sigma,
-        truncation=truncation, anatomy=anatomy,
+        origin_lps_xyz=origin, lps=lps, scale_u=build.scale, scale_v=build.scale * build.depth_ratio,
+        scale_w=build.scale_w, body_half_u_mm=build.half_u, body_half_v_mm=build.half_v,
+        body_exponent=build.exponent, skin_mm=build.skin, fat_mm=build.fat, muscle_mm=build.muscle, center_x_mm=cx,
+        center_y_mm=cy, center_z_mm=cz, noise_sigma_hu=sigma, truncation=truncation_z or truncation,
+        anatomy=anatomy,
     )
 
 
@@ -756,19 +790,33 @@ def _metal_streaks(rng: np.random.Generator, grid: _Grid, plan: CasePlan,
     return pattern, disk, strength
 
 
+_Shapes = dict[int, tuple[object, tuple[np.ndarray, np.ndarray], np.ndarray]]  # label: (field, bounds, centre)
+
+
 def render(plan: CasePlan, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Make the (image int16 HU, internal label uint8) arrays in LPS order (z, y, x) for a drawn plan."""
     grid = _Grid(plan)
-    nz, ny, nx = plan.shape_zyx
-    labels = np.zeros((nz, ny, nx), dtype=np.uint8)
+    labels = np.zeros(plan.shape_zyx, dtype=np.uint8)
     templates = _body_templates(plan, grid)
     templates["psoas_top_w"] = np.float32(15.0 * plan.scale_w)
+    shapes = _draw_shapes(rng, plan, grid)
+    _paint_organs(labels, grid, templates, shapes)
+    if not plan.truncation and plan.size != "full":
+        _ensure_min_voxels(labels, grid, {lab: s[2] for lab, s in shapes.items()})
+    image = _intensities(rng, plan, grid, templates, labels)
+    profile = plan.profile or NARROW_PROFILE
+    if profile.slice_blur_vox > 0:
+        blurred = ndimage.gaussian_filter1d(image.astype(np.float32), profile.slice_blur_vox, axis=0)
+        image = np.rint(blurred).astype(np.int16)
+    return image, labels
+
+
+def _draw_shapes(rng: np.random.Generator, plan: CasePlan, grid: _Grid) -> _Shapes:
+    """Every organ's shape, drawn in a fixed order so that the case is a function of the rng alone."""
     min_radius = 0.9 * max(plan.spacing_zyx) if plan.size != "full" else 0.0
     w_top = float(grid.w[-1]) + 20.0
     spread = ANATOMY_SPREADS[plan.anatomy]
-
-    # Organ shapes (drawn in a fixed order so the case is a function of the rng alone).
-    shapes: dict[int, tuple[object, tuple[np.ndarray, np.ndarray], np.ndarray]] = {}
+    shapes: _Shapes = {}
     for label in _PAINT_ORDER:
         if label in _TUBES:
             tube = _make_tube(rng, plan, _TUBES[label], min_radius, w_top)
@@ -783,7 +831,11 @@ def render(plan: CasePlan, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
             lo = np.minimum(bounds[0][0], bounds[1][0])
             hi = np.maximum(bounds[0][1], bounds[1][1])
             shapes[label] = (_union([lobe.field for lobe in lobes]), (lo, hi), lobes[0].center)
+    return shapes
 
+
+def _paint_organs(labels: np.ndarray, grid: _Grid, templates: dict[str, np.ndarray], shapes: _Shapes) -> None:
+    """Paint the organs into `labels` in paint order, with the kidneys' darker cores and the stomach's gas cap."""
     for label in _PAINT_ORDER:
         shape, bounds, _ = shapes[label]
         painted = _paint(labels, grid, templates, label, shape, bounds, label not in _ABOVE_DIAPHRAGM_OK)
@@ -801,10 +853,12 @@ def render(plan: CasePlan, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
             front = grid.v[ys][None, :, None] < blob.center[1] - 0.55 * blob.radii[1]
             upper = grid.w[zs][:, None, None] > blob.center[2]
             labels[box][region & front & upper] = _STOMACH_GAS
-    if not plan.truncation and plan.size != "full":
-        _ensure_min_voxels(labels, grid, {lab: s[2] for lab, s in shapes.items()})
 
-    # Intensities, slab by slab (cache-sized temporaries keep a 512x512x200 case within a few seconds).
+
+def _intensities(rng: np.random.Generator, plan: CasePlan, grid: _Grid, templates: dict[str, np.ndarray],
+                 labels: np.ndarray) -> np.ndarray:
+    """The HU image, slab by slab (cache-sized temporaries keep a 512x512x200 case within a few seconds)."""
+    nz, ny, nx = plan.shape_zyx
     tex_coarse, tex_z = _texture(rng, grid)
     disc_period = 32.0 * plan.scale_w
     disc_phase = float(rng.uniform(0, disc_period))
@@ -816,7 +870,8 @@ def render(plan: CasePlan, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     for lab, factor in _phase_contrast(profile.phase, contrast).items():
         hu[lab] = 40.0 + (hu[lab] - 40.0) * factor
     noise_sigma = np.float32(plan.noise_sigma_hu * profile.noise_factor)
-    hu[1:FLARE22.num_organs + 1] += rng.normal(0.0, spread.organ_hu_sd, size=FLARE22.num_organs).astype(np.float32)
+    hu[1:FLARE22.num_organs + 1] += rng.normal(0.0, ANATOMY_SPREADS[plan.anatomy].organ_hu_sd,
+                                               size=FLARE22.num_organs).astype(np.float32)
     metal = _metal_streaks(rng, grid, plan) if "metal" in plan.hard_kinds else None
     vert, disc, cavity = templates["vert"], templates["disc"], templates["cavity"]
     mediastinum, diaphragm_w, psoas = templates["mediastinum"], templates["diaphragm_w"], templates["psoas"]
@@ -846,10 +901,7 @@ def render(plan: CasePlan, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
                     img[k - z0][disk] = 3000.0
         np.clip(img, -1024.0, 3071.0, out=img)
         image[z0:z1] = np.rint(img, out=img)
-    if profile.slice_blur_vox > 0:
-        blurred = ndimage.gaussian_filter1d(image.astype(np.float32), profile.slice_blur_vox, axis=0)
-        image = np.rint(blurred).astype(np.int16)
-    return image, labels
+    return image
 
 
 def generate_case(rng: np.random.Generator, size: str = "demo", hard: bool = False,
@@ -944,6 +996,46 @@ def _make_and_write(task: tuple[str, str, int, int, str, bool, str, bool, str, s
     return case_id, meta, True
 
 
+def _dataset_problem(labeled: int, unlabeled: int, val: int, size: str, hard_fraction: float, profiles: str,
+                     fold1_val: int, anatomy: str) -> str | None:
+    """What is wrong with write_dataset's options, or None."""
+    if size not in _SIZE_SPECS:
+        return f"unknown size {size!r}; expected one of {SIZES}"
+    if not 0.0 <= hard_fraction <= 1.0:
+        return f"hard_fraction must be within [0, 1], got {hard_fraction}"
+    if min(labeled, unlabeled, val) < 0:
+        return "case counts must be non-negative"
+    if profiles not in PROFILE_MODES:
+        return f"unknown scan profiles {profiles!r}; expected one of {PROFILE_MODES}"
+    if anatomy not in ANATOMY_MODES:
+        return f"unknown anatomy {anatomy!r}; expected one of {ANATOMY_MODES}"
+    if not 0 <= fold1_val <= labeled:
+        return f"fold1_val must be within [0, labeled={labeled}], got {fold1_val}"
+    return None
+
+
+def _make_cases(tasks: Sequence[tuple], size: str, workers: int) -> tuple[dict[str, dict], int]:
+    """Make and write every task's case (in `workers` processes); returns ({case_id: its meta}, cases written)."""
+    meta: dict[str, dict] = {}
+    written = 0
+    bar = progress(total=len(tasks), desc=f"synthetic {size}", unit="case", disable=len(tasks) == 0)
+    if workers > 1 and len(tasks) > 1:
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            for case_id, case_meta, did_write in pool.map(_make_and_write, tasks):
+                meta[case_id] = case_meta
+                written += did_write
+                bar.update()
+    else:
+        for task in tasks:
+            case_id, case_meta, did_write = _make_and_write(task)
+            meta[case_id] = case_meta
+            written += did_write
+            bar.update()
+    bar.close()
+    return meta, written
+
+
 def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed: int = 0, size: str = "demo",
                   hard_fraction: float = 0.2, overwrite: bool = False, workers: int = 1,
                   profiles: str = "fixed", fold1_val: int = 0, anatomy: str = "standard") -> dict:
@@ -957,18 +1049,9 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
     `fold1_val` > 0: the last `fold1_val` labeled cases are listed in file_list/fold1_val_series_uids.txt, so
     data_prepare validates fold 1 on exactly them and trains on the other labeled cases (0: no such file).
     """
-    if size not in _SIZE_SPECS:
-        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
-    if not 0.0 <= hard_fraction <= 1.0:
-        raise ValueError(f"hard_fraction must be within [0, 1], got {hard_fraction}")
-    if min(labeled, unlabeled, val) < 0:
-        raise ValueError("case counts must be non-negative")
-    if profiles not in PROFILE_MODES:
-        raise ValueError(f"unknown scan profiles {profiles!r}; expected one of {PROFILE_MODES}")
-    if anatomy not in ANATOMY_MODES:
-        raise ValueError(f"unknown anatomy {anatomy!r}; expected one of {ANATOMY_MODES}")
-    if not 0 <= fold1_val <= labeled:
-        raise ValueError(f"fold1_val must be within [0, labeled={labeled}], got {fold1_val}")
+    problem = _dataset_problem(labeled, unlabeled, val, size, hard_fraction, profiles, fold1_val, anatomy)
+    if problem:
+        raise ValueError(problem)
     out = Path(out)
     counts = {"train": labeled, "trainu": unlabeled, "val": val}
     tasks = []
@@ -987,24 +1070,8 @@ def write_dataset(out: str | Path, labeled: int, unlabeled: int, val: int, seed:
             old_meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old_meta = {}
-    meta: dict[str, dict] = {}
-    written = 0
     start = time.perf_counter()
-    bar = progress(total=len(tasks), desc=f"synthetic {size}", unit="case", disable=len(tasks) == 0)
-    if workers > 1 and len(tasks) > 1:
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            for case_id, case_meta, did_write in pool.map(_make_and_write, tasks):
-                meta[case_id] = case_meta
-                written += did_write
-                bar.update()
-    else:
-        for task in tasks:
-            case_id, case_meta, did_write = _make_and_write(task)
-            meta[case_id] = case_meta
-            written += did_write
-            bar.update()
-    bar.close()
+    meta, written = _make_cases(tasks, size, workers)
     for case_id, entry in meta.items():  # keep what a skipped case's earlier run knew (organs present)
         if "organs_present" not in entry and "organs_present" in old_meta.get(case_id, {}):
             entry["organs_present"] = old_meta[case_id]["organs_present"]
