@@ -21,13 +21,14 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from coarse_base_seg.dataset import CoarseData
 from common.config import CoarseTrainConfig
-from common.core.amp import amp_settings, make_grad_scaler
+from common.core.amp import AmpSettings, amp_settings, make_grad_scaler
 from common.core.labelmaps import one_hot_organs
 from common.core.labels import FLARE22
 from common.core.typed_config import load_config
@@ -76,7 +77,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
+    """The command line of this benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=160, help="cubic input size (divisible by 16)")
     parser.add_argument("--channels", default="16,32,64,128,256", help="U-Net widths")
@@ -89,78 +91,73 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-base-dir", default=None, help="a prepared dataset instead of written fake data")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    device = resolve_device(args.device)
-    channels = [int(c) for c in args.channels.split(",")]
-    with tempfile.TemporaryDirectory(prefix="coarse_bench_") as tmp:
-        base = Path(args.data_base_dir) if args.data_base_dir else Path(tmp)
-        if args.data_base_dir is None:
-            t0 = time.perf_counter()
-            write_fake_prepared(base, args.size, args.cases)
-            print(f"wrote {2 * args.cases + 2} fake prepared cases of {args.size}^3 "
-                  f"in {time.perf_counter() - t0:.1f} s")
-        cfg = load_config(CoarseTrainConfig, STAGE_CONFIG, [
-            f"data_base_dir={base}", f"data.size_zyx=[{args.size},{args.size},{args.size}]",
-            f"model.channels=[{args.channels}]", f"data.num_workers={args.workers}", f"amp.precision={args.precision}",
-            f"device={device}"])
-        info = DistInfo(0, 1, 0, device)
-        data = CoarseData(cfg, info)
 
-        spec = {"name": "unet", "kwargs": {"channels": channels, "dropout": cfg.model.dropout}}
-        net_a, net_b = build_cps_networks(spec, cfg.model.seed_a, cfg.model.seed_b)
-        net_a.to(device)
-        net_b.to(device)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        opt_a, opt_b = (torch.optim.Adam(n.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                         weight_decay=cfg.optim.weight_decay) for n in (net_a, net_b))
-        amp = amp_settings(args.precision, device)
-        scaler_a, scaler_b = make_grad_scaler(amp), make_grad_scaler(amp)
-        model_a, model_b = (torch.compile(n) for n in (net_a, net_b)) if args.compile else (net_a, net_b)
-        learners = Pair(Learner(model_a, opt_a, scaler_a), Learner(model_b, opt_b, scaler_b))
-        settings = CPSSettings(build_loss(cfg.loss.name), cfg.cps.weight, amp)
+def _build_learners(cfg: CoarseTrainConfig, channels: list[int], device: torch.device,
+                    args: argparse.Namespace) -> tuple[Pair, CPSSettings, AmpSettings]:
+    """The two networks with their optimisers and grad scalers, the CPS settings and the AMP settings."""
+    spec = {"name": "unet", "kwargs": {"channels": channels, "dropout": cfg.model.dropout}}
+    net_a, net_b = build_cps_networks(spec, cfg.model.seed_a, cfg.model.seed_b)
+    net_a.to(device)
+    net_b.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    opt_a, opt_b = (torch.optim.Adam(n.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                     weight_decay=cfg.optim.weight_decay) for n in (net_a, net_b))
+    amp = amp_settings(args.precision, device)
+    scaler_a, scaler_b = make_grad_scaler(amp), make_grad_scaler(amp)
+    model_a, model_b = (torch.compile(n) for n in (net_a, net_b)) if args.compile else (net_a, net_b)
+    learners = Pair(Learner(model_a, opt_a, scaler_a), Learner(model_b, opt_b, scaler_b))
+    settings = CPSSettings(build_loss(cfg.loss.name), cfg.cps.weight, amp)
+    return learners, settings, amp
 
-        def step(x_l, y_l, x_u):
-            return cps_step(learners, x_l, y_l, x_u, settings)
 
-        # bare: one fixed batch, already normalised and on the device
-        labeled = data.labeled_stream(0)
-        unlabeled = data.unlabeled_stream(0)
-        x_raw, y_raw = next(labeled)
-        u_raw = next(unlabeled)
-        x_l = data.normalize(x_raw.to(device))
-        y_l = one_hot_organs(y_raw.to(device).long(), FLARE22.num_organs)
-        x_u = data.normalize(u_raw.to(device))
-        for _ in range(args.warmup):
-            step(x_l, y_l, x_u)
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(args.iterations):
-            step(x_l, y_l, x_u)
-        _sync(device)
-        bare_s = (time.perf_counter() - t0) / args.iterations
+def _time_bare(step: Callable, data: CoarseData, labeled: Iterator, unlabeled: Iterator, device: torch.device,
+               warmup: int, iterations: int) -> float:
+    """Seconds per CPS step on one fixed batch, already normalised and on the device."""
+    x_raw, y_raw = next(labeled)
+    u_raw = next(unlabeled)
+    x_l = data.normalize(x_raw.to(device))
+    y_l = one_hot_organs(y_raw.to(device).long(), FLARE22.num_organs)
+    x_u = data.normalize(u_raw.to(device))
+    for _ in range(warmup):
+        step(x_l, y_l, x_u)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        step(x_l, y_l, x_u)
+    _sync(device)
+    return (time.perf_counter() - t0) / iterations
 
-        # pipeline: the engine's per-iteration work on fresh streams
-        def pipeline_iteration() -> float:
-            t = time.perf_counter()
-            xb, yb = next(labeled)
-            ub = next(unlabeled)
-            xb = data.normalize(xb.to(device, non_blocking=True))
-            yb = one_hot_organs(yb.to(device, non_blocking=True).long(), FLARE22.num_organs)
-            ub = data.normalize(ub.to(device, non_blocking=True))
-            wait = time.perf_counter() - t
-            step(xb, yb, ub)
-            return wait
 
-        for _ in range(args.warmup):
-            pipeline_iteration()
-        _sync(device)
-        t0 = time.perf_counter()
-        wait_s = sum(pipeline_iteration() for _ in range(args.iterations)) / args.iterations
-        _sync(device)
-        pipe_s = (time.perf_counter() - t0) / args.iterations
+def _time_pipeline(step: Callable, data: CoarseData, labeled: Iterator, unlabeled: Iterator, device: torch.device,
+                   warmup: int, iterations: int) -> tuple[float, float]:
+    """Seconds per iteration of the engine's per-iteration work, and of its waiting for data."""
+    def pipeline_iteration() -> float:
+        t = time.perf_counter()
+        xb, yb = next(labeled)
+        ub = next(unlabeled)
+        xb = data.normalize(xb.to(device, non_blocking=True))
+        yb = one_hot_organs(yb.to(device, non_blocking=True).long(), FLARE22.num_organs)
+        ub = data.normalize(ub.to(device, non_blocking=True))
+        wait = time.perf_counter() - t
+        step(xb, yb, ub)
+        return wait
 
+    for _ in range(warmup):
+        pipeline_iteration()
+    _sync(device)
+    t0 = time.perf_counter()
+    wait_s = sum(pipeline_iteration() for _ in range(iterations)) / iterations
+    _sync(device)
+    pipe_s = (time.perf_counter() - t0) / iterations
+    return pipe_s, wait_s
+
+
+def _report(args: argparse.Namespace, device: torch.device, channels: list[int], amp: AmpSettings, bare_s: float,
+            pipe_s: float, wait_s: float) -> None:
+    """Print the results table and write the JSON file if asked."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads)"
     results = {
@@ -177,6 +174,38 @@ def main() -> None:
           f"(waiting for data {wait_s:.4f} s/it; {100 * bare_s / pipe_s:.0f} % of the bare speed)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main() -> None:
+    args = _parse_args()
+    device = resolve_device(args.device)
+    channels = [int(c) for c in args.channels.split(",")]
+    with tempfile.TemporaryDirectory(prefix="coarse_bench_") as tmp:
+        base = Path(args.data_base_dir) if args.data_base_dir else Path(tmp)
+        if args.data_base_dir is None:
+            t0 = time.perf_counter()
+            write_fake_prepared(base, args.size, args.cases)
+            print(f"wrote {2 * args.cases + 2} fake prepared cases of {args.size}^3 "
+                  f"in {time.perf_counter() - t0:.1f} s")
+        cfg = load_config(CoarseTrainConfig, STAGE_CONFIG, [
+            f"data_base_dir={base}", f"data.size_zyx=[{args.size},{args.size},{args.size}]",
+            f"model.channels=[{args.channels}]", f"data.num_workers={args.workers}", f"amp.precision={args.precision}",
+            f"device={device}"])
+        info = DistInfo(0, 1, 0, device)
+        data = CoarseData(cfg, info)
+        learners, settings, amp = _build_learners(cfg, channels, device, args)
+
+        def step(x_l, y_l, x_u):
+            return cps_step(learners, x_l, y_l, x_u, settings)
+
+        labeled = data.labeled_stream(0)
+        unlabeled = data.unlabeled_stream(0)
+        # bare: one fixed batch, already normalised and on the device
+        bare_s = _time_bare(step, data, labeled, unlabeled, device, args.warmup, args.iterations)
+        # pipeline: the engine's per-iteration work on fresh streams
+        pipe_s, wait_s = _time_pipeline(step, data, labeled, unlabeled, device, args.warmup, args.iterations)
+
+    _report(args, device, channels, amp, bare_s, pipe_s, wait_s)
 
 
 if __name__ == "__main__":

@@ -250,7 +250,8 @@ def phantom_postprocess(mask_zyx: np.ndarray, spacing_zyx, predictor: Predictor)
     return {"labels_s": t1 - t0, "components_s": t2 - t1, "voxel_agreement": agree}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line of this benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
@@ -266,7 +267,90 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-empty", action="store_true", help="skip the run with empty-output networks")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _write_inputs(work: Path, shape: tuple[int, ...], cases: int) -> tuple[tuple, Path]:
+    """The synthetic CT as `make_ct` gives it, and the input folder holding `cases` copies of it."""
+    t0 = time.perf_counter()
+    image, mask, spacing_zyx, origin_xyz, direction = make_ct(shape)
+    in_dir = work / "in"
+    in_dir.mkdir()
+    write_ct(in_dir / "bench000_0000.nii.gz", image, spacing_zyx, origin_xyz, direction)
+    for i in range(1, cases):
+        shutil.copy(in_dir / "bench000_0000.nii.gz", in_dir / f"bench{i:03d}_0000.nii.gz")
+    print(f"synthetic CT {shape} spacing {tuple(round(s, 3) for s in spacing_zyx)} mm "
+          f"({time.perf_counter() - t0:.1f} s to make)")
+    return (image, mask, spacing_zyx, origin_xyz, direction), in_dir
+
+
+def _forwards(predictor: Predictor, device: torch.device, repeats: int, results: dict) -> float:
+    """Time the forward passes alone (and, on the CPU, their share of the peak) into `results`; their sum."""
+    results["forward"] = forward_times(predictor, repeats)
+    fwd = results["forward"]["coarse_forward_s"] + results["forward"]["fine_forward_s"]
+    results["forward"]["sum_s"] = fwd
+    print(f"forward alone ({predictor.backend}): coarse {results['forward']['coarse_forward_s']:.3f} s, fine "
+          f"{results['forward']['fine_forward_s']:.3f} s, sum {fwd:.3f} s", flush=True)
+    if device.type == "cpu":
+        from benchmarks.cpu_floor import count_macs, cpu_peak
+
+        peak = cpu_peak()
+        macs = sum(count_macs(stage.modules[stage.primary], (1, 1, *stage.size_zyx))
+                   for stage in (predictor.coarse, predictor.fine))
+        results["floor"] = {"macs": macs, "peak_macs_per_s": peak.macs_per_s, "peak": peak.describe(),
+                            "peak_floor_s": macs / peak.macs_per_s}
+        print(f"CPU peak {peak.describe()}; both networks {macs / 1e9:.1f} GMAC = {macs / peak.macs_per_s:.2f} s "
+              f"at peak; the forwards reach {macs / peak.macs_per_s / fwd:.1%} of peak", flush=True)
+    return fwd
+
+
+def _warm_up(work: Path, image: np.ndarray, shape: tuple[int, ...], spacing_zyx, origin_xyz, direction,
+             predictor: Predictor) -> None:
+    """A pass of the whole pipeline over a short CT (CUDA context, cuDNN autotuning)."""
+    warm = work / "warm_in"
+    warm.mkdir()
+    write_ct(warm / "warm_0000.nii.gz", image[: max(16, shape[0] // 4)], spacing_zyx, origin_xyz, direction)
+    predict_folder(warm, work / "warm_out", PredictOptions(progress=False), predictor=predictor)
+
+
+def _pipeline_runs(args: argparse.Namespace, options: PredictOptions, predictor: Predictor, repeats: int,
+                   work: Path, in_dir: Path, mask: np.ndarray, results: dict) -> None:
+    """Our pipeline over the cases with the random, organ-shaped, torch-backend and empty-output networks."""
+    def timed_run(pred: Predictor, out_name: str) -> dict:
+        """Wall time of predict_folder over the cases with `pred`, and its rows of the cases done."""
+        t0 = time.perf_counter()
+        summary = predict_folder(in_dir, work / out_name, PredictOptions(workers=args.workers, progress=False),
+                                 predictor=pred)
+        wall = time.perf_counter() - t0
+        rows = [r for r in summary["rows"] if r["status"] == "ok"]
+        return {"wall_s": wall, "wall_per_case_s": wall / max(len(rows), 1), "rows": rows}
+
+    def organ_shaped_run(pred: Predictor, out_name: str) -> dict:
+        organ_shaped_predictor(pred, mask, in_dir / "bench000_0000.nii.gz")
+        result = timed_run(pred, out_name)
+        got = read_image(work / out_name / "bench000.nii.gz")[0]
+        return {**result, "voxel_agreement": float((got == mask).mean())}
+
+    results["ours_random"] = timed_run(predictor, "out_random")
+    results["ours_organ"] = organ_shaped_run(
+        preload(Predictor(options)), "out_organ")
+    if args.compare_torch and predictor.backend != "torch":
+        torch_predictor = preload(Predictor(dataclasses.replace(options, backend="torch")))
+        results["torch_forward"] = forward_times(torch_predictor, repeats)
+        results["torch_forward"]["sum_s"] = sum(results["torch_forward"].values())
+        results["torch_organ"] = organ_shaped_run(torch_predictor, "out_organ_torch")
+        del torch_predictor
+    if not args.no_empty:
+        empty_weights = work / "weights_empty"
+        export_random_models(empty_weights, empty=True)
+        empty = preload(Predictor(PredictOptions(empty_weights, options.device, options.precision,
+                                                 uncertainty="off", backend=args.backend)))
+        results["ours_empty"] = timed_run(empty, "out_empty")
+        del empty
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     setup_logging(None, level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -280,74 +364,18 @@ def main(argv: list[str] | None = None) -> int:
                      f"cpu ({torch.get_num_threads()} threads)", "precision": precision, "shape_zyx": shape,
                      "cases": args.cases}
     try:
-        t0 = time.perf_counter()
-        image, mask, spacing_zyx, origin_xyz, direction = make_ct(shape)
-        in_dir = work / "in"
-        in_dir.mkdir()
-        write_ct(in_dir / "bench000_0000.nii.gz", image, spacing_zyx, origin_xyz, direction)
-        for i in range(1, args.cases):
-            shutil.copy(in_dir / "bench000_0000.nii.gz", in_dir / f"bench{i:03d}_0000.nii.gz")
-        print(f"synthetic CT {shape} spacing {tuple(round(s, 3) for s in spacing_zyx)} mm "
-              f"({time.perf_counter() - t0:.1f} s to make)")
+        (image, mask, spacing_zyx, origin_xyz, direction), in_dir = _write_inputs(work, shape, args.cases)
         weights = work / "weights"
         export_random_models(weights)
 
         options = PredictOptions(weights, device, precision, uncertainty="off", backend=args.backend)
         predictor = preload(Predictor(options))
         results["backend"] = predictor.backend
-        results["forward"] = forward_times(predictor, repeats)
-        fwd = results["forward"]["coarse_forward_s"] + results["forward"]["fine_forward_s"]
-        results["forward"]["sum_s"] = fwd
-        print(f"forward alone ({predictor.backend}): coarse {results['forward']['coarse_forward_s']:.3f} s, fine "
-              f"{results['forward']['fine_forward_s']:.3f} s, sum {fwd:.3f} s", flush=True)
-        if device.type == "cpu":
-            from benchmarks.cpu_floor import count_macs, cpu_peak
-
-            peak = cpu_peak()
-            macs = sum(count_macs(stage.modules[stage.primary], (1, 1, *stage.size_zyx))
-                       for stage in (predictor.coarse, predictor.fine))
-            results["floor"] = {"macs": macs, "peak_macs_per_s": peak.macs_per_s, "peak": peak.describe(),
-                                "peak_floor_s": macs / peak.macs_per_s}
-            print(f"CPU peak {peak.describe()}; both networks {macs / 1e9:.1f} GMAC = {macs / peak.macs_per_s:.2f} s "
-                  f"at peak; the forwards reach {macs / peak.macs_per_s / fwd:.1%} of peak", flush=True)
-
-        def timed_run(pred: Predictor, out_name: str) -> dict:
-            """Wall time of predict_folder over the cases with `pred`, and its rows of the cases done."""
-            t0 = time.perf_counter()
-            summary = predict_folder(in_dir, work / out_name, PredictOptions(workers=args.workers, progress=False),
-                                     predictor=pred)
-            wall = time.perf_counter() - t0
-            rows = [r for r in summary["rows"] if r["status"] == "ok"]
-            return {"wall_s": wall, "wall_per_case_s": wall / max(len(rows), 1), "rows": rows}
-
-        def organ_shaped_run(pred: Predictor, out_name: str) -> dict:
-            organ_shaped_predictor(pred, mask, in_dir / "bench000_0000.nii.gz")
-            result = timed_run(pred, out_name)
-            got = read_image(work / out_name / "bench000.nii.gz")[0]
-            return {**result, "voxel_agreement": float((got == mask).mean())}
-
+        fwd = _forwards(predictor, device, repeats, results)
         if device.type == "cuda":  # warm-up pass of the whole pipeline (CUDA context, cuDNN autotuning)
-            warm = work / "warm_in"
-            warm.mkdir()
-            write_ct(warm / "warm_0000.nii.gz", image[: max(16, shape[0] // 4)], spacing_zyx, origin_xyz, direction)
-            predict_folder(warm, work / "warm_out", PredictOptions(progress=False), predictor=predictor)
+            _warm_up(work, image, shape, spacing_zyx, origin_xyz, direction, predictor)
 
-        results["ours_random"] = timed_run(predictor, "out_random")
-        results["ours_organ"] = organ_shaped_run(
-            preload(Predictor(options)), "out_organ")
-        if args.compare_torch and predictor.backend != "torch":
-            torch_predictor = preload(Predictor(dataclasses.replace(options, backend="torch")))
-            results["torch_forward"] = forward_times(torch_predictor, repeats)
-            results["torch_forward"]["sum_s"] = sum(results["torch_forward"].values())
-            results["torch_organ"] = organ_shaped_run(torch_predictor, "out_organ_torch")
-            del torch_predictor
-        if not args.no_empty:
-            empty_weights = work / "weights_empty"
-            export_random_models(empty_weights, empty=True)
-            empty = preload(Predictor(PredictOptions(empty_weights, device, precision, uncertainty="off",
-                                                     backend=args.backend)))
-            results["ours_empty"] = timed_run(empty, "out_empty")
-            del empty
+        _pipeline_runs(args, options, predictor, repeats, work, in_dir, mask, results)
         results["phantom_postprocess"] = phantom_postprocess(mask, spacing_zyx, predictor)
         if not args.no_baseline:
             results["baseline"] = straightforward_case(in_dir / "bench000_0000.nii.gz", work / "baseline.nii.gz",

@@ -705,11 +705,8 @@ CUDA_PRESET = {"device": "cuda", "size": "full", "coarse_size": 160, "fine_size"
                "threads": 0, "dropout": 0.2, "fine_lr": 1.0e-3, "workers": 8}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Settings:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.semi_supervised",
-                                description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = Settings(seeds=[0, 1, 2, 3, 4])  # the defaults live in Settings only
+def _add_data_options(p: argparse.ArgumentParser, d: Settings) -> None:
+    """The seeds, the case counts and shares, and the synthetic case size."""
     p.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help="one run per seed (data + networks)")
     p.add_argument("--labeled", type=int, default=d.labeled, help="L: labeled cases that train the networks")
     p.add_argument("--labeled-val", type=int, default=d.labeled_val,
@@ -719,6 +716,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--hard-fraction", type=float, default=d.hard_fraction, help="share of hard unlabeled cases")
     p.add_argument("--keep-ratio", type=float, default=d.keep_ratio, help="share of the pool UIF keeps (K)")
     p.add_argument("--size", choices=("tiny", "demo", "full"), default=d.size, help="synthetic case size")
+
+
+def _add_training_options(p: argparse.ArgumentParser, d: Settings) -> None:
+    """Network sizes, iterations and the optimiser and CPS settings."""
     p.add_argument("--coarse-size", type=int, default=d.coarse_size, help="coarse network cube edge (multiple of 16)")
     p.add_argument("--fine-size", type=int, default=d.fine_size, help="fine network cube edge (multiple of 16)")
     p.add_argument("--coarse-iters", type=int, default=d.coarse_iters, help="coarse CPS iterations")
@@ -734,6 +735,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--cps-parts", choices=("joint", "separate"), default=d.cps_parts,
                    help="separate: a labeled crop weighs the same in L / 0 and L / U (cps.parts)")
     p.add_argument("--cps-confidence", type=float, default=d.cps_confidence, help="cps.confidence of every row")
+
+
+def _add_design_options(p: argparse.ArgumentParser, d: Settings) -> None:
+    """The rows, how they start, the data's scan profiles and anatomy, and the regime preset."""
     p.add_argument("--lu-variant", dest="lu_variants", action="append", default=None,
                    help="an extra L / U row with other fine overrides: NAME=key=value[,key=value] (repeatable)")
     p.add_argument("--warmup-iters", type=int, default=d.warmup_iters,
@@ -753,6 +758,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                    help="skip the ceiling row (the unlabeled cases trained with their hidden truth)")
     p.add_argument("--regime", choices=sorted(REGIMES), default=None,
                    help="a preset of the data and training settings (REGIMES; explicit options still win)")
+
+
+def _add_run_options(p: argparse.ArgumentParser, d: Settings) -> None:
+    """What is run, on which device, how parallel, and where it goes."""
     p.add_argument("--snapshots", type=int, default=d.snapshots, help="round-1 snapshots (UIF stability score)")
     p.add_argument("--stop-after", choices=("all", "quality", "lu"), default="all",
                    help="quality: stop after round 1 and the UIF quality step (no round 2, no rows); lu: rows "
@@ -772,7 +781,23 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: rebuild the report from the finished seed folders (e.g. seeds run by several "
                         "invocations)")
-    argv = list(sys.argv[1:] if argv is None else argv)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    """The command line, its defaults taken from Settings."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.semi_supervised",
+                                description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = Settings(seeds=[0, 1, 2, 3, 4])  # the defaults live in Settings only
+    _add_data_options(p, d)
+    _add_training_options(p, d)
+    _add_design_options(p, d)
+    _add_run_options(p, d)
+    return p
+
+
+def _apply_presets(p: argparse.ArgumentParser, argv: list[str]) -> list[str] | None:
+    """Make `--preset cuda` and `--regime NAME` settings the defaults; the regime's L / U variants, if any."""
     if "--preset" in argv and argv[argv.index("--preset") + 1:argv.index("--preset") + 2] == ["cuda"]:
         p.set_defaults(**CUDA_PRESET)
     regime_variants = None
@@ -782,10 +807,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             preset = dict(REGIMES[name])
             regime_variants = preset.pop("lu_variants", None)  # an appending option: applied after parsing
             p.set_defaults(**preset)
-    a = p.parse_args(argv)
-    if a.lu_variants is None:
-        a.lu_variants = regime_variants
-    channels = [int(c) for c in a.channels.replace("[", "").replace("]", "").split(",") if c.strip()]
+    return regime_variants
+
+
+def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Exit with a usage error for values the benchmark cannot run with."""
     for name, edge in (("--coarse-size", a.coarse_size), ("--fine-size", a.fine_size)):
         if edge % 16:
             p.error(f"{name} must be a multiple of 16, got {edge}")
@@ -799,21 +825,36 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         name, _, overrides = text.partition("=")
         if not name.isidentifier() or "=" not in overrides:
             p.error(f"--lu-variant {text!r}: expected NAME=key=value[,key=value]")
-    s = Settings(seeds=list(dict.fromkeys(a.seeds)), labeled=a.labeled, labeled_val=a.labeled_val,
-                 unlabeled=a.unlabeled, val=a.val, hard_fraction=a.hard_fraction, keep_ratio=a.keep_ratio,
-                 size=a.size, coarse_size=a.coarse_size, fine_size=a.fine_size, coarse_iters=a.coarse_iters,
-                 fine_iters=a.fine_iters, round2_iters=a.round2_iters, channels=channels,
-                 ensemble=not a.no_ensemble, coarse_lr=a.coarse_lr, fine_lr=a.fine_lr, dropout=a.dropout,
-                 rampup_fraction=a.rampup_fraction, device=a.device, cps_weight=a.cps_weight,
-                 scan_profiles=a.scan_profiles, anatomy=a.anatomy, ceiling=not a.no_ceiling, regime=a.regime,
-                 cps_parts=a.cps_parts, cps_confidence=a.cps_confidence, lu_variants=list(a.lu_variants or []),
-                 warmup_iters=a.warmup_iters, round2_init=a.round2_init, start_control=not a.no_start_control,
-                 rounds=a.rounds, keep_schedule=a.keep_schedule,
-                 snapshots=a.snapshots, stop_after=a.stop_after,
-                 report_only=a.report_only,
-                 workers=a.workers, jobs=a.jobs, threads=a.threads or None, dry_run=a.dry_run,
-                 out=str(Path(a.out).resolve()))
-    return s
+
+
+def _settings_from(a: argparse.Namespace, channels: list[int]) -> Settings:
+    """The Settings of the parsed options."""
+    return Settings(seeds=list(dict.fromkeys(a.seeds)), labeled=a.labeled, labeled_val=a.labeled_val,
+                    unlabeled=a.unlabeled, val=a.val, hard_fraction=a.hard_fraction, keep_ratio=a.keep_ratio,
+                    size=a.size, coarse_size=a.coarse_size, fine_size=a.fine_size, coarse_iters=a.coarse_iters,
+                    fine_iters=a.fine_iters, round2_iters=a.round2_iters, channels=channels,
+                    ensemble=not a.no_ensemble, coarse_lr=a.coarse_lr, fine_lr=a.fine_lr, dropout=a.dropout,
+                    rampup_fraction=a.rampup_fraction, device=a.device, cps_weight=a.cps_weight,
+                    scan_profiles=a.scan_profiles, anatomy=a.anatomy, ceiling=not a.no_ceiling, regime=a.regime,
+                    cps_parts=a.cps_parts, cps_confidence=a.cps_confidence, lu_variants=list(a.lu_variants or []),
+                    warmup_iters=a.warmup_iters, round2_init=a.round2_init, start_control=not a.no_start_control,
+                    rounds=a.rounds, keep_schedule=a.keep_schedule,
+                    snapshots=a.snapshots, stop_after=a.stop_after,
+                    report_only=a.report_only,
+                    workers=a.workers, jobs=a.jobs, threads=a.threads or None, dry_run=a.dry_run,
+                    out=str(Path(a.out).resolve()))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Settings:
+    p = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    regime_variants = _apply_presets(p, argv)
+    a = p.parse_args(argv)
+    if a.lu_variants is None:
+        a.lu_variants = regime_variants
+    channels = [int(c) for c in a.channels.replace("[", "").replace("]", "").split(",") if c.strip()]
+    _check_args(p, a)
+    return _settings_from(a, channels)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
