@@ -26,7 +26,7 @@ import predict
 from common.core.errors import InputError
 from common.core.files import is_temp_name
 from common.core.labelmaps import probs_to_labels
-from common.core.labels import FLARE22
+from common.core.labels import FLARE22, LabelSet
 from common.evaluation.uncertainty import labels_disagreement
 from common.infer import predictor as predictor_module
 from common.infer import upsample
@@ -754,3 +754,27 @@ def test_a_file_given_as_the_input_folder_is_named_as_one(tmp_path, weights_dir,
     ct = _write_ct(tmp_path / "c1_0000.nii.gz", _ct_volume((17, 20, 19)))
     assert _cli(ct, tmp_path / "out", weights_dir) == 2
     assert f"{ct}: is a file, not a folder; give the image folder" in capsys.readouterr().err
+
+
+def test_coarse_and_fine_models_of_different_label_sets_are_refused(tmp_path, capsys):
+    """Two models whose labels would not match (FLARE22's 13 organs beside a 4-organ dataset) are a setup error
+    naming both model files and both label sets; nothing is predicted."""
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    _write_ct(in_dir / "c3_0000.nii.gz", _ct_volume((17, 20, 19)))
+    four = LabelSet.from_dataset_json({"labels": {"background": 0, "liver": 1, "spleen": 2, "kidney_left": 3,
+                                                  "kidney_right": 4}}, name="Dataset042_Phantoms")
+    mixed = tmp_path / "mixed"
+    export_tiny_stage(mixed, "coarse", "unet", 32, seed=1)
+    export_tiny_stage(mixed, "fine", "efficient_seg_net", 32, seed=3, labels=four)
+    assert _cli(in_dir, tmp_path / "out", mixed) == 2
+    err = capsys.readouterr().err
+    assert "efficient_fine_model/model.pt" in err and "base_coarse_model/model.pt" in err
+    assert "Dataset042_Phantoms (1 liver, 2 spleen, 3 kidney_left, 4 kidney_right)" in err and "FLARE22" in err
+    assert "one label set" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "c3.nii.gz").exists()
+
+    export_tiny_stage(mixed, "coarse", "unet", 32, seed=1, labels=four)  # the same label set: predicted
+    assert _cli(in_dir, tmp_path / "out", mixed) == 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "c3.nii.gz")))
+    assert set(np.unique(mask).tolist()) <= {0, 1, 2, 3, 4}

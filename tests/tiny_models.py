@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from common.core.labels import FLARE22, LabelSet
 from common.networks import build_network
 from common.storage import model_folder
 from common.storage.model_folder import PreprocessSpec, export_model
@@ -15,9 +16,10 @@ STAGE_DIRS = {"coarse": model_folder.COARSE_DIR, "fine": model_folder.FINE_DIR}
 
 
 def export_tiny_stage(weights_dir: Path, stage: str, name: str, size: int, seed: int,
-                      config: dict | None = None) -> Path:
-    """Export networks A (seed) and B (seed + 1) of `name` at size^3 into `weights_dir/<stage folder>`."""
-    kwargs: dict = {"channels": TINY, "dropout": 0.0}
+                      config: dict | None = None, labels: LabelSet = FLARE22) -> Path:
+    """Export networks A (seed) and B (seed + 1) of `name` at size^3, segmenting `labels`, into
+    `weights_dir/<stage folder>`."""
+    kwargs: dict = {"channels": TINY, "dropout": 0.0, "num_classes": labels.num_organs}
     if name == "efficient_seg_net":
         kwargs["input_size_zyx"] = [size] * 3
     nets = {}
@@ -26,7 +28,8 @@ def export_tiny_stage(weights_dir: Path, stage: str, name: str, size: int, seed:
         nets[key] = build_network(name, **kwargs).state_dict()
     folder = Path(weights_dir) / STAGE_DIRS[stage]
     export_model(folder, stage=stage, model={"name": name, "kwargs": kwargs}, networks=nets, primary="a",
-                 preprocess=PreprocessSpec(stage, (size,) * 3), config=config or {"model": {"name": name}})
+                 preprocess=PreprocessSpec(stage, (size,) * 3), config=config or {"model": {"name": name}},
+                 labels=labels)
     return folder
 
 
