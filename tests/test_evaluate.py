@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import shutil
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from tiny_models import export_tiny_stage
 
 from common.core.errors import InputError
+from common.core.labels import FLARE22, LabelSet
 from common.evaluate import main
 from common.evaluation.evaluate import CSV_COLUMNS, evaluate_folder, format_csv
 
@@ -200,3 +204,37 @@ def test_pred_equal_to_gt_warns(folders, capsys):
     assert main(["--pred", str(pred), "--gt", str(pred), "--out", str(pred.parent / "r.csv")]) == 0
     captured = capsys.readouterr()
     assert "--pred and --gt are the same folder" in captured.out + captured.err
+
+
+def test_label_set_from_a_dataset_json_or_a_model_folder_names_columns_and_tolerances(folders, tmp_path, capsys):
+    """--labels reads the label set from a dataset.json or an exported model folder: the CSV has one column pair per
+    label under its own name, and the table says which NSD tolerance each label used (a label FLARE22 does not know
+    gets --nsd-tolerance-mm)."""
+    pred, gt = folders
+    mask = np.zeros((9, 17, 15), dtype=np.uint8)
+    mask[2:7, 3:12, 4:11] = 1
+    mask[3:6, 12:15, 2:6] = 2
+    mask[4:6, 5:8, 11:14] = 3
+    _write(gt / "p1.nii.gz", mask)
+    shifted = mask.copy()
+    shifted[4:6, 5:8, 11:14] = 0
+    shifted[4:6, 6:9, 11:14] = 3
+    _write(pred / "p1.nii.gz", shifted)
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text(json.dumps({"name": "Lesions", "channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                   "labels": {"background": 0, "liver": 1, "kidney_left": 2, "lesion": 3}}))
+    labels = LabelSet.from_dataset_json(json.loads(dataset.read_text()), default_nsd_tolerance_mm=4.0)
+    model = export_tiny_stage(tmp_path / "weights", "fine", "efficient_seg_net", 32, seed=0, labels=labels)
+    for source in (dataset, model):
+        out = tmp_path / f"{source.name}.csv"
+        assert main(["--pred", str(pred), "--gt", str(gt), "--out", str(out), "--labels", str(source),
+                     "--nsd-tolerance-mm", "4"]) == 0
+        table = capsys.readouterr().out
+        with open(out, newline="") as handle:
+            header, row = list(csv.reader(handle))
+        assert header == ["Name", "liver_DSC", "kidney_left_DSC", "lesion_DSC", "liver_NSD", "kidney_left_NSD",
+                          "lesion_NSD"]
+        assert float(row[1]) == 1.0 and float(row[2]) == 1.0 and 0.0 < float(row[3]) < 1.0
+        lines = {line.split()[0]: line for line in table.splitlines() if line.strip()}
+        assert lines["liver"].endswith(f"{FLARE22[1].nsd_tolerance_mm:.1f} mm")  # FLARE22's tolerance for the liver
+        assert lines["lesion"].endswith("4.0 mm")
