@@ -95,7 +95,7 @@ def round1_scores(fine_dir: Path, device: str = "cpu", methods: Sequence[str] = 
     from fine_efficient_seg.dataset import db_path, load_cases
     from fine_efficient_seg.layout import RunLayout
     from fine_efficient_seg.train import uif_options
-    from fine_efficient_seg.uif import load_round_networks, load_snapshots, score_pool
+    from fine_efficient_seg.uif import earlier_networks, load_round_networks, score_pool
 
     round_dir = fine_dir / "round1"
     cfg = load_config(FineTrainConfig, round_dir / "config.yaml")
@@ -103,7 +103,7 @@ def round1_scores(fine_dir: Path, device: str = "cpu", methods: Sequence[str] = 
     pool = db_path(cfg.data.unlabeled_db, cfg.data_base_dir, cfg.fold)
     cases = load_cases(pool, cfg.data_base_dir, labeled=False, boxes_db=RunLayout(fine_dir).boxes_db)
     net_a, net_b = load_round_networks(round_dir, dev)
-    snapshots = load_snapshots(round_dir, dev) if {"stability", "change"} & set(methods) else []
+    snapshots = earlier_networks(RunLayout(fine_dir), 1, dev) if {"stability", "change"} & set(methods) else []
     return score_pool(cases, net_a, net_b, uif_options(cfg), dev, methods=methods, snapshots=snapshots)
 
 

@@ -29,6 +29,7 @@ from common.core.errors import InputError
 from common.core.files import write_text_atomic
 from common.core.logger import get_logger, progress
 from common.evaluation.uncertainty import UifRow, select_certain, uncertainty_score
+from common.storage.checkpoint import load_checkpoint
 from common.storage.lmdb_store import open_store
 from common.storage.weights import load_network
 from common.train.distributed import is_main_process, run_on_every_rank, shard
@@ -59,10 +60,27 @@ def snapshot_iterations(iterations: int, count: int) -> tuple[int, ...]:
     return tuple(sorted(p for p in points if 0 < p < iterations))
 
 
-def load_snapshots(round_dir: Path, device: torch.device) -> list[tuple[nn.Module, nn.Module]]:
-    """Networks A and B of every `checkpoints/snapshot_<it>.pt` of a round, oldest first; eval mode."""
-    paths = sorted((round_dir / "checkpoints").glob("snapshot_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+def load_snapshots(round_dir: Path, device: torch.device,
+                   before: int | None = None) -> list[tuple[nn.Module, nn.Module]]:
+    """Networks A and B of every `checkpoints/snapshot_<it>.pt` of a round (only those with it < `before` when
+    given), oldest first; eval mode."""
+    paths = sorted((round_dir / "checkpoints").glob("snapshot_*.pt"), key=_snapshot_iteration)
+    if before is not None:
+        paths = [path for path in paths if _snapshot_iteration(path) < before]
     return [(load_network(path, "a", device), load_network(path, "b", device)) for path in paths]
+
+
+def _snapshot_iteration(path: Path) -> int:
+    return int(path.stem.split("_")[1])
+
+
+def best_iteration(round_dir: Path) -> int | None:
+    """The earlier of the iterations of a round's best networks A and B (None without best checkpoints: the round's
+    networks are then those of last.pt, after every snapshot)."""
+    found = [load_checkpoint(path).get("iteration") for path in
+             (round_dir / "checkpoints" / f"best_model_{name}.pt" for name in ("a", "b")) if path.is_file()]
+    found = [int(it) for it in found if it is not None]
+    return min(found) if found else None
 
 
 @dataclass(frozen=True)
@@ -81,11 +99,21 @@ class UifOptions:
 
 
 def earlier_networks(layout: RunLayout, k: int, device: torch.device) -> list[tuple[nn.Module, nn.Module]]:
-    """The earlier network pairs filter k compares round k's with (oldest first): round 1's snapshots for filter 1
-    (stability uses them all, change the last), the previous round's networks after that."""
-    if k == 1:
-        return load_snapshots(layout.round_dir(1), device)
-    return [load_round_networks(layout.round_dir(k - 1), device)]
+    """The earlier network pairs filter k compares round k's with (oldest first): for filter 1 round 1's snapshots
+    taken before its best networks (stability uses them all, change the last), the previous round's networks after
+    that. A snapshot at the best networks' iteration holds those very networks, and one after it later ones: with
+    them the change score is 0 for every case and the selection falls to the case order."""
+    if k > 1:
+        return [load_round_networks(layout.round_dir(k - 1), device)]
+    round_dir = layout.round_dir(1)
+    best = best_iteration(round_dir)
+    earlier = load_snapshots(round_dir, device, before=best)
+    if not earlier and best is not None:
+        logger.warning("uif: no snapshot of %s precedes its best networks (iteration %d); the stability and change "
+                       "scores compare with the later snapshots (set uif.snapshots higher to avoid this)",
+                       round_dir, best)
+        return load_snapshots(round_dir, device)
+    return earlier
 
 
 @torch.no_grad()

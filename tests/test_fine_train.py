@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -22,6 +23,7 @@ from common.core.errors import InputError
 from common.core.typed_config import ConfigError, load_config
 from common.networks import build_network
 from common.storage.checkpoint import load_checkpoint
+from common.storage.data_paths import db_path
 from common.storage.lmdb_store import open_store
 from common.storage.weights import load_model
 from common.volume.boxes import body_box, grid_box_to_raw
@@ -583,3 +585,40 @@ def test_round1_snapshots_and_stability_score(dataset, tmp_path):
     with pytest.raises(InputError, match="snapshots"):
         fine_uif.score_pool([], final, final, UifOptions(size_zyx=(SIZE,) * 3), torch.device("cpu"),
                             methods=("stability",))
+
+
+def test_filter1_compares_with_the_snapshots_before_the_best_networks(dataset, tmp_path, caplog):
+    """When round 1's best networks are one of its snapshots, filter 1's change and stability scores compare with
+    the snapshots taken before them: comparing with the networks themselves scored every case 0 (change), and the
+    selection fell to the case order."""
+    cfg = fine_config(dataset, tmp_path, "schedule.iterations=4", "uif.snapshots=3", "schedule.checkpoint_interval=4")
+    for step in ("boxes", "round1"):
+        main(replace(cfg, step=step))
+    layout = RunLayout(tmp_path / "output")
+    ckpts = layout.round_dir(1) / "checkpoints"
+    for name in ("a", "b"):  # the best networks are those of the last snapshot (iteration 3)
+        shutil.copy(ckpts / "snapshot_3.pt", ckpts / f"best_model_{name}.pt")
+    cpu = torch.device("cpu")
+    assert fine_uif.best_iteration(layout.round_dir(1)) == 3
+    earlier = fine_uif.earlier_networks(layout, 1, cpu)
+    assert len(earlier) == 2  # snapshots 1 and 2
+    second = fine_uif.load_snapshots(layout.round_dir(1), cpu)[1]
+    assert all(torch.equal(p, q) for p, q in zip(earlier[-1][0].parameters(), second[0].parameters()))
+
+    cases = load_cases(db_path(cfg.data.unlabeled_db, cfg.data_base_dir, cfg.fold), cfg.data_base_dir, labeled=False,
+                       boxes_db=layout.boxes_db)
+    net_a, net_b = fine_uif.load_round_networks(layout.round_dir(1), cpu)
+    options = UifOptions(size_zyx=(SIZE,) * 3, precision="fp32")
+    against_all = fine_uif.score_pool(cases, net_a, net_b, options, cpu, methods=("change",),
+                                      snapshots=fine_uif.load_snapshots(layout.round_dir(1), cpu))["change"]
+    assert set(against_all.values()) == {0.0}  # what filter 1 scored before: no ranking at all
+    scores = fine_uif.score_pool(cases, net_a, net_b, options, cpu, methods=("change",), snapshots=earlier)["change"]
+    assert len(scores) == 4 and any(v > 0.0 for v in scores.values())
+
+    for name in ("a", "b"):  # best networks at or before the first snapshot: all snapshots, with a warning
+        payload = load_checkpoint(ckpts / f"best_model_{name}.pt")
+        payload["iteration"] = 1
+        torch.save(payload, ckpts / f"best_model_{name}.pt")
+    caplog.set_level("WARNING")
+    assert len(fine_uif.earlier_networks(layout, 1, cpu)) == 3
+    assert "no snapshot" in caplog.text and "precedes its best networks (iteration 1)" in caplog.text
