@@ -257,10 +257,11 @@ class UIFSection:
 
 @dataclass
 class Round2Section:
-    """The CPS rounds on a filtered pool (round 2 and every later one): fresh or warm-started networks (warm: from
-    the previous round's best); null iterations = schedule's."""
+    """The CPS rounds on a filtered pool (round 2 and every later one): warm-started networks (the previous round's
+    best; measured better, BENCHMARKS.md) or fresh ones (as round 1 began, the original's); null iterations =
+    schedule's."""
 
-    init: str = choice_field("fresh", ("fresh", "warm"))
+    init: str = choice_field("warm", ("warm", "fresh"))
     iterations: int | None = cfg_field(None, ge=1, le=MAX_ITERATIONS)
 
 

@@ -33,6 +33,7 @@ from common.stage_cli import stage_cli
 from common.storage.data_paths import db_path
 from common.storage.labelsets import dataset_labels
 from common.storage.lmdb_store import open_store
+from common.storage.model_folder import best_checkpoint_paths
 from common.storage.step_marker import claim_run_folder, file_stamp, marker_matches, read_marker, write_marker
 from common.train.distributed import DistInfo, init_distributed, run_on_every_rank
 from common.train.engine import DONE_FILE, INPUTS_FILE, CPSJob, run_cps_training, run_folder_lock
@@ -117,8 +118,7 @@ def _round_inputs(cfg: FineTrainConfig, k: int) -> tuple[Path | None, Path | Non
         raise InputError(layout.scores_csv(k - 1), "not found: run the uif step first (sh run.sh step=uif)")
     init_weights: Any = cfg.model.init_from  # fresh: where round 1 started from
     if cfg.round2.init == "warm":
-        ckpts = layout.round_dir(k - 1) / "checkpoints"
-        init_weights = {n: ckpts / f"best_model_{n}.pt" for n in ("a", "b")}
+        init_weights = best_checkpoint_paths(layout.round_dir(k - 1))
         for path in init_weights.values():
             if not path.is_file():
                 raise InputError(path, f"not found: round2.init=warm needs a finished round {k - 1}")

@@ -31,6 +31,7 @@ from common.core.logger import get_logger, progress
 from common.evaluation.uncertainty import UifRow, select_certain, uncertainty_score
 from common.storage.checkpoint import load_checkpoint
 from common.storage.lmdb_store import open_store
+from common.storage.model_folder import best_checkpoint_paths
 from common.storage.weights import load_network
 from common.train.distributed import is_main_process, run_on_every_rank, shard
 from fine_efficient_seg.dataset import FineCase, fixed_crop_input, load_cases, read_prepared
@@ -43,12 +44,10 @@ CSV_HEADER = ("case", "score", "kept", "rank")
 
 def load_round_networks(round_dir: Path, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """Networks A and B of a finished CPS round: its best checkpoints, else the nets of `last.pt`; eval mode."""
-    ckpt_dir = round_dir / "checkpoints"
     nets = []
-    for name in ("a", "b"):
-        source = ckpt_dir / f"best_model_{name}.pt"
+    for name, source in best_checkpoint_paths(round_dir).items():
         if not source.is_file():
-            source = ckpt_dir / "last.pt"
+            source = round_dir / "checkpoints" / "last.pt"
             logger.warning("uif: no best_model_%s.pt; using network %s of %s", name, name, source)
         nets.append(load_network(source, name, device))
     return nets[0], nets[1]
@@ -77,8 +76,8 @@ def _snapshot_iteration(path: Path) -> int:
 def best_iteration(round_dir: Path) -> int | None:
     """The earlier of the iterations of a round's best networks A and B (None without best checkpoints: the round's
     networks are then those of last.pt, after every snapshot)."""
-    found = [load_checkpoint(path).get("iteration") for path in
-             (round_dir / "checkpoints" / f"best_model_{name}.pt" for name in ("a", "b")) if path.is_file()]
+    found = [load_checkpoint(path).get("iteration") for path in best_checkpoint_paths(round_dir).values()
+             if path.is_file()]
     found = [int(it) for it in found if it is not None]
     return min(found) if found else None
 

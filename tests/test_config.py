@@ -89,7 +89,7 @@ def test_fine_defaults_match_interfaces():
     assert dataclasses.astuple(cfg.crop) == (20.0, 40.0, 0.5, 0.5, 200.0)
     assert cfg.boxes.coarse_model_dir == "../model_weights/base_coarse_model"
     assert (cfg.uif.score, cfg.uif.keep_count, cfg.uif.keep_ratio) == ("disagreement", None, 0.1)
-    assert (cfg.round2.init, cfg.round2.iterations) == ("fresh", None)
+    assert (cfg.round2.init, cfg.round2.iterations) == ("warm", None)
     assert (cfg.uif.rounds, cfg.uif.keep_schedule) == (1, "fixed")
     assert cfg.steps() == ("boxes", "round1", "uif", "round2", "export")
     # sections shared with the coarse stage keep the coarse defaults, except the fine stage's own iteration count
@@ -194,7 +194,7 @@ def test_str_field_override_keeps_numeric_text(tmp_path):
         ("amp:\n  precision: fp8\n", (), "amp.precision", ["'bf16'", "'fp16'", "'fp32'"]),
         ("loss:\n  name: ce\n", (), "loss.name", ["'dice_bce'", "'dice_focal'", "'dice'"]),
         ("uif:\n  score: variance\n", (), "uif.score", ["'disagreement'", "'entropy'"]),
-        ("round2:\n  init: hot\n", (), "round2.init", ["'fresh'", "'warm'"]),
+        ("round2:\n  init: hot\n", (), "round2.init", ["'warm'", "'fresh'"]),
         ("step: predict\n", (), "step", ["'round1'", "'export'"]),
         ("step: round3\n", (), "step", ["'round2'", "uif.rounds=1"]),
         ("step: uif2\n", (), "step", ["'uif'", "uif.rounds=1"]),
