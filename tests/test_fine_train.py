@@ -17,6 +17,7 @@ import torch
 from tiny_models import prepared_tiny_dataset
 from torch import nn
 
+from benchmarks import cps_confidence
 from common.config import FineTrainConfig
 from common.core.defaults import FINE_MIN_VOLUME_MM3, HU_WINDOW
 from common.core.errors import InputError
@@ -622,3 +623,25 @@ def test_filter1_compares_with_the_snapshots_before_the_best_networks(dataset, t
     caplog.set_level("WARNING")
     assert len(fine_uif.earlier_networks(layout, 1, cpu)) == 3
     assert "no snapshot" in caplog.text and "precedes its best networks (iteration 1)" in caplog.text
+
+
+def test_cps_confidence_probe_counts_the_masked_voxels(dataset, tmp_path, capsys):
+    """benchmarks/cps_confidence.py on a finished round 1: without a mask every voxel is kept; with one, the kept
+    voxels are those common.train.cps.confident_voxels keeps, and the table prints one row per true class."""
+    cfg = fine_config(dataset, tmp_path, "schedule.iterations=2")
+    for step in ("boxes", "round1"):
+        main(replace(cfg, step=step))
+    fine_dir = tmp_path / "output"
+    every = cps_confidence.confidence_counts(fine_dir, 0.0)
+    sure = cps_confidence.confidence_counts(fine_dir, 0.9)
+    for name in cps_confidence.CLASSES:
+        assert every[name]["kept"] == every[name]["voxels"] > 0
+        assert every[name]["right_kept"] == every[name]["right"] and sure[name]["right"] == every[name]["right"]
+        assert sure[name]["voxels"] == every[name]["voxels"]
+        assert sure[name]["right_kept"] <= sure[name]["kept"] <= sure[name]["voxels"]
+    # two barely trained networks are unsure almost everywhere: the mask drops voxels
+    classes = cps_confidence.CLASSES
+    assert sum(sure[n]["kept"] for n in classes) < sum(every[n]["voxels"] for n in classes)
+    assert cps_confidence.main([str(fine_dir), "--confidence", "0.9"]) == 0
+    table = capsys.readouterr().out
+    assert "| organ |" in table and "| background |" in table
