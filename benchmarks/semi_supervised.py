@@ -660,10 +660,22 @@ def _describe(settings: Settings) -> str:
         "the evaluation cases; [..] is the 95 % Student-t interval over seeds.")
 
 
+def describe_shaped(results: Sequence[dict[str, Any]]) -> str:
+    """The shaped organs of the seeds: those of every seed, then the others with the seeds they are shaped in."""
+    sets = {r["seed"]: list(r.get("shaped") or []) for r in results}
+    order = list(dict.fromkeys(o for organs in sets.values() for o in organs))
+    always = [o for o in order if all(o in organs for organs in sets.values())]
+    some = []
+    for organ in (o for o in order if o not in always):
+        seeds = [str(seed) for seed, organs in sets.items() if organ in organs]
+        some.append(f"{organ} (seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)})")
+    return f"{', '.join(always) or 'none'} in every seed" + (f"; {', '.join(some)}" if some else "")
+
+
 def build_report(results: Sequence[dict[str, Any]], settings: Settings, command: str, wall_s: float) -> str:
-    shaped = results[0].get("shaped") or []
     text = ["## Semi-supervised table on synthetic data", "", f"Command: `{command}`", "", _describe(settings),
-            f"Shaped organs (median >= 100 voxels and >= 4 along every axis in the fine crop): {', '.join(shaped)}.",
+            "Shaped organs (median >= 100 voxels and >= 4 along every axis in the fine crop of the seed's "
+            f"dataset): {describe_shaped(results)}.",
             "", format_table(results, settings), "", format_diffs(results, settings)]
     if all(r.get("quality") for r in results):
         text += ["", "UIF scores side by side (benchmarks/uif_quality.py) on the round-1 pool: per score, the mean "

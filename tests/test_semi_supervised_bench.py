@@ -205,3 +205,13 @@ def test_splits_give_the_counts_the_rows_name(tmp_path: Path) -> None:
         ceiling = json.loads((sd / "dataset_ceiling" / "db" / "split.json").read_text())["folds"]["1"]
         assert ceiling["val"] == fold["val"] and len(ceiling["train"]) == labeled + 2
         assert set(fold["train"]) < set(ceiling["train"])
+
+
+def test_shaped_organs_are_described_per_seed() -> None:
+    """Each seed's dataset has its own shaped organs: the report names those of every seed and the others with
+    their seeds (it once printed seed 0's list as if it held for all)."""
+    results = [{"seed": 0, "shaped": ["Liver", "RK", "Pancreas"]}, {"seed": 1, "shaped": ["Liver", "RK", "Aorta"]},
+               {"seed": 2, "shaped": ["Liver", "Aorta"]}]
+    assert bench.describe_shaped(results) == \
+        "Liver in every seed; RK (seeds 0, 1), Pancreas (seed 0), Aorta (seeds 1, 2)"
+    assert bench.describe_shaped([{"seed": 0, "shaped": ["Liver"]}]) == "Liver in every seed"
