@@ -5,7 +5,7 @@ Steps (`step=all` runs them in this order; each is skipped when its output is al
           and the only copy of its image the stage reads: box + largest extension -> <output_dir>/db/unlabeled_regions
   round1  CPS training of two EfficientSegNets on labeled + all unlabeled crops   -> <output_dir>/round1/
   uif     uncertainty of every unlabeled case, keep the most certain  -> uif_scores.csv, <output_dir>/db/uif_pool
-  round2  CPS training on labeled + the kept cases (fresh or warm from round 1)   -> <output_dir>/round2/
+  round2  CPS training on labeled + the kept cases (warm from round 1, or fresh)   -> <output_dir>/round2/
   uif2, round3, ...  with uif.rounds > 1: filter k scores the whole pool with round k's networks and keeps the most
           certain (keep_schedule growing: k times as many) -> <output_dir>/uif_round<k>/; round k + 1 trains on them
   export  best networks of the last round (1 + uif.rounds; 1 without an unlabeled pool) or export.round -> export.dir
