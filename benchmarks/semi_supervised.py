@@ -407,13 +407,21 @@ def check_settings(settings: Settings, seed: int) -> None:
     current = {**settings.result_fingerprint(), "seed": seed}
     if path.is_file():
         recorded = json.loads(path.read_text(encoding="utf-8"))
-        if recorded != current:
+        if recorded == current:
+            return
+        if not _adds_variants_only(recorded, current):
             diff = {k: (recorded.get(k), v) for k, v in current.items() if recorded.get(k) != v}
             raise SystemExit(f"error: {path} was made with other settings {diff} (recorded, now); "
-                             "use another --out or delete that folder")
-        return
+                             "use another --out or delete that folder (more --lu-variant rows may be added)")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(current, indent=1) + "\n", encoding="utf-8")
+
+
+def _adds_variants_only(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """True when `current` only adds L / U variant rows to `recorded`: each variant trains its own folder from the
+    shared warm-up, so the rows already trained stay valid."""
+    others = {k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k)}
+    return others == {"lu_variants"} and set(recorded["lu_variants"]) <= set(current["lu_variants"])
 
 
 def uif_hard_share(scores_csv: Path, meta_json: Path) -> dict[str, Any]:
@@ -708,7 +716,7 @@ REGIMES: dict[str, dict[str, Any]] = {
     # less alike between cases, 2 labeled training cases, fine 32^3 trained to its plateau
     "headroom": {"anatomy": "varied", "labeled": 2, "labeled_val": 2, "unlabeled": 12, "val": 24,
                  "coarse_iters": 400, "warmup_iters": 400, "fine_iters": 500, "round2_iters": 250, "rounds": 3,
-                 "lu_variants": ["conf09=cps.confidence=0.9", "w03=cps.weight=0.3"]},
+                 "lu_variants": ["conf09=cps.confidence=0.9", "w03=cps.weight=0.3", "joint=cps.parts=joint"]},
 }
 
 # `--preset cuda`: the full-size run for one GPU (defaults only; explicit options win).

@@ -89,7 +89,7 @@ def test_steps_build_every_row_from_one_start_and_in_order(tmp_path: Path) -> No
 def test_regime_preset_and_explicit_options(tmp_path: Path) -> None:
     s = _settings(tmp_path, "--regime", "headroom")
     assert (s.anatomy, s.labeled, s.labeled_val, s.val, s.rounds) == ("varied", 2, 2, 24, 3)
-    assert [v.split("=")[0] for v in s.lu_variants] == ["conf09", "w03"]
+    assert [v.split("=")[0] for v in s.lu_variants] == ["conf09", "w03", "joint"]
     mine = _settings(tmp_path, "--regime", "headroom", "--labeled", "3", "--lu-variant", "w05=cps.weight=0.5")
     assert mine.labeled == 3 and mine.lu_variants == ["w05=cps.weight=0.5"]
     with pytest.raises(SystemExit):
@@ -124,6 +124,23 @@ def test_settings_change_is_refused(tmp_path: Path) -> None:
     other = _settings(tmp_path, "--fine-iters", "11")
     with pytest.raises(SystemExit, match="fine_iters"):
         bench.check_settings(other, 3)
+
+
+def test_a_finished_run_takes_more_variant_rows_but_keeps_its_own(tmp_path: Path) -> None:
+    """An L / U variant trains its own folder from the shared warm-up: adding one to a finished run is accepted and
+    recorded; dropping or changing one, or adding one together with another setting, is refused."""
+    base = ["--lu-variant", "w03=cps.weight=0.3"]
+    bench.check_settings(_settings(tmp_path, *base), 3)
+    more = _settings(tmp_path, *base, "--lu-variant", "joint=cps.parts=joint")
+    bench.check_settings(more, 3)
+    recorded = json.loads((bench.seed_dir(more, 3) / bench.SETTINGS_FILE).read_text())
+    assert recorded["lu_variants"] == ["w03=cps.weight=0.3", "joint=cps.parts=joint"]
+    assert "lu_joint" in bench.rows_of(more)
+    for argv, problem in ((base, "lu_variants"), (["--lu-variant", "w03=cps.weight=0.5"], "lu_variants"),
+                          ([*base, "--lu-variant", "joint=cps.parts=joint", "--lu-variant", "c=cps.confidence=0.8",
+                            "--fine-iters", "11"], "fine_iters")):
+        with pytest.raises(SystemExit, match=problem):
+            bench.check_settings(_settings(tmp_path, *argv), 3)
 
 
 def test_uif_hard_share(tmp_path: Path) -> None:
