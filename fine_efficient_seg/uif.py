@@ -29,11 +29,12 @@ from common.core.errors import InputError
 from common.core.files import write_text_atomic
 from common.core.logger import get_logger, progress
 from common.evaluation.uncertainty import UifRow, select_certain, uncertainty_score
-from common.storage.checkpoint import load_checkpoint
 from common.storage.lmdb_store import open_store
 from common.storage.model_folder import best_checkpoint_paths
+from common.storage.step_marker import read_marker
 from common.storage.weights import load_network
 from common.train.distributed import is_main_process, run_on_every_rank, shard
+from common.train.engine import DONE_FILE
 from fine_efficient_seg.dataset import FineCase, fixed_crop_input, load_cases, read_prepared
 from fine_efficient_seg.layout import SCORES_FILE, RunLayout
 
@@ -74,11 +75,10 @@ def _snapshot_iteration(path: Path) -> int:
 
 
 def best_iteration(round_dir: Path) -> int | None:
-    """The earlier of the iterations of a round's best networks A and B (None without best checkpoints: the round's
-    networks are then those of last.pt, after every snapshot)."""
-    found = [load_checkpoint(path).get("iteration") for path in best_checkpoint_paths(round_dir).values()
-             if path.is_file()]
-    found = [int(it) for it in found if it is not None]
+    """The earlier of the iterations of a finished round's best networks A and B, as its DONE marker records them
+    (None for a round not finished: its networks are then those of last.pt, after every snapshot)."""
+    done = read_marker(round_dir / DONE_FILE)
+    found = [int(it) for it in (done or {}).get("best_iteration", {}).values() if int(it) >= 0]
     return min(found) if found else None
 
 

@@ -195,13 +195,16 @@ def test_warm_start_from_a_checkpoint(straight_run, tmp_path):
     assert set(best["b"]) == set(weights["b"])
     out = tmp_path / "warm"
     # lr 1e-9: one Adam step moves every weight by ~1e-9, so the result must equal the warm-start weights
-    run_cps_training(_job(_cfg(out, "optim.lr=1.0e-9", "schedule.iterations=1"), iterations=1, init_weights=source,
-                          val_cases=None))
+    summary = run_cps_training(_job(_cfg(out, "optim.lr=1.0e-9", "schedule.iterations=1"), iterations=1,
+                                    init_weights=source, val_cases=None))
     last = load_checkpoint(out / "checkpoints" / "last.pt")
     for key, value in weights["a"].items():
         torch.testing.assert_close(last["net_a"][key], value, rtol=0, atol=1e-6)
     # without validation the final weights stand in for the best ones
     assert load_checkpoint(out / "checkpoints" / "best_model_a.pt")["dice"] is None
+    # ... and the run says so: their iteration is the last one (it was -1, "never", in DONE and the summary)
+    assert (summary["best_iteration_a"], summary["best_iteration_b"]) == (1, 1)
+    assert json.loads((out / "DONE").read_text())["best_iteration"] == {"a": 1, "b": 1}
     assert "warm start" in (out / "train.log").read_text()
 
 

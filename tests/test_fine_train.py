@@ -26,7 +26,9 @@ from common.networks import build_network
 from common.storage.checkpoint import load_checkpoint
 from common.storage.data_paths import db_path
 from common.storage.lmdb_store import open_store
+from common.storage.step_marker import read_marker, write_marker
 from common.storage.weights import load_model
+from common.train.engine import DONE_FILE
 from common.volume.boxes import body_box, grid_box_to_raw
 from fine_efficient_seg import uif as fine_uif
 from fine_efficient_seg.augment import FineAugmentSettings
@@ -597,8 +599,11 @@ def test_filter1_compares_with_the_snapshots_before_the_best_networks(dataset, t
         main(replace(cfg, step=step))
     layout = RunLayout(tmp_path / "output")
     ckpts = layout.round_dir(1) / "checkpoints"
+    done = layout.round_dir(1) / DONE_FILE
+    assert read_marker(done)["best_iteration"] == {"a": 4, "b": 4}  # validated once, at the end
     for name in ("a", "b"):  # the best networks are those of the last snapshot (iteration 3)
         shutil.copy(ckpts / "snapshot_3.pt", ckpts / f"best_model_{name}.pt")
+    write_marker(done, {**read_marker(done), "best_iteration": {"a": 3, "b": 3}})
     cpu = torch.device("cpu")
     assert fine_uif.best_iteration(layout.round_dir(1)) == 3
     earlier = fine_uif.earlier_networks(layout, 1, cpu)
@@ -616,10 +621,8 @@ def test_filter1_compares_with_the_snapshots_before_the_best_networks(dataset, t
     scores = fine_uif.score_pool(cases, net_a, net_b, options, cpu, methods=("change",), snapshots=earlier)["change"]
     assert len(scores) == 4 and any(v > 0.0 for v in scores.values())
 
-    for name in ("a", "b"):  # best networks at or before the first snapshot: all snapshots, with a warning
-        payload = load_checkpoint(ckpts / f"best_model_{name}.pt")
-        payload["iteration"] = 1
-        torch.save(payload, ckpts / f"best_model_{name}.pt")
+    # best networks at or before the first snapshot (A at 1): all snapshots, with a warning
+    write_marker(done, {**read_marker(done), "best_iteration": {"a": 1, "b": 3}})
     caplog.set_level("WARNING")
     assert len(fine_uif.earlier_networks(layout, 1, cpu)) == 3
     assert "no snapshot" in caplog.text and "precedes its best networks (iteration 1)" in caplog.text

@@ -668,6 +668,7 @@ class _Trainer:
                     logger.warning("no validation result: saving the final weights as best_model_a/b.pt")
                     for name, net in self.nets.items():
                         self.save_best(name, net, job.iterations, None, None)
+                        self.state.best_iteration[name] = job.iterations
                 write_marker(done_path, {"iteration": final, "best": self.state.best,
                                          "best_iteration": self.state.best_iteration})
                 logger.info("training finished: %d iterations, best mean Dice A %.4f (iteration %d), "
