@@ -19,11 +19,12 @@ from typing import Sequence
 
 import torch
 
+from benchmarks.pipeline import exit_code_of
 from common.config import FineTrainConfig
 from common.core.labelmaps import LABEL_THRESHOLD, logit, probs_to_labels
 from common.core.typed_config import load_config
 from common.storage.data_paths import db_path
-from common.storage.labelsets import read_label_set
+from common.storage.labelsets import dataset_labels
 from common.train.cps import confident_voxels
 from fine_efficient_seg.dataset import validation_cases
 from fine_efficient_seg.train import sample_spec
@@ -39,9 +40,9 @@ def confidence_counts(fine_dir: Path, confidence: float) -> dict[str, dict[str, 
     cfg = load_config(FineTrainConfig, round_dir / "config.yaml")
     device = torch.device("cpu")
     nets = load_round_networks(round_dir, device)
-    sample = sample_spec(cfg, read_label_set(Path(cfg.data_base_dir)))
+    sample = sample_spec(cfg, dataset_labels(cfg.data_base_dir))
     val_db = db_path(cfg.data.val_db, cfg.data_base_dir, cfg.fold)
-    counts = {name: dict.fromkeys(("voxels", "kept", "right", "right_kept"), 0) for name in CLASSES}
+    counts = _zero_counts()
     with torch.no_grad():
         for _, x, truth in validation_cases(val_db, cfg.data_base_dir, sample, device):
             for teacher in nets:
@@ -59,6 +60,10 @@ def confidence_counts(fine_dir: Path, confidence: float) -> dict[str, dict[str, 
     return counts
 
 
+def _zero_counts() -> dict[str, dict[str, int]]:
+    return {name: dict.fromkeys(("voxels", "kept", "right", "right_kept"), 0) for name in CLASSES}
+
+
 def shares(counts: dict[str, int]) -> tuple[float, float, float]:
     """(kept share, right share of all voxels, right share of the kept voxels)."""
     return (counts["kept"] / max(counts["voxels"], 1), counts["right"] / max(counts["voxels"], 1),
@@ -71,12 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--confidence", type=float, default=0.9, help="the cps.confidence to probe")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    total = {name: dict.fromkeys(("voxels", "kept", "right", "right_kept"), 0) for name in CLASSES}
-    for fine_dir in args.fine_dirs:
-        for name, c in confidence_counts(Path(fine_dir), args.confidence).items():
+    return exit_code_of(lambda: _print_table(args.fine_dirs, args.confidence))
+
+
+def _print_table(fine_dirs: Sequence[str], confidence: float) -> int:
+    total = _zero_counts()
+    for fine_dir in fine_dirs:
+        for name, c in confidence_counts(Path(fine_dir), confidence).items():
             for key, value in c.items():
                 total[name][key] += value
-    print(f"cps.confidence {args.confidence}: {len(args.fine_dirs)} run(s), teachers A and B")
+    print(f"cps.confidence {confidence}: {len(fine_dirs)} run(s), teachers A and B")
     print("| true class | voxels | kept by the mask | right pseudo labels, all | right pseudo labels, kept |")
     print("|---|---|---|---|---|")
     for name in CLASSES:

@@ -6,12 +6,26 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
+
+from common.core.errors import InputError
+from common.core.typed_config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def exit_code_of(body: Callable[[], int]) -> int:
+    """`body()`'s exit code; a bad input or config (InputError, ConfigError: a missing run folder, a round that has
+    not run) is one line on stderr naming it, and exit code 2, instead of a traceback."""
+    try:
+        return body()
+    except (ConfigError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def cube(n: int) -> str:

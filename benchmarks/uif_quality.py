@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from benchmarks.pipeline import exit_code_of
 from benchmarks.stats import auroc, spearman, t_interval
 
 SCORES = ("disagreement", "entropy", "stability", "change")
@@ -239,6 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("run_dir", type=Path)
     r.add_argument("--cases", action="store_true", help="also print every case of every seed")
     a = p.parse_args(argv)
+    return exit_code_of(lambda: _run_command(a))
+
+
+def _run_command(a: argparse.Namespace) -> int:
     if a.command == "seed":
         result = seed_main(a.seed_dir.resolve(), a.keep, a.seed, a.device, a.other_start)
         print(format_quality([result]))

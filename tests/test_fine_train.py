@@ -648,3 +648,6 @@ def test_cps_confidence_probe_counts_the_masked_voxels(dataset, tmp_path, capsys
     assert cps_confidence.main([str(fine_dir), "--confidence", "0.9"]) == 0
     table = capsys.readouterr().out
     assert "| organ |" in table and "| background |" in table
+    assert cps_confidence.main([str(tmp_path / "no_run")]) == 2  # a folder without round 1: named, exit 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no_run/round1/config.yaml" in err

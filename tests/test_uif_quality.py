@@ -64,3 +64,11 @@ def test_write_control_selection(tmp_path: Path):
     # a warm round 2 of the control starts from fine_cps's round 1, linked into its folder
     link = RunLayout(seed_dir / "fine_oracle").round_dir(1)
     assert link.is_symlink() and link.resolve() == (seed_dir / "fine_cps" / "round1").resolve()
+
+
+def test_a_seed_folder_that_has_not_run_is_named_not_a_traceback(tmp_path: Path, capsys):
+    assert q.main(["seed", "--seed-dir", str(tmp_path / "seed0"), "--keep", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "seed0" in err and "Traceback" not in err
+    assert q.main(["report", str(tmp_path)]) == 2
+    assert "no seed*/uif_quality.json" in capsys.readouterr().err
