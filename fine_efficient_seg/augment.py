@@ -20,9 +20,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from common.core.defaults import EXTEND_SIZE_MM, MAX_EXTEND_SIZE_MM
 from common.core.labels import FLARE22
 from common.train.distributed import derive_seed
-from common.volume.boxes import Box, crop_box_with_margin
+from common.volume.boxes import Box, crop_box_with_margin, margin_voxels
 from common.volume.intensity import window_and_zscore_torch
 from common.volume.resize import resize_mask, resize_mask_torch, resize_volume_torch
 
@@ -31,8 +32,8 @@ from common.volume.resize import resize_mask, resize_mask_torch, resize_volume_t
 class FineAugmentSettings:
     """Settings of the fine crop and augmentation (FineTrainConfig.crop); the defaults are the reference's."""
 
-    extend_size_mm: float = 20.0        # fixed margin around the box (used with p 1 - random_extend_prob)
-    max_extend_size_mm: float = 40.0    # M = int(max_extend_size_mm / spacing) voxels per axis
+    extend_size_mm: float = EXTEND_SIZE_MM          # fixed margin around the box (with p 1 - random_extend_prob)
+    max_extend_size_mm: float = MAX_EXTEND_SIZE_MM  # M = int(max_extend_size_mm / spacing) voxels per axis
     random_extend_prob: float = 0.5     # probability of the random box extension
     hu_shift_prob: float = 0.5          # per organ, probability of an additive HU shift (labeled cases)
     hu_shift_max: int = 200             # shift drawn as an integer in [-hu_shift_max, hu_shift_max)
@@ -56,11 +57,6 @@ def sample_rng(seed: int, stream: str, index: int) -> np.random.Generator:
     return np.random.default_rng(derive_seed(seed, stream, index))
 
 
-def max_extension_voxels(spacing_zyx: Sequence[float], max_extend_size_mm: float) -> tuple[int, int, int]:
-    """M per axis = int(max_extend_size_mm / spacing_axis) (reference 4.6)."""
-    return tuple(int(max_extend_size_mm / float(s)) for s in spacing_zyx)  # type: ignore[return-value]
-
-
 def extension_range(m_vox: int) -> tuple[int, int]:
     """Half-open range [floor(-M/3), M) of one face's random extension in voxels (M >= 1; M = 0 gives 0)."""
     if m_vox <= 0:
@@ -79,7 +75,7 @@ def sample_fine_augmentation(
     The same number of draws is made whatever the outcome, so later decisions do not depend on earlier ones.
     """
     do_extend = rng.random() < settings.random_extend_prob
-    m_vox = max_extension_voxels(spacing_zyx, settings.max_extend_size_mm)
+    m_vox = margin_voxels(spacing_zyx, settings.max_extend_size_mm)  # M per axis, the stored region's margin
     faces = []
     for m in m_vox:
         lo, hi = extension_range(m)

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from common.core.defaults import HU_WINDOW
-from common.volume.boxes import crop_box_with_margin
+from common.volume.boxes import crop_box_with_margin, margin_voxels
 from common.volume.resize import resize_mask_torch, resize_volume_torch
 from fine_efficient_seg.augment import (
     FineAugmentation,
@@ -20,7 +20,6 @@ from fine_efficient_seg.augment import (
     extension_range,
     fine_crop_slices,
     make_fine_sample,
-    max_extension_voxels,
     resize_labels,
     sample_fine_augmentation,
     sample_rng,
@@ -32,14 +31,14 @@ SETTINGS = FineAugmentSettings()
 
 
 def test_max_extension_and_range():
-    assert max_extension_voxels(SPACING_ZYX, 40.0) == (16, 50, 57)
+    assert margin_voxels(SPACING_ZYX, 40.0) == (16, 50, 57)
     assert extension_range(16) == (-6, 16)       # floor(-16/3) = -6
     assert extension_range(57) == (-19, 57)
     assert extension_range(0) == (0, 1)           # spacing above 40 mm: no extension
 
 
 def test_extension_within_bounds_in_voxels_and_mm():
-    m_vox = max_extension_voxels(SPACING_ZYX, SETTINGS.max_extend_size_mm)
+    m_vox = margin_voxels(SPACING_ZYX, SETTINGS.max_extend_size_mm)
     seen_lo = [math.inf] * 3
     seen_hi = [-math.inf] * 3
     extended = 0
