@@ -24,7 +24,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-RUN_FILE = "run.json"
 STEPS_LOG = "steps.log"
 BOXES_DB = "db/unlabeled_boxes"
 REGIONS_DIR = "db/unlabeled_regions"

@@ -48,7 +48,7 @@ from fine_efficient_seg.dataset import (
     read_boxes,
     validation_cases,
 )
-from fine_efficient_seg.export import export, export_is_current, export_round_dir
+from fine_efficient_seg.export import export, export_is_current, export_round, export_round_dir
 from fine_efficient_seg.layout import RunLayout
 from fine_efficient_seg.uif import UifOptions, run_uif, snapshot_iterations
 
@@ -260,14 +260,11 @@ def _check_round_current(cfg: FineTrainConfig) -> None:
     """InputError unless the round the export takes its networks from was trained from the current inputs (its
     inputs.json; a folder of an earlier version, without one, is taken as it is)."""
     round_dir = export_round_dir(cfg)
-    recorded = read_marker(round_dir / INPUTS_FILE)
-    if recorded is None:
-        return
-    k = int(round_dir.name.removeprefix("round"))
-    if recorded != json.loads(json.dumps(round_inputs(cfg, k))):
-        raise InputError(round_dir / INPUTS_FILE, f"{round_dir.name} was trained from other inputs than the current "
-                                                  f"ones (its pool or settings changed); train it again first (sh "
-                                                  f"run.sh step={round_dir.name}, or step=all)")
+    marker = round_dir / INPUTS_FILE
+    if read_marker(marker) is not None and not marker_matches(marker, round_inputs(cfg, export_round(cfg))):
+        raise InputError(marker, f"{round_dir.name} was trained from other inputs than the current ones (its pool or "
+                                 f"settings changed); train it again first (sh run.sh step={round_dir.name}, or "
+                                 "step=all)")
 
 
 def step_export(cfg: FineTrainConfig, info: DistInfo) -> dict[str, Any]:
