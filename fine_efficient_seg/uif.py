@@ -32,7 +32,7 @@ from common.evaluation.uncertainty import UifRow, select_certain, uncertainty_sc
 from common.storage.lmdb_store import open_store
 from common.storage.model_folder import best_checkpoint_paths
 from common.storage.step_marker import read_marker
-from common.storage.weights import load_network
+from common.storage.weights import load_network, read_network_pair
 from common.train.distributed import is_main_process, run_on_every_rank, shard
 from common.train.engine import DONE_FILE
 from fine_efficient_seg.dataset import FineCase, fixed_crop_input, load_cases, read_prepared
@@ -45,13 +45,19 @@ CSV_HEADER = ("case", "score", "kept", "rank")
 
 def load_round_networks(round_dir: Path, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """Networks A and B of a finished CPS round: its best checkpoints, else the nets of `last.pt`; eval mode."""
-    nets = []
+    sources = {}
     for name, source in best_checkpoint_paths(round_dir).items():
         if not source.is_file():
             source = round_dir / "checkpoints" / "last.pt"
             logger.warning("uif: no best_model_%s.pt; using network %s of %s", name, name, source)
-        nets.append(load_network(source, name, device))
-    return nets[0], nets[1]
+        sources[name] = source
+    return _load_pair(sources, device)
+
+
+def _load_pair(source: Path | dict[str, Path], device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """Networks A and B of one checkpoint (read once) or of {"a": file, "b": file}; eval mode."""
+    weights = read_network_pair(source)
+    return load_network(weights["a"], device=device), load_network(weights["b"], device=device)
 
 
 def snapshot_iterations(iterations: int, count: int) -> tuple[int, ...]:
@@ -60,14 +66,16 @@ def snapshot_iterations(iterations: int, count: int) -> tuple[int, ...]:
     return tuple(sorted(p for p in points if 0 < p < iterations))
 
 
+def snapshot_files(round_dir: Path, before: int | None = None) -> list[Path]:
+    """The `checkpoints/snapshot_<it>.pt` of a round (only those with it < `before` when given), oldest first."""
+    paths = sorted((round_dir / "checkpoints").glob("snapshot_*.pt"), key=_snapshot_iteration)
+    return paths if before is None else [path for path in paths if _snapshot_iteration(path) < before]
+
+
 def load_snapshots(round_dir: Path, device: torch.device,
                    before: int | None = None) -> list[tuple[nn.Module, nn.Module]]:
-    """Networks A and B of every `checkpoints/snapshot_<it>.pt` of a round (only those with it < `before` when
-    given), oldest first; eval mode."""
-    paths = sorted((round_dir / "checkpoints").glob("snapshot_*.pt"), key=_snapshot_iteration)
-    if before is not None:
-        paths = [path for path in paths if _snapshot_iteration(path) < before]
-    return [(load_network(path, "a", device), load_network(path, "b", device)) for path in paths]
+    """Networks A and B of the round's snapshots (`snapshot_files`), oldest first; eval mode."""
+    return [_load_pair(path, device) for path in snapshot_files(round_dir, before)]
 
 
 def _snapshot_iteration(path: Path) -> int:
@@ -97,22 +105,24 @@ class UifOptions:
     precision: str = "bf16"
 
 
-def earlier_networks(layout: RunLayout, k: int, device: torch.device) -> list[tuple[nn.Module, nn.Module]]:
+def earlier_networks(layout: RunLayout, k: int, device: torch.device,
+                     last_only: bool = False) -> list[tuple[nn.Module, nn.Module]]:
     """The earlier network pairs filter k compares round k's with (oldest first): for filter 1 round 1's snapshots
-    taken before its best networks (stability uses them all, change the last), the previous round's networks after
-    that. A snapshot at the best networks' iteration holds those very networks, and one after it later ones: with
-    them the change score is 0 for every case and the selection falls to the case order."""
+    taken before its best networks (stability uses them all; change only the last, so `last_only` loads just that
+    one), the previous round's networks after that. A snapshot at the best networks' iteration holds those very
+    networks, and one after it later ones: with them the change score is 0 for every case and the selection falls
+    to the case order."""
     if k > 1:
         return [load_round_networks(layout.round_dir(k - 1), device)]
     round_dir = layout.round_dir(1)
     best = best_iteration(round_dir)
-    earlier = load_snapshots(round_dir, device, before=best)
-    if not earlier and best is not None:
+    files = snapshot_files(round_dir, before=best)
+    if not files and best is not None:
         logger.warning("uif: no snapshot of %s precedes its best networks (iteration %d); the stability and change "
                        "scores compare with the later snapshots (set uif.snapshots higher to avoid this)",
                        round_dir, best)
-        return load_snapshots(round_dir, device)
-    return earlier
+        files = snapshot_files(round_dir)
+    return [_load_pair(path, device) for path in (files[-1:] if last_only else files)]
 
 
 @torch.no_grad()
@@ -210,7 +220,8 @@ def run_uif(layout: RunLayout, k: int, unlabeled_db: Path, data_base_dir: str | 
         if not cases:
             raise InputError(unlabeled_db, "no unlabeled cases to filter")
         net_a, net_b = load_round_networks(round_dir, device)
-        snapshots = earlier_networks(layout, k, device) if options.method in ("stability", "change") else []
+        snapshots = (earlier_networks(layout, k, device, last_only=options.method == "change")
+                     if options.method in ("stability", "change") else [])
         return score_pool(shard(cases), net_a, net_b, options, device, snapshots=snapshots)[options.method]
 
     scores = {key: v for part in run_on_every_rank(score_here, "uif") for key, v in part.items()}

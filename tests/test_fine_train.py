@@ -610,6 +610,9 @@ def test_filter1_compares_with_the_snapshots_before_the_best_networks(dataset, t
     assert len(earlier) == 2  # snapshots 1 and 2
     second = fine_uif.load_snapshots(layout.round_dir(1), cpu)[1]
     assert all(torch.equal(p, q) for p, q in zip(earlier[-1][0].parameters(), second[0].parameters()))
+    latest = fine_uif.earlier_networks(layout, 1, cpu, last_only=True)  # what the change score needs
+    assert len(latest) == 1 and all(torch.equal(p, q) for p, q in zip(latest[0][1].parameters(),
+                                                                       second[1].parameters()))
 
     cases = load_cases(db_path(cfg.data.unlabeled_db, cfg.data_base_dir, cfg.fold), cfg.data_base_dir, labeled=False,
                        boxes_db=layout.boxes_db)

@@ -11,9 +11,10 @@ import torch
 from common.core.defaults import HU_WINDOW
 from common.core.errors import InputError
 from common.networks import build_network
+from common.storage import weights as weights_module
 from common.storage.checkpoint import load_checkpoint
 from common.storage.model_folder import COARSE_DIR
-from common.storage.weights import load_model, load_network, read_weight_pair, read_weights
+from common.storage.weights import load_model, load_network, read_network_pair, read_weight_pair, read_weights
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "pre_refactor"
 RUN = FIXTURE / "coarse_run" / "checkpoints"
@@ -40,6 +41,21 @@ def test_every_project_format():
     assert pair["b"].keys() == best_b.keys() and all(torch.equal(pair["b"][k], best_b[k]) for k in best_b)
     assert read_weights(RUN / "last.pt").spec == last["model"]
     assert not load_network(RUN / "last.pt").training  # eval mode
+
+
+def test_a_pair_reads_each_file_once(monkeypatch):
+    """Networks a and b of one last.pt (a snapshot, a warm start) come from one read of the file; two files are read
+    once each. The weights are those of the file."""
+    reads = []
+    monkeypatch.setattr(weights_module, "load_checkpoint", lambda path: reads.append(Path(path).name) or
+                        load_checkpoint(path))
+    pair = read_network_pair(RUN / "last.pt")
+    assert reads == ["last.pt"]
+    last = load_checkpoint(RUN / "last.pt")
+    assert all(torch.equal(pair[n].state[k], v) for n in ("a", "b") for k, v in last[f"net_{n}"].items())
+    reads.clear()
+    read_weight_pair({"a": RUN / "best_model_a.pt", "b": RUN / "best_model_b.pt"})
+    assert reads == ["best_model_a.pt", "best_model_b.pt"]
 
 
 def test_original_release_files(tmp_path, write_original_checkpoint):

@@ -99,6 +99,12 @@ def read_weights(source: str | os.PathLike, network: str = "a", architecture: st
     `architecture` is the network name an original release file must be converted to (None: the one it looks like).
     InputError naming the file when it is missing, unreadable or holds no weights.
     """
+    path = _network_file(source, network)
+    return _from_payload(load_checkpoint(path), network, path, architecture)
+
+
+def _network_file(source: str | os.PathLike, network: str) -> Path:
+    """The file network `network` of `source` is read from; InputError when it is missing."""
     if network not in NETWORK_NAMES:
         raise ValueError(f"network must be one of {NETWORK_NAMES}, got {network!r}")
     path = Path(source)
@@ -108,7 +114,7 @@ def read_weights(source: str | os.PathLike, network: str = "a", architecture: st
     path = _weights_file(path)
     if not path.is_file():
         raise InputError(path, "weights not found")
-    return _from_payload(load_checkpoint(path), network, path, architecture)
+    return path
 
 
 def load_network(source: str | os.PathLike | NetworkWeights, network: str = "a",
@@ -124,12 +130,25 @@ def load_network(source: str | os.PathLike | NetworkWeights, network: str = "a",
     return net.to(device).eval()
 
 
+def read_network_pair(source: str | os.PathLike | Mapping[str, str | os.PathLike],
+                      architecture: str | None = None) -> dict[str, NetworkWeights]:
+    """Networks {"a", "b"} of one source, or of {"a": source, "b": source} (each file's matching or only network);
+    a file both come from (a last.pt, a snapshot) is read once. `architecture`: see `read_weights`."""
+    sources = source if isinstance(source, Mapping) else {"a": source, "b": source}
+    payloads: dict[Path, Mapping[str, Any]] = {}
+    pair = {}
+    for name in NETWORK_NAMES:
+        path = _network_file(sources[name], name)
+        if path not in payloads:
+            payloads[path] = load_checkpoint(path)
+        pair[name] = _from_payload(payloads[path], name, path, architecture)
+    return pair
+
+
 def read_weight_pair(source: str | os.PathLike | Mapping[str, str | os.PathLike],
                      architecture: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """State dicts {"a", "b"} for a warm start (`model.init_from`): networks a and b of one source, or of
-    {"a": source, "b": source} (each file's matching or only network). `architecture`: see `read_weights`."""
-    sources = source if isinstance(source, Mapping) else {"a": source, "b": source}
-    return {name: read_weights(sources[name], name, architecture).state for name in NETWORK_NAMES}
+    """State dicts {"a", "b"} for a warm start (`model.init_from`): see `read_network_pair`."""
+    return {name: weights.state for name, weights in read_network_pair(source, architecture).items()}
 
 
 def load_model(model_dir: str | os.PathLike, stage: str | None = None, device: str | torch.device = "cpu",
