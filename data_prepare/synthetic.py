@@ -44,7 +44,6 @@ import json
 import math
 import multiprocessing
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -1178,12 +1177,17 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = dict(labeled=args.labeled, unlabeled=args.unlabeled, val=args.val, seed=args.seed, size=args.size,
                   hard_fraction=args.hard_fraction, overwrite=args.overwrite, workers=args.workers,
                   profiles=args.scan_profiles, fold1_val=args.fold1_val, anatomy=args.anatomy)
+    problem = _dataset_problem(args.labeled, args.unlabeled, args.val, args.size, args.hard_fraction,
+                               args.scan_profiles, args.fold1_val, args.anatomy)
+    if problem is not None:  # checked before anything is written, as write_dataset would
+        parser.error(problem.replace("fold1_val", "--fold1-val").replace("hard_fraction", "--hard-fraction"))
+    organs = args.organs.split(",") if args.organs else None
     if args.layout == "nnunet":
         try:
-            meta = write_nnunet_dataset(args.out, args.organs.split(",") if args.organs else None, **kwargs)
+            organ_mapping(organs)
         except ValueError as exc:
-            print(f"error: --organs: {exc}", file=sys.stderr)
-            return 2
+            parser.error(f"--organs: {exc}")
+        meta = write_nnunet_dataset(args.out, organs, **kwargs)
     else:
         meta = write_dataset(args.out, **kwargs)
     print(f"{'case':<18} {'split':<7} {'shape_zyx':<16} {'spacing_zyx':<22} {'orient':<6} hard")

@@ -328,3 +328,17 @@ def test_scan_profiles_strong_shift(tmp_path: Path) -> None:
     for case in strong:
         assert strong[case]["shape_zyx"] == shift[case]["shape_zyx"]
         assert strong[case]["organs_present"] == shift[case]["organs_present"]
+
+
+@pytest.mark.parametrize("layout", ["original", "nnunet"])
+def test_bad_options_name_the_option_and_write_nothing(tmp_path: Path, capsys, layout: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(["--out", str(out), "--labeled", "1", "--fold1-val", "5", "--layout", layout])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --fold1-val must be within [0, labeled=1], got 5" in err and "error: --organs" not in err
+    with pytest.raises(SystemExit):
+        synthetic.main(["--out", str(out), "--layout", "nnunet", "--organs", "liver,heart"])
+    assert "error: --organs" in capsys.readouterr().err
+    assert not out.exists()
