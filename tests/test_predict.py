@@ -778,3 +778,20 @@ def test_coarse_and_fine_models_of_different_label_sets_are_refused(tmp_path, ca
     assert _cli(in_dir, tmp_path / "out", mixed) == 0
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "c3.nii.gz")))
     assert set(np.unique(mask).tolist()) <= {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("channels", [4, 16, 20, 70])
+def test_upsample_labels_of_any_label_count_equal_the_full_resize(channels):
+    """A dataset's label set may have more than FLARE22's 13 labels: reach bits widen past 15 channels (where the
+    2^C histogram would not fit), and past 63 every boundary chunk is resized densely. Before, 16 labels failed
+    every case (bincount of overflowed int16 bits)."""
+    torch.manual_seed(channels)
+    in_shape, out_shape = (12, 14, 10), (25, 31, 17)
+    coarse = torch.randn(1, channels, 4, 4, 4)
+    scores = F.interpolate(coarse, size=in_shape, mode="trilinear", align_corners=True)[0] * 3 - 1
+    full = F.interpolate(scores[None], size=out_shape, mode="trilinear", align_corners=True)[0]
+    expected = probs_to_labels(full, 0.0)
+    got = upsample_labels(scores, out_shape, 0.0, chunk_elements=900)
+    assert (got != expected).sum() <= 1
+    assert int(expected.max()) > min(channels - 3, 13)  # the high labels really occur
+    assert got.dtype == torch.uint8 and tuple(got.shape) == out_shape

@@ -103,12 +103,20 @@ def _labelled_box(corner: torch.Tensor, maps: Sequence[tuple[np.ndarray, ...]]) 
     return ranges
 
 
+# Channels whose reach fits one integer per cell (int64's sign bit unused); a label set with more goes dense.
+MAX_REACH_CHANNELS = 63
+# Up to this many channels the voxels per channel come from one histogram of the bit patterns (a 2^C table).
+HISTOGRAM_CHANNELS = 15
+
+
 def _reach_bits(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Flat (cells,) int16: bit c set where channel c is >= threshold at some corner of the cell, i.e. the only
-    channels that can win inside it (bits instead of a (C, cells) mask: one gather per voxel, not per channel)."""
-    reach = torch.zeros(scores.shape[1:], dtype=torch.int16, device=scores.device)
+    """Flat (cells,) int16 (int64 above HISTOGRAM_CHANNELS channels): bit c set where channel c is >= threshold at
+    some corner of the cell, i.e. the only channels that can win inside it (bits instead of a (C, cells) mask: one
+    gather per voxel, not per channel)."""
+    dtype = torch.int16 if scores.shape[0] <= HISTOGRAM_CHANNELS else torch.int64
+    reach = torch.zeros(scores.shape[1:], dtype=dtype, device=scores.device)
     for c in range(scores.shape[0]):
-        reach.bitwise_or_((scores[c] >= threshold).to(torch.int16) << c)
+        reach.bitwise_or_((scores[c] >= threshold).to(dtype) << c)
     for axis in range(3):
         n = reach.shape[axis]
         reach = reach.narrow(axis, 0, n - 1) | reach.narrow(axis, 1, n - 1)
@@ -200,10 +208,20 @@ class _Boundary:
         self.index_dtype = torch.int32 if max(d * h * w, (zh - zl) * (yh - yl) * (xh - xl)) < 2**31 else torch.int64
         self.i0 = [torch.from_numpy(m[0]).to(device).to(self.index_dtype) for m in maps]
         self.frac = [torch.from_numpy(m[2]).to(device=device, dtype=scores.dtype) for m in maps]
-        self.reach = _reach_bits(scores, threshold)
-        patterns = torch.arange(1 << channels, device=device)[:, None]
-        self.bit_table = ((patterns >> torch.arange(channels, device=device)[None, :]) & 1).double()  # (2^C, C)
+        self.reach = _reach_bits(scores, threshold) if channels <= MAX_REACH_CHANNELS else None
+        self.bit_table = None
+        if channels <= HISTOGRAM_CHANNELS:
+            patterns = torch.arange(1 << channels, device=device)[:, None]
+            self.bit_table = ((patterns >> torch.arange(channels, device=device)[None, :]) & 1).double()  # (2^C, C)
         self.flat_scores = scores.reshape(channels, -1)
+
+    def _voxels_per_channel(self, bits: torch.Tensor) -> list[float]:
+        """How many of the boundary voxels each channel can win at (from their reach bits)."""
+        channels = self.scores.shape[0]
+        if self.bit_table is not None:  # one pass: a histogram of the bit patterns
+            histogram = torch.bincount(bits, minlength=1 << channels).double()
+            return (histogram[:, None] * self.bit_table).sum(0).tolist()
+        return [float(((bits >> c) & 1).sum()) for c in range(channels)]
 
     def resolve(self, block: torch.Tensor, z0: int, z1: int) -> None:
         """Replace the MIXED entries of `block` (the flat output box slices [z0, z1) relative to the box) by labels."""
@@ -212,6 +230,11 @@ class _Boundary:
             return
         channels, _, h, w = self.scores.shape
         (zl, _), (yl, yh), (xl, xh) = self.box
+        if self.reach is None:  # too many channels for reach bits: the dense resize of the chunk, every channel
+            dense = _resize_channels_chunk(self.scores, list(range(channels)), self.maps, self.out_shape[1:],
+                                           z0 + zl, z1 + zl, self.threshold, self.chunk_elements)
+            block[todo] = dense[:, yl:yh, xl:xh].reshape(-1)[todo]
+            return
         nx = xh - xl
         plane = (yh - yl) * nx
         # Output (z, y, x) of each boundary voxel, and its source cell.
@@ -220,9 +243,7 @@ class _Boundary:
         ox = todo % nx + xl
         cz, cy, cx = self.i0[0][oz], self.i0[1][oy], self.i0[2][ox]
         bits = self.reach.index_select(0, (cz * (h - 1) + cy) * (w - 1) + cx)
-        # Voxels per channel to resize, from a histogram of the bit patterns (one pass instead of one per channel).
-        histogram = torch.bincount(bits, minlength=1 << channels).double()
-        counts = (histogram[:, None] * self.bit_table).sum(0).tolist()
+        counts = self._voxels_per_channel(bits)
         wanted = [c for c in range(channels) if counts[c]]
         if SPARSE_COST * sum(counts) > len(wanted) * block.numel():
             # Boundaries everywhere (e.g. an untrained network): a separable resize of the whole chunk, for
