@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from common.core.errors import InputError
+from common.core.errors import InputError, WriteError
 from common.core.files import check_writable
 from common.core.labels import DEFAULT_NSD_TOLERANCE_MM, FLARE22, LabelSet
 from common.core.logger import get_logger, setup_logging
@@ -61,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as err:  # setup: missing folders, no predictions, an unwritable --out
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except WriteError as err:  # the CSV could not be written completely (full disk, file size limit): none is left
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if rows:
         print(format_means_table(means, len(rows), labels))
         print(f"wrote {args.out}")

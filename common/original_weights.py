@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from common.core.errors import InputError
+from common.core.errors import InputError, WriteError
 from common.core.logger import setup_logging
 from common.storage.original_release import COARSE_SIZE, FINE_SIZE, ORIGINAL_PREDICTOR_FINE_SIZE, convert_release
 
@@ -49,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   args.coarse_size, args.fine_size)
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except WriteError as exc:  # a model file could not be written completely (full disk): none is left half-written
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # --out is a file, or a folder that cannot be created or written
+        print(f"error: --out {args.out}: {exc.strerror or exc} ({exc.filename or args.out})", file=sys.stderr)
         return 2
     for stage, path in written.items():
         print(f"{stage}: {path}")

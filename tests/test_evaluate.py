@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +239,16 @@ def test_label_set_from_a_dataset_json_or_a_model_folder_names_columns_and_toler
         lines = {line.split()[0]: line for line in table.splitlines() if line.strip()}
         assert lines["liver"].endswith(f"{FLARE22[1].nsd_tolerance_mm:.1f} mm")  # FLARE22's tolerance for the liver
         assert lines["lesion"].endswith("4.0 mm")
+
+
+def test_a_csv_the_disk_cuts_short_is_named_and_none_is_left(official_folders, tmp_path, capsys, monkeypatch):
+    """The CSV is written with core.files.write_text_atomic, whose size check turns a short write (full disk, file
+    size limit) into a WriteError: exit 1 naming the file, no partial CSV."""
+    pred, gt = official_folders
+    out = tmp_path / "results.csv"
+    real_write_bytes = Path.write_bytes
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: real_write_bytes(self, data[:100]))
+    assert main(["--pred", str(pred), "--gt", str(gt), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "results.csv" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".results.csv*"))

@@ -303,6 +303,15 @@ def test_cli_refuses_a_swapped_file_and_writes_nothing(tmp_path, tiny_release, c
     assert ow_cli.main(["--out", str(out)]) == 2 and "--coarse and/or --fine" in capsys.readouterr().err
 
 
+def test_cli_output_that_is_a_file_is_named_not_a_traceback(tmp_path, tiny_release, capsys):
+    out = tmp_path / "weights"
+    out.write_text("not a folder")
+    assert ow_cli.main(["--coarse", str(tiny_release / COARSE_DIR), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}") and "Traceback" not in err
+    assert out.read_text() == "not a folder"
+
+
 def test_exported_folder_round_trips_through_export_model(tmp_path, tiny_release):
     """original_stage() is exactly what export_model takes; the file holds only plain data."""
     record = ow.original_stage("coarse", ow.original_files(tiny_release / COARSE_DIR), size=SIZE)

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from common.core.errors import InputError
-from common.core.files import atomic_path, require_folder
+from common.core.files import require_folder, write_text_atomic
 from common.core.labels import FLARE22, LabelSet
 from common.core.logger import get_logger
 from common.evaluation.metrics import Score, flare_case_scores
@@ -83,9 +83,10 @@ def evaluate_case(pred_path: Path, gt_path: Path, labels: LabelSet = FLARE22) ->
     return flare_case_scores(pred_array.transpose(2, 1, 0), gt_array.transpose(2, 1, 0), gt_meta.spacing_xyz, labels)
 
 
-def missing_predictions(pred_dir: Path, gt_dir: Path) -> list[tuple[str, str]]:
-    """(ground-truth file name, message) for every ground truth without a prediction of the same case id."""
-    predicted = {_case_id(p.name) for p in list_predictions(pred_dir)}
+def missing_predictions(predictions: Sequence[Path], pred_dir: Path, gt_dir: Path) -> list[tuple[str, str]]:
+    """(ground-truth file name, message) for every ground truth without a prediction (of `predictions`, the files
+    of `pred_dir`) of the same case id."""
+    predicted = {_case_id(p.name) for p in predictions}
     return [(gt.name, str(InputError(pred_dir / gt.name, f"prediction missing for ground truth {gt}")))
             for gt in list_predictions(gt_dir) if _case_id(gt.name) not in predicted]
 
@@ -159,7 +160,7 @@ def evaluate_folder(
     if not predictions:
         raise InputError(pred_dir, f"no prediction files ({', '.join(IMAGE_SUFFIXES)})")
     rows: list[Row] = []
-    failed: list[tuple[str, str]] = missing_predictions(pred_dir, gt_dir)
+    failed: list[tuple[str, str]] = missing_predictions(predictions, pred_dir, gt_dir)
     for name, message in failed:
         logger.error("%s", message)
     for pred_path in predictions:
@@ -174,9 +175,7 @@ def evaluate_folder(
             continue
         rows.append(scores_to_row(pred_path.name, scores, labels))
     if out_csv is not None and rows:
-        out_csv = Path(out_csv)
-        with atomic_path(out_csv, suffix=".csv") as tmp:
-            tmp.write_text(format_csv(rows, csv_columns(labels)), encoding="utf-8")
+        write_text_atomic(out_csv, format_csv(rows, csv_columns(labels)))
     means = column_means(rows, labels) if rows else {}
     if failures is not None:
         failures.extend(failed)
