@@ -383,19 +383,12 @@ def prepare_argv(settings: Settings, dataset: Path, seed: int) -> list[str]:
 
 
 def predict_argv(settings: Settings, in_dir: Path, out_dir: Path, weights_dir: Path) -> list[str]:
-    """predict.sh when it exists, else the same API (common.infer.folder.predict_folder) from a subprocess."""
+    """predict.sh on `in_dir` with the weights of `weights_dir` (their coarse model linked in by `_link_coarse`)."""
     flags = ["--weights-dir", str(weights_dir), "--device", settings.device, "--fine-size", str(settings.fine_size),
              "--workers", "1"]
     if settings.ensemble:
         flags.append("--ensemble")
-    if (ROOT / "predict.sh").is_file():
-        return ["sh", str(ROOT / "predict.sh"), str(in_dir), str(out_dir), *flags]
-    code = ("import sys; from common.infer.predictor import PredictOptions, predict_folder; "
-            f"r = predict_folder({str(in_dir)!r}, {str(out_dir)!r}, "
-            f"PredictOptions(weights_dir={str(weights_dir)!r}, device={settings.device!r}, "
-            f"fine_size={settings.fine_size}, ensemble={settings.ensemble}, workers=1)); "
-            "sys.exit(1 if r['failed'] else 0)")
-    return [sys.executable, "-c", code]
+    return ["sh", str(ROOT / "predict.sh"), str(in_dir), str(out_dir), *flags]
 
 
 # --------------------------------------------------------------------------------------------- running

@@ -128,7 +128,7 @@ class ModelSection:
     seed_a: int = cfg_field(1, ge=0, le=MAX_SEED)
     seed_b: int = cfg_field(2, ge=0, le=MAX_SEED)
     # Weights networks A and B start from (a fresh run only): an exported model folder or model.pt, or the
-    # original release's stage folder or best_model.pt (common.train.engine.read_init_weights); null = random init.
+    # original release's stage folder or best_model.pt (common.storage.weights.read_weight_pair); null = random init.
     init_from: str | None = path_field(None)
 
     def _cross_check(self) -> Iterable[tuple[str, str]]:
@@ -181,7 +181,7 @@ class CPSSection:
     rampup_iterations: int = cfg_field(0, ge=0, le=MAX_ITERATIONS)
     confidence: float = cfg_field(0.0, ge=0, lt=1)
     parts: str = choice_field("joint", ("joint", "separate"))
-    legacy_shift: bool = False  # ablation: the original release's shifted pseudo labels (see common/cps.py)
+    legacy_shift: bool = False  # ablation: the original release's shifted pseudo labels (see common/train/cps.py)
 
     def _cross_check(self) -> Iterable[tuple[str, str]]:
         if 0.0 < self.confidence <= 0.5:

@@ -1,4 +1,5 @@
-"""Fine crop and augmentation (common/augment.py): extension bounds, HU shift inside organs, alignment, determinism."""
+"""Fine crop and augmentation (fine_efficient_seg/augment.py): extension bounds, HU shift inside organs, alignment,
+determinism."""
 
 from __future__ import annotations
 

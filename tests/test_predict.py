@@ -795,3 +795,11 @@ def test_upsample_labels_of_any_label_count_equal_the_full_resize(channels):
     assert (got != expected).sum() <= 1
     assert int(expected.max()) > min(channels - 3, 13)  # the high labels really occur
     assert got.dtype == torch.uint8 and tuple(got.shape) == out_shape
+
+
+def test_option_typos_are_refused_before_any_model_is_loaded(tmp_path):
+    """PredictOptions checks every option when it is made: a typo costs no model load (the folder is empty)."""
+    with pytest.raises(ValueError, match="uncertainty must be auto, on or off, got 'maybe'"):
+        PredictOptions(weights_dir=tmp_path, uncertainty="maybe")
+    with pytest.raises(ValueError, match="fine_size"):
+        PredictOptions(weights_dir=tmp_path, fine_size=40)

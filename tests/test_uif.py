@@ -1,4 +1,5 @@
-"""UIF scores and selection (common/uif.py) on hand-made probability maps, and the fine stage's uif step."""
+"""UIF scores and selection (common/evaluation/uncertainty.py, fine_efficient_seg/uif.py) on hand-made probability
+maps, and the fine stage's uif step."""
 
 from __future__ import annotations
 

@@ -200,6 +200,8 @@ class PredictOptions:
             problem = option_problem(name, getattr(self, name))
             if problem:
                 raise ValueError(f"{name}: {problem}")
+        if self.uncertainty not in ("auto", "on", "off"):
+            raise ValueError(f"uncertainty must be auto, on or off, got {self.uncertainty!r}")
 
 
 class Predictor:
@@ -221,10 +223,7 @@ class Predictor:
         # Scores are resized in fp16 on the GPU (half the memory); bf16's 8-bit mantissa is too coarse for the
         # channel comparisons at organ borders, so bf16 networks hand fp32 scores on.
         self.score_dtype = torch.float16 if self.amp.dtype == torch.float16 else torch.float32
-        fine_size_zyx = None if fine_size is None else (int(fine_size),) * 3
-        if fine_size_zyx is not None and input_size_problem(fine_size_zyx) is not None:
-            raise ValueError(f"fine size must be a multiple of 16 and >= 32 (192 trained, 160 faster), got {fine_size}")
-        self.fine_size = fine_size
+        fine_size_zyx = None if fine_size is None else (int(fine_size),) * 3  # checked by PredictOptions
         self.ensemble = ensemble
         self.chunk_elements = options.chunk_elements or default_chunk_elements(self.device)
         self.coarse = load_stage(self.weights_dir / COARSE_DIR, "coarse", self.device, {
@@ -244,8 +243,6 @@ class Predictor:
                         f"{stage.path}: --ensemble needs networks a and b, this {stage.name} model holds "
                         f"only network {stage.primary} (the original release's fine stage saved network A only); "
                         "predict without --ensemble")
-        if uncertainty not in ("auto", "on", "off"):
-            raise ValueError(f"uncertainty must be auto, on or off, got {uncertainty!r}")
         both = len(self.fine.networks) >= 2
         if uncertainty == "on" and not both:
             logger.warning("uncertainty needs networks a and b in %s; not computed", self.fine.path / "model.pt")

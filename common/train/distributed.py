@@ -182,15 +182,6 @@ def all_gather_object(obj: T) -> list[T]:
     return out
 
 
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """`obj` of rank `src` on every rank (the object itself without a group)."""
-    if get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def shard(items: Sequence[T], rank: int | None = None, world_size: int | None = None) -> list[T]:
     """This rank's share of `items`: item i goes to rank i % world_size (default: the current process group).
 

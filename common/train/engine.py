@@ -51,7 +51,7 @@ Output folder `out_dir`:
     DONE                            JSON {"iteration", "best"} once the schedule has finished
     inputs.json                     `job.inputs` when given: the run is done only while they are unchanged
     previous/                       the outputs of a run trained from other inputs (set aside when they changed)
-Checkpoint contents are described in common/checkpoint.py.
+Checkpoint contents are described in common/storage/checkpoint.py.
 
 Resume and stop:
 - A run whose out_dir holds checkpoints/last.pt continues from it at the same iteration (weights, optimisers,
@@ -105,6 +105,7 @@ from common.core.typed_config import config_to_dict, save_config
 from common.evaluation.metrics import hard_dice_per_organ
 from common.networks import build_network
 from common.storage.checkpoint import (
+    CHECKPOINT_FORMAT_VERSION,
     capture_rng_state,
     load_checkpoint,
     load_model_state,
@@ -498,7 +499,7 @@ class _Trainer:
         if not self.main:
             return
         state = {
-            "format_version": 1,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
             "stage": self.job.stage,
             **{f"net_{k}": model_state_dict(net) for k, net in self.nets.items()},
             **{f"opt_{k}": opt.state_dict() for k, opt in self.opts.items()},
@@ -521,7 +522,7 @@ class _Trainer:
         if not self.main:
             return
         save_checkpoint(self.ckpt_dir / f"best_model_{name}.pt", {
-            "format_version": 1,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
             "stage": self.job.stage,
             "network": name,
             "net": model_state_dict(net),
@@ -538,7 +539,8 @@ class _Trainer:
         if not self.main:
             return
         save_checkpoint(self.ckpt_dir / f"snapshot_{iteration}.pt", {
-            "format_version": 1, "stage": self.job.stage, "iteration": iteration, "model": self.spec,
+            "format_version": CHECKPOINT_FORMAT_VERSION, "stage": self.job.stage, "iteration": iteration,
+            "model": self.spec,
             **{f"net_{k}": model_state_dict(net) for k, net in self.nets.items()}})
 
     # -- validation ---------------------------------------------------------------------------------------------
