@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY, export_tiny_stage
 
 from common.core.defaults import HU_WINDOW
 from common.core.errors import InputError
 from common.networks import build_network
 from common.storage import weights as weights_module
-from common.storage.checkpoint import load_checkpoint
+from common.storage.checkpoint import load_checkpoint, state_digest
 from common.storage.model_folder import COARSE_DIR
 from common.storage.weights import load_model, load_network, read_network_pair, read_weight_pair, read_weights
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "pre_refactor"
 RUN = FIXTURE / "coarse_run" / "checkpoints"
-TINY = [2, 4, 4, 8, 8]
 
 
 def _same(net: torch.nn.Module, state: dict) -> bool:
@@ -101,11 +101,7 @@ def test_refusals_name_the_file(tmp_path):
 def test_a_bit_flipped_model_is_refused_by_its_weights_hash(tmp_path):
     """A bit flip in model.pt's tensor data still loads (and may give empty masks marked ok): the export records a
     hash of each network's weights and loading checks it."""
-    import sys
     import zipfile
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from tiny_models import export_tiny_stage
 
     folder = export_tiny_stage(tmp_path, "coarse", "unet", 32, seed=1)
     assert set(load_model(folder, "coarse").networks) == {"a", "b"}
@@ -118,4 +114,17 @@ def test_a_bit_flipped_model_is_refused_by_its_weights_hash(tmp_path):
     data[info.header_offset + 30 + name_len + extra_len + 5] ^= 0x10  # one bit of one weight
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match=r"model.pt: network [ab]'s weights do not match the hash recorded"):
+        load_model(folder, "coarse")
+
+
+def test_nan_weights_are_refused_by_the_loader_every_user_shares(tmp_path):
+    """load_model refuses a network with NaN weights, so prediction, the fine boxes step (a NaN coarse model gave
+    empty boxes and a silent whole-volume fallback) and the ONNX export all refuse it, naming the file."""
+    folder = export_tiny_stage(tmp_path, "coarse", "unet", 32, seed=1)
+    payload = torch.load(folder / "model.pt", weights_only=True)
+    first = next(t for t in payload["networks"]["b"].values() if t.is_floating_point())
+    first.fill_(float("nan"))
+    payload["weights_sha256"] = {k: state_digest(v) for k, v in payload["networks"].items()}  # exported that way
+    torch.save(payload, folder / "model.pt")
+    with pytest.raises(InputError, match=r"model\.pt: network b holds NaN or infinite weights"):
         load_model(folder, "coarse")

@@ -114,12 +114,6 @@ def load_stage(model_dir: Path, stage: str, device: torch.device,
         raise WeightsError(str(e)) from None
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise WeightsError(f"{model_dir / 'model.pt'}: cannot build the {stage} network: {e}") from None
-    for key, network in exported.networks.items():  # NaN weights would give empty masks marked "ok"
-        bad = [name for name, t in network.state_dict().items()
-               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
-            raise WeightsError(f"{model_dir / 'model.pt'}: network {key} holds NaN or infinite weights ({bad[0]}"
-                               f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); export a good checkpoint")
     chosen = {k: v for k, v in (overrides or {}).items() if v is not None}
     return Stage(stage, Path(model_dir), dict(exported.networks), exported.primary,
                  dataclasses.replace(exported.preprocess, **chosen), exported.labels)

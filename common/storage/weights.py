@@ -164,7 +164,7 @@ def load_model(model_dir: str | os.PathLike, stage: str | None = None, device: s
     if is_original_layout(model_dir):
         if stage is None:
             raise ValueError("an original release folder needs its stage (coarse or fine)")
-        return _load_original(model_dir, stage, device)
+        return _finite(_load_original(model_dir, stage, device), model_dir)
     path = model_dir if model_dir.suffix == ".pt" else model_dir / EXPORT_FILE
     if not path.is_file():
         raise InputError(path, "exported model not found (train the stage and run its export step, "
@@ -193,10 +193,22 @@ def load_model(model_dir: str | os.PathLike, stage: str | None = None, device: s
         if outputs is not None and outputs != labels.num_organs:
             raise InputError(path, f"network {name} has {outputs} output channels but the model's label set "
                                    f"{labels.name!r} has {labels.num_organs} labels; re-export the model")
-    return ExportedModel(stage=payload["stage"], networks=built, primary=primary,
-                         preprocess=PreprocessSpec.from_json(payload["preprocess"], payload["stage"], path),
-                         config=dict(payload.get("config", {})), labels=labels,
-                         model=dict(payload["model"]), best_dice=dict(payload.get("best_dice", {})))
+    return _finite(ExportedModel(stage=payload["stage"], networks=built, primary=primary,
+                                 preprocess=PreprocessSpec.from_json(payload["preprocess"], payload["stage"], path),
+                                 config=dict(payload.get("config", {})), labels=labels,
+                                 model=dict(payload["model"]), best_dice=dict(payload.get("best_dice", {}))), path)
+
+
+def _finite(model: ExportedModel, path: Path) -> ExportedModel:
+    """`model`, or InputError when a network holds NaN or infinite weights: they give empty masks marked "ok" in
+    prediction, and empty coarse boxes (a silent whole-volume fallback) in the fine boxes step."""
+    for key, network in model.networks.items():
+        bad = [name for name, t in network.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise InputError(path, f"network {key} holds NaN or infinite weights ({bad[0]}"
+                                   f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); export a good checkpoint")
+    return model
 
 
 def _check_weights_hash(payload: Mapping[str, Any], network: str, path: Path) -> None:
