@@ -20,9 +20,9 @@ from typing import Sequence
 import torch
 
 from benchmarks.pipeline import exit_code_of
-from common.config import FineTrainConfig
-from common.core.labelmaps import LABEL_THRESHOLD, logit, probs_to_labels
-from common.core.typed_config import load_config
+from common.config import CPSSection, FineTrainConfig
+from common.core.labelmaps import LOGIT_THRESHOLD, probs_to_labels
+from common.core.typed_config import config_from_dict, load_config
 from common.storage.data_paths import db_path
 from common.storage.labelsets import dataset_labels
 from common.train.cps import confident_voxels
@@ -47,7 +47,7 @@ def confidence_counts(fine_dir: Path, confidence: float) -> dict[str, dict[str, 
         for _, x, truth in validation_cases(val_db, cfg.data_base_dir, sample, device):
             for teacher in nets:
                 logits = teacher(x).float()
-                labels = probs_to_labels(logits, logit(LABEL_THRESHOLD), dim=1)
+                labels = probs_to_labels(logits, LOGIT_THRESHOLD, dim=1)
                 kept = confident_voxels(logits, confidence)
                 kept = torch.ones_like(labels, dtype=torch.bool) if kept is None else kept[:, 0]
                 right = labels == truth
@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_table(fine_dirs: Sequence[str], confidence: float) -> int:
+    config_from_dict(CPSSection, {"confidence": confidence})  # the stage's range, checked before any loading
     total = _zero_counts()
     for fine_dir in fine_dirs:
         for name, c in confidence_counts(Path(fine_dir), confidence).items():

@@ -65,6 +65,7 @@ from typing import Any, Sequence
 
 from benchmarks.pipeline import ROOT, Step, StepFailed, cube, int_list, run_step
 from benchmarks.stats import evaluate_row
+from benchmarks.uif_quality import QUALITY_FILE
 
 SETTINGS_FILE = "settings.json"
 # Keys of the settings that change the trained models (a rerun with other values would mix results).
@@ -317,8 +318,6 @@ def round1_steps(paths: SeedPaths) -> list[Step]:
 def quality_steps(paths: SeedPaths) -> list[Step]:
     """The true pseudo-label quality of round 1 (its ensemble on the pool vs the hidden truth), the uif step, and
     the UIF scores compared (benchmarks.uif_quality, which also writes the control selections)."""
-    from benchmarks.uif_quality import QUALITY_FILE
-
     s = paths.settings
     return [
         Step("predict_pool", predict_argv(s, paths.ds / "trainu_images", paths.sd / "pred_pool", paths.sd /
@@ -453,6 +452,8 @@ def run_seed(settings: Settings, seed: int, t0: float) -> dict[str, Any]:
     sd = paths.sd
     if settings.report_only and not (sd / SETTINGS_FILE).is_file():
         raise StepFailed(f"{sd} holds no finished run (no {SETTINGS_FILE}); --report-only runs nothing")
+    if settings.report_only and settings.stop_after != "lu" and not (sd / QUALITY_FILE).is_file():
+        raise StepFailed(f"{sd} has not finished (no {QUALITY_FILE}); --report-only runs nothing")
     check_settings(settings, seed)
     timings: dict[str, float] = {}
     steps = [] if settings.report_only else seed_steps(settings, seed)
@@ -465,8 +466,6 @@ def run_seed(settings: Settings, seed: int, t0: float) -> dict[str, Any]:
     recorded = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.is_file() else {}
     steps_s = {**recorded, **{name: max(t, recorded.get(name, 0.0)) for name, t in timings.items()}}
     timings_path.write_text(json.dumps(steps_s, indent=1) + "\n", encoding="utf-8")
-    from benchmarks.uif_quality import QUALITY_FILE
-
     quality = json.loads((sd / QUALITY_FILE).read_text(encoding="utf-8")) if settings.stop_after != "lu" else None
     if settings.stop_after == "quality":
         return {"seed": seed, "rows": {}, "quality": quality, "timings_s": timings}
@@ -865,7 +864,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     a = p.parse_args(argv)
     if a.lu_variants is None:
         a.lu_variants = regime_variants
-    channels = [int(c) for c in a.channels.replace("[", "").replace("]", "").split(",") if c.strip()]
+    try:
+        channels = [int(c) for c in a.channels.replace("[", "").replace("]", "").split(",") if c.strip()]
+    except ValueError:
+        p.error(f"--channels {a.channels!r}: expected integers, e.g. 8,16,32,64,128")
     _check_args(p, a)
     return _settings_from(a, channels)
 

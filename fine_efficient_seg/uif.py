@@ -167,7 +167,9 @@ def rows_to_csv(rows: Sequence[UifRow]) -> str:
 
 
 def read_scores_csv(path: Path) -> list[UifRow]:
-    """Rows of a `uif_scores.csv` (for reports and tests)."""
+    """Rows of a `uif_scores.csv` (for reports and tests); InputError naming a missing file."""
+    if not Path(path).is_file():
+        raise InputError(Path(path), "UIF scores not found (run the fine stage's uif step first)")
     with open(path, newline="", encoding="utf-8") as handle:
         return [UifRow(r["case"], float(r["score"]), r["kept"] == "1", int(r["rank"])) for r in csv.DictReader(handle)]
 

@@ -632,8 +632,9 @@ def test_filter1_compares_with_the_snapshots_before_the_best_networks(dataset, t
 
 
 def test_cps_confidence_probe_counts_the_masked_voxels(dataset, tmp_path, capsys):
-    """benchmarks/cps_confidence.py on a finished round 1: without a mask every voxel is kept; with one, the kept
-    voxels are those common.train.cps.confident_voxels keeps, and the table prints one row per true class."""
+    """benchmarks/cps_confidence.py on a finished round 1: without a mask every voxel is kept and counted right as
+    often as with one; with one, fewer are kept (two barely trained networks are unsure almost everywhere); the
+    table prints one row per true class; bad input is named."""
     cfg = fine_config(dataset, tmp_path, "schedule.iterations=2")
     for step in ("boxes", "round1"):
         main(replace(cfg, step=step))
@@ -654,3 +655,5 @@ def test_cps_confidence_probe_counts_the_masked_voxels(dataset, tmp_path, capsys
     assert cps_confidence.main([str(tmp_path / "no_run")]) == 2  # a folder without round 1: named, exit 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no_run/round1/config.yaml" in err
+    assert cps_confidence.main([str(fine_dir), "--confidence", "1.0"]) == 2  # cps.confidence's own range
+    assert "confidence" in capsys.readouterr().err

@@ -232,3 +232,13 @@ def test_shaped_organs_are_described_per_seed() -> None:
     assert bench.describe_shaped(results) == \
         "Liver in every seed; RK (seeds 0, 1), Pancreas (seed 0), Aorta (seeds 1, 2)"
     assert bench.describe_shaped([{"seed": 0, "shaped": ["Liver"]}]) == "Liver in every seed"
+
+
+def test_report_only_names_an_unfinished_seed_and_bad_channels_are_a_usage_error(tmp_path: Path, capsys) -> None:
+    s = _settings(tmp_path, "--report-only")
+    bench.check_settings(s, 3)  # the seed folder exists with its settings, but nothing ran
+    with pytest.raises(bench.StepFailed, match="has not finished"):
+        bench.run_seed(s, 3, 0.0)
+    with pytest.raises(SystemExit) as exit_info:
+        _settings(tmp_path, "--channels", "8,x")
+    assert exit_info.value.code == 2 and "--channels '8,x'" in capsys.readouterr().err

@@ -72,3 +72,10 @@ def test_a_seed_folder_that_has_not_run_is_named_not_a_traceback(tmp_path: Path,
     assert err.startswith("error: ") and "seed0" in err and "Traceback" not in err
     assert q.main(["report", str(tmp_path)]) == 2
     assert "no seed*/uif_quality.json" in capsys.readouterr().err
+
+
+def test_ranking_of_a_missing_scores_file_is_named(tmp_path: Path, capsys):
+    assert q.main(["ranking", "--scores", str(tmp_path / "uif_scores.csv"), "--dataset", str(tmp_path),
+                   "--pred", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "uif_scores.csv: UIF scores not found" in err and "Traceback" not in err
