@@ -17,7 +17,7 @@ import torch
 
 from common.infer.folder import predict_folder
 from common.infer.predictor import PredictOptions
-from common.storage.checkpoint import load_checkpoint, restore_rng_state
+from common.storage.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
 from common.storage.model_folder import COARSE_DIR, FINE_DIR, PreprocessSpec, export_best_networks
 from common.storage.weights import load_model, load_network, read_weights
 
@@ -79,10 +79,15 @@ def test_old_training_checkpoint_loads_with_its_rng_state():
     assert not torch.equal(next(iter(net_a.state_dict().values())), next(iter(net_b.state_dict().values())))
     optimizer = torch.optim.Adam(net_a.parameters())
     optimizer.load_state_dict(ckpt["opt_a"])
-    restore_rng_state(ckpt["rng"][0])
-    first = torch.rand(3)
-    restore_rng_state(ckpt["rng"][0])
-    torch.testing.assert_close(torch.rand(3), first)
+    saved, own = ckpt["rng"][0], capture_rng_state()
+    try:
+        restore_rng_state(saved)
+        now = capture_rng_state()  # every generator holds the state the old checkpoint recorded
+        assert torch.equal(now["torch"], saved["torch"]) and now["python"] == list(saved["python"])
+        assert torch.equal(now["numpy"]["keys"], saved["numpy"]["keys"])
+        assert now["numpy"]["pos"] == saved["numpy"]["pos"]
+    finally:
+        restore_rng_state(own)  # the rest of the test process keeps its own random streams
 
 
 def test_old_model_folder_metadata_loads(weights):

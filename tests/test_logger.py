@@ -118,6 +118,9 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_file(caplog, monkeypatch
     assert lines[0].startswith("prepare: 1/4 case (25 %)") and lines[-1].startswith("prepare: 4/4 case (100 %)")
     assert "[case_3]" in lines[-1] and stream.getvalue() == ""
     assert list(progress(range(3), desc="it", file=io.StringIO())) == [0, 1, 2]
-    silent = progress(total=2, file=io.StringIO(), lines=False)  # the engine logs its own lines
+    before = len(caplog.records)
+    quiet_file = io.StringIO()
+    silent = progress(total=2, file=quiet_file, lines=False)  # the engine logs its own lines
     silent.update()
     silent.close()
+    assert len(caplog.records) == before and quiet_file.getvalue() == ""  # neither lines nor a bar
