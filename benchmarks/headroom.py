@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.pipeline import ROOT, Step, StepFailed, cube, int_list, run_step
+from benchmarks.stats import t_interval
+from common.core.labels import FLARE22
 
 ROWS = ("l0", "ceiling")
 PHASES = ("non_contrast", "arterial", "portal_venous")
@@ -53,6 +55,7 @@ DATA_KEYS = ("labeled", "labeled_val", "unlabeled", "val", "size", "hard_fractio
 SHARED = ("dataset", "dataset_ceiling", "coarse", "weights_coarse")  # what --reuse-data links
 RESULT_FILE = "headroom_result.json"
 SHAPE_MIN_VOXELS = 100  # an organ "has shape" at a fine size when its median voxel count in the crop is this ...
+SHORT_NAMES = tuple(label.short for label in FLARE22)  # the organs' CSV column prefixes
 SHAPE_MIN_EXTENT = 4  # ... and its median bounding box spans at least this many voxels along every axis
 
 
@@ -214,10 +217,7 @@ def organ_sizes(dataset: Path, fine_size: int) -> dict[str, dict[str, float]]:
     prepared fine masks (organ box + 20 mm at fine_size^3) of the dataset's labeled cases."""
     import numpy as np
 
-    from common.core.labels import FLARE22
-
     ORGAN_LABELS = FLARE22.ids
-    SHORT_NAMES = tuple(label.short for label in FLARE22)
 
     folder = dataset / "fine_mask" / f"{fine_size}_{fine_size}_{fine_size}"
     counts: dict[int, list[int]] = {k: [] for k in ORGAN_LABELS}
@@ -241,10 +241,6 @@ def shaped_organs(sizes: dict[str, dict[str, float]]) -> list[str]:
 
 def read_eval(csv_path: Path) -> dict[str, Any]:
     """The official CSV: per-case and per-organ DSC/NSD (NaN skipped in means)."""
-    from common.core.labels import FLARE22
-
-    SHORT_NAMES = tuple(label.short for label in FLARE22)
-
     with open(csv_path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     organ = {}
@@ -290,10 +286,6 @@ def profile_groups(meta_path: Path, cases: dict[str, dict[str, float]]) -> dict[
 
 
 def seed_result(s: Settings, seed: int, timings: dict[str, float]) -> dict[str, Any]:
-    from common.core.labels import FLARE22
-
-    SHORT_NAMES = tuple(label.short for label in FLARE22)
-
     sd = seed_dir(s, seed)
     sizes = organ_sizes(sd / "dataset_ceiling", s.fine_size)
     shaped = shaped_organs(sizes)
@@ -360,8 +352,6 @@ def run_seed(s: Settings, seed: int, t0: float) -> dict[str, Any]:
 
 
 def format_report(s: Settings, results: Sequence[dict[str, Any]], command: str) -> str:
-    from benchmarks.uif_quality import t_interval
-
     lines = [f"Command: `{command}`", "",
              f"Per seed: {s.labeled} labeled training + {s.labeled_val} labeled validation cases, {s.unlabeled} "
              f"unlabeled (as labeled in the ceiling), {s.val} evaluation phantoms; synthetic `{s.size}` "
@@ -400,10 +390,6 @@ def format_report(s: Settings, results: Sequence[dict[str, Any]], command: str) 
                  f"{SHAPE_MIN_EXTENT} along every axis in the fine crop; "
                  f"seed {results[0]['seed'] if results else '-'}): "
                  f"{', '.join(shaped)}")
-    from common.core.labels import FLARE22
-
-    SHORT_NAMES = tuple(label.short for label in FLARE22)
-
     lines += ["", "| organ | median voxels | median min extent | " + " | ".join(
         f"s{r['seed']} L/0, ceiling" for r in results) + " |", "|---|---|---|" + "---|" * len(results)]
     for name in SHORT_NAMES:

@@ -48,20 +48,14 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
 def evaluate_row(pred_dir: Path, gt_dir: Path, out_csv: Path) -> dict[str, Any]:
     """FLARE22 DSC/NSD of one row's predictions: mean over organs and cases, and per case."""
     from common.core.labels import FLARE22
-    from common.evaluation.evaluate import evaluate_folder
+    from common.evaluation.evaluate import column_means, evaluate_folder
 
     rows, means = evaluate_folder(pred_dir, gt_dir, out_csv)
     per_case = {}
     for r in rows:
-        dsc = [float(r[f"{lb.short}_DSC"]) for lb in FLARE22]
-        nsd = [float(r[f"{lb.short}_NSD"]) for lb in FLARE22]
-        per_case[str(r["Name"])] = {
-            "DSC": _nanmean(dsc), "NSD": _nanmean(nsd)}
+        case = column_means([r])  # a case's mean over its organs, NaN skipped, as the overall mean
+        per_case[str(r["Name"])] = {"DSC": case["mean_DSC"], "NSD": case["mean_NSD"]}
     organs = {lb.short: {"DSC": means[f"{lb.short}_DSC"], "NSD": means[f"{lb.short}_NSD"]} for lb in FLARE22}
     return {"DSC": means["mean_DSC"], "NSD": means["mean_NSD"], "cases": len(rows), "per_case": per_case,
             "per_organ": organs}
 
-
-def _nanmean(values: Sequence[float]) -> float:
-    ok = [v for v in values if not math.isnan(v)]
-    return sum(ok) / len(ok) if ok else float("nan")
