@@ -481,7 +481,7 @@ def run_seed(settings: Settings, seed: int, t0: float) -> dict[str, Any]:
     uif = uif_hard_share(sd / "fine_cps" / "uif_scores.csv", paths.ds / "synthetic_meta.json") if quality else None
     return {"seed": seed, "rows": rows, "shaped": shaped, "uif": uif, "timings_s": timings,
             "steps_s_all_runs": steps_s, "row_cpu_s": cost, "coarse_val_dice": _exported_dice(paths.coarse_weights),
-            "quality": quality, "rounds": round_quality(settings, sd) if settings.rounds > 1 else None}
+            "quality": quality, "rounds": round_quality(settings, sd, quality) if settings.rounds > 1 else None}
 
 
 def row_cpu_s(steps: Sequence[Step], steps_s: dict[str, float]) -> dict[str, float]:
@@ -493,9 +493,10 @@ def row_cpu_s(steps: Sequence[Step], steps_s: dict[str, float]) -> dict[str, flo
     return out
 
 
-def round_quality(settings: Settings, sd: Path) -> list[dict[str, Any]]:
+def round_quality(settings: Settings, sd: Path, quality: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Per filter k of the N-rounds row: the true pseudo-label DSC (round k's ensemble vs the hidden truth) of the
-    cases it kept, of the whole pool, and how many it kept."""
+    cases it kept, of the whole pool, and how many it kept. Round 1's pool was scored by uif_quality (`quality`,
+    its uif_quality.json): taken from there, not scored again."""
     from benchmarks.uif_quality import pool_truth
     from fine_efficient_seg.layout import RunLayout
     from fine_efficient_seg.uif import read_scores_csv
@@ -503,8 +504,11 @@ def round_quality(settings: Settings, sd: Path) -> list[dict[str, Any]]:
     layout = RunLayout(sd / "fine_cps")
     out = []
     for k in range(1, settings.rounds + 1):
-        pred = sd / ("pred_pool" if k == 1 else f"pred_pool_round{k}")
-        dsc = pool_truth(pred, sd / "dataset", sd / f"eval_pool_round{k}.csv")
+        if k == 1 and quality is not None:
+            dsc = {case: entry["dsc"] for case, entry in quality["cases"].items()}
+        else:
+            pred = sd / ("pred_pool" if k == 1 else f"pred_pool_round{k}")
+            dsc = pool_truth(pred, sd / "dataset", sd / f"eval_pool_round{k}.csv")
         kept = [r.case for r in read_scores_csv(layout.scores_csv(k)) if r.kept]
         out.append({"filter": k, "kept": len(kept), "kept_dsc": statistics.fmean(dsc[c] for c in kept),
                     "pool_dsc": statistics.fmean(dsc.values()), "kept_cases": kept})

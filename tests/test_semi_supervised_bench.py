@@ -242,3 +242,30 @@ def test_report_only_names_an_unfinished_seed_and_bad_channels_are_a_usage_error
     with pytest.raises(SystemExit) as exit_info:
         _settings(tmp_path, "--channels", "8,x")
     assert exit_info.value.code == 2 and "--channels '8,x'" in capsys.readouterr().err
+
+
+def test_round_quality_takes_round1_from_uif_quality_and_scores_later_rounds(tmp_path: Path, monkeypatch) -> None:
+    """Round 1's pool was scored by uif_quality: its DSC comes from that record, not a second evaluation."""
+    from benchmarks import uif_quality
+    from common.evaluation.uncertainty import UifRow
+    from fine_efficient_seg.layout import RunLayout
+    from fine_efficient_seg.uif import rows_to_csv
+
+    s = _settings(tmp_path, "--rounds", "2")
+    sd = tmp_path / "seed3"
+    layout = RunLayout(sd / "fine_cps")
+    for k, kept in ((1, {"c1"}), (2, {"c2"})):
+        layout.uif_dir(k).mkdir(parents=True, exist_ok=True)
+        layout.scores_csv(k).write_text(rows_to_csv([UifRow(c, 0.1 * i, c in kept, i + 1)
+                                                     for i, c in enumerate(("c1", "c2"))]))
+    scored = []
+
+    def pool_truth(pred, dataset, out_csv):
+        scored.append(pred.name)
+        return {"c1": 0.2, "c2": 0.6}
+
+    monkeypatch.setattr(uif_quality, "pool_truth", pool_truth)
+    quality = {"cases": {"c1": {"dsc": 0.5}, "c2": {"dsc": 0.3}}}
+    first, second = bench.round_quality(s, sd, quality)
+    assert scored == ["pred_pool_round2"]
+    assert (first["kept_dsc"], first["pool_dsc"], second["kept_dsc"], second["pool_dsc"]) == (0.5, 0.4, 0.6, 0.4)
