@@ -75,8 +75,8 @@ def output_name(case_id: str, file_ending: str = ".nii.gz") -> str:
 
 def output_ending(options: PredictOptions) -> str:
     """The file ending of the masks: the one the fine model's dataset uses (`.nii.gz` for FLARE22 and for models
-    without a label set, the original release's included). Read without loading the networks, so a rerun with
-    nothing left to do loads none."""
+    without a label set, the original release's included). Read from the model file with its tensors memory-mapped,
+    not read, so a rerun with nothing left to do loads no network."""
     model = Path(options.weights_dir) / FINE_DIR / "model.pt"
     if not model.is_file():
         return ".nii.gz"  # the original release's folder, or missing weights (the predictor says so, if it runs)

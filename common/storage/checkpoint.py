@@ -61,8 +61,10 @@ def _zip_problem(path: Path) -> str | None:
     return None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint` (or any plain-dict torch file) with weights_only=True.
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint` (or any plain-dict torch file) with weights_only=True;
+    `mmap` maps the tensors instead of reading them (for a file read only for its metadata; zip format only).
 
     Raises InputError naming the file when it is missing, truncated, not a torch file, or holds objects that
     are not plain data.
@@ -73,7 +75,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         with warnings.catch_warnings():  # random bytes make torch warn about odd pickle protocols first
             warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - the weights-only unpickler raises anything (IndexError, KeyError, ...)
         raise InputError(path, _load_error_text(exc)) from exc  # the cause stays for callers (original_weights)
     if not isinstance(state, dict):

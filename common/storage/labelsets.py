@@ -77,7 +77,7 @@ def read_label_set(path: str | os.PathLike, default_nsd_tolerance_mm: float = DE
         raise InputError(path, "label set not found")
     if path.suffix == ".pt":
         try:
-            return model_labels(load_checkpoint(path))
+            return model_labels(load_checkpoint(path, mmap=True))  # the label record only: tensors stay on disk
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(path, f"its label set is unreadable ({exc}); re-export the model") from None
     if path.name == LABELS_FILE:
