@@ -17,6 +17,7 @@ error on any rank in these steps ends every rank at once with its message.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -60,10 +61,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 def sample_spec(cfg: FineTrainConfig, labels: LabelSet = FLARE22) -> SampleSpec:
     """How the training samples are made: network input size, HU window, the crop section's augmentation, and the
     dataset's label count."""
-    crop = cfg.crop
-    augment = FineAugmentSettings(extend_size_mm=crop.extend_size_mm, max_extend_size_mm=crop.max_extend_size_mm,
-                                  random_extend_prob=crop.random_extend_prob, hu_shift_prob=crop.hu_shift_prob,
-                                  hu_shift_max=int(crop.hu_shift_max))
+    crop = dataclasses.asdict(cfg.crop)  # the crop section's fields are the augmentation's
+    augment = FineAugmentSettings(**{**crop, "hu_shift_max": int(crop["hu_shift_max"])})
     return SampleSpec(tuple(cfg.data.size_zyx), tuple(cfg.data.hu_window), augment,  # type: ignore[arg-type]
                       labels.num_organs)
 
