@@ -9,7 +9,7 @@ import torch
 
 from common.core.defaults import HU_WINDOW
 from common.volume.boxes import crop_box_with_margin, label_bboxes, margin_voxels, organ_bbox
-from common.volume.intensity import normalize_hu, window_and_zscore_torch
+from common.volume.intensity import normalize_hu, to_int16_hu, window_and_zscore_torch
 from common.volume.resize import resize_hu_int16, resize_mask, resize_mask_torch, resize_volume, resize_volume_torch
 
 SHAPES = [(32, 32, 32), (17, 60, 23), (45, 47, 33), (90, 20, 71), (16, 16, 16)]
@@ -193,3 +193,18 @@ def test_crop_box_with_margin_in_mm() -> None:
     assert crop_box_with_margin(box, spacing_zyx, 0.0, shape) == (slice(10, 51), slice(5, 151), slice(100, 291))
     # margins larger than the spacing allows: int() truncates (3 mm at 2.5 mm spacing = 1 voxel)
     assert crop_box_with_margin(box, spacing_zyx, 3.0, shape)[0] == slice(9, 51)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.uint16])
+def test_to_int16_hu_with_a_known_range_equals_the_full_scan(dtype, caplog) -> None:
+    """read_canonical_ct hands check_ct's (min, max) on, which spares two passes: same voxels, same warning."""
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((6, 7, 8)) * 40000.0 - 500.0 + 0.49
+    array = (np.abs(values) if dtype == np.uint16 else values).astype(dtype)
+    caplog.set_level("WARNING")
+    scanned = to_int16_hu(array, "ct.nii.gz")
+    first = caplog.text
+    caplog.clear()
+    known = to_int16_hu(array, "ct.nii.gz", (float(array.min()), float(array.max())))
+    assert known.dtype == np.int16 and np.array_equal(known, scanned)
+    assert caplog.text.split("WARNING")[-1] == first.split("WARNING")[-1] and "exceed int16" in first

@@ -652,8 +652,9 @@ def list_images(folder: str | os.PathLike,
 # ------------------------------------------------------------------------------------------------ CT checks
 
 
-def check_ct(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) -> None:
-    """Raise InputError naming `path` if the volume cannot be a CT in HU (spacing, shape, intensities)."""
+def check_ct(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) -> tuple[float, float]:
+    """Raise InputError naming `path` if the volume cannot be a CT in HU (spacing, shape, intensities); returns its
+    finite (min, max)."""
     check_spacing(meta.spacing_zyx, path)
     if array_zyx.ndim != 3 or min(array_zyx.shape) < 2:
         raise InputError(path, f"array shape {array_zyx.shape} is not a 3D volume")
@@ -667,6 +668,7 @@ def check_ct(array_zyx: np.ndarray, meta: ImageMeta, path: str | os.PathLike) ->
     if lo > AIR_HU:
         raise InputError(path, f"non-CT intensities: minimum {lo:g} > {AIR_HU:g} (no air), range "
                                f"{lo:g}..{hi:g}; expected a CT in Hounsfield units (rescale slope/intercept applied)")
+    return lo, hi
 
 
 def read_canonical_ct(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta, tuple[bool, bool, bool]]:
@@ -677,9 +679,9 @@ def read_canonical_ct(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta, t
     Returns (image int16 (z, y, x) canonical and contiguous, the file's meta, the flips applied (z, y, x)).
     """
     image_raw, meta = read_image(path)
-    check_ct(image_raw, meta, path)
+    value_range = check_ct(image_raw, meta, path)
     flips = canonical_flips(meta)
-    image = torch.from_numpy(to_int16_hu(image_raw, path))
+    image = torch.from_numpy(to_int16_hu(image_raw, path, value_range))
     flip_dims = [axis for axis, f in enumerate(flips) if f]
     # torch's flip makes a contiguous canonical copy much faster than np.ascontiguousarray of a reversed view
     return (image.flip(flip_dims) if flip_dims else image).numpy(), meta, flips

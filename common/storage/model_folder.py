@@ -145,8 +145,8 @@ def export_model(
         config: the resolved training config (config_to_dict), stored in model.pt and as config.yaml.
         labels: the label set the networks segment (one output channel per label).
     """
-    if stage not in ("coarse", "fine"):
-        raise ValueError(f"stage must be 'coarse' or 'fine', got {stage!r}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if primary not in networks:
         raise ValueError(f"primary network {primary!r} not among the exported networks {sorted(networks)}")
     if preprocess.stage != stage:

@@ -26,20 +26,23 @@ data_prepare's sanity checks), and the body is what lies above it (`common.volum
 INT16_MIN, INT16_MAX = -32768, 32767
 
 
-def to_int16_hu(array: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+def to_int16_hu(array: np.ndarray, path: str | os.PathLike,
+                value_range: tuple[float, float] | None = None) -> np.ndarray:
     """The image as int16 HU: rounded if stored as float, clipped to the int16 range with a warning naming `path`
-    (InputError for NaN/infinite values or a non-numeric voxel type). The array itself when it is int16."""
+    (InputError for NaN/infinite values or a non-numeric voxel type). The array itself when it is int16.
+    `value_range`: the finite (min, max) a check already found (`check_ct`), which saves two passes."""
     if array.dtype == np.int16:
         return array
     if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)):
+        if value_range is None and not np.all(np.isfinite(array)):
             raise InputError(path, "image holds NaN or infinite values")
         array = np.rint(array)
     elif array.dtype.kind not in "iub":
         raise InputError(path, f"image has voxel type {array.dtype}; expected CT numbers (HU)")
-    lo, hi = array.min(), array.max()
+    # rint is monotonic: the rounded volume's extremes are the rounded extremes
+    lo, hi = (array.min(), array.max()) if value_range is None else (np.rint(value_range[0]), np.rint(value_range[1]))
     if lo < INT16_MIN or hi > INT16_MAX:
-        logger.warning("%s: intensities %s..%s exceed int16; clipped to %d..%d", path, lo, hi, INT16_MIN, INT16_MAX)
+        logger.warning("%s: intensities %g..%g exceed int16; clipped to %d..%d", path, lo, hi, INT16_MIN, INT16_MAX)
         array = np.clip(array, INT16_MIN, INT16_MAX)
     return array.astype(np.int16)
 
