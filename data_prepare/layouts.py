@@ -21,12 +21,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from common.config import PrepareConfig
 from common.core.errors import InputError
 from common.core.labels import FLARE22, LabelSet
-from common.storage.image_io import read_image, read_meta, same_grid
+from common.storage.image_io import read_mask, read_meta
 from common.storage.labelsets import DATASET_JSON, read_dataset_json
 
 KINDS = ("labeled", "unlabeled", "test")
@@ -96,19 +94,12 @@ def verify_nnunet(layout: DatasetLayout, base: Path) -> list[str]:
 
 
 def _check_label_file(image: Path, mask: Path, labels: LabelSet, required: bool) -> list[str]:
-    """Problems of one case's label file: missing, unreadable, off its image's grid, values outside the set."""
+    """Problems of one case's label file: missing, unreadable, off its image's grid, values outside the set (the
+    mask rules of `read_mask`, which data_prepare applies to every mask)."""
     if not mask.is_file():
         return [str(InputError(mask, f"label file missing for {image.name}"))] if required else []
     try:
-        diff = same_grid(read_meta(mask), read_meta(image))
-        if diff is not None:
-            return [str(InputError(mask, f"not on the grid of its image {image.name}: {diff} (label vs image)"))]
-        array, _ = read_image(mask)
+        read_mask(mask, read_meta(image), labels.num_organs)
     except InputError as exc:
-        return [str(exc)]
-    values = np.unique(array)
-    outside = [v for v in values.tolist() if v != int(v) or not 0 <= int(v) <= labels.num_organs]
-    if outside:
-        return [str(InputError(mask, f"label values {outside[:8]} are not in dataset.json's labels "
-                                     f"(0..{labels.num_organs})"))]
+        return [f"{exc} (dataset.json's labels: 0..{labels.num_organs})"]
     return []

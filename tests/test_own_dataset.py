@@ -132,8 +132,8 @@ def _label_outside_set(data: Path) -> None:
     (_gap_in_ids, "dataset.json", "consecutive from 0"),
     (_two_channels, "dataset.json", "2 input channels"),
     (_second_channel_file, "train_000_0001.nii.gz", "second input channel"),
-    (_label_off_grid, "train_001.nii.gz", "not on the grid of its image"),
-    (_label_outside_set, "train_000.nii.gz", "label values [7]"),
+    (_label_off_grid, "train_001.nii.gz", "mask is not on the image's grid"),
+    (_label_outside_set, "train_000.nii.gz", "mask holds labels outside 0..4: 7"),
 ])
 def test_bad_nnunet_dataset_is_refused_naming_the_file_and_writing_nothing(tmp_path, caplog, break_it, file_name,
                                                                            rule):
