@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.pipeline import ROOT, Step, StepFailed, cube, int_list, run_step
-from benchmarks.stats import evaluate_row
+from benchmarks.stats import evaluate_row, resolvable
 from benchmarks.uif_quality import QUALITY_FILE
 
 SETTINGS_FILE = "settings.json"
@@ -539,18 +539,6 @@ def _rows_in(results: Sequence[dict[str, Any]], settings: Settings) -> tuple[str
 def paired(results: Sequence[dict[str, Any]], row: str, base: str, metric: str) -> list[float]:
     """Per-seed differences row - base of one metric (paired by seed)."""
     return [r["rows"][row][metric] - r["rows"][base][metric] for r in results]
-
-
-def resolvable(values: Sequence[float], power: float = 0.8, level: float = 0.95) -> float:
-    """The smallest true mean difference a paired design with this spread detects with `power` (two-sided test at
-    1 - level): (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n); NaN for n < 2."""
-    ok = [v for v in values if not math.isnan(v)]
-    if len(ok) < 2:
-        return float("nan")
-    from scipy.stats import t
-
-    n = len(ok)
-    return float(t.ppf(0.5 + level / 2, n - 1) + t.ppf(power, n - 1)) * statistics.stdev(ok) / math.sqrt(n)
 
 
 def _ci(values: Sequence[float], sign: str = "") -> str:

@@ -45,6 +45,18 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
     return mean, mean - half, mean + half
 
 
+def resolvable(values: Sequence[float], power: float = 0.8, level: float = 0.95) -> float:
+    """The smallest true mean difference a paired design with this spread detects with `power` (two-sided test at
+    1 - level): (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n); NaN for n < 2."""
+    ok = [v for v in values if not math.isnan(v)]
+    if len(ok) < 2:
+        return float("nan")
+    from scipy.stats import t
+
+    n = len(ok)
+    return float(t.ppf(0.5 + level / 2, n - 1) + t.ppf(power, n - 1)) * statistics.stdev(ok) / math.sqrt(n)
+
+
 def evaluate_row(pred_dir: Path, gt_dir: Path, out_csv: Path) -> dict[str, Any]:
     """FLARE22 DSC/NSD of one row's predictions: mean over organs and cases, and per case."""
     from common.core.labels import FLARE22

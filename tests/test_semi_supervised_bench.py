@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import semi_supervised as bench
+from benchmarks import stats
 
 
 def _settings(tmp_path: Path, *extra: str) -> bench.Settings:
@@ -99,8 +100,8 @@ def test_regime_preset_and_explicit_options(tmp_path: Path) -> None:
 def test_resolvable_difference() -> None:
     """(t_{0.975,n-1} + t_{0.8,n-1}) * sd / sqrt(n): n = 5, sd 0.02 -> (2.7764 + 0.9410) * 0.02 / sqrt(5)."""
     values = [0.01, 0.03, 0.05, 0.02, 0.04]
-    assert bench.resolvable(values) == pytest.approx((2.776445 + 0.940965) * 0.0158114 / math.sqrt(5), rel=1e-4)
-    assert math.isnan(bench.resolvable([0.1]))
+    assert stats.resolvable(values) == pytest.approx((2.776445 + 0.940965) * 0.0158114 / math.sqrt(5), rel=1e-4)
+    assert math.isnan(stats.resolvable([0.1]))
 
 
 def test_dry_run_prints_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -192,7 +193,7 @@ def test_paired_deltas_have_t_intervals(tmp_path: Path) -> None:
     line = next(x for x in text.splitlines() if x.startswith("| 4 / 12 -> 6 (UIF) minus 4 / 12 -> 6 (random)"))
     assert f"+0.0200 [{0.02 - half:+.4f}, {0.02 + half:+.4f}]" in line
     assert "+0.0100, +0.0300, +0.0200" in line
-    assert f"| {bench.resolvable([0.01, 0.03, 0.02]):.4f} |" in line
+    assert f"| {stats.resolvable([0.01, 0.03, 0.02]):.4f} |" in line
     ceiling = next(x for x in text.splitlines() if x.startswith("| 4 + 12 with truth / 0 (ceiling) minus 4 / 0"))
     assert "+0.0000" in ceiling
 
