@@ -110,22 +110,20 @@ def make_predictor(cs: CaseSet, device: str = "cpu") -> tuple[Any, float]:
 
     Ensemble unless said otherwise: whenever both stages hold networks A and B (as demo.sh and the benchmark
     predict with --ensemble)."""
-    import dataclasses
-
     from common.infer.predictor import PredictOptions, Predictor
-    from common.storage.model_folder import FINE_DIR
-    from common.storage.weights import load_model
+    from common.storage.checkpoint import load_checkpoint
+    from common.storage.model_folder import COARSE_DIR, FINE_DIR, PreprocessSpec
 
-    options = PredictOptions(weights_dir=cs.weights, device=device, fine_size=cs.fine_size, ensemble=False,
-                             uncertainty="off", fine_min_volume_mm3=0.0, workers=1, progress=False)
-    predictor = Predictor(options)
-    default_mm3 = load_model(cs.weights / FINE_DIR, "fine").preprocess.min_volume_mm3  # the model's own value
+    # what the exported models hold, read with their tensors memory-mapped: the predictor below loads them once
+    stored = {folder: load_checkpoint(cs.weights / folder / "model.pt", mmap=True) for folder in (COARSE_DIR, FINE_DIR)}
+    fine_model = cs.weights / FINE_DIR / "model.pt"
+    default_mm3 = PreprocessSpec.from_json(stored[FINE_DIR]["preprocess"], "fine", fine_model).min_volume_mm3
     ensemble = cs.ensemble
     if ensemble is None:
-        ensemble = len(predictor.coarse.networks) >= 2 and len(predictor.fine.networks) >= 2
-    if ensemble:
-        predictor = Predictor(dataclasses.replace(options, ensemble=True))
-    return predictor, default_mm3
+        ensemble = all(len(payload["networks"]) >= 2 for payload in stored.values())
+    options = PredictOptions(weights_dir=cs.weights, device=device, fine_size=cs.fine_size, ensemble=ensemble,
+                             uncertainty="off", fine_min_volume_mm3=0.0, workers=1, progress=False)
+    return Predictor(options), default_mm3
 
 
 def predict_once(cs: CaseSet, out_dir: Path, device: str = "cpu") -> tuple[dict[str, Any], float]:
