@@ -108,11 +108,15 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(tmp, array, allow_pickle=False)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a UTF-8 text file atomically (its size checked before the rename)."""
-    data = text.encode("utf-8")
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file atomically (its size checked before the rename)."""
     with atomic_path(path, verify=expect_size(len(data))) as tmp:
         tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 text file atomically (its size checked before the rename)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

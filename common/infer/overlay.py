@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from common.core.files import atomic_path
+from common.core.files import write_bytes_atomic
 from common.core.labels import FLARE22, LabelSet
 
 # Display window for abdominal soft tissue, in HU.
@@ -108,10 +108,8 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-    """Write an (H, W, 3) uint8 image as PNG, atomically."""
-    data = encode_png(rgb)
-    with atomic_path(path, suffix=".png") as tmp:
-        tmp.write_bytes(data)
+    """Write an (H, W, 3) uint8 image as PNG, atomically (its size checked before the rename)."""
+    write_bytes_atomic(path, encode_png(rgb))
 
 
 # ------------------------------------------------------------------------------------------------ drawing
