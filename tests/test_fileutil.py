@@ -105,9 +105,11 @@ def test_a_folder_lock_dies_with_its_holder_not_with_its_forked_children(tmp_pat
     from common.core.errors import InputError
     from common.core.files import folder_lock
 
+    # The child reports its pid itself: by then fork has returned in it, after the at-fork handler that drops the
+    # inherited lock (the parent printing the pid raced with that handler on a loaded machine).
     script = ("import os, sys, time\nfrom common.core.files import folder_lock\nwith folder_lock(sys.argv[1]):\n"
-              "    child = os.fork()\n    if child == 0:\n        time.sleep(60)\n        os._exit(0)\n"
-              "    print(child, flush=True)\n    time.sleep(60)\n")
+              "    child = os.fork()\n    if child == 0:\n        print(os.getpid(), flush=True)\n"
+              "        time.sleep(60)\n        os._exit(0)\n    time.sleep(60)\n")
     root = Path(__file__).resolve().parents[1]
     holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(root)})
